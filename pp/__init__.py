@@ -1,0 +1,42 @@
+"""pp: pipeline-parallel training for PyTorch.
+
+The names mirror torch.distributed.pipelining, so code written for it moves here by changing one import.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .stage.marker import SplitPoint, pipe_split
+from .stage.pipe import Pipe, PipeInfo
+from .stage.policies import Segment, split_by_cost, split_into_equal_size
+from .stage.split import PipelineTraceError, pipeline
+
+_LAZY = {
+    "PipelineStage": "pp.stage.runtime",
+    "build_stage": "pp.stage.runtime",
+    "ScheduleGPipe": "pp.schedules.classes",
+    "Schedule1F1B": "pp.schedules.classes",
+    "ScheduleInterleaved1F1B": "pp.schedules.classes",
+    "ScheduleLoopedBFS": "pp.schedules.classes",
+    "ScheduleInterleavedZeroBubble": "pp.schedules.classes",
+    "ScheduleZBVZeroBubble": "pp.schedules.classes",
+    "ScheduleDualPipeV": "pp.schedules.classes",
+    "PipelineScheduleSingle": "pp.schedules.classes",
+    "PipelineScheduleMulti": "pp.schedules.classes",
+    "schedule_from_actions": "pp.schedules.classes",
+    "load_unsplit": "pp.checkpoint_api",
+}
+
+__all__ = [
+    "Pipe", "PipeInfo", "PipelineTraceError", "Segment", "SplitPoint", "pipe_split", "pipeline",
+    "split_by_cost", "split_into_equal_size", *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    # Runtime, schedules and checkpoint code load on first use: `import pp` stays light.
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pp' has no attribute {name!r}")

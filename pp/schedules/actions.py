@@ -1,0 +1,87 @@
+"""Typed schedule actions: what one rank does next, as data shared by generators, executor and tools.
+
+`str(action)` is the compact form used in tests, logs and CSV files: ``2F5`` is the forward of stage 2
+on microbatch 5, ``0SEND_F3`` sends stage 0's outputs for microbatch 3 to every consumer stage on another
+rank, and ``0SEND_F3:2`` only the part that goes to stage 2 (``peer``): per-peer actions are needed where
+a stage talks to several remote stages at different times (skip connections).
+"""
+from __future__ import annotations
+
+import enum
+import re
+from typing import NamedTuple
+
+
+class Kind(str, enum.Enum):
+    F = "F"            # forward of one microbatch through one stage
+    B = "B"            # full backward (input grads and weight grads together)
+    I = "I"            # backward for input grads only (zero-bubble schedules)
+    W = "W"            # backward for weight grads only, after the matching I
+    SEND_F = "SEND_F"  # send the stage's forward outputs to consumer stages on other ranks
+    RECV_F = "RECV_F"  # receive the stage's forward inputs from producer stages on other ranks
+    SEND_B = "SEND_B"  # send the gradients of the stage's inputs back to their producers
+    RECV_B = "RECV_B"  # receive the gradients of the stage's outputs from their consumers
+
+    def __str__(self) -> str:
+        return self.value
+
+
+COMPUTE_KINDS = frozenset({Kind.F, Kind.B, Kind.I, Kind.W})
+COMM_KINDS = frozenset({Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B})
+
+_PATTERN = re.compile(r"^\s*(\d+)\s*(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)\s*(\d+)\s*(?::\s*(\d+))?\s*$")
+
+
+class Action(NamedTuple):
+    """One step of one rank: `kind` applied to `stage` for `microbatch`."""
+
+    stage: int
+    kind: Kind
+    microbatch: int
+    peer: int | None = None  # comm only: the one remote stage this message goes to / comes from
+
+    def __str__(self) -> str:
+        tail = "" if self.peer is None else f":{self.peer}"
+        return f"{self.stage}{self.kind.value}{self.microbatch}{tail}"
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    @property
+    def is_compute(self) -> bool:
+        return self.kind in COMPUTE_KINDS
+
+    @property
+    def is_comm(self) -> bool:
+        return self.kind in COMM_KINDS
+
+    @staticmethod
+    def parse(text: str) -> "Action":
+        """Read the compact form (``"2F5"``, ``"0RECV_B3"``); raise ValueError naming the text otherwise."""
+        m = _PATTERN.match(str(text))
+        if m is None:
+            raise ValueError(
+                f"cannot read schedule action {text!r}: expected <stage><kind><microbatch> such as '0F0', "
+                f"'1B3' or '2SEND_F1' (optionally ':<peer stage>' on send/recv), with kind one of {', '.join(k.value for k in Kind)}"
+            )
+        kind = Kind(m.group(2))
+        peer = None if m.group(4) is None else int(m.group(4))
+        if peer is not None and kind in COMPUTE_KINDS:
+            raise ValueError(f"cannot read schedule action {text!r}: only send/recv actions take a ':peer' stage")
+        return Action(int(m.group(1)), kind, int(m.group(3)), peer)
+
+
+def F(stage: int, mb: int) -> Action:
+    return Action(stage, Kind.F, mb)
+
+
+def B(stage: int, mb: int) -> Action:
+    return Action(stage, Kind.B, mb)
+
+
+def I(stage: int, mb: int) -> Action:  # noqa: E743 - the paper's name for the input-grad step
+    return Action(stage, Kind.I, mb)
+
+
+def W(stage: int, mb: int) -> Action:
+    return Action(stage, Kind.W, mb)

@@ -1,0 +1,168 @@
+"""`Pipe`: the traced model cut into stage modules, with the wiring between them (`PipeInfo`)."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+# Source of a stage input: (stage, index of that stage's output), or (MODEL_INPUT, i) for stage 0.
+MODEL_INPUT = -1
+
+
+@dataclass
+class StageIO:
+    """How one stage connects: where each input comes from and which stages read each output."""
+
+    input_sources: list[tuple[int, int]]
+    output_consumers: list[list[tuple[int, int]]]  # per output: (consumer stage, its input slot)
+
+    @property
+    def producers(self) -> list[int]:
+        return sorted({s for s, _ in self.input_sources if s != MODEL_INPUT})
+
+    @property
+    def consumers(self) -> list[int]:
+        return sorted({c for outs in self.output_consumers for c, _ in outs})
+
+
+@dataclass
+class PipeInfo:
+    """What a stage runtime needs to know about the whole pipe: wiring, input binding, output shape."""
+
+    num_stages: int
+    stage_io: list[StageIO]
+    input_binder: "InputBinder"
+    out_spec: pytree.TreeSpec
+    # parameter name -> stages holding it, for parameters used by more than one stage
+    shared_params: dict[str, list[int]] = field(default_factory=dict)
+    has_loss_and_backward: bool = False
+
+    @property
+    def edges(self) -> dict[int, list[int]]:
+        return {s: io.consumers for s, io in enumerate(self.stage_io)}
+
+
+class InputBinder:
+    """Turns a call's (*args, **kwargs) into the flat inputs of stage 0, as at trace time.
+
+    Defaults fill missing arguments, and non-tensor inputs must equal the value traced, since the
+    exported graph has that value baked in; anything else is a clear error rather than a silent change.
+    """
+
+    def __init__(self, forward, example_args: tuple, example_kwargs: dict, in_spec: pytree.TreeSpec,
+                 traced_constants: dict[int, Any]):
+        self.n_args = len(example_args)
+        self.kwarg_names = list(example_kwargs)
+        self.in_spec = in_spec
+        self.traced_constants = traced_constants  # flat index -> value baked into the graph
+        try:
+            self.signature = inspect.signature(forward)
+        except (TypeError, ValueError):
+            self.signature = None
+        if self.signature is not None and any(
+                p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in self.signature.parameters.values()):
+            self.signature = None
+        self.num_inputs = in_spec.num_leaves
+
+    def _normalise(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self.signature is None:
+            return tuple(args), dict(kwargs)
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"pipeline inputs do not match the model's forward{self.signature}: {e}") from None
+        bound.apply_defaults()
+        names = list(self.signature.parameters)
+        pos = tuple(bound.arguments[n] for n in names[: self.n_args])
+        kw = {k: bound.arguments[k] for k in self.kwarg_names}
+        for name in names[self.n_args:]:
+            if name in self.kwarg_names:
+                continue
+            default = self.signature.parameters[name].default
+            given = bound.arguments.get(name, default)
+            if given is not default and not _same_constant(given, default):
+                raise ValueError(
+                    f"argument {name!r} was not part of the example inputs when the model was traced, so "
+                    f"the pipeline uses its default {default!r}; pass it in mb_args/mb_kwargs to pipeline()"
+                )
+        return pos, kw
+
+    def flatten(self, args: tuple, kwargs: dict | None) -> list[Any]:
+        """Flat stage-0 inputs for one call (a whole batch or one microbatch)."""
+        pos, kw = self._normalise(tuple(args), dict(kwargs or {}))
+        flat, spec = pytree.tree_flatten((pos, kw))
+        if spec != self.in_spec:
+            raise ValueError(
+                f"pipeline inputs have a different structure from the example traced: got {spec}, "
+                f"expected {self.in_spec}"
+            )
+        for i, value in self.traced_constants.items():
+            if not _same_constant(flat[i], value):
+                raise ValueError(
+                    f"input {i} is {flat[i]!r} but the model was traced with {value!r}; non-tensor inputs "
+                    f"are fixed at trace time"
+                )
+        return flat
+
+    def normalise(self, args: tuple, kwargs: dict | None) -> tuple[tuple, dict]:
+        """(args, kwargs) with defaults applied, in the layout of the traced example."""
+        return self._normalise(tuple(args), dict(kwargs or {}))
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) if not isinstance(a, torch.Tensor) else a is b
+    except Exception:
+        return a is b
+
+
+class Pipe(nn.Module):
+    """A model cut into `num_stages` stage modules that keep the original parameter names.
+
+    Calling the pipe runs the stages one after another in this process, which is how the split is
+    checked against the unsplit model; `build_stage` gives the runtime stage for one rank.
+    """
+
+    def __init__(self, stage_modules: list[nn.Module], info: PipeInfo):
+        super().__init__()
+        self.stage_modules = nn.ModuleList(stage_modules)
+        self._info = info
+
+    @property
+    def num_stages(self) -> int:
+        return self._info.num_stages
+
+    @property
+    def has_loss_and_backward(self) -> bool:
+        return self._info.has_loss_and_backward
+
+    def get_stage_module(self, stage_idx: int) -> nn.Module:
+        if not isinstance(stage_idx, int) or not 0 <= stage_idx < self.num_stages:
+            raise ValueError(f"stage index {stage_idx!r} is out of range: this pipe has stages 0..{self.num_stages - 1}")
+        return self.stage_modules[stage_idx]
+
+    def info(self) -> PipeInfo:
+        return self._info
+
+    def forward(self, *args, **kwargs) -> tuple:
+        flat = self._info.input_binder.flatten(args, kwargs)
+        outputs: list[tuple] = []
+        for s, io in enumerate(self._info.stage_io):
+            inputs = [flat[i] if src == MODEL_INPUT else outputs[src][i] for src, i in io.input_sources]
+            out = self.stage_modules[s](*inputs)
+            outputs.append(tuple(out))
+        result = pytree.tree_unflatten(list(outputs[-1]), self._info.out_spec)
+        return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+    def build_stage(self, stage_index: int, device: torch.device | str, group=None):
+        """The runtime `PipelineStage` for `stage_index` on this rank (module moved to `device`)."""
+        from .runtime import build_stage
+
+        return build_stage(self.get_stage_module(stage_index), stage_index, self._info, device, group)
+
+    def __repr__(self) -> str:
+        return f"Pipe(num_stages={self.num_stages})"

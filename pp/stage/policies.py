@@ -1,0 +1,143 @@
+"""Automatic split policies: cut a traced model into stages balanced by parameter count or by cost.
+
+A policy sees the model as a list of `Segment`s (the layers of its largest repeated container, plus what
+comes before and after them) and returns the indices of the segments that start a new stage. The cost
+estimate comes from the traced graph's shapes, so every rank computes the same split without talking.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+# One element of elementwise work counted as this many FLOPs: such ops are memory-bound, and on
+# current accelerators a byte moved costs on the order of a hundred FLOPs.
+ELEMENTWISE_FLOPS = 64.0
+
+
+@dataclass
+class Segment:
+    """A run of graph nodes that a cut may not divide, e.g. one transformer block."""
+
+    name: str
+    nodes: list[fx.Node] = field(default_factory=list)
+    num_params: int = 0
+    flops: float = 0.0
+
+
+SplitPolicy = Callable[[Sequence[Segment]], list[int]]
+
+
+def _numel(val) -> int:
+    return val.numel() if isinstance(val, torch.Tensor) else 0
+
+
+def node_flops(node: fx.Node) -> float:
+    """Estimated forward FLOPs of one ATen node from its traced shapes (matmul-like ops exactly)."""
+    if node.op != "call_function":
+        return 0.0
+    out = node.meta.get("val")
+    name = getattr(node.target, "__name__", str(node.target))
+    args = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args]
+    out_numel = _numel(out) if isinstance(out, torch.Tensor) else sum(
+        _numel(v) for v in (out if isinstance(out, (tuple, list)) else ()))
+    if name.startswith(("linear", "mm", "bmm", "matmul", "addmm", "baddbmm")):
+        x = args[1] if name.startswith(("addmm", "baddbmm")) else args[0]
+        k = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else 1
+        return 2.0 * out_numel * k
+    if "scaled_dot_product" in name and isinstance(args[0], torch.Tensor):
+        q, k = args[0], args[1]
+        return 4.0 * q.numel() * k.shape[-2]
+    if name.startswith("convolution") and isinstance(args[1], torch.Tensor):
+        w = args[1]
+        return 2.0 * out_numel * w[0].numel()
+    if name.startswith(("view", "reshape", "_unsafe_view", "transpose", "permute", "t.", "expand",
+                        "unsqueeze", "squeeze", "getitem", "slice", "select", "detach", "alias")):
+        return 0.0
+    return ELEMENTWISE_FLOPS * out_numel
+
+
+def _balanced_starts(costs: Sequence[float], n: int) -> list[int]:
+    """Start indices of n contiguous groups minimising the largest group cost (exact DP)."""
+    m = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: minimal max-cost splitting the first i segments into k groups
+    best = [[inf] * (m + 1) for _ in range(n + 1)]
+    cut = [[0] * (m + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for k in range(1, n + 1):
+        for i in range(k, m + 1):
+            for j in range(k - 1, i):
+                cand = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cand < best[k][i] - 1e-12:
+                    best[k][i], cut[k][i] = cand, j
+    starts, i = [], m
+    for k in range(n, 0, -1):
+        j = cut[k][i]
+        starts.append(j)
+        i = j
+    return sorted(starts)
+
+
+def _check_count(n: int, segments: Sequence[Segment]) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"number of stages must be a positive integer, got {n!r}")
+    if n > len(segments):
+        names = ", ".join(s.name for s in segments)
+        raise ValueError(
+            f"cannot cut the model into {n} stages: it has only {len(segments)} layers that a cut may "
+            f"separate ({names}); use fewer stages or place cuts with pipe_split()"
+        )
+
+
+def split_into_equal_size(num_stages: int) -> SplitPolicy:
+    """Policy: `num_stages` stages with parameter counts as equal as the layer boundaries allow."""
+
+    def policy(segments: Sequence[Segment]) -> list[int]:
+        _check_count(num_stages, segments)
+        # A segment without parameters still costs something, so that stages are never empty.
+        return _balanced_starts([max(s.num_params, 1) for s in segments], num_stages)
+
+    policy.num_stages = num_stages  # type: ignore[attr-defined]
+    return policy
+
+
+def split_by_cost(
+    num_stages: int,
+    costs: Mapping[str, float] | Callable[[Segment], float] | None = None,
+) -> SplitPolicy:
+    """Policy: `num_stages` stages balanced by compute cost rather than parameter count.
+
+    By default the cost of a segment is its estimated FLOPs from the traced shapes (matmuls, attention,
+    convolutions exactly; elementwise ops by size), so an embedding (many parameters, little work) or
+    a large LM head (few layers, much work) lands where it balances the time per stage. `costs` may
+    give measured numbers instead: a mapping from segment name to cost, or a function of the Segment.
+    """
+
+    def cost_of(seg: Segment) -> float:
+        if costs is None:
+            return seg.flops
+        if callable(costs):
+            return float(costs(seg))
+        if seg.name not in costs:
+            raise ValueError(
+                f"split_by_cost: no cost given for layer {seg.name!r}; the layers are "
+                f"{', '.join(repr(s.name) for s in segs_seen)}"
+            )
+        return float(costs[seg.name])
+
+    segs_seen: list[Segment] = []
+
+    def policy(segments: Sequence[Segment]) -> list[int]:
+        _check_count(num_stages, segments)
+        segs_seen[:] = segments
+        vals = [max(cost_of(s), 1e-9) for s in segments]
+        return _balanced_starts(vals, num_stages)
+
+    policy.num_stages = num_stages  # type: ignore[attr-defined]
+    return policy

@@ -1,0 +1,455 @@
+"""The splitter: trace a model once with torch.export, cut the graph, rebuild one module per stage.
+
+Every rank runs the same deterministic steps on the same model and gets the same stages. The graph is
+functionalised first, so an in-place op on a value that crossed a cut cannot corrupt the producer's
+copy, and stage modules hold the user's parameters and buffers under their original qualified names.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import operator
+import os
+import traceback
+import warnings
+from collections import defaultdict
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.export.graph_signature import InputKind, OutputKind
+
+from .marker import PIPE_SPLIT_OP, SplitPoint, pipe_split
+from .pipe import MODEL_INPUT, InputBinder, Pipe, PipeInfo, StageIO
+from .policies import Segment, SplitPolicy, node_flops
+
+
+class PipelineTraceError(RuntimeError):
+    """torch.export could not trace the model; the message names the operation and the way out."""
+
+
+def pipeline(
+    module: nn.Module,
+    mb_args: tuple,
+    mb_kwargs: dict | None = None,
+    split_spec: Mapping[str, SplitPoint] | None = None,
+    split_policy: SplitPolicy | None = None,
+) -> Pipe:
+    """Trace `module` on one microbatch of example inputs and cut it into a `Pipe`.
+
+    Cuts come from `pipe_split()` calls inside forward, from `split_spec` (submodule name ->
+    SplitPoint.BEGINNING / END), or from `split_policy` (e.g. `split_by_cost(4)`).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"pipeline() needs an nn.Module, got {type(module).__name__}")
+    if isinstance(mb_args, torch.Tensor) or not isinstance(mb_args, (tuple, list)):
+        mb_args = (mb_args,)
+    mb_kwargs = dict(mb_kwargs or {})
+    if split_spec is not None and split_policy is not None:
+        raise ValueError("pass either split_spec or split_policy to pipeline(), not both")
+    with _cuts_by_module(module, split_spec or {}):
+        ep = _export(module, tuple(mb_args), mb_kwargs)
+    graph = ep.graph
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.PARAMETER:
+            placeholders[spec.arg.name].meta["pp_param"] = spec.target
+    if split_policy is not None:
+        if any(_is_split(n) for n in graph.nodes):
+            raise ValueError("the model already calls pipe_split(); a split_policy would add more cuts. "
+                             "Remove the pipe_split() calls or drop split_policy")
+        segments = model_segments(module, graph)
+        starts = split_policy(segments)
+        _insert_cuts(graph, segments, starts)
+    return _build_pipe(module, ep, tuple(mb_args), mb_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+
+@contextlib.contextmanager
+def _cuts_by_module(module: nn.Module, split_spec: Mapping[str, SplitPoint]) -> Iterator[None]:
+    """Temporarily make the named submodules call pipe_split() before or after themselves."""
+    modules = dict(module.named_modules())
+    patched = []
+    try:
+        for name, point in split_spec.items():
+            if name not in modules or name == "":
+                close = difflib.get_close_matches(str(name), [m for m in modules if m], n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise ValueError(f"split_spec names submodule {name!r}, which {type(module).__name__} "
+                                 f"does not have{hint}")
+            if not isinstance(point, SplitPoint):
+                raise ValueError(f"split_spec[{name!r}] is {point!r}; expected SplitPoint.BEGINNING or "
+                                 f"SplitPoint.END")
+            sub = modules[name]
+            original = sub.forward
+
+            def wrapped(*args, __f=original, __p=point, **kwargs):
+                if __p is SplitPoint.BEGINNING:
+                    pipe_split()
+                out = __f(*args, **kwargs)
+                if __p is SplitPoint.END:
+                    pipe_split()
+                return out
+
+            sub.forward = wrapped
+            patched.append(sub)
+        yield
+    finally:
+        for sub in patched:
+            del sub.forward
+
+
+def _export(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal pytree notices
+            ep = torch.export.export(module, args, kwargs, strict=False)
+            return ep.run_decompositions({})
+    except Exception as e:  # export raises many types; all mean "cannot trace"
+        where = _user_frame(e)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PipelineTraceError(
+            f"torch.export could not trace {type(module).__name__}{where}: {type(e).__name__}: {first}. "
+            f"To pipeline this model anyway, cut it by hand and wrap each piece in "
+            f"pp.PipelineStage(submodule, stage_index, num_stages, device)."
+        ) from e
+
+
+def _user_frame(e: BaseException) -> str:
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(os.path.dirname(__file__))
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith((torch_dir, here)) and "site-packages" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {os.path.basename(f.filename)}:{f.lineno} ({(f.line or '').strip()})"
+
+
+def _is_split(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is PIPE_SPLIT_OP
+
+
+# ----------------------------------------------------------------------------------------- segmenting
+
+def model_segments(module: nn.Module, graph: fx.Graph) -> list[Segment]:
+    """Split the graph into the layers a policy may cut between.
+
+    The layers are the children of the model's largest repeated container (ModuleList / Sequential),
+    with everything before the first and after the last as two more segments; a model without such a
+    container is segmented by its top-level children.
+    """
+    container = _layer_container(module, graph)
+    params = {n: p.numel() for n, p in module.named_parameters()}
+    nodes = [n for n in graph.nodes if n.op == "call_function" and not _is_split(n)]
+    layer = [_segment_name(_module_path(n), container) for n in nodes]
+    in_layer = [i for i, name in enumerate(layer) if name is not None]
+    first, last = (in_layer[0], in_layer[-1]) if in_layer else (len(nodes), -1)
+    seg_of_node: dict[fx.Node, str] = {}
+    order: list[str] = []
+    current = "<before>"
+    for i, node in enumerate(nodes):
+        if i < first:
+            name = "<before>"
+        elif i > last:
+            name = "<after>"
+        else:
+            name = layer[i] or current  # glue between layers stays with the layer before it
+        current = name
+        if name not in order:
+            order.append(name)
+        seg_of_node[node] = name
+    segments = {name: Segment(name) for name in order}
+    for node, name in seg_of_node.items():
+        segments[name].nodes.append(node)
+        segments[name].flops += node_flops(node)
+    counted: set[str] = set()
+    for seg in segments.values():
+        for node in seg.nodes:
+            for arg in node.all_input_nodes:
+                fqn = arg.meta.get("pp_param")
+                if fqn and fqn not in counted:
+                    counted.add(fqn)
+                    seg.num_params += params.get(fqn, 0)
+    return [segments[n] for n in order]
+
+
+def _module_path(node: fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [fqn for fqn, _ in stack.values() if fqn]
+
+
+def _layer_container(module: nn.Module, graph: fx.Graph) -> str | None:
+    best, best_n = None, 1
+    for name, sub in module.named_modules():
+        if isinstance(sub, (nn.ModuleList, nn.Sequential)) and len(sub) > best_n:
+            best, best_n = name, len(sub)
+    return best
+
+
+def _segment_name(path: list[str], container: str | None) -> str | None:
+    if container is None:
+        return path[0].split(".")[0] if path else None
+    prefix = container + "." if container else ""
+    for p in path:
+        if p.startswith(prefix):
+            rest = p[len(prefix):].split(".")[0]
+            return prefix + rest
+    return None
+
+
+def _insert_cuts(graph: fx.Graph, segments: list[Segment], starts: list[int]) -> None:
+    starts = sorted(set(int(s) for s in starts))
+    if not starts or starts[0] != 0 or starts[-1] >= len(segments):
+        raise ValueError(f"split policy returned cut positions {starts}; expected sorted segment indices "
+                         f"starting with 0 and below {len(segments)}")
+    for s in starts[1:]:
+        first = segments[s].nodes[0]
+        with graph.inserting_before(first):
+            graph.call_function(PIPE_SPLIT_OP, ())
+
+
+# ------------------------------------------------------------------------------------------ partition
+
+def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tuple, mb_kwargs: dict) -> Pipe:
+    graph = ep.graph
+    sig = ep.graph_signature
+    attr_of: dict[str, tuple[str, str]] = {}  # placeholder name -> (kind, fqn)
+    user_inputs: list[fx.Node] = []
+    traced_constants: dict[int, Any] = {}
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    canonical = _canonical_names(module)
+    for spec in sig.input_specs:
+        name = spec.arg.name
+        if spec.kind == InputKind.PARAMETER:
+            attr_of[name] = ("param", canonical.get(spec.target, spec.target))
+        elif spec.kind == InputKind.BUFFER:
+            attr_of[name] = ("buffer" if spec.persistent is not False else "buffer_np", spec.target)
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            attr_of[name] = ("const", spec.target)
+        elif spec.kind == InputKind.USER_INPUT:
+            if hasattr(spec.arg, "value"):
+                traced_constants[len(user_inputs)] = spec.arg.value
+            user_inputs.append(placeholders[name])
+        else:
+            raise PipelineTraceError(f"the traced model has an input of kind {spec.kind.name} "
+                                     f"({name}), which pp cannot place on a stage")
+    output_node = next(n for n in graph.nodes if n.op == "output")
+    flat_outputs = list(output_node.args[0])
+    user_outputs: list[Any] = []
+    buffer_updates: list[tuple[str, fx.Node]] = []
+    for spec, value in zip(sig.output_specs, flat_outputs):
+        if spec.kind == OutputKind.USER_OUTPUT:
+            user_outputs.append(value)
+        elif spec.kind == OutputKind.BUFFER_MUTATION:
+            buffer_updates.append((spec.target, value))
+        else:
+            raise PipelineTraceError(f"the traced model mutates one of its inputs in place ({spec.kind.name}: "
+                                     f"{spec.target}); return the new value instead")
+
+    # Which stage computes each node: a running count of cut markers; getitem follows its source.
+    stage_of: dict[fx.Node, int] = {n: 0 for n in user_inputs}
+    cur = 0
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if _is_split(node):
+            cur += 1
+        elif node.target is operator.getitem and isinstance(node.args[0], fx.Node) and node.args[0] in stage_of:
+            stage_of[node] = stage_of[node.args[0]]
+        else:
+            stage_of[node] = cur
+    num_stages = cur + 1
+    for s in range(num_stages):
+        if not any(st == s and n.op == "call_function" for n, st in stage_of.items()) and num_stages > 1:
+            raise ValueError(f"stage {s} of {num_stages} would be empty: two cuts (pipe_split or split_spec) "
+                             f"fall at the same place, or a cut falls before the first or after the last op")
+
+    remat = _rematerialisable(graph, attr_of)
+    # A buffer update runs on the last stage that reads the buffer, so earlier readers see the old value.
+    update_stage = {}
+    for fqn, value in buffer_updates:
+        readers = [stage_of[u] for n, (k, f) in attr_of.items() if f == fqn for u in placeholders[n].users
+                   if u in stage_of]
+        update_stage[fqn] = max([stage_of.get(value, 0)] + readers)
+
+    # Values each stage needs from earlier stages, in order of first use.
+    needs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
+
+    def need(stage: int, value: Any) -> None:
+        for arg in _nodes_in(value):
+            if arg.op == "placeholder" and arg.name in attr_of:
+                continue
+            if arg in remat:
+                need(stage, list(arg.all_input_nodes))
+                continue
+            if stage_of[arg] < stage and arg not in needs[stage]:
+                needs[stage].append(arg)
+
+    for node in graph.nodes:
+        if node.op == "call_function" and not _is_split(node):
+            need(stage_of[node], list(node.all_input_nodes))
+    for fqn, value in buffer_updates:
+        need(update_stage[fqn], value)
+    need(num_stages - 1, user_outputs)
+
+    outputs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
+    for t in range(num_stages):
+        for value in needs[t]:
+            if value not in outputs[stage_of[value]]:
+                outputs[stage_of[value]].append(value)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for outs in outputs:
+        outs.sort(key=order.__getitem__)
+
+    named_tensors = _named_tensors(module, ep)
+    stage_modules, stage_io = [], []
+    consumers: list[list[list[tuple[int, int]]]] = [[[] for _ in outs] for outs in outputs]
+    for s in range(num_stages):
+        inputs = user_inputs if s == 0 else needs[s]
+        sources = [(MODEL_INPUT, i) for i in range(len(user_inputs))] if s == 0 else [
+            (stage_of[v], outputs[stage_of[v]].index(v)) for v in needs[s]]
+        for slot, (src, idx) in enumerate(sources):
+            if src != MODEL_INPUT:
+                consumers[src][idx].append((s, slot))
+        stage_outputs = user_outputs if s == num_stages - 1 else outputs[s]
+        updates = [(f, v) for f, v in buffer_updates if update_stage[f] == s]
+        gm = _stage_module(s, graph, stage_of, remat, attr_of, inputs, stage_outputs, updates, named_tensors)
+        stage_modules.append(gm)
+        stage_io.append(StageIO(input_sources=sources, output_consumers=None))  # type: ignore[arg-type]
+    for s, io in enumerate(stage_io):
+        io.output_consumers = consumers[s] if s < num_stages - 1 else [[] for _ in user_outputs]
+
+    shared: dict[str, list[int]] = {}
+    holders: dict[str, list[int]] = defaultdict(list)
+    for s, gm in enumerate(stage_modules):
+        for name, _ in gm.named_parameters():
+            holders[name].append(s)
+    for name, stages in holders.items():
+        if len(stages) > 1:
+            shared[name] = stages
+    binder = InputBinder(module.forward, mb_args, mb_kwargs, ep.call_spec.in_spec, traced_constants)
+    info = PipeInfo(num_stages=num_stages, stage_io=stage_io, input_binder=binder,
+                    out_spec=ep.call_spec.out_spec, shared_params=shared)
+    return Pipe(stage_modules, info)
+
+
+def _canonical_names(module: nn.Module) -> dict[str, str]:
+    """Each parameter name -> the first name the model gives that tensor (tied weights have several)."""
+    first: dict[int, str] = {}
+    names: dict[str, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names[name] = first.setdefault(id(p), name)
+    return names
+
+
+def _nodes_in(value: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, lambda n: found.append(n) or n)
+    return found
+
+
+def _rematerialisable(graph: fx.Graph, attr_of: dict) -> set[fx.Node]:
+    """Nodes computed from constants alone (arange, full, ...): each stage recomputes them instead of
+    receiving them. Random ops are excluded, since a second draw would differ."""
+    remat: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op != "call_function" or _is_split(node):
+            continue
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload) and (
+                torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable):
+            continue
+        inputs = node.all_input_nodes
+        if all(a in remat or (a.op == "placeholder" and attr_of.get(a.name, ("",))[0] == "const")
+               for a in inputs):
+            remat.add(node)
+    return remat
+
+
+def _named_tensors(module: nn.Module, ep) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    tensors.update(dict(module.named_parameters(remove_duplicate=False)))
+    tensors.update(dict(module.named_buffers(remove_duplicate=False)))
+    for name, value in ep.constants.items():
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value
+    return tensors
+
+
+def _stage_module(stage: int, graph: fx.Graph, stage_of, remat, attr_of, inputs, outputs, updates,
+                  named_tensors) -> fx.GraphModule:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    used_attrs: dict[str, str] = {}  # fqn -> kind
+    for node in inputs:
+        env[node] = g.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+
+    def value_of(n: fx.Node) -> fx.Node:
+        if n in env:
+            return env[n]
+        if n.op == "placeholder" and n.name in attr_of:
+            kind, fqn = attr_of[n.name]
+            used_attrs[fqn] = kind
+            env[n] = g.get_attr(_attr_name(fqn, kind))
+            env[n].meta = dict(n.meta)
+            return env[n]
+        if n in remat:
+            return copy(n)
+        raise AssertionError(f"stage {stage} needs {n.name}, which is neither local nor an input")
+
+    def copy(n: fx.Node) -> fx.Node:
+        new = g.node_copy(n, value_of)
+        env[n] = new
+        return new
+
+    for node in graph.nodes:
+        if node.op == "call_function" and not _is_split(node) and stage_of.get(node) == stage and node not in env:
+            copy(node)
+    for fqn, value in updates:
+        used_attrs.setdefault(fqn, "buffer")
+        buf = g.get_attr(_attr_name(fqn, "buffer"))
+        g.call_function(torch.ops.aten.copy_.default, (buf, fx.node.map_arg(value, value_of)))
+    g.output(tuple(fx.node.map_arg(o, value_of) if isinstance(o, fx.Node) else o for o in outputs))
+
+    root = nn.Module()
+    for fqn, kind in used_attrs.items():
+        _install(root, _attr_name(fqn, kind), named_tensors[fqn], kind)
+        if kind == "param":  # register every alias of the parameter too, as the original state dict has
+            target = named_tensors[fqn]
+            for other, t in named_tensors.items():
+                if t is target and other != fqn and isinstance(t, nn.Parameter):
+                    _install(root, other, t, kind)
+    g.lint()
+    gm = fx.GraphModule(root, g, class_name=f"PipeStage{stage}")
+    for fqn, kind in used_attrs.items():
+        if kind in ("buffer_np", "const"):
+            owner, _, leaf = _attr_name(fqn, kind).rpartition(".")
+            gm.get_submodule(owner)._non_persistent_buffers_set.add(leaf)
+    for fqn, kind in used_attrs.items():  # aliases that GraphModule did not copy (not referenced by the graph)
+        if kind == "param":
+            target = named_tensors[fqn]
+            for other, t in named_tensors.items():
+                if t is target and other != fqn and isinstance(t, nn.Parameter):
+                    _install(gm, other, t, kind)
+    return gm
+
+
+def _attr_name(fqn: str, kind: str) -> str:
+    return "_pp_constants." + fqn.replace(".", "_") if kind == "const" else fqn
+
+
+def _install(root: nn.Module, path: str, tensor: torch.Tensor, kind: str) -> None:
+    *parents, leaf = path.split(".")
+    mod = root
+    for p in parents:
+        if not hasattr(mod, p):
+            mod.add_module(p, nn.Module())
+        mod = getattr(mod, p)
+    if kind == "param":
+        mod.register_parameter(leaf, tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor))
+    else:
+        mod.register_buffer(leaf, tensor, persistent=kind == "buffer")
