@@ -39,6 +39,8 @@ class PipeInfo:
     out_spec: pytree.TreeSpec
     # parameter name -> stages holding it, for parameters used by more than one stage
     shared_params: dict[str, list[int]] = field(default_factory=dict)
+    # shape and dtype of each shared parameter, so ranks without it can take part in its gradient sum
+    param_meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
     has_loss_and_backward: bool = False
 
     @property

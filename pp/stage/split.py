@@ -268,6 +268,7 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
                              f"fall at the same place, or a cut falls before the first or after the last op")
 
     remat = _rematerialisable(graph, attr_of)
+    mutated = {fqn for fqn, _ in buffer_updates}
     # A buffer update runs on the last stage that reads the buffer, so earlier readers see the old value.
     update_stage = {}
     for fqn, value in buffer_updates:
@@ -316,7 +317,8 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
                 consumers[src][idx].append((s, slot))
         stage_outputs = user_outputs if s == num_stages - 1 else outputs[s]
         updates = [(f, v) for f, v in buffer_updates if update_stage[f] == s]
-        gm = _stage_module(s, graph, stage_of, remat, attr_of, inputs, stage_outputs, updates, named_tensors)
+        gm = _stage_module(s, graph, stage_of, remat, attr_of, inputs, stage_outputs, updates, mutated,
+                           named_tensors)
         stage_modules.append(gm)
         stage_io.append(StageIO(input_sources=sources, output_consumers=None))  # type: ignore[arg-type]
     for s, io in enumerate(stage_io):
@@ -324,15 +326,18 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
 
     shared: dict[str, list[int]] = {}
     holders: dict[str, list[int]] = defaultdict(list)
+    metas = {}
     for s, gm in enumerate(stage_modules):
-        for name, _ in gm.named_parameters():
+        for name, p in gm.named_parameters():
             holders[name].append(s)
+            metas[name] = (tuple(p.shape), p.dtype)
     for name, stages in holders.items():
         if len(stages) > 1:
             shared[name] = stages
     binder = InputBinder(module.forward, mb_args, mb_kwargs, ep.call_spec.in_spec, traced_constants)
     info = PipeInfo(num_stages=num_stages, stage_io=stage_io, input_binder=binder,
-                    out_spec=ep.call_spec.out_spec, shared_params=shared)
+                    out_spec=ep.call_spec.out_spec, shared_params=shared,
+                    param_meta={n: metas[n] for n in shared})
     return Pipe(stage_modules, info)
 
 
@@ -380,7 +385,7 @@ def _named_tensors(module: nn.Module, ep) -> dict[str, torch.Tensor]:
 
 
 def _stage_module(stage: int, graph: fx.Graph, stage_of, remat, attr_of, inputs, outputs, updates,
-                  named_tensors) -> fx.GraphModule:
+                  mutated, named_tensors) -> fx.GraphModule:
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     used_attrs: dict[str, str] = {}  # fqn -> kind
@@ -395,6 +400,10 @@ def _stage_module(stage: int, graph: fx.Graph, stage_of, remat, attr_of, inputs,
             kind, fqn = attr_of[n.name]
             used_attrs[fqn] = kind
             env[n] = g.get_attr(_attr_name(fqn, kind))
+            if fqn in mutated:
+                # The graph reads the value from before the update; autograd may save it for backward
+                # (batch norm saves its running stats), so read a snapshot that the update cannot touch.
+                env[n] = g.call_function(torch.ops.aten.clone.default, (env[n],))
             env[n].meta = dict(n.meta)
             return env[n]
         if n in remat:

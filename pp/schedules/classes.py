@@ -1,0 +1,291 @@
+"""Schedule classes with torch.distributed.pipelining's constructors: each names a generator; one
+executor runs them all. `schedule_from_actions` runs a schedule the user wrote (CSV or action strings).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ..comms import p2p
+from ..microbatch import split_args_kwargs_into_chunks, merge_chunks
+from ..stage.runtime import PipelineStage
+from .actions import Action, Kind
+from .executor import Executor
+from .lower import lower
+from .registry import get_spec
+from .validate import stage_graph, validate
+
+
+class _PipelineSchedule:
+    """Common step logic: check inputs on every rank before any transfer, then run the action list."""
+
+    _name: str = ""
+
+    def __init__(self, stages: PipelineStage | Sequence[PipelineStage], n_microbatches: int,
+                 loss_fn: Callable | None = None, args_chunk_spec: Any = None, kwargs_chunk_spec: Any = None,
+                 output_merge_spec: Any = None, scale_grads: bool = True,
+                 actions: Mapping[int, Sequence[Action]] | None = None):
+        stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
+        if not stages or not all(isinstance(s, PipelineStage) for s in stages):
+            raise TypeError(f"{type(self).__name__} needs PipelineStage objects, got {stages!r}")
+        if not isinstance(n_microbatches, int) or isinstance(n_microbatches, bool) or n_microbatches < 1:
+            raise ValueError(f"n_microbatches must be a positive integer, got {n_microbatches!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        first = stages[0]
+        self.group, self.rank, self.n_ranks = first.group, first.group_rank, first.group_size
+        self.n_stages = first.num_stages
+        self.n_microbatches = n_microbatches
+        self._loss_fn = loss_fn
+        self._args_chunk_spec, self._kwargs_chunk_spec = args_chunk_spec, kwargs_chunk_spec
+        self._output_merge_spec = output_merge_spec
+        self.scale_grads = scale_grads
+        self._stages = {s.stage_index: s for s in stages}
+        info = first.pipe_info
+        edges = info.edges if info is not None else {s: [s + 1] for s in range(self.n_stages - 1)}
+
+        if actions is None:
+            spec = get_spec(self._name)
+            if spec.stages_per_rank is not None and self.n_stages != spec.stages_per_rank * self.n_ranks:
+                raise ValueError(f"{self._name} runs {spec.stages_per_rank} stage(s) per rank: with "
+                                 f"{self.n_ranks} ranks it needs {spec.stages_per_rank * self.n_ranks} stages, "
+                                 f"but the stages say num_stages={self.n_stages}")
+            if spec.stages_per_rank is None and (self.n_stages % self.n_ranks or self.n_stages < 2 * self.n_ranks):
+                raise ValueError(f"{self._name} needs a multiple of {self.n_ranks} stages, at least "
+                                 f"{2 * self.n_ranks}, for {self.n_ranks} ranks; got num_stages={self.n_stages}")
+            placement = spec.placement(self.n_stages, self.n_ranks)
+            compute = spec.generate(self.n_stages, self.n_ranks, n_microbatches)
+        else:
+            compute = {r: [a for a in acts if a.is_compute] for r, acts in actions.items()}
+            placement = [None] * self.n_stages
+            for r, acts in actions.items():
+                for a in acts:
+                    placement[a.stage] = r
+            if None in placement:
+                missing = [s for s, r in enumerate(placement) if r is None]
+                raise ValueError(f"the action lists never run stages {missing}")
+        self.stage_to_rank = list(placement)
+        mine = sorted(s for s, r in enumerate(placement) if r == self.rank)
+        if sorted(self._stages) != mine:
+            raise ValueError(f"rank {self.rank} passed stages {sorted(self._stages)} but this schedule places "
+                             f"stages {mine} on it (stage_to_rank={self.stage_to_rank})")
+        for s in self._stages.values():
+            s.stage_to_rank = self.stage_to_rank
+        has_comm = actions is not None and any(a.is_comm for acts in actions.values() for a in acts)
+        self._train_actions = self._prepare(compute, edges, actions if has_comm else None)
+        fwd = {r: [a for a in acts if a.kind == Kind.F] for r, acts in compute.items()}
+        self._eval_actions = self._prepare(fwd, edges, None, forward_only=True)
+        self._graph = stage_graph(self.stage_to_rank, edges)
+        self._executor = Executor(self._stages, self._graph, self.group, self.rank)
+        self._last_signature: Any = None
+        self.record_trace = False
+
+    def _prepare(self, compute, edges, given, forward_only=False) -> list[Action]:
+        lists = dict(given) if given is not None else lower(compute, self.stage_to_rank, self.n_microbatches, edges)
+        if not forward_only:
+            validate(lists, self.stage_to_rank, self.n_microbatches, edges)
+        return list(lists.get(self.rank, []))
+
+    # ------------------------------------------------------------------------------- public
+    def step(self, *args, target=None, losses: list | None = None, **kwargs) -> Any:
+        """One training step over the batch: forward and backward of every microbatch.
+
+        The rank holding stage 0 passes the batch; the rank holding the last stage passes `target` and
+        gets one loss per microbatch appended to `losses`. Without `loss_fn` this runs forward only and
+        returns the merged output on the last stage's rank.
+        """
+        training = self._loss_fn is not None
+        return self._run(args, kwargs, target, losses, training)
+
+    def eval(self, *args, **kwargs) -> Any:
+        """Forward only (no gradients); returns the merged output on the last stage's rank."""
+        with torch.no_grad():
+            return self._run(args, kwargs, None, None, False)
+
+    def trace_events(self) -> list[dict]:
+        """Per-action timings of the last step run with `record_trace = True` (Chrome trace events)."""
+        return [{"name": n, "ph": "X", "ts": s, "dur": max(e - s, 0.0), "pid": self.rank, "tid": 0}
+                for n, s, e in self._executor.trace]
+
+    def write_trace(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump({"traceEvents": self.trace_events()}, f)
+
+    # ----------------------------------------------------------------------------- internal
+    def _check_inputs(self, args, kwargs, target, losses, training):
+        n = self.n_microbatches
+        mb_args = mb_kwargs = targets = None
+        signature = None
+        if 0 in self._stages:
+            if not args and not kwargs:
+                raise ValueError(f"rank {self.rank} holds the first stage: pass the batch to step()/eval()")
+            stage0 = self._stages[0]
+            if stage0.pipe_info is not None:
+                args, kwargs = stage0.pipe_info.input_binder.normalise(args, kwargs)
+            mb_args, mb_kwargs = split_args_kwargs_into_chunks(
+                tuple(args), dict(kwargs), n, self._args_chunk_spec, self._kwargs_chunk_spec)
+            signature = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x)
+                              for chunk in zip(mb_args, mb_kwargs)
+                              for x in torch.utils._pytree.tree_leaves(chunk))
+        last = self.n_stages - 1
+        if last in self._stages and training:
+            if target is None:
+                raise ValueError(f"rank {self.rank} holds the last stage and the schedule has a loss_fn: "
+                                 f"pass target= to step()")
+            targets = [t[0] for t in split_args_kwargs_into_chunks((target,), {}, n)[0]]
+        if losses is not None and not isinstance(losses, list):
+            raise TypeError(f"losses must be a list to append to, got {type(losses).__name__}")
+        return mb_args, mb_kwargs, targets, signature
+
+    def _run(self, args, kwargs, target, losses, training):
+        error, prepared = None, None
+        try:
+            prepared = self._check_inputs(args, kwargs, target, losses, training)
+        except Exception as e:  # reported to every rank below, so that no peer waits for us
+            error = e
+        changed = prepared is not None and prepared[3] is not None and prepared[3] != self._last_signature
+        if self.n_ranks > 1:
+            status = p2p.max_all_reduce([self.rank + 1 if error else 0, int(changed)], self.group)
+        else:
+            status = [1 if error else 0, int(changed)]
+        if error is not None:
+            raise error
+        if status[0]:
+            raise RuntimeError(f"pipeline step aborted: rank {status[0] - 1} rejected its inputs (its own "
+                               f"error says why); no rank started the step")
+        mb_args, mb_kwargs, targets, signature = prepared
+        if signature is not None:
+            self._last_signature = signature
+        meta_mode = bool(status[1]) or not getattr(self, "_ran_once", False)
+        if 0 in self._stages:
+            for m in range(self.n_microbatches):
+                self._stages[0].set_model_inputs(m, mb_args[m], mb_kwargs[m])
+        outputs: list | None = [] if not training and (self.n_stages - 1) in self._stages else None
+        scale = 1.0 / self.n_microbatches if self.scale_grads else 1.0
+        actions = self._train_actions if training else self._eval_actions
+        try:
+            self._executor.run(actions, meta_mode=meta_mode, loss_fn=self._loss_fn if training else None,
+                               targets=targets, losses=losses, loss_scale=scale, outputs=outputs,
+                               record=self.record_trace)
+        finally:
+            for s in self._stages.values():
+                s.clear()
+        self._ran_once = True
+        if training:
+            self._sync_shared_grads()
+        if outputs is not None:
+            return merge_chunks(outputs, self._output_merge_spec)
+        return None
+
+    def _sync_shared_grads(self) -> None:
+        """Parameters used by several stages train as one: every copy gets the summed gradient."""
+        info = next(iter(self._stages.values())).pipe_info
+        if info is None or not info.shared_params:
+            return
+        ranks_of = {name: sorted({self.stage_to_rank[s] for s in stages})
+                    for name, stages in info.shared_params.items()}
+        names = sorted(n for n, ranks in ranks_of.items() if len(ranks) > 1)
+        if not names:
+            return
+        local = {}
+        for stage in self._stages.values():
+            local.update(dict(stage.submod.named_parameters()))
+        flat = []
+        for name in names:
+            shape, dtype = info.param_meta[name]
+            p = local.get(name)
+            if p is not None and p.grad is not None:
+                flat.append(p.grad.reshape(-1))
+            else:
+                flat.append(torch.zeros(int(torch.Size(shape).numel()), dtype=dtype, device=self._executor.device))
+        buf = torch.cat(flat)
+        p2p.sum_all_reduce_(buf, self.group)
+        offset = 0
+        for name in names:
+            shape, _ = info.param_meta[name]
+            n = int(torch.Size(shape).numel())
+            p = local.get(name)
+            if p is not None:
+                g = buf[offset:offset + n].view(shape)
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+            offset += n
+
+
+class PipelineScheduleSingle(_PipelineSchedule):
+    """A schedule with one stage per rank."""
+
+    def __init__(self, stage: PipelineStage, n_microbatches: int, loss_fn: Callable | None = None,
+                 args_chunk_spec: Any = None, kwargs_chunk_spec: Any = None, output_merge_spec: Any = None,
+                 scale_grads: bool = True):
+        if not isinstance(stage, PipelineStage):
+            raise TypeError(f"{type(self).__name__} takes one PipelineStage (use a multi-stage schedule "
+                            f"for several), got {type(stage).__name__}")
+        super().__init__(stage, n_microbatches, loss_fn, args_chunk_spec, kwargs_chunk_spec,
+                         output_merge_spec, scale_grads)
+
+
+class PipelineScheduleMulti(_PipelineSchedule):
+    """A schedule with several stages per rank (a list of this rank's stages)."""
+
+    def __init__(self, stages: Sequence[PipelineStage], n_microbatches: int, loss_fn: Callable | None = None,
+                 args_chunk_spec: Any = None, kwargs_chunk_spec: Any = None, output_merge_spec: Any = None,
+                 scale_grads: bool = True):
+        if isinstance(stages, PipelineStage):
+            stages = [stages]
+        super().__init__(list(stages), n_microbatches, loss_fn, args_chunk_spec, kwargs_chunk_spec,
+                         output_merge_spec, scale_grads)
+
+
+class ScheduleGPipe(PipelineScheduleSingle):
+    _name = "GPipe"
+
+
+class Schedule1F1B(PipelineScheduleSingle):
+    _name = "1F1B"
+
+
+class ScheduleInterleaved1F1B(PipelineScheduleMulti):
+    _name = "Interleaved1F1B"
+
+
+class ScheduleLoopedBFS(PipelineScheduleMulti):
+    _name = "LoopedBFS"
+
+
+class ScheduleInterleavedZeroBubble(PipelineScheduleMulti):
+    _name = "InterleavedZeroBubble"
+
+
+class ScheduleZBVZeroBubble(PipelineScheduleMulti):
+    _name = "ZBVZeroBubble"
+
+
+class ScheduleDualPipeV(PipelineScheduleMulti):
+    _name = "DualPipeV"
+
+
+SCHEDULE_CLASSES = {cls._name: cls for cls in (
+    ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B, ScheduleLoopedBFS, ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble, ScheduleDualPipeV)}
+
+
+def schedule_class(name: str) -> type:
+    """The schedule class for a registry name (case-insensitive), e.g. "1F1B" -> Schedule1F1B."""
+    return SCHEDULE_CLASSES[get_spec(name).name]
+
+
+def schedule_from_actions(stages: PipelineStage | Sequence[PipelineStage], n_microbatches: int,
+                          actions: Any, loss_fn: Callable | None = None, **kwargs) -> _PipelineSchedule:
+    """A schedule from lists the user wrote: a CSV path, `{rank: ["0F0", "0B0", ...]}` or a list of rows.
+
+    Compute-only lists get their sends and receives added; lists that already have them are validated.
+    """
+    from .csvio import read_actions
+
+    lists = read_actions(actions)
+    return _PipelineSchedule(stages, n_microbatches, loss_fn, actions=lists, **kwargs)

@@ -1,0 +1,251 @@
+"""The one executor: runs this rank's lowered action list over its stages for one step.
+
+Consecutive send/recv actions form one batch, posted together; a compute action first waits for the
+receives it needs (on GPUs a stream wait, not a host sync). Tensor metadata travels only in steps where
+shapes changed (`meta_mode`), as small objects in the same order as the data; otherwise it is cached.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+
+from ..comms import p2p
+from ..stage.runtime import PipelineStage, _meta_of
+from .actions import Action, Kind
+from .validate import Message, StageGraph, messages_of
+
+
+class _Posted:
+    """The work handles of one posted batch; waits once however often asked (gloo hangs on a 2nd wait)."""
+
+    __slots__ = ("works",)
+
+    def __init__(self, works: list):
+        self.works = works
+
+    def wait(self) -> None:
+        works, self.works = self.works, []
+        for work in works:
+            work.wait()
+
+
+class Executor:
+    """Runs one rank's actions; keeps the metadata caches that outlive a step."""
+
+    def __init__(self, stages: dict[int, PipelineStage], graph: StageGraph, group, rank: int):
+        self.stages = stages
+        self.graph = graph
+        self.group = group
+        self.rank = rank
+        self.device = next(iter(stages.values())).device
+        self._meta: dict[Message, list] = {}  # forward message -> metadata of what it carries
+        self.trace: list[tuple[str, float, float]] = []
+
+    def rank_of(self, stage: int) -> int:
+        return self.graph.stage_to_rank[stage]
+
+    # --------------------------------------------------------------------------------- step
+    def run(self, actions: list[Action], *, meta_mode: bool, loss_fn: Callable | None, targets: list | None,
+            losses: list | None, loss_scale: float, outputs: list | None, record: bool) -> None:
+        self._waits: dict[tuple, list] = defaultdict(list)
+        self._grad_bufs: dict[tuple, list] = defaultdict(list)
+        self._send_works: list = []
+        self._meta_mode = meta_mode
+        self._loss_fn, self._targets, self._losses = loss_fn, targets, losses
+        self._loss_scale, self._outputs = loss_scale, outputs
+        self._record = record
+        self.trace = []
+        events = []
+        batch: list[Action] = []
+        for action in actions:
+            if action.is_comm:
+                batch.append(action)
+                continue
+            if batch:
+                self._post(batch)
+                batch = []
+            if record:
+                start = self._mark()
+                self._compute(action)
+                events.append((str(action), start, self._mark()))
+            else:
+                self._compute(action)
+        if batch:
+            self._post(batch)
+        for work in self._send_works:
+            work.wait()
+        self._send_works = []
+        if record:
+            self.trace = self._resolve(events)
+
+    def _mark(self):
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _resolve(self, events) -> list[tuple[str, float, float]]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            t0 = events[0][1] if events else None
+            base = time.perf_counter() * 1e6
+            return [(n, base + t0.elapsed_time(s) * 1e3, base + t0.elapsed_time(e) * 1e3) for n, s, e in events]
+        return [(n, s * 1e6, e * 1e6) for n, s, e in events]
+
+    # ------------------------------------------------------------------------------ compute
+    def _compute(self, action: Action) -> None:
+        s, mb = action.stage, action.microbatch
+        stage = self.stages[s]
+        try:
+            if action.kind == Kind.F:
+                self._wait((s, mb, "F"))
+                self._forward(stage, mb)
+            elif action.kind in (Kind.B, Kind.I):
+                self._wait((s, mb, "B"))
+                for idx, buf in self._grad_bufs.pop((s, mb), ()):
+                    stage.add_output_grad(mb, idx, buf)
+                if action.kind == Kind.B:
+                    stage.backward_one(mb, self._loss_scale)
+                else:
+                    stage.backward_input(mb, self._loss_scale)
+                self._route_grads_locally(stage, mb)
+            elif action.kind == Kind.W:
+                stage.backward_weight(mb)
+        except Exception as e:
+            if hasattr(e, "add_note"):
+                e.add_note(f"pp: while running {action} (stage {s}, microbatch {mb}) on pipeline rank {self.rank}")
+            raise
+
+    def _forward(self, stage: PipelineStage, mb: int) -> None:
+        st = stage.state(mb)
+        for i, x in enumerate(st.inputs):
+            flag = getattr(x, "_pp_requires_grad", None)
+            if flag is not None:
+                del x._pp_requires_grad
+                if flag and torch.is_grad_enabled():
+                    x.requires_grad_(True)
+        outputs = stage.forward_one(mb)
+        if stage.is_last:
+            if self._loss_fn is not None and self._targets is not None:
+                loss = self._loss_fn(st.final, self._targets[mb])
+                st.loss = loss
+                if self._losses is not None:
+                    self._losses.append(loss.detach())
+            elif self._outputs is not None:
+                self._outputs.append(st.final)
+        for c in stage.consumers:
+            if self.rank_of(c) != self.rank:
+                continue
+            consumer = self.stages[c]
+            idx = stage.output_indices_for(c, mb)
+            for slot, i in zip(consumer.input_slots_from(stage.stage_index, len(idx)), idx):
+                v = outputs[i]
+                if isinstance(v, torch.Tensor):
+                    v = v.detach().requires_grad_(v.requires_grad and torch.is_grad_enabled())
+                consumer.set_input(mb, slot, v)
+
+    def _route_grads_locally(self, stage: PipelineStage, mb: int) -> None:
+        for p in stage.producers:
+            if self.rank_of(p) != self.rank:
+                continue
+            producer = self.stages[p]
+            idx = producer.output_indices_for(stage.stage_index, mb)
+            for slot, i in zip(stage.input_slots_from(p, len(idx)), idx):
+                producer.add_output_grad(mb, i, stage.input_grad(mb, slot))
+
+    def _wait(self, key: tuple) -> None:
+        for work in self._waits.pop(key, ()):
+            work.wait()
+
+    # --------------------------------------------------------------------------------- comm
+    def _post(self, batch: list[Action]) -> None:
+        sends: list[tuple[torch.Tensor, int]] = []
+        recvs: list[tuple[torch.Tensor, int]] = []
+        recv_keys: list[tuple] = []
+        for action in batch:
+            for msg in messages_of(action, self.graph):
+                kind = action.kind
+                if kind == Kind.SEND_F:
+                    sends += self._send_forward(msg)
+                elif kind == Kind.RECV_F:
+                    got = self._recv_forward(msg)
+                    recvs += got
+                    if got:
+                        recv_keys.append((msg.dst, msg.microbatch, "F"))
+                elif kind == Kind.SEND_B:
+                    sends += self._send_backward(msg)
+                else:
+                    got = self._recv_backward(msg)
+                    recvs += got
+                    if got:
+                        recv_keys.append((msg.dst, msg.microbatch, "B"))
+        if not sends and not recvs:
+            return
+        handle = _Posted(p2p.post(sends, recvs, self.group))
+        for key in recv_keys:
+            self._waits[key].append(handle)
+        if sends:
+            self._send_works.append(handle)  # keeps sent tensors alive until the step ends
+
+    def _send_forward(self, msg: Message) -> list:
+        stage = self.stages[msg.src]
+        st = stage.state(msg.microbatch)
+        values = [st.outputs[i] for i in stage.output_indices_for(msg.dst, msg.microbatch)]
+        meta = [_meta_of(v) for v in values]
+        peer = self.rank_of(msg.dst)
+        if self._meta_mode:
+            p2p.send_object(meta, peer, self.group)
+            self._meta[msg] = meta
+        elif self._meta.get(msg) != meta:
+            raise RuntimeError(
+                f"stage {msg.src} output for stage {msg.dst} (microbatch {msg.microbatch}) changed from "
+                f"{self._meta.get(msg)} to {meta} without a change in the pipeline's input shapes; "
+                f"outputs whose shape or non-tensor value depends on the data are not supported"
+            )
+        return [(v.detach().contiguous(), peer) for v in values if isinstance(v, torch.Tensor)]
+
+    def _recv_forward(self, msg: Message) -> list:
+        stage = self.stages[msg.dst]
+        peer = self.rank_of(msg.src)
+        if self._meta_mode:
+            self._meta[msg] = p2p.recv_object(peer, self.group)
+        meta = self._meta[msg]
+        ops = []
+        for slot, entry in zip(stage.input_slots_from(msg.src, len(meta)), meta):
+            if entry[0] == "t":
+                _, shape, dtype, requires_grad = entry
+                buf = torch.empty(shape, dtype=dtype, device=stage.device)
+                buf._pp_requires_grad = requires_grad
+                stage.set_input(msg.microbatch, slot, buf)
+                ops.append((buf, peer))
+            else:
+                stage.set_input(msg.microbatch, slot, entry[1])
+        return ops
+
+    def _send_backward(self, msg: Message) -> list:
+        stage = self.stages[msg.src]          # the consumer, sending grads of its inputs back
+        meta = self._meta[Message(False, msg.dst, msg.src, msg.microbatch)]
+        peer = self.rank_of(msg.dst)
+        out = []
+        for slot, entry in zip(stage.input_slots_from(msg.dst, len(meta)), meta):
+            if entry[0] == "t" and entry[3]:
+                out.append((stage.input_grad(msg.microbatch, slot).contiguous(), peer))
+        return out
+
+    def _recv_backward(self, msg: Message) -> list:
+        stage = self.stages[msg.dst]          # the producer, receiving grads of its outputs
+        mb = msg.microbatch
+        st = stage.state(mb)
+        peer = self.rank_of(msg.src)
+        ops = []
+        for i in stage.output_indices_for(msg.src, mb):
+            out = st.outputs[i]
+            if isinstance(out, torch.Tensor) and out.requires_grad and out.is_floating_point():
+                buf = torch.empty_like(out)
+                self._grad_bufs[(msg.dst, mb)].append((i, buf))
+                ops.append((buf, peer))
+        return ops

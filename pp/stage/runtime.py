@@ -1,0 +1,255 @@
+"""`PipelineStage`: one stage's module on one rank, its per-microbatch state, and its wiring.
+
+The stage knows which stages feed each of its inputs and which read each of its outputs (not only
+neighbours), runs forward and backward (whole, or split into input-grad and weight-grad) for one
+microbatch at a time, and keeps what backward needs until backward has run. Where stages live and when
+messages move is the executor's business; the stage only answers "what goes to stage c".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from .pipe import MODEL_INPUT, PipeInfo
+from .backward import input_grads, weight_grads
+
+
+@dataclass
+class _Microbatch:
+    """What one microbatch leaves on a stage between its forward and its backward."""
+
+    inputs: list = field(default_factory=list)
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    outputs: tuple = ()
+    final: Any = None               # the model-shaped output (last stage)
+    loss: torch.Tensor | None = None
+    out_grads: dict = field(default_factory=dict)   # output index -> summed gradient
+    in_grads: list | None = None
+    pending_weight: Any = None      # state kept from I for W
+
+
+def _meta_of(value: Any) -> tuple:
+    if isinstance(value, torch.Tensor):
+        return ("t", tuple(value.shape), value.dtype, bool(value.requires_grad and value.is_floating_point()))
+    return ("v", value)
+
+
+class PipelineStage:
+    """One pipeline stage on this rank.
+
+    Manual form (the user cut the model): `PipelineStage(submodule, stage_index, num_stages, device)`;
+    stage i then takes the outputs of stage i-1 as positional inputs, and shapes are learnt at the first
+    step. Traced form: `Pipe.build_stage(i, device)` / `pp.build_stage(...)`, wired by the splitter.
+    """
+
+    def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int,
+                 device: torch.device | str | int, input_args: Any = None, output_args: Any = None,
+                 group: dist.ProcessGroup | None = None, *, pipe_info: PipeInfo | None = None):
+        if not isinstance(submodule, nn.Module):
+            raise TypeError(f"PipelineStage needs an nn.Module, got {type(submodule).__name__}")
+        if not isinstance(num_stages, int) or num_stages < 1:
+            raise ValueError(f"num_stages must be a positive integer, got {num_stages!r}")
+        if not isinstance(stage_index, int) or not 0 <= stage_index < num_stages:
+            raise ValueError(f"stage_index {stage_index!r} is out of range for {num_stages} stages")
+        if not dist.is_initialized():
+            raise RuntimeError("PipelineStage needs torch.distributed initialised first "
+                               "(e.g. pp.comms.backend.init_process_group_from_env())")
+        self.device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+        self.stage_index = stage_index
+        self.num_stages = num_stages
+        self.group = group
+        self.group_rank = dist.get_rank(group)
+        self.group_size = dist.get_world_size(group)
+        self.pipe_info = pipe_info
+        self.input_args, self.output_args = input_args, output_args
+        self.submod = _move(submodule, self.device)
+        self.is_first = stage_index == 0
+        self.is_last = stage_index == num_stages - 1
+        self.stage_to_rank: list[int] | None = None
+        if pipe_info is not None:
+            io = pipe_info.stage_io[stage_index]
+            self._recv_slots: dict[int, list[int] | None] = {}
+            for slot, (src, idx) in sorted(enumerate(io.input_sources), key=lambda x: x[1]):
+                if src != MODEL_INPUT:
+                    self._recv_slots.setdefault(src, []).append(slot)
+            self._send_outputs: dict[int, list[int] | None] = {}
+            for out_idx, consumers in enumerate(io.output_consumers):
+                for c, _ in consumers:
+                    self._send_outputs.setdefault(c, []).append(out_idx)
+            self.n_inputs = len(io.input_sources)
+        else:
+            self._recv_slots = {} if self.is_first else {stage_index - 1: None}
+            self._send_outputs = {} if self.is_last else {stage_index + 1: None}
+            self.n_inputs = None
+        self._mb: dict[int, _Microbatch] = {}
+        self._params = [p for p in self.submod.parameters() if p.requires_grad]
+
+    # -------------------------------------------------------------------------------- wiring
+    @property
+    def producers(self) -> list[int]:
+        return sorted(self._recv_slots)
+
+    @property
+    def consumers(self) -> list[int]:
+        return sorted(self._send_outputs)
+
+    def output_indices_for(self, consumer: int, m: int) -> list[int]:
+        idx = self._send_outputs[consumer]
+        return list(range(len(self._mb[m].outputs))) if idx is None else idx
+
+    def input_slots_from(self, producer: int, count: int) -> list[int]:
+        slots = self._recv_slots[producer]
+        return list(range(count)) if slots is None else slots
+
+    # ------------------------------------------------------------------------------- per step
+    def clear(self) -> None:
+        self._mb.clear()
+
+    def state(self, m: int) -> _Microbatch:
+        st = self._mb.get(m)
+        if st is None:
+            st = self._mb[m] = _Microbatch()
+        return st
+
+    def set_model_inputs(self, m: int, args: tuple, kwargs: dict) -> None:
+        """Stage 0's inputs for microbatch m, straight from the user's batch."""
+        st = self.state(m)
+        if self.pipe_info is not None:
+            st.inputs = list(self.pipe_info.input_binder.flatten(args, kwargs))
+            st.inputs = [x.to(self.device) if isinstance(x, torch.Tensor) else x for x in st.inputs]
+        else:
+            st.args = tuple(_to(a, self.device) for a in args)
+            st.kwargs = {k: _to(v, self.device) for k, v in kwargs.items()}
+
+    def set_input(self, m: int, slot: int, value: Any) -> None:
+        st = self.state(m)
+        if len(st.inputs) <= slot:
+            st.inputs.extend([None] * (slot + 1 - len(st.inputs)))
+        st.inputs[slot] = value
+
+    def forward_one(self, m: int) -> tuple:
+        st = self.state(m)
+        if self.is_first and self.pipe_info is None:
+            out = self.submod(*st.args, **st.kwargs)
+        else:
+            out = self.submod(*st.inputs)
+        if self.is_last:
+            if self.pipe_info is not None:
+                st.final = pytree.tree_unflatten(list(out), self.pipe_info.out_spec)
+            else:
+                st.final = out
+        st.outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        return st.outputs
+
+    def add_output_grad(self, m: int, out_idx: int, grad: torch.Tensor | None) -> None:
+        if grad is None:
+            return
+        grads = self.state(m).out_grads
+        grads[out_idx] = grad if out_idx not in grads else grads[out_idx] + grad
+
+    def _roots(self, st: _Microbatch, loss_scale: float) -> tuple[list, list]:
+        if self.is_last and st.loss is not None:
+            return [st.loss * loss_scale if loss_scale != 1.0 else st.loss], [None]
+        roots, grads = [], []
+        for i, out in enumerate(st.outputs):
+            g = st.out_grads.get(i)
+            if isinstance(out, torch.Tensor) and out.requires_grad and g is not None:
+                roots.append(out)
+                grads.append(g)
+        return roots, grads
+
+    def _grad_inputs(self, st: _Microbatch) -> list[torch.Tensor]:
+        return [x for x in st.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+
+    def backward_one(self, m: int, loss_scale: float = 1.0) -> None:
+        """Full backward (B) of microbatch m: input grads for the producers, weight grads accumulated."""
+        st = self._mb[m]
+        roots, grads = self._roots(st, loss_scale)
+        if roots:
+            torch.autograd.backward(roots, grads)
+        self._keep_input_grads(st, [x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None
+                                    for x in st.inputs])
+        self._maybe_drop(m)
+
+    def backward_input(self, m: int, loss_scale: float = 1.0) -> None:
+        """Input-grad half (I): gradients for the producers now, weight grads deferred to W."""
+        st = self._mb[m]
+        roots, grads = self._roots(st, loss_scale)
+        inputs = [] if self.is_first else self._grad_inputs(st)
+        got, st.pending_weight = input_grads(roots, grads, inputs, self._params)
+        it = iter(got)
+        self._keep_input_grads(st, [next(it) if isinstance(x, torch.Tensor) and x.requires_grad and not self.is_first
+                                    else None for x in st.inputs])
+
+    def backward_weight(self, m: int) -> None:
+        """Weight-grad half (W) of microbatch m, after its I."""
+        st = self._mb[m]
+        pending, st.pending_weight = st.pending_weight, None
+        weight_grads(pending)
+        self._maybe_drop(m)
+
+    def _keep_input_grads(self, st: _Microbatch, grads: list) -> None:
+        # An input the graph did not use still owes its producer a gradient: zero.
+        st.in_grads = [None if self.is_first else (
+            g if g is not None or not (isinstance(x, torch.Tensor) and x.requires_grad) else torch.zeros_like(x))
+            for x, g in zip(st.inputs, grads)]
+        st.inputs, st.args, st.kwargs = [], (), {}
+        st.outputs, st.out_grads, st.loss, st.final = (), {}, None, None
+
+    def input_grad(self, m: int, slot: int) -> torch.Tensor | None:
+        """The gradient of input `slot` for microbatch m, handed over once (then the stage forgets it)."""
+        st = self._mb.get(m)
+        if st is None or st.in_grads is None:
+            return None
+        g = st.in_grads[slot]
+        st.in_grads[slot] = None
+        self._maybe_drop(m)
+        return g
+
+    def _maybe_drop(self, m: int) -> None:
+        st = self._mb.get(m)
+        if st is not None and st.pending_weight is None and st.in_grads is not None and \
+                all(g is None for g in st.in_grads):
+            del self._mb[m]
+
+    def __repr__(self) -> str:
+        kind = "traced" if self.pipe_info is not None else "manual"
+        return f"PipelineStage({kind}, stage {self.stage_index} of {self.num_stages}, {self.device})"
+
+
+def build_stage(stage_module: nn.Module, stage_index: int, pipe_info: PipeInfo,
+                device: torch.device | str | int, group: dist.ProcessGroup | None = None) -> PipelineStage:
+    """The runtime stage for a module cut by `pp.pipeline` (torch-compatible signature)."""
+    if not isinstance(pipe_info, PipeInfo):
+        raise TypeError(f"build_stage needs the PipeInfo from Pipe.info(), got {type(pipe_info).__name__}")
+    if not isinstance(stage_index, int) or not 0 <= stage_index < pipe_info.num_stages:
+        raise ValueError(f"stage_index {stage_index!r} is out of range: the pipe has stages "
+                         f"0..{pipe_info.num_stages - 1}")
+    return PipelineStage(stage_module, stage_index, pipe_info.num_stages, device, group=group,
+                         pipe_info=pipe_info)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, value)
+
+
+def _move(module: nn.Module, device: torch.device) -> nn.Module:
+    """Move a stage module to `device`; traced graphs also get their baked-in device arguments rewritten."""
+    module = module.to(device)
+    if isinstance(module, fx.GraphModule):
+        changed = False
+        for node in module.graph.nodes:
+            dev = node.kwargs.get("device") if node.op == "call_function" else None
+            if isinstance(dev, torch.device) and dev != device:
+                node.update_kwarg("device", device)
+                changed = True
+        if changed:
+            module.recompile()
+    return module
