@@ -60,33 +60,46 @@ def node_flops(node: fx.Node) -> float:
 
 
 def _balanced_starts(costs: Sequence[float], n: int) -> list[int]:
-    """Start indices of n contiguous groups minimising the largest group cost (exact DP)."""
+    """Start indices of n contiguous groups: the largest group cost as small as possible (exact DP),
+    and among the splits that reach it the most even one (least sum of squared group costs), so that
+    one unavoidable bottleneck, e.g. an LM head, does not leave the other stages lopsided."""
     m = len(costs)
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
     inf = float("inf")
-    # best[k][i]: minimal max-cost splitting the first i segments into k groups
-    best = [[inf] * (m + 1) for _ in range(n + 1)]
-    cut = [[0] * (m + 1) for _ in range(n + 1)]
-    best[0][0] = 0.0
-    for k in range(1, n + 1):
-        for i in range(k, m + 1):
-            for j in range(k - 1, i):
-                cand = max(best[k - 1][j], prefix[i] - prefix[j])
-                if cand < best[k][i] - 1e-12:
-                    best[k][i], cut[k][i] = cand, j
+
+    def best_split(score, limit: float) -> tuple[list[list[float]], list[list[int]]]:
+        # best[k][i]: least score splitting the first i segments into k groups of cost <= limit
+        best = [[inf] * (m + 1) for _ in range(n + 1)]
+        cut = [[0] * (m + 1) for _ in range(n + 1)]
+        best[0][0] = 0.0
+        for k in range(1, n + 1):
+            for i in range(k, m + 1):
+                for j in range(k - 1, i):
+                    group = prefix[i] - prefix[j]
+                    if group > limit:
+                        continue
+                    cand = score(best[k - 1][j], group)
+                    if cand < best[k][i]:
+                        best[k][i], cut[k][i] = cand, j
+        return best, cut
+
+    best, _ = best_split(max, inf)
+    _, cut = best_split(lambda acc, group: acc + group * group, best[n][m])
     starts, i = [], m
     for k in range(n, 0, -1):
-        j = cut[k][i]
-        starts.append(j)
-        i = j
+        i = cut[k][i]
+        starts.append(i)
     return sorted(starts)
 
 
-def _check_count(n: int, segments: Sequence[Segment]) -> None:
-    if not isinstance(n, int) or n < 1:
+def _check_num_stages(n: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"number of stages must be a positive integer, got {n!r}")
+
+
+def _check_count(n: int, segments: Sequence[Segment]) -> None:
     if n > len(segments):
         names = ", ".join(s.name for s in segments)
         raise ValueError(
@@ -97,6 +110,7 @@ def _check_count(n: int, segments: Sequence[Segment]) -> None:
 
 def split_into_equal_size(num_stages: int) -> SplitPolicy:
     """Policy: `num_stages` stages with parameter counts as equal as the layer boundaries allow."""
+    _check_num_stages(num_stages)
 
     def policy(segments: Sequence[Segment]) -> list[int]:
         _check_count(num_stages, segments)
@@ -117,27 +131,35 @@ def split_by_cost(
     convolutions exactly; elementwise ops by size), so an embedding (many parameters, little work) or
     a large LM head (few layers, much work) lands where it balances the time per stage. `costs` may
     give measured numbers instead: a mapping from segment name to cost, or a function of the Segment.
+    Segment names are the layers' qualified names (`"blocks.0"`, ...) plus `"<before>"` and `"<after>"`
+    for what runs before the first and after the last layer.
     """
-
-    def cost_of(seg: Segment) -> float:
-        if costs is None:
-            return seg.flops
-        if callable(costs):
-            return float(costs(seg))
-        if seg.name not in costs:
-            raise ValueError(
-                f"split_by_cost: no cost given for layer {seg.name!r}; the layers are "
-                f"{', '.join(repr(s.name) for s in segs_seen)}"
-            )
-        return float(costs[seg.name])
-
-    segs_seen: list[Segment] = []
+    _check_num_stages(num_stages)
+    if costs is not None and not callable(costs) and not isinstance(costs, Mapping):
+        raise ValueError(f"split_by_cost: costs is a {type(costs).__name__}; expected a mapping from layer "
+                         f"name to cost, a function of the Segment, or None for the estimate")
 
     def policy(segments: Sequence[Segment]) -> list[int]:
         _check_count(num_stages, segments)
-        segs_seen[:] = segments
-        vals = [max(cost_of(s), 1e-9) for s in segments]
-        return _balanced_starts(vals, num_stages)
+        if costs is None:
+            vals = [s.flops for s in segments]
+        elif callable(costs):
+            vals = [float(costs(s)) for s in segments]
+        else:
+            names = [s.name for s in segments]
+            unknown = [k for k in costs if k not in names]
+            missing = [k for k in names if k not in costs]
+            if unknown or missing:
+                problem = (f"names {', '.join(map(repr, unknown))}, which the model does not have" if unknown
+                           else f"gives no cost for {', '.join(map(repr, missing))}")
+                raise ValueError(f"split_by_cost: costs {problem}; expected one cost for each layer: "
+                                 f"{', '.join(map(repr, names))}")
+            vals = [float(costs[k]) for k in names]
+        bad = [(s.name, v) for s, v in zip(segments, vals) if not v >= 0 or v == float("inf")]
+        if bad:
+            raise ValueError(f"split_by_cost: cost of layer {bad[0][0]!r} is {bad[0][1]!r}; expected a "
+                             f"finite number >= 0")
+        return _balanced_starts([max(v, 1e-9) for v in vals], num_stages)
 
     policy.num_stages = num_stages  # type: ignore[attr-defined]
     return policy

@@ -69,9 +69,11 @@ def pipeline(
 
 @contextlib.contextmanager
 def _cuts_by_module(module: nn.Module, split_spec: Mapping[str, SplitPoint]) -> Iterator[None]:
-    """Temporarily make the named submodules call pipe_split() before or after themselves."""
+    """Temporarily make the named submodules call pipe_split() before or after themselves; on leaving,
+    check that each named submodule ran exactly once, so that every entry made exactly one cut."""
     modules = dict(module.named_modules())
-    patched = []
+    patched: list[tuple[nn.Module, Any]] = []  # (submodule, its own instance-level forward or None)
+    calls: dict[str, int] = {name: 0 for name in split_spec}
     try:
         for name, point in split_spec.items():
             if name not in modules or name == "":
@@ -85,7 +87,8 @@ def _cuts_by_module(module: nn.Module, split_spec: Mapping[str, SplitPoint]) -> 
             sub = modules[name]
             original = sub.forward
 
-            def wrapped(*args, __f=original, __p=point, **kwargs):
+            def wrapped(*args, __f=original, __p=point, __n=name, **kwargs):
+                calls[__n] += 1
                 if __p is SplitPoint.BEGINNING:
                     pipe_split()
                 out = __f(*args, **kwargs)
@@ -93,12 +96,25 @@ def _cuts_by_module(module: nn.Module, split_spec: Mapping[str, SplitPoint]) -> 
                     pipe_split()
                 return out
 
+            patched.append((sub, sub.__dict__.get("forward")))
             sub.forward = wrapped
-            patched.append(sub)
         yield
+        for name, n in calls.items():
+            if n == 0:
+                raise ValueError(
+                    f"split_spec names submodule {name!r}, which {type(module).__name__}.forward never calls, "
+                    f"so no cut can go there; name a submodule that forward calls (a ModuleList is never "
+                    f"called itself: name one of its children)")
+            if n > 1:
+                raise ValueError(
+                    f"split_spec names submodule {name!r}, which {type(module).__name__}.forward calls {n} "
+                    f"times, so it does not mark one place to cut; place pipe_split() in forward instead")
     finally:
-        for sub in patched:
-            del sub.forward
+        for sub, own_forward in patched:
+            if own_forward is None:
+                del sub.forward
+            else:
+                sub.forward = own_forward
 
 
 def _export(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
@@ -324,6 +340,7 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
     for s, io in enumerate(stage_io):
         io.output_consumers = consumers[s] if s < num_stages - 1 else [[] for _ in user_outputs]
 
+    _place_unused(module, stage_modules)
     shared: dict[str, list[int]] = {}
     holders: dict[str, list[int]] = defaultdict(list)
     metas = {}
@@ -339,6 +356,31 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
                     out_spec=ep.call_spec.out_spec, shared_params=shared,
                     param_meta={n: metas[n] for n in shared})
     return Pipe(stage_modules, info)
+
+
+def _place_unused(module: nn.Module, stage_modules: list[fx.GraphModule]) -> None:
+    """Give each parameter and buffer that no op reads to one stage, so that the stages together still
+    hold the whole model (state dicts, checkpoints): the stage holding the tensor registered before it."""
+    placed: dict[int, int] = {}  # id(tensor) -> first stage holding it
+    held: list[set[str]] = []
+    for s, gm in enumerate(stage_modules):
+        named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+        held.append({name for name, _ in named})
+        for _, t in named:
+            placed.setdefault(id(t), s)
+    stage = 0
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        entries = [(leaf, t, "param") for leaf, t in mod._parameters.items()] + [
+            (leaf, t, "buffer_np" if leaf in mod._non_persistent_buffers_set else "buffer")
+            for leaf, t in mod._buffers.items()]
+        for leaf, tensor, kind in entries:
+            if tensor is None:
+                continue
+            name = f"{prefix}.{leaf}" if prefix else leaf
+            stage = placed.setdefault(id(tensor), stage)
+            if name not in held[stage]:  # unused, or an unused alias of a tensor placed under another name
+                _install(stage_modules[stage], name, tensor, kind)
+                held[stage].add(name)
 
 
 def _canonical_names(module: nn.Module) -> dict[str, str]:
@@ -419,8 +461,9 @@ def _stage_module(stage: int, graph: fx.Graph, stage_of, remat, attr_of, inputs,
         if node.op == "call_function" and not _is_split(node) and stage_of.get(node) == stage and node not in env:
             copy(node)
     for fqn, value in updates:
-        used_attrs.setdefault(fqn, "buffer")
-        buf = g.get_attr(_attr_name(fqn, "buffer"))
+        kind = next(k for k, f in attr_of.values() if f == fqn)  # "buffer" or "buffer_np"
+        used_attrs.setdefault(fqn, kind)
+        buf = g.get_attr(_attr_name(fqn, kind))
         g.call_function(torch.ops.aten.copy_.default, (buf, fx.node.map_arg(value, value_of)))
     g.output(tuple(fx.node.map_arg(o, value_of) if isinstance(o, fx.Node) else o for o in outputs))
 

@@ -1,0 +1,138 @@
+"""Process-group setup: which backend serves which device, and the default group from torchrun's env.
+
+Everything else in pp asks this module for the rank, world size and device instead of reading the
+environment itself, so a group made by torchrun and one made by `pp.testing.run_ranks` look the same.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "TORCHRUN_VARS",
+    "backend_for_device",
+    "default_device",
+    "destroy",
+    "get_rank",
+    "get_world_size",
+    "init_process_group_from_env",
+    "is_initialized",
+]
+
+_BACKEND_BY_DEVICE_TYPE = {"cuda": "nccl", "cpu": "gloo", "xpu": "xccl", "hpu": "hccl"}
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+_device: torch.device | None = None  # the device chosen by the init that made the current group
+
+
+def backend_for_device(device: torch.device | str) -> str:
+    """The torch.distributed backend for a device type: cuda→nccl, cpu→gloo, xpu→xccl, hpu→hccl."""
+    device_type = torch.device(device).type
+    try:
+        return _BACKEND_BY_DEVICE_TYPE[device_type]
+    except KeyError:
+        known = ", ".join(sorted(_BACKEND_BY_DEVICE_TYPE))
+        raise ValueError(
+            f"no distributed backend known for device type {device_type!r} (from {device!r}); "
+            f"expected one of {known}"
+        ) from None
+
+
+def default_device() -> torch.device:
+    """cuda:LOCAL_RANK when CUDA is available (LOCAL_RANK defaults to 0), else cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_process_group_from_env(
+    device: torch.device | str | None = None,
+    backend: str | None = None,
+    timeout_s: float | None = None,
+) -> tuple[int, int, torch.device]:
+    """Initialise the default group from torchrun's environment and return (rank, world_size, device).
+
+    The device is `device`, else cuda:LOCAL_RANK when CUDA is available, else cpu; a CUDA device is
+    made current. The backend is `backend`, else "cpu:gloo,cuda:nccl" for CUDA (so small CPU tensors
+    such as status flags can use the same group without a device sync), else the device's backend.
+    Idempotent: if a group already exists, returns its rank, world size and device.
+    """
+    global _device
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    if dist.is_initialized():
+        if device is not None:
+            return dist.get_rank(), dist.get_world_size(), torch.device(device)
+        return dist.get_rank(), dist.get_world_size(), _device or _device_of_current_group()
+
+    rank, world_size, local_rank = _read_torchrun_env()
+    dev = torch.device(device) if device is not None else _device_for_local_rank(local_rank)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if backend is None:
+        backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else backend_for_device(dev)
+    kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+    _device = dev
+    return rank, world_size, dev
+
+
+def is_initialized() -> bool:
+    """Whether the default process group exists (False also when torch.distributed is unavailable)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's rank in the default group; 0 when there is no group (single process)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """The default group's size; 1 when there is no group (single process)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def destroy() -> None:
+    """Destroy the default group if there is one; safe to call twice."""
+    global _device
+    if is_initialized():
+        dist.destroy_process_group()
+    _device = None
+
+
+def _read_torchrun_env() -> tuple[int, int, int]:
+    """RANK, WORLD_SIZE, LOCAL_RANK as ints, after checking that every torchrun variable is set."""
+    missing = [name for name in TORCHRUN_VARS if not os.environ.get(name)]
+    if missing:
+        raise RuntimeError(
+            f"environment variable(s) {', '.join(missing)} not set; launch with torchrun "
+            f"(e.g. `torchrun --nproc-per-node 2 -m pp.run cfg.yaml`), which sets {', '.join(TORCHRUN_VARS)}"
+        )
+    values = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        try:
+            values[name] = int(os.environ[name])
+        except ValueError:
+            raise ValueError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
+    rank, world_size, local_rank = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} and WORLD_SIZE={world_size}: expected 0 <= RANK < WORLD_SIZE")
+    if local_rank < 0:
+        raise ValueError(f"LOCAL_RANK={local_rank}: expected a non-negative integer")
+    return rank, world_size, local_rank
+
+
+def _device_for_local_rank(local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _device_of_current_group() -> torch.device:
+    """Best guess for a group this module did not make: the current CUDA device if it uses NCCL."""
+    if "nccl" in str(dist.get_backend()) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,172 @@
+"""Split a batch's args/kwargs into microbatches and merge per-microbatch outputs back.
+
+Names and signatures follow `torch.distributed.pipelining.microbatch`. Tensors are split with
+`tensor_split` (views, no copies) along dim 0 or their spec's dim; anything else is replicated.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+__all__ = ["DEFAULT_CHUNK_DIM", "TensorChunkSpec", "merge_chunks", "split_args_kwargs_into_chunks"]
+
+DEFAULT_CHUNK_DIM = 0
+
+
+class TensorChunkSpec:
+    """Split (or merge) a tensor along `split_dim`."""
+
+    def __init__(self, split_dim: int) -> None:
+        if not isinstance(split_dim, int) or isinstance(split_dim, bool):
+            raise TypeError(f"TensorChunkSpec split_dim must be an int, got {split_dim!r}")
+        self.split_dim = split_dim
+
+    def __repr__(self) -> str:
+        return f"{type(self).__module__}.{type(self).__name__}({self.split_dim})"
+
+    def __str__(self) -> str:
+        return f"TensorChunkSpec({self.split_dim})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TensorChunkSpec) and other.split_dim == self.split_dim
+
+    def __hash__(self) -> int:
+        return hash((TensorChunkSpec, self.split_dim))
+
+    @staticmethod
+    def from_tuple(chunk_dims: tuple[int, ...]) -> tuple:
+        """A tuple of specs from a tuple of dims: `from_tuple((0, 0, 1))`."""
+        return tuple(TensorChunkSpec(d) for d in chunk_dims)
+
+    @staticmethod
+    def from_dict(chunk_dims: dict[str, int]) -> dict:
+        """A dict of specs from a dict of dims: `from_dict({"ids": 0, "mask": 1})`."""
+        return {k: TensorChunkSpec(d) for k, d in chunk_dims.items()}
+
+
+class _Replicate:
+    """Spec leaf meaning: give every microbatch this value unchanged (the class or an instance)."""
+
+
+def _is_spec_leaf(x: Any) -> bool:
+    return x is None or x is _Replicate or isinstance(x, (TensorChunkSpec, _Replicate))
+
+
+def split_args_kwargs_into_chunks(
+    args: tuple,
+    kwargs: dict | None,
+    chunks: int,
+    args_chunk_spec: tuple | None = None,
+    kwargs_chunk_spec: dict | None = None,
+) -> tuple[list[tuple], list[dict]]:
+    """Split `args` and `kwargs` into `chunks` microbatches; returns (args per chunk, kwargs per chunk).
+
+    Specs are pytrees matching (a prefix of) the args/kwargs with `TensorChunkSpec`, `_Replicate` or
+    None (= split tensors along dim 0) leaves; a kwargs spec may leave keys out. Non-tensors are
+    replicated. Every split tensor must have the same size along its split dim, at least `chunks`.
+    """
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise ValueError(f"chunks must be a positive int, got {chunks!r}")
+    if not isinstance(args, tuple):
+        raise TypeError(f"args must be a tuple, got {type(args).__name__}")
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"kwargs must be a dict or None, got {type(kwargs).__name__}")
+    if isinstance(kwargs_chunk_spec, dict):
+        extra = sorted(set(kwargs_chunk_spec) - set(kwargs), key=str)
+        if extra:
+            raise ValueError(f"kwargs_chunk_spec names {extra} that are not in kwargs {sorted(kwargs, key=str)}")
+        kwargs_chunk_spec = {k: kwargs_chunk_spec.get(k) for k in kwargs}
+
+    args_leaves, args_tree, args_specs = _flatten_with_specs(args, args_chunk_spec, "args")
+    kw_leaves, kw_tree, kw_specs = _flatten_with_specs(kwargs, kwargs_chunk_spec, "kwargs")
+    split_leaves = _split_leaves(args_leaves + kw_leaves, args_specs + kw_specs, chunks)
+
+    n_args = len(args_leaves)
+    args_split = [pytree.tree_unflatten(leaves[:n_args], args_tree) for leaves in split_leaves]
+    kwargs_split = [pytree.tree_unflatten(leaves[n_args:], kw_tree) for leaves in split_leaves]
+    return args_split, kwargs_split
+
+
+def merge_chunks(chunks: list, chunk_spec: Any) -> Any:
+    """Merge per-microbatch values into one: tensors are concatenated along their spec's dim (default 0).
+
+    `chunk_spec` is a pytree matching (a prefix of) one chunk, or None for the default everywhere.
+    Non-tensor leaves, and leaves whose spec is `_Replicate`, take the first chunk's value.
+    """
+    if not isinstance(chunks, (list, tuple)) or len(chunks) == 0:
+        raise ValueError(f"merge_chunks needs a non-empty list of chunks, got {chunks!r}")
+    first_leaves, tree = pytree.tree_flatten(chunks[0])
+    specs = _broadcast_spec(chunk_spec, tree, "chunk_spec", "the first chunk")
+    per_chunk = [first_leaves]
+    for i, chunk in enumerate(chunks[1:], start=1):
+        leaves, other_tree = pytree.tree_flatten(chunk)
+        if other_tree != tree:
+            raise ValueError(f"chunk {i} has structure {other_tree} but chunk 0 has {tree}")
+        per_chunk.append(leaves)
+
+    paths = _leaf_paths(chunks[0], "output")
+    merged = []
+    for j, spec in enumerate(specs):
+        values = [leaves[j] for leaves in per_chunk]
+        first = values[0]
+        if not isinstance(first, torch.Tensor) or spec is _Replicate or isinstance(spec, _Replicate):
+            merged.append(first)
+            continue
+        if first.dim() == 0:
+            raise ValueError(f"{paths[j]} is a 0-dim tensor and cannot be concatenated across chunks; "
+                             f"reduce it (e.g. sum the losses) or give it a _Replicate spec")
+        dim = spec.split_dim if isinstance(spec, TensorChunkSpec) else DEFAULT_CHUNK_DIM
+        merged.append(torch.cat(values, dim=dim))
+    return pytree.tree_unflatten(merged, tree)
+
+
+def _flatten_with_specs(tree: Any, spec: Any, name: str) -> tuple[list, pytree.TreeSpec, list]:
+    """Leaves of `tree`, its structure, and one spec per leaf (None = default)."""
+    leaves, treespec = pytree.tree_flatten(tree)
+    specs = _broadcast_spec(spec, treespec, f"{name}_chunk_spec", name)
+    paths = _leaf_paths(tree, name)
+    return list(zip(paths, leaves)), treespec, specs
+
+
+def _broadcast_spec(spec: Any, treespec: pytree.TreeSpec, spec_name: str, tree_name: str) -> list:
+    """One spec leaf per tree leaf; `spec` may be a prefix of the tree (a leaf spec covers a subtree)."""
+    if spec is None:
+        return [None] * treespec.num_leaves
+    specs = pytree._broadcast_to_and_flatten(spec, treespec, is_leaf=_is_spec_leaf)
+    if specs is None:
+        raise ValueError(f"{spec_name} {spec!r} does not match the structure of {tree_name} ({treespec})")
+    for s in specs:
+        if not _is_spec_leaf(s):
+            raise TypeError(f"{spec_name} leaves must be TensorChunkSpec, _Replicate or None, got {s!r}")
+    return specs
+
+
+def _leaf_paths(tree: Any, name: str) -> list[str]:
+    return [name + pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(tree)[0]]
+
+
+def _split_leaves(named_leaves: list, specs: list, chunks: int) -> list[list]:
+    """Rows of leaves, one row per chunk: tensors split along their dim, everything else replicated."""
+    columns = []
+    reference = None  # (path, size, dim) of the first split tensor: all others must agree
+    for (path, value), spec in zip(named_leaves, specs):
+        if not isinstance(value, torch.Tensor) or spec is _Replicate or isinstance(spec, _Replicate):
+            columns.append([value] * chunks)
+            continue
+        dim = spec.split_dim if isinstance(spec, TensorChunkSpec) else DEFAULT_CHUNK_DIM
+        if value.dim() == 0 or not -value.dim() <= dim < value.dim():
+            raise ValueError(f"{path} has shape {tuple(value.shape)}, which has no dim {dim} to split along")
+        size = value.size(dim)
+        if reference is None:
+            reference = (path, size, dim)
+            if size < chunks:
+                raise ValueError(f"batch of {size} along dim {dim} cannot be split into {chunks} microbatches "
+                                 f"({path} has shape {tuple(value.shape)})")
+        elif size != reference[1]:
+            raise ValueError(f"tensors to split have different batch sizes: {reference[0]} has {reference[1]} "
+                             f"along dim {reference[2]} but {path} has {size} along dim {dim}")
+        columns.append(value.tensor_split(chunks, dim=dim))
+    return [[col[c] for col in columns] for c in range(chunks)]

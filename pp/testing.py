@@ -1,0 +1,211 @@
+"""Run a function on N spawned CPU ranks with a process group ready, for tests.
+
+`run_ranks` reports the first rank that failed (with its traceback), never hangs past its timeout,
+and always kills and reaps its children. Only the standard library is imported here; each child
+imports torch itself, after limiting its threads.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import shutil
+import socket
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+__all__ = ["RankError", "run_ranks"]
+
+
+class RankError(RuntimeError):
+    """A rank of `run_ranks` raised; the message starts with the rank and its exception."""
+
+    def __init__(self, rank: int, exc_type: str, message: str, traceback_text: str) -> None:
+        self.rank = rank
+        self.exc_type = exc_type
+        self.exc_message = message
+        self.traceback_text = traceback_text
+        super().__init__(f"rank {rank} raised {exc_type}: {message}\n\n{traceback_text}")
+
+    def __reduce__(self):
+        return (type(self), (self.rank, self.exc_type, self.exc_message, self.traceback_text))
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 120.0,
+    backend: str = "gloo",
+) -> list:
+    """Run `fn(rank, world_size, *args)` on `world_size` spawned processes and return the results by rank.
+
+    Each child has the default process group initialised (`backend`, FileStore rendezvous, so no port
+    can be taken by a concurrent test) and torchrun's variables set. `fn`, `args` and the return values
+    must be picklable. Raises `RankError` for the first rank that raised, `TimeoutError` naming the
+    ranks that had not finished after `timeout_s` seconds.
+    """
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+    try:
+        payload = pickle.dumps((fn, args))
+    except Exception as e:  # noqa: BLE001 - any pickling failure means the same thing to the caller
+        raise ValueError(
+            f"run_ranks needs a picklable (module-level) function and arguments; {fn!r} with "
+            f"{len(args)} argument(s) failed to pickle: {e}"
+        ) from e
+
+    ctx = multiprocessing.get_context("spawn")
+    store_dir = tempfile.mkdtemp(prefix="pp_run_ranks_")
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "OMP_NUM_THREADS": "1",
+    }
+    procs: list = []
+    conns: list = []
+    try:
+        for rank in range(world_size):
+            recv_end, send_end = ctx.Pipe(duplex=False)
+            p = ctx.Process(
+                target=_child_main,
+                args=(rank, world_size, backend, os.path.join(store_dir, "store"), timeout_s,
+                      env, payload, send_end),
+                name=f"pp-rank-{rank}",
+                daemon=True,
+            )
+            p.start()
+            send_end.close()  # the parent keeps only the reading end, so EOF means the child is gone
+            procs.append(p)
+            conns.append(recv_end)
+        results = _collect(procs, conns, time.monotonic() + timeout_s, timeout_s, fn)
+        _join_all(procs, grace_s=min(10.0, timeout_s))
+        return results
+    finally:
+        _kill_all(procs)
+        for c in conns:
+            c.close()
+        shutil.rmtree(store_dir, ignore_errors=True)
+
+
+def _collect(procs: list, conns: list, deadline: float, timeout_s: float, fn: Any) -> list:
+    """Wait for every rank's report; raise for the earliest failure or on timeout."""
+    world_size = len(procs)
+    results: dict[int, Any] = {}
+    errors: dict[int, tuple] = {}  # rank -> (failure time, RankError)
+    pending = set(range(world_size))
+    while pending:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            names = sorted(pending)
+            raise TimeoutError(
+                f"run_ranks({_name(fn)}, world_size={world_size}) timed out after {timeout_s:g} s; "
+                f"rank(s) {names} had not finished"
+            )
+        ready = multiprocessing.connection.wait([conns[r] for r in pending], timeout=remaining)
+        if not ready:
+            continue
+        # Drain everything already sent: a secondary failure (peer died) is only ever sent after the
+        # primary's report is in its pipe, so the earliest timestamp among these is the first failure.
+        for rank in sorted(pending):
+            if not conns[rank].poll(0):
+                continue
+            pending.discard(rank)
+            try:
+                kind, when, body = conns[rank].recv()
+            except (EOFError, OSError):
+                procs[rank].join(timeout=1.0)
+                code = procs[rank].exitcode
+                # A silent death (signal, os._exit) is the likelier cause of errors read with it.
+                errors[rank] = (0.0, RankError(
+                    rank, "ProcessExit", f"exited with code {code} without reporting a result", ""))
+                continue
+            if kind == "ok":
+                results[rank] = pickle.loads(body)
+            else:
+                errors[rank] = (when, RankError(rank, *body))
+        if errors:
+            first = min(errors.values(), key=lambda item: item[0])[1]
+            raise first
+    return [results[r] for r in range(world_size)]
+
+
+def _join_all(procs: list, grace_s: float) -> None:
+    """Give children that reported a result time to tear their group down and exit."""
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def _kill_all(procs: list) -> None:
+    """SIGKILL and reap every child still alive, so nothing outlives the call."""
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join()
+        p.close()
+
+
+def _free_port() -> int:
+    """A port free right now, only for code that reads MASTER_PORT; the group uses a FileStore."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _child_main(rank: int, world_size: int, backend: str, store_path: str, timeout_s: float,
+                env: dict, payload: bytes, conn: Any) -> None:
+    """Entry point of one child: set up the group, run the function, report, tear down."""
+    os.environ.update(env)
+    os.environ["RANK"] = str(rank)
+    os.environ["LOCAL_RANK"] = str(rank)
+    try:
+        dist = _init_group(rank, world_size, backend, store_path, timeout_s)
+        fn, args = pickle.loads(payload)
+        result = fn(rank, world_size, *args)
+        body = pickle.dumps(result)
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the parent
+        when = time.time()
+        conn.send(("err", when, (type(e).__qualname__, str(e), traceback.format_exc())))
+        conn.close()
+        return
+    conn.send(("ok", time.time(), body))
+    conn.close()
+    _teardown(dist)
+
+
+def _init_group(rank: int, world_size: int, backend: str, store_path: str, timeout_s: float) -> Any:
+    """Import torch with one thread and initialise the default group on a FileStore."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if "nccl" in backend and torch.cuda.is_available():
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    return dist
+
+
+def _teardown(dist: Any) -> None:
+    """Wait for the peers, then destroy the group (unless `fn` already did)."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

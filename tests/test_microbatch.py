@@ -1,0 +1,116 @@
+"""pp.microbatch: split/merge round trips, specs, replication, and the error messages."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from pp.microbatch import TensorChunkSpec, _Replicate, merge_chunks, split_args_kwargs_into_chunks
+
+
+def _batch(n: int = 8) -> tuple:
+    x = torch.arange(n * 3.0).reshape(n, 3)
+    return (x, [x + 1, {"ids": torch.arange(n), "scale": 2.5}], ("tag", None))
+
+
+def test_split_then_merge_round_trips_nested_args() -> None:
+    args = _batch()
+    args_split, kwargs_split = split_args_kwargs_into_chunks(args, None, 4)
+    assert len(args_split) == 4 and kwargs_split == [{}] * 4
+    assert args_split[1][0].shape == (2, 3)
+    assert args_split[1][1][1]["scale"] == 2.5 and args_split[3][2] == ("tag", None)
+    merged = merge_chunks(args_split, None)
+    assert_close(merged[:2], args[:2])
+    assert merged[2] == ("tag", None)
+
+
+def test_split_returns_views_not_copies() -> None:
+    x = torch.zeros(6, 2)
+    (first,), = split_args_kwargs_into_chunks((x,), None, 3)[0][:1]
+    assert first.data_ptr() == x.data_ptr()
+
+
+def test_kwargs_are_split_alongside_args() -> None:
+    x, mask = torch.randn(6, 4), torch.ones(6, 4, dtype=torch.bool)
+    args_split, kwargs_split = split_args_kwargs_into_chunks((x,), {"mask": mask, "causal": True}, 3)
+    assert [a[0].shape[0] for a in args_split] == [2, 2, 2]
+    assert all(k["causal"] is True and k["mask"].shape == (2, 4) for k in kwargs_split)
+    assert_close(merge_chunks(kwargs_split, None), {"mask": mask, "causal": True})
+
+
+def test_custom_split_dim_from_specs() -> None:
+    x, y = torch.randn(3, 8), torch.randn(8, 2)
+    spec = TensorChunkSpec.from_tuple((1, 0))
+    args_split, kwargs_split = split_args_kwargs_into_chunks(
+        (x,), {"y": y, "z": torch.randn(5, 8)}, 4, spec[:1], {"z": TensorChunkSpec(-1)})
+    assert args_split[0][0].shape == (3, 2) and kwargs_split[0]["y"].shape == (2, 2)
+    assert kwargs_split[0]["z"].shape == (5, 2)
+    assert_close(merge_chunks([a[0] for a in args_split], TensorChunkSpec(1)), x)
+
+
+def test_spec_prefix_covers_a_subtree_and_replicate_keeps_tensors_whole() -> None:
+    x, w = torch.randn(4, 6), torch.randn(3)
+    args_split, _ = split_args_kwargs_into_chunks(((x, x),), {"w": w}, 2, (TensorChunkSpec(1),), {"w": _Replicate})
+    assert args_split[0][0][0].shape == (4, 3) and args_split[1][0][1].shape == (4, 3)
+    _, kwargs_split = split_args_kwargs_into_chunks((x,), {"w": w}, 2, None, {"w": _Replicate()})
+    assert all(k["w"] is w for k in kwargs_split)
+
+
+def test_non_tensors_are_replicated_and_merge_takes_the_first() -> None:
+    obj = object()
+    args_split, _ = split_args_kwargs_into_chunks((torch.ones(2), obj, 3), None, 2)
+    assert [a[1] for a in args_split] == [obj, obj] and [a[2] for a in args_split] == [3, 3]
+    assert merge_chunks([("a", torch.ones(1)), ("b", torch.zeros(1))], None)[0] == "a"
+
+
+def test_no_tensors_at_all_gives_replicated_chunks() -> None:
+    args_split, kwargs_split = split_args_kwargs_into_chunks((1, "a"), {"k": None}, 3)
+    assert args_split == [(1, "a")] * 3 and kwargs_split == [{"k": None}] * 3
+
+
+def test_too_small_batch_error_names_both_numbers() -> None:
+    with pytest.raises(ValueError, match=r"batch of 3 along dim 0 cannot be split into 4 microbatches"):
+        split_args_kwargs_into_chunks((torch.ones(3, 2),), None, 4)
+
+
+def test_uneven_split_follows_tensor_split() -> None:
+    x = torch.arange(10)
+    args_split, _ = split_args_kwargs_into_chunks((x,), None, 4)
+    assert [a[0].numel() for a in args_split] == [3, 3, 2, 2]
+    assert_close(merge_chunks([a[0] for a in args_split], TensorChunkSpec(0)), x)
+
+
+@pytest.mark.parametrize("chunks", [0, -1, 1.5])
+def test_chunks_must_be_a_positive_int(chunks) -> None:
+    with pytest.raises(ValueError, match="chunks must be a positive int"):
+        split_args_kwargs_into_chunks((torch.ones(4),), None, chunks)
+
+
+def test_mismatched_batch_sizes_name_both_tensors() -> None:
+    with pytest.raises(ValueError, match=r"args\[0\] has 4 along dim 0 but kwargs\['m'\] has 6 along dim 0"):
+        split_args_kwargs_into_chunks((torch.ones(4),), {"m": torch.ones(6)}, 2)
+
+
+def test_bad_specs_are_rejected_with_their_names() -> None:
+    with pytest.raises(ValueError, match="args_chunk_spec .* does not match"):
+        split_args_kwargs_into_chunks((torch.ones(4), torch.ones(4)), None, 2, (TensorChunkSpec(0),))
+    with pytest.raises(ValueError, match=r"kwargs_chunk_spec names \['nope'\]"):
+        split_args_kwargs_into_chunks((torch.ones(4),), {}, 2, None, {"nope": TensorChunkSpec(0)})
+    with pytest.raises(ValueError, match=r"args\[0\] has shape \(4,\), which has no dim 1"):
+        split_args_kwargs_into_chunks((torch.ones(4),), None, 2, (TensorChunkSpec(1),))
+
+
+def test_merge_rejects_mismatched_chunks_and_scalars() -> None:
+    with pytest.raises(ValueError, match="chunk 1 has structure"):
+        merge_chunks([(torch.ones(1),), (torch.ones(1), torch.ones(1))], None)
+    with pytest.raises(ValueError, match="0-dim tensor"):
+        merge_chunks([torch.tensor(1.0), torch.tensor(2.0)], None)
+    with pytest.raises(ValueError, match="non-empty"):
+        merge_chunks([], None)
+
+
+def test_tensor_chunk_spec_repr_and_equality() -> None:
+    assert TensorChunkSpec(1) == TensorChunkSpec(1) != TensorChunkSpec(0)
+    assert repr(TensorChunkSpec(1)) == "pp.microbatch.TensorChunkSpec(1)"
+    assert str(TensorChunkSpec(1)) == "TensorChunkSpec(1)"
+    assert TensorChunkSpec.from_dict({"a": 2}) == {"a": TensorChunkSpec(2)}
