@@ -163,31 +163,35 @@ class Executor:
 
     # --------------------------------------------------------------------------------- comm
     def _post(self, batch: list[Action]) -> None:
-        sends: list[tuple[torch.Tensor, int]] = []
-        recvs: list[tuple[torch.Tensor, int]] = []
-        recv_keys: list[tuple] = []
+        """Post a run of comm actions. Normally one batch; in a metadata step each message's data goes
+        out right after its metadata, because a run may span two lock-step boundaries and a blocking
+        metadata receive of the later one must not hold back the data of the earlier one."""
+        pending: list[tuple[list, list, list]] = []
         for action in batch:
             for msg in messages_of(action, self.graph):
-                kind = action.kind
-                if kind == Kind.SEND_F:
-                    sends += self._send_forward(msg)
-                elif kind == Kind.RECV_F:
-                    got = self._recv_forward(msg)
-                    recvs += got
-                    if got:
-                        recv_keys.append((msg.dst, msg.microbatch, "F"))
-                elif kind == Kind.SEND_B:
-                    sends += self._send_backward(msg)
+                sends, recvs, keys = [], [], []
+                if action.kind == Kind.SEND_F:
+                    sends = self._send_forward(msg)
+                elif action.kind == Kind.SEND_B:
+                    sends = self._send_backward(msg)
                 else:
-                    got = self._recv_backward(msg)
-                    recvs += got
-                    if got:
-                        recv_keys.append((msg.dst, msg.microbatch, "B"))
+                    recvs = self._recv_forward(msg) if action.kind == Kind.RECV_F else self._recv_backward(msg)
+                    keys = [(msg.dst, msg.microbatch, "F" if action.kind == Kind.RECV_F else "B")] if recvs else []
+                pending.append((sends, recvs, keys))
+                if self._meta_mode:
+                    self._issue(pending)
+                    pending = []
+        self._issue(pending)
+
+    def _issue(self, pending: list[tuple[list, list, list]]) -> None:
+        sends = [op for s, _, _ in pending for op in s]
+        recvs = [op for _, r, _ in pending for op in r]
         if not sends and not recvs:
             return
         handle = _Posted(p2p.post(sends, recvs, self.group))
-        for key in recv_keys:
-            self._waits[key].append(handle)
+        for _, _, keys in pending:
+            for key in keys:
+                self._waits[key].append(handle)
         if sends:
             self._send_works.append(handle)  # keeps sent tensors alive until the step ends
 

@@ -1,0 +1,67 @@
+"""Read and write action lists as CSV (one row per rank, one action per cell, e.g. ``0F0,0SEND_F0,...``)
+or take them from plain Python rows, so users can write their own schedules."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pp.schedules.actions import Action
+
+
+def _at(row: int, column: int) -> str:
+    return f"rank {row} (row {row + 1}), column {column + 1}"
+
+
+def _cell(text: Any, row: int, column: int, where: str) -> Action | None:
+    """One cell as an Action; None for a blank cell. Errors name the row, the column and the text."""
+    if isinstance(text, Action):
+        return text
+    if not isinstance(text, str):
+        raise ValueError(f"{where}{_at(row, column)}: expected an action string such as '0F0', got {text!r}")
+    if not text.strip():
+        return None
+    try:
+        return Action.parse(text)
+    except ValueError:
+        raise ValueError(
+            f"{where}{_at(row, column)}: cannot read {text.strip()!r} as an action "
+            "(expected <stage><kind><microbatch> such as '0F0', '1B3' or '2SEND_F1')"
+        ) from None
+
+
+def _row(rank: int, cells: Any, where: str) -> list[Action]:
+    if isinstance(cells, (str, bytes)) or not isinstance(cells, Sequence):
+        raise ValueError(f"{where}rank {rank} (row {rank + 1}): expected a list of action strings, got {cells!r}")
+    return [a for c, text in enumerate(cells) if (a := _cell(text, rank, c, where)) is not None]
+
+
+def read_actions(source: str | Path | Mapping[int, Sequence[Any]] | Sequence[Sequence[Any]]) -> dict[int, list[Action]]:
+    """Action lists per rank from a CSV file (row r = rank r, blank cells ignored), from
+    ``{rank: ["0F0", ...]}`` or from ``[["0F0", ...], ...]``. Errors name the rank, the row and column
+    (counting from 1, as a spreadsheet does) and the text of the bad cell."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        try:
+            with path.open(newline="") as f:
+                rows = list(csv.reader(f))
+        except OSError as err:
+            raise ValueError(f"cannot read schedule CSV {str(path)!r}: {err.strerror or err}") from None
+        return {r: _row(r, cells, f"{path}: ") for r, cells in enumerate(rows)}
+    if isinstance(source, Mapping):
+        for rank in source:
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+                raise ValueError(f"action lists are keyed by rank numbers >= 0, got key {rank!r}")
+        return {r: _row(r, source[r], "") for r in sorted(source)}
+    if isinstance(source, Sequence):
+        return {r: _row(r, cells, "") for r, cells in enumerate(source)}
+    raise ValueError(f"cannot read action lists from {type(source).__name__}: expected a CSV path, a dict or a list of rows")
+
+
+def write_actions(lists: Mapping[int, Sequence[Action]], path: str | Path) -> None:
+    """Write one row per rank (0 up to the highest rank; a missing rank is an empty row)."""
+    n_rows = max(lists, default=-1) + 1
+    with Path(path).open("w", newline="") as f:
+        writer = csv.writer(f)
+        for r in range(n_rows):
+            writer.writerow([str(a) for a in lists.get(r, ())])
