@@ -80,27 +80,28 @@ def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_mb: int):
     return torch.stack(losses).detach(), {n: p.grad for n, p in ref.named_parameters()}
 
 
-def build_stages(model: nn.Module, name: str, world: int, rank: int, mb_example, traced: bool = True):
+def build_stages(model: nn.Module, name: str, world: int, rank: int, mb_example, traced: bool = True,
+                 device: str = "cpu"):
     spec = get_spec(name)
     n_stages = world * (spec.stages_per_rank or 2)
     placement = spec.placement(n_stages, world)
     mine = [s for s in range(n_stages) if placement[s] == rank]
     if traced:
         pipe = pp.pipeline(model, (mb_example,), split_policy=pp.split_into_equal_size(n_stages))
-        stages = [pipe.build_stage(s, "cpu") for s in mine]
+        stages = [pipe.build_stage(s, device) for s in mine]
     else:
-        stages = [pp.PipelineStage(manual_stage_module(model, s, n_stages), s, n_stages, "cpu") for s in mine]
+        stages = [pp.PipelineStage(manual_stage_module(model, s, n_stages), s, n_stages, device) for s in mine]
     return stages, n_stages
 
 
 def run_schedule_against_reference(rank: int, world: int, name: str, n_mb: int, traced: bool,
-                                   steps: int = 2) -> str:
+                                   steps: int = 2, device: str = "cpu") -> str:
     """Train `steps` steps with the schedule; the last step's losses and grads must equal the reference."""
     torch.manual_seed(0)
-    model = DeepMLP(n_layers=8 if world * 2 <= 8 else 16)
-    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    model = DeepMLP(n_layers=8 if world * 2 <= 8 else 16).to(device)
+    x, y = torch.randn(8, 4, device=device), torch.randn(8, 3, device=device)
     want_losses, want_grads = reference(model, x, y, n_mb)
-    stages, n_stages = build_stages(model, name, world, rank, x[: 8 // n_mb], traced)
+    stages, n_stages = build_stages(model, name, world, rank, x[: 8 // n_mb], traced, device)
     arg = stages[0] if get_spec(name).stages_per_rank == 1 else stages
     sched = schedule_class(name)(arg, n_mb, loss_fn=F.mse_loss)
     held = {s.stage_index for s in stages}

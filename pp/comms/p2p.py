@@ -69,3 +69,10 @@ def max_all_reduce(values: Sequence[int], group: dist.ProcessGroup | None) -> li
 def sum_all_reduce_(t: torch.Tensor, group: dist.ProcessGroup | None) -> None:
     """In-place sum of `t` over the group (gradients of parameters shared by stages on several ranks)."""
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+def warm_up(group: dist.ProcessGroup | None, device: torch.device) -> None:
+    """One collective on the device before any batched P2P: NCCL needs every rank of the group in its
+    first call, and a P2P batch between two ranks would otherwise be that first call."""
+    if device.type != "cpu" and dist.get_world_size(group) > 1:
+        dist.all_reduce(torch.zeros(1, device=device), group=group)

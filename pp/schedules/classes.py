@@ -79,6 +79,7 @@ class _PipelineSchedule:
         self._eval_actions = self._prepare(fwd, edges, None, forward_only=True)
         self._graph = stage_graph(self.stage_to_rank, edges)
         self._executor = Executor(self._stages, self._graph, self.group, self.rank)
+        p2p.warm_up(self.group, first.device)
         self._last_signature: Any = None
         self.record_trace = False
 
