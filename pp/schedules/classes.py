@@ -14,6 +14,7 @@ from ..stage.runtime import PipelineStage
 from .actions import Action, Kind
 from .executor import Executor
 from .lower import lower
+from .simulate import DEFAULT_COSTS
 from .registry import get_spec
 from .validate import stage_graph, validate
 
@@ -84,7 +85,8 @@ class _PipelineSchedule:
         self.record_trace = False
 
     def _prepare(self, compute, edges, given, forward_only=False) -> list[Action]:
-        lists = dict(given) if given is not None else lower(compute, self.stage_to_rank, self.n_microbatches, edges)
+        lists = dict(given) if given is not None else lower(
+            compute, self.stage_to_rank, self.n_microbatches, edges, costs=DEFAULT_COSTS)
         if not forward_only:
             validate(lists, self.stage_to_rank, self.n_microbatches, edges)
         return list(lists.get(self.rank, []))

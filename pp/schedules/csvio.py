@@ -55,7 +55,8 @@ def read_actions(source: str | Path | Mapping[int, Sequence[Any]] | Sequence[Seq
         return {r: _row(r, source[r], "") for r in sorted(source)}
     if isinstance(source, Sequence):
         return {r: _row(r, cells, "") for r, cells in enumerate(source)}
-    raise ValueError(f"cannot read action lists from {type(source).__name__}: expected a CSV path, a dict or a list of rows")
+    raise ValueError(f"cannot read action lists from {type(source).__name__}: "
+                     f"expected a CSV path, a dict or a list of rows")
 
 
 def write_actions(lists: Mapping[int, Sequence[Action]], path: str | Path) -> None:

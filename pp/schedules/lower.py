@@ -93,6 +93,8 @@ def _lock_step(compute: Mapping[int, Sequence[Action]], graph: StageGraph) -> di
                 for side in (r, graph.stage_to_rank[m.dst]):
                     placed[side].append((end, m, bisect.bisect_left(first_after[side], end)))
     return placed
+
+
 def _rendezvous(
     compute: Mapping[int, Sequence[Action]], graph: StageGraph, duration: Callable[[Action], float]
 ) -> dict[int, list[tuple[float, Message, int]]]:
@@ -183,8 +185,9 @@ def lower(
     rank that computes nothing at tick t still gets them, before its next compute.
     With `costs` (F/B/I/W durations), messages are placed where the two ranks meet in a timed run
     instead, when that runs faster under those costs: B taking longer than F makes lock-step ranks wait
-    for each other. Either way each rank's messages follow one global order by (meeting time, message),
-    so the lists are deadlock-free under the strict model and with blocking sends/recvs in list order.
+    for each other. Either way the lists are deadlock-free under the strict model; lock-step lists are
+    also safe when each send/recv is a blocking call in list order. Lists of F's only (evaluation) get
+    forward messages only.
     """
     forward_only = not any(a.kind != Kind.F for acts in compute.values() for a in acts)
     validate_compute(compute, stage_to_rank, n_microbatches, edges, forward_only)
@@ -193,6 +196,8 @@ def lower(
     if costs is None:
         return lock_step
     table = {Kind(k): float(v) for k, v in costs.items()}
+    if any(not v >= 0 for v in table.values()):
+        raise ValueError(f"costs must be durations >= 0, got {dict(costs)!r}")
     missing = {a.kind for acts in compute.values() for a in acts} - set(table)
     if missing:
         raise ValueError(f"costs give no duration for {', '.join(sorted(k.value for k in missing))}")

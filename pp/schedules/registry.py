@@ -48,7 +48,8 @@ class ScheduleSpec:
         if not isinstance(stages_per_rank, int) or stages_per_rank < 1:
             raise ValueError(f"stages_per_rank must be an integer >= 1, got {stages_per_rank!r}")
         if self.stages_per_rank is not None and stages_per_rank != self.stages_per_rank:
-            raise ValueError(f"{self.name} runs exactly {self.stages_per_rank} stage(s) per rank, got stages_per_rank={stages_per_rank}")
+            raise ValueError(f"{self.name} runs exactly {self.stages_per_rank} stage(s) "
+                             f"per rank, got stages_per_rank={stages_per_rank}")
         if self.stages_per_rank is None and stages_per_rank < 2:
             raise ValueError(f"{self.name} needs at least 2 stages per rank, got stages_per_rank={stages_per_rank}")
         return stages_per_rank * n_ranks

@@ -73,7 +73,8 @@ def _placement_of(lists: dict[int, list[Action]]) -> list[int]:
     for r, acts in lists.items():
         for a in acts:
             if where.setdefault(a.stage, r) != r:
-                raise ValueError(f"stage {a.stage} appears on rank {where[a.stage]} and on rank {r}; a stage lives on one rank")
+                raise ValueError(f"stage {a.stage} appears on rank {where[a.stage]} "
+                                 f"and on rank {r}; a stage lives on one rank")
     missing = [s for s in range(max(where, default=-1) + 1) if s not in where]
     if not where or missing:
         raise ValueError(f"the lists never run stage(s) {missing or [0]}: stages must be numbered 0..n-1")

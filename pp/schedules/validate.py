@@ -100,7 +100,8 @@ def messages_of(action: Action, graph: StageGraph) -> list[Message]:
             )
         peers = (action.peer,)
     if not peers:
-        raise ScheduleError(f"rank {graph.stage_to_rank[s]}: {action} has nothing to move: stage {s} has no {what} on another rank")
+        raise ScheduleError(f"rank {graph.stage_to_rank[s]}: {action} has nothing "
+                            f"to move: stage {s} has no {what} on another rank")
     if kind == Kind.SEND_F:
         return [Message(False, s, c, mb) for c in peers]
     if kind == Kind.RECV_F:
@@ -128,9 +129,11 @@ def check_placement(lists: Lists, graph: StageGraph, n_microbatches: int) -> Non
             if not 0 <= a.stage < graph.n_stages:
                 raise ScheduleError(f"rank {r}: {a} names stage {a.stage}, but stages are 0..{graph.n_stages - 1}")
             if not 0 <= a.microbatch < n_microbatches:
-                raise ScheduleError(f"rank {r}: {a} names microbatch {a.microbatch}, but microbatches are 0..{n_microbatches - 1}")
+                raise ScheduleError(f"rank {r}: {a} names microbatch {a.microbatch}, "
+                                    f"but microbatches are 0..{n_microbatches - 1}")
             if graph.stage_to_rank[a.stage] != r:
-                raise ScheduleError(f"rank {r}: {a} is on the wrong rank: stage {a.stage} lives on rank {graph.stage_to_rank[a.stage]}")
+                raise ScheduleError(f"rank {r}: {a} is on the wrong rank: stage {a.stage} "
+                                    f"lives on rank {graph.stage_to_rank[a.stage]}")
 
 
 def check_complete(lists: Lists, graph: StageGraph, n_microbatches: int, forward_only: bool = False) -> None:
@@ -157,7 +160,8 @@ def check_complete(lists: Lists, graph: StageGraph, n_microbatches: int, forward
                     raise ScheduleError(f"rank {r}: stage {s} microbatch {mb} has a backward in forward-only lists")
                 continue
             if has[Kind.B] and (has[Kind.I] or has[Kind.W]):
-                raise ScheduleError(f"rank {r}: stage {s} microbatch {mb} mixes a full backward {s}B{mb} with split {s}I{mb}/{s}W{mb}")
+                raise ScheduleError(f"rank {r}: stage {s} microbatch {mb} mixes a full "
+                                    f"backward {s}B{mb} with split {s}I{mb}/{s}W{mb}")
             if forward_only:
                 continue
             if not has[Kind.B] and not (has[Kind.I] and has[Kind.W]):
@@ -168,8 +172,8 @@ def check_complete(lists: Lists, graph: StageGraph, n_microbatches: int, forward
 
 def check_data_order(lists: Lists, graph: StageGraph) -> None:
     """Walk each rank's list: every compute finds its inputs, every send finds what it sends, nothing twice."""
-    sent: set[Message] = set()
-    received: set[Message] = set()
+    sent: dict[Message, Action] = {}
+    received: dict[Message, Action] = {}
     for r in _rank_keys(lists, graph):
         done: set[tuple[int, Kind, int]] = set()
         got: set[Message] = set()
@@ -180,15 +184,18 @@ def check_data_order(lists: Lists, graph: StageGraph) -> None:
                     if graph.stage_to_rank[p] == r and (p, Kind.F, mb) not in done:
                         raise ScheduleError(f"rank {r}: {a} runs before its input {p}F{mb} was computed on this rank")
                     if graph.stage_to_rank[p] != r and Message(False, p, s, mb) not in got:
-                        raise ScheduleError(f"rank {r}: {a} runs before its input from stage {p} was received (no earlier RECV_F)")
+                        raise ScheduleError(f"rank {r}: {a} runs before its input from "
+                                            f"stage {p} was received (no earlier RECV_F)")
             elif a.kind in (Kind.B, Kind.I):
                 if (s, Kind.F, mb) not in done:
                     raise ScheduleError(f"rank {r}: {a} runs before its forward {s}F{mb}")
                 for c in graph.consumers[s]:
                     if graph.stage_to_rank[c] == r and (c, Kind.B, mb) not in done and (c, Kind.I, mb) not in done:
-                        raise ScheduleError(f"rank {r}: {a} runs before the output gradient from {c}B{mb}/{c}I{mb} on this rank")
+                        raise ScheduleError(f"rank {r}: {a} runs before the output "
+                                            f"gradient from {c}B{mb}/{c}I{mb} on this rank")
                     if graph.stage_to_rank[c] != r and Message(True, c, s, mb) not in got:
-                        raise ScheduleError(f"rank {r}: {a} runs before its output gradient from stage {c} was received (no earlier RECV_B)")
+                        raise ScheduleError(f"rank {r}: {a} runs before its output gradient "
+                                            f"from stage {c} was received (no earlier RECV_B)")
             elif a.kind == Kind.W:
                 if (s, Kind.I, mb) not in done:
                     raise ScheduleError(f"rank {r}: {a} runs before its input-gradient step {s}I{mb}")
@@ -197,20 +204,23 @@ def check_data_order(lists: Lists, graph: StageGraph) -> None:
                 if a.kind == Kind.SEND_F and (s, Kind.F, mb) not in done:
                     raise ScheduleError(f"rank {r}: {a} sends outputs of {s}F{mb} before it was computed")
                 if a.kind == Kind.SEND_B and (s, Kind.B, mb) not in done and (s, Kind.I, mb) not in done:
-                    raise ScheduleError(f"rank {r}: {a} sends input gradients of stage {s} microbatch {mb} before {s}B{mb}/{s}I{mb} ran")
+                    raise ScheduleError(f"rank {r}: {a} sends input gradients of stage "
+                                        f"{s} microbatch {mb} before {s}B{mb}/{s}I{mb} ran")
                 pool = sent if a.kind in (Kind.SEND_F, Kind.SEND_B) else received
                 for m in msgs:
                     if m in pool:
                         raise ScheduleError(f"rank {r}: {a} moves {_describe(m)} a second time")
-                    pool.add(m)
+                    pool[m] = a
                 if pool is received:
                     got.update(msgs)
             if a.is_compute:
                 done.add((s, a.kind, mb))
-    for m in sorted(sent - received):
-        raise ScheduleError(f"rank {graph.stage_to_rank[m.src]}: {_describe(m)} is sent but rank {graph.stage_to_rank[m.dst]} never receives it")
-    for m in sorted(received - sent):
-        raise ScheduleError(f"rank {graph.stage_to_rank[m.dst]}: {_describe(m)} is received but rank {graph.stage_to_rank[m.src]} never sends it")
+    for m in sorted(set(sent) - set(received)):
+        raise ScheduleError(f"rank {graph.stage_to_rank[m.src]}: {sent[m]} sends the {_describe(m)}, "
+                            f"which rank {graph.stage_to_rank[m.dst]} never receives")
+    for m in sorted(set(received) - set(sent)):
+        raise ScheduleError(f"rank {graph.stage_to_rank[m.dst]}: {received[m]} waits for the {_describe(m)}, "
+                            f"which rank {graph.stage_to_rank[m.src]} never sends")
 
 
 def _describe(m: Message) -> str:
@@ -250,14 +260,14 @@ def run_strict(
                 if (is_send, m) in where:
                     raise ScheduleError(f"rank {r}: {a} moves {_describe(m)} a second time")
                 where[(is_send, m)] = (bid, a)
-    peers: list[list[tuple[int, Action]]] = [[] for _ in batches]  # per batch: (peer batch, peer action)
+    peers: list[list[tuple[int, Action, Action]]] = [[] for _ in batches]  # (peer batch, peer action, own action)
     for (is_send, m), (bid, a) in where.items():
         other = where.get((not is_send, m))
         if other is None:
             peer = graph.stage_to_rank[m.dst if is_send else m.src]
             raise ScheduleError(f"rank {batch_rank[bid]}: {a} has no matching {'receive' if is_send else 'send'} "
                                 f"on rank {peer} for the {_describe(m)}")
-        peers[bid].append(other)
+        peers[bid].append((other[0], other[1], a))
 
     started: list[float | None] = [None] * len(batches)
     times: dict[int, list[tuple[float, float]]] = {r: [(0.0, 0.0)] * len(lists.get(r, ())) for r in ranks}
@@ -279,10 +289,10 @@ def run_strict(
                     progress = True
                     continue
                 else:
-                    if any(started[q] is None for q, _ in peers[k]):
+                    if any(started[q] is None for q, _, _ in peers[k]):
                         break
                     start = started[k]
-                    end = max([start] + [max(start, started[q]) + comm_cost for q, _ in peers[k]])
+                    end = max([start] + [max(start, started[q]) + comm_cost for q, _, _ in peers[k]])
                     for i in batches[k]:
                         times[r][i] = (start, end)
                     now[r] = end
@@ -293,8 +303,7 @@ def run_strict(
         parts = []
         for r in stuck:
             k = segments[r][pos[r]][1]
-            q, pa = next((q, pa) for q, pa in peers[k] if started[q] is None)
-            mine = lists[r][batches[k][0]]
+            q, pa, mine = next(item for item in peers[k] if started[item[0]] is None)
             parts.append(f"rank {r} is stuck at {mine} waiting for rank {batch_rank[q]} to reach {pa}")
         raise ScheduleError("deadlock: " + "; ".join(parts))
     return times
