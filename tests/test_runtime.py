@@ -196,3 +196,30 @@ def _user_actions(rank, world):
 
 def test_schedule_from_user_written_action_strings():
     assert all(run_ranks(_user_actions, 2, timeout_s=120))
+
+
+def _recorded_trace(rank, world, path):
+    torch.manual_seed(0)
+    stage = pp.PipelineStage(manual_stage_module(DeepMLP(), rank, 2), rank, 2, "cpu")
+    sched = pp.Schedule1F1B(stage, 4, loss_fn=F.mse_loss)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    sched.record_trace = True
+    sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None, losses=[])
+    return sched.trace_events()
+
+
+def test_recorded_trace_of_a_real_run_draws_as_a_timeline(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    events = [e for per_rank in run_ranks(_recorded_trace, 2, str(tmp_path), timeout_s=60) for e in per_rank]
+    names = sorted(e["name"] for e in events)
+    assert names == sorted([f"{s}{k}{m}" for s in (0, 1) for k in "FB" for m in range(4)])
+    assert all(e["dur"] >= 0 and e["pid"] in (0, 1) for e in events)
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    out = subprocess.run([sys.executable, "-m", "pp.schedules.show", "1F1B", "--trace", str(trace),
+                          "-o", str(tmp_path / "t.png")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "bubble=" in out.stdout and (tmp_path / "t.png").stat().st_size > 1000
