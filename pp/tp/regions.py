@@ -1,0 +1,116 @@
+"""Differentiable tensor-parallel region boundaries (Megatron's f/g operators) for trainable stages.
+
+Each function takes the group by its registered name (a string, so fx graphs can print it) and its
+size and this rank's index in it, and pairs a forward collective with the backward one that keeps
+gradients right: copy ↔ all-reduce, all-reduce ↔ copy, gather ↔ slice, slice ↔ gather,
+reduce-scatter ↔ gather.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["copy_to_tp", "gather_from_tp", "reduce_from_tp", "reduce_scatter_to_tp", "slice_to_tp"]
+
+_F = torch.ops._c10d_functional
+
+
+def _all_reduce(x: Tensor, name: str) -> Tensor:
+    return _F.wait_tensor(_F.all_reduce(x.contiguous(), "sum", name))
+
+
+def _all_gather(x: Tensor, dim: int, size: int, name: str) -> Tensor:
+    out = _F.wait_tensor(_F.all_gather_into_tensor(x.contiguous(), size, name))
+    if dim % x.dim() == 0 or size == 1:
+        return out
+    return torch.cat(torch.chunk(out, size, dim=0), dim=dim)
+
+
+def _reduce_scatter(x: Tensor, dim: int, size: int, name: str) -> Tensor:
+    if dim % x.dim() != 0 and size > 1:
+        x = torch.cat(torch.chunk(x, size, dim=dim), dim=0)
+    return _F.wait_tensor(_F.reduce_scatter_tensor(x.contiguous(), "sum", size, name))
+
+
+def _local_slice(x: Tensor, dim: int, size: int, rank: int) -> Tensor:
+    k = x.shape[dim] // size
+    return x.narrow(dim, rank * k, k)
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, name: str) -> Tensor:
+        ctx.name = name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_reduce(grad, ctx.name), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, name: str) -> Tensor:
+        return _all_reduce(x, name)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, size: int, rank: int, name: str) -> Tensor:
+        ctx.args = (dim, size, rank)
+        return _all_gather(x, dim, size, name)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _local_slice(grad, *ctx.args), None, None, None, None
+
+
+class _SliceToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, size: int, rank: int, name: str) -> Tensor:
+        ctx.args = (dim, size, name)
+        return _local_slice(x, dim, size, rank)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_gather(grad, *ctx.args), None, None, None, None
+
+
+class _ReduceScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, size: int, name: str) -> Tensor:
+        ctx.args = (dim, size, name)
+        return _reduce_scatter(x, dim, size, name)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_gather(grad, *ctx.args), None, None, None
+
+
+def copy_to_tp(x: Tensor, name: str) -> Tensor:
+    """Identity forward; all-reduce of the gradient (input of a column-parallel linear)."""
+    return _CopyToTP.apply(x, name)
+
+
+def reduce_from_tp(x: Tensor, name: str) -> Tensor:
+    """All-reduce forward (output of a row-parallel linear); identity backward."""
+    return _ReduceFromTP.apply(x, name)
+
+
+def gather_from_tp(x: Tensor, dim: int, size: int, rank: int, name: str) -> Tensor:
+    """All-gather along `dim` forward; this rank's slice of the gradient backward."""
+    return _GatherFromTP.apply(x, dim, size, rank, name)
+
+
+def slice_to_tp(x: Tensor, dim: int, size: int, rank: int, name: str) -> Tensor:
+    """This rank's slice along `dim` forward (no communication); all-gather of the gradient backward."""
+    return _SliceToTP.apply(x, dim, size, rank, name)
+
+
+def reduce_scatter_to_tp(x: Tensor, dim: int, size: int, name: str) -> Tensor:
+    """Reduce-scatter along `dim` forward (sequence parallelism); all-gather of the gradient backward."""
+    return _ReduceScatterToTP.apply(x, dim, size, name)
