@@ -1,0 +1,266 @@
+"""Checkpoints with torch.distributed.checkpoint, under the model's original parameter names.
+
+Layout: `<root>/step-<N>/` holds DCP's files plus `manifest.json` (step, sizes and sha256 of every file,
+the config it came from). A save writes `<root>/.tmp-step-<N>/` and renames it into place only when
+every rank's files and the manifest are on disk, so a crash mid-save leaves the previous checkpoint
+as it was. Loading checks the manifest (and the checksums) first and skips a damaged checkpoint.
+State keys: `model.<fqn>` and `optim.<fqn>.<exp_avg|exp_avg_sq|step>`, the same for any pp degree, so a
+checkpoint saved with pp=4 loads with pp=2 or into the unsplit model (`pp.load_unsplit`).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from . import collectives as coll
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names it and says why in one line."""
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step-{step}")
+
+
+def list_steps(root: str) -> list[int]:
+    """Steps of the `step-<N>` directories under `root`, newest first (complete or not)."""
+    if not os.path.isdir(root):
+        return []
+    steps = [int(m.group(1)) for name in os.listdir(root) if (m := _STEP_DIR.match(name))]
+    return sorted(steps, reverse=True)
+
+
+# --- state dicts keyed by fully qualified parameter names ----------------------------------------
+
+def optimizer_state(named_params: Iterable[tuple[str, torch.nn.Parameter]], optim: torch.optim.Optimizer) -> dict:
+    """{fqn: {state name: tensor}} for every parameter; empty state is created first (AdamW layout)."""
+    out = {}
+    for fqn, p in named_params:
+        st = optim.state[p]
+        if not st:
+            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        out[fqn] = {k: v for k, v in st.items() if isinstance(v, torch.Tensor)}
+    return out
+
+
+# --- save ----------------------------------------------------------------------------------------
+
+def save(root: str, step: int, state: dict, meta: dict, *, verify: bool = True, keep: int = 0) -> str:
+    """Collective: write `state` ({"model": ..., "optim": ...}) as `<root>/step-<step>`; return that path.
+
+    Every rank passes its own part; keys several ranks hold (shared weights) are written once.
+    """
+    rank, world = coll.rank(), coll.world_size()
+    tmp = os.path.join(root, f".tmp-step-{step}")
+    final = step_dir(root, step)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    coll.barrier()
+    with _single_process_quiet():
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not coll.active())
+    coll.barrier()
+    names = sorted(n for n in os.listdir(tmp) if not n.startswith("."))
+    names.append(".metadata")
+    mine = {n: _file_record(os.path.join(tmp, n), verify) for i, n in enumerate(names) if i % world == rank}
+    files: dict = {}
+    for part in coll.all_gather_object(mine):
+        files.update(part)
+    if rank == 0:
+        manifest = {"format": FORMAT_VERSION, "step": step, "saved_at": time.time(), "world_size": world,
+                    "files": dict(sorted(files.items())), **meta}
+        _write_json_durably(os.path.join(tmp, MANIFEST), manifest)
+        _replace_dir(tmp, final)
+        if keep > 0:
+            for old in list_steps(root)[keep:]:
+                shutil.rmtree(step_dir(root, old), ignore_errors=True)
+    coll.barrier()
+    return final
+
+
+def remove_checkpoints(root: str) -> list[int]:
+    """Delete every `step-<N>` checkpoint under `root`; return their steps."""
+    steps = list_steps(root)
+    for step in steps:
+        shutil.rmtree(step_dir(root, step), ignore_errors=True)
+    return steps
+
+
+def remove_partial_saves(root: str) -> list[str]:
+    """Delete `.tmp-step-*` leftovers of saves that never finished; return their names."""
+    if not os.path.isdir(root):
+        return []
+    gone = [n for n in os.listdir(root) if n.startswith(".tmp-step-") or n.startswith(".old-step-")]
+    for n in gone:
+        shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+    return gone
+
+
+def _file_record(path: str, checksum: bool) -> dict:
+    rec: dict[str, Any] = {"size": os.path.getsize(path)}
+    if checksum:
+        rec["sha256"] = _sha256(path)
+    return rec
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_durably(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Move `src` to `dst` (a re-saved step replaces the old one) and make the rename durable."""
+    old = None
+    if os.path.exists(dst):
+        old = os.path.join(os.path.dirname(dst), ".old-" + os.path.basename(dst))
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(dst, old)
+    os.rename(src, dst)
+    fd = os.open(os.path.dirname(dst) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- check and choose ----------------------------------------------------------------------------
+
+def read_manifest(path: str) -> dict:
+    """The manifest of checkpoint `path`, or CheckpointError if it is missing or unreadable."""
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has no {MANIFEST}")
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {MANIFEST}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or "files" not in manifest:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is not a pp checkpoint manifest "
+                              f"(format {FORMAT_VERSION})")
+    return manifest
+
+
+def problem(path: str, share: tuple[int, int] = (0, 1)) -> str | None:
+    """Why checkpoint `path` cannot be used, or None; checksums only of this rank's `share` (rank, world)."""
+    try:
+        manifest = read_manifest(path)
+        files = manifest["files"]
+        for i, (name, rec) in enumerate(sorted(files.items())):
+            fpath = os.path.join(path, name)
+            if not os.path.isfile(fpath):
+                return f"file {name} is missing"
+            if os.path.getsize(fpath) != rec["size"]:
+                return f"file {name} has {os.path.getsize(fpath)} bytes, the manifest says {rec['size']}"
+            if "sha256" in rec and i % share[1] == share[0] and _sha256(fpath) != rec["sha256"]:
+                return f"file {name} does not match its sha256 checksum"
+        dcp.FileSystemReader(path).read_metadata()
+    except CheckpointError as e:
+        return str(e).split(": ", 1)[-1] if str(e).startswith(f"checkpoint {path}") else str(e)
+    except Exception as e:  # noqa: BLE001 - any failure to read the metadata means "damaged"
+        return f"its DCP metadata cannot be read ({type(e).__name__}: {e})"
+    return None
+
+
+def find_latest(root: str, log: Callable[[str], None] = print) -> str | None:
+    """Collective: the newest complete, undamaged checkpoint under `root`, or None.
+
+    Ranks share the checksum work; each damaged checkpoint is named through `log` (rank 0) and skipped.
+    """
+    share = (coll.rank(), coll.world_size())
+    for step in list_steps(root):
+        path = step_dir(root, step)
+        reasons = [r for r in coll.all_gather_object(problem(path, share)) if r]
+        if not reasons:
+            return path
+        if coll.rank() == 0:
+            log(f"checkpoint {path} is damaged ({reasons[0]}); skipping it")
+    return None
+
+
+def resolve(path: str) -> str:
+    """A checked checkpoint directory from `path`: itself, or the newest undamaged one under path or
+    path/checkpoints; CheckpointError saying why otherwise."""
+    if _STEP_DIR.match(os.path.basename(os.path.normpath(path))) or os.path.isfile(os.path.join(path, MANIFEST)):
+        why = problem(path)
+        if why is not None:
+            raise CheckpointError(f"checkpoint {path} is damaged: {why}")
+        return path
+    for root in (path, os.path.join(path, "checkpoints")):
+        for step in list_steps(root):
+            if problem(step_dir(root, step)) is None:
+                return step_dir(root, step)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    raise CheckpointError(f"no complete checkpoint at {path} (expected step-<N>/{MANIFEST} there or under checkpoints/)")
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+def check_fits(path: str, state: dict) -> None:
+    """CheckpointError naming the first key of `state` that the checkpoint lacks or holds in another shape."""
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    for key, t in _flatten(state):
+        meta = saved.get(key)
+        if meta is None:
+            hint = " (saved from a different model?)" if key.startswith("model.") else ""
+            raise CheckpointError(f"checkpoint {path} has no entry {key!r}{hint}")
+        if isinstance(meta, TensorStorageMetadata) and tuple(meta.size) != tuple(t.shape):
+            raise CheckpointError(f"checkpoint {path}: {key!r} has shape {tuple(meta.size)} there but "
+                                  f"{tuple(t.shape)} in this model")
+
+
+def load(path: str, state: dict) -> None:
+    """Collective when distributed: fill the tensors of `state` in place from checkpoint `path`."""
+    check_fits(path, state)
+    with _single_process_quiet():
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=not coll.active())
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it works in one process when there is no group; here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _flatten(state: dict, prefix: str = "") -> Iterable[tuple[str, torch.Tensor]]:
+    for k, v in state.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flatten(v, key + ".")
+        elif isinstance(v, torch.Tensor):
+            yield key, v

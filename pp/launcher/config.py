@@ -1,0 +1,305 @@
+"""The job config: YAML sections as typed dataclasses with defaults and help texts, plus CLI overrides.
+
+`load_config(path, ["--train.steps", "20"])` reads, overrides and type-checks; it raises `ConfigError`
+(one line naming the key and the bad value) for anything it cannot read. Checks that need the world
+size or the schedule registry live in `launcher/validate.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line that names the key and the bad value."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    """A config field with its default and help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _opt("gpt", "built-in 'gpt' or 'mlp', or 'package.module:ClassName' for your own model, "
+                            "whose other keys in this section become its constructor arguments")
+    vocab_size: int = _opt(256, "token vocabulary (the byte-level data needs at least 256)")
+    d_model: int = _opt(64, "width of the residual stream")
+    n_layers: int = _opt(4, "number of transformer blocks (gpt) or residual MLP blocks (mlp)")
+    n_heads: int = _opt(4, "attention heads per block; must divide d_model (gpt only)")
+    seq_len: int = _opt(64, "tokens per training sequence (and the gpt's context length)")
+    d_ff: int = _opt(0, "hidden width of each MLP; 0 means 4 * d_model")
+    tie_weights: bool = _opt(False, "share the token embedding with the LM head (gpt only)")
+    args: dict = _opt({}, "constructor arguments of a custom model: filled from this section's other keys")
+
+
+@dataclass
+class ParallelConfig:
+    pp: typing.Optional[int] = _opt(None, "pipeline-parallel degree (ranks in the pipeline); default: the world size")
+    dp: int = _opt(1, "data-parallel degree (only 1 for now)")
+    tp: int = _opt(1, "tensor-parallel degree (only 1 for now)")
+    timeout_s: float = _opt(300.0, "seconds a collective or point-to-point transfer may wait before the job fails")
+    device: str = _opt("auto", "'auto' (cuda when available, else cpu), 'cpu' or 'cuda'")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = _opt("1F1B", "pipeline schedule, e.g. GPipe, 1F1B, Interleaved1F1B, LoopedBFS, "
+                             "InterleavedZeroBubble, ZBVZeroBubble, DualPipeV")
+    microbatches: int = _opt(4, "microbatches per step; must divide train.batch_size")
+    stages_per_rank: typing.Optional[int] = _opt(None, "stages each rank holds; default: what the schedule needs "
+                                                       "(1, or 2 for interleaved and V-shaped schedules)")
+
+
+@dataclass
+class SplitConfig:
+    points: list = _opt([], "module names where a new stage begins, e.g. ['blocks.2', 'blocks.4']; "
+                            "empty: split automatically")
+    policy: str = _opt("cost", "automatic split: 'cost' (balance estimated FLOPs) or 'params' (balance parameter counts)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _opt(30, "optimizer steps to train for")
+    batch_size: int = _opt(8, "sequences per step (split into schedule.microbatches)")
+    lr: float = _opt(3e-3, "peak learning rate of AdamW")
+    seed: int = _opt(0, "seed of the model init, the data order and every step's RNG")
+    data: str = _opt("stdlib", "'stdlib' (this Python's standard library sources, as bytes) or a path to a text file")
+    warmup_steps: typing.Optional[int] = _opt(None, "linear warm-up steps; default: steps // 10")
+    min_lr_ratio: float = _opt(0.1, "the cosine decay ends at lr * min_lr_ratio")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm (over all stages) to this; 0 disables")
+    weight_decay: float = _opt(0.1, "AdamW weight decay of weight matrices and embeddings (biases and norm weights get none)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    nan_check: bool = _opt(True, "stop with the step and microbatch named when a loss is not finite")
+    dtype: str = _opt("float32", "parameter and activation dtype: float32 or bfloat16")
+    log_every: int = _opt(1, "print a log line every this many steps (when stdout is not a terminal)")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _opt("runs/default", "where metrics.jsonl, trace.json and checkpoints/ go")
+    trace: bool = _opt(True, "write the measured action timings of the last step to trace.json (Chrome trace)")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _opt(0, "save a checkpoint every this many steps (and after the last step); 0: never")
+    resume: bool = _opt(False, "continue from the newest complete checkpoint in output.dir/checkpoints "
+                               "(always done after a torchrun restart)")
+    keep: int = _opt(3, "how many newest checkpoints to keep; 0 keeps all")
+    verify: bool = _opt(True, "record sha256 checksums on save and check them before resuming")
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the model to train"})
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"help": "how ranks are used"})
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "the pipeline schedule"})
+    split: SplitConfig = field(default_factory=SplitConfig, metadata={"help": "where the model is cut into stages"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimizer, data and loop"})
+    output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "logs and metrics"})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "saving and resuming"})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(JobConfig)}  # type: ignore[misc]
+# Keys the user never writes: filled by the loader.
+_INTERNAL = {("model", "args")}
+_GPT_ONLY = {"n_heads", "tie_weights"}
+
+
+def is_custom_model(name: str) -> bool:
+    return ":" in name
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:
+    """Read `path` (YAML), apply `--section.key value` overrides, and return the typed config."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise ConfigError(f"config file {path!r} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    cli = parse_overrides(overrides or [])
+    for (section, key), text in cli.items():
+        _check_section(section)
+        sect = raw.setdefault(section, {})
+        if not isinstance(sect, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {sect!r}")
+        sect[key] = _FromCli(text)
+    return _build(raw)
+
+
+class _FromCli(str):
+    """A value typed on the command line: converted by the field's type rather than read as YAML."""
+
+
+def parse_overrides(args: list[str]) -> dict[tuple[str, str], str]:
+    """`['--train.steps', '20', '--model.d_model=128']` -> {('train', 'steps'): '20', ...}."""
+    out: dict[tuple[str, str], str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{name} has no value: write --{name} VALUE")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        section, dot, key = name.partition(".")
+        if not dot or not key or "." in key:
+            raise ConfigError(f"override --{name}: expected --section.key, e.g. --train.steps 20")
+        out[(section, key)] = value
+    return out
+
+
+def _check_section(section: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section {section!r}{_suggest(section, SECTIONS)}; "
+                          f"sections are {', '.join(SECTIONS)}")
+
+
+def _suggest(word: str, choices: typing.Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _build(raw: dict) -> JobConfig:
+    sections = {}
+    for section, values in raw.items():
+        _check_section(section)
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+        sections[section] = values
+    cfg = JobConfig()
+    for section, values in sections.items():
+        cls = SECTIONS[section]
+        if section == "model" and is_custom_model(str(values.get("name", ""))):
+            setattr(cfg, section, _custom_model(values))
+            continue
+        known = {f.name for f in dataclasses.fields(cls) if (section, f.name) not in _INTERNAL}
+        if section == "model" and values.get("name") == "mlp":
+            known -= _GPT_ONLY
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"unknown key {section}.{key}{_suggest(str(key), known, section + '.')}; "
+                                  f"{section} has {', '.join(sorted(known))}")
+            kwargs[key] = coerce(value, hints[key], f"{section}.{key}")
+        setattr(cfg, section, cls(**kwargs))
+    return cfg
+
+
+def _custom_model(values: dict) -> ModelConfig:
+    """A user model: every key but `name` is a constructor argument; seq_len/vocab_size also feed the data."""
+    hints = typing.get_type_hints(ModelConfig)
+    args = {k: (yaml.safe_load(v) if isinstance(v, _FromCli) else v) for k, v in values.items() if k != "name"}
+    cfg = ModelConfig(name=str(values["name"]), args=args)
+    for key in ("seq_len", "vocab_size"):
+        if key in args:
+            setattr(cfg, key, coerce(args[key], hints[key], f"model.{key}"))
+    return cfg
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               list: "a list", dict: "a mapping"}
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` as type `tp` (int, float, bool, str, list, dict or Optional of one), or ConfigError."""
+    if typing.get_origin(tp) is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        if value is None or (isinstance(value, _FromCli) and value.lower() in ("null", "none", "~")):
+            return None
+        return coerce(value, inner, key)
+    base = typing.get_origin(tp) or tp
+    if isinstance(value, _FromCli):
+        value = _from_text(str(value), base)
+    ok = _convert(value, base)
+    if ok is _BAD:
+        raise ConfigError(f"{key}: expected {_TYPE_WORDS.get(base, base.__name__)}, got {value!r}")
+    return ok
+
+
+_BAD = object()
+
+
+def _from_text(text: str, base: type) -> Any:
+    if base is str:
+        return text
+    if base is list and not text.lstrip().startswith("["):
+        return [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _convert(value: Any, base: type) -> Any:
+    if base is bool:
+        return value if isinstance(value, bool) else _BAD
+    if base is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
+    if base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '3e-3' as a string
+            try:
+                return float(value)
+            except ValueError:
+                return _BAD
+        return _BAD
+    if base is str:
+        return value if isinstance(value, str) else _BAD
+    if base is list:
+        return list(value) if isinstance(value, (list, tuple)) else _BAD
+    if base is dict:
+        return dict(value) if isinstance(value, dict) else _BAD
+    return value if isinstance(value, base) else _BAD
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return f"{_type_name(inner)} or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def help_text() -> str:
+    """Every section and key with its type, default and help, for `python -m pp.run --help`."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if (section, f.name) in _INTERNAL:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            tname = _type_name(hints[f.name])
+            lines.append(f"  {f.name} ({tname}, default {default!r}): {f.metadata['help']}")
+    return "\n".join(lines)

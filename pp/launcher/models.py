@@ -1,0 +1,162 @@
+"""Models the launcher trains: a small GPT, a residual MLP, or a user's class named `package.module:Class`.
+
+Every model maps a (batch, seq_len) tensor of token ids to (batch, seq_len, vocab_size) logits, so the
+same data and loss serve all of them.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ConfigError, ModelConfig, is_custom_model
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff)
+        self.proj = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, d_ff)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer: token + position embedding, pre-norm blocks, final LayerNorm, LM head."""
+
+    def __init__(self, vocab_size: int = 256, d_model: int = 64, n_layers: int = 4, n_heads: int = 4,
+                 seq_len: int = 64, d_ff: int = 0, tie_weights: bool = False):
+        super().__init__()
+        self.seq_len = seq_len
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(seq_len, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff or 4 * d_model) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        _init_weights(self, n_layers)
+        if tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.tok_emb(tokens) + self.pos_emb(pos)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.norm(x))
+
+
+class ResidualMLP(nn.Module):
+    """Per-token model: embedding, residual MLP blocks, LayerNorm, LM head (a bigram-style baseline)."""
+
+    def __init__(self, vocab_size: int = 256, d_model: int = 64, n_layers: int = 4, d_ff: int = 0):
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.blocks = nn.ModuleList(_NormedMLP(d_model, d_ff or 4 * d_model) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        _init_weights(self, n_layers)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.norm(x))
+
+
+class _NormedMLP(nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, d_ff)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.ln(x))
+
+
+def _init_weights(model: nn.Module, n_layers: int) -> None:
+    """GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers)."""
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith("proj.weight") else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
+
+
+def build_model(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model `cfg` names, initialised from `seed` (the same on every rank and for every pp)."""
+    torch.manual_seed(seed)
+    if cfg.name == "gpt":
+        model: nn.Module = GPT(cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.seq_len, cfg.d_ff,
+                               cfg.tie_weights)
+    elif cfg.name == "mlp":
+        model = ResidualMLP(cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.d_ff)
+    elif is_custom_model(cfg.name):
+        cls = import_model_class(cfg.name)
+        try:
+            model = cls(**constructor_args(cls, cfg.args))
+        except TypeError as e:
+            raise ConfigError(f"model.name={cfg.name!r} rejected the arguments {sorted(cfg.args)}: {e}") from None
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model.name={cfg.name!r} built a {type(model).__name__}, not a torch.nn.Module")
+    else:
+        raise ConfigError(f"model.name={cfg.name!r} is unknown: use 'gpt', 'mlp' or 'package.module:ClassName'")
+    return model.to(dtype)
+
+
+def constructor_args(cls: type, args: dict) -> dict:
+    """`args` for `cls(...)`: seq_len and vocab_size (also the data's settings) only where `cls` takes them."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return dict(args)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return {k: v for k, v in args.items() if k not in ("seq_len", "vocab_size") or takes_any or k in params}
+
+
+def import_model_class(name: str) -> type:
+    """`package.module:ClassName` -> the class, or ConfigError saying which part was not found."""
+    module_name, _, cls_name = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"model.name={name!r}: cannot import module {module_name!r} ({e})") from None
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise ConfigError(f"model.name={name!r}: module {module_name!r} has no attribute {cls_name!r}")
+    return cls

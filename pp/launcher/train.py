@@ -1,0 +1,271 @@
+"""The training loop: this rank's stages, AdamW with warm-up + cosine LR and global gradient clipping,
+one schedule step per optimizer step, metrics, checkpoints and the end-of-run summary.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pp
+from pp.comms.collectives import all_gather
+
+from . import checkpoint as ckpt
+from . import collectives as coll
+from .config import JobConfig
+from .data import ByteBatches, load_corpus
+from .job import Job
+from .metrics import BubbleMeter, MetricsWriter, chrome_trace, peak_memory_gib, summary_lines
+from .progress import Progress
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, say); the message names the step."""
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over a microbatch, computed in float32."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
+
+
+def lr_at(step: int, cfg: JobConfig) -> float:
+    """Learning rate of (1-based) `step`: linear warm-up, then cosine decay to lr * min_lr_ratio."""
+    t = cfg.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else t.steps // 10
+    if step <= warmup:
+        return t.lr * step / max(1, warmup)
+    progress = (step - warmup) / max(1, t.steps - warmup)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Every step re-seeds torch's RNGs from (seed, step, rank): a resumed run draws the same numbers."""
+    return (seed * 1_000_003 + step) * 4099 + rank
+
+
+@dataclass
+class RankState:
+    """What this rank holds: its stages, the schedule over them, their parameters and the optimizer."""
+
+    stages: list
+    schedule: Any
+    named_params: list[tuple[str, nn.Parameter]]
+    norm_params: list[nn.Parameter]      # parameters counted in the global grad norm (shared ones once)
+    optimizer: torch.optim.Optimizer
+    has_first: bool
+    has_last: bool
+    stage_ids: list[int] = field(default_factory=list)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for stage in self.stages:
+            out.update(stage.submod.state_dict())
+        return out
+
+    def state(self) -> dict:
+        return {"model": self.model_state(), "optim": ckpt.optimizer_state(self.named_params, self.optimizer)}
+
+
+def build_rank(job: Job, rank: int, device: torch.device) -> RankState:
+    """Build this rank's stages, schedule and optimizer."""
+    cfg, layout = job.cfg, job.layout
+    stage_ids = layout.stages_of(rank)
+    stages = [job.pipe.build_stage(s, device) for s in stage_ids]
+    sched_cls = getattr(pp, f"Schedule{layout.schedule}")
+    target = stages[0] if layout.stages_per_rank == 1 else stages
+    schedule = sched_cls(target, cfg.schedule.microbatches, loss_fn=lm_loss)
+    schedule.record_trace = True  # per-action timings for the bubble fraction and trace.json
+    shared = job.pipe.info().shared_params
+    named, norm_params, seen = [], [], set()
+    for sid, stage in zip(stage_ids, stages):
+        for name, p in stage.submod.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            named.append((name, p))
+            if sid == min(shared.get(name, [sid])):
+                norm_params.append(p)
+    decay = [p for _, p in named if p.dim() >= 2]
+    no_decay = [p for _, p in named if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
+    return RankState(stages, schedule, named, norm_params, optimizer,
+                     has_first=0 in stage_ids, has_last=layout.n_stages - 1 in stage_ids, stage_ids=stage_ids)
+
+
+def _local_sq_norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device, dtype=torch.float32)
+    norms = torch._foreach_norm(grads, 2.0)
+    return torch.stack([n.float() for n in norms]).square().sum()
+
+
+class Trainer:
+    """Runs the loop on one rank; rank 0 logs, writes metrics and the trace."""
+
+    def __init__(self, job: Job, rank: int, device: torch.device, log=print):
+        self.job, self.cfg, self.rank, self.device = job, job.cfg, rank, device
+        self.log = log if rank == 0 else (lambda *_: None)
+        self.rs = build_rank(job, rank, device)
+        self.ckpt_root = os.path.join(self.cfg.output.dir, "checkpoints")
+        rs, t = self.rs, self.cfg.train
+        self.batches = None
+        if rs.has_first or rs.has_last:
+            self.batches = ByteBatches(load_corpus(t.data), t.batch_size, self.cfg.model.seq_len, t.seed)
+        self.bubble = BubbleMeter()
+
+    # --- resume ---------------------------------------------------------------------------------
+    def resume(self) -> int:
+        """Load the newest complete checkpoint when asked to; return the number of steps already done."""
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        resume = self.cfg.checkpoint.resume or restarts > 0
+        if self.rank == 0:
+            for name in ckpt.remove_partial_saves(self.ckpt_root):
+                self.log(f"removed {name}: a checkpoint save that never finished")
+            if not resume and ckpt.list_steps(self.ckpt_root):
+                # A fresh run owns its output.dir (metrics.jsonl starts empty too); an old step-<N> left
+                # here would later be taken for this run's newest checkpoint.
+                old = ckpt.remove_checkpoints(self.ckpt_root)
+                self.log(f"removed {len(old)} checkpoint(s) of an earlier run from {self.ckpt_root} "
+                         f"(checkpoint.resume is false)")
+        coll.barrier()
+        if not resume:
+            return 0
+        if restarts and not self.cfg.checkpoint.resume:
+            self.log(f"torchrun restart {restarts}: resuming from the newest checkpoint")
+        path = ckpt.find_latest(self.ckpt_root, log=self.log)
+        if path is None:
+            self.log(f"no checkpoint in {self.ckpt_root}: starting fresh")
+            return 0
+        manifest = ckpt.read_manifest(path)
+        ckpt.load(path, self.rs.state())
+        self.log(f"resumed from {path} (step {manifest['step']}, saved with pp={manifest.get('pp')})")
+        return int(manifest["step"])
+
+    # --- one step -------------------------------------------------------------------------------
+    def step(self, step: int) -> dict:
+        cfg, rs = self.cfg, self.rs
+        t0 = time.perf_counter()
+        torch.manual_seed(step_seed(cfg.train.seed, step, self.rank))
+        lr = lr_at(step, cfg)
+        for g in rs.optimizer.param_groups:
+            g["lr"] = lr
+        rs.optimizer.zero_grad(set_to_none=True)
+        args, kwargs, losses = (), {}, []
+        if rs.has_first:
+            args = (self.batches.tokens(step).to(self.device, non_blocking=True),)
+        if rs.has_last:
+            kwargs = {"target": self.batches.targets(step).to(self.device, non_blocking=True), "losses": losses}
+        t_sched = time.perf_counter()
+        rs.schedule.step(*args, **kwargs)
+        sched_s = time.perf_counter() - t_sched
+        stats = self._gather_stats(losses)
+        loss, grad_norm, bad_mb = stats["loss"], stats["grad_norm"], stats["bad_microbatch"]
+        if cfg.train.nan_check and bad_mb >= 0:
+            raise TrainingError(f"step {step}: the loss of microbatch {bad_mb} is not finite "
+                                f"(train.nan_check stops here; lower train.lr or check the data)")
+        if cfg.train.nan_check and not math.isfinite(grad_norm):
+            raise TrainingError(f"step {step}: the gradient norm is not finite ({grad_norm})")
+        if cfg.train.grad_clip > 0 and grad_norm > cfg.train.grad_clip:
+            scale = cfg.train.grad_clip / (grad_norm + 1e-6)
+            torch._foreach_mul_([p.grad for _, p in rs.named_params if p.grad is not None], scale)
+        rs.optimizer.step()
+        events = rs.schedule.trace_events() if hasattr(rs.schedule, "trace_events") else []
+        self.bubble.add_step(events, sched_s)
+        dt = time.perf_counter() - t0
+        tokens = cfg.train.batch_size * cfg.model.seq_len
+        rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
+               "step_time_s": dt}
+        if self.device.type == "cuda":
+            rec["peak_mem_gib"] = stats["peak_mem_gib"]
+        return rec
+
+    def _gather_stats(self, losses: list) -> dict:
+        """One all-gather per step: squared grad norm, loss sum and count, first bad microbatch, peak memory."""
+        rs = self.rs
+        row = torch.zeros(5, device=self.device, dtype=torch.float32)
+        row[0] = _local_sq_norm(rs.norm_params, self.device)
+        if rs.has_last and losses:
+            ls = torch.stack([l.detach().float().reshape(()) for l in losses])
+            row[1] = ls.sum()
+            row[2] = len(losses)
+            finite = torch.isfinite(ls)
+            row[3] = torch.where(finite.all(), -1.0, (~finite).float().argmax().float())
+        else:
+            row[3] = -1.0
+        if self.device.type == "cuda":
+            row[4] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        rows = (all_gather(row.unsqueeze(0)) if coll.active() else row.unsqueeze(0)).tolist()
+        n = sum(r[2] for r in rows)
+        bad = max(r[3] for r in rows)
+        return {"grad_norm": math.sqrt(sum(r[0] for r in rows)), "loss": sum(r[1] for r in rows) / max(n, 1),
+                "bad_microbatch": int(bad), "peak_mem_gib": max(r[4] for r in rows)}
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        done = self.resume()
+        writer = MetricsWriter(cfg.output.dir, done) if self.rank == 0 else None
+        progress = Progress(cfg.train.steps, done + 1, cfg.train.log_every) if self.rank == 0 else None
+        if progress is not None:
+            self.log = progress.print  # messages end a live progress bar's line first
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t_start, steps_run, steady_s = time.perf_counter(), 0, 0.0
+        try:
+            for step in range(done + 1, cfg.train.steps + 1):
+                rec = self.step(step)
+                steps_run += 1
+                if steps_run > 1:  # the first step also learns shapes and warms up kernels
+                    steady_s += rec["step_time_s"]
+                if writer is not None:
+                    writer.write(rec)
+                    progress.update(step, rec["loss"], rec["lr"], rec["tokens_per_s"], rec["step_time_s"])
+                if cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
+                    self.save(step)
+        finally:
+            if writer is not None:
+                writer.close()
+                progress.close()
+        return self.finish(steps_run, time.perf_counter() - t_start, steady_s)
+
+    def save(self, step: int) -> None:
+        t = time.perf_counter()
+        meta = {"pp": self.job.layout.pp, "schedule": self.job.layout.schedule,
+                "model": self.cfg.to_dict()["model"], "seed": self.cfg.train.seed}
+        path = ckpt.save(self.ckpt_root, step, self.rs.state(), meta, verify=self.cfg.checkpoint.verify,
+                         keep=self.cfg.checkpoint.keep)
+        self.log(f"saved checkpoint {path} in {time.perf_counter() - t:.1f}s")
+
+    def finish(self, steps_run: int, seconds: float, steady_s: float) -> dict:
+        """Gather per-rank figures; rank 0 prints the summary and writes summary.json and trace.json.
+
+        `steady_s` is the time of steps 2.. of this run (no first step, no checkpoint saves).
+        """
+        mine = {"rank": self.rank, "stages": self.rs.stage_ids, "bubble": self.bubble.fraction(),
+                "peak_mem_gib": peak_memory_gib(self.device), "events": self.bubble.last_events}
+        per_rank = coll.all_gather_object(mine)
+        tokens = steps_run * self.cfg.train.batch_size * self.cfg.model.seq_len
+        per_step = self.cfg.train.batch_size * self.cfg.model.seq_len
+        steady = per_step * (steps_run - 1) / steady_s if steady_s > 0 else tokens / max(seconds, 1e-9)
+        summary = {"steps": steps_run, "tokens": tokens, "seconds": seconds, "tokens_per_s": steady,
+                   "ranks": [{k: v for k, v in r.items() if k != "events"} for r in per_rank]}
+        if self.rank == 0:
+            for line in summary_lines(steps_run, tokens, seconds, steady, summary["ranks"], self.device.type):
+                self.log(line)
+            out = self.cfg.output.dir
+            with open(os.path.join(out, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+            if self.cfg.output.trace and any(r["events"] for r in per_rank):
+                with open(os.path.join(out, "trace.json"), "w") as f:
+                    json.dump(chrome_trace({r["rank"]: r["events"] for r in per_rank}), f)
+        return summary

@@ -1,0 +1,195 @@
+"""Checks of a whole job config against itself, the schedule registry and the world size.
+
+All of it runs before any process-group work, on every rank alike, so that a bad config ends the job
+with one line (printed by rank 0) instead of a hang or a traceback per rank.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError, JobConfig, is_custom_model
+from .data import STDLIB
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the stages live: `n_stages` stages over `pp` ranks, placed as the schedule needs."""
+
+    schedule: str                 # the registry's name of the schedule
+    pp: int
+    stages_per_rank: int
+    placement: tuple[int, ...]    # rank of each stage
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.placement)
+
+    def rank_of(self, stage: int) -> int:
+        return self.placement[stage]
+
+    def stages_of(self, rank: int) -> list[int]:
+        return [s for s, r in enumerate(self.placement) if r == rank]
+
+
+def schedule_names() -> list[str]:
+    from pp.schedules.registry import SCHEDULES
+
+    return list(SCHEDULES)
+
+
+def _norm(name: str) -> str:
+    name = name.lower().replace("_", "").replace("-", "")
+    return name[len("schedule"):] if name.startswith("schedule") else name
+
+
+def resolve_schedule(name: str) -> str:
+    """The registry's spelling of schedule `name` (case and a 'Schedule' prefix do not matter)."""
+    names = schedule_names()
+    by_norm = {_norm(n): n for n in names}
+    if _norm(name) in by_norm:
+        return by_norm[_norm(name)]
+    close = difflib.get_close_matches(_norm(name), list(by_norm), n=1, cutoff=0.4)
+    hint = f" (did you mean {by_norm[close[0]]!r}?)" if close else ""
+    raise ConfigError(f"schedule.name={name!r} is not a schedule pp ships{hint}; choose one of {', '.join(names)}")
+
+
+def validate(cfg: JobConfig, world_size: int) -> Layout:
+    """Raise ConfigError for the first bad value; return the stage layout the config asks for."""
+    _check_model(cfg)
+    _check_train(cfg)
+    layout = _check_parallel(cfg, world_size)
+    _check_split(cfg, layout)
+    _check_output(cfg)
+    return layout
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value!r}: expected a {'non-negative' if allow_zero else 'positive'} number")
+
+
+def _check_model(cfg: JobConfig) -> None:
+    m = cfg.model
+    if m.name not in ("gpt", "mlp") and not is_custom_model(m.name):
+        raise ConfigError(f"model.name={m.name!r} is unknown: use 'gpt', 'mlp' or 'package.module:ClassName'")
+    _positive("model.seq_len", m.seq_len)
+    if m.vocab_size < 256:
+        raise ConfigError(f"model.vocab_size={m.vocab_size}: the byte-level data needs at least 256")
+    if is_custom_model(m.name):
+        return
+    _positive("model.d_model", m.d_model)
+    _positive("model.n_layers", m.n_layers)
+    _positive("model.d_ff", m.d_ff, allow_zero=True)
+    if m.name == "gpt":
+        _positive("model.n_heads", m.n_heads)
+        if m.d_model % m.n_heads:
+            raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}")
+
+
+def _check_train(cfg: JobConfig) -> None:
+    t = cfg.train
+    _positive("train.steps", t.steps)
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.lr", t.lr)
+    _positive("train.log_every", t.log_every)
+    _positive("train.grad_clip", t.grad_clip, allow_zero=True)
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    if t.warmup_steps is not None:
+        _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio}: expected a number in [0, 1]")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(t, key)}: expected a number in [0, 1)")
+    if t.dtype not in DTYPES:
+        raise ConfigError(f"train.dtype={t.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if t.data != STDLIB:
+        if not os.path.exists(t.data):
+            raise ConfigError(f"train.data={t.data!r}: no such file (use 'stdlib' or a path to a text file)")
+        if not os.path.isfile(t.data):
+            raise ConfigError(f"train.data={t.data!r} is not a file")
+        size = os.path.getsize(t.data)
+        if size < cfg.model.seq_len + 2:
+            raise ConfigError(f"train.data={t.data!r} has {size} bytes, fewer than model.seq_len + 2 = "
+                              f"{cfg.model.seq_len + 2}")
+    c = cfg.checkpoint
+    _positive("checkpoint.every", c.every, allow_zero=True)
+    _positive("checkpoint.keep", c.keep, allow_zero=True)
+
+
+def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
+    p, s = cfg.parallel, cfg.schedule
+    pp = world_size if p.pp is None else p.pp
+    _positive("parallel.pp", pp)
+    _positive("parallel.timeout_s", p.timeout_s)
+    for key in ("dp", "tp"):
+        if getattr(p, key) != 1:
+            raise ConfigError(f"parallel.{key}={getattr(p, key)}: the launcher supports only {key}=1 for now")
+    if p.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"parallel.device={p.device!r}: expected 'auto', 'cpu' or 'cuda'")
+    if p.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("parallel.device='cuda' but this machine has no CUDA device")
+    if pp * p.dp * p.tp != world_size:
+        raise ConfigError(f"parallel.pp={pp} x dp={p.dp} x tp={p.tp} = {pp * p.dp * p.tp} ranks, but the world size "
+                          f"is {world_size}: start {pp * p.dp * p.tp} processes (torchrun --nproc-per-node) "
+                          f"or change parallel.pp")
+    name = resolve_schedule(s.name)
+    _positive("schedule.microbatches", s.microbatches)
+    if cfg.train.batch_size % s.microbatches:
+        raise ConfigError(f"schedule.microbatches={s.microbatches} does not divide train.batch_size="
+                          f"{cfg.train.batch_size}")
+    from pp.schedules.registry import build_lists, get_spec
+
+    spec = get_spec(name)
+    try:
+        n_stages = spec.n_stages(pp, s.stages_per_rank)
+    except ValueError as e:
+        raise ConfigError(f"schedule.stages_per_rank={s.stages_per_rank}: {e}") from None
+    if cfg.model.name in ("gpt", "mlp") and n_stages > cfg.model.n_layers + 2:
+        raise ConfigError(f"model.n_layers={cfg.model.n_layers} is too few for {n_stages} stages "
+                          f"(parallel.pp={pp} x {n_stages // pp} stages per rank)")
+    try:
+        placement, _ = build_lists(name, pp, s.microbatches, n_stages // pp)
+    except ValueError as e:
+        raise ConfigError(f"schedule.microbatches={s.microbatches} with parallel.pp={pp}: {e}") from None
+    return Layout(name, pp, n_stages // pp, tuple(placement))
+    return layout
+
+
+def _check_split(cfg: JobConfig, layout: Layout) -> None:
+    sp = cfg.split
+    if sp.policy not in ("cost", "params"):
+        raise ConfigError(f"split.policy={sp.policy!r}: expected 'cost' or 'params'")
+    if not sp.points:
+        return
+    if not all(isinstance(p, str) and p for p in sp.points):
+        raise ConfigError(f"split.points={sp.points!r}: expected a list of module names such as 'blocks.2'")
+    if len(set(sp.points)) != len(sp.points):
+        raise ConfigError(f"split.points={sp.points!r} names a module twice")
+    if len(sp.points) != layout.n_stages - 1:
+        raise ConfigError(f"split.points has {len(sp.points)} entries but {layout.n_stages} stages need "
+                          f"{layout.n_stages - 1} (parallel.pp={layout.pp} x {layout.stages_per_rank} per rank)")
+
+
+def check_split_points(points: list[str], model: torch.nn.Module) -> None:
+    """Every split point must name a submodule of the built model."""
+    names = dict(model.named_modules())
+    for p in points:
+        if p not in names:
+            close = difflib.get_close_matches(p, list(names), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"split.points: the model has no module {p!r}{hint}")
+
+
+def _check_output(cfg: JobConfig) -> None:
+    d = cfg.output.dir
+    if not d:
+        raise ConfigError("output.dir is empty: name a directory for metrics.jsonl and checkpoints")
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ConfigError(f"output.dir={d!r} exists and is not a directory")

@@ -1,0 +1,120 @@
+"""Checkpoints: atomic DCP saves under original names, damage detection, loading at another pp degree."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pp.checkpoint_api import load_unsplit
+from pp.launcher import checkpoint as ckpt
+from pp.launcher.models import GPT
+from pp.testing import run_ranks
+
+
+def _model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(vocab_size=256, d_model=16, n_layers=4, n_heads=2, seq_len=8, tie_weights=True)
+
+
+def _state(model: torch.nn.Module) -> dict:
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 8, dtype=torch.long)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "optim": ckpt.optimizer_state(model.named_parameters(), opt)}
+
+
+def test_save_load_round_trip_and_load_unsplit(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    src = _model(0)
+    state = _state(src)
+    path = ckpt.save(root, 7, state, {"pp": 1})
+    assert path.endswith("step-7") and sorted(os.listdir(root)) == ["step-7"]
+    manifest = ckpt.read_manifest(path)
+    assert manifest["step"] == 7 and all("sha256" in r for r in manifest["files"].values())
+    dst = _model(1)
+    assert load_unsplit(dst, str(tmp_path)) == path  # an output dir resolves to its newest checkpoint
+    for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), name
+    fresh = _state(_model(2))
+    ckpt.load(path, fresh)
+    torch.testing.assert_close(fresh["optim"]["blocks.0.attn.qkv.weight"], state["optim"]["blocks.0.attn.qkv.weight"])
+    with pytest.raises(ckpt.CheckpointError, match="has no entry 'model.blocks.4"):
+        load_unsplit(GPT(vocab_size=256, d_model=16, n_layers=5, n_heads=2, seq_len=8), path)
+    with pytest.raises(ckpt.CheckpointError, match="has shape"):
+        load_unsplit(GPT(vocab_size=256, d_model=8, n_layers=4, n_heads=2, seq_len=8), path)
+
+
+def test_partial_and_damaged_checkpoints_are_skipped_and_named(tmp_path):
+    root = str(tmp_path)
+    state = _state(_model())
+    for step in (2, 4, 6):
+        ckpt.save(root, step, state, {}, keep=2)
+    assert ckpt.list_steps(root) == [6, 4]  # keep=2 pruned step-2
+    os.makedirs(os.path.join(root, ".tmp-step-8"))  # a save killed before its rename
+    data = next(n for n in os.listdir(ckpt.step_dir(root, 6)) if n.endswith(".distcp"))
+    with open(os.path.join(ckpt.step_dir(root, 6), data), "r+b") as f:
+        f.seek(64)
+        f.write(b"\0garbage\0")
+    logged = []
+    assert ckpt.find_latest(root, log=logged.append) == ckpt.step_dir(root, 4)
+    assert logged == [f"checkpoint {ckpt.step_dir(root, 6)} is damaged (file {data} does not match its sha256 checksum); skipping it"]
+    os.remove(os.path.join(ckpt.step_dir(root, 4), ckpt.MANIFEST))
+    assert ckpt.find_latest(root, log=logged.append) is None and "has no manifest.json" in logged[-1]
+    assert ckpt.remove_partial_saves(root) == [".tmp-step-8"]
+    with pytest.raises(ckpt.CheckpointError, match="damaged"):
+        load_unsplit(_model(), ckpt.step_dir(root, 6))
+
+
+def _owner(name: str, world: int, n_layers: int = 4) -> set[int]:
+    """Ranks holding parameter `name` when the 4-block GPT is cut into `world` stages (the tied one on two)."""
+    if name.startswith("blocks."):
+        return {int(name.split(".")[1]) * world // n_layers}
+    if name.startswith(("tok_emb", "lm_head")):
+        return {0, world - 1}
+    return {0} if name.startswith("pos_emb") else {world - 1}
+
+
+def _stage_state(rank: int, world: int) -> tuple[dict, dict, dict]:
+    """(model params of this rank, AdamW state of them, the whole model's state) for a model cut by hand."""
+    model = _model(0)
+    named = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if rank in _owner(n, world)]
+    opt = torch.optim.AdamW([p for _, p in named])
+    return {n: p.detach() for n, p in named}, ckpt.optimizer_state(named, opt), model.state_dict()
+
+
+def _save_as_stages(rank: int, world: int, root: str) -> list[str]:
+    model_state, optim_state, _ = _stage_state(rank, world)
+    ckpt.save(root, 2, {"model": model_state, "optim": optim_state}, {"pp": world})
+    ckpt.save(root, 4, {"model": model_state, "optim": optim_state}, {"pp": world})
+    return sorted(model_state)
+
+
+def _load_as_stages(rank: int, world: int, root: str) -> tuple:
+    model_state, _, expected = _stage_state(rank, world)
+    for t in model_state.values():
+        t.zero_()
+    logs: list[str] = []
+    path = ckpt.find_latest(root, log=logs.append)
+    ckpt.load(path, {"model": model_state})
+    for name, t in model_state.items():
+        assert torch.equal(t, expected[name]), name
+    return path, logs
+
+
+def test_checkpoint_saved_at_pp2_loads_at_pp4_and_unsplit(tmp_path):
+    root = str(tmp_path / "ck")
+    names = run_ranks(_save_as_stages, 2, root, timeout_s=120)
+    assert set(names[0]) & set(names[1]) == {"tok_emb.weight", "lm_head.weight"}  # the tied weight, on both
+    manifest = ckpt.read_manifest(ckpt.step_dir(root, 4))
+    assert manifest["world_size"] == 2 and manifest["pp"] == 2
+    # damage the newest: every rank skips it, rank 0 names it
+    with open(os.path.join(ckpt.step_dir(root, 4), "__1_0.distcp"), "ab") as f:
+        f.write(b"tail")
+    results = run_ranks(_load_as_stages, 4, root, timeout_s=120)
+    assert all(path == ckpt.step_dir(root, 2) for path, _ in results)
+    assert "step-4 is damaged" in results[0][1][0] and results[1][1] == []
+    ref, got = _model(0), _model(5)
+    load_unsplit(got, ckpt.step_dir(root, 2))
+    x = torch.randint(0, 256, (2, 8))
+    torch.testing.assert_close(got(x), ref(x), rtol=0, atol=0)

@@ -1,0 +1,127 @@
+"""Launcher config: YAML -> typed dataclasses, CLI overrides, and one clear line for each bad config."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from pp.launcher.config import ConfigError, JobConfig, help_text, load_config
+from pp.run import EXIT_CONFIG, main
+
+TINY = """
+model:      {name: gpt, vocab_size: 256, d_model: 32, n_layers: 4, n_heads: 4, seq_len: 16}
+parallel:   {pp: 4}
+schedule:   {name: 1F1B, microbatches: 4}
+train:      {steps: 6, batch_size: 8, lr: 3e-3, seed: 0}
+output:     {dir: OUT}
+checkpoint: {every: 3, resume: false}
+"""
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(TINY.replace("OUT", str(tmp_path / "out")))
+    return str(path)
+
+
+def test_yaml_becomes_typed_config_with_defaults(cfg_file):
+    cfg = load_config(cfg_file)
+    assert isinstance(cfg, JobConfig)
+    assert cfg.model.d_model == 32 and cfg.parallel.pp == 4 and cfg.schedule.name == "1F1B"
+    assert cfg.train.lr == pytest.approx(3e-3) and isinstance(cfg.train.lr, float)  # YAML reads 3e-3 as a str
+    assert cfg.train.grad_clip == 1.0 and cfg.parallel.dp == 1 and cfg.checkpoint.keep == 3  # defaults
+    assert cfg.parallel.timeout_s > 0 and cfg.train.nan_check is True
+
+
+def test_cli_overrides_are_typed_by_the_field(cfg_file):
+    cfg = load_config(cfg_file, ["--train.steps", "20", "--train.lr=1e-2", "--checkpoint.resume", "true",
+                                 "--split.points", "blocks.1,blocks.2,blocks.3", "--parallel.pp", "null"])
+    assert cfg.train.steps == 20 and cfg.train.lr == pytest.approx(1e-2)
+    assert cfg.checkpoint.resume is True and cfg.parallel.pp is None
+    assert cfg.split.points == ["blocks.1", "blocks.2", "blocks.3"]
+
+
+def test_custom_model_keys_become_constructor_args(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {name: 'tests.models:Tiny', hidden: 8, seq_len: 12}\n")
+    cfg = load_config(str(path), ["--model.hidden", "16"])
+    assert cfg.model.args == {"hidden": 16, "seq_len": 12} and cfg.model.seq_len == 12
+
+
+def test_help_lists_every_key_with_default():
+    text = help_text()
+    for key in ("vocab_size", "microbatches", "timeout_s", "grad_clip", "warmup_steps", "resume", "points"):
+        assert key in text
+    assert "args" not in text.split("model:")[1].split("parallel:")[0]
+
+
+@pytest.mark.parametrize("overrides, world, expected", [
+    (["--train.setps", "3"], 4, "unknown key train.setps (did you mean 'train.steps'?)"),
+    (["--trian.steps", "3"], 4, "unknown config section 'trian' (did you mean 'train'?)"),
+    (["--schedule.name", "1F1F"], 4, "schedule.name='1F1F' is not a schedule pp ships (did you mean '1F1B'?)"),
+    (["--schedule.microbatches", "3"], 4, "schedule.microbatches=3 does not divide train.batch_size=8"),
+    ([], 2, "parallel.pp=4 x dp=1 x tp=1 = 4 ranks, but the world size is 2"),
+    (["--parallel.pp", "3"], 4, "parallel.pp=3 x dp=1 x tp=1 = 3 ranks, but the world size is 4"),
+    (["--train.data", "/no/such/file.txt"], 4, "train.data='/no/such/file.txt': no such file"),
+    (["--train.steps", "many"], 4, "train.steps: expected an integer, got 'many'"),
+    (["--train.nan_check", "maybe"], 4, "train.nan_check: expected true or false, got 'maybe'"),
+    (["--model.n_heads", "5"], 4, "model.n_heads=5 does not divide model.d_model=32"),
+    (["--parallel.dp", "2"], 4, "parallel.dp=2: the launcher supports only dp=1 for now"),
+    (["--split.points", "blocks.1,blocks.9,blocks.3"], 4, "split.points: the model has no module 'blocks.9'"),
+    (["--split.points", "blocks.1"], 4, "split.points has 1 entries but 4 stages need 3"),
+    (["--schedule.name", "ZBVZeroBubble", "--schedule.stages_per_rank", "3"], 4, "schedule.stages_per_rank=3"),
+    (["--model.name", "nosuchpkg.mod:Model"], 4, "cannot import module 'nosuchpkg.mod'"),
+    (["--model.n_layers", "1"], 4, "model.n_layers=1 is too few for 4 stages"),
+])
+def test_bad_config_is_one_line_and_exit_code(cfg_file, overrides, world, expected, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    assert main([cfg_file, *overrides]) == EXIT_CONFIG
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("pp.run: bad config: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in out + err
+
+
+def test_bad_config_is_silent_on_other_ranks(cfg_file, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert main([cfg_file, "--train.setps", "3"]) == EXIT_CONFIG
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+
+
+def test_bad_yaml_and_missing_config_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(textwrap.dedent("""
+        model: {name: gpt
+        train: [1, 2
+    """))
+    assert main([str(bad)]) == EXIT_CONFIG
+    assert main([str(tmp_path / "missing.yaml")]) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "is not valid YAML" in err[0] and "does not exist" in err[1]
+
+
+def test_config_error_is_a_value_error():
+    with pytest.raises(ConfigError):
+        load_config(None, ["--model.vocab_size", "x"])
+
+
+def test_shipped_configs_are_valid():
+    import glob
+    import os
+
+    from pp.launcher.validate import validate
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+    assert len(paths) >= 6
+    for path in paths:
+        cfg = load_config(path)
+        cfg.parallel.device = "auto"  # the GPU config is checked here on CPU
+        layout = validate(cfg, cfg.parallel.pp)
+        assert layout.n_stages >= cfg.parallel.pp, path

@@ -1,0 +1,181 @@
+"""`torchrun -m pp.run` end to end on tiny configs: training, logs, checkpoints, resume, other pp degrees.
+
+Each run is a real torchrun job on CPU (gloo). Runs are few and small (CI has 2 cores), and each carries
+several assertions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pp import load_unsplit
+from pp.launcher.config import load_config
+from pp.launcher.data import ByteBatches, load_corpus
+from pp.launcher.metrics import read_metrics
+from pp.launcher.models import GPT
+from pp.launcher.train import lm_loss
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = dict(vocab_size=256, d_model=32, n_layers=4, n_heads=4, seq_len=32)
+BATCH, MICRO = 8, 4
+
+
+def write_config(path, out_dir, *, pp=4, schedule="1F1B", steps=20, every=10, model=None, extra="") -> str:
+    model = model if model and "name" in model else {"name": "gpt", **MODEL, **(model or {})}
+    text = (f"model: {json.dumps(model)}\n"
+            f"parallel: {{pp: {pp}, timeout_s: 120}}\n"
+            f"schedule: {{name: {schedule}, microbatches: {MICRO}}}\n"
+            f"train: {{steps: {steps}, batch_size: {BATCH}, lr: 0.003, seed: 0, warmup_steps: 3}}\n"
+            f"output: {{dir: '{out_dir}'}}\n"
+            f"checkpoint: {{every: {every}, resume: false}}\n" + extra)
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+def torchrun(nproc: int, cfg: str, *overrides: str, timeout: float = 200) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "pp.run", cfg, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc.log = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+    return proc
+
+
+def losses(out_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(os.path.join(out_dir, "metrics.jsonl"))}
+
+
+def check_ok(proc) -> None:
+    assert proc.returncode == 0, proc.log[-4000:]
+
+
+TINY = os.path.join(REPO, "configs", "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The README's run (configs/tiny.yaml: 4 ranks, 1F1B, checkpoints every 10 steps), cut to 20 steps."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    proc = torchrun(4, TINY, "--train.steps", "20", "--output.dir", str(out))
+    check_ok(proc)
+    return out, proc
+
+
+def tiny_gpt() -> tuple[GPT, ByteBatches, int]:
+    """The unsplit model of configs/tiny.yaml, its data, and its microbatch count."""
+    cfg = load_config(TINY)
+    m = cfg.model
+    model = GPT(m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.seq_len, m.d_ff, m.tie_weights)
+    data = ByteBatches(load_corpus(cfg.train.data), cfg.train.batch_size, m.seq_len, cfg.train.seed)
+    return model, data, cfg.schedule.microbatches
+
+
+def test_1f1b_on_4_ranks_trains_logs_and_checkpoints(straight):
+    out, proc = straight
+    records = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert {"step", "loss", "lr", "tokens_per_s", "step_time_s", "grad_norm"} <= set(records[0])
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
+    assert first > 5.0 and last < first - 0.8, (first, last)
+    assert proc.stdout.count("pp.run: gpt with") == 1  # rank 0 alone talks
+    assert "4 stages on 4 rank(s) (cpu), schedule 1F1B with 4 microbatches" in proc.stdout
+    assert "step 1/20 loss" in proc.stdout and "step 20/20 loss" in proc.stdout
+    assert "bubble fraction (measured" in proc.stdout and "rank 3: stages [3]" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["ranks"]) == 4 and all(0 <= r["bubble"] < 1 for r in summary["ranks"])
+    trace = json.loads((out / "trace.json").read_text())
+    assert {e["tid"] for e in trace["traceEvents"]} == {0, 1, 2, 3}
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-10", "step-20"]
+    from pp.plot import main as plot_main
+
+    assert plot_main([str(out)]) == 0 and (out / "loss.png").exists() and (out / "timeline.png").exists()
+
+
+def test_resume_from_step_10_gives_the_same_losses_and_skips_a_damaged_checkpoint(straight, tmp_path):
+    ref_out, _ = straight
+    out = tmp_path / "out"
+    ck = out / "checkpoints"
+    shutil.copytree(ref_out / "checkpoints" / "step-10", ck / "step-10")
+    shutil.copytree(ref_out / "checkpoints" / "step-10", ck / "step-15")   # newer, but damaged below
+    with open(ck / "step-15" / "__2_0.distcp", "r+b") as f:
+        f.write(b"\xff" * 16)
+    os.makedirs(ck / ".tmp-step-17")                                       # a save killed mid-way
+    shutil.copy(ref_out / "metrics.jsonl", out / "metrics.jsonl")           # records of steps 11..20 get rewritten
+    proc = torchrun(4, TINY, "--train.steps", "20", "--output.dir", str(out), "--checkpoint.resume", "true")
+    check_ok(proc)
+    assert f"checkpoint {ck / 'step-15'} is damaged (file __2_0.distcp does not match its sha256 checksum)" in proc.stdout
+    assert f"resumed from {ck / 'step-10'} (step 10" in proc.stdout and "removed .tmp-step-17" in proc.stdout
+    assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == list(range(1, 21))
+    assert losses(out) == losses(ref_out)  # bitwise: same data, RNG, optimizer and LR state
+    assert "step 10/20" not in proc.stdout and "step 11/20" in proc.stdout
+
+
+def test_pp4_checkpoint_loads_at_pp2_and_into_the_unsplit_model(straight, tmp_path):
+    ref_out, _ = straight
+    out = tmp_path / "out"
+    shutil.copytree(ref_out / "checkpoints" / "step-10", out / "checkpoints" / "step-10")
+    proc = torchrun(2, TINY, "--train.steps", "20", "--output.dir", str(out), "--checkpoint.resume", "true",
+                    "--parallel.pp", "2", "--schedule.name", "GPipe")
+    check_ok(proc)
+    assert "saved with pp=4" in proc.stdout
+    ref, got = losses(ref_out), losses(out)
+    assert sorted(got) == list(range(11, 21))
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-5), step
+    # the unsplit model from the pp=4 step-10 checkpoint reproduces the pipelined loss of step 11
+    model, data, micro = tiny_gpt()
+    load_unsplit(model, str(ref_out / "checkpoints" / "step-10"))
+    x, y = data.batch(11)
+    with torch.no_grad():
+        loss = torch.stack([lm_loss(model(a), b) for a, b in zip(x.chunk(micro), y.chunk(micro))]).mean()
+    assert loss.item() == pytest.approx(ref[11], rel=1e-6)
+    # after 10 more steps at pp=2, the unsplit model agrees with the one trained at pp=4
+    other = tiny_gpt()[0]
+    load_unsplit(model, str(ref_out))
+    load_unsplit(other, str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule, model, extra", [
+    ("GPipe", {"name": "pp.launcher.models:ResidualMLP", "d_model": 32, "n_layers": 4, "seq_len": 32}, ""),
+    ("Interleaved1F1B", {}, "split: {points: [blocks.1, blocks.2, blocks.3]}\n"),
+    ("ZBVZeroBubble", {"tie_weights": True}, ""),
+], ids=["GPipe-custom-model", "Interleaved1F1B-split-points", "ZBVZeroBubble-tied-weights"])
+def test_two_rank_schedules_train(schedule, model, extra, tmp_path):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", out, pp=2, schedule=schedule, steps=8, every=0, model=model, extra=extra)
+    proc = torchrun(2, cfg)
+    check_ok(proc)
+    got = losses(out)
+    assert sorted(got) == list(range(1, 9))
+    assert got[8] < got[1] - 0.3, got
+    assert "4 stages on 2 rank(s)" in proc.stdout or schedule == "GPipe"
+
+
+def test_bad_config_under_torchrun_is_one_line_from_rank_0(tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "out", pp=2)
+    proc = torchrun(2, cfg, "--schedule.microbatches", "3")
+    assert proc.returncode != 0
+    ours = [line for line in proc.log.splitlines() if line.startswith("pp.run:")]
+    assert ours == ["pp.run: bad config: schedule.microbatches=3 does not divide train.batch_size=8"]
+    assert f'{os.sep}pp{os.sep}' not in "".join(l for l in proc.log.splitlines() if l.lstrip().startswith("File "))
+
+
+def test_plain_python_runs_one_rank_and_stops_on_a_non_finite_loss(tmp_path):
+    """`python -m pp.run` is a one-rank job; train.nan_check names the step and microbatch, exit code 3."""
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "out", pp=1, steps=6, every=0, model={"n_layers": 2})
+    proc = subprocess.run([sys.executable, "-m", "pp.run", cfg, "--train.lr", "1e30", "--train.grad_clip", "0"],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pp.run: step ") and "microbatch 0 is not finite" in err[0], err
+    assert "1 stages on 1 rank(s)" in proc.stdout and "Traceback" not in proc.stderr
