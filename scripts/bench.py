@@ -1,0 +1,674 @@
+"""Pipeline benchmark: pp against torch.distributed.pipelining on a GPT-like model, same stages, same inputs.
+
+Run under torchrun, one process per pipeline rank:
+
+    torchrun --nproc-per-node 4 scripts/bench.py --impl pp --schedule 1F1B --microbatches 16
+    torchrun --nproc-per-node 4 scripts/bench.py --suite issue6 --out bench/results/run.jsonl
+
+Rank 0 prints one JSON line per configuration and appends it to `--out`. With `--suite` several
+configurations run one after the other inside one process group (torch import and NCCL set-up are paid
+once). The stages are cut by hand (manual `PipelineStage`), so both runtimes get the very same modules:
+
+* stage 0 = token + position embedding and its blocks; the last stage = its blocks, final norm, LM head;
+* `--split even`: blocks spread evenly (the remainder goes to the earliest stages);
+* `--split cost`: `pp.split_by_cost` balancing over the segments [embedding, block 0..L-1, head] with the
+  estimated forward cost per token: embedding 0, block 24·d² + 4·S·d, head 2·d·V (backward is ~2x the
+  forward everywhere, so it does not change the balance). The same cut is used for `--impl torch`;
+* `--split measured`: the same balancing on measured fwd+bwd seconds of the embedding, one block and the
+  head with its loss (one microbatch, timed on every rank and averaged, so every rank cuts alike).
+  Cuts balance stages, not ranks (a V schedule's rank holds two stages).
+
+Measured per configuration:
+* step time: `--warmup` untimed steps, then `--steps` steps, each started after a barrier and timed with
+  device syncs around it; a step's time is the slowest rank's; tokens/s = batch tokens / mean step time;
+* ideal: before the pipeline runs, each rank times fwd+bwd of each of its stages on one microbatch alone
+  (no communication; mean of 5 after 2 warm-ups); ideal step = n_microbatches × max over ranks of the sum
+  over its stages; efficiency = ideal / measured; balanced_efficiency uses
+  n_microbatches × (sum over all stages) / ranks instead (a perfectly balanced cut);
+* peak memory per rank (`torch.cuda.max_memory_allocated`, reset after the warm-up), loss of the last step.
+
+`--trace DIR` (pp only) records one extra step with `record_trace`, and rank 0 merges every rank's events into
+`DIR/<label>.json` (draw it with `python -m pp.schedules.show <label> --trace DIR/<label>.json -o x.png`).
+`--profile DIR` writes a torch.profiler trace of one extra step per rank.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import pp  # noqa: E402
+from pp.comms.backend import init_process_group_from_env  # noqa: E402
+from pp.schedules.registry import SCHEDULES, get_spec  # noqa: E402
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class Embed(nn.Module):
+    def __init__(self, vocab: int, d: int, seq: int, dd: dict):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d, **dd)
+        self.pos = nn.Embedding(seq, d, **dd)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.tok(tokens) + self.pos(pos)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, dd: dict):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d, **dd)
+        self.qkv = nn.Linear(d, 3 * d, bias=False, **dd)
+        self.proj = nn.Linear(d, d, bias=False, **dd)
+        self.ln2 = nn.LayerNorm(d, **dd)
+        self.fc1 = nn.Linear(d, 4 * d, bias=False, **dd)
+        self.fc2 = nn.Linear(4 * d, d, bias=False, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, s, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
+
+
+class Head(nn.Module):
+    def __init__(self, d: int, vocab: int, dd: dict):
+        super().__init__()
+        self.ln = nn.LayerNorm(d, **dd)
+        self.out = nn.Linear(d, vocab, bias=False, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.ln(x))
+
+
+class StageModule(nn.Module):
+    """One stage: [embedding] + blocks + [head]."""
+
+    def __init__(self, embed: nn.Module | None, blocks: list[nn.Module], head: nn.Module | None):
+        super().__init__()
+        self.embed = embed
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        if self.head is not None:
+            x = self.head(x)
+        return x
+
+
+def _init_(module: nn.Module) -> nn.Module:
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+    return module
+
+
+def build_segment(kind: str, index: int, cfg: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """One segment, seeded by its position in the model alone: the same weights whatever the cut."""
+    dd = dict(device=device, dtype=dtype)
+    seg = {"embed": 0, "block": 1 + index, "head": cfg.layers + 1}[kind]
+    torch.manual_seed(cfg.seed * 1_000_003 + seg)
+    if kind == "embed":
+        return _init_(Embed(cfg.vocab, cfg.d_model, cfg.seq, dd))
+    if kind == "head":
+        return _init_(Head(cfg.d_model, cfg.vocab, dd))
+    return _init_(Block(cfg.d_model, cfg.heads, dd))
+
+
+def build_stage_module(stage: int, ranges: list[tuple[int, int]], cfg, device, dtype) -> StageModule:
+    lo, hi = ranges[stage]
+    embed = build_segment("embed", 0, cfg, device, dtype) if stage == 0 else None
+    blocks = [build_segment("block", i, cfg, device, dtype) for i in range(lo, hi)]
+    head = build_segment("head", 0, cfg, device, dtype) if stage == len(ranges) - 1 else None
+    return StageModule(embed, blocks, head)
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+
+
+def segment_costs(cfg) -> dict[str, float]:
+    """Estimated forward FLOPs per token of each segment (see the module docstring)."""
+    d, s, v = cfg.d_model, cfg.seq, cfg.vocab
+    costs = {"embed": 0.0}
+    for i in range(cfg.layers):
+        costs[f"blocks.{i}"] = 24.0 * d * d + 4.0 * s * d
+    costs["head"] = 2.0 * d * v
+    return costs
+
+
+def block_ranges(cfg, n_stages: int, split: str) -> list[tuple[int, int]]:
+    """[lo, hi) of the blocks on each stage (stage 0 also has the embedding, the last one the head)."""
+    L = cfg.layers
+    if split == "even":
+        if L < n_stages:
+            raise ValueError(f"--split even needs at least one block per stage: {L} layers for {n_stages} stages")
+        base, extra = divmod(L, n_stages)
+        counts = [base + (1 if k < extra else 0) for k in range(n_stages)]
+    elif split in ("cost", "measured"):
+        costs = segment_costs(cfg) if split == "cost" else measured_costs(cfg)
+        segments = [pp.Segment(name) for name in costs]
+        starts = pp.split_by_cost(n_stages, costs)(segments) + [len(segments)]
+        # segment j is block j-1; stage k holds segments starts[k]..starts[k+1]-1
+        counts = []
+        for k in range(n_stages):
+            lo, hi = starts[k], starts[k + 1]
+            counts.append(sum(1 for j in range(lo, hi) if 1 <= j <= L))
+    else:
+        raise ValueError(f"unknown split {split!r}: expected 'even', 'cost' or 'measured'")
+    ranges, lo = [], 0
+    for c in counts:
+        ranges.append((lo, lo + c))
+        lo += c
+    return ranges
+
+
+_MEASURED: dict[tuple, dict[str, float]] = {}
+_FIRST_RUN = True
+
+
+def measured_costs(cfg) -> dict[str, float]:
+    """Seconds of fwd+bwd of the embedding, one block and the head (with the loss) on one microbatch, timed
+    on every rank and averaged over ranks, so that every rank computes the same cut. Cached per model."""
+    key = (cfg.layers, cfg.d_model, cfg.heads, cfg.vocab, cfg.seq, cfg.mb_size, cfg.dtype, cfg.seed)
+    if key in _MEASURED:
+        return dict(_MEASURED[key])
+    device, dtype = cfg._device, cfg._dtype
+    one = argparse.Namespace(**{**vars(cfg), "layers": 1})
+    ranges = [(0, 0), (0, 1), (1, 1)]         # embed | one block | head
+    mods = {s: build_stage_module(s, ranges, one, device, dtype) for s in range(3)}
+    g = torch.Generator().manual_seed(cfg.seed)
+    tokens = torch.randint(cfg.vocab, (cfg.mb_size, cfg.seq), generator=g).to(device)
+    t = time_alone(mods, 3, one, device, dtype, tokens, tokens, warmup=2, repeats=5)
+    world = dist.get_world_size()
+    t = [x / world for x in all_reduce([t[0], t[1], t[2]], dist.ReduceOp.SUM, device)]
+    del mods
+    costs = {"embed": t[0], **{f"blocks.{i}": t[1] for i in range(cfg.layers)}, "head": t[2]}
+    _MEASURED[key] = costs
+    return dict(costs)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def log(rank: int, *msg) -> None:
+    if rank == 0:
+        print(f"[bench {time.strftime('%H:%M:%S')}]", *msg, file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def all_reduce(values: list[float], op, device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def barrier(device: torch.device) -> None:
+    """All ranks here, device idle: a tiny all-reduce on the device, then a sync."""
+    sync(device)
+    all_reduce([0.0], dist.ReduceOp.SUM, device)
+    sync(device)
+
+
+def gather_objects(obj, world: int):
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def torch_pipelining():
+    try:
+        import torch.distributed.pipelining as tpp
+        return tpp
+    except Exception:  # noqa: BLE001 - any import failure means "unavailable"
+        return None
+
+
+def schedule_classes(impl: str, name: str):
+    """(PipelineStage class, schedule class) or None if this torch lacks them."""
+    if impl == "pp":
+        return pp.PipelineStage, getattr(pp, f"Schedule{name}")
+    tpp = torch_pipelining()
+    if tpp is None:
+        return None
+    cls = getattr(tpp, f"Schedule{name}", None)
+    return (tpp.PipelineStage, cls) if cls is not None else None
+
+
+def label_of(cfg) -> str:
+    lab = f"{cfg.schedule}_mb{cfg.microbatches}"
+    if cfg.split != "even":
+        lab += f"_{cfg.split}"
+    if cfg.tag:
+        lab += f"_{cfg.tag}"
+    return lab
+
+
+def config_key(cfg) -> str:
+    return "/".join([cfg.impl, cfg.schedule, str(cfg.microbatches), cfg.split, cfg.tag or "-",
+                     f"L{cfg.layers}d{cfg.d_model}h{cfg.heads}V{cfg.vocab}S{cfg.seq}b{cfg.mb_size}"])
+
+
+# ------------------------------------------------------------------------------------- measurements
+
+
+def time_alone(modules: dict[int, nn.Module], n_stages: int, cfg, device, dtype, tokens, targets,
+               warmup: int = 2, repeats: int = 5) -> dict[int, float]:
+    """Seconds of fwd+bwd of each local stage on one microbatch, run alone (no communication)."""
+    mb = cfg.mb_size
+    times = {}
+    for s, mod in modules.items():
+        if s == 0:
+            x = tokens[:mb]
+        else:
+            x = torch.randn(mb, cfg.seq, cfg.d_model, device=device, dtype=dtype, requires_grad=True)
+        grad = None
+        last = s == n_stages - 1
+
+        def once():
+            out = mod(x)
+            if last:
+                loss_fn(out, targets[:mb]).backward()
+            else:
+                out.backward(grad if grad is not None else torch.ones_like(out))
+
+        if not last:
+            with torch.no_grad():
+                grad = torch.randn_like(mod(x))
+        for _ in range(warmup):
+            once()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            once()
+        sync(device)
+        times[s] = (time.perf_counter() - t0) / repeats
+        mod.zero_grad(set_to_none=True)
+    return times
+
+
+def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
+    """One configuration on every rank; returns the result record on rank 0."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+    if device.type == "cpu":
+        dtype = torch.float32
+    spec = get_spec(cfg.schedule)
+    cfg.schedule = spec.name
+    cfg._device, cfg._dtype = device, dtype
+    try:  # a bad shape for this schedule fails alike on every rank, before any communication
+        n_stages = spec.n_stages(world)
+        placement = spec.placement(n_stages, world)
+        ranges = block_ranges(cfg, n_stages, cfg.split) if cfg.split != "measured" else None
+    except ValueError as e:
+        log(rank, f"{config_key(cfg)}: {e}")
+        return {"impl": cfg.impl, "schedule": spec.name, "microbatches": cfg.microbatches, "ranks": world,
+                "split": cfg.split, "tag": cfg.tag or None, "config": config_key(cfg), "status": "error",
+                "error": str(e)} if rank == 0 else None
+    if ranges is None:
+        ranges = block_ranges(cfg, n_stages, cfg.split)  # measures (collectives): all ranks get here
+    mine = [s for s, r in enumerate(placement) if r == rank]
+    record = {
+        "impl": cfg.impl, "schedule": spec.name, "microbatches": cfg.microbatches, "ranks": world,
+        "stages": n_stages, "split": cfg.split, "tag": cfg.tag or None, "config": config_key(cfg),
+        "blocks_per_stage": [hi - lo for lo, hi in ranges],
+        "model": {"layers": cfg.layers, "d_model": cfg.d_model, "heads": cfg.heads, "vocab": cfg.vocab,
+                  "seq": cfg.seq, "mb_size": cfg.mb_size, "dtype": str(dtype).replace("torch.", "")},
+        "warmup": cfg.warmup, "steps": cfg.steps,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "host": socket.gethostname(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    classes = schedule_classes(cfg.impl, spec.name)
+    if classes is None:
+        record.update(status="unavailable", error=f"torch {torch.__version__} has no Schedule{spec.name}")
+        return record if rank == 0 else None
+    stage_cls, sched_cls = classes
+
+    # Same batch on every rank (only the first/last stage use it), same on both impls.
+    g = torch.Generator().manual_seed(cfg.seed)
+    batch = cfg.mb_size * cfg.microbatches
+    tokens = torch.randint(cfg.vocab, (batch, cfg.seq), generator=g).to(device)
+    targets = torch.randint(cfg.vocab, (batch, cfg.seq), generator=g).to(device)
+
+    modules = {s: build_stage_module(s, ranges, cfg, device, dtype) for s in mine}
+    n_params = sum(p.numel() for m in modules.values() for p in m.parameters())
+
+    # Ideal: each rank's stages alone, before any pipeline traffic.
+    alone = time_alone(modules, n_stages, cfg, device, dtype, tokens, targets)
+    per_stage = [0.0] * n_stages
+    for s, t in alone.items():
+        per_stage[s] = t
+    per_stage = all_reduce(per_stage, dist.ReduceOp.SUM, device)
+    per_rank = [sum(per_stage[s] for s in range(n_stages) if placement[s] == r) for r in range(world)]
+    ideal = cfg.microbatches * max(per_rank)
+    balanced = cfg.microbatches * sum(per_stage) / world
+    total_params = int(all_reduce([float(n_params)], dist.ReduceOp.SUM, device)[0])
+
+    # Build the schedule; construction errors are the same on every rank, but agree on them anyway.
+    error = None
+    sched = None
+    try:
+        stages = [stage_cls(modules[s], s, n_stages, device) for s in mine]
+        sched = sched_cls(stages[0] if spec.stages_per_rank == 1 else stages, cfg.microbatches, loss_fn=loss_fn)
+    except Exception as e:  # noqa: BLE001
+        error = f"{type(e).__name__}: {e}"
+    errors = gather_objects(error, world)
+    if any(errors):
+        msg = next(e for e in errors if e)
+        log(rank, f"{config_key(cfg)}: schedule construction failed: {msg}")
+        del sched, modules
+        record.update(status="error", error=msg[:500])
+        return record if rank == 0 else None
+
+    first, last = 0 in mine, (n_stages - 1) in mine
+    args = (tokens,) if first else ()
+    tgt = targets if last else None
+
+    def step():
+        losses: list = []
+        sched.step(*args, target=tgt, losses=losses)
+        return losses
+
+    def zero_grads():  # between steps, outside the timed region
+        for m in modules.values():
+            m.zero_grad(set_to_none=True)
+
+    die = os.environ.get("PP_BENCH_DIE_ON")  # test hook: rank 1 dies in this configuration (resume tests)
+    if die and die in config_key(cfg) and rank == min(1, world - 1):
+        os._exit(7)
+    global _FIRST_RUN
+    extra, _FIRST_RUN = (3 if _FIRST_RUN else 0), False  # the process's first config also warms CUDA/NCCL/cuBLAS
+    for _ in range(cfg.warmup + extra):
+        step()
+        zero_grads()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    losses = []
+    for _ in range(cfg.steps):
+        barrier(device)
+        t0 = time.perf_counter()
+        losses = step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        zero_grads()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    step_times = all_reduce(times, dist.ReduceOp.MAX, device)  # a step lasts as long as its slowest rank
+    loss = float(torch.stack([x.detach().float() for x in losses]).mean()) if losses else 0.0
+    loss = all_reduce([loss if last else 0.0], dist.ReduceOp.SUM, device)[0]
+    peaks = gather_objects(peak, world)
+
+    if cfg.trace and cfg.impl == "pp":
+        write_trace(sched, step, cfg, rank, world, device)
+        zero_grads()
+    if cfg.profile:
+        write_profile(step, cfg, rank, device)
+        zero_grads()
+
+    mean = sum(step_times) / len(step_times)
+    tokens_per_step = batch * cfg.seq
+    record.update(
+        status="ok",
+        tokens_per_s=tokens_per_step / mean,
+        step_time_s=mean,
+        step_time_min_s=min(step_times),
+        step_time_max_s=max(step_times),
+        ideal_step_time_s=ideal,
+        balanced_step_time_s=balanced,
+        efficiency=ideal / mean,
+        balanced_efficiency=balanced / mean,
+        stage_fwd_bwd_ms=[round(t * 1e3, 4) for t in per_stage],
+        peak_mem_gib=[None if p is None else round(p, 3) for p in peaks],
+        loss=loss,
+        params=total_params,
+        tokens_per_step=tokens_per_step,
+    )
+    del sched, stages, modules
+    return record if rank == 0 else None
+
+
+def write_trace(sched, step, cfg, rank: int, world: int, device) -> None:
+    """One extra recorded step; rank 0 writes every rank's events into one Chrome trace."""
+    barrier(device)
+    host_start_us = time.perf_counter() * 1e6
+    sched.record_trace = True
+    try:
+        step()
+    finally:
+        sched.record_trace = False
+    sync(device)
+    events = sched.trace_events()
+    if device.type == "cuda" and events:
+        # On CUDA the executor's timestamps are relative to its first event, placed at an arbitrary host
+        # time per rank; put each rank's first event at the host time this step started (after a barrier,
+        # with an idle device: the first event runs as soon as it is enqueued) so that ranks line up.
+        shift = host_start_us - min(e["ts"] for e in events)
+        for e in events:
+            e["ts"] += shift
+    for e in events:
+        e["pid"] = rank
+    everything = gather_objects(events, world)
+    if rank == 0:
+        merged = [e for evs in everything for e in evs]
+        meta = [{"name": "process_name", "ph": "M", "pid": r, "args": {"name": f"rank {r}"}} for r in range(world)]
+        out = Path(cfg.trace) / f"{label_of(cfg)}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"traceEvents": meta + merged}))
+        log(rank, f"trace: {out}")
+
+
+def write_profile(step, cfg, rank: int, device) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    barrier(device)
+    with profile(activities=acts) as prof:
+        step()
+        sync(device)
+    out = Path(cfg.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out / f"{label_of(cfg)}_{cfg.impl}_rank{rank}.json"))
+
+
+# ------------------------------------------------------------------------------------------- suites
+
+BIG_TABLE = [("GPipe", 8), ("1F1B", 8), ("1F1B", 16), ("Interleaved1F1B", 16), ("ZBVZeroBubble", 16),
+             ("DualPipeV", 16)]
+TINY = dict(layers=8, d_model=512, heads=8, seq=128, tag="overhead")
+
+
+def builtin_suite(name: str) -> list[dict]:
+    """issue6: the table of issue 6, most important first (if time runs out, the tail is what is lost):
+    even split both impls, the tiny-model overhead runs, then the cost and measured splits both impls."""
+    if name == "issue6":
+        def pair(i: int) -> tuple[str, str]:  # alternate who goes first: no impl always runs on a cold GPU
+            return ("pp", "torch") if i % 2 == 0 else ("torch", "pp")
+
+        out = [dict(impl=impl, schedule=sched, microbatches=n, split="even")
+               for i, (sched, n) in enumerate(BIG_TABLE) for impl in pair(i)]
+        out += [dict(impl=impl, schedule=sched, microbatches=16, split="even", **TINY)
+                for i, sched in enumerate(("1F1B", "Interleaved1F1B")) for impl in pair(i)]
+        for split in ("cost", "measured"):
+            out += [dict(impl=impl, schedule=sched, microbatches=n, split=split)
+                    for i, (sched, n) in enumerate(BIG_TABLE) for impl in pair(i)]
+        return out
+    if name == "all":  # every schedule both impls, model from the flags
+        return [dict(impl=impl, schedule=s, microbatches=None) for s in SCHEDULES for impl in ("pp", "torch")]
+    raise KeyError(name)
+
+
+def parse_suite(text: str) -> list[dict]:
+    """A builtin name (issue6, all), a JSON file (a list of objects of flag overrides), or an inline list
+    `impl:schedule:microbatches[:split],...` (microbatches may be empty: the flag's value)."""
+    try:
+        return builtin_suite(text)
+    except KeyError:
+        pass
+    if os.path.isfile(text):
+        data = json.loads(Path(text).read_text())
+        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+            raise SystemExit(f"--suite {text}: expected a JSON list of objects")
+        return data
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        parts = item.split(":")
+        if not 2 <= len(parts) <= 4:
+            raise SystemExit(f"--suite entry {item!r}: expected impl:schedule[:microbatches[:split]]")
+        d = dict(impl=parts[0], schedule=parts[1])
+        if len(parts) > 2 and parts[2]:
+            d["microbatches"] = int(parts[2])
+        if len(parts) > 3:
+            d["split"] = parts[3]
+        out.append(d)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--impl", choices=("pp", "torch"), default="pp")
+    p.add_argument("--schedule", default="1F1B", help=f"one of {', '.join(SCHEDULES)}")
+    p.add_argument("--microbatches", type=int, default=16)
+    p.add_argument("--split", choices=("even", "cost", "measured"), default="even")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--d-model", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--mb-size", type=int, default=2, help="sequences per microbatch")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="fp32 on CPU whatever this says")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--tag", default="", help="free label stored in the record")
+    p.add_argument("--out", default=None, help="append the JSON lines to this file (default bench/results/bench.jsonl)")
+    p.add_argument("--trace", default=None, metavar="DIR", help="pp only: one recorded step, merged Chrome trace")
+    p.add_argument("--profile", default=None, metavar="DIR", help="torch.profiler trace of one step per rank")
+    p.add_argument("--suite", default=None,
+                   help="run several configurations in one process group: 'issue6', 'all', a JSON file, "
+                        "or 'impl:schedule:microbatches[:split],...'")
+    p.add_argument("--resume", action="store_true",
+                   help="with --suite: skip configurations already in --out; one started but never finished "
+                        "(the job died) is recorded as crashed and skipped")
+    p.add_argument("--timeout-s", type=float, default=180.0, help="process-group timeout (a hung rank fails the job)")
+    args = p.parse_args(argv)
+    for name in ("microbatches", "layers", "d_model", "heads", "vocab", "seq", "mb_size", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.d_model % args.heads:
+        p.error(f"--d-model {args.d_model} is not a multiple of --heads {args.heads}")
+    try:
+        args.schedule = get_spec(args.schedule).name
+    except ValueError as e:
+        p.error(str(e))
+    if args.out is None:
+        args.out = str(REPO / "bench" / "results" / "bench.jsonl")
+    return args
+
+
+def configs_of(args) -> list[argparse.Namespace]:
+    if not args.suite:
+        return [args]
+    out = []
+    for over in parse_suite(args.suite):
+        cfg = argparse.Namespace(**vars(args))
+        for k, v in over.items():
+            k = k.replace("-", "_")
+            if not hasattr(cfg, k):
+                raise SystemExit(f"--suite: unknown setting {k!r}")
+            if v is not None:
+                setattr(cfg, k, v)
+        cfg.schedule = get_spec(cfg.schedule).name
+        if cfg.impl not in ("pp", "torch") or cfg.split not in ("even", "cost", "measured"):
+            raise SystemExit(f"--suite: bad impl/split in {over}")
+        out.append(cfg)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world, device = init_process_group_from_env(timeout_s=args.timeout_s)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    configs = configs_of(args)
+    out = Path(args.out)
+    started = Path(str(out) + ".started")
+    done: set[str] = set()
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if args.resume:
+            if out.exists():
+                done = {json.loads(line).get("config") for line in out.read_text().splitlines() if line.strip()}
+            crashed = [k for k in (started.read_text().split("\n") if started.exists() else []) if k and k not in done]
+            for key in crashed:
+                rec = {"config": key, "status": "crashed", "error": "the job died while running this configuration",
+                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                rec.update(zip(("impl", "schedule", "microbatches", "split", "tag"), key.split("/")[:5]))
+                rec["microbatches"] = int(rec["microbatches"])
+                rec["tag"] = None if rec["tag"] == "-" else rec["tag"]
+                with out.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(json.dumps(rec), flush=True)
+                done.add(key)
+    done = set(gather_objects(sorted(done), world)[0])
+    failed = 0
+    for i, cfg in enumerate(configs):
+        key = config_key(cfg)
+        if key in done:
+            continue
+        log(rank, f"({i + 1}/{len(configs)}) {key}")
+        if rank == 0 and args.suite:
+            with started.open("a") as f:
+                f.write(key + "\n")
+        t0 = time.perf_counter()
+        record = run_config(cfg, rank, world, device)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if rank == 0:
+            record["wall_s"] = round(time.perf_counter() - t0, 2)
+            failed += record.get("status") == "error"
+            line = json.dumps(record)
+            print(line, flush=True)
+            with out.open("a") as f:
+                f.write(line + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 1 if failed and not args.suite else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
