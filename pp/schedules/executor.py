@@ -59,6 +59,8 @@ class Executor:
         self._record = record
         self.trace = []
         events = []
+        if record:
+            self._origin = self._start_clock()
         batch: list[Action] = []
         for action in actions:
             if action.is_comm:
@@ -67,12 +69,7 @@ class Executor:
             if batch:
                 self._post(batch)
                 batch = []
-            if record:
-                start = self._mark()
-                self._compute(action)
-                events.append((str(action), start, self._mark()))
-            else:
-                self._compute(action)
+            self._compute(action, events if record else None)
         if batch:
             self._post(batch)
         for work in self._send_works:
@@ -88,24 +85,36 @@ class Executor:
             return ev
         return time.perf_counter()
 
+    def _start_clock(self):
+        """(host time, device event) taken together, so device timings map onto the host clock that
+        every rank of a machine shares (one sync, only in recorded steps)."""
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter(), self._mark()
+
     def _resolve(self, events) -> list[tuple[str, float, float]]:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            t0 = events[0][1] if events else None
-            base = time.perf_counter() * 1e6
-            return [(n, base + t0.elapsed_time(s) * 1e3, base + t0.elapsed_time(e) * 1e3) for n, s, e in events]
+            host0, ev0 = self._origin
+            base = host0 * 1e6
+            return [(n, base + ev0.elapsed_time(s) * 1e3, base + ev0.elapsed_time(e) * 1e3) for n, s, e in events]
         return [(n, s * 1e6, e * 1e6) for n, s, e in events]
 
     # ------------------------------------------------------------------------------ compute
-    def _compute(self, action: Action) -> None:
+    def _compute(self, action: Action, events: list | None) -> None:
+        """Run one F/B/I/W; its recorded box starts after its receives are done, so waiting shows as idle."""
         s, mb = action.stage, action.microbatch
         stage = self.stages[s]
         try:
             if action.kind == Kind.F:
                 self._wait((s, mb, "F"))
-                self._forward(stage, mb)
             elif action.kind in (Kind.B, Kind.I):
                 self._wait((s, mb, "B"))
+            start = self._mark() if events is not None else None
+            if action.kind == Kind.F:
+                self._forward(stage, mb)
+            elif action.kind in (Kind.B, Kind.I):
                 for idx, buf in self._grad_bufs.pop((s, mb), ()):
                     stage.add_output_grad(mb, idx, buf)
                 if action.kind == Kind.B:
@@ -115,6 +124,8 @@ class Executor:
                 self._route_grads_locally(stage, mb)
             elif action.kind == Kind.W:
                 stage.backward_weight(mb)
+            if events is not None:
+                events.append((str(action), start, self._mark()))
         except Exception as e:
             if hasattr(e, "add_note"):
                 e.add_note(f"pp: while running {action} (stage {s}, microbatch {mb}) on pipeline rank {self.rank}")
