@@ -33,12 +33,13 @@ def main() -> int:
                 except Exception as e:  # report and go on: one line per case
                     verdict = f"MISMATCH {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     failures += 1
-                ok = torch.tensor([0 if verdict == "match" else 1], device=device)
-                dist.all_reduce(ok)
+                verdicts: list = [None] * world
+                dist.all_gather_object(verdicts, verdict)
+                bad = [f"rank {r}: {v}" for r, v in enumerate(verdicts) if v != "match"]
                 if rank == 0:
                     print(f"{name:22s} {'traced' if traced else 'manual'} microbatches={n_mb:2d} "
                           f"ranks={world} backend={dist.get_backend()} {device.type}: "
-                          f"{'losses and grads match the unsplit model' if ok.item() == 0 else 'FAILED on some rank: ' + verdict} "
+                          f"{'losses and grads match the unsplit model' if not bad else 'FAILED on ' + bad[0]} "
                           f"({time.perf_counter() - t0:.1f}s)", flush=True)
     dist.destroy_process_group()
     return 1 if failures else 0

@@ -99,9 +99,10 @@ def run_schedule_against_reference(rank: int, world: int, name: str, n_mb: int, 
     """Train `steps` steps with the schedule; the last step's losses and grads must equal the reference."""
     torch.manual_seed(0)
     model = DeepMLP(n_layers=8 if world * 2 <= 8 else 16).to(device)
-    x, y = torch.randn(8, 4, device=device), torch.randn(8, 3, device=device)
+    batch = max(8, n_mb)
+    x, y = torch.randn(batch, 4, device=device), torch.randn(batch, 3, device=device)
     want_losses, want_grads = reference(model, x, y, n_mb)
-    stages, n_stages = build_stages(model, name, world, rank, x[: 8 // n_mb], traced, device)
+    stages, n_stages = build_stages(model, name, world, rank, x[: batch // n_mb], traced, device)
     arg = stages[0] if get_spec(name).stages_per_rank == 1 else stages
     sched = schedule_class(name)(arg, n_mb, loss_fn=F.mse_loss)
     held = {s.stage_index for s in stages}
@@ -112,16 +113,16 @@ def run_schedule_against_reference(rank: int, world: int, name: str, n_mb: int, 
         sched.step(*((x,) if 0 in held else ()), target=y if n_stages - 1 in held else None, losses=losses)
     for s in stages:
         for n, p in s.submod.named_parameters():
-            key = n if traced else _manual_name(n, s.stage_index, n_stages)
+            key = n if traced else _manual_name(n, s.stage_index, len(model.layers) // n_stages)
             torch.testing.assert_close(p.grad, want_grads[key], msg=lambda m: f"{name} {n}: {m}")
     if n_stages - 1 in held:
         torch.testing.assert_close(torch.stack(losses), want_losses)
     return name
 
 
-def _manual_name(n: str, stage: int, n_stages: int) -> str:
+def _manual_name(n: str, stage: int, per: int) -> str:
+    """The unsplit model's name of a manual piece's parameter (`per` layers per stage)."""
     if n.startswith("blocks."):
         _, i, rest = n.split(".", 2)
-        per = 8 // n_stages if n_stages <= 8 else 16 // n_stages
         return f"layers.{stage * per + int(i)}.{rest}"
     return n
