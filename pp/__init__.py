@@ -25,6 +25,8 @@ _LAZY = {
     "PipelineScheduleMulti": "pp.schedules.classes",
     "schedule_from_actions": "pp.schedules.classes",
     "load_unsplit": "pp.checkpoint_api",
+    "parallelize": "pp.parallel.api",
+    "ParallelModel": "pp.parallel.api",
 }
 
 __all__ = [

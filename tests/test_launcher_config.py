@@ -67,7 +67,10 @@ def test_help_lists_every_key_with_default():
     (["--train.steps", "many"], 4, "train.steps: expected an integer, got 'many'"),
     (["--train.nan_check", "maybe"], 4, "train.nan_check: expected true or false, got 'maybe'"),
     (["--model.n_heads", "5"], 4, "model.n_heads=5 does not divide model.d_model=32"),
-    (["--parallel.dp", "2"], 4, "parallel.dp=2: the launcher supports only dp=1 for now"),
+    (["--parallel.pp", "2", "--parallel.dp", "2", "--schedule.microbatches", "8"], 4,
+     "schedule.microbatches=8 x parallel.dp=2 = 16 does not divide train.batch_size=8"),
+    (["--parallel.pp", "1", "--parallel.tp", "4", "--model.n_heads", "2"], 4,
+     "parallel.tp=4 does not divide model.n_heads=2"),
     (["--split.points", "blocks.1,blocks.9,blocks.3"], 4, "split.points: the model has no module 'blocks.9'"),
     (["--split.points", "blocks.1"], 4, "split.points has 1 entries but 4 stages need 3"),
     (["--schedule.name", "ZBVZeroBubble", "--schedule.stages_per_rank", "3"], 4, "schedule.stages_per_rank=3"),
@@ -123,5 +126,5 @@ def test_shipped_configs_are_valid():
     for path in paths:
         cfg = load_config(path)
         cfg.parallel.device = "auto"  # the GPU config is checked here on CPU
-        layout = validate(cfg, cfg.parallel.pp)
+        layout = validate(cfg, cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.tp)
         assert layout.n_stages >= cfg.parallel.pp, path

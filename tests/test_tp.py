@@ -62,6 +62,21 @@ class GatedBlock(nn.Module):
         return self.head(self.ln(self.w2(h) + x))
 
 
+class Attention(nn.Module):
+    """GPT attention: fused qkv split in three, (b, t, heads, head_dim) views, SDPA, out-projection."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
 def _pairs(blocks: int, torch_style: bool) -> dict:
     if torch_style:
         from torch.distributed.tensor.parallel.style import ColwiseParallel, RowwiseParallel
@@ -99,7 +114,14 @@ def _run_cases(rank: int, ws: int, cases: tuple, irs: tuple, device: str = "cpu"
         decompose = ir == "decomposed"
         for case in cases:
             torch.manual_seed(0)
-            if case == "uncovered":
+            if case == "attn" and decompose:
+                continue  # the decomposed IR spells SDPA out through (batch * heads) views: gathers
+            if case == "attn":
+                model, x = Attention(), torch.randn(2, 8, 16)
+                plan = {"qkv": tp.ColwiseParallel(), "proj": tp.RowwiseParallel()}
+                out = _transform(model, x, rank, ws, plan, decompose, dynamic=True, device=device)
+                x = torch.randn(3, 8, 16)
+            elif case == "uncovered":
                 model, x = LinearBN(12), torch.randn(6, 3)
                 out = _transform(model, x, rank, ws, {"fc": tp.ColwiseParallel()}, decompose, device=device)
             elif case in ("mlp", "mlp_nobias"):
@@ -131,7 +153,7 @@ def _shapes(ep: torch.export.ExportedProgram) -> dict:
 IRS = ("training", "decomposed")
 ABC = ("uncovered", "mlp", "mlp_nobias")
 # world size -> (cases, IRs) run there; every world size spawns its ranks once for all the tests.
-RUNS = {2: (ABC + ("gated", "gated_sp"), IRS), 3: (("mlp", "mlp_nobias"), ("training",)), 4: (ABC, ("training",))}
+RUNS = {2: (ABC + ("gated", "gated_sp", "attn"), IRS), 3: (("mlp", "mlp_nobias"), ("training",)), 4: (ABC, ("training",))}
 
 
 @pytest.fixture(scope="module", params=sorted(RUNS))
@@ -185,6 +207,24 @@ def test_gated_block_keeps_elementwise_ops_sharded_with_dynamic_batch(ranks_seen
     for ir, counts, _ in _each(ranks_seen, "gated"):
         # one all-reduce after w2 and one gather for the gathered head; silu(w1 x) * w3 x stays sharded
         assert counts == {AR: 1, AG: 1, WAIT: 2}, (ir, counts)
+
+
+def test_fused_qkv_attention_runs_on_local_heads_with_one_all_reduce(ranks_seen):
+    ws = ranks_seen[0]
+    for ir, counts, shapes in _each(ranks_seen, "attn"):
+        # qkv is sharded in 3 blocks (q, k, v alike): split, head views, SDPA and the merge stay local
+        assert counts == {AR: 1, WAIT: 1}, (ir, counts)
+        assert shapes["qkv.weight"] == (48 // ws, 16) and shapes["proj.weight"] == (16, 16 // ws)
+
+
+def test_fused_blocks_are_cut_and_gathered_block_by_block():
+    from pp.tp.layout import ParamShard, take_shard
+
+    full = torch.arange(12.0).view(12, 1)
+    parts = [take_shard(full, ParamShard(0, blocks=3), r, 2) for r in range(2)]
+    assert parts[0].flatten().tolist() == [0, 1, 4, 5, 8, 9] and parts[1].flatten().tolist() == [2, 3, 6, 7, 10, 11]
+    with pytest.raises(ValueError, match=r"size 12 of dim 0 .* does not split into 3 blocks x 8"):
+        take_shard(full, ParamShard(0, blocks=3), 0, 8)
 
 
 def test_row_output_scattered_along_sequence_uses_one_reduce_scatter(ranks_seen):

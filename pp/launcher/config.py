@@ -44,8 +44,10 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     pp: typing.Optional[int] = _opt(None, "pipeline-parallel degree (ranks in the pipeline); default: the world size")
-    dp: int = _opt(1, "data-parallel degree (only 1 for now)")
-    tp: int = _opt(1, "tensor-parallel degree (only 1 for now)")
+    dp: int = _opt(1, "data-parallel degree: replicas of the pipeline, each training on its share of "
+                      "train.batch_size; gradients are averaged over them every step")
+    tp: int = _opt(1, "tensor-parallel degree: each stage's attention and MLP linears are sharded over tp "
+                      "neighbouring ranks (gpt, mlp, or a custom model with a tp_plan() method)")
     timeout_s: float = _opt(300.0, "seconds a collective or point-to-point transfer may wait before the job fails")
     device: str = _opt("auto", "'auto' (cuda when available, else cpu), 'cpu' or 'cuda'")
 
@@ -54,7 +56,8 @@ class ParallelConfig:
 class ScheduleConfig:
     name: str = _opt("1F1B", "pipeline schedule, e.g. GPipe, 1F1B, Interleaved1F1B, LoopedBFS, "
                              "InterleavedZeroBubble, ZBVZeroBubble, DualPipeV")
-    microbatches: int = _opt(4, "microbatches per step; must divide train.batch_size")
+    microbatches: int = _opt(4, "microbatches per step on each data-parallel replica; microbatches x "
+                                "parallel.dp must divide train.batch_size")
     stages_per_rank: typing.Optional[int] = _opt(None, "stages each rank holds; default: what the schedule needs "
                                                        "(1, or 2 for interleaved and V-shaped schedules)")
 
@@ -69,13 +72,14 @@ class SplitConfig:
 @dataclass
 class TrainConfig:
     steps: int = _opt(30, "optimizer steps to train for")
-    batch_size: int = _opt(8, "sequences per step (split into schedule.microbatches)")
+    batch_size: int = _opt(8, "sequences per step over all replicas (each of parallel.dp replicas takes an "
+                              "equal share, split into schedule.microbatches)")
     lr: float = _opt(3e-3, "peak learning rate of AdamW")
     seed: int = _opt(0, "seed of the model init, the data order and every step's RNG")
     data: str = _opt("stdlib", "'stdlib' (this Python's standard library sources, as bytes) or a path to a text file")
     warmup_steps: typing.Optional[int] = _opt(None, "linear warm-up steps; default: steps // 10")
     min_lr_ratio: float = _opt(0.1, "the cosine decay ends at lr * min_lr_ratio")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm (over all stages) to this; 0 disables")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm (over all stages and tp shards) to this; 0 disables")
     weight_decay: float = _opt(0.1, "AdamW weight decay of weight matrices and embeddings (biases and norm weights get none)")
     beta1: float = _opt(0.9, "AdamW beta1")
     beta2: float = _opt(0.95, "AdamW beta2")

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from pp import Pipe, SplitPoint, pipeline, split_by_cost, split_into_equal_size
+from pp.tp.styles import normalize_plan
 
 from .config import ConfigError, JobConfig
 from .models import build_model
@@ -23,10 +24,11 @@ class Job:
     layout: Layout
     pipe: Pipe
     n_params: int
+    tp_plan: dict | None = None   # {module name: style} when parallel.tp > 1
 
     @property
     def microbatch_size(self) -> int:
-        return self.cfg.train.batch_size // self.cfg.schedule.microbatches
+        return self.cfg.train.batch_size // (self.cfg.parallel.dp * self.cfg.schedule.microbatches)
 
 
 def prepare(cfg: JobConfig, world_size: int) -> Job:
@@ -34,13 +36,41 @@ def prepare(cfg: JobConfig, world_size: int) -> Job:
     layout = validate(cfg, world_size)
     model = build_model(cfg.model, cfg.train.seed, DTYPES[cfg.train.dtype])
     n_params = sum(p.numel() for p in model.parameters())
+    tp_plan = tp_plan_for(model, cfg)
     pipe = split_model(model, cfg, layout)
-    return Job(cfg, layout, pipe, n_params)
+    return Job(cfg, layout, pipe, n_params, tp_plan)
+
+
+def tp_plan_for(model: nn.Module, cfg: JobConfig) -> dict | None:
+    """The model's `tp_plan()` when parallel.tp > 1, checked against the model; ConfigError if the
+    model has none or it names a module that is not an nn.Linear whose sharded width tp divides."""
+    tp = cfg.parallel.tp
+    if tp == 1:
+        return None
+    make = getattr(model, "tp_plan", None)
+    if not callable(make):
+        raise ConfigError(f"parallel.tp={tp}: model {cfg.model.name!r} has no tp_plan() method naming the "
+                          f"nn.Linear modules to shard (pp.tp.ColwiseParallel / RowwiseParallel)")
+    plan = dict(make())
+    try:
+        kinds = {name: p.kind for name, p in normalize_plan(plan).items()}
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"parallel.tp={tp}: the model's tp_plan() is not usable: {e}") from None
+    modules = dict(model.named_modules())
+    for name, kind in kinds.items():
+        mod = modules.get(name)
+        if not isinstance(mod, nn.Linear):
+            raise ConfigError(f"parallel.tp={tp}: the model's tp_plan() names {name!r}, which is not an "
+                              f"nn.Linear of model {cfg.model.name!r}")
+        key, n = ("out_features", mod.out_features) if kind == "col" else ("in_features", mod.in_features)
+        if n % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide {name}.{key}={n}")
+    return plan
 
 
 def example_microbatch(cfg: JobConfig) -> torch.Tensor:
-    """Token ids shaped like one microbatch, for tracing."""
-    mb = cfg.train.batch_size // cfg.schedule.microbatches
+    """Token ids shaped like one microbatch of one data-parallel replica, for tracing."""
+    mb = cfg.train.batch_size // (cfg.parallel.dp * cfg.schedule.microbatches)
     return torch.zeros((mb, cfg.model.seq_len), dtype=torch.long)
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pp.tp.styles import ColwiseParallel, RowwiseParallel
+
 from .config import ConfigError, ModelConfig, is_custom_model
 
 
@@ -79,6 +81,16 @@ class GPT(nn.Module):
             x = block(x)
         return self.lm_head(self.norm(x))
 
+    def tp_plan(self) -> dict:
+        """Megatron's tensor-parallel plan: qkv and fc column-wise (local heads, local MLP width),
+        the out-projections row-wise (one all-reduce each); embeddings, norms and head replicated."""
+        plan: dict = {}
+        for i in range(len(self.blocks)):
+            plan.update(_mlp_plan(f"blocks.{i}.mlp"))
+            plan[f"blocks.{i}.attn.qkv"] = ColwiseParallel()
+            plan[f"blocks.{i}.attn.proj"] = RowwiseParallel()
+        return plan
+
 
 class ResidualMLP(nn.Module):
     """Per-token model: embedding, residual MLP blocks, LayerNorm, LM head (a bigram-style baseline)."""
@@ -96,6 +108,17 @@ class ResidualMLP(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.norm(x))
+
+    def tp_plan(self) -> dict:
+        """Tensor-parallel plan: each block's MLP fc column-wise, proj row-wise."""
+        plan: dict = {}
+        for i in range(len(self.blocks)):
+            plan.update(_mlp_plan(f"blocks.{i}.mlp"))
+        return plan
+
+
+def _mlp_plan(prefix: str) -> dict:
+    return {f"{prefix}.fc": ColwiseParallel(), f"{prefix}.proj": RowwiseParallel()}
 
 
 class _NormedMLP(nn.Module):

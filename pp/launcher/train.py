@@ -7,7 +7,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import pp
 from pp.comms.collectives import all_gather
+from pp.parallel import ParallelModel, make_mesh
 
 from . import checkpoint as ckpt
 from . import collectives as coll
@@ -52,61 +53,94 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 @dataclass
 class RankState:
-    """What this rank holds: its stages, the schedule over them, their parameters and the optimizer."""
+    """What this rank holds: its part of the model (stages, schedule, gradient sync) and the optimizer."""
 
-    stages: list
-    schedule: Any
+    model: ParallelModel
     named_params: list[tuple[str, nn.Parameter]]
-    norm_params: list[nn.Parameter]      # parameters counted in the global grad norm (shared ones once)
     optimizer: torch.optim.Optimizer
-    has_first: bool
-    has_last: bool
-    stage_ids: list[int] = field(default_factory=list)
 
-    def model_state(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for stage in self.stages:
-            out.update(stage.submod.state_dict())
-        return out
+    @property
+    def schedule(self) -> Any:
+        return self.model.schedule
+
+    @property
+    def stage_ids(self) -> list[int]:
+        return [s.stage_index for s in self.model.stages]
+
+    @property
+    def has_first(self) -> bool:
+        return self.model.has_first_stage
+
+    @property
+    def has_last(self) -> bool:
+        return self.model.has_last_stage
 
     def state(self) -> dict:
-        return {"model": self.model_state(), "optim": ckpt.optimizer_state(self.named_params, self.optimizer)}
+        """The state to save, as whole tensors (tp shards gathered, collective over the tp group);
+        empty on data-parallel replicas other than the first, which hold the same values."""
+        if self.model.dp_rank != 0:
+            return {}
+        optim = ckpt.optimizer_state(self.named_params, self.optimizer)
+        params = dict(self.named_params)
+        full = {fqn: {k: self._full(fqn, params[fqn], v) for k, v in st.items()} for fqn, st in optim.items()}
+        return {"model": self.model.state_dict(), "optim": full}
+
+    def load(self, path: str) -> None:
+        """Fill the model and optimizer from checkpoint `path`, whatever layout saved it (collective)."""
+        local = {"model": {}, "optim": ckpt.optimizer_state(self.named_params, self.optimizer)}
+        for stage in self.model.stages:
+            local["model"].update(stage.submod.state_dict())
+        params = dict(self.named_params)
+        whole = {"model": {n: self._whole_like(n, t, t) for n, t in local["model"].items()},
+                 "optim": {f: {k: self._whole_like(f, params[f], v) for k, v in st.items()}
+                           for f, st in local["optim"].items()}}
+        ckpt.load(path, whole)
+        with torch.no_grad():
+            for n, t in local["model"].items():
+                t.copy_(self.model.local_tensor(n, whole["model"][n]))
+            for f, st in local["optim"].items():
+                for k, v in st.items():
+                    if v.shape == params[f].shape:
+                        v.copy_(self.model.local_tensor(f, whole["optim"][f][k]))
+                    else:
+                        v.copy_(whole["optim"][f][k])
+
+    def _full(self, name: str, param: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """`t` whole: optimizer state shaped like its parameter is sharded like it; a step count is not."""
+        return self.model.full_tensor(name, t) if t.shape == param.shape else t
+
+    def _whole_like(self, name: str, param: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """`t` itself where it is whole (loaded in place), else an empty tensor of the whole shape."""
+        shard = self.model.tp_shards.get(name)
+        if shard is None or t.shape != param.shape:
+            return t
+        shape = list(t.shape)
+        shape[shard.dim] *= self.model.tp
+        return t.new_empty(shape)
 
 
-def build_rank(job: Job, rank: int, device: torch.device) -> RankState:
-    """Build this rank's stages, schedule and optimizer."""
+def make_model(job: Job, device: torch.device) -> ParallelModel:
+    """This rank's part of the model over a (pp, dp, tp) mesh of the default group."""
     cfg, layout = job.cfg, job.layout
-    stage_ids = layout.stages_of(rank)
-    stages = [job.pipe.build_stage(s, device) for s in stage_ids]
-    sched_cls = getattr(pp, f"Schedule{layout.schedule}")
-    target = stages[0] if layout.stages_per_rank == 1 else stages
-    schedule = sched_cls(target, cfg.schedule.microbatches, loss_fn=lm_loss)
-    schedule.record_trace = True  # per-action timings for the bubble fraction and trace.json
-    shared = job.pipe.info().shared_params
-    named, norm_params, seen = [], [], set()
-    for sid, stage in zip(stage_ids, stages):
-        for name, p in stage.submod.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            named.append((name, p))
-            if sid == min(shared.get(name, [sid])):
-                norm_params.append(p)
+    mesh = make_mesh(layout.pp, cfg.parallel.dp, cfg.parallel.tp, device.type)
+    model = pp.parallelize(job.pipe, n_microbatches=cfg.schedule.microbatches, loss_fn=lm_loss,
+                           schedule=layout.schedule, stages_per_rank=layout.stages_per_rank,
+                           tp_plan=job.tp_plan, device=device, mesh=mesh)
+    model.schedule.record_trace = True  # per-action timings for the bubble fraction and trace.json
+    return model
+
+
+def build_rank(job: Job, device: torch.device) -> RankState:
+    """Build this rank's stages, schedule and optimizer."""
+    cfg = job.cfg
+    model = make_model(job, device)
+    named = list(model.named_parameters())
     decay = [p for _, p in named if p.dim() >= 2]
     no_decay = [p for _, p in named if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
-    return RankState(stages, schedule, named, norm_params, optimizer,
-                     has_first=0 in stage_ids, has_last=layout.n_stages - 1 in stage_ids, stage_ids=stage_ids)
-
-
-def _local_sq_norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=device, dtype=torch.float32)
-    norms = torch._foreach_norm(grads, 2.0)
-    return torch.stack([n.float() for n in norms]).square().sum()
+    return RankState(model, named, optimizer)
 
 
 class Trainer:
@@ -115,13 +149,14 @@ class Trainer:
     def __init__(self, job: Job, rank: int, device: torch.device, log=print):
         self.job, self.cfg, self.rank, self.device = job, job.cfg, rank, device
         self.log = log if rank == 0 else (lambda *_: None)
-        self.rs = build_rank(job, rank, device)
+        self.rs = build_rank(job, device)
         self.ckpt_root = os.path.join(self.cfg.output.dir, "checkpoints")
         rs, t = self.rs, self.cfg.train
         self.batches = None
         if rs.has_first or rs.has_last:
             self.batches = ByteBatches(load_corpus(t.data), t.batch_size, self.cfg.model.seq_len, t.seed)
         self.bubble = BubbleMeter()
+        self.current_step = 0  # the step under way, for the message if this rank fails
 
     # --- resume ---------------------------------------------------------------------------------
     def resume(self) -> int:
@@ -147,26 +182,30 @@ class Trainer:
             self.log(f"no checkpoint in {self.ckpt_root}: starting fresh")
             return 0
         manifest = ckpt.read_manifest(path)
-        ckpt.load(path, self.rs.state())
-        self.log(f"resumed from {path} (step {manifest['step']}, saved with pp={manifest.get('pp')})")
+        self.rs.load(path)
+        saved = ", ".join(f"{k}={manifest[k]}" for k in ("pp", "dp", "tp") if k in manifest)
+        self.log(f"resumed from {path} (step {manifest['step']}, saved with {saved or 'pp=?'})")
         return int(manifest["step"])
 
     # --- one step -------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
         cfg, rs = self.cfg, self.rs
+        m = rs.model
         t0 = time.perf_counter()
-        torch.manual_seed(step_seed(cfg.train.seed, step, self.rank))
+        # tp ranks draw alike: replicated regions must see the same random numbers
+        torch.manual_seed(step_seed(cfg.train.seed, step, m.pp_rank * m.dp + m.dp_rank))
         lr = lr_at(step, cfg)
         for g in rs.optimizer.param_groups:
             g["lr"] = lr
         rs.optimizer.zero_grad(set_to_none=True)
         args, kwargs, losses = (), {}, []
-        if rs.has_first:
-            args = (self.batches.tokens(step).to(self.device, non_blocking=True),)
+        if rs.has_first:  # this data-parallel replica's share of the global batch
+            args = (m.local_share(self.batches.tokens(step)).to(self.device, non_blocking=True),)
         if rs.has_last:
-            kwargs = {"target": self.batches.targets(step).to(self.device, non_blocking=True), "losses": losses}
+            target = m.local_share(self.batches.targets(step)).to(self.device, non_blocking=True)
+            kwargs = {"target": target, "losses": losses}
         t_sched = time.perf_counter()
-        rs.schedule.step(*args, **kwargs)
+        m.step(*args, **kwargs)
         sched_s = time.perf_counter() - t_sched
         stats = self._gather_stats(losses)
         loss, grad_norm, bad_mb = stats["loss"], stats["grad_norm"], stats["bad_microbatch"]
@@ -193,8 +232,8 @@ class Trainer:
         """One all-gather per step: squared grad norm, loss sum and count, first bad microbatch, peak memory."""
         rs = self.rs
         row = torch.zeros(5, device=self.device, dtype=torch.float32)
-        row[0] = _local_sq_norm(rs.norm_params, self.device)
-        if rs.has_last and losses:
+        row[0] = rs.model.grad_norm_sq()   # every parameter, tp shard and replica counted once
+        if rs.model.owns_loss and losses:  # one rank per replica: the mean is over all microbatches
             ls = torch.stack([l.detach().float().reshape(()) for l in losses])
             row[1] = ls.sum()
             row[2] = len(losses)
@@ -223,6 +262,7 @@ class Trainer:
         t_start, steps_run, steady_s = time.perf_counter(), 0, 0.0
         try:
             for step in range(done + 1, cfg.train.steps + 1):
+                self.current_step = step
                 rec = self.step(step)
                 steps_run += 1
                 if steps_run > 1:  # the first step also learns shapes and warms up kernels
@@ -240,7 +280,8 @@ class Trainer:
 
     def save(self, step: int) -> None:
         t = time.perf_counter()
-        meta = {"pp": self.job.layout.pp, "schedule": self.job.layout.schedule,
+        meta = {"pp": self.job.layout.pp, "dp": self.cfg.parallel.dp, "tp": self.cfg.parallel.tp,
+                "schedule": self.job.layout.schedule,
                 "model": self.cfg.to_dict()["model"], "seed": self.cfg.train.seed}
         path = ckpt.save(self.ckpt_root, step, self.rs.state(), meta, verify=self.cfg.checkpoint.verify,
                          keep=self.cfg.checkpoint.keep)

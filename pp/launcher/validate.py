@@ -127,10 +127,9 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
     p, s = cfg.parallel, cfg.schedule
     pp = world_size if p.pp is None else p.pp
     _positive("parallel.pp", pp)
+    _positive("parallel.dp", p.dp)
+    _positive("parallel.tp", p.tp)
     _positive("parallel.timeout_s", p.timeout_s)
-    for key in ("dp", "tp"):
-        if getattr(p, key) != 1:
-            raise ConfigError(f"parallel.{key}={getattr(p, key)}: the launcher supports only {key}=1 for now")
     if p.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"parallel.device={p.device!r}: expected 'auto', 'cpu' or 'cuda'")
     if p.device == "cuda" and not torch.cuda.is_available():
@@ -141,9 +140,12 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
                           f"or change parallel.pp")
     name = resolve_schedule(s.name)
     _positive("schedule.microbatches", s.microbatches)
-    if cfg.train.batch_size % s.microbatches:
-        raise ConfigError(f"schedule.microbatches={s.microbatches} does not divide train.batch_size="
-                          f"{cfg.train.batch_size}")
+    if cfg.train.batch_size % (s.microbatches * p.dp):
+        what = f"schedule.microbatches={s.microbatches}" + (f" x parallel.dp={p.dp} = {s.microbatches * p.dp}"
+                                                              if p.dp > 1 else "")
+        raise ConfigError(f"{what} does not divide train.batch_size={cfg.train.batch_size}"
+                          + (" (each data-parallel replica needs whole microbatches)" if p.dp > 1 else ""))
+    _check_tp_sizes(cfg)
     from pp.schedules.registry import build_lists, get_spec
 
     spec = get_spec(name)
@@ -160,6 +162,19 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
         raise ConfigError(f"schedule.microbatches={s.microbatches} with parallel.pp={pp}: {e}") from None
     return Layout(name, pp, n_stages // pp, tuple(placement))
     return layout
+
+
+def _check_tp_sizes(cfg: JobConfig) -> None:
+    """The built-in models' tp plans shard attention heads and MLP widths: tp must divide them."""
+    m, tp = cfg.model, cfg.parallel.tp
+    if tp == 1 or is_custom_model(m.name):
+        return
+    sizes = {"model.n_heads": m.n_heads} if m.name == "gpt" else {}
+    sizes["model.d_ff" if m.d_ff else "model.d_ff (4 x d_model)"] = m.d_ff or 4 * m.d_model
+    for key, value in sizes.items():
+        if value % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide {key}={value}: each tensor-parallel rank "
+                              f"needs whole heads and an equal share of the MLP width")
 
 
 def _check_split(cfg: JobConfig, layout: Layout) -> None:

@@ -2,12 +2,16 @@
 the fewest collectives that keep every value that leaves the sharded region equal to the original.
 
 A value is either replicated (the original tensor) or sharded along one dim (this rank's 1/size
-block). Column-parallel linears shard their output's last dim; pointwise ops and shape-keeping views
-carry a shard through; row-parallel linears consume it and reduce at once; anything else gathers.
-Weights of planned modules are sharded by the caller; this module only rewrites the graph.
+block). Column-parallel linears shard their output's last dim; pointwise ops, views that keep the
+sharded block contiguous (e.g. (b, t, c) -> (b, t, heads, head_dim): local heads), transposes, splits
+and attention over sharded heads carry a shard through; row-parallel linears consume it and reduce at
+once; anything else gathers. A fused projection whose output is split into k equal parts (qkv) is
+sharded in k blocks, so that every part is sharded alike. Weights of planned modules are sharded by
+the caller (`PlannedParam.blocks` says how); this module only rewrites the graph.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -23,6 +27,8 @@ __all__ = ["PlannedParam", "find_planned_params", "rewrite_graph"]
 _A = torch.ops.aten
 _TRANSPOSES = (_A.t.default, _A.permute.default, _A.transpose.int)
 _VIEWS = (_A.view.default, _A.reshape.default, _A._unsafe_view.default)
+_SPLITS = (_A.split.Tensor, _A.split_with_sizes.default)
+_ATTENTION = (_A.scaled_dot_product_attention.default,)
 # Same-shape ops that carry no pointwise tag but act on each element independently.
 _ELEMENTWISE = {_A.dropout.default, _A.clone.default, _A._to_copy.default, _A.alias.default,
                 _A.detach.default, _A.contiguous.default, _A.to.dtype, _A.to.dtype_layout,
@@ -32,11 +38,13 @@ _TUPLE_ELEMENTWISE = {_A.native_dropout.default}
 
 @dataclass(frozen=True)
 class PlannedParam:
-    """A parameter of a planned module: which module, which plan, "weight" or "bias"."""
+    """A parameter of a planned module: which module, which plan, "weight" or "bias", and in how
+    many equal blocks a column-parallel one is sharded (3 for a fused qkv whose output is split)."""
 
     fqn: str
     plan: LinearPlan
     role: str
+    blocks: int = 1
 
 
 @dataclass
@@ -46,6 +54,7 @@ class _Linear:
     plan: LinearPlan
     form: str                 # "linear" (aten.linear), "addmm" or "mm" (weight through a transpose)
     bias: Optional[fx.Node]   # for "linear"/"addmm" only; a separate bias add is just a pointwise op
+    blocks: int = 1
 
     @property
     def x(self) -> fx.Node:
@@ -77,7 +86,9 @@ def find_planned_params(graph: fx.Graph, param_fqn: Callable[[fx.Node], Optional
     if missing and (require_all or not present):
         raise ValueError(f"parallel_strategies names module(s) {missing} that have no 'weight' "
                          f"parameter in the program; expected names of nn.Linear modules")
-    return found
+    blocks = {p.fqn: _fused_blocks(node) for node, p in found.items()
+              if p.role == "weight" and p.plan.kind == "col" and p.plan.out_dim is not None}
+    return {node: dataclasses.replace(p, blocks=blocks.get(p.fqn, 1)) for node, p in found.items()}
 
 
 def rewrite_graph(graph: fx.Graph, params: dict[fx.Node, PlannedParam],
@@ -100,6 +111,7 @@ class _Rewrite:
         self.graph, self.params, self.emit = graph, params, emitter
         self.size = emitter.size
         self.place: dict[fx.Node, int] = {}     # node -> sharded dim; absent means replicated
+        self.blocks: dict[fx.Node, int] = {}    # node -> k where sharded in k blocks (fused qkv output)
         self.cache: dict[tuple, fx.Node] = {}   # (kind, node) -> inserted node, to share collectives
 
     def run(self) -> None:
@@ -129,7 +141,7 @@ class _Rewrite:
             for user in list(w.users):
                 if user.target is _A.linear.default and user.args[1] is w and user.args[0] is not w:
                     bias = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
-                    linears[user] = _Linear(user, p.fqn, p.plan, "linear", bias)
+                    linears[user] = _Linear(user, p.fqn, p.plan, "linear", bias, p.blocks)
                 elif user.target in _TRANSPOSES and _is_2d_transpose(user):
                     for mm in user.users:
                         lin = _mm_linear(mm, user, p)
@@ -150,6 +162,8 @@ class _Rewrite:
                 x_in = self._cached("copy_to", x_full, lambda: self.emit.copy_to(self.graph, x_full))
                 node.replace_input_with(x, x_in)
                 self.place[node] = _ndim(node) - 1
+                if lin.blocks > 1:
+                    self.blocks[node] = lin.blocks
                 if lin.plan.out_dim is None:
                     self._replace_after(node, lambda: self._gather(node))
                 return
@@ -191,9 +205,9 @@ class _Rewrite:
 
     def _propagate(self, node: fx.Node) -> None:
         """Carry a shard through `node` where that is exact; otherwise gather its sharded inputs."""
-        tensors = [a for a in node.all_input_nodes if _is_tensor(a)]
-        if not any(a in self.place for a in tensors):
+        if not any(a in self.place for a in node.all_input_nodes):
             return
+        tensors = [a for a in node.all_input_nodes if _is_tensor(a)]
         if node.target is _A.sym_size.int and self.place.get(node.args[0]) != node.args[1] % _ndim(node.args[0]):
             return  # the size of a dim that is not sharded: the local tensor has it too
         dim = self._carried_dim(node, tensors)
@@ -206,13 +220,19 @@ class _Rewrite:
         target = node.target
         if target is operator.getitem:
             src = node.args[0]
-            return self.place.get(src) if src.target in _TUPLE_ELEMENTWISE else None
+            return self.place.get(src) if src.target in _TUPLE_ELEMENTWISE or src.target in _SPLITS else None
         if not isinstance(target, torch._ops.OpOverload):
             return None
-        if target in _TRANSPOSES:
-            return _transposed_dim(node, self.place[node.args[0]]) if node.args[0] in self.place else None
         if target in _VIEWS:
             return self._view_dim(node)
+        if target in _SPLITS:
+            return self._split_dim(node)
+        if any(a in self.blocks for a in tensors):
+            return None  # _fused_blocks lets only views and the split see a blocked value
+        if target in _ATTENTION:
+            return self._attention_dim(node)
+        if target in _TRANSPOSES:
+            return _transposed_dim(node, self.place[node.args[0]]) if node.args[0] in self.place else None
         val = node.meta.get("val")
         if target in _TUPLE_ELEMENTWISE:
             val = val[0] if isinstance(val, (tuple, list)) else None
@@ -223,20 +243,62 @@ class _Rewrite:
         return None
 
     def _view_dim(self, node: fx.Node) -> Optional[int]:
-        """A view that keeps the sharded last dim whole and last keeps the shard (local size in
-        the shape argument); any other view needs the full tensor."""
+        """A view keeps the shard of dim d if some output dim c starts the same contiguous blocks
+        (equal static sizes of dims d.. and c..) and divides by the group: splitting features into
+        (heads, head_dim) shards heads, merging them back shards features. The shape argument gets
+        the local size of c. A blocked value only passes views that keep its last dim whole."""
         src, shape = node.args[0], node.args[1]
-        if src not in self.place or self.place[src] != _ndim(src) - 1:
+        if src not in self.place or not isinstance(shape, (list, tuple)) or len(shape) != _ndim(node):
             return None
-        full = src.meta["val"].shape[-1]
-        out = node.meta["val"].shape
-        if len(out) == 0 or out[-1] != full or not isinstance(shape, (list, tuple)) or not shape:
+        d, full, out = self.place[src], src.meta["val"].shape, node.meta["val"].shape
+        inner = _static_numel(full[d:])
+        for c in range(len(out)):
+            if inner is None or _static_numel(out[c:]) != inner or out[c] % self.size:
+                continue
+            if src in self.blocks:
+                if c != len(out) - 1 or out[c] != full[d]:
+                    return None
+                self.blocks[node] = self.blocks[src]
+            if shape[c] == -1:
+                return c
+            if not isinstance(shape[c], int):
+                return None
+            node.args = (src, [*shape[:c], shape[c] // self.size, *shape[c + 1:]], *node.args[2:])
+            return c
+        return None
+
+    def _split_dim(self, node: fx.Node) -> Optional[int]:
+        """Pieces along an unsharded dim keep the shard; a blocked value split into its k blocks
+        along the sharded dim gives k pieces sharded alike (local sizes in the split argument)."""
+        src = node.args[0]
+        if src not in self.place or not all(isinstance(a, (int, list, tuple)) for a in node.args[1:]):
             return None
-        if shape[-1] == full:
-            node.args = (src, [*shape[:-1], full // self.size], *node.args[2:])
-        elif shape[-1] != -1:
+        d, n = self.place[src], _ndim(src)
+        dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % n
+        k = self.blocks.get(src, 1)
+        if dim != d:
+            return None if k > 1 else d
+        sizes = [v.shape[dim] for v in node.meta["val"]]
+        if k == 1 or len(sizes) != k or len(set(sizes)) != 1 or sizes[0] % self.size:
             return None
-        return len(out) - 1
+        local = sizes[0] // self.size
+        node.args = (src, local if node.target is _A.split.Tensor else [local] * k, dim)
+        node.kwargs = {}
+        return d
+
+    def _attention_dim(self, node: fx.Node) -> Optional[int]:
+        """Attention with q, k, v sharded on the same leading dim (heads) is local to each shard."""
+        q, k, v = node.args[:3]
+        d = self.place.get(q)
+        if d is None or d >= _ndim(q) - 2 or self.place.get(k) != d or self.place.get(v) != d:
+            return None
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node):
+            shape = mask.meta["val"].shape
+            i = d - (_ndim(q) - len(shape))
+            if mask in self.place or (i >= 0 and shape[i] != 1):
+                return None
+        return d
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -244,6 +306,9 @@ class _Rewrite:
         return self._gather(x) if x in self.place else x
 
     def _gather(self, x: fx.Node) -> fx.Node:
+        if x in self.blocks:  # _fused_blocks lets only views and the split see a blocked value
+            raise AssertionError(f"pp.tp: {x.name} is sharded in blocks and cannot be gathered")
+
         def make() -> fx.Node:
             with self._inserting_after(x):
                 return self.emit.gather(self.graph, x, self.place[x])
@@ -289,6 +354,39 @@ def _through_views(node: fx.Node) -> fx.Node:
     return node
 
 
+def _static_numel(shape) -> Optional[int]:
+    """The product of `shape`, or None if a size in it is symbolic."""
+    n = 1
+    for s in shape:
+        if not isinstance(s, int):
+            return None
+        n *= s
+    return n
+
+
+def _fused_blocks(w: fx.Node) -> int:
+    """k if every linear of column-parallel weight `w` feeds, through views keeping its last dim,
+    only one split of that dim into k > 1 equal parts (a fused qkv projection); else 1."""
+    ks = set()
+    for user in w.users:
+        outs = list(user.users) if user.target in _TRANSPOSES else [user]
+        for out in outs:
+            while len(out.users) == 1 and next(iter(out.users)).target in _VIEWS:
+                view = next(iter(out.users))
+                if view.meta["val"].shape[-1] != out.meta["val"].shape[-1]:
+                    break
+                out = view
+            split = next(iter(out.users)) if len(out.users) == 1 else None
+            if split is None or split.target not in _SPLITS or split.args[0] is not out:
+                return 1
+            dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+            sizes = [v.shape[dim] for v in split.meta["val"]]
+            if dim % _ndim(out) != _ndim(out) - 1 or len(sizes) < 2 or len(set(sizes)) != 1:
+                return 1
+            ks.add(len(sizes))
+    return ks.pop() if len(ks) == 1 else 1
+
+
 def _is_2d_transpose(node: fx.Node) -> bool:
     if node.target is _A.t.default:
         return True
@@ -312,9 +410,9 @@ def _mm_linear(mm: fx.Node, wt: fx.Node, p: PlannedParam) -> Optional[_Linear]:
     if mm.target is _A.addmm.default and mm.args[2] is wt and mm.args[1] is not wt:
         if any(mm.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
             return None
-        return _Linear(mm, p.fqn, p.plan, "addmm", mm.args[0])
+        return _Linear(mm, p.fqn, p.plan, "addmm", mm.args[0], p.blocks)
     if mm.target is _A.mm.default and mm.args[1] is wt and mm.args[0] is not wt:
-        return _Linear(mm, p.fqn, p.plan, "mm", None)
+        return _Linear(mm, p.fqn, p.plan, "mm", None, p.blocks)
     return None
 
 

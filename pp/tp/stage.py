@@ -12,7 +12,8 @@ from pp.comms.collectives import GroupLike, group_name
 from pp.tp.emit import AutogradEmitter
 from pp.tp.rewrite import find_planned_params, rewrite_graph
 from pp.tp.styles import normalize_plan
-from pp.tp.transform import check_rank, shard_param, target_device
+from pp.tp.layout import ParamShard
+from pp.tp.transform import check_rank, param_shard, shard_param, target_device
 
 __all__ = ["shard_stage_module"]
 
@@ -35,6 +36,9 @@ def shard_stage_module(
     (aliases too); other parameters and buffers are shared with `module` unless they had to move to
     `device_type`. Forward and backward match the unsharded module's. Plan entries for modules that
     are not in `module` are skipped (a stage gets the whole model's plan), unless none is there.
+    The result's `tp_shards` maps every sharded parameter name (aliases too) to its
+    `pp.tp.layout.ParamShard`, which `gather_shard`/`take_shard` read to go between full and local
+    tensors (checkpoints, gradient checks).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -59,15 +63,21 @@ def shard_stage_module(
         gm.graph, lambda n: n.target if n.op == "get_attr" and n.target in param_names else None, plans,
         require_all=False)
     done: set[str] = set()
+    cuts: dict[int, ParamShard] = {}
     for node, p in params.items():
         if node.target not in done:
             old = gm.get_parameter(node.target)
-            _replace_tensor(gm, old, shard_param(node.target, old, p, rank, world_size))
+            new = shard_param(node.target, old, p, rank, world_size)
+            _replace_tensor(gm, old, new)
+            if new is not old:
+                cuts[id(new)] = param_shard(p)
             done.add(node.target)
     rewrite_graph(gm.graph, params, AutogradEmitter(group_name(group), world_size, rank))
     gm.graph.lint()
     gm.recompile()
+    names = {name: cuts[id(t)] for name, t in gm.named_parameters(remove_duplicate=False) if id(t) in cuts}
     _move_tensors(gm, device)
+    gm.tp_shards = names
     return gm
 
 

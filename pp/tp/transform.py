@@ -12,10 +12,11 @@ from torch.export.graph_signature import ExportGraphSignature, OutputSpec, Tenso
 
 from pp.comms.collectives import GroupLike, group_name, group_size, resolve_group
 from pp.tp.emit import FunctionalEmitter
+from pp.tp.layout import ParamShard, take_shard
 from pp.tp.rewrite import PlannedParam, find_planned_params, rewrite_graph
 from pp.tp.styles import normalize_plan
 
-__all__ = ["check_rank", "shard_param", "target_device", "tensor_parallel_transformation"]
+__all__ = ["check_rank", "param_shard", "shard_param", "target_device", "tensor_parallel_transformation"]
 
 
 def tensor_parallel_transformation(
@@ -95,20 +96,27 @@ def target_device(device_type: str) -> torch.device:
 
 def shard_param(name: str, value: torch.Tensor, p: PlannedParam, rank: int, world_size: int) -> torch.Tensor:
     """This rank's block of a planned weight/bias (a row-parallel bias stays whole)."""
-    if p.plan.kind == "row" and p.role == "bias":
+    shard = param_shard(p)
+    if shard is None:
         return value
-    dim = 0 if p.plan.kind == "col" else 1
-    size = value.shape[dim]
-    if size % world_size != 0:
-        what = "out_features" if dim == 0 else "in_features"
+    size = value.shape[shard.dim]
+    if size % (world_size * shard.blocks) != 0:
+        what = "out_features" if shard.dim == 0 else "in_features"
         style = "ColwiseParallel" if p.plan.kind == "col" else "RowwiseParallel"
+        fused = f" in {shard.blocks} fused blocks (its output is split {shard.blocks} ways)" if shard.blocks > 1 else ""
         raise ValueError(f"{p.fqn}: {style} splits {what}={size} ({name} of shape "
-                         f"{tuple(value.shape)}) over world_size={world_size}, which does not divide it")
-    k = size // world_size
-    shard = value.detach().narrow(dim, rank * k, k).clone()
+                         f"{tuple(value.shape)}){fused} over world_size={world_size}, which does not divide it")
+    local = take_shard(value, shard, rank, world_size)
     if isinstance(value, torch.nn.Parameter):
-        return torch.nn.Parameter(shard, requires_grad=value.requires_grad)
-    return shard
+        return torch.nn.Parameter(local, requires_grad=value.requires_grad)
+    return local
+
+
+def param_shard(p: PlannedParam) -> ParamShard | None:
+    """How planned parameter `p` is cut, or None where it stays whole (a row-parallel bias)."""
+    if p.plan.kind == "row" and p.role == "bias":
+        return None
+    return ParamShard(0 if p.plan.kind == "col" else 1, p.blocks)
 
 
 def _propagate_fake_values(gm: fx.GraphModule, sharded: dict[fx.Node, torch.Tensor]) -> None:

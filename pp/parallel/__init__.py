@@ -1,0 +1,7 @@
+"""Pipeline × data × tensor parallelism: a (pp, dp, tp) device mesh, data-parallel gradient sync, and
+`pp.parallelize`, which puts them together over the pipeline runtime and the tp graph rewrite."""
+from pp.parallel.api import ParallelModel, parallelize
+from pp.parallel.data_parallel import GradSync
+from pp.parallel.mesh import MESH_DIMS, make_mesh, mesh_coords
+
+__all__ = ["GradSync", "MESH_DIMS", "ParallelModel", "make_mesh", "mesh_coords", "parallelize"]

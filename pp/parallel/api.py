@@ -1,0 +1,288 @@
+"""`pp.parallelize`: a model in, this rank's part of a pipeline × data × tensor-parallel run out.
+
+Every rank traces and cuts the model alike, keeps the stages its pipeline rank holds, rewrites them for
+tensor parallelism within its tp group, and runs them with a schedule over its pp group; gradients
+are averaged over its dp group during the step. See docs/parallel.md.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from pp.comms.collectives import all_reduce
+from pp.parallel.data_parallel import GradSync
+from pp.parallel.mesh import check_mesh, make_mesh, mesh_coords
+from pp.stage.marker import SplitPoint
+from pp.stage.pipe import Pipe
+from pp.stage.policies import SplitPolicy, split_by_cost
+from pp.stage.split import pipeline
+from pp.tp.layout import ParamShard, gather_shard, take_shard
+
+__all__ = ["ParallelModel", "parallelize"]
+
+
+class ParallelModel:
+    """This rank's part of a model trained with `pp.parallelize`: its stages, their schedule, and the
+    gradient synchronisation that makes one `step` equal one step of the unsplit model.
+
+    Parameter names are the model's own. `step` takes this data-parallel replica's share of the
+    global batch (`local_share` cuts it); losses and gradients then equal those of the whole model
+    on the global batch, with the loss being the mean over all replicas' microbatches.
+    """
+
+    def __init__(self, mesh: DeviceMesh, stages: list, schedule: Any, grad_sync: GradSync | None,
+                 tp_shards: dict[str, ParamShard], shared_params: Mapping[str, list[int]]) -> None:
+        self.mesh, self.stages, self.schedule, self.grad_sync = mesh, stages, schedule, grad_sync
+        self.tp_shards = dict(tp_shards)
+        coords = mesh_coords(mesh)
+        self.pp_rank, self.dp_rank, self.tp_rank = coords["pp"], coords["dp"], coords["tp"]
+        self.pp, self.dp, self.tp = (mesh.size(i) for i in range(3))
+        self._shared = dict(shared_params)
+        n_stages = stages[0].num_stages
+        ids = [s.stage_index for s in stages]
+        self.has_first_stage, self.has_last_stage = 0 in ids, n_stages - 1 in ids
+
+    # ------------------------------------------------------------------------------- training
+    def step(self, *args: Any, target: Any = None, losses: list | None = None, **kwargs: Any) -> None:
+        """One training step on this replica's share of the batch: forward and backward of every
+        microbatch, gradients accumulated into `.grad` and averaged over the dp replicas. Ranks of
+        the first stage need the inputs, ranks of the last stage `target` (others may pass them
+        too); on the last stage each microbatch's loss is appended to `losses`."""
+        self.schedule.step(*args, target=target, losses=losses, **kwargs)
+        if self.grad_sync is not None:
+            self.grad_sync.finish()
+
+    def eval(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward only; the merged output on the ranks of the last stage, None elsewhere."""
+        return self.schedule.eval(*args, **kwargs)
+
+    def local_share(self, batch: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This replica's share of a global `batch`: the dp_rank-th of dp equal chunks along `dim`."""
+        if batch.shape[dim] % self.dp:
+            raise ValueError(f"a batch of {batch.shape[dim]} along dim {dim} does not divide into "
+                             f"dp={self.dp} equal shares")
+        return batch.chunk(self.dp, dim)[self.dp_rank]
+
+    @property
+    def owns_loss(self) -> bool:
+        """Whether this rank's losses count in a global mean: the last stage's rank of tp index 0
+        (the other tp ranks compute the same losses)."""
+        return self.has_last_stage and self.tp_rank == 0
+
+    # ----------------------------------------------------------------------------- parameters
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of this rank's stages, each parameter once; tp-sharded ones are local."""
+        seen: set[int] = set()
+        for stage in self.stages:
+            for name, p in stage.submod.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield name, p
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, p in self.named_parameters():
+            yield p
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.parameters():
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def grad_norm_sq(self) -> torch.Tensor:
+        """This rank's share of the squared global gradient norm (float32): summed over all ranks it
+        counts every parameter once, tp shards once each, replicas and shared copies once."""
+        grads = [p.grad for p in self._norm_params() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.float32, device=self.stages[0].device)
+        return torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).square().sum()
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Scale every gradient so that the global norm is at most `max_norm`; return the norm before.
+        Collective over all ranks."""
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
+        norm = math.sqrt(all_reduce(self.grad_norm_sq(), "sum").item())
+        if norm > max_norm:
+            torch._foreach_mul_([p.grad for p in self.parameters() if p.grad is not None],
+                                max_norm / (norm + 1e-6))
+        return norm
+
+    def _norm_params(self) -> list[nn.Parameter]:
+        if self.dp_rank != 0:       # replicas hold the same averaged gradients
+            return []
+        out, seen = [], set()
+        for stage in self.stages:
+            for name, p in stage.submod.named_parameters():
+                owner = min(self._shared.get(name, [stage.stage_index]))
+                if owner != stage.stage_index or id(p) in seen:
+                    continue
+                if self.tp_rank == 0 or name in self.tp_shards:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    # ------------------------------------------------------------------- full and local tensors
+    def full_tensor(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """The whole tensor for parameter `name` from its local part (a tp all-gather for sharded
+        ones, collective over the tp group; `local` itself otherwise). Also for optimizer state."""
+        shard = self.tp_shards.get(name)
+        return local if shard is None else gather_shard(local, shard, self.mesh.get_group("tp"))
+
+    def local_tensor(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the whole tensor `full` of parameter `name`."""
+        shard = self.tp_shards.get(name)
+        return full if shard is None else take_shard(full, shard, self.tp_rank, self.tp)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's stages' parameters and buffers as whole tensors under the model's names
+        (collective over the tp group)."""
+        out: dict[str, torch.Tensor] = {}
+        for stage in self.stages:
+            for name, t in stage.submod.state_dict().items():
+                out[name] = self.full_tensor(name, t)
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy whole tensors (as from `state_dict` or the unsplit model) into this rank's parts."""
+        for stage in self.stages:
+            for name, t in stage.submod.state_dict().items():
+                if name not in state:
+                    raise KeyError(f"load_state_dict: no entry {name!r} (stage {stage.stage_index} needs it)")
+                with torch.no_grad():
+                    t.copy_(self.local_tensor(name, state[name].to(t.device)))
+
+    def __repr__(self) -> str:
+        ids = [s.stage_index for s in self.stages]
+        return (f"ParallelModel(pp={self.pp}, dp={self.dp}, tp={self.tp}; rank (pp {self.pp_rank}, "
+                f"dp {self.dp_rank}, tp {self.tp_rank}) holds stages {ids})")
+
+
+def parallelize(
+    module: nn.Module | Pipe,
+    mb_args: tuple = (),
+    mb_kwargs: dict | None = None,
+    *,
+    n_microbatches: int,
+    loss_fn: Callable,
+    pp: int | None = None,
+    dp: int = 1,
+    tp: int = 1,
+    schedule: str = "1F1B",
+    stages_per_rank: int | None = None,
+    tp_plan: Mapping[str, Any] | None = None,
+    split_spec: Mapping[str, SplitPoint] | None = None,
+    split_policy: SplitPolicy | None = None,
+    device: torch.device | str | None = None,
+    mesh: DeviceMesh | None = None,
+) -> ParallelModel:
+    """Build this rank's part of `module` trained with pp × dp × tp parallelism; collective.
+
+    `mb_args`/`mb_kwargs` are one microbatch of this replica (local batch / n_microbatches), used to
+    trace; `module` may also be a `Pipe` already cut. The cut follows `split_spec`, `split_policy`,
+    the model's `pipe_split()` calls, or else `split_by_cost`. `tp_plan` maps module names to
+    `pp.tp.ColwiseParallel`/`RowwiseParallel`. `pp` defaults to world / (dp * tp); `mesh`, if given,
+    is a (pp, dp, tp) DeviceMesh (`pp.parallel.make_mesh`) whose sizes win. `device` defaults to
+    cuda:LOCAL_RANK when CUDA is available, else cpu.
+    """
+    from pp.comms.backend import default_device, get_world_size
+    from pp.schedules.classes import PipelineScheduleSingle, schedule_class
+    from pp.schedules.registry import get_spec
+    from pp.stage.runtime import build_stage
+    from pp.tp.stage import shard_stage_module
+
+    if not isinstance(n_microbatches, int) or isinstance(n_microbatches, bool) or n_microbatches < 1:
+        raise ValueError(f"n_microbatches must be a positive integer, got {n_microbatches!r}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (output, target) -> loss, got {type(loss_fn).__name__}")
+    for name, value in (("pp", pp), ("dp", dp), ("tp", tp)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if tp_plan is not None and not isinstance(tp_plan, Mapping):
+        raise TypeError(f"tp_plan must map module names to pp.tp styles, got {type(tp_plan).__name__}")
+    if mesh is not None:
+        check_mesh(mesh)
+        given = {"pp": pp, "dp": dp, "tp": tp}
+        sizes = dict(zip(("pp", "dp", "tp"), mesh.shape))
+        bad = [k for k, v in given.items() if v is not None and v != sizes[k] and (k == "pp" or v != 1)]
+        if bad:
+            raise ValueError(f"{bad[0]}={given[bad[0]]} disagrees with the mesh, whose shape is {sizes}")
+        pp, dp, tp = sizes["pp"], sizes["dp"], sizes["tp"]
+    elif pp is None:
+        world = get_world_size()
+        if world % (dp * tp):
+            raise ValueError(f"dp={dp} x tp={tp} does not divide the world size {world}")
+        pp = world // (dp * tp)
+    if tp > 1 and not tp_plan:
+        raise ValueError(f"tp={tp} needs a tp_plan: {{module name: pp.tp.ColwiseParallel() or RowwiseParallel()}}")
+    device = torch.device(device) if device is not None else default_device()
+    spec = get_spec(schedule)
+    n_stages = spec.n_stages(pp, stages_per_rank)
+    if mesh is None:
+        mesh = make_mesh(pp, dp, tp)
+    coords = mesh_coords(mesh)
+
+    if isinstance(module, Pipe) and (split_spec is not None or split_policy is not None):
+        raise ValueError("module is a Pipe, already cut: drop split_spec/split_policy")
+    pipe = module if isinstance(module, Pipe) else _split(module, mb_args, mb_kwargs, n_stages,
+                                                          split_spec, split_policy)
+    if pipe.num_stages != n_stages:
+        raise ValueError(f"the model is cut into {pipe.num_stages} stages, but schedule {spec.name} with "
+                         f"pp={pp} needs {n_stages}")
+    info = pipe.info()
+    if tp > 1:
+        _check_plan(pipe, tp_plan)
+    placement = spec.placement(n_stages, pp)
+    stages, shards = [], {}
+    for s in (s for s, r in enumerate(placement) if r == coords["pp"]):
+        mod = pipe.get_stage_module(s)
+        if tp > 1 and _plan_covers(mod, tp_plan):
+            mod = shard_stage_module(mod, None, coords["tp"], tp, device.type, tp_plan, group=mesh.get_group("tp"))
+            shards.update(mod.tp_shards)
+        stages.append(build_stage(mod, s, info, device, group=mesh.get_group("pp")))
+    cls = schedule_class(spec.name)
+    target = stages[0] if issubclass(cls, PipelineScheduleSingle) else stages
+    sched = cls(target, n_microbatches, loss_fn=loss_fn)
+    sync = None
+    if dp > 1:
+        sync = GradSync({s.stage_index: list(s.submod.named_parameters()) for s in stages},
+                        mesh.get_group("dp"), deferred=info.shared_params)
+        sched.on_backward_done = sync.stage_done
+    return ParallelModel(mesh, stages, sched, sync, shards, info.shared_params)
+
+
+def _split(module: nn.Module, mb_args: tuple, mb_kwargs: dict | None, n_stages: int,
+           split_spec: Mapping[str, SplitPoint] | None, split_policy: SplitPolicy | None) -> Pipe:
+    """Cut `module` as asked; without split_spec or split_policy, at its pipe_split() calls if it
+    makes exactly the stages needed, else balanced by cost."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module or a pp.Pipe, got {type(module).__name__}")
+    if split_spec is not None or split_policy is not None or n_stages == 1:
+        return pipeline(module, mb_args, mb_kwargs, split_spec=split_spec, split_policy=split_policy)
+    pipe = pipeline(module, mb_args, mb_kwargs)
+    if pipe.num_stages == 1:
+        pipe = pipeline(module, mb_args, mb_kwargs, split_policy=split_by_cost(n_stages))
+    return pipe
+
+
+def _check_plan(pipe: Pipe, tp_plan: Mapping[str, Any]) -> None:
+    """Every planned module exists somewhere in the pipe, and none holds a parameter several stages share."""
+    names = {n for s in range(pipe.num_stages) for n, _ in pipe.get_stage_module(s).named_parameters()}
+    modules = {n.rpartition(".")[0] for n in names}
+    missing = sorted(str(k) for k in tp_plan if k not in modules)
+    if missing:
+        raise ValueError(f"tp_plan names module(s) {missing} that the model does not have (or that hold no "
+                         f"parameters); expected names of nn.Linear modules such as 'blocks.0.mlp.fc'")
+    shared = sorted(n for n in pipe.info().shared_params if n.rpartition(".")[0] in tp_plan)
+    if shared:
+        raise ValueError(f"tp_plan shards {shared[0]!r}, which several stages share (tied weights); "
+                         f"shared parameters must stay replicated: drop {shared[0].rpartition('.')[0]!r} from tp_plan")
+
+
+def _plan_covers(module: nn.Module, tp_plan: Mapping[str, Any]) -> bool:
+    return any(n.rpartition(".")[0] in tp_plan for n, _ in module.named_parameters())

@@ -1,0 +1,237 @@
+"""PP × TP and PP × DP: `pp.parallelize` on 4 gloo ranks and `torchrun -m pp.run` on 4 processes give
+the losses and gradients of the pp-only / unsplit model on the same global batch.
+
+One spawn of 4 ranks runs every API case (a module fixture); the tests then check one property each
+against the unsplit model computed here. The launcher runs are real torchrun jobs, few and short.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from pp.launcher.models import GPT
+from pp.launcher.train import lm_loss
+from pp.testing import run_ranks
+from test_launcher_run import check_ok, torchrun
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "pp_tp_dp.py")
+MODEL = dict(vocab_size=64, d_model=16, n_layers=2, n_heads=4, seq_len=8, tie_weights=True)
+BATCH = 8
+# name -> parallelize() arguments, all on 4 ranks. Microbatches of 2 sequences everywhere, so that the
+# two 2-stage cases share one traced Pipe.
+CASES = {
+    "pp2-tp2": dict(pp=2, tp=2, schedule="1F1B", n_microbatches=4),
+    "pp2-dp2": dict(pp=2, dp=2, schedule="1F1B", n_microbatches=2),
+    "pp2-dp2-zbv": dict(pp=2, dp=2, schedule="ZBVZeroBubble", n_microbatches=2),  # 2 stages/rank, I/W
+}
+
+
+def _model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(**MODEL)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, MODEL["vocab_size"], (BATCH, MODEL["seq_len"] + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _run_cases(rank: int, world: int) -> dict:
+    """Every case on this rank: its losses, whole gradients and sync order after one step."""
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, y = _batch()
+    model = _model()
+    mb = (torch.zeros(2, MODEL["seq_len"], dtype=torch.long),)
+    pipes = {2: pp.pipeline(model, mb, split_policy=pp.split_by_cost(2))}
+    seen = {}
+    for name, kw in CASES.items():
+        n_stages = 4 if "zbv" in name else 2
+        source = pipes.get(n_stages, model)  # the ZBV case cuts the model itself, into 4 stages
+        par = pp.parallelize(source, mb, loss_fn=lm_loss, tp_plan=model.tp_plan() if "tp" in kw else None, **kw)
+        losses: list = []
+        par.step(par.local_share(x), target=par.local_share(y), losses=losses)
+        grads = {n: par.full_tensor(n, p.grad) for n, p in par.named_parameters()}
+        norm = par.clip_grad_norm_(1e9)
+        seen[name] = {"losses": [l.item() for l in losses] if par.owns_loss else [], "grads": grads,
+                      "norm": norm, "coords": (par.pp_rank, par.dp_rank, par.tp_rank),
+                      "local": {n: tuple(p.shape) for n, p in par.named_parameters()},
+                      "order": par.grad_sync.last_order if par.grad_sync else None,
+                      "stages": [s.stage_index for s in par.stages]}
+        par.zero_grad()  # the cases share the untouched parameters of `model`
+    seen["example"] = _run_example("--tp", "2", "--steps", "4")  # last: it destroys the process group
+    return seen
+
+
+def _run_example(*argv: str) -> str:
+    """What docs/parallel.md's example (examples/pp_tp_dp.py) prints on this rank."""
+    import contextlib
+    import io
+    import runpy
+    import sys
+
+    out = io.StringIO()
+    sys.argv = [EXAMPLE, *argv]
+    with contextlib.redirect_stdout(out):
+        runpy.run_path(EXAMPLE, run_name="__main__")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def ranks_seen() -> list[dict]:
+    return run_ranks(_run_cases, 4, timeout_s=150)
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """The unsplit model on the global batch: per-microbatch losses, their mean's gradients and norm."""
+    model = _model()
+    x, y = _batch()
+    losses = [lm_loss(model(a), b) for a, b in zip(x.chunk(4), y.chunk(4))]
+    torch.stack(losses).mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    norm = torch.stack([g.norm() for g in grads.values()]).norm().item()
+    return {"loss": torch.stack(losses).mean().item(), "grads": grads, "norm": norm}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_global_mean_loss_equals_unsplit_model(ranks_seen, reference, case):
+    losses = [l for r in ranks_seen for l in r[case]["losses"]]
+    kw = CASES[case]
+    assert len(losses) == kw["n_microbatches"] * kw.get("dp", 1)  # one loss-owning rank per replica
+    assert sum(losses) / len(losses) == pytest.approx(reference["loss"], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gathered_gradients_equal_unsplit_model_on_every_rank(ranks_seen, reference, case):
+    covered = set()
+    for rank, seen in enumerate(ranks_seen):
+        for name, g in seen[case]["grads"].items():
+            torch.testing.assert_close(g, reference["grads"][name], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"rank {rank} {case} {name}: {m}")
+            covered.add(name)
+    assert covered == set(reference["grads"])   # the tied lm_head/tok_emb weight is one name
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_global_grad_norm_counts_each_parameter_once(ranks_seen, reference, case):
+    for seen in ranks_seen:
+        assert seen[case]["norm"] == pytest.approx(reference["norm"], rel=1e-5)
+
+
+def test_tp_ranks_hold_local_heads_and_the_mesh_puts_tp_innermost(ranks_seen):
+    for rank, seen in enumerate(ranks_seen):
+        s = seen["pp2-tp2"]
+        assert s["coords"] == (rank // 2, 0, rank % 2)
+        if 0 in s["stages"]:
+            assert s["local"]["blocks.0.attn.qkv.weight"] == (3 * 16 // 2, 16)
+            assert s["local"]["blocks.0.mlp.proj.weight"] == (16, 4 * 16 // 2)
+        assert seen["pp2-dp2"]["coords"] == (rank // 2, rank % 2, 0)
+
+
+def test_dp_sync_starts_per_stage_when_its_last_backward_is_done(ranks_seen):
+    for seen in ranks_seen:
+        assert seen["pp2-dp2"]["order"] == seen["pp2-dp2"]["stages"]
+        # V placement: rank 0 holds stages 0 and 3; stage 3's backward ends first
+        assert seen["pp2-dp2-zbv"]["order"] == sorted(seen["pp2-dp2-zbv"]["stages"], reverse=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_microbatches=0), "n_microbatches must be a positive integer, got 0"),
+    (dict(dp=0), "dp must be a positive integer, got 0"),
+    (dict(pp=1, tp=2), "tp=2 needs a tp_plan"),
+    (dict(tp_plan=["blocks.0.mlp.fc"]), "tp_plan must map module names to pp.tp styles, got list"),
+])
+def test_bad_arguments_fail_before_any_communication(kwargs, message):
+    import pp
+
+    args = {"n_microbatches": 2, "loss_fn": lm_loss, **kwargs}
+    with pytest.raises((ValueError, TypeError), match=message):
+        pp.parallelize(_model(), (torch.zeros(2, 8, dtype=torch.long),), **args)
+
+
+def test_docs_example_trains_with_pp2_tp2(ranks_seen):
+    printed = [r["example"] for r in ranks_seen]
+    assert [bool(p) for p in printed] == [False, False, True, False]  # last stage, tp rank 0
+    losses = [float(line.split()[3]) for line in printed[2].splitlines()]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.2, losses
+    text = open(os.path.join(os.path.dirname(EXAMPLE), "..", "docs", "parallel.md")).read()
+    assert "examples/pp_tp_dp.py" in text and "par.step(par.local_share(x)" in text
+
+
+# ------------------------------------------------------------------------- the launcher, torchrun
+
+LAUNCH = """model: {name: gpt, vocab_size: 256, d_model: 32, n_layers: 2, n_heads: 4, seq_len: 16}
+parallel: {pp: 2, timeout_s: 120}
+schedule: {name: 1F1B, microbatches: 2}
+train: {steps: 6, batch_size: 8, lr: 0.003, seed: 0, warmup_steps: 2}
+checkpoint: {every: 3, resume: false}
+"""
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> dict:
+    """{pp:2} on 2 ranks and {pp:2, dp:2} on 4, six steps each; then {pp:2, tp:2} on 4 ranks resumes the
+    dp run's step-3 checkpoint (whole tensors, re-cut into tp shards) and runs steps 4..6."""
+    root = tmp_path_factory.mktemp("launch")
+    cfg = root / "cfg.yaml"
+    cfg.write_text(LAUNCH)
+    out = {name: root / name for name in ("ref", "tp", "dp")}
+    procs = {"ref": torchrun(2, str(cfg), "--output.dir", str(out["ref"])),
+             "dp": torchrun(4, str(cfg), "--parallel.dp", "2", "--output.dir", str(out["dp"]))}
+    check_ok(procs["dp"])
+    shutil.copytree(out["dp"] / "checkpoints" / "step-3", out["tp"] / "checkpoints" / "step-3")
+    procs["tp"] = torchrun(4, str(cfg), "--parallel.tp", "2", "--output.dir", str(out["tp"]),
+                           "--checkpoint.resume", "true")
+    for proc in procs.values():
+        check_ok(proc)
+    return {"out": out, "procs": procs}
+
+
+def _losses(out_dir) -> dict[int, float]:
+    from pp.launcher.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(os.path.join(out_dir, "metrics.jsonl"))}
+
+
+def test_launcher_pp2_dp2_losses_match_pp2(launched):
+    ref, got = _losses(launched["out"]["ref"]), _losses(launched["out"]["dp"])
+    assert sorted(got) == list(range(1, 7))
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), step
+    assert "2 stages on 4 rank(s) (cpu, pp=2 x dp=2 x tp=1)" in launched["procs"]["dp"].stdout
+
+
+def test_launcher_pp2_tp2_resumes_the_dp_checkpoint_and_matches_pp2(launched):
+    ref, got = _losses(launched["out"]["ref"]), _losses(launched["out"]["tp"])
+    assert sorted(got) == [4, 5, 6]
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), step
+    assert "saved with pp=2, dp=2, tp=1" in launched["procs"]["tp"].stdout
+
+
+def test_checkpoints_hold_whole_tensors_whatever_the_layout(launched):
+    import torch.distributed.checkpoint as dcp
+
+    from pp import load_unsplit
+
+    def sizes(name: str) -> dict:
+        meta = dcp.FileSystemReader(str(launched["out"][name] / "checkpoints" / "step-6")).read_metadata()
+        return {k: tuple(getattr(v, "size", ())) for k, v in meta.state_dict_metadata.items()}
+
+    assert sizes("tp") == sizes("ref") == sizes("dp")
+    x = torch.randint(0, 256, (2, 16))
+    outputs = {}
+    for name in ("ref", "tp", "dp"):
+        model = GPT(256, 32, 2, 4, 16)
+        load_unsplit(model, str(launched["out"][name]))
+        with torch.no_grad():
+            outputs[name] = model(x)
+    torch.testing.assert_close(outputs["tp"], outputs["ref"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outputs["dp"], outputs["ref"], rtol=1e-4, atol=1e-4)
