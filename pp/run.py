@@ -6,9 +6,12 @@ config ends every rank with exit code 2 and one line on stderr, printed by rank 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import time
+import traceback
+from typing import NoReturn
 
 USAGE = """usage: torchrun --nproc-per-node N -m pp.run CFG.yaml [--section.key value ...]
        python -m pp.run CFG.yaml ...   (one process: parallel.pp must be 1)
@@ -19,6 +22,7 @@ command line, e.g. --train.steps 100 --schedule.name GPipe. Keys, defaults and m
 
 EXIT_CONFIG = 2      # the config (or a checkpoint it points to) is unusable
 EXIT_TRAINING = 3    # training stopped on a checked condition (non-finite loss, ...)
+EXIT_RANK_FAILED = 1  # a rank raised (in its forward, say) or lost contact with a peer rank
 
 
 def _env_rank() -> int:
@@ -80,24 +84,61 @@ def _train(job) -> int:
     p = job.cfg.parallel
     device = "cpu" if p.device == "cpu" else None
     rank, world, dev = init_process_group_from_env(device=device, timeout_s=p.timeout_s)
+    trainer = None
     try:
         if rank == 0:
             _banner(job, world, dev)
-        Trainer(job, rank, dev).run()
+        trainer = Trainer(job, rank, dev)
+        trainer.run()
     except CheckpointError as e:
         return _fail(EXIT_CONFIG, str(e))
     except TrainingError as e:
         return _fail(EXIT_TRAINING, str(e))
+    except Exception as e:  # noqa: BLE001 - any other failure ends this rank with one line saying why
+        _rank_failed(rank, getattr(trainer, "current_step", 0), e, p.timeout_s)
     finally:
         destroy()
     return 0
 
 
+def _rank_failed(rank: int, step: int, e: Exception, timeout_s: float) -> NoReturn:
+    """Print one line naming this rank and its error, then leave at once (exit code 1).
+
+    A rank whose own code raised prints the traceback above that line. A rank that only lost contact
+    with a peer says so without one: the peer's own line says why. Leaving by os._exit skips the
+    process-group teardown, which would wait again for the transfers a dead or stuck peer never completes.
+    """
+    from torch.distributed import DistError
+
+    at = f" at step {step}" if step else ""
+    notes = "".join(f" ({note.removeprefix('pp: ')})" for note in getattr(e, "__notes__", ()))
+    text = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [""])[0])  # drop gloo's [file:line]
+    text = text or "(no message)"
+    lost_peer = isinstance(e, DistError) or "/gloo/" in str(e)  # gloo's errors name its sources
+    timed_out = lost_peer and re.search(r"timed out|timeout", text, re.IGNORECASE) is not None
+    if not lost_peer:
+        traceback.print_exc()
+        line = f"rank {rank} failed{at}: {type(e).__name__}: {text}{notes}"
+    elif timed_out:
+        line = (f"rank {rank} stopped{at}: no message from a peer rank within parallel.timeout_s={timeout_s:g}s "
+                f"(a rank hangs, was stopped, or is far slower): {text}{notes}")
+    else:
+        line = (f"rank {rank} stopped{at}: it lost the connection to a peer rank, which has probably failed "
+                f"(see that rank's message): {text.split('. ')[0]}{notes}")
+    sys.stdout.flush()
+    print(f"pp.run: {line}", file=sys.stderr, flush=True)
+    if lost_peer and not timed_out:
+        time.sleep(2.0)  # the failed peer's exit reaches torchrun first, so it reports that rank as the cause
+    os._exit(EXIT_RANK_FAILED)
+
+
 def _banner(job, world: int, device) -> None:
     cfg, layout = job.cfg, job.layout
     data = "this Python's standard library sources" if cfg.train.data == "stdlib" else cfg.train.data
+    p = cfg.parallel
+    mesh = f", pp={layout.pp} x dp={p.dp} x tp={p.tp}" if p.dp > 1 or p.tp > 1 else ""
     print(f"pp.run: {cfg.model.name} with {job.n_params / 1e6:.2f}M parameters, {layout.n_stages} stages on "
-          f"{world} rank(s) ({device.type}), schedule {layout.schedule} with {cfg.schedule.microbatches} "
+          f"{world} rank(s) ({device.type}{mesh}), schedule {layout.schedule} with {cfg.schedule.microbatches} "
           f"microbatches, data: {data}", flush=True)
 
 

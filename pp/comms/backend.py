@@ -77,7 +77,16 @@ def init_process_group_from_env(
     if backend is None:
         backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else backend_for_device(dev)
     kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+    else:
+        # torchrun shares its store with the workers and keeps it across restarts, so a restarted group
+        # would read the failed attempt's keys (gloo's peer addresses, NCCL's unique id) and fail to
+        # connect (pytorch/pytorch#135712). A prefix per attempt keeps the attempts apart.
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, **kwargs))
+        store = dist.PrefixStore(f"pp/attempt-{attempt}/", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **kwargs)
     _device = dev
     return rank, world_size, dev
 
