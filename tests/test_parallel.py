@@ -70,7 +70,7 @@ def _run_cases(rank: int, world: int) -> dict:
 
 
 def _run_example(*argv: str) -> str:
-    """What docs/parallel.md's example (examples/pp_tp_dp.py) prints on this rank."""
+    """What the README's parallelize example (examples/pp_tp_dp.py) prints on this rank."""
     import contextlib
     import io
     import runpy
@@ -161,8 +161,11 @@ def test_docs_example_trains_with_pp2_tp2(ranks_seen):
     assert [bool(p) for p in printed] == [False, False, True, False]  # last stage, tp rank 0
     losses = [float(line.split()[3]) for line in printed[2].splitlines()]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.2, losses
-    text = open(os.path.join(os.path.dirname(EXAMPLE), "..", "docs", "parallel.md")).read()
-    assert "examples/pp_tp_dp.py" in text and "par.step(par.local_share(x)" in text
+    readme = open(os.path.join(os.path.dirname(EXAMPLE), "..", "README.md")).read()
+    block = readme.split("`examples/pp_tp_dp.py` runs with", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    source = open(EXAMPLE).read()
+    for line in block.strip().splitlines():
+        assert line.strip() in source, f"README line not in examples/pp_tp_dp.py: {line}"
 
 
 # ------------------------------------------------------------------------- the launcher, torchrun

@@ -1,1 +1,1 @@
-"""The `pp.run` launcher: config, models, data, training loop, checkpoints, metrics (see docs/launcher.md)."""
+"""The `pp.run` launcher: config, models, data, training loop, checkpoints, metrics (see the README, "Training with `pp.run`")."""

@@ -2,7 +2,7 @@
 
 Every rank traces and cuts the model alike, keeps the stages its pipeline rank holds, rewrites them for
 tensor parallelism within its tp group, and runs them with a schedule over its pp group; gradients
-are averaged over its dp group during the step. See docs/parallel.md.
+are averaged over its dp group during the step. See the README, "Pipeline × data × tensor parallelism".
 """
 from __future__ import annotations
 
