@@ -3,6 +3,7 @@ executor runs them all. `schedule_from_actions` runs a schedule the user wrote (
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Callable, Mapping, Sequence
 
@@ -83,6 +84,10 @@ class _PipelineSchedule:
         p2p.warm_up(self.group, first.device)
         self._last_signature: Any = None
         self.record_trace = False
+        # Called with a stage index right after that stage's last backward (B or W) of a training step
+        # has run on this rank, e.g. to start its data-parallel gradient sync while others still work.
+        self.on_backward_done: Callable[[int], None] | None = None
+        self._last_backward = _last_backward_actions(self._train_actions)
 
     def _prepare(self, compute, edges, given, forward_only=False) -> list[Action]:
         lists = dict(given) if given is not None else lower(
@@ -168,10 +173,12 @@ class _PipelineSchedule:
         outputs: list | None = [] if not training and (self.n_stages - 1) in self._stages else None
         scale = 1.0 / self.n_microbatches if self.scale_grads else 1.0
         actions = self._train_actions if training else self._eval_actions
+        hook = self.on_backward_done if training else None
+        after = {a: functools.partial(hook, s) for a, s in self._last_backward.items()} if hook else None
         try:
             self._executor.run(actions, meta_mode=meta_mode, loss_fn=self._loss_fn if training else None,
                                targets=targets, losses=losses, loss_scale=scale, outputs=outputs,
-                               record=self.record_trace)
+                               record=self.record_trace, after=after)
         finally:
             for s in self._stages.values():
                 s.clear()
@@ -217,6 +224,15 @@ class _PipelineSchedule:
                 else:
                     p.grad.copy_(g)
             offset += n
+
+
+def _last_backward_actions(actions: list[Action]) -> dict[Action, int]:
+    """{the last B or W of each stage in `actions`: that stage}."""
+    last: dict[int, Action] = {}
+    for a in actions:
+        if a.kind in (Kind.B, Kind.W):
+            last[a.stage] = a
+    return {a: s for s, a in last.items()}
 
 
 class PipelineScheduleSingle(_PipelineSchedule):

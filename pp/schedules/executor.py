@@ -49,7 +49,10 @@ class Executor:
 
     # --------------------------------------------------------------------------------- step
     def run(self, actions: list[Action], *, meta_mode: bool, loss_fn: Callable | None, targets: list | None,
-            losses: list | None, loss_scale: float, outputs: list | None, record: bool) -> None:
+            losses: list | None, loss_scale: float, outputs: list | None, record: bool,
+            after: dict[Action, Callable[[], None]] | None = None) -> None:
+        """Run `actions`; `after[a]()` is called right after compute action `a` (e.g. start a stage's
+        data-parallel gradient sync once its last backward of the step is done)."""
         self._waits: dict[tuple, list] = defaultdict(list)
         self._grad_bufs: dict[tuple, list] = defaultdict(list)
         self._send_works: list = []
@@ -70,6 +73,8 @@ class Executor:
                 self._post(batch)
                 batch = []
             self._compute(action, events if record else None)
+            if after and action in after:
+                after[action]()
         if batch:
             self._post(batch)
         for work in self._send_works:
@@ -228,6 +233,7 @@ class Executor:
         peer = self.rank_of(msg.src)
         if self._meta_mode:
             self._meta[msg] = p2p.recv_object(peer, self.group)
+            stage.check_received(msg.src, self._meta[msg])
         meta = self._meta[msg]
         ops = []
         for slot, entry in zip(stage.input_slots_from(msg.src, len(meta)), meta):

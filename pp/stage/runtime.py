@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from .pipe import MODEL_INPUT, PipeInfo
-from .backward import input_grads, weight_grads
+from .backward import input_grads, run_backward, weight_grads
 
 
 @dataclass
@@ -69,6 +69,10 @@ class PipelineStage:
         self.group_size = dist.get_world_size(group)
         self.pipe_info = pipe_info
         self.input_args, self.output_args = input_args, output_args
+        if input_args is not None and not isinstance(input_args, torch.Tensor) and not (
+                isinstance(input_args, (tuple, list)) and all(isinstance(a, torch.Tensor) for a in input_args)):
+            raise TypeError(f"input_args must be a tensor or a tuple of tensors (one microbatch of stage "
+                            f"{stage_index}'s inputs), got {type(input_args).__name__}")
         self.submod = _move(submodule, self.device)
         self.is_first = stage_index == 0
         self.is_last = stage_index == num_stages - 1
@@ -90,6 +94,7 @@ class PipelineStage:
             self.n_inputs = None
         self._mb: dict[int, _Microbatch] = {}
         self._params = [p for p in self.submod.parameters() if p.requires_grad]
+        self._expected: list[tuple[str, torch.dtype, tuple] | None] | None = None  # see check_received
 
     # -------------------------------------------------------------------------------- wiring
     @property
@@ -107,6 +112,46 @@ class PipelineStage:
     def input_slots_from(self, producer: int, count: int) -> list[int]:
         slots = self._recv_slots[producer]
         return list(range(count)) if slots is None else slots
+
+    def check_received(self, producer: int, meta: list) -> None:
+        """ValueError if what stage `producer` announces for this stage's inputs (the metadata sent in a
+        step whose shapes changed) is not what this stage expects: another input count (manual stages
+        with `input_args`), another dtype, or another size in any dimension but the batch dimension.
+
+        A manual stage expects its `input_args`; a traced stage the example inputs it was traced with.
+        """
+        expected = self._expected_inputs()
+        if not expected:
+            return
+        if self.pipe_info is None and len(meta) != len(expected):
+            raise ValueError(f"stage {self.stage_index} expects {len(expected)} input(s) (its input_args) "
+                             f"but stage {producer} sends {len(meta)}")
+        for slot, entry in zip(self.input_slots_from(producer, len(meta)), meta):
+            want = expected[slot] if slot < len(expected) else None
+            if want is None:
+                continue
+            name, dtype, shape = want
+            if entry[0] == "t" and entry[2] == dtype and len(entry[1]) == len(shape) and \
+                    tuple(entry[1][1:]) == shape[1:]:
+                continue
+            got = _describe(entry[2], entry[1]) if entry[0] == "t" else f"the non-tensor value {entry[1]!r}"
+            raise ValueError(f"stage {self.stage_index} {name} (from stage {producer}): expected "
+                             f"{_describe(dtype, ('*',) + shape[1:] if shape else shape)}, got {got}")
+
+    def _expected_inputs(self) -> list:
+        """Per input slot (name, dtype, shape) of what this stage expects, None where it does not say."""
+        if self._expected is None:
+            if self.pipe_info is not None and isinstance(self.submod, fx.GraphModule):
+                vals = [(n.name, n.meta.get("val")) for n in self.submod.graph.nodes if n.op == "placeholder"]
+                self._expected = [(f"input {i} ({name!r})", v.dtype, tuple(v.shape))
+                                  if isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape)
+                                  else None for i, (name, v) in enumerate(vals)]
+            elif self.input_args is not None and not self.is_first:
+                args = (self.input_args,) if isinstance(self.input_args, torch.Tensor) else tuple(self.input_args)
+                self._expected = [(f"input {i}", a.dtype, tuple(a.shape)) for i, a in enumerate(args)]
+            else:
+                self._expected = []
+        return self._expected
 
     # ------------------------------------------------------------------------------- per step
     def clear(self) -> None:
@@ -156,7 +201,9 @@ class PipelineStage:
 
     def _roots(self, st: _Microbatch, loss_scale: float) -> tuple[list, list]:
         if self.is_last and st.loss is not None:
-            return [st.loss * loss_scale if loss_scale != 1.0 else st.loss], [None]
+            if st.loss.numel() != 1:
+                raise ValueError(f"loss_fn must return a single-element loss, got shape {tuple(st.loss.shape)}")
+            return [st.loss], [torch.full_like(st.loss, loss_scale)]  # the seed scales: no extra multiply
         roots, grads = [], []
         for i, out in enumerate(st.outputs):
             g = st.out_grads.get(i)
@@ -173,7 +220,7 @@ class PipelineStage:
         st = self._mb[m]
         roots, grads = self._roots(st, loss_scale)
         if roots:
-            torch.autograd.backward(roots, grads)
+            run_backward(roots, grads, accumulate=True, keep_graph=False)
         self._keep_input_grads(st, [x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None
                                     for x in st.inputs])
         self._maybe_drop(m)
@@ -234,6 +281,11 @@ def build_stage(stage_module: nn.Module, stage_index: int, pipe_info: PipeInfo,
                          f"0..{pipe_info.num_stages - 1}")
     return PipelineStage(stage_module, stage_index, pipe_info.num_stages, device, group=group,
                          pipe_info=pipe_info)
+
+
+def _describe(dtype: torch.dtype, shape: tuple) -> str:
+    """'a float32 tensor of shape (*, 16)' (`*`: any batch size)."""
+    return f"a {str(dtype).removeprefix('torch.')} tensor of shape ({', '.join(map(str, shape))})"
 
 
 def _to(value: Any, device: torch.device) -> Any:
