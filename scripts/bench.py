@@ -270,12 +270,15 @@ def label_of(cfg) -> str:
         lab += f"_{cfg.split}"
     if cfg.tag:
         lab += f"_{cfg.tag}"
+    if getattr(cfg, "compile", False):
+        lab += "_compiled"
     return lab
 
 
 def config_key(cfg) -> str:
     return "/".join([cfg.impl, cfg.schedule, str(cfg.microbatches), cfg.split, cfg.tag or "-",
-                     f"L{cfg.layers}d{cfg.d_model}h{cfg.heads}V{cfg.vocab}S{cfg.seq}b{cfg.mb_size}"])
+                     f"L{cfg.layers}d{cfg.d_model}h{cfg.heads}V{cfg.vocab}S{cfg.seq}b{cfg.mb_size}"
+                     + ("-compiled" if getattr(cfg, "compile", False) else "")])
 
 
 # ------------------------------------------------------------------------------------- measurements
@@ -361,6 +364,9 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
 
     modules = {s: build_stage_module(s, ranges, cfg, device, dtype) for s in mine}
     n_params = sum(p.numel() for m in modules.values() for p in m.parameters())
+    if cfg.compile:  # compiled on first use, in time_alone's warm-up: the ideal is the compiled stages' too
+        modules = {s: torch.compile(m) for s, m in modules.items()}
+    record["compile"] = bool(cfg.compile)
 
     # Ideal: each rank's stages alone, before any pipeline traffic.
     alone = time_alone(modules, n_stages, cfg, device, dtype, tokens, targets)
@@ -573,6 +579,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--tag", default="", help="free label stored in the record")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each stage module (both impls alike; recorded as compile=true)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file (default bench/results/bench.jsonl)")
     p.add_argument("--trace", default=None, metavar="DIR", help="pp only: one recorded step, merged Chrome trace")
     p.add_argument("--profile", default=None, metavar="DIR", help="torch.profiler trace of one step per rank")

@@ -22,9 +22,11 @@ def list_schedule(
     max_deferred: list[int] | None = None,
     soft_deferred: list[int] | None = None,
     split_backward: bool = True,
+    hold_until_weight: bool = False,
 ) -> tuple[dict[int, list[Action]], int]:
     """Greedy compute order for a chain of stages; priorities I/B > F > W, lowest microbatch (then the
-    deeper stage) first. Rank r holds at most `max_in_flight[r]` activations (F ran, I/B not yet) and
+    deeper stage) first. Rank r holds at most `max_in_flight[r]` activations (F ran, I/B not yet; with
+    `hold_until_weight`, W not yet: W needs most of them, so that is what memory holds) and
     defers at most `max_deferred[r]` W's (I ran, W not yet; default: no limit): at that limit a W goes
     before anything else; from `soft_deferred[r]` on, a W goes before F's. If every rank is blocked only
     by the activation limit, one F may exceed it, so the schedule always completes.
@@ -74,9 +76,12 @@ def list_schedule(
                         g_end[s][m], next_g[s] = end, m + 1
                         if kind == "I":
                             weights[r].append((s, m))
-                        in_flight[r] -= 1
+                        if kind == "B" or not hold_until_weight:
+                            in_flight[r] -= 1
                     if kind == "W":
                         weights[r].popleft()
+                        if hold_until_weight:
+                            in_flight[r] -= 1
                     out[r].append(a)
                     left -= 1
                     started = True
@@ -90,7 +95,8 @@ def list_schedule(
 
 
 def best_list_schedule(
-    stage_to_rank: list[int], n_microbatches: int, max_in_flight: list[int], max_deferred: int
+    stage_to_rank: list[int], n_microbatches: int, max_in_flight: list[int], max_deferred: int,
+    hold_until_weight: bool = False,
 ) -> dict[int, list[Action]]:
     """The shortest of a few greedy runs that all keep the same limits (deferred W's at most
     `max_deferred`, with or without a softer limit at half of it): greedy list scheduling is sensitive
@@ -99,7 +105,8 @@ def best_list_schedule(
     best = None
     for soft in (None, max(1, max_deferred // 2), max(1, max_deferred // 4)):
         lists, span = list_schedule(stage_to_rank, n_microbatches, max_in_flight, [max_deferred] * n_ranks,
-                                    None if soft is None else [soft] * n_ranks)
+                                    None if soft is None else [soft] * n_ranks,
+                                    hold_until_weight=hold_until_weight)
         if best is None or span < best[1]:
             best = (lists, span)
     return best[0]
@@ -115,7 +122,9 @@ def interleaved_zero_bubble(n_stages: int, n_ranks: int, n_microbatches: int) ->
 
 
 def zbv_zero_bubble(n_stages: int, n_ranks: int, n_microbatches: int) -> dict[int, list[Action]]:
-    """ZB-V: V placement (rank r holds stages r and 2p-1-r), I/W split, at most 2p activations in flight
-    per rank (each half a rank's layers: 1F1B's peak) and at most 2p deferred W's."""
+    """ZB-V: V placement (rank r holds stages r and 2p-1-r), I/W split, at most 2p microbatches in flight
+    per rank from F to W (each half a rank's layers: 1F1B's peak, as in the paper), so W's run soon
+    after their I's and fill the bubbles only where there are some."""
     check_sizes("ZBVZeroBubble", n_stages, n_ranks, n_microbatches, 2)
-    return best_list_schedule(v_placement(n_stages, n_ranks), n_microbatches, [2 * n_ranks] * n_ranks, 2 * n_ranks)
+    return best_list_schedule(v_placement(n_stages, n_ranks), n_microbatches, [2 * n_ranks] * n_ranks, 2 * n_ranks,
+                              hold_until_weight=True)
