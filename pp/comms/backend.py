@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -104,6 +106,21 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """The default group's size; 1 when there is no group (single process)."""
     return dist.get_world_size() if is_initialized() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank of the default group; a no-op in a single process."""
+    if is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list:
+    """Every rank's picklable `obj`, by rank (`[obj]` in a single process). Control data only."""
+    if not is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def destroy() -> None:
