@@ -4,6 +4,7 @@ Run under torchrun, one process per pipeline rank:
 
     torchrun --nproc-per-node 4 scripts/bench.py --impl pp --schedule 1F1B --microbatches 16
     torchrun --nproc-per-node 4 scripts/bench.py --suite issue6 --out bench/results/run.jsonl
+    torchrun --nproc-per-node 8 scripts/bench.py --impl pp --schedule 1F1B --microbatches 32 --dp 2   # PP=4 x DP=2
 
 Rank 0 prints one JSON line per configuration and appends it to `--out`. With `--suite` several
 configurations run one after the other inside one process group (torch import and NCCL set-up are paid
@@ -26,6 +27,18 @@ Measured per configuration:
   over its stages; efficiency = ideal / measured; balanced_efficiency uses
   n_microbatches × (sum over all stages) / ranks instead (a perfectly balanced cut);
 * peak memory per rank (`torch.cuda.max_memory_allocated`, reset after the warm-up), loss of the last step.
+
+Data parallelism, `--dp N`: world = PP x N ranks in the (pp, dp) layout of `pp.parallel.make_mesh` (global
+rank = pp_rank x N + dp_rank). Each replica runs the pipeline (`--microbatches` microbatches of `--mb-size`)
+on its own pp group and its own slice of one global batch (N x the batch of a dp=1 run; the same data as a
+dp=1 run with N x the microbatches). Gradients are averaged over the dp group with `pp.parallel.GradSync`
+once per step: for `--impl pp` each stage's all-reduce starts from the executor's `on_backward_done` hook
+right after its last backward (as `pp.parallelize` does), overlapped with the rest; torch's schedules have no
+such hook, so for `--impl torch` all of them start after its step (record `dp_sync`: overlapped/after_step).
+The wait for them is inside the timed step. tokens/s counts every replica's tokens; the ideal and the
+efficiencies are per pipeline (a replica's ideal is the pp-only one); the loss is the mean over replicas.
+Each record carries `grad_norm_per_stage` (replica 0, last timed step) and `dp_grad_rel_diff` (largest
+relative difference of any replica's stage gradient norm from replica 0's: 0 when the sync works).
 
 `--trace DIR` (pp only) records one extra step with `record_trace`, and rank 0 merges every rank's events into
 `DIR/<label>.json` (draw it with `python -m pp.schedules.show <label> --trace DIR/<label>.json -o x.png`).
@@ -57,6 +70,7 @@ if str(REPO) not in sys.path:
 
 import pp  # noqa: E402
 from pp.comms.backend import init_process_group_from_env  # noqa: E402
+from pp.parallel import GradSync, make_mesh  # noqa: E402
 from pp.schedules.registry import SCHEDULES, get_spec  # noqa: E402
 
 # --------------------------------------------------------------------------------------------- model
@@ -245,6 +259,25 @@ def gather_objects(obj, world: int):
     return out
 
 
+_GROUPS: dict[tuple[int, int], tuple] = {}
+
+
+def dp_groups(pp_size: int, dp: int) -> tuple:
+    """(pp group, dp group) of this rank: the default group and None when dp == 1, else the groups of
+    `pp.parallel.make_mesh(pp_size, dp)` (made once per shape: creating groups is collective)."""
+    if dp == 1:
+        return None, None
+    if (pp_size, dp) not in _GROUPS:
+        mesh = make_mesh(pp_size, dp)
+        _GROUPS[(pp_size, dp)] = (mesh.get_group("pp"), mesh.get_group("dp"))
+    return _GROUPS[(pp_size, dp)]
+
+
+def grad_norm(module: nn.Module) -> float:
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+
+
 def torch_pipelining():
     try:
         import torch.distributed.pipelining as tpp
@@ -272,13 +305,16 @@ def label_of(cfg) -> str:
         lab += f"_{cfg.tag}"
     if getattr(cfg, "compile", False):
         lab += "_compiled"
+    if getattr(cfg, "dp", 1) > 1:
+        lab += f"_dp{cfg.dp}"
     return lab
 
 
 def config_key(cfg) -> str:
     return "/".join([cfg.impl, cfg.schedule, str(cfg.microbatches), cfg.split, cfg.tag or "-",
                      f"L{cfg.layers}d{cfg.d_model}h{cfg.heads}V{cfg.vocab}S{cfg.seq}b{cfg.mb_size}"
-                     + ("-compiled" if getattr(cfg, "compile", False) else "")])
+                     + ("-compiled" if getattr(cfg, "compile", False) else "")
+                     + (f"-dp{cfg.dp}" if getattr(cfg, "dp", 1) > 1 else "")])
 
 
 # ------------------------------------------------------------------------------------- measurements
@@ -327,21 +363,28 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
     spec = get_spec(cfg.schedule)
     cfg.schedule = spec.name
     cfg._device, cfg._dtype = device, dtype
+    dp = cfg.dp
     try:  # a bad shape for this schedule fails alike on every rank, before any communication
-        n_stages = spec.n_stages(world)
-        placement = spec.placement(n_stages, world)
+        if world % dp:
+            raise ValueError(f"--dp {dp} does not divide the world size {world}")
+        pp_size = world // dp
+        n_stages = spec.n_stages(pp_size)
+        placement = spec.placement(n_stages, pp_size)
         ranges = block_ranges(cfg, n_stages, cfg.split) if cfg.split != "measured" else None
     except ValueError as e:
         log(rank, f"{config_key(cfg)}: {e}")
         return {"impl": cfg.impl, "schedule": spec.name, "microbatches": cfg.microbatches, "ranks": world,
-                "split": cfg.split, "tag": cfg.tag or None, "config": config_key(cfg), "status": "error",
-                "error": str(e)} if rank == 0 else None
+                "dp": dp, "split": cfg.split, "tag": cfg.tag or None, "config": config_key(cfg),
+                "status": "error", "error": str(e)} if rank == 0 else None
     if ranges is None:
         ranges = block_ranges(cfg, n_stages, cfg.split)  # measures (collectives): all ranks get here
-    mine = [s for s, r in enumerate(placement) if r == rank]
+    # (pp, dp) layout of pp.parallel.make_mesh (tp=1): global rank = pp_rank * dp + dp_rank.
+    pp_rank, dp_rank = divmod(rank, dp)
+    pp_group, dp_group = dp_groups(pp_size, dp)
+    mine = [s for s, r in enumerate(placement) if r == pp_rank]
     record = {
         "impl": cfg.impl, "schedule": spec.name, "microbatches": cfg.microbatches, "ranks": world,
-        "stages": n_stages, "split": cfg.split, "tag": cfg.tag or None, "config": config_key(cfg),
+        "pp": pp_size, "dp": dp, "stages": n_stages, "split": cfg.split, "tag": cfg.tag or None, "config": config_key(cfg),
         "blocks_per_stage": [hi - lo for lo, hi in ranges],
         "model": {"layers": cfg.layers, "d_model": cfg.d_model, "heads": cfg.heads, "vocab": cfg.vocab,
                   "seq": cfg.seq, "mb_size": cfg.mb_size, "dtype": str(dtype).replace("torch.", "")},
@@ -356,11 +399,15 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
         return record if rank == 0 else None
     stage_cls, sched_cls = classes
 
-    # Same batch on every rank (only the first/last stage use it), same on both impls.
+    # Same global batch on every rank (only the first/last stage use it), same on both impls; each dp
+    # replica takes its own slice of it (dp=1: the whole). The global batch of dp replicas with M
+    # microbatches each is the batch of a dp=1 run with dp*M microbatches.
     g = torch.Generator().manual_seed(cfg.seed)
     batch = cfg.mb_size * cfg.microbatches
-    tokens = torch.randint(cfg.vocab, (batch, cfg.seq), generator=g).to(device)
-    targets = torch.randint(cfg.vocab, (batch, cfg.seq), generator=g).to(device)
+    tokens = torch.randint(cfg.vocab, (dp * batch, cfg.seq), generator=g)
+    targets = torch.randint(cfg.vocab, (dp * batch, cfg.seq), generator=g)
+    tokens = tokens[dp_rank * batch:(dp_rank + 1) * batch].to(device)
+    targets = targets[dp_rank * batch:(dp_rank + 1) * batch].to(device)
 
     modules = {s: build_stage_module(s, ranges, cfg, device, dtype) for s in mine}
     n_params = sum(p.numel() for m in modules.values() for p in m.parameters())
@@ -373,18 +420,24 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
     per_stage = [0.0] * n_stages
     for s, t in alone.items():
         per_stage[s] = t
-    per_stage = all_reduce(per_stage, dist.ReduceOp.SUM, device)
-    per_rank = [sum(per_stage[s] for s in range(n_stages) if placement[s] == r) for r in range(world)]
-    ideal = cfg.microbatches * max(per_rank)
-    balanced = cfg.microbatches * sum(per_stage) / world
-    total_params = int(all_reduce([float(n_params)], dist.ReduceOp.SUM, device)[0])
+    per_stage = [t / dp for t in all_reduce(per_stage, dist.ReduceOp.SUM, device)]  # mean over replicas
+    per_rank = [sum(per_stage[s] for s in range(n_stages) if placement[s] == r) for r in range(pp_size)]
+    ideal = cfg.microbatches * max(per_rank)           # per pipeline: a replica's ideal is pp-only's
+    balanced = cfg.microbatches * sum(per_stage) / pp_size
+    total_params = int(all_reduce([float(n_params)], dist.ReduceOp.SUM, device)[0]) // dp
 
     # Build the schedule; construction errors are the same on every rank, but agree on them anyway.
     error = None
-    sched = None
+    sched = grad_sync = None
     try:
-        stages = [stage_cls(modules[s], s, n_stages, device) for s in mine]
+        stages = [stage_cls(modules[s], s, n_stages, device, group=pp_group) for s in mine]
         sched = sched_cls(stages[0] if spec.stages_per_rank == 1 else stages, cfg.microbatches, loss_fn=loss_fn)
+        if dp > 1:
+            # pp: each stage's all-reduce starts right after its last backward of the step (the executor's
+            # hook, as pp.parallelize does); torch's schedules have no such hook: all after the step.
+            grad_sync = GradSync({s: list(modules[s].named_parameters()) for s in mine}, dp_group)
+            if cfg.impl == "pp":
+                sched.on_backward_done = grad_sync.stage_done
     except Exception as e:  # noqa: BLE001
         error = f"{type(e).__name__}: {e}"
     errors = gather_objects(error, world)
@@ -402,6 +455,8 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
     def step():
         losses: list = []
         sched.step(*args, target=tgt, losses=losses)
+        if grad_sync is not None:
+            grad_sync.finish()  # waits for the dp all-reduces: part of the step's time
         return losses
 
     def zero_grads():  # between steps, outside the timed region
@@ -421,28 +476,39 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     losses = []
-    for _ in range(cfg.steps):
+    norms = {}
+    for i in range(cfg.steps):
         barrier(device)
         t0 = time.perf_counter()
         losses = step()
         sync(device)
         times.append(time.perf_counter() - t0)
+        if i == cfg.steps - 1:  # untimed: the last step's gradient norm per stage (after the dp average)
+            norms = {s: grad_norm(m) for s, m in modules.items()}
         zero_grads()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     step_times = all_reduce(times, dist.ReduceOp.MAX, device)  # a step lasts as long as its slowest rank
     loss = float(torch.stack([x.detach().float() for x in losses]).mean()) if losses else 0.0
-    loss = all_reduce([loss if last else 0.0], dist.ReduceOp.SUM, device)[0]
+    loss = all_reduce([loss if last else 0.0], dist.ReduceOp.SUM, device)[0] / dp  # mean over replicas
     peaks = gather_objects(peak, world)
+    every_norm = gather_objects((dp_rank, norms), world)
+    grad_norms = [0.0] * n_stages       # replica 0's; the largest relative difference of any other replica's
+    for d, ns in every_norm:
+        for s, v in ns.items():
+            if d == 0:
+                grad_norms[s] = v
+    spread = max((abs(v - grad_norms[s]) / max(abs(grad_norms[s]), 1e-30)
+                  for d, ns in every_norm if d for s, v in ns.items()), default=0.0)
 
     if cfg.trace and cfg.impl == "pp":
-        write_trace(sched, step, cfg, rank, world, device)
+        write_trace(sched, step, cfg, rank, world, device, dp)
         zero_grads()
     if cfg.profile:
         write_profile(step, cfg, rank, device)
         zero_grads()
 
     mean = sum(step_times) / len(step_times)
-    tokens_per_step = batch * cfg.seq
+    tokens_per_step = dp * batch * cfg.seq  # all replicas' tokens
     record.update(
         status="ok",
         tokens_per_s=tokens_per_step / mean,
@@ -458,13 +524,17 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
         loss=loss,
         params=total_params,
         tokens_per_step=tokens_per_step,
+        grad_norm_per_stage=grad_norms,
+        dp_grad_rel_diff=spread if dp > 1 else None,
+        dp_sync=None if dp == 1 else ("overlapped" if cfg.impl == "pp" else "after_step"),
     )
     del sched, stages, modules
     return record if rank == 0 else None
 
 
-def write_trace(sched, step, cfg, rank: int, world: int, device) -> None:
-    """One extra recorded step; rank 0 writes every rank's events into one Chrome trace."""
+def write_trace(sched, step, cfg, rank: int, world: int, device, dp: int = 1) -> None:
+    """One extra recorded step; rank 0 writes every rank's events into one Chrome trace (with dp > 1, the
+    pipeline of replica 0 only, pid = pipeline rank)."""
     barrier(device)
     host_start_us = time.perf_counter() * 1e6
     sched.record_trace = True
@@ -481,12 +551,15 @@ def write_trace(sched, step, cfg, rank: int, world: int, device) -> None:
         shift = host_start_us - min(e["ts"] for e in events)
         for e in events:
             e["ts"] += shift
+    if rank % dp:
+        events = []
     for e in events:
-        e["pid"] = rank
+        e["pid"] = rank // dp
     everything = gather_objects(events, world)
     if rank == 0:
         merged = [e for evs in everything for e in evs]
-        meta = [{"name": "process_name", "ph": "M", "pid": r, "args": {"name": f"rank {r}"}} for r in range(world)]
+        meta = [{"name": "process_name", "ph": "M", "pid": r, "args": {"name": f"rank {r}"}}
+                for r in range(world // dp)]
         out = Path(cfg.trace) / f"{label_of(cfg)}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"traceEvents": meta + merged}))
@@ -534,8 +607,10 @@ def builtin_suite(name: str) -> list[dict]:
 
 
 def parse_suite(text: str) -> list[dict]:
-    """A builtin name (issue6, all), a JSON file (a list of objects of flag overrides), or an inline list
-    `impl:schedule:microbatches[:split],...` (microbatches may be empty: the flag's value)."""
+    """A builtin name (issue6, all), a JSON file (a list of objects of flag overrides, e.g.
+    {"impl": "pp", "schedule": "1F1B", "microbatches": 32, "dp": 2}), or an inline list
+    `impl:schedule[:microbatches[:split[:dpN]]],...` (microbatches and split may be empty: the flags'
+    values; e.g. `pp:1F1B:32::dp2`)."""
     try:
         return builtin_suite(text)
     except KeyError:
@@ -548,13 +623,18 @@ def parse_suite(text: str) -> list[dict]:
     out = []
     for item in filter(None, (x.strip() for x in text.split(","))):
         parts = item.split(":")
-        if not 2 <= len(parts) <= 4:
-            raise SystemExit(f"--suite entry {item!r}: expected impl:schedule[:microbatches[:split]]")
+        if not 2 <= len(parts) <= 5:
+            raise SystemExit(f"--suite entry {item!r}: expected impl:schedule[:microbatches[:split[:dpN]]]")
         d = dict(impl=parts[0], schedule=parts[1])
         if len(parts) > 2 and parts[2]:
             d["microbatches"] = int(parts[2])
-        if len(parts) > 3:
+        if len(parts) > 3 and parts[3]:
             d["split"] = parts[3]
+        if len(parts) > 4 and parts[4]:
+            dp = parts[4].removeprefix("dp")
+            if not dp.isdigit():
+                raise SystemExit(f"--suite entry {item!r}: the 5th field is dpN (e.g. dp2), got {parts[4]!r}")
+            d["dp"] = int(dp)
         out.append(d)
     return out
 
@@ -568,6 +648,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule", default="1F1B", help=f"one of {', '.join(SCHEDULES)}")
     p.add_argument("--microbatches", type=int, default=16)
     p.add_argument("--split", choices=("even", "cost", "measured"), default="even")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel replicas: world = PP x DP, ranks laid out as pp.parallel.make_mesh "
+                        "(rank = pp_rank*DP + dp_rank); each replica gets its own slice of data and gradients "
+                        "are averaged over the dp group every step (pp: overlapped with the last backwards)")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--d-model", type=int, default=2048)
     p.add_argument("--heads", type=int, default=16)
@@ -585,14 +669,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trace", default=None, metavar="DIR", help="pp only: one recorded step, merged Chrome trace")
     p.add_argument("--profile", default=None, metavar="DIR", help="torch.profiler trace of one step per rank")
     p.add_argument("--suite", default=None,
-                   help="run several configurations in one process group: 'issue6', 'all', a JSON file, "
-                        "or 'impl:schedule:microbatches[:split],...'")
+                   help="run several configurations in one process group: 'issue6', 'all', a JSON file "
+                        "(list of flag overrides, e.g. {\"impl\": \"pp\", \"schedule\": \"1F1B\", \"dp\": 2}), "
+                        "or 'impl:schedule[:microbatches[:split[:dpN]]],...' (e.g. pp:1F1B:32::dp2)")
     p.add_argument("--resume", action="store_true",
                    help="with --suite: skip configurations already in --out; one started but never finished "
                         "(the job died) is recorded as crashed and skipped")
     p.add_argument("--timeout-s", type=float, default=180.0, help="process-group timeout (a hung rank fails the job)")
     args = p.parse_args(argv)
-    for name in ("microbatches", "layers", "d_model", "heads", "vocab", "seq", "mb_size", "steps"):
+    for name in ("microbatches", "layers", "d_model", "heads", "vocab", "seq", "mb_size", "steps", "dp"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -623,6 +708,8 @@ def configs_of(args) -> list[argparse.Namespace]:
         cfg.schedule = get_spec(cfg.schedule).name
         if cfg.impl not in ("pp", "torch") or cfg.split not in ("even", "cost", "measured"):
             raise SystemExit(f"--suite: bad impl/split in {over}")
+        if not isinstance(cfg.dp, int) or isinstance(cfg.dp, bool) or cfg.dp < 1:
+            raise SystemExit(f"--suite: dp must be a positive integer in {over}")
         out.append(cfg)
     return out
 
@@ -647,6 +734,8 @@ def main(argv=None) -> int:
                 rec.update(zip(("impl", "schedule", "microbatches", "split", "tag"), key.split("/")[:5]))
                 rec["microbatches"] = int(rec["microbatches"])
                 rec["tag"] = None if rec["tag"] == "-" else rec["tag"]
+                tail = key.rpartition("-dp")[2]
+                rec["dp"] = int(tail) if "-dp" in key and tail.isdigit() else 1
                 with out.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
                 print(json.dumps(rec), flush=True)

@@ -2,8 +2,9 @@
 
     python scripts/bench_table.py bench/results/run.jsonl [more.jsonl ...] [--draw TRACE_DIR]
 
-Rows are (schedule, microbatches, split, model); when a configuration ran more than once the last record
-wins. `--draw DIR` also draws every merged trace `DIR/*.json` to `DIR/*.png` (one process, needs matplotlib).
+Rows are (schedule, microbatches, split, model, dp); when a configuration ran more than once the last record
+wins. Data-parallel runs (`bench.py --dp N`) show `PPp×DPn` in the model column (tokens/s over all replicas,
+efficiency per pipeline) and are left out of issue 6's targets. `--draw DIR` also draws every merged trace `DIR/*.json` to `DIR/*.png` (one process, needs matplotlib).
 """
 from __future__ import annotations
 
@@ -37,18 +38,27 @@ def load(paths: list[str]) -> list[dict]:
     return list(recs.values())
 
 
+def dp_of(r: dict) -> int:
+    if r.get("dp"):
+        return int(r["dp"])
+    tail = (r.get("config") or "").rpartition("-dp")[2]  # key ends in -dpN when dp > 1
+    return int(tail) if tail.isdigit() else 1
+
+
 def model_of(r: dict) -> str:
     m = r.get("model")
-    if not m:  # crashed records carry only the key: .../L16d2048h16V32768S1024b2
+    if not m:  # crashed records carry only the key: .../L16d2048h16V32768S1024b2[-dpN]
         return (r.get("config") or "?").split("/")[-1]
-    return f"L{m['layers']} d{m['d_model']} S{m['seq']}"
+    dp = dp_of(r)
+    lay = "" if dp == 1 else f" PP{r.get('pp', '?')}×DP{dp}"
+    return f"L{m['layers']} d{m['d_model']} S{m['seq']}{lay}"
 
 
 def row_key(r: dict) -> tuple:
     sched = r.get("schedule", "?")
     return (r.get("tag") or "", model_of(r), ORDER.index(sched) if sched in ORDER else 99, sched,
             int(r.get("microbatches") or 0), SPLITS.index(r["split"]) if r.get("split") in SPLITS else 9,
-            r.get("split", "?"))
+            r.get("split", "?"), dp_of(r))
 
 
 def ok(r: dict | None) -> bool:
@@ -87,7 +97,7 @@ def table(recs: list[dict]) -> str:
            "torch tokens/s | torch eff | torch bal. eff | torch peak GiB | pp / torch |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(rows):
-        tag, model, _, sched, mb, _, split = key
+        tag, model, _, sched, mb, _, split, _ = key
         p, t = rows[key].get("pp"), rows[key].get("torch")
         any_r = p or t
         ratio = f"{p['tokens_per_s'] / t['tokens_per_s']:.2f}×" if ok(p) and ok(t) else ""
@@ -109,7 +119,7 @@ def table(recs: list[dict]) -> str:
 def targets(rows: dict[tuple, dict[str, dict]]) -> list[str]:
     """Issue 6's targets, each with its numbers and a verdict."""
     lines = ["Targets (issue 6):"]
-    big = {k: v for k, v in rows.items() if not k[0]}
+    big = {k: v for k, v in rows.items() if not k[0] and k[7] == 1}
 
     def best(impl: str, split: str | None):
         cands = [(v[impl]["tokens_per_s"], k[3], k[4], k[6]) for k, v in big.items()

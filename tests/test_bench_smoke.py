@@ -1,9 +1,11 @@
 """scripts/bench.py under torchrun (2 gloo ranks, tiny model, 2 timed steps), driven by scripts/bench_all.sh:
 both impls give a record with the same loss, a configuration that kills the job is recorded as crashed and
-the launch resumes after it, the merged trace draws, and bench_table.py prints the pp/torch table."""
+the launch resumes after it, the merged trace draws, and bench_table.py prints the pp/torch table; and on 4
+ranks, `--dp 2` averages the replicas' gradients (equal to a dp=1 run on the same global batch)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -69,3 +71,26 @@ def test_bench_suite_both_impls_resume_trace_and_table(tmp_path):
     table = (out / "table.md").read_text()
     assert "| 1F1B (4) | even |" in table and "| ZBVZeroBubble (4) | cost |" in table
     assert "crashed" in table and "Targets (issue 6):" in table
+
+
+@pytest.mark.timeout(60)
+def test_bench_dp2_replicas_agree_and_match_dp1(tmp_path):
+    """4 gloo ranks, one launch: PP=2 x DP=2 (2 microbatches per replica) beside PP=4 x DP=1 with 4
+    microbatches, i.e. the same global batch. The replicas' gradients must be equal after the step's sync
+    (they saw different data), and loss and global gradient norm equal the dp=1 run's."""
+    out = tmp_path / "dp.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           os.path.join(REPO, "scripts", "bench.py"), "--suite", "pp:1F1B:2::dp2,pp:1F1B:4", *TINY,
+           "--warmup", "0", "--steps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=55)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    dp2, dp1 = map(json.loads, out.read_text().splitlines())
+    assert dp2["status"] == "ok" and dp1["status"] == "ok", (dp2, dp1)
+    assert dp2["dp"] == 2 and dp2["pp"] == 2 and dp2["ranks"] == 4 and dp2["config"].endswith("-dp2")
+    assert dp2["dp_sync"] == "overlapped" and dp1["dp"] == 1 and dp1["dp_grad_rel_diff"] is None
+    assert dp2["tokens_per_step"] == dp1["tokens_per_step"] == 4 * 8
+    assert math.isfinite(dp2["loss"]) and dp2["loss"] == pytest.approx(dp1["loss"], rel=1e-5)
+    assert dp2["dp_grad_rel_diff"] < 1e-6   # replica 1's stage gradients equal replica 0's
+    norm = lambda r: math.sqrt(sum(g * g for g in r["grad_norm_per_stage"]))  # noqa: E731
+    assert norm(dp2) > 0 and norm(dp2) == pytest.approx(norm(dp1), rel=1e-5)
