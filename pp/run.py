@@ -25,6 +25,16 @@ EXIT_TRAINING = 3    # training stopped on a checked condition (non-finite loss,
 EXIT_RANK_FAILED = 1  # a rank raised (in its forward, say) or lost contact with a peer rank
 
 
+def _linger() -> None:
+    """Wait a moment before exiting so that another rank's exit reaches torchrun first.
+
+    torchrun stops every worker as soon as one exits and names the first to exit as the root cause:
+    a rank that has nothing to report waits, so rank 0's config line gets printed and the rank that
+    really failed is the one torchrun names.
+    """
+    time.sleep(3.0)
+
+
 def _env_rank() -> int:
     try:
         return int(os.environ.get("RANK", "0"))
@@ -33,15 +43,11 @@ def _env_rank() -> int:
 
 
 def _fail(code: int, message: str) -> int:
-    """Rank 0 prints the one line; the other ranks leave quietly with the same code.
-
-    torchrun stops every worker as soon as one exits, so the other ranks linger a moment: otherwise
-    a faster rank's exit can kill rank 0 before its line is printed.
-    """
+    """Rank 0 prints the one line; the other ranks linger, then leave quietly with the same code."""
     if _env_rank() == 0:
         print(f"pp.run: {message}", file=sys.stderr, flush=True)
     else:
-        time.sleep(3.0)
+        _linger()
     return code
 
 
@@ -128,7 +134,7 @@ def _rank_failed(rank: int, step: int, e: Exception, timeout_s: float) -> NoRetu
     sys.stdout.flush()
     print(f"pp.run: {line}", file=sys.stderr, flush=True)
     if lost_peer and not timed_out:
-        time.sleep(2.0)  # the failed peer's exit reaches torchrun first, so it reports that rank as the cause
+        _linger()
     os._exit(EXIT_RANK_FAILED)
 
 
