@@ -305,6 +305,8 @@ def label_of(cfg) -> str:
         lab += f"_{cfg.tag}"
     if getattr(cfg, "compile", False):
         lab += "_compiled"
+    if getattr(cfg, "cuda_graphs", False):
+        lab += "_graphs"
     if getattr(cfg, "dp", 1) > 1:
         lab += f"_dp{cfg.dp}"
     return lab
@@ -314,6 +316,7 @@ def config_key(cfg) -> str:
     return "/".join([cfg.impl, cfg.schedule, str(cfg.microbatches), cfg.split, cfg.tag or "-",
                      f"L{cfg.layers}d{cfg.d_model}h{cfg.heads}V{cfg.vocab}S{cfg.seq}b{cfg.mb_size}"
                      + ("-compiled" if getattr(cfg, "compile", False) else "")
+                     + ("-graphs" if getattr(cfg, "cuda_graphs", False) else "")
                      + (f"-dp{cfg.dp}" if getattr(cfg, "dp", 1) > 1 else "")])
 
 
@@ -432,6 +435,10 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
     try:
         stages = [stage_cls(modules[s], s, n_stages, device, group=pp_group) for s in mine]
         sched = sched_cls(stages[0] if spec.stages_per_rank == 1 else stages, cfg.microbatches, loss_fn=loss_fn)
+        if getattr(cfg, "cuda_graphs", False):
+            if cfg.impl != "pp":
+                raise ValueError("torch.distributed.pipelining has no CUDA-graph replay of stages")
+            sched.enable_cuda_graphs()   # captured after the first warm-up step
         if dp > 1:
             # pp: each stage's all-reduce starts right after its last backward of the step (the executor's
             # hook, as pp.parallelize does); torch's schedules have no such hook: all after the step.
@@ -527,6 +534,8 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
         grad_norm_per_stage=grad_norms,
         dp_grad_rel_diff=spread if dp > 1 else None,
         dp_sync=None if dp == 1 else ("overlapped" if cfg.impl == "pp" else "after_step"),
+        cuda_graphs=None if not getattr(cfg, "cuda_graphs", False) else {
+            s: sched._graphs[s].replays for s in mine},   # this rank's replayed microbatches per stage
     )
     del sched, stages, modules
     return record if rank == 0 else None
@@ -597,17 +606,23 @@ def builtin_suite(name: str) -> list[dict]:
                for i, (sched, n) in enumerate(BIG_TABLE) for impl in pair(i)]
         out += [dict(impl=impl, schedule=sched, microbatches=16, split="even", **TINY)
                 for i, sched in enumerate(("1F1B", "Interleaved1F1B")) for impl in pair(i)]
+        out += [dict(impl="pp", schedule=sched, microbatches=16, split="even", cuda_graphs=True, **TINY)
+                for sched in ("1F1B", "Interleaved1F1B")]
         for split in ("cost", "measured"):
             out += [dict(impl=impl, schedule=sched, microbatches=n, split=split)
                     for i, (sched, n) in enumerate(BIG_TABLE) for impl in pair(i)]
         return out
+    if name == "overhead":  # the tiny model: pp eager, torch, pp with CUDA-graph replay
+        return [dict(impl=impl, schedule=sched, microbatches=16, split="even", cuda_graphs=graphs, **TINY)
+                for sched in ("1F1B", "Interleaved1F1B")
+                for impl, graphs in (("pp", False), ("torch", False), ("pp", True))]
     if name == "all":  # every schedule both impls, model from the flags
         return [dict(impl=impl, schedule=s, microbatches=None) for s in SCHEDULES for impl in ("pp", "torch")]
     raise KeyError(name)
 
 
 def parse_suite(text: str) -> list[dict]:
-    """A builtin name (issue6, all), a JSON file (a list of objects of flag overrides, e.g.
+    """A builtin name (issue6, overhead, all), a JSON file (a list of objects of flag overrides, e.g.
     {"impl": "pp", "schedule": "1F1B", "microbatches": 32, "dp": 2}), or an inline list
     `impl:schedule[:microbatches[:split[:dpN]]],...` (microbatches and split may be empty: the flags'
     values; e.g. `pp:1F1B:32::dp2`)."""
@@ -665,11 +680,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="free label stored in the record")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each stage module (both impls alike; recorded as compile=true)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="pp only: replay the stages as CUDA graphs (captured after the first warm-up step)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file (default bench/results/bench.jsonl)")
     p.add_argument("--trace", default=None, metavar="DIR", help="pp only: one recorded step, merged Chrome trace")
     p.add_argument("--profile", default=None, metavar="DIR", help="torch.profiler trace of one step per rank")
     p.add_argument("--suite", default=None,
-                   help="run several configurations in one process group: 'issue6', 'all', a JSON file "
+                   help="run several configurations in one process group: 'issue6', 'overhead', 'all', a JSON file "
                         "(list of flag overrides, e.g. {\"impl\": \"pp\", \"schedule\": \"1F1B\", \"dp\": 2}), "
                         "or 'impl:schedule[:microbatches[:split[:dpN]]],...' (e.g. pp:1F1B:32::dp2)")
     p.add_argument("--resume", action="store_true",

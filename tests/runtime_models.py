@@ -95,8 +95,10 @@ def build_stages(model: nn.Module, name: str, world: int, rank: int, mb_example,
 
 
 def run_schedule_against_reference(rank: int, world: int, name: str, n_mb: int, traced: bool,
-                                   steps: int = 2, device: str = "cpu") -> str:
-    """Train `steps` steps with the schedule; the last step's losses and grads must equal the reference."""
+                                   steps: int = 2, device: str = "cpu", cuda_graphs: bool = False) -> str:
+    """Train `steps` steps with the schedule; the last step's losses and grads must equal the reference.
+
+    cuda_graphs: replay the stages as CUDA graphs (captured after step 1; the last step must replay)."""
     torch.manual_seed(0)
     model = DeepMLP(n_layers=8 if world * 2 <= 8 else 16).to(device)
     batch = max(8, n_mb)
@@ -105,6 +107,8 @@ def run_schedule_against_reference(rank: int, world: int, name: str, n_mb: int, 
     stages, n_stages = build_stages(model, name, world, rank, x[: batch // n_mb], traced, device)
     arg = stages[0] if get_spec(name).stages_per_rank == 1 else stages
     sched = schedule_class(name)(arg, n_mb, loss_fn=F.mse_loss)
+    if cuda_graphs:
+        sched.enable_cuda_graphs()
     held = {s.stage_index for s in stages}
     for _ in range(steps):
         for s in stages:
@@ -115,6 +119,9 @@ def run_schedule_against_reference(rank: int, world: int, name: str, n_mb: int, 
         for n, p in s.submod.named_parameters():
             key = n if traced else _manual_name(n, s.stage_index, len(model.layers) // n_stages)
             torch.testing.assert_close(p.grad, want_grads[key], msg=lambda m: f"{name} {n}: {m}")
+        if cuda_graphs and s.graphs.replays < n_mb:
+            raise AssertionError(f"{name}: stage {s.stage_index} replayed {s.graphs.replays} microbatches "
+                                 f"as CUDA graphs, expected at least {n_mb}")
     if n_stages - 1 in held:
         torch.testing.assert_close(torch.stack(losses), want_losses)
     return name

@@ -127,6 +127,10 @@ def make_model(job: Job, device: torch.device) -> ParallelModel:
                            schedule=layout.schedule, stages_per_rank=layout.stages_per_rank,
                            tp_plan=job.tp_plan, device=device, mesh=mesh)
     model.schedule.record_trace = True  # per-action timings for the bubble fraction and trace.json
+    if cfg.schedule.cuda_graphs and device.type == "cuda":
+        model.schedule.enable_cuda_graphs()
+    elif cfg.schedule.cuda_graphs and mesh.get_rank() == 0:
+        print("pp.run: schedule.cuda_graphs=true has no effect on cpu: the stages run eagerly", flush=True)
     return model
 
 

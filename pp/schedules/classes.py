@@ -11,6 +11,7 @@ import torch
 
 from ..comms import p2p
 from ..microbatch import split_args_kwargs_into_chunks, merge_chunks
+from ..stage.graphs import StageGraphs
 from ..stage.runtime import PipelineStage
 from .actions import Action, Kind
 from .executor import Executor
@@ -88,6 +89,8 @@ class _PipelineSchedule:
         # has run on this rank, e.g. to start its data-parallel gradient sync while others still work.
         self.on_backward_done: Callable[[int], None] | None = None
         self._last_backward = _last_backward_actions(self._train_actions)
+        self._graphs: dict[int, StageGraphs] = {}
+        self._after: tuple[Any, dict] = (None, {})   # (hook it was built for, {action: callable})
 
     def _prepare(self, compute, edges, given, forward_only=False) -> list[Action]:
         lists = dict(given) if given is not None else lower(
@@ -111,6 +114,35 @@ class _PipelineSchedule:
         """Forward only (no gradients); returns the merged output on the last stage's rank."""
         with torch.no_grad():
             return self._run(args, kwargs, None, None, False)
+
+    def enable_cuda_graphs(self, max_shapes: int = 4) -> None:
+        """Replay each stage's forward and backward as CUDA graphs from the second training step on.
+
+        For stages whose host time (kernel launches) exceeds their GPU time: small layers, short
+        sequences. Each stage keeps one graph copy per microbatch it can have in flight, so activation
+        memory is what the eager run holds at its peak, plus one set of weight-gradient sums. Inputs of up
+        to `max_shapes` different shapes are captured (each new one at the end of the step that saw it);
+        other shapes, eval and forward-only steps run eagerly. Parameters must stay where they are
+        (in-place optimizer updates are fine; `module.to()` after this is not). Schedules that split
+        backward into I and W cannot replay one backward graph in two halves, so they are refused.
+        """
+        if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
+            raise ValueError(f"max_shapes must be a positive integer, got {max_shapes!r}")
+        if any(a.kind in (Kind.I, Kind.W) for a in self._train_actions):
+            raise ValueError(f"{type(self).__name__} splits backward into input and weight halves (I/W), "
+                             f"which one captured backward graph cannot do; use CUDA graphs with GPipe, "
+                             f"1F1B, Interleaved1F1B or LoopedBFS")
+        for s in self._stages.values():
+            if s.device.type != "cuda":
+                raise ValueError(f"CUDA graphs need stages on a CUDA device; stage {s.stage_index} is on "
+                                 f"{s.device}")
+        for i, s in self._stages.items():
+            if s.graphs is None:
+                with torch.cuda.device(s.device):
+                    s.graphs = StageGraphs(s.submod, _in_flight_peak(self._train_actions, i), i, s.device,
+                                           max_shapes)
+            self._graphs[i] = s.graphs
+        self._after = (None, {})
 
     def trace_events(self) -> list[dict]:
         """Per-action timings of the last step run with `record_trace = True` (Chrome trace events)."""
@@ -173,21 +205,46 @@ class _PipelineSchedule:
         outputs: list | None = [] if not training and (self.n_stages - 1) in self._stages else None
         scale = 1.0 / self.n_microbatches if self.scale_grads else 1.0
         actions = self._train_actions if training else self._eval_actions
-        hook = self.on_backward_done if training else None
-        after = {a: functools.partial(hook, s) for a, s in self._last_backward.items()} if hook else None
+        after = self._after_hooks() if training else None
+        for g in self._graphs.values():
+            g.active = training
         try:
             self._executor.run(actions, meta_mode=meta_mode, loss_fn=self._loss_fn if training else None,
                                targets=targets, losses=losses, loss_scale=scale, outputs=outputs,
                                record=self.record_trace, after=after)
+        except BaseException:
+            for g in self._graphs.values():
+                g.discard()
+            raise
         finally:
             for s in self._stages.values():
                 s.clear()
         self._ran_once = True
         if training:
+            for g in self._graphs.values():
+                g.flush()
             self._sync_shared_grads()
+            for g in self._graphs.values():
+                g.capture_pending()
         if outputs is not None:
             return merge_chunks(outputs, self._output_merge_spec)
         return None
+
+    def _after_hooks(self) -> dict | None:
+        """{last backward action of a stage: what runs right after it}: add the stage's graph-summed
+        weight gradients to `.grad`, then call `on_backward_done`. Rebuilt only when the hook changes."""
+        hook = self.on_backward_done
+        if not self._graphs and hook is None:
+            return None
+        if self._after[0] is not hook or not self._after[1]:
+            def done(stage: int) -> None:
+                graphs = self._graphs.get(stage)
+                if graphs is not None:
+                    graphs.flush()
+                if hook is not None:
+                    hook(stage)
+            self._after = (hook, {a: functools.partial(done, s) for a, s in self._last_backward.items()})
+        return self._after[1]
 
     def _sync_shared_grads(self) -> None:
         """Parameters used by several stages train as one: every copy gets the summed gradient."""
@@ -233,6 +290,18 @@ def _last_backward_actions(actions: list[Action]) -> dict[Action, int]:
         if a.kind in (Kind.B, Kind.W):
             last[a.stage] = a
     return {a: s for s, a in last.items()}
+
+
+def _in_flight_peak(actions: list[Action], stage: int) -> int:
+    """The most microbatches of `stage` between their forward and their backward at once in `actions`."""
+    live = peak = 0
+    for a in actions:
+        if a.stage == stage and a.kind == Kind.F:
+            live += 1
+            peak = max(peak, live)
+        elif a.stage == stage and a.kind in (Kind.B, Kind.W):
+            live -= 1
+    return max(peak, 1)
 
 
 class PipelineScheduleSingle(_PipelineSchedule):

@@ -18,6 +18,7 @@ import torch.utils._pytree as pytree
 
 from .pipe import MODEL_INPUT, PipeInfo
 from .backward import input_grads, run_backward, weight_grads
+from .graphs import StageGraphs
 
 
 @dataclass
@@ -95,6 +96,7 @@ class PipelineStage:
         self._mb: dict[int, _Microbatch] = {}
         self._params = [p for p in self.submod.parameters() if p.requires_grad]
         self._expected: list[tuple[str, torch.dtype, tuple] | None] | None = None  # see check_received
+        self.graphs: StageGraphs | None = None      # set by the schedule's enable_cuda_graphs()
 
     # -------------------------------------------------------------------------------- wiring
     @property
@@ -156,6 +158,8 @@ class PipelineStage:
     # ------------------------------------------------------------------------------- per step
     def clear(self) -> None:
         self._mb.clear()
+        if self.graphs is not None:
+            self.graphs.reset()
 
     def state(self, m: int) -> _Microbatch:
         st = self._mb.get(m)
@@ -181,9 +185,10 @@ class PipelineStage:
 
     def forward_one(self, m: int) -> tuple:
         st = self.state(m)
-        if self.is_first and self.pipe_info is None:
+        out = self._replay(m, st) if self.graphs is not None else None
+        if out is None and self.is_first and self.pipe_info is None:
             out = self.submod(*st.args, **st.kwargs)
-        else:
+        elif out is None:
             out = self.submod(*st.inputs)
         if self.is_last:
             if self.pipe_info is not None:
@@ -192,6 +197,15 @@ class PipelineStage:
                 st.final = out
         st.outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         return st.outputs
+
+    def _replay(self, m: int, st: _Microbatch) -> Any:
+        """The stage's outputs from a CUDA-graph replay, or None where it runs eagerly (eval, no grad,
+        keyword inputs, shapes not captured yet)."""
+        if not (self.submod.training and torch.is_grad_enabled()):
+            return None
+        if self.is_first and self.pipe_info is None:
+            return None if st.kwargs else self.graphs.forward(m, list(st.args))
+        return self.graphs.forward(m, st.inputs)
 
     def add_output_grad(self, m: int, out_idx: int, grad: torch.Tensor | None) -> None:
         if grad is None:
@@ -221,6 +235,8 @@ class PipelineStage:
         roots, grads = self._roots(st, loss_scale)
         if roots:
             run_backward(roots, grads, accumulate=True, keep_graph=False)
+        if self.graphs is not None:
+            self.graphs.release(m)
         self._keep_input_grads(st, [x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None
                                     for x in st.inputs])
         self._maybe_drop(m)

@@ -1,0 +1,237 @@
+"""CUDA-graph replay of one stage's forward and backward, for stages whose host time (kernel launches)
+exceeds their GPU time.
+
+A captured forward writes its activations into fixed memory, so the next replay overwrites them: a
+stage keeps K copies ("slots") of each graph, K being the most microbatches the schedule has in flight
+on that stage, and a microbatch holds its slot from its forward to its backward. Weight gradients are
+summed inside the backward graphs into one flat buffer per stage, and added to `.grad` once per step
+(`flush`), so a replayed backward launches nothing but its graph. Capture happens between steps, for
+the input shapes the previous step saw, never while messages are in flight.
+"""
+from __future__ import annotations
+
+import warnings
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+Signature = tuple  # ((shape, dtype, requires_grad), ...) of one microbatch's stage inputs
+
+
+def signature_of(inputs: list) -> Signature | None:
+    """The replay key of a microbatch's inputs; None when an input is not a tensor (not graphable)."""
+    sig = []
+    for x in inputs:
+        if type(x) is not torch.Tensor and not isinstance(x, torch.Tensor):
+            return None
+        sig.append((x.shape, x.dtype, x.requires_grad))
+    return tuple(sig)
+
+
+class _Slot:
+    """One captured forward graph and its backward graph, with their static inputs and outputs."""
+
+    def __init__(self, module: nn.Module, sample: list[torch.Tensor], params: list[nn.Parameter],
+                 acc: list[torch.Tensor]):
+        self.pool = torch.cuda.graph_pool_handle()   # private: slots must never share activation memory
+        self.inputs = [x.detach().clone().requires_grad_(x.requires_grad) for x in sample]
+        self.fwd = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.fwd, pool=self.pool, capture_error_mode="thread_local"):
+            out = module(*self.inputs)
+        flat, self.spec = pytree.tree_flatten(out)
+        if not all(isinstance(o, torch.Tensor) for o in flat):
+            raise TypeError("the stage returns non-tensor values")
+        self.outputs = flat
+        self.diff = [i for i, o in enumerate(flat) if o.requires_grad]
+        self.grad_outputs = [torch.zeros_like(flat[i]) for i in self.diff]
+        self.grad_input_idx = [i for i, x in enumerate(self.inputs) if x.requires_grad]
+        self.grad_inputs: list = [None] * len(self.inputs)
+        self.used_params: list[int] = []
+        self.bwd = torch.cuda.CUDAGraph()
+        if not self.diff:
+            self.bwd = None
+            return
+        targets = [self.inputs[i] for i in self.grad_input_idx] + params
+        with torch.cuda.graph(self.bwd, pool=self.pool, capture_error_mode="thread_local"):
+            grads = torch.autograd.grad([flat[i] for i in self.diff], targets, self.grad_outputs,
+                                        allow_unused=True)
+            n = len(self.grad_input_idx)
+            self.used_params = [k for k, g in enumerate(grads[n:]) if g is not None]
+            if self.used_params:
+                torch._foreach_add_([acc[k] for k in self.used_params], [grads[n + k] for k in self.used_params])
+        for i, g in zip(self.grad_input_idx, grads[:n]):
+            self.grad_inputs[i] = g
+
+
+class _Replay(torch.autograd.Function):
+    """One autograd node per replayed microbatch: forward replays the slot's forward graph, backward
+    its backward graph. Input gradients come back as fresh tensors (the slot's own are reused); weight
+    gradients go to the stage's flat buffer inside the graph, so they are not outputs here."""
+
+    @staticmethod
+    def forward(ctx, slot: _Slot, anchor: torch.Tensor, *inputs: torch.Tensor):
+        for static, x in zip(slot.inputs, inputs):
+            if static.data_ptr() != x.data_ptr():
+                static.copy_(x)
+        slot.fwd.replay()
+        ctx.slot = slot
+        diff = set(slot.diff)
+        # A non-differentiable output (a mask, say) is copied: no backward orders its next overwrite
+        # after the consumer has read it.
+        outs = tuple(o.detach() if i in diff else o.clone() for i, o in enumerate(slot.outputs))
+        ctx.mark_non_differentiable(*[o for i, o in enumerate(outs) if i not in diff])
+        return outs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor):
+        slot: _Slot = ctx.slot
+        for static, i in zip(slot.grad_outputs, slot.diff):
+            static.copy_(grads[i])
+        slot.bwd.replay()
+        return (None, None) + tuple(None if g is None else g.clone() for g in slot.grad_inputs)
+
+
+class StageGraphs:
+    """The CUDA graphs of one stage: `slots` copies per input signature, at most `max_shapes` signatures.
+
+    `forward(m, inputs)` replays when a copy for these shapes is captured and free, else returns None
+    (the stage then runs eagerly); `release(m)` frees microbatch m's copy after its backward;
+    `capture_pending()` captures the shapes seen since, between steps; `flush()` adds the summed weight
+    gradients to `.grad`.
+    """
+
+    def __init__(self, module: nn.Module, slots: int, stage_index: int, device: torch.device,
+                 max_shapes: int = 4):
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
+        self.module = module
+        self.device = device
+        self.slots = slots
+        self.stage_index = stage_index
+        self.max_shapes = max_shapes
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self._acc = [torch.zeros_like(p) for p in self.params]
+        # An input that requires grad, so that a stage fed only integers (token ids) still gets a node
+        # whose backward replays the graph that computes its weight gradients.
+        self._anchor = torch.zeros((), device=device, requires_grad=True)
+        self._used: set[int] = set()    # indices of the parameters the captured backwards reach
+        self._dirty = False
+        self._graphs: dict[Signature, list[_Slot]] = {}
+        self._free: dict[Signature, list[_Slot]] = {}
+        self._held: dict[int, _Slot] = {}
+        self._seen: dict[Signature, list[torch.Tensor]] = {}
+        self.disabled_reason: str | None = None
+        self.active = False     # the schedule turns replay on for training steps only
+        self.replays = 0        # microbatches replayed so far (for checks and logs)
+
+    # ------------------------------------------------------------------------------ hot path
+    def forward(self, m: int, inputs: list) -> tuple | None:
+        if not self.active or self.disabled_reason is not None:
+            return None
+        sig = signature_of(inputs)
+        if sig is None:
+            return None
+        free = self._free.get(sig)
+        if not free:
+            if sig not in self._graphs and sig not in self._seen and len(self._graphs) < self.max_shapes:
+                self._seen[sig] = [torch.empty_like(x).requires_grad_(x.requires_grad) for x in inputs]
+            return None
+        slot = free.pop()
+        self._held[m] = slot
+        self._dirty = True
+        self.replays += 1
+        out = _Replay.apply(slot, self._anchor, *inputs)
+        return pytree.tree_unflatten(list(out), slot.spec)
+
+    def release(self, m: int) -> None:
+        slot = self._held.pop(m, None)
+        if slot is not None:
+            self._free[slot.sig].append(slot)
+
+    def reset(self) -> None:
+        """End of step: every slot is free again (a failed step may have left some held)."""
+        for m in list(self._held):
+            self.release(m)
+
+    def discard(self) -> None:
+        """Forget the sums of a step that failed, so they do not leak into the next one."""
+        if self._dirty:
+            torch._foreach_zero_(self._acc)
+            self._dirty = False
+
+    def flush(self) -> None:
+        """Add the weight gradients summed by the replayed backwards into `.grad`, and clear the sums."""
+        if not self._dirty:
+            return
+        new, new_src, old, old_src = [], [], [], []
+        for k in sorted(self._used):
+            p, a = self.params[k], self._acc[k]
+            if p.grad is None:
+                p.grad = torch.empty_like(a)
+                new.append(p.grad)
+                new_src.append(a)
+            else:
+                old.append(p.grad)
+                old_src.append(a)
+        if new:
+            torch._foreach_copy_(new, new_src)
+        if old:
+            torch._foreach_add_(old, old_src)
+        torch._foreach_zero_(self._acc)
+        self._dirty = False
+
+    # ---------------------------------------------------------------------------- capture
+    def capture_pending(self) -> None:
+        """Capture `slots` copies for each input signature seen since the last call. Runs between steps
+        (it synchronises the device); a stage that cannot be captured is left eager, with a warning."""
+        pending, self._seen = self._seen, {}
+        for sig, sample in pending.items():
+            if self.disabled_reason is not None or len(self._graphs) >= self.max_shapes:
+                return
+            try:
+                with torch.cuda.device(self.device):
+                    self._capture(sig, sample)
+            except Exception as e:  # data-dependent control flow, host syncs, CPU ops inside the stage
+                self.disabled_reason = f"{type(e).__name__}: {e}".splitlines()[0]
+                self._graphs.pop(sig, None)
+                self._free.pop(sig, None)
+                warnings.warn(f"pp: stage {self.stage_index} cannot be captured as a CUDA graph "
+                              f"({self.disabled_reason}); it runs eagerly", stacklevel=2)
+
+    def _capture(self, sig: Signature, sample: list[torch.Tensor]) -> None:
+        for x in sample:
+            if x.is_floating_point():
+                x.detach().normal_()
+            else:
+                x.detach().zero_()    # valid indices for embeddings and gathers
+        buffers = {name: b.detach().clone() for name, b in self.module.named_buffers()}
+        self._warm_up(sample)
+        for name, b in self.module.named_buffers():   # warm-up must not move running statistics
+            if name in buffers:
+                b.detach().copy_(buffers[name])
+        torch.cuda.synchronize()
+        slots = [_Slot(self.module, sample, self.params, self._acc) for _ in range(self.slots)]
+        for slot in slots:
+            slot.sig = sig
+        self._used.update(slots[0].used_params)
+        self._graphs[sig] = slots
+        self._free[sig] = list(slots)
+
+    def _warm_up(self, sample: list[torch.Tensor]) -> None:
+        """Run forward and backward twice off the main stream, so lazy initialisation (cuBLAS handles,
+        workspaces) happens before capture. Weight gradients are computed, not accumulated."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                out = [o for o in pytree.tree_leaves(self.module(*sample))
+                       if isinstance(o, torch.Tensor) and o.requires_grad]
+                targets = [x for x in sample if x.requires_grad] + self.params
+                if out:
+                    torch.autograd.grad(out, targets, [torch.ones_like(o) for o in out], allow_unused=True)
+        torch.cuda.current_stream().wait_stream(side)
+
+    @property
+    def captured_shapes(self) -> int:
+        return len(self._graphs)
