@@ -61,6 +61,12 @@ def row_key(r: dict) -> tuple:
             r.get("split", "?"), dp_of(r))
 
 
+def impl_of(r: dict) -> str:
+    """'pp', 'torch', or 'pp-graphs' for pp with CUDA-graph replay (bench.py --cuda-graphs)."""
+    graphs = r.get("cuda_graphs") or (r.get("config") or "").split("/")[-1].split("-")[1:].count("graphs")
+    return "pp-graphs" if r.get("impl") == "pp" and graphs else r.get("impl", "?")
+
+
 def ok(r: dict | None) -> bool:
     return bool(r) and r.get("status") == "ok"
 
@@ -88,7 +94,7 @@ def kilo(v: float) -> str:
 def table(recs: list[dict]) -> str:
     rows: dict[tuple, dict[str, dict]] = {}
     for r in recs:
-        rows.setdefault(row_key(r), {})[r.get("impl", "?")] = r
+        rows.setdefault(row_key(r), {})[impl_of(r)] = r
     any_rec = next((r for r in recs if ok(r)), recs[0] if recs else {})
     out = [f"Device: {any_rec.get('device', '?')} × {any_rec.get('ranks', '?')}, torch {any_rec.get('torch', '?')}, "
            f"{any_rec.get('date', '?')[:10]}; warm-up {any_rec.get('warmup', '?')}, timed steps "
@@ -109,6 +115,18 @@ def table(recs: list[dict]) -> str:
             cell(p, "balanced_efficiency", ".2f"), "" if pk_p is None else f"{pk_p:.1f}",
             kilo(t["tokens_per_s"]) if ok(t) else cell(t, "", ""), cell(t, "efficiency", ".2f"),
             cell(t, "balanced_efficiency", ".2f"), "" if pk_t is None else f"{pk_t:.1f}", ratio]) + " |")
+    graphed = [(k, v) for k, v in sorted(rows.items()) if "pp-graphs" in v]
+    if graphed:
+        out += ["", "pp with CUDA-graph replay of the stages (`bench.py --cuda-graphs`):", "",
+                "| schedule (mb) | split | model | tokens/s | step ms | peak GiB | step / torch's |", "|---|---|---|---|---|---|---|"]
+        for (tag, model, _, sched, mb, _, split, _), v in graphed:
+            g, t = v["pp-graphs"], v.get("torch")
+            q = f"{g['step_time_s'] / t['step_time_s']:.2f}" if ok(g) and ok(t) else ""
+            pk = peak(g)
+            ms = f"{g['step_time_s'] * 1e3:.1f}" if ok(g) else ""
+            out.append(f"| {sched} ({mb}) | {split} | {model}{f' ({tag})' if tag else ''} | "
+                       f"{kilo(g['tokens_per_s']) if ok(g) else cell(g, '', '')} | {ms} | "
+                       f"{'' if pk is None else f'{pk:.2f}'} | {q} |")
     out += ["", *targets(rows)]
     failed = [r for r in recs if not ok(r)]
     if failed:
@@ -154,10 +172,11 @@ def targets(rows: dict[tuple, dict[str, dict]]) -> list[str]:
         lines.append(f"- peak memory per rank ≤ torch's, same schedule ({compared} pairs): {mark(not worse)}"
                      + ("" if not worse else "; " + "; ".join(worse)))
     for k, v in rows.items():
-        if k[0] == "overhead" and ok(v.get("pp")) and ok(v.get("torch")):
-            q = v["pp"]["step_time_s"] / v["torch"]["step_time_s"]
-            lines.append(f"- overhead, {k[1]}, {k[3]} ({k[4]}): pp step {v['pp']['step_time_s'] * 1e3:.1f} ms / torch "
-                         f"{v['torch']['step_time_s'] * 1e3:.1f} ms = {q:.2f} ≤ 0.7: {mark(q <= 0.7)}")
+        for impl in ("pp", "pp-graphs"):
+            if k[0] == "overhead" and ok(v.get(impl)) and ok(v.get("torch")):
+                q = v[impl]["step_time_s"] / v["torch"]["step_time_s"]
+                lines.append(f"- overhead, {k[1]}, {k[3]} ({k[4]}): {impl} step {v[impl]['step_time_s'] * 1e3:.1f} ms / "
+                             f"torch {v['torch']['step_time_s'] * 1e3:.1f} ms = {q:.2f} ≤ 0.7: {mark(q <= 0.7)}")
     return lines
 
 
