@@ -51,3 +51,25 @@ def test_cpu_stages_and_split_backward_schedules_are_refused_with_the_reason():
 @pytest.mark.parametrize("name", GRAPHABLE)
 def test_replayed_stages_match_the_unsplit_model_on_one_gpu(name, traced):
     run_ranks(run_schedule_against_reference, 1, name, 4, traced, 3, "cuda", True, backend="nccl")
+
+
+def _parallelize_refusals(rank, world):
+    from runtime_models import DeepMLP as Net
+    import pp
+    from pp.tp import ColwiseParallel
+
+    out = []
+    for kwargs in (dict(tp=2, tp_plan={"layers.0": ColwiseParallel()}), dict()):
+        try:
+            pp.parallelize(Net(n_layers=4), (torch.randn(2, 4),), n_microbatches=2, loss_fn=F.mse_loss,
+                           cuda_graphs=True, device="cpu", **kwargs)
+            out.append("accepted")
+        except ValueError as e:
+            out.append(str(e))
+    return out
+
+
+def test_parallelize_refuses_cuda_graphs_with_tp_and_on_cpu():
+    with_tp, on_cpu = run_ranks(_parallelize_refusals, 2)[0]
+    assert with_tp.startswith("cuda_graphs=True with tp=2"), with_tp
+    assert "stage 0 is on cpu" in on_cpu, on_cpu

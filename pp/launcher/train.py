@@ -125,11 +125,10 @@ def make_model(job: Job, device: torch.device) -> ParallelModel:
     mesh = make_mesh(layout.pp, cfg.parallel.dp, cfg.parallel.tp, device.type)
     model = pp.parallelize(job.pipe, n_microbatches=cfg.schedule.microbatches, loss_fn=lm_loss,
                            schedule=layout.schedule, stages_per_rank=layout.stages_per_rank,
-                           tp_plan=job.tp_plan, device=device, mesh=mesh)
+                           tp_plan=job.tp_plan, device=device, mesh=mesh,
+                           cuda_graphs=cfg.schedule.cuda_graphs and device.type == "cuda")
     model.schedule.record_trace = True  # per-action timings for the bubble fraction and trace.json
-    if cfg.schedule.cuda_graphs and device.type == "cuda":
-        model.schedule.enable_cuda_graphs()
-    elif cfg.schedule.cuda_graphs and mesh.get_rank() == 0:
+    if cfg.schedule.cuda_graphs and device.type != "cuda" and mesh.get_rank() == 0:
         print("pp.run: schedule.cuda_graphs=true has no effect on cpu: the stages run eagerly", flush=True)
     return model
 

@@ -180,6 +180,7 @@ def parallelize(
     split_policy: SplitPolicy | None = None,
     device: torch.device | str | None = None,
     mesh: DeviceMesh | None = None,
+    cuda_graphs: bool = False,
 ) -> ParallelModel:
     """Build this rank's part of `module` trained with pp × dp × tp parallelism; collective.
 
@@ -188,7 +189,8 @@ def parallelize(
     the model's `pipe_split()` calls, or else `split_by_cost`. `tp_plan` maps module names to
     `pp.tp.ColwiseParallel`/`RowwiseParallel`. `pp` defaults to world / (dp * tp); `mesh`, if given,
     is a (pp, dp, tp) DeviceMesh (`pp.parallel.make_mesh`) whose sizes win. `device` defaults to
-    cuda:LOCAL_RANK when CUDA is available, else cpu.
+    cuda:LOCAL_RANK when CUDA is available, else cpu. `cuda_graphs=True` replays the stages as CUDA
+    graphs from the second step on (`schedule.enable_cuda_graphs()`; not with tp > 1 or I/W schedules).
     """
     from pp.comms.backend import default_device, get_world_size
     from pp.schedules.classes import PipelineScheduleSingle, schedule_class
@@ -218,6 +220,9 @@ def parallelize(
         if world % (dp * tp):
             raise ValueError(f"dp={dp} x tp={tp} does not divide the world size {world}")
         pp = world // (dp * tp)
+    if cuda_graphs and tp > 1:
+        raise ValueError(f"cuda_graphs=True with tp={tp}: stages with tensor-parallel collectives are not "
+                         f"captured; use tp=1 or cuda_graphs=False")
     if tp > 1 and not tp_plan:
         raise ValueError(f"tp={tp} needs a tp_plan: {{module name: pp.tp.ColwiseParallel() or RowwiseParallel()}}")
     device = torch.device(device) if device is not None else default_device()
@@ -248,6 +253,8 @@ def parallelize(
     cls = schedule_class(spec.name)
     target = stages[0] if issubclass(cls, PipelineScheduleSingle) else stages
     sched = cls(target, n_microbatches, loss_fn=loss_fn)
+    if cuda_graphs:
+        sched.enable_cuda_graphs()
     sync = None
     if dp > 1:
         sync = GradSync({s.stage_index: list(s.submod.named_parameters()) for s in stages},
