@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pp.schedules.classes import _in_flight_peak
 from pp.schedules.classes import schedule_class
 from pp.schedules.registry import build_lists
+import pp
 from pp.testing import run_ranks
 
 from runtime_models import DeepMLP, build_stages, run_schedule_against_reference
@@ -73,3 +74,72 @@ def test_parallelize_refuses_cuda_graphs_with_tp_and_on_cpu():
     with_tp, on_cpu = run_ranks(_parallelize_refusals, 2)[0]
     assert with_tp.startswith("cuda_graphs=True with tp=2"), with_tp
     assert "stage 0 is on cpu" in on_cpu, on_cpu
+
+
+class _HostSync(torch.nn.Module):
+    """A stage that reads a value on the host mid-forward: it cannot be captured."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h * 2 if h.abs().sum().item() > 1e9 else h
+
+
+def _shapes_eval_and_fallback(rank, world):
+    import warnings
+
+    from runtime_models import reference
+
+    torch.manual_seed(0)
+    model = DeepMLP(n_layers=4).cuda()
+    stages, _ = build_stages(model, "Interleaved1F1B", 1, 0, torch.randn(2, 4, device="cuda"), True, "cuda")
+    sched = schedule_class("Interleaved1F1B")(stages, 4, loss_fn=F.mse_loss)
+    sched.enable_cuda_graphs()
+    replays = []
+    # 8 rows: microbatches of 2; 10 rows: 3, 3, 2, 2 (a new shape: eager once, then captured too)
+    for rows in (8, 8, None, 10, 10):
+        if rows is None:
+            out = sched.eval(torch.randn(8, 4, device="cuda"))
+            assert out.shape == (8, 3)
+            continue
+        x, y = torch.randn(rows, 4, device="cuda"), torch.randn(rows, 3, device="cuda")
+        for s in stages:
+            s.submod.zero_grad()
+        losses: list = []
+        sched.step(x, target=y, losses=losses)
+        want_losses, want_grads = reference(model, x, y, 4)
+        torch.testing.assert_close(torch.stack(losses), want_losses)
+        for s in stages:
+            for n, p in s.submod.named_parameters():
+                torch.testing.assert_close(p.grad, want_grads[n], msg=lambda m: f"rows {rows} {n}: {m}")
+        replays.append(sum(s.graphs.replays for s in stages))
+
+    host = _HostSync().cuda()
+    stage = pp.PipelineStage(host, 0, 1, "cuda")
+    one = schedule_class("1F1B")(stage, 2, loss_fn=F.mse_loss)
+    one.enable_cuda_graphs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            host.zero_grad()
+            x, y = torch.randn(4, 4, device="cuda"), torch.randn(4, 3, device="cuda")
+            one.step(x, target=y)
+            ref = _HostSync().cuda()
+            ref.load_state_dict(host.state_dict())
+            sum(F.mse_loss(ref(a), b) for a, b in zip(x.tensor_split(2), y.tensor_split(2))).div(2).backward()
+            torch.testing.assert_close(host.lin.weight.grad, ref.lin.weight.grad)
+    said = [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
+    return replays, said, stage.graphs.disabled_reason
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_new_shapes_eval_and_uncapturable_stages_stay_correct_on_one_gpu():
+    replays, said, reason = run_ranks(_shapes_eval_and_fallback, 1, backend="nccl")[0]
+    # step 1 eager; step 2 all 8 replayed (4 microbatches x 2 stages); step 4 only the size-2 microbatches
+    # (2 x 2 stages); step 5 all 8 again
+    assert replays == [0, 8, 12, 20], replays
+    assert len(said) == 1 and "stage 0 cannot be captured as a CUDA graph" in said[0], said
+    assert reason, reason

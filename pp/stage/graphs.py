@@ -18,6 +18,16 @@ import torch.utils._pytree as pytree
 Signature = tuple  # ((shape, dtype, requires_grad), ...) of one microbatch's stage inputs
 
 
+def _end_failed_capture() -> None:
+    """After a capture that raised, run one empty capture: it resets the CUDA RNG's capture state,
+    which a failed capture can leave set (every later random op would then raise)."""
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
+            pass
+    except Exception:  # noqa: BLE001 - best effort; the original failure is what gets reported
+        pass
+
+
 def signature_of(inputs: list) -> Signature | None:
     """The replay key of a microbatch's inputs; None when an input is not a tensor (not graphable)."""
     sig = []
@@ -31,13 +41,14 @@ def signature_of(inputs: list) -> Signature | None:
 class _Slot:
     """One captured forward graph and its backward graph, with their static inputs and outputs."""
 
-    def __init__(self, module: nn.Module, sample: list[torch.Tensor], params: list[nn.Parameter],
-                 acc: list[torch.Tensor]):
+    def __init__(self, module: nn.Module, sample: list[torch.Tensor], names: list[str],
+                 params: list[nn.Parameter], acc: list[torch.Tensor]):
         self.pool = torch.cuda.graph_pool_handle()   # private: slots must never share activation memory
         self.inputs = [x.detach().clone().requires_grad_(x.requires_grad) for x in sample]
+        aliases = _aliases(params)
         self.fwd = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.fwd, pool=self.pool, capture_error_mode="thread_local"):
-            out = module(*self.inputs)
+            out = _call(module, names, aliases, self.inputs)
         flat, self.spec = pytree.tree_flatten(out)
         if not all(isinstance(o, torch.Tensor) for o in flat):
             raise TypeError("the stage returns non-tensor values")
@@ -51,7 +62,7 @@ class _Slot:
         if not self.diff:
             self.bwd = None
             return
-        targets = [self.inputs[i] for i in self.grad_input_idx] + params
+        targets = [self.inputs[i] for i in self.grad_input_idx] + aliases
         with torch.cuda.graph(self.bwd, pool=self.pool, capture_error_mode="thread_local"):
             grads = torch.autograd.grad([flat[i] for i in self.diff], targets, self.grad_outputs,
                                         allow_unused=True)
@@ -61,6 +72,17 @@ class _Slot:
                 torch._foreach_add_([acc[k] for k in self.used_params], [grads[n + k] for k in self.used_params])
         for i, g in zip(self.grad_input_idx, grads[:n]):
             self.grad_inputs[i] = g
+
+
+def _aliases(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """New leaves on the parameters' memory. Captured code differentiates these, so autograd meets no
+    gradient accumulator made eagerly on another stream (torch warns about, or refuses, such a stale
+    stream during capture); replays still read the live parameters, whose memory this is."""
+    return [p.detach().requires_grad_(True) for p in params]
+
+
+def _call(module: nn.Module, names: list[str], aliases: list[torch.Tensor], inputs: list) -> Any:
+    return torch.func.functional_call(module, dict(zip(names, aliases)), tuple(inputs))
 
 
 class _Replay(torch.autograd.Function):
@@ -110,7 +132,9 @@ class StageGraphs:
         self.slots = slots
         self.stage_index = stage_index
         self.max_shapes = max_shapes
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         self._acc = [torch.zeros_like(p) for p in self.params]
         # An input that requires grad, so that a stage fed only integers (token ids) still gets a node
         # whose backward replays the graph that computes its weight gradients.
@@ -196,6 +220,7 @@ class StageGraphs:
                 self.disabled_reason = f"{type(e).__name__}: {e}".splitlines()[0]
                 self._graphs.pop(sig, None)
                 self._free.pop(sig, None)
+                _end_failed_capture()
                 warnings.warn(f"pp: stage {self.stage_index} cannot be captured as a CUDA graph "
                               f"({self.disabled_reason}); it runs eagerly", stacklevel=2)
 
@@ -211,7 +236,7 @@ class StageGraphs:
             if name in buffers:
                 b.detach().copy_(buffers[name])
         torch.cuda.synchronize()
-        slots = [_Slot(self.module, sample, self.params, self._acc) for _ in range(self.slots)]
+        slots = [_Slot(self.module, sample, self.names, self.params, self._acc) for _ in range(self.slots)]
         for slot in slots:
             slot.sig = sig
         self._used.update(slots[0].used_params)
@@ -220,16 +245,24 @@ class StageGraphs:
 
     def _warm_up(self, sample: list[torch.Tensor]) -> None:
         """Run forward and backward twice off the main stream, so lazy initialisation (cuBLAS handles,
-        workspaces) happens before capture. Weight gradients are computed, not accumulated."""
+        workspaces) happens before capture; weight gradients are computed, not accumulated. The first
+        run raises on any host sync (`.item()`, data-dependent shapes), which capture cannot hold:
+        such a stage is found here, before a capture could fail half-way."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        mode = torch.cuda.get_sync_debug_mode()
         with torch.cuda.stream(side):
-            for _ in range(2):
-                out = [o for o in pytree.tree_leaves(self.module(*sample))
-                       if isinstance(o, torch.Tensor) and o.requires_grad]
-                targets = [x for x in sample if x.requires_grad] + self.params
-                if out:
-                    torch.autograd.grad(out, targets, [torch.ones_like(o) for o in out], allow_unused=True)
+            for i in range(2):
+                aliases = _aliases(self.params)
+                torch.cuda.set_sync_debug_mode("error" if i == 0 else mode)
+                try:
+                    out = [o for o in pytree.tree_leaves(_call(self.module, self.names, aliases, sample))
+                           if isinstance(o, torch.Tensor) and o.requires_grad]
+                    targets = [x for x in sample if x.requires_grad] + aliases
+                    if out:
+                        torch.autograd.grad(out, targets, [torch.ones_like(o) for o in out], allow_unused=True)
+                finally:
+                    torch.cuda.set_sync_debug_mode(mode)
         torch.cuda.current_stream().wait_stream(side)
 
     @property
