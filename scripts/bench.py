@@ -50,19 +50,16 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import socket
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -73,133 +70,11 @@ from pp.comms.backend import init_process_group_from_env  # noqa: E402
 from pp.parallel import GradSync, make_mesh  # noqa: E402
 from pp.schedules.registry import SCHEDULES, get_spec  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_model import block_ranges, build_stage_module, loss_fn  # noqa: E402
+from bench_suites import configs_of  # noqa: E402
+
 # --------------------------------------------------------------------------------------------- model
-
-
-class Embed(nn.Module):
-    def __init__(self, vocab: int, d: int, seq: int, dd: dict):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d, **dd)
-        self.pos = nn.Embedding(seq, d, **dd)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(tokens.shape[1], device=tokens.device)
-        return self.tok(tokens) + self.pos(pos)
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int, dd: dict):
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(d, **dd)
-        self.qkv = nn.Linear(d, 3 * d, bias=False, **dd)
-        self.proj = nn.Linear(d, d, bias=False, **dd)
-        self.ln2 = nn.LayerNorm(d, **dd)
-        self.fc1 = nn.Linear(d, 4 * d, bias=False, **dd)
-        self.fc2 = nn.Linear(4 * d, d, bias=False, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, s, d))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
-
-
-class Head(nn.Module):
-    def __init__(self, d: int, vocab: int, dd: dict):
-        super().__init__()
-        self.ln = nn.LayerNorm(d, **dd)
-        self.out = nn.Linear(d, vocab, bias=False, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.ln(x))
-
-
-class StageModule(nn.Module):
-    """One stage: [embedding] + blocks + [head]."""
-
-    def __init__(self, embed: nn.Module | None, blocks: list[nn.Module], head: nn.Module | None):
-        super().__init__()
-        self.embed = embed
-        self.blocks = nn.ModuleList(blocks)
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.embed is not None:
-            x = self.embed(x)
-        for block in self.blocks:
-            x = block(x)
-        if self.head is not None:
-            x = self.head(x)
-        return x
-
-
-def _init_(module: nn.Module) -> nn.Module:
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-    return module
-
-
-def build_segment(kind: str, index: int, cfg: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """One segment, seeded by its position in the model alone: the same weights whatever the cut."""
-    dd = dict(device=device, dtype=dtype)
-    seg = {"embed": 0, "block": 1 + index, "head": cfg.layers + 1}[kind]
-    torch.manual_seed(cfg.seed * 1_000_003 + seg)
-    if kind == "embed":
-        return _init_(Embed(cfg.vocab, cfg.d_model, cfg.seq, dd))
-    if kind == "head":
-        return _init_(Head(cfg.d_model, cfg.vocab, dd))
-    return _init_(Block(cfg.d_model, cfg.heads, dd))
-
-
-def build_stage_module(stage: int, ranges: list[tuple[int, int]], cfg, device, dtype) -> StageModule:
-    lo, hi = ranges[stage]
-    embed = build_segment("embed", 0, cfg, device, dtype) if stage == 0 else None
-    blocks = [build_segment("block", i, cfg, device, dtype) for i in range(lo, hi)]
-    head = build_segment("head", 0, cfg, device, dtype) if stage == len(ranges) - 1 else None
-    return StageModule(embed, blocks, head)
-
-
-def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
-
-
-def segment_costs(cfg) -> dict[str, float]:
-    """Estimated forward FLOPs per token of each segment (see the module docstring)."""
-    d, s, v = cfg.d_model, cfg.seq, cfg.vocab
-    costs = {"embed": 0.0}
-    for i in range(cfg.layers):
-        costs[f"blocks.{i}"] = 24.0 * d * d + 4.0 * s * d
-    costs["head"] = 2.0 * d * v
-    return costs
-
-
-def block_ranges(cfg, n_stages: int, split: str) -> list[tuple[int, int]]:
-    """[lo, hi) of the blocks on each stage (stage 0 also has the embedding, the last one the head)."""
-    L = cfg.layers
-    if split == "even":
-        if L < n_stages:
-            raise ValueError(f"--split even needs at least one block per stage: {L} layers for {n_stages} stages")
-        base, extra = divmod(L, n_stages)
-        counts = [base + (1 if k < extra else 0) for k in range(n_stages)]
-    elif split in ("cost", "measured"):
-        costs = segment_costs(cfg) if split == "cost" else measured_costs(cfg)
-        segments = [pp.Segment(name) for name in costs]
-        starts = pp.split_by_cost(n_stages, costs)(segments) + [len(segments)]
-        # segment j is block j-1; stage k holds segments starts[k]..starts[k+1]-1
-        counts = []
-        for k in range(n_stages):
-            lo, hi = starts[k], starts[k + 1]
-            counts.append(sum(1 for j in range(lo, hi) if 1 <= j <= L))
-    else:
-        raise ValueError(f"unknown split {split!r}: expected 'even', 'cost' or 'measured'")
-    ranges, lo = [], 0
-    for c in counts:
-        ranges.append((lo, lo + c))
-        lo += c
-    return ranges
 
 
 _MEASURED: dict[tuple, dict[str, float]] = {}
@@ -380,7 +255,7 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
                 "dp": dp, "split": cfg.split, "tag": cfg.tag or None, "config": config_key(cfg),
                 "status": "error", "error": str(e)} if rank == 0 else None
     if ranges is None:
-        ranges = block_ranges(cfg, n_stages, cfg.split)  # measures (collectives): all ranks get here
+        ranges = block_ranges(cfg, n_stages, cfg.split, measured_costs)  # measures (collectives): all ranks get here
     # (pp, dp) layout of pp.parallel.make_mesh (tp=1): global rank = pp_rank * dp + dp_rank.
     pp_rank, dp_rank = divmod(rank, dp)
     pp_group, dp_group = dp_groups(pp_size, dp)
@@ -590,70 +465,6 @@ def write_profile(step, cfg, rank: int, device) -> None:
 
 # ------------------------------------------------------------------------------------------- suites
 
-BIG_TABLE = [("GPipe", 8), ("1F1B", 8), ("1F1B", 16), ("Interleaved1F1B", 16), ("ZBVZeroBubble", 16),
-             ("DualPipeV", 16)]
-TINY = dict(layers=8, d_model=512, heads=8, seq=128, tag="overhead")
-
-
-def builtin_suite(name: str) -> list[dict]:
-    """issue6: the table of issue 6, most important first (if time runs out, the tail is what is lost):
-    even split both impls, the tiny-model overhead runs, then the cost and measured splits both impls."""
-    if name == "issue6":
-        def pair(i: int) -> tuple[str, str]:  # alternate who goes first: no impl always runs on a cold GPU
-            return ("pp", "torch") if i % 2 == 0 else ("torch", "pp")
-
-        out = [dict(impl=impl, schedule=sched, microbatches=n, split="even")
-               for i, (sched, n) in enumerate(BIG_TABLE) for impl in pair(i)]
-        out += [dict(impl=impl, schedule=sched, microbatches=16, split="even", **TINY)
-                for i, sched in enumerate(("1F1B", "Interleaved1F1B")) for impl in pair(i)]
-        out += [dict(impl="pp", schedule=sched, microbatches=16, split="even", cuda_graphs=True, **TINY)
-                for sched in ("1F1B", "Interleaved1F1B")]
-        for split in ("cost", "measured"):
-            out += [dict(impl=impl, schedule=sched, microbatches=n, split=split)
-                    for i, (sched, n) in enumerate(BIG_TABLE) for impl in pair(i)]
-        return out
-    if name == "overhead":  # the tiny model: pp eager, torch, pp with CUDA-graph replay
-        return [dict(impl=impl, schedule=sched, microbatches=16, split="even", cuda_graphs=graphs, **TINY)
-                for sched in ("1F1B", "Interleaved1F1B")
-                for impl, graphs in (("pp", False), ("torch", False), ("pp", True))]
-    if name == "all":  # every schedule both impls, model from the flags
-        return [dict(impl=impl, schedule=s, microbatches=None) for s in SCHEDULES for impl in ("pp", "torch")]
-    raise KeyError(name)
-
-
-def parse_suite(text: str) -> list[dict]:
-    """A builtin name (issue6, overhead, all), a JSON file (a list of objects of flag overrides, e.g.
-    {"impl": "pp", "schedule": "1F1B", "microbatches": 32, "dp": 2}), or an inline list
-    `impl:schedule[:microbatches[:split[:dpN]]],...` (microbatches and split may be empty: the flags'
-    values; e.g. `pp:1F1B:32::dp2`)."""
-    try:
-        return builtin_suite(text)
-    except KeyError:
-        pass
-    if os.path.isfile(text):
-        data = json.loads(Path(text).read_text())
-        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
-            raise SystemExit(f"--suite {text}: expected a JSON list of objects")
-        return data
-    out = []
-    for item in filter(None, (x.strip() for x in text.split(","))):
-        parts = item.split(":")
-        if not 2 <= len(parts) <= 5:
-            raise SystemExit(f"--suite entry {item!r}: expected impl:schedule[:microbatches[:split[:dpN]]]")
-        d = dict(impl=parts[0], schedule=parts[1])
-        if len(parts) > 2 and parts[2]:
-            d["microbatches"] = int(parts[2])
-        if len(parts) > 3 and parts[3]:
-            d["split"] = parts[3]
-        if len(parts) > 4 and parts[4]:
-            dp = parts[4].removeprefix("dp")
-            if not dp.isdigit():
-                raise SystemExit(f"--suite entry {item!r}: the 5th field is dpN (e.g. dp2), got {parts[4]!r}")
-            d["dp"] = int(dp)
-        out.append(d)
-    return out
-
-
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -708,27 +519,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out is None:
         args.out = str(REPO / "bench" / "results" / "bench.jsonl")
     return args
-
-
-def configs_of(args) -> list[argparse.Namespace]:
-    if not args.suite:
-        return [args]
-    out = []
-    for over in parse_suite(args.suite):
-        cfg = argparse.Namespace(**vars(args))
-        for k, v in over.items():
-            k = k.replace("-", "_")
-            if not hasattr(cfg, k):
-                raise SystemExit(f"--suite: unknown setting {k!r}")
-            if v is not None:
-                setattr(cfg, k, v)
-        cfg.schedule = get_spec(cfg.schedule).name
-        if cfg.impl not in ("pp", "torch") or cfg.split not in ("even", "cost", "measured"):
-            raise SystemExit(f"--suite: bad impl/split in {over}")
-        if not isinstance(cfg.dp, int) or isinstance(cfg.dp, bool) or cfg.dp < 1:
-            raise SystemExit(f"--suite: dp must be a positive integer in {over}")
-        out.append(cfg)
-    return out
 
 
 def main(argv=None) -> int:

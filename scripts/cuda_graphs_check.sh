@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CUDA-graph replay of stages on this machine's GPUs, in one go:
-#   1. every schedule, traced and manual, against the unsplit model (check_schedules.py --cuda-graphs;
-#      the I/W schedules must refuse), and tests/test_cuda_graphs.py;
+#   1. every schedule, traced and manual, against the unsplit model (check_schedules.py --cuda-graphs),
+#      and tests/test_cuda_graphs.py;
 #   2. the launcher: configs/tiny.yaml eager and with schedule.cuda_graphs=true, losses compared;
 #   3. the tiny-model overhead rows: pp eager, torch.distributed.pipelining, pp replayed (bench.py --suite overhead).
 #

@@ -61,8 +61,8 @@ class ScheduleConfig:
     stages_per_rank: typing.Optional[int] = _opt(None, "stages each rank holds; default: what the schedule needs "
                                                        "(1, or 2 for interleaved and V-shaped schedules)")
     cuda_graphs: bool = _opt(False, "replay each stage's forward and backward as CUDA graphs from step 2 on: "
-                                    "less host time for small, launch-bound stages (GPU only; GPipe, 1F1B, "
-                                    "Interleaved1F1B, LoopedBFS; not with parallel.tp > 1)")
+                                    "less host time for small, launch-bound stages (GPU only; not with "
+                                    "parallel.tp > 1)")
 
 
 @dataclass

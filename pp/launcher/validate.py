@@ -157,22 +157,15 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
         raise ConfigError(f"model.n_layers={cfg.model.n_layers} is too few for {n_stages} stages "
                           f"(parallel.pp={pp} x {n_stages // pp} stages per rank)")
     try:
-        placement, lists = build_lists(name, pp, s.microbatches, n_stages // pp)
+        placement, _ = build_lists(name, pp, s.microbatches, n_stages // pp)
     except ValueError as e:
         raise ConfigError(f"schedule.microbatches={s.microbatches} with parallel.pp={pp}: {e}") from None
     if s.cuda_graphs:
-        _check_cuda_graphs(name, lists, p.tp)
+        _check_cuda_graphs(p.tp)
     return Layout(name, pp, n_stages // pp, tuple(placement))
-    return layout
 
 
-def _check_cuda_graphs(name: str, lists: dict, tp: int) -> None:
-    from pp.schedules.actions import Kind
-
-    if any(a.kind in (Kind.I, Kind.W) for acts in lists.values() for a in acts):
-        raise ConfigError(f"schedule.cuda_graphs=true with schedule.name={name!r}: that schedule splits backward "
-                          f"into input and weight halves, which one captured backward graph cannot do; use GPipe, "
-                          f"1F1B, Interleaved1F1B or LoopedBFS, or set schedule.cuda_graphs=false")
+def _check_cuda_graphs(tp: int) -> None:
     if tp > 1:
         raise ConfigError(f"schedule.cuda_graphs=true with parallel.tp={tp}: stages with tensor-parallel "
                           f"collectives are not captured; set parallel.tp=1 or schedule.cuda_graphs=false")

@@ -190,7 +190,7 @@ def parallelize(
     `pp.tp.ColwiseParallel`/`RowwiseParallel`. `pp` defaults to world / (dp * tp); `mesh`, if given,
     is a (pp, dp, tp) DeviceMesh (`pp.parallel.make_mesh`) whose sizes win. `device` defaults to
     cuda:LOCAL_RANK when CUDA is available, else cpu. `cuda_graphs=True` replays the stages as CUDA
-    graphs from the second step on (`schedule.enable_cuda_graphs()`; not with tp > 1 or I/W schedules).
+    graphs from the second step on (`schedule.enable_cuda_graphs()`; not with tp > 1).
     """
     from pp.comms.backend import default_device, get_world_size
     from pp.schedules.classes import PipelineScheduleSingle, schedule_class

@@ -124,14 +124,10 @@ class _PipelineSchedule:
         to `max_shapes` different shapes are captured (each new one at the end of the step that saw it);
         other shapes, eval and forward-only steps run eagerly. Parameters must stay where they are
         (in-place optimizer updates are fine; `module.to()` after this is not). Schedules that split
-        backward into I and W cannot replay one backward graph in two halves, so they are refused.
+        backward into input and weight gradients (I/W) get two backward graphs per copy.
         """
         if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
             raise ValueError(f"max_shapes must be a positive integer, got {max_shapes!r}")
-        if any(a.kind in (Kind.I, Kind.W) for a in self._train_actions):
-            raise ValueError(f"{type(self).__name__} splits backward into input and weight halves (I/W), "
-                             f"which one captured backward graph cannot do; use CUDA graphs with GPipe, "
-                             f"1F1B, Interleaved1F1B or LoopedBFS")
         for s in self._stages.values():
             if s.device.type != "cuda":
                 raise ValueError(f"CUDA graphs need stages on a CUDA device; stage {s.stage_index} is on "
@@ -139,8 +135,9 @@ class _PipelineSchedule:
         for i, s in self._stages.items():
             if s.graphs is None:
                 with torch.cuda.device(s.device):
+                    split = any(a.stage == i and a.kind in (Kind.I, Kind.W) for a in self._train_actions)
                     s.graphs = StageGraphs(s.submod, _in_flight_peak(self._train_actions, i), i, s.device,
-                                           max_shapes)
+                                           max_shapes, split=split)
             self._graphs[i] = s.graphs
         self._after = (None, {})
 

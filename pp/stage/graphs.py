@@ -5,25 +5,42 @@ A captured forward writes its activations into fixed memory, so the next replay 
 stage keeps K copies ("slots") of each graph, K being the most microbatches the schedule has in flight
 on that stage, and a microbatch holds its slot from its forward to its backward. Weight gradients are
 summed inside the backward graphs into one flat buffer per stage, and added to `.grad` once per step
-(`flush`), so a replayed backward launches nothing but its graph. Capture happens between steps, for
+(`flush`), so a replayed backward launches nothing but its graph. Zero-bubble schedules get their
+backward as two graphs, input gradients (I) and weight gradients (W), split as in eager. Capture happens between steps, for
 the input shapes the previous step saw, never while messages are in flight.
 """
 from __future__ import annotations
 
 import warnings
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from .backward import input_grads, weight_grads
+
 Signature = tuple  # ((shape, dtype, requires_grad), ...) of one microbatch's stage inputs
+
+
+class _WarmUpFailed(RuntimeError):
+    """The stage failed (or synchronised with the host) in the warm-up before capture."""
+
+
+def _set_sync_debug_mode(mode: Any) -> None:
+    with warnings.catch_warnings():   # torch calls the mode a prototype, every time it is set
+        warnings.simplefilter("ignore", UserWarning)
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 def _end_failed_capture() -> None:
     """After a capture that raised, run one empty capture: it resets the CUDA RNG's capture state,
     which a failed capture can leave set (every later random op would then raise)."""
     try:
-        with torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
-            pass
+        with warnings.catch_warnings():   # "the CUDA graph is empty": it is meant to be
+            warnings.simplefilter("ignore", UserWarning)
+            with torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
+                pass
     except Exception:  # noqa: BLE001 - best effort; the original failure is what gets reported
         pass
 
@@ -39,11 +56,13 @@ def signature_of(inputs: list) -> Signature | None:
 
 
 class _Slot:
-    """One captured forward graph and its backward graph, with their static inputs and outputs."""
+    """One captured forward graph and its backward: one graph (`bwd`), or for schedules that split
+    backward, an input-gradient graph (`bwd`) and a weight-gradient graph (`bwd_w`)."""
 
     def __init__(self, module: nn.Module, sample: list[torch.Tensor], names: list[str],
-                 params: list[nn.Parameter], acc: list[torch.Tensor]):
+                 params: list[nn.Parameter], acc: list[torch.Tensor], split: bool):
         self.pool = torch.cuda.graph_pool_handle()   # private: slots must never share activation memory
+        self.split = split
         self.inputs = [x.detach().clone().requires_grad_(x.requires_grad) for x in sample]
         aliases = _aliases(params)
         self.fwd = torch.cuda.CUDAGraph()
@@ -58,20 +77,65 @@ class _Slot:
         self.grad_input_idx = [i for i, x in enumerate(self.inputs) if x.requires_grad]
         self.grad_inputs: list = [None] * len(self.inputs)
         self.used_params: list[int] = []
-        self.bwd = torch.cuda.CUDAGraph()
+        self.bwd = self.bwd_w = None
         if not self.diff:
-            self.bwd = None
             return
+        roots = [flat[i] for i in self.diff]
+        if split:
+            self._capture_split(roots, aliases, acc)
+        else:
+            self._capture_whole(roots, aliases, acc)
+
+    def _capture_whole(self, roots: list, aliases: list, acc: list) -> None:
         targets = [self.inputs[i] for i in self.grad_input_idx] + aliases
+        n = len(self.grad_input_idx)
+        self.bwd = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.bwd, pool=self.pool, capture_error_mode="thread_local"):
-            grads = torch.autograd.grad([flat[i] for i in self.diff], targets, self.grad_outputs,
-                                        allow_unused=True)
-            n = len(self.grad_input_idx)
+            grads = torch.autograd.grad(roots, targets, self.grad_outputs, allow_unused=True)
             self.used_params = [k for k, g in enumerate(grads[n:]) if g is not None]
             if self.used_params:
                 torch._foreach_add_([acc[k] for k in self.used_params], [grads[n + k] for k in self.used_params])
         for i, g in zip(self.grad_input_idx, grads[:n]):
             self.grad_inputs[i] = g
+
+    def _capture_split(self, roots: list, aliases: list, acc: list) -> None:
+        """I as one graph, W as another, with the I/W split of eager zero-bubble schedules
+        (`pp.stage.backward`): W's state (split-node gradients, saved tensors) lives in the slot's pool
+        from I's replay to W's. W writes each weight gradient once into the alias's `.grad`, which the
+        same graph adds to the stage's sums."""
+        inputs = [self.inputs[i] for i in self.grad_input_idx]
+        if not inputs:   # nothing to hand back (first stage): no I graph, W is the whole backward
+            got, pending = input_grads(roots, list(self.grad_outputs), inputs, aliases)
+        else:
+            self.bwd = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.bwd, pool=self.pool, capture_error_mode="thread_local"):
+                got, pending = input_grads(roots, list(self.grad_outputs), inputs, aliases)
+        for i, g in zip(self.grad_input_idx, got):
+            self.grad_inputs[i] = g
+        if not aliases:
+            return
+        self.bwd_w = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.bwd_w, pool=self.pool, capture_error_mode="thread_local"):
+            weight_grads(pending)
+            self.used_params = [k for k, a in enumerate(aliases) if a.grad is not None]
+            if self.used_params:
+                torch._foreach_add_([acc[k] for k in self.used_params], [aliases[k].grad for k in self.used_params])
+        for a in aliases:
+            a.grad = None
+
+    def load_grad_outputs(self, grads: list) -> None:
+        """Copy the gradients of the outputs (by output index; None: zero) into the static ones."""
+        for static, i in zip(self.grad_outputs, self.diff):
+            g = grads[i]
+            if g is None:
+                static.zero_()
+            else:
+                static.copy_(g)
+
+    def fresh_grad_inputs(self) -> list:
+        """The input gradients of the last replay as new tensors (the static ones are overwritten by the
+        next, and a transfer may still be reading these)."""
+        return [None if g is None else g.clone() for g in self.grad_inputs]
 
 
 def _aliases(params: list[nn.Parameter]) -> list[torch.Tensor]:
@@ -108,10 +172,12 @@ class _Replay(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: torch.Tensor):
         slot: _Slot = ctx.slot
-        for static, i in zip(slot.grad_outputs, slot.diff):
-            static.copy_(grads[i])
+        if slot.split:
+            raise RuntimeError("pp: this stage replays its backward in two halves (I and W); run it "
+                               "through the schedule, not through autograd")
+        slot.load_grad_outputs(list(grads))
         slot.bwd.replay()
-        return (None, None) + tuple(None if g is None else g.clone() for g in slot.grad_inputs)
+        return (None, None) + tuple(slot.fresh_grad_inputs())
 
 
 class StageGraphs:
@@ -124,11 +190,12 @@ class StageGraphs:
     """
 
     def __init__(self, module: nn.Module, slots: int, stage_index: int, device: torch.device,
-                 max_shapes: int = 4):
+                 max_shapes: int = 4, split: bool = False):
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
         self.module = module
         self.device = device
+        self.split = split      # backward replayed as I and W (zero-bubble schedules)
         self.slots = slots
         self.stage_index = stage_index
         self.max_shapes = max_shapes
@@ -167,6 +234,25 @@ class StageGraphs:
         self.replays += 1
         out = _Replay.apply(slot, self._anchor, *inputs)
         return pytree.tree_unflatten(list(out), slot.spec)
+
+    def holds(self, m: int) -> bool:
+        """Whether microbatch m's forward was replayed (its backward then must be too)."""
+        return m in self._held
+
+    def backward_input(self, m: int, out_grads: list) -> list:
+        """I of replayed microbatch m: its input gradients (by input index, None where none)."""
+        slot = self._held[m]
+        slot.load_grad_outputs(out_grads)
+        if slot.bwd is not None:
+            slot.bwd.replay()
+        return slot.fresh_grad_inputs()
+
+    def backward_weight(self, m: int) -> None:
+        """W of replayed microbatch m (after its I): weight gradients into the sums; frees its copy."""
+        slot = self._held[m]
+        if slot.bwd_w is not None:
+            slot.bwd_w.replay()
+        self.release(m)
 
     def release(self, m: int) -> None:
         slot = self._held.pop(m, None)
@@ -217,10 +303,12 @@ class StageGraphs:
                 with torch.cuda.device(self.device):
                     self._capture(sig, sample)
             except Exception as e:  # data-dependent control flow, host syncs, CPU ops inside the stage
-                self.disabled_reason = f"{type(e).__name__}: {e}".splitlines()[0]
+                said = str(e) if isinstance(e, _WarmUpFailed) else f"{type(e).__name__}: {e}"
+                self.disabled_reason = said.splitlines()[0]
                 self._graphs.pop(sig, None)
                 self._free.pop(sig, None)
-                _end_failed_capture()
+                if not isinstance(e, _WarmUpFailed):
+                    _end_failed_capture()
                 warnings.warn(f"pp: stage {self.stage_index} cannot be captured as a CUDA graph "
                               f"({self.disabled_reason}); it runs eagerly", stacklevel=2)
 
@@ -236,7 +324,8 @@ class StageGraphs:
             if name in buffers:
                 b.detach().copy_(buffers[name])
         torch.cuda.synchronize()
-        slots = [_Slot(self.module, sample, self.names, self.params, self._acc) for _ in range(self.slots)]
+        slots = [_Slot(self.module, sample, self.names, self.params, self._acc, self.split)
+                 for _ in range(self.slots)]
         for slot in slots:
             slot.sig = sig
         self._used.update(slots[0].used_params)
@@ -254,15 +343,17 @@ class StageGraphs:
         with torch.cuda.stream(side):
             for i in range(2):
                 aliases = _aliases(self.params)
-                torch.cuda.set_sync_debug_mode("error" if i == 0 else mode)
+                _set_sync_debug_mode("error" if i == 0 else mode)
                 try:
                     out = [o for o in pytree.tree_leaves(_call(self.module, self.names, aliases, sample))
                            if isinstance(o, torch.Tensor) and o.requires_grad]
                     targets = [x for x in sample if x.requires_grad] + aliases
                     if out:
                         torch.autograd.grad(out, targets, [torch.ones_like(o) for o in out], allow_unused=True)
+                except Exception as e:
+                    raise _WarmUpFailed(f"{type(e).__name__}: {e}") from e
                 finally:
-                    torch.cuda.set_sync_debug_mode(mode)
+                    _set_sync_debug_mode(mode)
         torch.cuda.current_stream().wait_stream(side)
 
     @property

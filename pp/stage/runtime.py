@@ -21,6 +21,9 @@ from .backward import input_grads, run_backward, weight_grads
 from .graphs import StageGraphs
 
 
+_REPLAYED = "replayed"   # pending_weight of a microbatch whose W is a CUDA-graph replay
+
+
 @dataclass
 class _Microbatch:
     """What one microbatch leaves on a stage between its forward and its backward."""
@@ -226,11 +229,29 @@ class PipelineStage:
                 grads.append(g)
         return roots, grads
 
+    def _output_grads(self, st: _Microbatch, loss_scale: float) -> list:
+        """The gradient of each output (None where none came), for a replayed backward; on the last stage
+        taken through the loss by autograd, down to the replayed outputs."""
+        outs = st.outputs
+        if not (self.is_last and st.loss is not None):
+            return [st.out_grads.get(i) for i in range(len(outs))]
+        (loss,), (seed,) = self._roots(st, loss_scale)
+        idx = [i for i, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.requires_grad]
+        got = torch.autograd.grad([loss], [outs[i] for i in idx], [seed], allow_unused=True)
+        grads: list = [None] * len(outs)
+        for i, g in zip(idx, got):
+            grads[i] = g
+        return grads
+
     def _grad_inputs(self, st: _Microbatch) -> list[torch.Tensor]:
         return [x for x in st.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
 
     def backward_one(self, m: int, loss_scale: float = 1.0) -> None:
         """Full backward (B) of microbatch m: input grads for the producers, weight grads accumulated."""
+        if self.graphs is not None and self.graphs.split and self.graphs.holds(m):
+            self.backward_input(m, loss_scale)     # replayed as two graphs: run both halves now
+            self.backward_weight(m)
+            return
         st = self._mb[m]
         roots, grads = self._roots(st, loss_scale)
         if roots:
@@ -244,6 +265,11 @@ class PipelineStage:
     def backward_input(self, m: int, loss_scale: float = 1.0) -> None:
         """Input-grad half (I): gradients for the producers now, weight grads deferred to W."""
         st = self._mb[m]
+        if self.graphs is not None and self.graphs.holds(m):
+            got = self.graphs.backward_input(m, self._output_grads(st, loss_scale))
+            self._keep_input_grads(st, got)
+            st.pending_weight = _REPLAYED
+            return
         roots, grads = self._roots(st, loss_scale)
         inputs = [] if self.is_first else self._grad_inputs(st)
         got, st.pending_weight = input_grads(roots, grads, inputs, self._params)
@@ -255,7 +281,10 @@ class PipelineStage:
         """Weight-grad half (W) of microbatch m, after its I."""
         st = self._mb[m]
         pending, st.pending_weight = st.pending_weight, None
-        weight_grads(pending)
+        if pending is _REPLAYED:
+            self.graphs.backward_weight(m)
+        else:
+            weight_grads(pending)
         self._maybe_drop(m)
 
     def _keep_input_grads(self, st: _Microbatch, grads: list) -> None:
