@@ -108,6 +108,18 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
+def init_mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...]) -> Any:
+    """A DeviceMesh over the default group (collective: every rank calls it with the same arguments)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, shape, mesh_dim_names=names)
+
+
+def default_backend() -> str:
+    """The default group's backend string, e.g. 'cpu:gloo,cuda:nccl'; '' when there is no group."""
+    return str(dist.get_backend()) if is_initialized() else ""
+
+
 def barrier() -> None:
     """Wait for every rank of the default group; a no-op in a single process."""
     if is_initialized():

@@ -8,12 +8,14 @@ while the schedule goes on with other stages and microbatches. Parameters that s
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import torch.distributed as dist
 from torch import nn
 
 from pp.comms.collectives import all_reduce_
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["GradSync"]
 
@@ -26,7 +28,7 @@ class GradSync:
     so the collectives start in the same order on all of them.
     """
 
-    def __init__(self, stage_params: dict[int, list[tuple[str, nn.Parameter]]], group: dist.ProcessGroup,
+    def __init__(self, stage_params: dict[int, list[tuple[str, nn.Parameter]]], group: ProcessGroup,
                  deferred: Iterable[str] = (), bucket_bytes: int = 25 * 2**20) -> None:
         if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")

@@ -2,8 +2,9 @@
 (one host, the fastest links), and pp outermost, so pipeline neighbours may sit on different hosts."""
 from __future__ import annotations
 
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
+
+from pp.comms.backend import default_backend, get_world_size, init_mesh, is_initialized
 
 __all__ = ["MESH_DIMS", "make_mesh", "mesh_coords"]
 
@@ -16,15 +17,15 @@ def make_mesh(pp: int, dp: int = 1, tp: int = 1, device_type: str | None = None)
     for name, value in (("pp", pp), ("dp", dp), ("tp", tp)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not dist.is_initialized():
+    if not is_initialized():
         raise RuntimeError("make_mesh needs torch.distributed initialised first "
                            "(e.g. pp.comms.backend.init_process_group_from_env())")
-    world = dist.get_world_size()
+    world = get_world_size()
     if pp * dp * tp != world:
         raise ValueError(f"pp={pp} x dp={dp} x tp={tp} = {pp * dp * tp} ranks, but the world size is {world}")
     if device_type is None:
-        device_type = "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
-    return init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
+        device_type = "cuda" if "nccl" in default_backend() else "cpu"
+    return init_mesh(device_type, (pp, dp, tp), MESH_DIMS)
 
 
 def check_mesh(mesh: DeviceMesh) -> None:

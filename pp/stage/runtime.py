@@ -8,17 +8,21 @@ messages move is the executor's business; the stage only answers "what goes to s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from ..comms.backend import is_initialized
+from ..comms.p2p import group_rank, group_size
 from .pipe import MODEL_INPUT, PipeInfo
 from .backward import input_grads, run_backward, weight_grads
 from .graphs import StageGraphs
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 _REPLAYED = "replayed"   # pending_weight of a microbatch whose W is a CUDA-graph replay
@@ -55,22 +59,22 @@ class PipelineStage:
 
     def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int,
                  device: torch.device | str | int, input_args: Any = None, output_args: Any = None,
-                 group: dist.ProcessGroup | None = None, *, pipe_info: PipeInfo | None = None):
+                 group: ProcessGroup | None = None, *, pipe_info: PipeInfo | None = None):
         if not isinstance(submodule, nn.Module):
             raise TypeError(f"PipelineStage needs an nn.Module, got {type(submodule).__name__}")
         if not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"num_stages must be a positive integer, got {num_stages!r}")
         if not isinstance(stage_index, int) or not 0 <= stage_index < num_stages:
             raise ValueError(f"stage_index {stage_index!r} is out of range for {num_stages} stages")
-        if not dist.is_initialized():
+        if not is_initialized():
             raise RuntimeError("PipelineStage needs torch.distributed initialised first "
                                "(e.g. pp.comms.backend.init_process_group_from_env())")
         self.device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
         self.stage_index = stage_index
         self.num_stages = num_stages
         self.group = group
-        self.group_rank = dist.get_rank(group)
-        self.group_size = dist.get_world_size(group)
+        self.group_rank = group_rank(group)
+        self.group_size = group_size(group)
         self.pipe_info = pipe_info
         self.input_args, self.output_args = input_args, output_args
         if input_args is not None and not isinstance(input_args, torch.Tensor) and not (
@@ -317,7 +321,7 @@ class PipelineStage:
 
 
 def build_stage(stage_module: nn.Module, stage_index: int, pipe_info: PipeInfo,
-                device: torch.device | str | int, group: dist.ProcessGroup | None = None) -> PipelineStage:
+                device: torch.device | str | int, group: ProcessGroup | None = None) -> PipelineStage:
     """The runtime stage for a module cut by `pp.pipeline` (torch-compatible signature)."""
     if not isinstance(pipe_info, PipeInfo):
         raise TypeError(f"build_stage needs the PipeInfo from Pipe.info(), got {type(pipe_info).__name__}")

@@ -5,12 +5,13 @@ import copy
 from typing import Any, Mapping
 
 import torch
-import torch.distributed as dist
 from torch import fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, OutputSpec, TensorArgument
 
+from pp.comms.backend import is_initialized
 from pp.comms.collectives import GroupLike, group_name, group_size, resolve_group
+from pp.comms.p2p import group_rank
 from pp.tp.emit import FunctionalEmitter
 from pp.tp.layout import ParamShard, take_shard
 from pp.tp.rewrite import PlannedParam, find_planned_params, rewrite_graph
@@ -76,9 +77,9 @@ def check_rank(rank: int, world_size: int, group: GroupLike) -> None:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
-    if dist.is_initialized():
+    if is_initialized():
         pg = resolve_group(group)
-        actual = (dist.get_rank(pg), group_size(pg))
+        actual = (group_rank(pg), group_size(pg))
         if actual != (rank, world_size):
             raise ValueError(f"rank={rank}, world_size={world_size} do not match the group, where this "
                              f"process is rank {actual[0]} of {actual[1]}")
