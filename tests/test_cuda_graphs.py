@@ -141,3 +141,15 @@ def test_new_shapes_eval_and_uncapturable_stages_stay_correct_on_one_gpu():
     assert replays == [0, 8, 12, 20], replays
     assert len(said) == 1 and "stage 0 cannot be captured as a CUDA graph" in said[0], said
     assert reason, reason
+
+
+def test_shapes_beyond_max_shapes_run_eagerly_with_one_warning():
+    from pp.stage.graphs import StageGraphs
+
+    graphs = StageGraphs(torch.nn.Linear(4, 3), 2, 5, torch.device("cpu"), max_shapes=1)
+    graphs.active = True
+    with pytest.warns(UserWarning, match="stage 5 has seen more than max_shapes=1 input shapes") as caught:
+        for rows in (2, 3, 4, 3):   # shape 2 waits for capture; 3 and 4 are over the limit
+            assert graphs.forward(0, [torch.randn(rows, 4)]) is None
+    assert len([w for w in caught if "max_shapes" in str(w.message)]) == 1
+    assert len(graphs._seen) == 1 and graphs.replays == 0

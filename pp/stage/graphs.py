@@ -215,18 +215,26 @@ class StageGraphs:
         self.disabled_reason: str | None = None
         self.active = False     # the schedule turns replay on for training steps only
         self.replays = 0        # microbatches replayed so far (for checks and logs)
+        self._noted: set[str] = set()
 
     # ------------------------------------------------------------------------------ hot path
     def forward(self, m: int, inputs: list) -> tuple | None:
         if not self.active or self.disabled_reason is not None:
+            return None
+        if torch.is_autocast_enabled("cuda"):
+            self._note("runs eagerly under autocast: its graphs were captured without it")
             return None
         sig = signature_of(inputs)
         if sig is None:
             return None
         free = self._free.get(sig)
         if not free:
-            if sig not in self._graphs and sig not in self._seen and len(self._graphs) < self.max_shapes:
-                self._seen[sig] = [torch.empty_like(x).requires_grad_(x.requires_grad) for x in inputs]
+            if sig not in self._graphs and sig not in self._seen:
+                if len(self._graphs) + len(self._seen) < self.max_shapes:
+                    self._seen[sig] = [torch.empty_like(x).requires_grad_(x.requires_grad) for x in inputs]
+                else:
+                    self._note(f"has seen more than max_shapes={self.max_shapes} input shapes; inputs of "
+                               f"other shapes run eagerly")
             return None
         slot = free.pop()
         self._held[m] = slot
@@ -234,6 +242,12 @@ class StageGraphs:
         self.replays += 1
         out = _Replay.apply(slot, self._anchor, *inputs)
         return pytree.tree_unflatten(list(out), slot.spec)
+
+    def _note(self, what: str) -> None:
+        """Warn once per reason that this stage runs a microbatch eagerly."""
+        if what not in self._noted:
+            self._noted.add(what)
+            warnings.warn(f"pp: stage {self.stage_index} {what}", stacklevel=4)
 
     def holds(self, m: int) -> bool:
         """Whether microbatch m's forward was replayed (its backward then must be too)."""
