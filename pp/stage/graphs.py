@@ -4,7 +4,7 @@ exceeds their GPU time.
 A captured forward writes its activations into fixed memory, so the next replay overwrites them: a
 stage keeps K copies ("slots") of each graph, K being the most microbatches the schedule has in flight
 on that stage, and a microbatch holds its slot from its forward to its backward. Weight gradients are
-summed inside the backward graphs into one flat buffer per stage, and added to `.grad` once per step
+summed inside the backward graphs into one buffer per parameter, and added to `.grad` once per step
 (`flush`), so a replayed backward launches nothing but its graph. Zero-bubble schedules get their
 backward as two graphs, input gradients (I) and weight gradients (W), split as in eager. Capture happens between steps, for
 the input shapes the previous step saw, never while messages are in flight.
@@ -152,7 +152,7 @@ def _call(module: nn.Module, names: list[str], aliases: list[torch.Tensor], inpu
 class _Replay(torch.autograd.Function):
     """One autograd node per replayed microbatch: forward replays the slot's forward graph, backward
     its backward graph. Input gradients come back as fresh tensors (the slot's own are reused); weight
-    gradients go to the stage's flat buffer inside the graph, so they are not outputs here."""
+    gradients go to the stage's gradient sums inside the graph, so they are not outputs here."""
 
     @staticmethod
     def forward(ctx, slot: _Slot, anchor: torch.Tensor, *inputs: torch.Tensor):
@@ -206,7 +206,7 @@ class StageGraphs:
         # An input that requires grad, so that a stage fed only integers (token ids) still gets a node
         # whose backward replays the graph that computes its weight gradients.
         self._anchor = torch.zeros((), device=device, requires_grad=True)
-        self._used: set[int] = set()    # indices of the parameters the captured backwards reach
+        self._used: list[int] = []     # indices of the parameters the captured backwards reach, sorted
         self._dirty = False
         self._graphs: dict[Signature, list[_Slot]] = {}
         self._free: dict[Signature, list[_Slot]] = {}
@@ -289,7 +289,7 @@ class StageGraphs:
         if not self._dirty:
             return
         new, new_src, old, old_src = [], [], [], []
-        for k in sorted(self._used):
+        for k in self._used:
             p, a = self.params[k], self._acc[k]
             if p.grad is None:
                 p.grad = torch.empty_like(a)
@@ -342,7 +342,7 @@ class StageGraphs:
                  for _ in range(self.slots)]
         for slot in slots:
             slot.sig = sig
-        self._used.update(slots[0].used_params)
+        self._used = sorted(set(self._used) | set(slots[0].used_params))
         self._graphs[sig] = slots
         self._free[sig] = list(slots)
 
