@@ -410,7 +410,7 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
         dp_grad_rel_diff=spread if dp > 1 else None,
         dp_sync=None if dp == 1 else ("overlapped" if cfg.impl == "pp" else "after_step"),
         cuda_graphs=None if not getattr(cfg, "cuda_graphs", False) else {
-            s: sched._graphs[s].replays for s in mine},   # this rank's replayed microbatches per stage
+            s: n for s, n in sched.cuda_graph_replays.items()},   # microbatches this rank replayed, per stage
     )
     del sched, stages, modules
     return record if rank == 0 else None

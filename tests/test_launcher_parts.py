@@ -9,7 +9,8 @@ import torch
 
 from pp.launcher.config import load_config
 from pp.launcher.data import ByteBatches, load_corpus, stdlib_files
-from pp.launcher.metrics import METRICS, BubbleMeter, MetricsWriter, chrome_trace, normalize_event, read_metrics
+from pp.launcher.metrics import (METRICS, BubbleMeter, MetricsWriter, chrome_trace, normalize_event, read_metrics,
+                                 summary_lines)
 from pp.launcher.models import GPT, ResidualMLP, build_model
 from pp.launcher.progress import Progress, log_line
 from pp.launcher.train import lm_loss, lr_at
@@ -134,3 +135,11 @@ def test_plot_writes_loss_and_timeline_pngs(tmp_path):
     assert plot_main([str(tmp_path)]) == 0
     for name in ("loss.png", "timeline.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_names_graph_replays_per_rank_only_where_there_were_any():
+    ranks = [{"rank": 0, "stages": [0], "bubble": 0.25, "peak_mem_gib": 1.5, "graph_replays": 352},
+             {"rank": 1, "stages": [1], "bubble": None, "peak_mem_gib": 1.0}]
+    lines = summary_lines(10, 40960, 2.0, 20480.0, ranks, "cuda")
+    assert lines[-2] == "  rank 0: stages [0], bubble 25.0%, peak GPU memory 1.50 GiB, 352 forwards replayed as CUDA graphs"
+    assert lines[-1] == "  rank 1: stages [1], bubble n/a, peak GPU memory 1.00 GiB"

@@ -142,7 +142,9 @@ def summary_lines(steps: int, tokens: int, seconds: float, tokens_per_s: float, 
         lines.append(f"bubble fraction (measured, mean over ranks): {sum(bubbles) / len(bubbles):.1%}")
     for r in per_rank:
         b = "n/a" if r.get("bubble") is None else f"{r['bubble']:.1%}"
-        lines.append(f"  rank {r['rank']}: stages {r['stages']}, bubble {b}, {mem} {r['peak_mem_gib']:.2f} GiB")
+        replayed = f", {r['graph_replays']} forwards replayed as CUDA graphs" if "graph_replays" in r else ""
+        lines.append(f"  rank {r['rank']}: stages {r['stages']}, bubble {b}, {mem} {r['peak_mem_gib']:.2f} GiB"
+                     f"{replayed}")
     return lines
 
 

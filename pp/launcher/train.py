@@ -297,6 +297,9 @@ class Trainer:
         """
         mine = {"rank": self.rank, "stages": self.rs.stage_ids, "bubble": self.bubble.fraction(),
                 "peak_mem_gib": peak_memory_gib(self.device), "events": self.bubble.last_events}
+        replays = getattr(self.rs.schedule, "cuda_graph_replays", {})
+        if replays:
+            mine["graph_replays"] = sum(replays.values())
         per_rank = coll.all_gather_object(mine)
         tokens = steps_run * self.cfg.train.batch_size * self.cfg.model.seq_len
         per_step = self.cfg.train.batch_size * self.cfg.model.seq_len

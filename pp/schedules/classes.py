@@ -141,6 +141,11 @@ class _PipelineSchedule:
             self._graphs[i] = s.graphs
         self._after = (None, {})
 
+    @property
+    def cuda_graph_replays(self) -> dict[int, int]:
+        """{stage on this rank: microbatches replayed so far}; empty without `enable_cuda_graphs()`."""
+        return {i: g.replays for i, g in self._graphs.items()}
+
     def trace_events(self) -> list[dict]:
         """Per-action timings of the last step run with `record_trace = True` (Chrome trace events)."""
         return [{"name": n, "ph": "X", "ts": s, "dur": max(e - s, 0.0), "pid": self.rank, "tid": 0}
