@@ -4,11 +4,9 @@
 # with NPROC 8 also pp at PP=4 x DP=2 for the same four schedules (same launch, same results.jsonl).
 #   scripts/bench_8gpu.sh OUTDIR [NPROC]     (NPROC 8 on nvidia-h200-x8; fewer ranks run the same model at PP=NPROC)
 set -u
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/gpu_env.sh"
 OUTDIR=${1:?usage: scripts/bench_8gpu.sh OUTDIR [NPROC]}
 NPROC=${2:-8}
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 mkdir -p "$OUTDIR"
 cd "$REPO" || exit 1
 SUITE=pp:1F1B:32,torch:1F1B:32,torch:Interleaved1F1B:32,pp:Interleaved1F1B:32,pp:ZBVZeroBubble:32,torch:ZBVZeroBubble:32,torch:DualPipeV:32,pp:DualPipeV:32

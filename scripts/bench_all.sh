@@ -11,7 +11,7 @@
 # Environment: NPROC (4), WARMUP (2), STEPS (6), BUDGET_S (450: seconds for the launches, all attempts
 # together), SUITE (issue6), PYTHON (python3), DRAW (1).
 set -u
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/gpu_env.sh"
 OUTDIR=${1:-$REPO/bench/results/$(date -u +%Y%m%d-%H%M%S)}
 [ $# -gt 0 ] && shift
 NPROC=${NPROC:-4}
@@ -20,13 +20,8 @@ STEPS=${STEPS:-6}
 BUDGET_S=${BUDGET_S:-450}
 SUITE=${SUITE:-issue6}
 DRAW=${DRAW:-1}
-PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 # NVLink multicast off (the lead sets these too; defaults here so that no run forgets them).
-export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-export TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
-export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
 
 mkdir -p "$OUTDIR/traces"
 RESULTS="$OUTDIR/results.jsonl"

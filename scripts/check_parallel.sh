@@ -2,7 +2,9 @@
 # PP x TP x DP on 2 GPUs over NCCL: {pp:1,tp:2}, {pp:1,dp:2} and {pp:2} resumed from the tp2 checkpoint
 # must give the losses of a {pp:2} run.   scripts/check_parallel.sh   (NVLink multicast off)
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=$PWD OMP_NUM_THREADS=1
+. "$(dirname "$0")/gpu_env.sh"
+export OMP_NUM_THREADS=1
+cd "$REPO" || exit 1
 python3 -c 'import torch; print(torch.__version__, torch.cuda.device_count())'
 cat > /tmp/c.yaml <<'Y'
 model: {name: gpt, vocab_size: 256, d_model: 256, n_layers: 4, n_heads: 8, seq_len: 128}

@@ -7,14 +7,9 @@
 #
 #   scripts/cuda_graphs_check.sh OUTDIR [NPROC]        (NPROC: default every GPU)
 set -u
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/gpu_env.sh"
 OUT=${1:?usage: scripts/cuda_graphs_check.sh OUTDIR [NPROC]}
 NPROC=${2:-$(nvidia-smi -L | wc -l)}
-PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-export TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
-export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
 mkdir -p "$OUT"
 cd "$REPO" || exit 1
 run() { "$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" --master-port $((29500 + RANDOM % 1000)) "$@"; }

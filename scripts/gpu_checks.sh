@@ -2,10 +2,8 @@
 # Correctness on GPUs over NCCL: every schedule against the unsplit model, and the TP cases.
 #   scripts/gpu_checks.sh [NPROC]    (NVLink multicast off, as the lent H200s need)
 set -u
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/gpu_env.sh"
 cd "$REPO" || exit 1
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 NPROC=${1:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
 rc=0
 echo "== every schedule vs the unsplit model, $NPROC ranks, NCCL"

@@ -7,7 +7,7 @@ of I is done twice. Weights that only outputs independent of the inputs reach (e
 stage) get a plain backward from those outputs in W.
 
 Both halves sit on the hot path of zero-bubble schedules, and on a GPU their Python must stay below
-the kernels they launch (docs/performance.md): I walks the graph once and lets the engine capture the
+the kernels they launch (bench/results/PERFORMANCE.md): I walks the graph once and lets the engine capture the
 split nodes' gradients; W computes the weight grads of linear layers and layer norms by hand from their
 saved tensors (read during I), so that W makes no engine call and, when every split node is such a
 node, I frees the rest of the graph at once. Other split nodes go through the engine in W.

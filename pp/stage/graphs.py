@@ -6,8 +6,8 @@ stage keeps K copies ("slots") of each graph, K being the most microbatches the 
 on that stage, and a microbatch holds its slot from its forward to its backward. Weight gradients are
 summed inside the backward graphs into one buffer per parameter, and added to `.grad` once per step
 (`flush`), so a replayed backward launches nothing but its graph. Zero-bubble schedules get their
-backward as two graphs, input gradients (I) and weight gradients (W), split as in eager. Capture happens between steps, for
-the input shapes the previous step saw, never while messages are in flight.
+backward as two graphs, input gradients (I) and weight gradients (W), split as in eager. Capture
+happens between steps, for the input shapes the previous step saw, never while messages are in flight.
 """
 from __future__ import annotations
 
@@ -47,21 +47,19 @@ def _end_failed_capture() -> None:
 
 def signature_of(inputs: list) -> Signature | None:
     """The replay key of a microbatch's inputs; None when an input is not a tensor (not graphable)."""
-    sig = []
-    for x in inputs:
-        if type(x) is not torch.Tensor and not isinstance(x, torch.Tensor):
-            return None
-        sig.append((x.shape, x.dtype, x.requires_grad))
-    return tuple(sig)
+    if not all(isinstance(x, torch.Tensor) for x in inputs):
+        return None
+    return tuple((x.shape, x.dtype, x.requires_grad) for x in inputs)
 
 
 class _Slot:
     """One captured forward graph and its backward: one graph (`bwd`), or for schedules that split
     backward, an input-gradient graph (`bwd`) and a weight-gradient graph (`bwd_w`)."""
 
-    def __init__(self, module: nn.Module, sample: list[torch.Tensor], names: list[str],
+    def __init__(self, sig: Signature, module: nn.Module, sample: list[torch.Tensor], names: list[str],
                  params: list[nn.Parameter], acc: list[torch.Tensor], split: bool):
         self.pool = torch.cuda.graph_pool_handle()   # private: slots must never share activation memory
+        self.sig = sig
         self.split = split
         self.inputs = [x.detach().clone().requires_grad_(x.requires_grad) for x in sample]
         aliases = _aliases(params)
@@ -73,6 +71,7 @@ class _Slot:
             raise TypeError("the stage returns non-tensor values")
         self.outputs = flat
         self.diff = [i for i, o in enumerate(flat) if o.requires_grad]
+        self.is_diff = [o.requires_grad for o in flat]
         self.grad_outputs = [torch.zeros_like(flat[i]) for i in self.diff]
         self.grad_input_idx = [i for i, x in enumerate(self.inputs) if x.requires_grad]
         self.grad_inputs: list = [None] * len(self.inputs)
@@ -161,11 +160,11 @@ class _Replay(torch.autograd.Function):
                 static.copy_(x)
         slot.fwd.replay()
         ctx.slot = slot
-        diff = set(slot.diff)
         # A non-differentiable output (a mask, say) is copied: no backward orders its next overwrite
         # after the consumer has read it.
-        outs = tuple(o.detach() if i in diff else o.clone() for i, o in enumerate(slot.outputs))
-        ctx.mark_non_differentiable(*[o for i, o in enumerate(outs) if i not in diff])
+        outs = tuple(o.detach() if d else o.clone() for o, d in zip(slot.outputs, slot.is_diff))
+        if len(slot.diff) < len(outs):
+            ctx.mark_non_differentiable(*[o for o, d in zip(outs, slot.is_diff) if not d])
         return outs
 
     @staticmethod
@@ -338,10 +337,8 @@ class StageGraphs:
             if name in buffers:
                 b.detach().copy_(buffers[name])
         torch.cuda.synchronize()
-        slots = [_Slot(self.module, sample, self.names, self.params, self._acc, self.split)
+        slots = [_Slot(sig, self.module, sample, self.names, self.params, self._acc, self.split)
                  for _ in range(self.slots)]
-        for slot in slots:
-            slot.sig = sig
         self._used = sorted(set(self._used) | set(slots[0].used_params))
         self._graphs[sig] = slots
         self._free[sig] = list(slots)
@@ -369,7 +366,3 @@ class StageGraphs:
                 finally:
                     _set_sync_debug_mode(mode)
         torch.cuda.current_stream().wait_stream(side)
-
-    @property
-    def captured_shapes(self) -> int:
-        return len(self._graphs)
