@@ -161,7 +161,7 @@ def test_docs_example_trains_with_pp2_tp2(ranks_seen):
     assert [bool(p) for p in printed] == [False, False, True, False]  # last stage, tp rank 0
     losses = [float(line.split()[3]) for line in printed[2].splitlines()]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.2, losses
-    readme = open(os.path.join(os.path.dirname(EXAMPLE), "..", "README.md")).read()
+    readme = open(os.path.join(os.path.dirname(EXAMPLE), "..", "docs", "parallelism.md")).read()
     block = readme.split("`examples/pp_tp_dp.py` runs with", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     source = open(EXAMPLE).read()
     for line in block.strip().splitlines():
