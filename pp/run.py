@@ -23,6 +23,8 @@ command line, e.g. --train.steps 100 --schedule.name GPipe. Keys, defaults and m
 EXIT_CONFIG = 2      # the config (or a checkpoint it points to) is unusable
 EXIT_TRAINING = 3    # training stopped on a checked condition (non-finite loss, ...)
 EXIT_RANK_FAILED = 1  # a rank raised (in its forward, say) or lost contact with a peer rank
+# A stop signal (checkpoint.on_signal) ends every rank with 128 + the signal's number after the checkpoint
+# of the step in flight is saved: 143 for SIGTERM, 138 for SIGUSR1.
 
 
 def _linger() -> None:
@@ -73,17 +75,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg = load_config(args[0], args[1:])
-        from pp.launcher.job import prepare
-
-        job = prepare(cfg, world)
     except ConfigError as e:
         return _fail(EXIT_CONFIG, f"bad config: {e}")
-    return _train(job)
+    from pp.launcher.outdir import OutputDirError, OutputLock, check_usable
+    from pp.launcher.stopping import StopSignals
+
+    lock = None
+    try:
+        from pp.launcher.job import prepare
+
+        job = prepare(cfg, world)   # checks every key, checkpoint.on_signal included
+        stop = StopSignals(cfg.checkpoint.on_signal)  # from here on a stop signal is recorded, not fatal
+        check_usable(cfg.output.dir, _env_rank())
+        if _env_rank() == 0:  # before any process-group work: a second job must touch nothing
+            lock = OutputLock(cfg.output.dir).acquire()
+            if lock.note:
+                print(f"pp.run: {lock.note}", flush=True)
+    except ConfigError as e:
+        return _fail(EXIT_CONFIG, f"bad config: {e}")
+    except OutputDirError as e:
+        return _fail(EXIT_CONFIG, str(e))
+    try:
+        return _train(job, stop, lock)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def _train(job) -> int:
+def _train(job, stop, lock) -> int:
     from pp.comms.backend import destroy, init_process_group_from_env
     from pp.launcher.checkpoint import CheckpointError
+    from pp.launcher.stopping import Stopped
     from pp.launcher.train import Trainer, TrainingError
 
     _single_process_env()
@@ -94,13 +116,19 @@ def _train(job) -> int:
     try:
         if rank == 0:
             _banner(job, world, dev)
-        trainer = Trainer(job, rank, dev)
+        trainer = Trainer(job, rank, dev, stop=stop, lock=lock)
         trainer.run()
+    except Stopped as e:  # every rank stopped after the same step; the checkpoint of it is on disk
+        if rank == 0:
+            print(f"pp.run: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except CheckpointError as e:
         return _fail(EXIT_CONFIG, str(e))
     except TrainingError as e:
         return _fail(EXIT_TRAINING, str(e))
     except Exception as e:  # noqa: BLE001 - any other failure ends this rank with one line saying why
+        if lock is not None:
+            lock.release()
         _rank_failed(rank, getattr(trainer, "current_step", 0), e, p.timeout_s)
     finally:
         destroy()

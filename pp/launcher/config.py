@@ -104,6 +104,8 @@ class CheckpointConfig:
                                "(always done after a torchrun restart)")
     keep: int = _opt(3, "how many newest checkpoints to keep; 0 keeps all")
     verify: bool = _opt(True, "record sha256 checksums on save and check them before resuming")
+    on_signal: list = _opt(["SIGTERM", "SIGUSR1"], "signals on which every rank finishes its step, saves a "
+                                                   "checkpoint of it and exits with 128 + the signal's number; [] turns it off")
 
 
 @dataclass

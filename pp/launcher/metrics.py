@@ -38,7 +38,9 @@ class MetricsWriter:
     def __init__(self, out_dir: str, done_steps: int):
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, METRICS)
-        kept = [r for r in read_metrics(self.path) if r["step"] <= done_steps] if done_steps > 0 else []
+        old = read_metrics(self.path)
+        kept = [r for r in old if r["step"] <= done_steps] if done_steps > 0 else []
+        self.dropped = len({r["step"] for r in old}) - len({r["step"] for r in kept})  # steps to run again
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -132,11 +134,12 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def summary_lines(steps: int, tokens: int, seconds: float, tokens_per_s: float, per_rank: list[dict],
-                  device_type: str) -> list[str]:
-    """The end-of-run report: throughput, bubble fraction per rank, peak memory per rank."""
+                  device_type: str, steps_redone: int = 0) -> list[str]:
+    """The end-of-run report: throughput, steps redone after restarts, bubble fraction and peak memory per rank."""
     mem = "peak GPU memory" if device_type == "cuda" else "peak RSS"
     lines = [f"done: {steps} steps, {tokens:,} tokens in {seconds:.1f}s; throughput {format_rate(tokens_per_s)} tok/s "
-             f"(steps after the first, checkpoint saves excluded)"]
+             f"(steps after the first, checkpoint saves excluded)",
+             f"steps redone after restarts: {steps_redone}"]
     bubbles = [r["bubble"] for r in per_rank if r.get("bubble") is not None]
     if bubbles:
         lines.append(f"bubble fraction (measured, mean over ranks): {sum(bubbles) / len(bubbles):.1%}")

@@ -25,6 +25,7 @@ from .data import ByteBatches, load_corpus
 from .job import Job
 from .metrics import BubbleMeter, MetricsWriter, chrome_trace, peak_memory_gib, summary_lines
 from .progress import Progress
+from .stopping import StopSignals, Stopped
 
 
 class TrainingError(RuntimeError):
@@ -149,8 +150,13 @@ def build_rank(job: Job, device: torch.device) -> RankState:
 class Trainer:
     """Runs the loop on one rank; rank 0 logs, writes metrics and the trace."""
 
-    def __init__(self, job: Job, rank: int, device: torch.device, log=print):
+    def __init__(self, job: Job, rank: int, device: torch.device, log=print, *,
+                 stop: StopSignals | None = None, lock: Any = None):
         self.job, self.cfg, self.rank, self.device = job, job.cfg, rank, device
+        self.stop = stop        # installed stop-signal handlers (pp.run installs them first thing)
+        self.lock = lock        # rank 0's OutputLock: carries the steps redone across torchrun restarts
+        self.stop_signal = 0    # the signal every rank agreed to stop on, after the step that saw it
+        self.steps_redone = 0
         self.log = log if rank == 0 else (lambda *_: None)
         self.rs = build_rank(job, device)
         self.ckpt_root = os.path.join(self.cfg.output.dir, "checkpoints")
@@ -212,6 +218,7 @@ class Trainer:
         sched_s = time.perf_counter() - t_sched
         stats = self._gather_stats(losses)
         loss, grad_norm, bad_mb = stats["loss"], stats["grad_norm"], stats["bad_microbatch"]
+        self.stop_signal = stats["stop_signal"]
         if cfg.train.nan_check and bad_mb >= 0:
             raise TrainingError(f"step {step}: the loss of microbatch {bad_mb} is not finite "
                                 f"(train.nan_check stops here; lower train.lr or check the data)")
@@ -232,9 +239,11 @@ class Trainer:
         return rec
 
     def _gather_stats(self, losses: list) -> dict:
-        """One all-gather per step: squared grad norm, loss sum and count, first bad microbatch, peak memory."""
+        """One all-gather per step: squared grad norm, loss sum and count, first bad microbatch, peak memory,
+        and a stop signal this rank received (so every rank agrees on a stop after the same step)."""
         rs = self.rs
-        row = torch.zeros(5, device=self.device, dtype=torch.float32)
+        row = torch.zeros(6, device=self.device, dtype=torch.float32)
+        row[5] = float(self.stop.received) if self.stop is not None else 0.0
         row[0] = rs.model.grad_norm_sq()   # every parameter, tp shard and replica counted once
         if rs.model.owns_loss and losses:  # one rank per replica: the mean is over all microbatches
             ls = torch.stack([l.detach().float().reshape(()) for l in losses])
@@ -250,19 +259,31 @@ class Trainer:
         n = sum(r[2] for r in rows)
         bad = max(r[3] for r in rows)
         return {"grad_norm": math.sqrt(sum(r[0] for r in rows)), "loss": sum(r[1] for r in rows) / max(n, 1),
-                "bad_microbatch": int(bad), "peak_mem_gib": max(r[4] for r in rows)}
+                "bad_microbatch": int(bad), "peak_mem_gib": max(r[4] for r in rows),
+                "stop_signal": int(max(r[5] for r in rows))}
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
+        own_stop = self.stop is None
+        if own_stop:
+            self.stop = StopSignals(cfg.checkpoint.on_signal)
         done = self.resume()
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         writer = MetricsWriter(cfg.output.dir, done) if self.rank == 0 else None
+        if writer is not None:
+            # records past the checkpoint this run resumed from are steps that must run again
+            redone = writer.dropped if (cfg.checkpoint.resume or restarts > 0) else 0
+            self.steps_redone = (self.lock.steps_redone_before if self.lock is not None else 0) + redone
+            if self.lock is not None:
+                self.lock.record_steps_redone(self.steps_redone)
         progress = Progress(cfg.train.steps, done + 1, cfg.train.log_every) if self.rank == 0 else None
         if progress is not None:
             self.log = progress.print  # messages end a live progress bar's line first
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t_start, steps_run, steady_s = time.perf_counter(), 0, 0.0
+        stopped: Stopped | None = None
         try:
             for step in range(done + 1, cfg.train.steps + 1):
                 self.current_step = step
@@ -273,13 +294,24 @@ class Trainer:
                 if writer is not None:
                     writer.write(rec)
                     progress.update(step, rec["loss"], rec["lr"], rec["tokens_per_s"], rec["step_time_s"])
-                if cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
+                saved = cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps)
+                if saved:
                     self.save(step)
+                if self.stop_signal and step < cfg.train.steps:
+                    if not saved:
+                        self.save(step)
+                    stopped = Stopped(self.stop_signal, step, f"checkpoints/step-{step}")
+                    break
         finally:
             if writer is not None:
                 writer.close()
                 progress.close()
-        return self.finish(steps_run, time.perf_counter() - t_start, steady_s)
+            if own_stop:
+                self.stop.uninstall()
+        summary = self.finish(steps_run, time.perf_counter() - t_start, steady_s)
+        if stopped is not None:
+            raise stopped
+        return summary
 
     def save(self, step: int) -> None:
         t = time.perf_counter()
@@ -305,9 +337,11 @@ class Trainer:
         per_step = self.cfg.train.batch_size * self.cfg.model.seq_len
         steady = per_step * (steps_run - 1) / steady_s if steady_s > 0 else tokens / max(seconds, 1e-9)
         summary = {"steps": steps_run, "tokens": tokens, "seconds": seconds, "tokens_per_s": steady,
+                   "steps_redone": self.steps_redone,
                    "ranks": [{k: v for k, v in r.items() if k != "events"} for r in per_rank]}
         if self.rank == 0:
-            for line in summary_lines(steps_run, tokens, seconds, steady, summary["ranks"], self.device.type):
+            for line in summary_lines(steps_run, tokens, seconds, steady, summary["ranks"], self.device.type,
+                                      steps_redone=self.steps_redone):
                 self.log(line)
             out = self.cfg.output.dir
             with open(os.path.join(out, "summary.json"), "w") as f:

@@ -13,6 +13,7 @@ import torch
 
 from .config import ConfigError, JobConfig, is_custom_model
 from .data import STDLIB
+from .stopping import signal_number
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -121,6 +122,11 @@ def _check_train(cfg: JobConfig) -> None:
     c = cfg.checkpoint
     _positive("checkpoint.every", c.every, allow_zero=True)
     _positive("checkpoint.keep", c.keep, allow_zero=True)
+    for name in c.on_signal:
+        try:
+            signal_number(str(name))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:

@@ -1,0 +1,204 @@
+"""Preemption and shared output directories, with real torchrun jobs and real signals.
+
+A stop signal to torchrun (SIGTERM; SIGUSR1 when torchrun is told to pass it on) makes every rank finish
+its step, save it and exit; a second job on a busy output.dir stops before touching it; a lock left by a
+SIGKILLed job is taken over; an output.dir that cannot be written is one line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pp.launcher.metrics import read_metrics
+from pp.launcher.outdir import LOCK_FILE, OutputDirError, OutputLock, check_usable
+
+from test_launcher_run import REPO, losses, write_config
+from test_reliability import Job
+
+STEPS = 20
+SLOW_MODEL = '''
+import os
+import time
+
+import torch
+from pp.launcher.models import ResidualMLP
+
+
+@torch.library.custom_op("preempttest::pause", mutates_args=())
+def pause(x: torch.Tensor) -> torch.Tensor:
+    """Zero, after sleeping SLOW_S seconds (steps slow enough to be interrupted mid-run), and after the file
+    GATE names is gone (a job held mid-run for as long as a test needs)."""
+    time.sleep(float(os.environ.get("SLOW_S", "0")))
+    gate = os.environ.get("GATE")
+    while gate and os.path.exists(gate):
+        time.sleep(0.02)
+    return torch.zeros((), dtype=x.dtype)
+
+
+@pause.register_fake
+def _(x):
+    return x.new_zeros(())
+
+
+class Slow(ResidualMLP):
+    def forward(self, tokens):
+        x = self.tok_emb(tokens)
+        for block in self.blocks:
+            x = block(x)
+        x = x + pause(x.detach())
+        return self.lm_head(self.norm(x))
+'''
+MODEL = {"name": "slow_model:Slow", "d_model": 32, "n_layers": 4, "seq_len": 32}
+ALL_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # torchrun --signals-to-handle: passed on to workers
+
+
+def _slow_job(tmp_path, name: str, *overrides: str, slow_s: float = 0.05, every: int = 0, steps: int = STEPS,
+              env: dict | None = None, out: str | None = None) -> tuple[Job, str]:
+    (tmp_path / "slow_model.py").write_text(SLOW_MODEL)
+    out = out or str(tmp_path / name)
+    cfg = write_config(tmp_path / f"{name}.yaml", out, pp=2, steps=steps, every=every, model=MODEL)
+    job = Job(cfg, *overrides, pythonpath=str(tmp_path), env={"SLOW_S": str(slow_s), **(env or {})})
+    return job, out
+
+
+def _wait_for_step(job: Job, out: str, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(r["step"] >= step for r in read_metrics(os.path.join(out, "metrics.jsonl"))):
+        assert job.proc.poll() is None and time.monotonic() < deadline, job.log[-4000:]
+        time.sleep(0.01)
+
+
+def _checkpoints(out: str) -> list[int]:
+    root = os.path.join(out, "checkpoints")
+    return sorted(int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("step-")) if os.path.isdir(root) else []
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same job run to the end without interruption (and without the sleeps, which change nothing)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    job, out = _slow_job(tmp, "ref", slow_s=0)
+    assert job.wait() == 0, job.log[-4000:]
+    return losses(out)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_stop_signal_to_torchrun_saves_the_step_in_flight_and_resume_loses_nothing(reference, tmp_path, sig):
+    job, out = _slow_job(tmp_path, "run", every=100, env={"PET_SIGNALS_TO_HANDLE": ALL_SIGNALS})
+    _wait_for_step(job, out, 5)
+    job.proc.send_signal(getattr(signal, sig))
+    job.wait()
+    done = max(r["step"] for r in read_metrics(os.path.join(out, "metrics.jsonl")))
+    assert 5 <= done < STEPS, job.log[-3000:]
+    assert _checkpoints(out) == [done], (done, _checkpoints(out))   # the newest checkpoint is the last step
+    _, line = job.first(f"pp.run: {sig} at step")
+    assert line == f"pp.run: {sig} at step {done}: saved checkpoints/step-{done}, exiting", line
+    assert "steps redone after restarts: 0" in job.log
+    assert not os.path.exists(os.path.join(out, LOCK_FILE))        # released on the way out
+
+    resumed, _ = _slow_job(tmp_path, "run", "--checkpoint.resume", "true", slow_s=0, every=100)
+    assert resumed.wait() == 0, resumed.log[-3000:]
+    assert f"(step {done}," in resumed.log
+    assert losses(out) == reference                                # bitwise, every step once
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["steps_redone"] == 0
+
+
+def test_on_signal_empty_leaves_the_signal_fatal(tmp_path):
+    job, out = _slow_job(tmp_path, "run", "--checkpoint.on_signal", "[]", every=100)
+    _wait_for_step(job, out, 3)
+    job.proc.send_signal(signal.SIGTERM)
+    job.wait()
+    assert _checkpoints(out) == [] and "at step" not in job.log.split("SignalException")[0].split("saved")[0]
+
+
+def test_second_job_on_a_busy_output_dir_stops_at_once_and_touches_nothing(tmp_path):
+    gate = tmp_path / "gate"
+    gate.write_text("")
+    first, out = _slow_job(tmp_path, "run", slow_s=0, every=5, steps=40, env={"GATE": str(gate)})
+    deadline = time.monotonic() + 120
+    while not any(line.startswith("pp.run: slow_model") for _, line in first.lines):  # training has begun
+        assert first.proc.poll() is None and time.monotonic() < deadline, first.log[-4000:]
+        time.sleep(0.05)
+    before = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)}
+    second, _ = _slow_job(tmp_path, "second", slow_s=0, every=5, out=out)
+    assert second.wait(120) != 0
+    lines = [line for _, line in second.lines if line.startswith("pp.run:") and "FAILED" not in line]
+    assert len(lines) == 1, second.log[-3000:]
+    assert lines[0].startswith(f"pp.run: output.dir {out!r} is in use by another running pp job "
+                               f"(host {socket.gethostname()}, pid "), lines[0]
+    assert not re.search(r'File ".*/pp/', second.log), second.log[-3000:]   # torchrun's report only, no pp frame
+    assert first.proc.poll() is None, "the second job must not stop the first"
+    gate.unlink()
+    for n, t in before.items():   # nothing the first job wrote was removed; the second wrote nothing
+        assert os.path.exists(os.path.join(out, n)), n
+    assert first.wait() == 0, first.log[-3000:]
+    assert [r["step"] for r in read_metrics(os.path.join(out, "metrics.jsonl"))] == list(range(1, 41))
+    assert _checkpoints(out) == [30, 35, 40]                        # checkpoint.keep 3, none removed by the second
+
+
+HOLDER = '''
+import sys, time
+from pp.launcher.outdir import OutputLock
+OutputLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(600)
+'''
+
+
+def test_lock_of_a_sigkilled_job_is_taken_over_with_a_line(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": REPO})
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(OutputDirError, match="is in use by another running pp job"):
+        OutputLock(str(out)).acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    job, _ = _slow_job(tmp_path, "run", slow_s=0, steps=3, out=str(out))
+    assert job.wait() == 0, job.log[-3000:]
+    _, line = job.first("pp.run: output.dir")
+    assert line.startswith(f"pp.run: output.dir {str(out)!r}: took over the lock of a job that is gone "
+                           f"(host {socket.gethostname()}, pid {holder.pid}, started "), line
+
+
+def test_lock_from_another_host_is_live_while_its_heartbeat_is_fresh(tmp_path):
+    path = tmp_path / LOCK_FILE
+    path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": time.time(), "heartbeat": time.time()}))
+    with pytest.raises(OutputDirError, match=r"in use by another running pp job \(host elsewhere, pid 1"):
+        OutputLock(str(tmp_path)).acquire()
+    path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": 0, "heartbeat": time.time() - 3600}))
+    lock = OutputLock(str(tmp_path)).acquire()
+    assert "took over the lock of a job that is gone (host elsewhere, pid 1" in lock.note
+    lock.release()
+    assert not path.exists()
+
+
+def test_unusable_output_dir_is_one_line_and_exit_code_2(tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", "/etc/passwd/run", pp=1, steps=2, every=0)
+    proc = subprocess.run([sys.executable, "-m", "pp.run", cfg], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "pp.run: output.dir '/etc/passwd/run' cannot be used: '/etc/passwd' is a file, " \
+                                  "not a directory", proc.stderr
+    with pytest.raises(OutputDirError, match="is a file, not a directory"):
+        check_usable(str(tmp_path / "cfg.yaml" / "sub"))
+
+
+def test_bad_on_signal_is_one_line(tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", str(tmp_path / "out"), pp=1, steps=2, every=0,
+                       extra="")
+    proc = subprocess.run([sys.executable, "-m", "pp.run", cfg, "--checkpoint.on_signal", "SIGKILL"], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("pp.run: bad config: checkpoint.on_signal: SIGKILL cannot be caught; use e.g. "
+                                   "SIGTERM or SIGUSR1"), proc.stderr
