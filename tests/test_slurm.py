@@ -130,9 +130,9 @@ def test_sbatch_trains_tiny_on_cpu(cluster, tmp_path):
 
 
 def test_requeued_job_resumes_without_losing_a_step(cluster, tmp_path):
-    """USR1 to the batch shell (what --signal=B:USR1@90 sends before the time limit) requeues the job;
-    the second run resumes from the newest checkpoint and the final metrics have every step once,
-    with the re-run steps' losses equal to those of the first run."""
+    """USR1 to the batch shell (what --signal=B:USR1@90 sends before the time limit): the workers save
+    the step in flight, then the job requeues itself; the second run resumes from exactly that step (no
+    step lost, none redone) and the final metrics have every step once."""
     steps, every, interrupt_at = 100, 10, 25
     t0 = time.monotonic()
     proc = _sbatch(tmp_path, "--train.steps", str(steps), "--checkpoint.every", str(every))
@@ -158,13 +158,16 @@ def test_requeued_job_resumes_without_losing_a_step(cluster, tmp_path):
     log = _job_log(tmp_path)
     print(f"submit to end: {time.monotonic() - t0:.1f}s, exit {proc.returncode}\n{log}")
     assert proc.returncode == 0, f"sbatch --wait exited {proc.returncode}: {err}\njob log:\n{log}"
-    assert "USR1: requeueing" in log, f"the batch shell never got USR1:\n{log}"
+    assert "USR1: saving the step in flight, then requeueing" in log, f"the batch shell never got USR1:\n{log}"
     assert re.search(r"restart 1: .*\n.*--checkpoint\.resume true", log), \
         f"the job did not run again with --checkpoint.resume true (it may have finished first):\n{log}"
     m = re.search(r"resumed from \S+ \(step (\d+)", log)
     assert m, f"pp.run did not resume from a checkpoint:\n{log}"
     resumed = int(m.group(1))
-    assert resumed >= every and resumed % every == 0, log
+    saved = re.search(r"pp\.run: SIGUSR1 at step (\d+): saved checkpoints/step-(\d+), exiting", log)
+    assert saved, f"the workers did not save the step in flight on USR1:\n{log}"
+    assert int(saved.group(1)) == int(saved.group(2)) == resumed >= interrupt_at, log   # no step lost
+    assert "steps redone after restarts: 0" in log, log
     recs = _check_trained(tmp_path, steps)
     # Steps that ran in both runs give the same loss (deterministic on CPU): nothing was lost or redone
     # differently.
