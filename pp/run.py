@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(job, stop, lock) -> int:
     from pp.comms.backend import destroy, init_process_group_from_env
     from pp.launcher.checkpoint import CheckpointError
+    from pp.data import DataError
     from pp.launcher.stopping import Stopped
     from pp.launcher.train import Trainer, TrainingError
 
@@ -124,6 +125,11 @@ def _train(job, stop, lock) -> int:
         return e.exit_code
     except CheckpointError as e:
         return _fail(EXIT_CONFIG, str(e))
+    except DataError as e:  # found by a rank that reads data (first or last stage): it says so itself
+        print(f"pp.run: bad data: {e}", file=sys.stderr, flush=True)
+        if lock is not None:
+            lock.release()
+        os._exit(EXIT_CONFIG)
     except TrainingError as e:
         return _fail(EXIT_TRAINING, str(e))
     except Exception as e:  # noqa: BLE001 - any other failure ends this rank with one line saying why

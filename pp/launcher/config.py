@@ -79,7 +79,12 @@ class TrainConfig:
                               "equal share, split into schedule.microbatches)")
     lr: float = _opt(3e-3, "peak learning rate of AdamW")
     seed: int = _opt(0, "seed of the model init, the data order and every step's RNG")
-    data: str = _opt("stdlib", "'stdlib' (this Python's standard library sources, as bytes) or a path to a text file")
+    data: str = _opt("stdlib", "'stdlib' (this Python's standard library sources, as bytes), a text file (bytes, or "
+                               "tokens with train.tokenizer), a .jsonl file (field 'text', with train.tokenizer), a "
+                               ".bin/.npy file of token ids, or a directory or glob of .bin/.npy shards")
+    data_dtype: str = _opt("uint16", "id type of .bin token files: uint16 (nanoGPT's layout) or uint32")
+    tokenizer: typing.Optional[str] = _opt(None, "a Hugging Face tokenizer.json: text and .jsonl data are "
+                                                 "tokenized with it once and cached next to the data")
     warmup_steps: typing.Optional[int] = _opt(None, "linear warm-up steps; default: steps // 10")
     min_lr_ratio: float = _opt(0.1, "the cosine decay ends at lr * min_lr_ratio")
     grad_clip: float = _opt(1.0, "clip the global gradient norm (over all stages and tp shards) to this; 0 disables")
@@ -92,9 +97,22 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = _opt(0, "evaluate on held-out data every this many steps (and after the last step); 0: never")
+    steps: int = _opt(10, "batches (of train.batch_size sequences) per evaluation")
+    data: typing.Optional[str] = _opt(None, "held-out data, any form train.data takes; default: the last "
+                                            "eval.split of the training data, then excluded from training")
+    split: float = _opt(0.01, "share of the training data held out for evaluation when eval.data is not set")
+
+
+@dataclass
 class OutputConfig:
     dir: str = _opt("runs/default", "where metrics.jsonl, trace.json and checkpoints/ go")
     trace: bool = _opt(True, "write the measured action timings of the last step to trace.json (Chrome trace)")
+    tensorboard: bool = _opt(False, "write TensorBoard scalars to output.dir/tensorboard (rank 0; needs the "
+                                    "tensorboard package: pip install 'pp[tensorboard]')")
+    wandb: bool = _opt(False, "log the same scalars to Weights & Biases (needs the wandb package; "
+                              "WANDB_MODE=offline works without network)")
 
 
 @dataclass
@@ -115,6 +133,7 @@ class JobConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "the pipeline schedule"})
     split: SplitConfig = field(default_factory=SplitConfig, metadata={"help": "where the model is cut into stages"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimizer, data and loop"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation on held-out data"})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "logs and metrics"})
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "saving and resuming"})
 

@@ -1,8 +1,7 @@
-"""What rank 0 shows while training: a live progress bar on a terminal, plain log lines otherwise."""
+"""What rank 0 shows while training: a tqdm progress bar on a terminal, plain log lines otherwise."""
 from __future__ import annotations
 
 import sys
-import time
 from typing import TextIO
 
 from .metrics import format_rate
@@ -14,46 +13,50 @@ def log_line(step: int, total: int, loss: float, lr: float, tok_s: float, step_s
 
 
 class Progress:
-    """Shows one step at a time; `tty=None` asks the stream whether it is a terminal."""
+    """Shows one step at a time; `tty=None` asks the stream whether it is a terminal.
+
+    On a terminal: a tqdm bar (steps, rate, ETA) whose postfix has the loss, lr, tokens/s and the latest
+    validation loss; messages print above it. Otherwise: a log line every `log_every` steps (and the first
+    and last step), and the validation loss on a line of its own.
+    """
 
     def __init__(self, total: int, first_step: int, log_every: int, stream: TextIO | None = None,
-                 tty: bool | None = None, width: int = 24):
+                 tty: bool | None = None):
         self.total = total
         self.first_step = first_step
         self.log_every = log_every
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
-        self.width = width
-        self.t0 = time.perf_counter()
-        self._open_line = False
+        self.val: str = ""
+        self._bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=first_step - 1, file=self.stream, unit="step",
+                             dynamic_ncols=True, leave=True)
 
     def update(self, step: int, loss: float, lr: float, tok_s: float, step_s: float) -> None:
-        if self.tty:
-            self._bar(step, loss, lr, tok_s)
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.1e} {format_rate(tok_s)} tok/s{self.val}",
+                                      refresh=False)
+            self._bar.update(step - self._bar.n)
         elif step % self.log_every == 0 or step in (self.first_step, self.total):
             self.print(log_line(step, self.total, loss, lr, tok_s, step_s))
 
-    def _bar(self, step: int, loss: float, lr: float, tok_s: float) -> None:
-        done = (step - self.first_step + 1) / max(1, self.total - self.first_step + 1)
-        filled = int(round(self.width * done))
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / max(done, 1e-9) - elapsed
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r{step}/{self.total} [{bar}] loss {loss:.4f} lr {lr:.1e} "
-                          f"{format_rate(tok_s)} tok/s eta {eta:.0f}s ")
-        self.stream.flush()
-        self._open_line = True
+    def validation(self, step: int, val_loss: float, val_ppl: float) -> None:
+        """Show an evaluation's result: in the bar's postfix and on a line of its own."""
+        self.val = f" val {val_loss:.4f}"
+        self.print(f"step {step}/{self.total} val_loss {val_loss:.4f} val_ppl {val_ppl:.2f}")
 
     def print(self, text: str) -> None:
-        """A message of its own line (ends a live bar first)."""
-        if self._open_line:
-            self.stream.write("\n")
-            self._open_line = False
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        """A message on its own line (above a live bar)."""
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
     def close(self) -> None:
-        if self._open_line:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._open_line = False
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -21,10 +21,11 @@ from pp.parallel import ParallelModel, make_mesh
 from . import checkpoint as ckpt
 from . import collectives as coll
 from .config import JobConfig
-from .data import ByteBatches, load_corpus
+from pp.data import TokenBatches, open_stream
 from .job import Job
 from .metrics import BubbleMeter, MetricsWriter, chrome_trace, peak_memory_gib, summary_lines
 from .progress import Progress
+from .sinks import ScalarSinks
 from .stopping import StopSignals, Stopped
 
 
@@ -160,12 +161,47 @@ class Trainer:
         self.log = log if rank == 0 else (lambda *_: None)
         self.rs = build_rank(job, device)
         self.ckpt_root = os.path.join(self.cfg.output.dir, "checkpoints")
-        rs, t = self.rs, self.cfg.train
-        self.batches = None
-        if rs.has_first or rs.has_last:
-            self.batches = ByteBatches(load_corpus(t.data), t.batch_size, self.cfg.model.seq_len, t.seed)
+        rs = self.rs
+        self.batches, self.eval_batches = self._data() if (rs.has_first or rs.has_last) else (None, None)
         self.bubble = BubbleMeter()
         self.current_step = 0  # the step under way, for the message if this rank fails
+        self.step_bubble: float | None = None
+
+    def _data(self) -> tuple[TokenBatches, TokenBatches | None]:
+        """Training batches, and evaluation batches when eval.every > 0 (eval.data, or a held-out tail
+        of the training data that training then never reads)."""
+        t, e, seq, vocab = self.cfg.train, self.cfg.eval, self.cfg.model.seq_len, self.cfg.model.vocab_size
+        stream = open_stream(t.data, t.data_dtype, t.tokenizer, seq)
+        hi, held_out = len(stream), None
+        if e.every > 0 and e.data is None:
+            hi = len(stream) - int(len(stream) * e.split)
+            held_out = TokenBatches(stream, t.batch_size, seq, t.seed, lo=hi, vocab_size=vocab, salt=1)
+        elif e.every > 0:
+            held_out = TokenBatches(open_stream(e.data, t.data_dtype, t.tokenizer, seq), t.batch_size, seq, t.seed,
+                                    vocab_size=vocab, salt=1)
+        return TokenBatches(stream, t.batch_size, seq, t.seed, hi=hi, vocab_size=vocab), held_out
+
+    def evaluate(self) -> dict:
+        """Forward-only pipeline passes over eval.steps held-out batches (the same batches every time):
+        the mean next-token loss over all of them and its perplexity, on every rank (collective)."""
+        rs, m, dev = self.rs, self.rs.model, self.device
+        total, count = 0.0, 0
+        for stage in m.stages:
+            stage.submod.eval()
+        try:
+            for k in range(self.cfg.eval.steps):
+                args = (m.local_share(self.eval_batches.tokens(k)).to(dev),) if rs.has_first else ()
+                out = m.eval(*args)
+                if m.owns_loss:
+                    target = m.local_share(self.eval_batches.targets(k)).to(dev)
+                    total += float(lm_loss(out, target)) * target.numel()
+                    count += target.numel()
+        finally:
+            for stage in m.stages:
+                stage.submod.train()
+        rows = coll.all_gather_object((total, count)) if coll.active() else [(total, count)]
+        loss = sum(r[0] for r in rows) / max(1, sum(r[1] for r in rows))
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     # --- resume ---------------------------------------------------------------------------------
     def resume(self) -> int:
@@ -230,6 +266,9 @@ class Trainer:
         rs.optimizer.step()
         events = rs.schedule.trace_events() if hasattr(rs.schedule, "trace_events") else []
         self.bubble.add_step(events, sched_s)
+        one = BubbleMeter()
+        one.add_step(events, sched_s)
+        self.step_bubble = one.fraction()
         dt = time.perf_counter() - t0
         tokens = cfg.train.batch_size * cfg.model.seq_len
         rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
@@ -280,6 +319,8 @@ class Trainer:
         progress = Progress(cfg.train.steps, done + 1, cfg.train.log_every) if self.rank == 0 else None
         if progress is not None:
             self.log = progress.print  # messages end a live progress bar's line first
+        sinks = (ScalarSinks(cfg.output.dir, done, cfg.output.tensorboard, cfg.output.wandb, cfg.to_dict())
+                 if self.rank == 0 and (cfg.output.tensorboard or cfg.output.wandb) else None)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t_start, steps_run, steady_s = time.perf_counter(), 0, 0.0
@@ -291,12 +332,21 @@ class Trainer:
                 steps_run += 1
                 if steps_run > 1:  # the first step also learns shapes and warms up kernels
                     steady_s += rec["step_time_s"]
+                every = cfg.eval.every
+                if every > 0 and (step % every == 0 or step == cfg.train.steps):
+                    rec.update(self.evaluate())
                 if writer is not None:
                     writer.write(rec)
                     progress.update(step, rec["loss"], rec["lr"], rec["tokens_per_s"], rec["step_time_s"])
+                    if "val_loss" in rec:
+                        progress.validation(step, rec["val_loss"], rec["val_ppl"])
+                if sinks is not None:
+                    sinks.write({**rec, "bubble": self.step_bubble})
                 saved = cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps)
                 if saved:
                     self.save(step)
+                    if sinks is not None:
+                        sinks.flush()
                 if self.stop_signal and step < cfg.train.steps:
                     if not saved:
                         self.save(step)
@@ -306,6 +356,8 @@ class Trainer:
             if writer is not None:
                 writer.close()
                 progress.close()
+            if sinks is not None:
+                sinks.close()
             if own_stop:
                 self.stop.uninstall()
         summary = self.finish(steps_run, time.perf_counter() - t_start, steady_s)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError, JobConfig, is_custom_model
-from .data import STDLIB
 from .stopping import signal_number
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -80,8 +79,10 @@ def _check_model(cfg: JobConfig) -> None:
     if m.name not in ("gpt", "mlp") and not is_custom_model(m.name):
         raise ConfigError(f"model.name={m.name!r} is unknown: use 'gpt', 'mlp' or 'package.module:ClassName'")
     _positive("model.seq_len", m.seq_len)
-    if m.vocab_size < 256:
-        raise ConfigError(f"model.vocab_size={m.vocab_size}: the byte-level data needs at least 256")
+    byte_data = cfg.train.tokenizer is None and not _token_files(cfg.train.data)
+    if m.vocab_size < 256 and byte_data:
+        raise ConfigError(f"model.vocab_size={m.vocab_size}: byte-level data (train.data={cfg.train.data!r}) needs "
+                          f"at least 256")
     if is_custom_model(m.name):
         return
     _positive("model.d_model", m.d_model)
@@ -110,15 +111,7 @@ def _check_train(cfg: JobConfig) -> None:
             raise ConfigError(f"train.{key}={getattr(t, key)}: expected a number in [0, 1)")
     if t.dtype not in DTYPES:
         raise ConfigError(f"train.dtype={t.dtype!r}: expected one of {', '.join(DTYPES)}")
-    if t.data != STDLIB:
-        if not os.path.exists(t.data):
-            raise ConfigError(f"train.data={t.data!r}: no such file (use 'stdlib' or a path to a text file)")
-        if not os.path.isfile(t.data):
-            raise ConfigError(f"train.data={t.data!r} is not a file")
-        size = os.path.getsize(t.data)
-        if size < cfg.model.seq_len + 2:
-            raise ConfigError(f"train.data={t.data!r} has {size} bytes, fewer than model.seq_len + 2 = "
-                              f"{cfg.model.seq_len + 2}")
+    check_data(cfg)
     c = cfg.checkpoint
     _positive("checkpoint.every", c.every, allow_zero=True)
     _positive("checkpoint.keep", c.keep, allow_zero=True)
@@ -203,6 +196,61 @@ def _check_split(cfg: JobConfig, layout: Layout) -> None:
     if len(sp.points) != layout.n_stages - 1:
         raise ConfigError(f"split.points has {len(sp.points)} entries but {layout.n_stages} stages need "
                           f"{layout.n_stages - 1} (parallel.pp={layout.pp} x {layout.stages_per_rank} per rank)")
+
+
+def _token_files(source: str) -> bool:
+    """Whether train.data names token ids (.bin/.npy files, or a directory or glob of them), not bytes."""
+    is_glob = any(c in source for c in "*?[")
+    return source.endswith((".bin", ".npy")) or os.path.isdir(source) or (
+        is_glob and not source.endswith((".txt", ".jsonl")))
+
+
+def check_data(cfg: JobConfig) -> None:
+    """train.data, train.data_dtype, train.tokenizer and the eval section: files exist, types fit, the
+    tokenizer's vocabulary fits the model's, and enough tokens remain for training and evaluation."""
+    from pp.data import DataError, open_stream
+
+    t, e = cfg.train, cfg.eval
+    if t.data_dtype not in ("uint16", "uint32"):
+        raise ConfigError(f"train.data_dtype={t.data_dtype!r}: expected uint16 or uint32")
+    if e.every < 0:
+        raise ConfigError(f"eval.every={e.every}: expected 0 (never) or a positive number of steps")
+    if e.steps < 1:
+        raise ConfigError(f"eval.steps={e.steps}: expected a positive number of batches")
+    if not 0 < e.split < 0.5:
+        raise ConfigError(f"eval.split={e.split}: expected a share in (0, 0.5)")
+    if t.tokenizer is not None:
+        from pp.data.tokenize import load_tokenizer
+
+        try:
+            vocab = load_tokenizer(t.tokenizer).get_vocab_size()
+        except DataError as err:
+            raise ConfigError(f"train.tokenizer: {err}") from None
+        if vocab > cfg.model.vocab_size:
+            raise ConfigError(f"train.tokenizer {t.tokenizer!r} has {vocab} tokens, more than model.vocab_size="
+                              f"{cfg.model.vocab_size}")
+    try:
+        stream = open_stream(t.data, t.data_dtype, t.tokenizer, cfg.model.seq_len)
+        if e.every > 0 and e.data is not None:
+            open_stream(e.data, t.data_dtype, t.tokenizer, cfg.model.seq_len)
+        elif e.every > 0:
+            held = int(len(stream) * e.split)
+            if held < cfg.model.seq_len + 2 or len(stream) - held < cfg.model.seq_len + 2:
+                raise ConfigError(f"eval.split={e.split} of train.data's {len(stream)} tokens leaves too few "
+                                  f"for training or evaluation windows of model.seq_len + 2 = {cfg.model.seq_len + 2}; "
+                                  f"set eval.data or a larger eval.split")
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.output.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("output.tensorboard=true needs the tensorboard package: pip install 'pp[tensorboard]'") from None
+    if cfg.output.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("output.wandb=true needs the wandb package: pip install wandb") from None
 
 
 def check_split_points(points: list[str], model: torch.nn.Module) -> None:

@@ -1,0 +1,162 @@
+"""Text to token ids with a Hugging Face `tokenizers` tokenizer.json: documents, end-of-text tokens, shards.
+
+Used by `python -m pp.data prepare` and by `train.data: corpus.jsonl` + `train.tokenizer: tok.json`, which
+tokenizes once and caches the ids next to the data, keyed by the tokenizer's hash.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+
+from .stream import DataError
+
+EOT_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eot_id|>", "<eot>", "[SEP]", "<|end_of_text|>")
+CHUNK_BYTES = 1 << 20
+
+
+def load_tokenizer(path: str):
+    """The `tokenizers.Tokenizer` of `path`; DataError when the package or the file is missing or bad."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise DataError("tokenized data needs the tokenizers package: pip install 'pp[data]'") from None
+    if not os.path.isfile(path):
+        raise DataError(f"tokenizer {path!r}: no such file (expected a Hugging Face tokenizer.json)")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions for bad files
+        raise DataError(f"tokenizer {path!r} is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def eot_id(tok, name: str | None = None) -> int:
+    """The id of the end-of-text token put between documents: `name`, or the first known one present."""
+    names = [name] if name else list(EOT_CANDIDATES)
+    for n in names:
+        i = tok.token_to_id(n)
+        if i is not None:
+            return int(i)
+    if name:
+        raise DataError(f"the tokenizer has no token {name!r} (--eot)")
+    raise DataError(f"the tokenizer has none of the end-of-text tokens {', '.join(EOT_CANDIDATES)}; name one with --eot")
+
+
+def dtype_for(vocab_size: int) -> str:
+    """uint16 while every id fits (vocab ≤ 65,536, nanoGPT's layout), else uint32."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def documents(path: str) -> Iterator[str]:
+    """A `.jsonl` file's `text` fields, one document per line; any other file is one document, in chunks
+    of whole lines (so a large file is never read whole)."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    raise DataError(f"{path}:{n} is not a JSON object") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                    raise DataError(f"{path}:{n} has no string field 'text'")
+                yield rec["text"]
+        return
+    yield from _chunks(path)
+
+
+def _chunks(path: str) -> Iterator[str]:
+    """Marker-free: the caller treats the chunks of a plain file as one document."""
+    buf: list[str] = []
+    size = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            buf.append(line)
+            size += len(line)
+            if size >= CHUNK_BYTES:
+                yield _Chunk("".join(buf))
+                buf, size = [], 0
+    if buf:
+        yield _Chunk("".join(buf))
+
+
+class _Chunk(str):
+    """A piece of a plain-text document (no end-of-text token after it, except after the last)."""
+
+
+def tokenize_file(path: str, tokenizer_path: str, eot: int, progress=None) -> tuple[np.ndarray, int]:
+    """All ids of `path` with `eot` after each document; returns (ids as int64, documents).
+
+    `progress(n_bytes, n_tokens)`, if given, is called after each batch of documents."""
+    tok = load_tokenizer(tokenizer_path)
+    parts: list[np.ndarray] = []
+    docs = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal docs
+        if not batch:
+            return
+        n_bytes = n_tokens = 0
+        for text, enc in zip(batch, tok.encode_batch(list(batch), add_special_tokens=False)):
+            parts.append(np.asarray(enc.ids, dtype=np.int64))
+            n_bytes += len(text.encode("utf-8"))
+            n_tokens += len(enc.ids)
+            if not isinstance(text, _Chunk):
+                parts.append(np.array([eot], dtype=np.int64))
+                docs += 1
+        batch.clear()
+        if progress is not None:
+            progress(n_bytes, n_tokens)
+
+    for text in documents(path):
+        batch.append(text)
+        if len(batch) >= 256:
+            flush()
+    flush()
+    if not path.endswith(".jsonl"):
+        parts.append(np.array([eot], dtype=np.int64))
+        docs += 1
+    return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), docs
+
+
+def cached_tokens(path: str, tokenizer_path: str) -> np.ndarray:
+    """The ids of text/jsonl file `path` under `tokenizer_path`, tokenized once and cached next to it as
+    `<path>.<tokenizer sha256[:12]>.bin` (+ `.json`); concurrent ranks wait for the first to finish."""
+    tok = load_tokenizer(tokenizer_path)
+    key = file_sha256(tokenizer_path)[:12]
+    cache = f"{path}.{key}.bin"
+    dtype = dtype_for(tok.get_vocab_size())
+    with open(cache + ".lock", "w") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)
+        fresh = os.path.exists(cache) and os.path.getmtime(cache) >= os.path.getmtime(path)
+        if not fresh:
+            ids, docs = tokenize_file(path, tokenizer_path, eot_id(tok))
+            write_tokens(cache, ids, dtype, {"documents": docs, "tokenizer": os.path.abspath(tokenizer_path),
+                                             "tokenizer_sha256": file_sha256(tokenizer_path),
+                                             "vocab_size": tok.get_vocab_size(), "source": os.path.abspath(path)})
+    if os.path.getsize(cache) == 0:
+        return np.zeros(0, dtype=np.dtype(dtype))
+    return np.memmap(cache, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
+
+
+def write_tokens(path: str, ids: np.ndarray, dtype: str, meta: dict) -> None:
+    """Write ids little-endian as `dtype` to `path` atomically, with `<path>.json` describing them."""
+    tmp = path + ".tmp"
+    ids.astype(np.dtype(dtype).newbyteorder("<")).tofile(tmp)
+    with open(path + ".json.tmp", "w") as f:
+        json.dump({"dtype": dtype, "tokens": int(ids.size), **meta}, f, indent=1)
+    os.replace(tmp, path)
+    os.replace(path + ".json.tmp", path + ".json")
