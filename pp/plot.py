@@ -29,6 +29,10 @@ def plot_loss(records: list[dict], path: str) -> None:
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in records], color="#4c78a8", label="loss")
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if val:
+        ax.plot([s for s, _ in val], [v for _, v in val], "o-", color="#e45756", label="val_loss")
+        ax.legend(loc="upper right")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats per byte)")
     ax.grid(alpha=0.3)
