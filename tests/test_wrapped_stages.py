@@ -2,7 +2,8 @@
 torch DDP or sharded by FSDP2 `fully_shard` over the dp dimension of a (dp 2, pp 2) mesh on 4 gloo
 ranks. Every schedule family must give the unsplit model's gradient averaged over the replicas' inputs.
 
-One spawn per wrapper runs all its schedules (starting ranks costs more than the steps).
+One spawn runs every case (starting 4 ranks and importing DDP/FSDP costs far more than the steps); each
+test then checks its cases' results.
 """
 from __future__ import annotations
 

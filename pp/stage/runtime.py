@@ -55,6 +55,10 @@ class PipelineStage:
     Manual form (the user cut the model): `PipelineStage(submodule, stage_index, num_stages, device)`;
     stage i then takes the outputs of stage i-1 as positional inputs, and shapes are learnt at the first
     step. Traced form: `Pipe.build_stage(i, device)` / `pp.build_stage(...)`, wired by the splitter.
+
+    The module may be wrapped by torch DDP or sharded by FSDP2 (`fully_shard`) over a data-parallel
+    group: its gradients are then averaged over that group once per step, after the stage's last
+    backward, for every schedule (pp/parallel/wrapped.py).
     """
 
     def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int,
