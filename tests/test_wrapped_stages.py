@@ -53,12 +53,12 @@ def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(2, BATCH, 4, generator=g), torch.randn(2, BATCH, 3, generator=g)
 
 
-def _reference(step: int) -> dict[str, torch.Tensor]:
-    """The unsplit model's gradient at `step`, averaged over the two replicas' batches (mean-MSE loss:
-    the mean over microbatches of each microbatch's loss is the loss of the whole batch)."""
+def _reference(step: int, replicas: tuple = (0, 1)) -> dict[str, torch.Tensor]:
+    """The unsplit model's gradient at `step`, averaged over the replicas' batches (mean-MSE loss: the
+    mean over microbatches of each microbatch's loss is the loss of the whole batch)."""
     model = _full_model()
     x, y = _data(step)
-    loss = sum(F.mse_loss(model(x[d]), y[d]) for d in range(2)) / 2
+    loss = sum(F.mse_loss(model(x[d]), y[d]) for d in replicas) / len(replicas)
     loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -77,9 +77,9 @@ def _stages_of(name: str, pp_rank: int) -> tuple[int, list[int]]:
     return n_stages, [s for s, r in enumerate(placement) if r == pp_rank]
 
 
-def _run_pp(name: str, mesh, wrap, lib: str = "pp", steps: int = STEPS) -> list[dict[str, torch.Tensor]]:
-    """STEPS steps of schedule `name` over this rank's wrapped stages; each step's full gradients by name.
-    lib="torch": the same with torch.distributed.pipelining's stage and schedule classes."""
+def _build(name: str, mesh, wrap, lib: str = "pp") -> tuple:
+    """This rank's wrapped stage modules {stage: module} and the schedule `name` over them (lib="torch":
+    torch.distributed.pipelining's stage and schedule classes), and a function running one step."""
     if lib == "pp":
         import pp as lib_mod
         from pp.schedules.classes import schedule_class
@@ -93,14 +93,49 @@ def _run_pp(name: str, mesh, wrap, lib: str = "pp", steps: int = STEPS) -> list[
     modules = {s: wrap(_part(s, n_stages)) for s in mine}
     stages = [lib_mod.PipelineStage(modules[s], s, n_stages, "cpu", group=mesh.get_group("pp")) for s in mine]
     sched = cls(stages[0] if name in ONE_STAGE else stages, N_MB, loss_fn=F.mse_loss)
+
+    def step(i: int) -> None:
+        x, y = _data(i)
+        sched.step(*((x[dp],) if 0 in mine else ()), target=y[dp] if n_stages - 1 in mine else None)
+    return modules, step
+
+
+def _run_pp(name: str, mesh, wrap, lib: str = "pp", steps: int = STEPS) -> list[dict[str, torch.Tensor]]:
+    """`steps` steps of schedule `name` over this rank's wrapped stages; each step's full gradients."""
+    modules, step = _build(name, mesh, wrap, lib)
     out = []
-    for step in range(steps):
+    for i in range(steps):
         for m in modules.values():
             m.zero_grad(set_to_none=True)
-        x, y = _data(step)
-        sched.step(*((x[dp],) if 0 in mine else ()), target=y[dp] if n_stages - 1 in mine else None)
+        step(i)
         out.append(_grads(modules.values()))
     return out
+
+
+def _ddp_no_sync_accumulates_then_syncs(mesh, wrap) -> None:
+    """A step run inside the user's `ddp.no_sync()` keeps this replica's own gradient; the next step
+    outside it averages the sum of both steps' gradients, as DDP does."""
+    import contextlib
+
+    dp = mesh.get_local_rank("dp")
+    modules, step = _build("ZBVZeroBubble", mesh, wrap)
+    with contextlib.ExitStack() as stack:
+        for m in modules.values():
+            stack.enter_context(m.no_sync())
+        step(0)
+    _check("no_sync", [_grads(modules.values())], [_reference(0, replicas=(dp,))])
+    step(1)
+    both = [_reference(0), _reference(1)]
+    _check("after no_sync", [_grads(modules.values())], [{n: g + both[1][n] for n, g in both[0].items()}])
+
+
+def _ddp_static_graph_refused(mesh) -> None:
+    import pp
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    module = DDP(_part(0, 2), process_group=mesh.get_group("dp"), static_graph=True)
+    with pytest.raises(ValueError, match="static_graph=True"):
+        pp.PipelineStage(module, mesh.get_local_rank("pp"), 2, "cpu", group=mesh.get_group("pp"))
 
 
 def _grads(modules) -> dict[str, torch.Tensor]:
@@ -161,6 +196,13 @@ def _every_case(rank: int, world: int) -> dict[str, str]:
                 results[f"{wrapper} {name}"] = "ok"
             except AssertionError as e:
                 results[f"{wrapper} {name}"] = str(e)
+    for case, check in (("no_sync (ddp)", lambda: _ddp_no_sync_accumulates_then_syncs(mesh, wrappers["ddp"])),
+                        ("static_graph (ddp)", lambda: _ddp_static_graph_refused(mesh))):
+        try:
+            check()
+            results[case] = "ok"
+        except AssertionError as e:
+            results[case] = str(e)
     for wrapper, name, steps in TORCH_CASES:
         try:
             ours = _run_pp(name, mesh, wrappers[wrapper], steps=steps)
@@ -194,3 +236,11 @@ def test_fsdp2_sharded_stages_match_unsplit_model_averaged_over_replicas(results
 def test_wrapped_stages_give_torch_pipelinings_gradients_on_the_same_input(results):
     got = {n: r for n, r in results.items() if n.startswith("torch ")}
     assert len(got) == len(TORCH_CASES) and all(r == "ok" for r in got.values()), got
+
+
+def test_ddp_no_sync_step_keeps_local_gradient_and_next_step_averages_the_sum(results):
+    assert results["no_sync (ddp)"] == "ok", results["no_sync (ddp)"]
+
+
+def test_ddp_static_graph_is_refused_with_a_clear_error(results):
+    assert results["static_graph (ddp)"] == "ok", results["static_graph (ddp)"]
