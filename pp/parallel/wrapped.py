@@ -19,6 +19,7 @@ the sync runs once when the stage's gradients are final:
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Iterable
 
@@ -32,19 +33,14 @@ __all__ = ["DDPStage", "FSDPStage", "StepSync", "stage_wrapper", "unwrap"]
 
 
 def _ddp_class() -> type | None:
-    try:
-        from torch.nn.parallel import DistributedDataParallel
-    except ImportError:  # torch built without distributed
-        return None
-    return DistributedDataParallel
+    module = sys.modules.get("torch.nn.parallel.distributed")
+    return getattr(module, "DistributedDataParallel", None)
 
 
 def _fsdp_class() -> type | None:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return None
-    return FSDPModule
+    # Only where the user imported FSDP (fully_shard cannot have run otherwise): importing it costs seconds.
+    module = sys.modules.get("torch.distributed.fsdp")
+    return getattr(module, "FSDPModule", None)
 
 
 class DDPStage:
@@ -57,7 +53,7 @@ class DDPStage:
                              "partial gradient); build the DDP wrapper with static_graph=False")
         if getattr(module, "_comm_hooks", None):
             warnings.warn("PipelineStage averages a DDP-wrapped stage's gradients itself, once per step; "
-                          "the DDP communication hook registered on it is not run", stacklevel=3)
+                          "the DDP communication hook registered on it is not run", stacklevel=4)
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self._sync_wanted = True
