@@ -233,7 +233,7 @@ class _PipelineSchedule:
         if training:
             for g in self._graphs.values():
                 g.flush()
-        if wrapped is not None:
+        if wrapped is not None:   # DDP / FSDP2 averages complete before shared parameters are summed
             wrapped.end(ok=True)
         if training:
             self._sync_shared_grads()
@@ -245,7 +245,8 @@ class _PipelineSchedule:
 
     def _after_hooks(self) -> dict | None:
         """{last backward action of a stage: what runs right after it}: add the stage's graph-summed
-        weight gradients to `.grad`, then call `on_backward_done`. Rebuilt only when the hook changes."""
+        weight gradients to `.grad`, start a DDP / FSDP2-wrapped stage's gradient sync, then call
+        `on_backward_done`. Rebuilt only when the hook changes."""
         hook = self.on_backward_done
         if not self._graphs and hook is None and self._dp_wrapped is None:
             return None
