@@ -11,6 +11,7 @@ import torch
 
 from ..comms import p2p
 from ..microbatch import split_args_kwargs_into_chunks, merge_chunks
+from ..parallel.wrapped import StepSync, unwrap
 from ..stage.graphs import StageGraphs
 from ..stage.runtime import PipelineStage
 from .actions import Action, Kind
@@ -91,6 +92,8 @@ class _PipelineSchedule:
         self._last_backward = _last_backward_actions(self._train_actions)
         self._graphs: dict[int, StageGraphs] = {}
         self._after: tuple[Any, dict] = (None, {})   # (hook it was built for, {action: callable})
+        # Stage modules wrapped by DDP / FSDP2: their gradient sync, once per step (pp/parallel/wrapped.py).
+        self._dp_wrapped = StepSync.of(self._stages.values())
 
     def _prepare(self, compute, edges, given, forward_only=False) -> list[Action]:
         lists = dict(given) if given is not None else lower(
@@ -210,6 +213,9 @@ class _PipelineSchedule:
         after = self._after_hooks() if training else None
         for g in self._graphs.values():
             g.active = training
+        wrapped = self._dp_wrapped
+        if wrapped is not None:
+            wrapped.begin(training)
         try:
             self._executor.run(actions, meta_mode=meta_mode, loss_fn=self._loss_fn if training else None,
                                targets=targets, losses=losses, loss_scale=scale, outputs=outputs,
@@ -217,6 +223,8 @@ class _PipelineSchedule:
         except BaseException:
             for g in self._graphs.values():
                 g.discard()
+            if wrapped is not None:
+                wrapped.end(ok=False)
             raise
         finally:
             for s in self._stages.values():
@@ -225,6 +233,9 @@ class _PipelineSchedule:
         if training:
             for g in self._graphs.values():
                 g.flush()
+        if wrapped is not None:   # DDP / FSDP2 averages complete before shared parameters are summed
+            wrapped.end(ok=True)
+        if training:
             self._sync_shared_grads()
             for g in self._graphs.values():
                 g.capture_pending()
@@ -234,15 +245,18 @@ class _PipelineSchedule:
 
     def _after_hooks(self) -> dict | None:
         """{last backward action of a stage: what runs right after it}: add the stage's graph-summed
-        weight gradients to `.grad`, then call `on_backward_done`. Rebuilt only when the hook changes."""
+        weight gradients to `.grad`, start a DDP / FSDP2-wrapped stage's gradient sync, then call
+        `on_backward_done`. Rebuilt only when the hook changes."""
         hook = self.on_backward_done
-        if not self._graphs and hook is None:
+        if not self._graphs and hook is None and self._dp_wrapped is None:
             return None
         if self._after[0] is not hook or not self._after[1]:
             def done(stage: int) -> None:
                 graphs = self._graphs.get(stage)
                 if graphs is not None:
                     graphs.flush()
+                if self._dp_wrapped is not None:
+                    self._dp_wrapped.stage_done(stage)
                 if hook is not None:
                     hook(stage)
             self._after = (hook, {a: functools.partial(done, s) for a, s in self._last_backward.items()})
@@ -260,7 +274,7 @@ class _PipelineSchedule:
             return
         local = {}
         for stage in self._stages.values():
-            local.update(dict(stage.submod.named_parameters()))
+            local.update(dict(unwrap(stage.submod).named_parameters()))
         flat = []
         for name in names:
             shape, dtype = info.param_meta[name]

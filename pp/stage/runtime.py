@@ -55,6 +55,10 @@ class PipelineStage:
     Manual form (the user cut the model): `PipelineStage(submodule, stage_index, num_stages, device)`;
     stage i then takes the outputs of stage i-1 as positional inputs, and shapes are learnt at the first
     step. Traced form: `Pipe.build_stage(i, device)` / `pp.build_stage(...)`, wired by the splitter.
+
+    The module may be wrapped by torch DDP or sharded by FSDP2 (`fully_shard`) over a data-parallel
+    group: its gradients are then averaged over that group once per step, after the stage's last
+    backward, for every schedule (pp/parallel/wrapped.py).
     """
 
     def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int,
@@ -82,6 +86,9 @@ class PipelineStage:
             raise TypeError(f"input_args must be a tensor or a tuple of tensors (one microbatch of stage "
                             f"{stage_index}'s inputs), got {type(input_args).__name__}")
         self.submod = _move(submodule, self.device)
+        # DDP / FSDP2 around the stage module: its gradient sync runs once per step (pp/parallel/wrapped.py).
+        from ..parallel.wrapped import stage_wrapper
+        self.dp_wrapper = stage_wrapper(self.submod)
         self.is_first = stage_index == 0
         self.is_last = stage_index == num_stages - 1
         self.stage_to_rank: list[int] | None = None
@@ -276,7 +283,8 @@ class PipelineStage:
             return
         roots, grads = self._roots(st, loss_scale)
         inputs = [] if self.is_first else self._grad_inputs(st)
-        got, st.pending_weight = input_grads(roots, grads, inputs, self._params)
+        params = self._params if self.dp_wrapper is None else self.dp_wrapper.weights()
+        got, st.pending_weight = input_grads(roots, grads, inputs, params)
         it = iter(got)
         self._keep_input_grads(st, [next(it) if isinstance(x, torch.Tensor) and x.requires_grad and not self.is_first
                                     else None for x in st.inputs])
