@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError, JobConfig, is_custom_model
+from .config import ConfigError, JobConfig, is_custom_model, is_hf_model
 from .data import STDLIB
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,11 +76,18 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 def _check_model(cfg: JobConfig) -> None:
     m = cfg.model
-    if m.name not in ("gpt", "mlp") and not is_custom_model(m.name):
-        raise ConfigError(f"model.name={m.name!r} is unknown: use 'gpt', 'mlp' or 'package.module:ClassName'")
+    if m.name not in ("gpt", "mlp") and not is_custom_model(m.name) and not is_hf_model(m.name):
+        raise ConfigError(f"model.name={m.name!r} is unknown: use 'gpt', 'mlp', 'hf:ClassName' or "
+                          f"'package.module:ClassName'")
     _positive("model.seq_len", m.seq_len)
     if m.vocab_size < 256:
         raise ConfigError(f"model.vocab_size={m.vocab_size}: the byte-level data needs at least 256")
+    if m.init_from is not None and not os.path.exists(m.init_from):
+        raise ConfigError(f"model.init_from={m.init_from!r}: no such file or directory (expected a Hugging Face "
+                          f"model directory, a .safetensors file, a torch.save state dict or a pp checkpoint)")
+    if is_hf_model(m.name):
+        _check_hf_sizes(m)
+        return
     if is_custom_model(m.name):
         return
     _positive("model.d_model", m.d_model)
@@ -90,6 +97,22 @@ def _check_model(cfg: JobConfig) -> None:
         _positive("model.n_heads", m.n_heads)
         if m.d_model % m.n_heads:
             raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}")
+
+
+def _check_hf_sizes(m) -> None:
+    """The architecture's own vocabulary must hold the data's tokens, and learned positions the sequence."""
+    from pp.hf import hf_class, sizes_from_config
+
+    config = hf_class(m.name).config_class.from_dict(m.config)
+    sizes = sizes_from_config(config)
+    if sizes["vocab_size"] is not None and sizes["vocab_size"] < m.vocab_size:
+        raise ConfigError(f"model.config has vocab_size={sizes['vocab_size']}, fewer than the "
+                          f"{m.vocab_size} token ids of the data (model.vocab_size); the byte-level data needs "
+                          f"at least 256")
+    learned = getattr(config, "position_embedding_type", "absolute") == "absolute" and hasattr(config, "n_positions")
+    if learned and sizes["seq_len"] is not None and m.seq_len > sizes["seq_len"]:
+        raise ConfigError(f"model.seq_len={m.seq_len} is longer than the {sizes['seq_len']} positions of "
+                          f"model.config")
 
 
 def _check_train(cfg: JobConfig) -> None:
@@ -174,7 +197,7 @@ def _check_cuda_graphs(tp: int) -> None:
 def _check_tp_sizes(cfg: JobConfig) -> None:
     """The built-in models' tp plans shard attention heads and MLP widths: tp must divide them."""
     m, tp = cfg.model, cfg.parallel.tp
-    if tp == 1 or is_custom_model(m.name):
+    if tp == 1 or is_custom_model(m.name) or is_hf_model(m.name):
         return
     sizes = {"model.n_heads": m.n_heads} if m.name == "gpt" else {}
     sizes["model.d_ff" if m.d_ff else "model.d_ff (4 x d_model)"] = m.d_ff or 4 * m.d_model
