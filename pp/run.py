@@ -85,6 +85,7 @@ def _train(job) -> int:
     from pp.comms.backend import destroy, init_process_group_from_env
     from pp.launcher.checkpoint import CheckpointError
     from pp.launcher.train import Trainer, TrainingError
+    from pp.weights import WeightsError
 
     _single_process_env()
     p = job.cfg.parallel
@@ -96,7 +97,7 @@ def _train(job) -> int:
             _banner(job, world, dev)
         trainer = Trainer(job, rank, dev)
         trainer.run()
-    except CheckpointError as e:
+    except (CheckpointError, WeightsError) as e:
         return _fail(EXIT_CONFIG, str(e))
     except TrainingError as e:
         return _fail(EXIT_TRAINING, str(e))

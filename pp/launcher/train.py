@@ -20,7 +20,7 @@ from pp.parallel import ParallelModel, make_mesh
 
 from . import checkpoint as ckpt
 from . import collectives as coll
-from .config import JobConfig
+from .config import JobConfig, is_hf_model
 from .data import ByteBatches, load_corpus
 from .job import Job
 from .metrics import BubbleMeter, MetricsWriter, chrome_trace, peak_memory_gib, summary_lines
@@ -190,6 +190,26 @@ class Trainer:
         self.log(f"resumed from {path} (step {manifest['step']}, saved with {saved or 'pp=?'})")
         return int(manifest["step"])
 
+    def init_weights(self, path: str) -> None:
+        """Collective: fill this rank's stages from model.init_from (each rank reads its own tensors);
+        WeightsError, raised on every rank before any copy, if they do not fit."""
+        from pp.weights import WeightsError, load_weights
+
+        opts: dict = {}
+        if is_hf_model(self.cfg.model.name):
+            from pp.hf import hf_class
+
+            cls = hf_class(self.cfg.model.name)
+            opts = {"base_prefix": cls.base_model_prefix or None,
+                    "ignore_unexpected": list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ()),
+                    "ignore_missing": list(getattr(cls, "_keys_to_ignore_on_load_missing", None) or ())}
+        t = time.perf_counter()
+        try:
+            load_weights(self.rs.model, path, **opts)
+        except WeightsError as e:
+            raise WeightsError(f"model.init_from={path!r}: {e}") from None
+        self.log(f"initialised the weights from {path} in {time.perf_counter() - t:.1f}s")
+
     # --- one step -------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
         cfg, rs = self.cfg, self.rs
@@ -256,6 +276,8 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         done = self.resume()
+        if done == 0 and cfg.model.init_from:
+            self.init_weights(cfg.model.init_from)
         writer = MetricsWriter(cfg.output.dir, done) if self.rank == 0 else None
         progress = Progress(cfg.train.steps, done + 1, cfg.train.log_every) if self.rank == 0 else None
         if progress is not None:
