@@ -81,7 +81,8 @@ def _check_model(cfg: JobConfig) -> None:
                           f"'package.module:ClassName'")
     _positive("model.seq_len", m.seq_len)
     if m.vocab_size < 256:
-        raise ConfigError(f"model.vocab_size={m.vocab_size}: the byte-level data needs at least 256")
+        src = " (from model.config)" if is_hf_model(m.name) else ""
+        raise ConfigError(f"model.vocab_size={m.vocab_size}{src}: the byte-level data needs at least 256")
     if m.init_from is not None and not os.path.exists(m.init_from):
         raise ConfigError(f"model.init_from={m.init_from!r}: no such file or directory (expected a Hugging Face "
                           f"model directory, a .safetensors file, a torch.save state dict or a pp checkpoint)")
@@ -119,7 +120,7 @@ def _check_train(cfg: JobConfig) -> None:
     t = cfg.train
     _positive("train.steps", t.steps)
     _positive("train.batch_size", t.batch_size)
-    _positive("train.lr", t.lr)
+    _positive("train.lr", t.lr, allow_zero=True)
     _positive("train.log_every", t.log_every)
     _positive("train.grad_clip", t.grad_clip, allow_zero=True)
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
