@@ -251,7 +251,7 @@ def _verdict(what: str, missing: list[str], unexpected: list[str], misshaped: li
 
 def load_weights(model: "nn.Module | ParallelModel", source: str | WeightSource | Mapping[str, torch.Tensor], *,
                  base_prefix: str | None = None, ignore_unexpected: Sequence[str] = (),
-                 ignore_missing: Sequence[str] = ()) -> None:
+                 ignore_missing: Sequence[str] = (), check_only: bool = False) -> None:
     """Fill `model` (a whole nn.Module, or this rank's stages of a ParallelModel) from `source` in place.
 
     `source` is a path (see `open_weights`), an open WeightSource or a state dict of whole tensors.
@@ -260,6 +260,7 @@ def load_weights(model: "nn.Module | ParallelModel", source: str | WeightSource 
     with no weight changed. A key may lack or carry `base_prefix` (a model's base-model prefix, e.g.
     'model' or 'transformer'); keys matching a regex of `ignore_unexpected` / `ignore_missing` are
     allowed to be extra / absent. Raises WeightsError listing missing, unexpected and mis-shaped keys.
+    `check_only=True` checks (reading no tensor data) and copies nothing.
     """
     from pp.comms.backend import all_gather_object
 
@@ -287,6 +288,8 @@ def load_weights(model: "nn.Module | ParallelModel", source: str | WeightSource 
     message = _verdict(source.what, *(sorted({m for p in problems for m in p[i]}) for i in range(3)))
     if message is not None:
         raise WeightsError(message)
+    if check_only:
+        return
     loaded = source.read(reads)
     with torch.no_grad():
         for key, name in reads.items():

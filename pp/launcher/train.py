@@ -51,6 +51,18 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 4099 + rank
 
 
+def init_options(cfg: JobConfig) -> dict:
+    """load_weights options for model.init_from: an hf class's base-model prefix and ignored keys."""
+    if not is_hf_model(cfg.model.name):
+        return {}
+    from pp.hf import hf_class
+
+    cls = hf_class(cfg.model.name)
+    return {"base_prefix": cls.base_model_prefix or None,
+            "ignore_unexpected": list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ()),
+            "ignore_missing": list(getattr(cls, "_keys_to_ignore_on_load_missing", None) or ())}
+
+
 @dataclass
 class RankState:
     """What this rank holds: its part of the model (stages, schedule, gradient sync) and the optimizer."""
@@ -195,17 +207,9 @@ class Trainer:
         WeightsError, raised on every rank before any copy, if they do not fit."""
         from pp.weights import WeightsError, load_weights
 
-        opts: dict = {}
-        if is_hf_model(self.cfg.model.name):
-            from pp.hf import hf_class
-
-            cls = hf_class(self.cfg.model.name)
-            opts = {"base_prefix": cls.base_model_prefix or None,
-                    "ignore_unexpected": list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ()),
-                    "ignore_missing": list(getattr(cls, "_keys_to_ignore_on_load_missing", None) or ())}
         t = time.perf_counter()
         try:
-            load_weights(self.rs.model, path, **opts)
+            load_weights(self.rs.model, path, **init_options(self.cfg))
         except WeightsError as e:
             raise WeightsError(f"model.init_from={path!r}: {e}") from None
         self.log(f"initialised the weights from {path} in {time.perf_counter() - t:.1f}s")

@@ -83,9 +83,6 @@ def _check_model(cfg: JobConfig) -> None:
     if m.vocab_size < 256:
         src = " (from model.config)" if is_hf_model(m.name) else ""
         raise ConfigError(f"model.vocab_size={m.vocab_size}{src}: the byte-level data needs at least 256")
-    if m.init_from is not None and not os.path.exists(m.init_from):
-        raise ConfigError(f"model.init_from={m.init_from!r}: no such file or directory (expected a Hugging Face "
-                          f"model directory, a .safetensors file, a torch.save state dict or a pp checkpoint)")
     if is_hf_model(m.name):
         _check_hf_sizes(m)
         return
