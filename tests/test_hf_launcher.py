@@ -78,11 +78,13 @@ def unsplit_losses(cfg_path: str, steps: int) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("name, config", [("hf:LlamaForCausalLM", LLAMA), ("hf:GPT2LMHeadModel", GPT2)],
-                         ids=["llama", "gpt2-tied"])
-def test_hf_model_on_2_ranks_trains_step_for_step_like_the_unsplit_model(tmp_path, name, config):
+@pytest.mark.parametrize("name, config, split", [
+    ("hf:LlamaForCausalLM", LLAMA, "split: {points: [model.layers.2]}\n"),   # the model's own names
+    ("hf:GPT2LMHeadModel", GPT2, ""),                                        # automatic, by cost
+], ids=["llama-points", "gpt2-tied-auto"])
+def test_hf_model_on_2_ranks_trains_step_for_step_like_the_unsplit_model(tmp_path, name, config, split):
     out = tmp_path / "out"
-    cfg = write(tmp_path / "cfg.yaml", out, {"name": name, "config": config})
+    cfg = write(tmp_path / "cfg.yaml", out, {"name": name, "config": config}, extra=split)
     proc = torchrun(2, cfg)
     check_ok(proc)
     assert f"pp.run: {name} with" in proc.stdout and "2 stages on 2 rank(s)" in proc.stdout
@@ -167,3 +169,16 @@ def test_config_json_path_gives_the_architecture_and_sizes(tmp_path):
                                                              "config": str(tmp_path / "config.json")})
     with pytest.raises(ConfigError, match="describes a 'gpt2' model, but hf:LlamaForCausalLM needs a 'llama' config"):
         load_config(wrong)
+
+
+def test_pp_runs_its_default_job_without_transformers_or_safetensors(tmp_path):
+    """Nothing on the default path imports them: they are optional (pip install 'pp[hf]')."""
+    code = ("import sys; sys.modules['transformers'] = None; sys.modules['safetensors'] = None\n"
+            "import pp, pp.run, pp.weights, pp.export, pp.hf\n"
+            "from pp.launcher.config import load_config\n"
+            "from pp.launcher.job import prepare\n"
+            "job = prepare(load_config(None, ['--model.n_layers', '2', '--parallel.pp', '1']), 1)\n"
+            "print('ok', job.pipe.num_stages)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok 1" in proc.stdout, proc.stderr[-3000:]

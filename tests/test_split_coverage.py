@@ -117,3 +117,17 @@ def test_resnet_stages_are_cut_over_all_four_layer_containers(policy):
     model.eval()
     pipe_eval = pp.pipeline(model, (x,), split_policy=make(4))
     torch.testing.assert_close(pipe_eval(x)[0], model(x))
+
+
+def test_hf_model_returning_its_cache_is_told_to_set_use_cache_false():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, use_cache=True)
+    model = transformers.LlamaForCausalLM(config)
+    with pytest.raises(pp.PipelineTraceError) as err:
+        pp.pipeline(model, (torch.zeros(2, 8, dtype=torch.long),), split_policy=pp.split_by_cost(2))
+    message = str(err.value)
+    assert "DynamicCache" in message and "set use_cache=False" in message, message
+    assert "<string>" not in message and "\n" not in message
+    model.config.use_cache = False   # the way out works
+    assert pp.pipeline(model, (torch.zeros(2, 8, dtype=torch.long),), split_policy=pp.split_by_cost(2)).num_stages == 2

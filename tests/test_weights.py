@@ -10,7 +10,7 @@ import pp
 from pp.launcher.models import GPT
 from pp.launcher.train import lm_loss
 from pp.testing import run_ranks
-from pp.weights import WeightsError, load_weights, open_weights
+from pp.weights import WeightSource, WeightsError, load_weights, open_weights
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -90,6 +90,17 @@ def test_missing_unexpected_and_misshaped_keys_are_one_error_and_nothing_is_copi
         assert torch.equal(v, before[k]), k
 
 
+def test_a_pp_checkpoint_run_directory_fills_the_model(tmp_path):
+    from pp.launcher import checkpoint as ckpt
+
+    saved = _llama(0)
+    ckpt.save(str(tmp_path / "run" / "checkpoints"), 5, {"model": saved.state_dict()}, {})
+    for path in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-5"):
+        fresh = _llama(1)
+        load_weights(fresh, str(path))
+        _same_weights(fresh, saved)
+
+
 def test_a_path_that_holds_no_weights_says_what_was_expected(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
         open_weights(str(tmp_path / "nope"))
@@ -122,19 +133,27 @@ def _load_cases(rank: int, world: int) -> dict:
     except ValueError as e:
         errors.append(str(e))
     unchanged = all(torch.equal(t, model.state_dict()[k]) for k, t in mine.items())
-    # the tied embedding given once (as a checkpoint without the LM head's alias would hold it)
+    # the tied embedding given once (as a checkpoint without the LM head's alias would hold it); each
+    # rank reads only the tensors of its own stage
     good = _gpt(1).state_dict()
     del good["lm_head.weight"]
-    model.load_state_dict(good)
+    asked: list[str] = []
+    source = WeightSource("recording", {k: tuple(v.shape) for k, v in good.items()},
+                          lambda keys: asked.extend(keys) or {k: good[k] for k in keys})
+    load_weights(model, source)
     now = model.state_dict()
     loaded = all(torch.equal(now[k], good[k]) for k in now if k != "lm_head.weight")
-    return {"errors": errors, "unchanged": unchanged, "loaded": loaded,
+    return {"errors": errors, "unchanged": unchanged, "loaded": loaded, "asked": sorted(set(asked)),
             "head_tied": "lm_head.weight" not in now or torch.equal(now["lm_head.weight"], good["tok_emb.weight"])}
 
 
 def test_parallel_load_state_dict_checks_on_every_rank_before_copying_and_takes_a_tied_tensor_once():
-    for r in run_ranks(_load_cases, 2, timeout_s=120):
+    results = run_ranks(_load_cases, 2, timeout_s=120)
+    for r in results:
         assert len(r["errors"]) == 1, r
         assert "1 unexpected: blocks.9.attn.qkv.weight" in r["errors"][0]
         assert "blocks.1.mlp.fc.weight is (3, 3) there but (64, 16) in the model" in r["errors"][0]
         assert r["unchanged"] and r["loaded"] and r["head_tied"], r
+    rank0, rank1 = (set(r["asked"]) for r in results)
+    assert not rank0 & {n for n in rank1 if n.startswith("blocks.1.")} and "blocks.1.mlp.fc.weight" in rank1
+    assert "blocks.0.mlp.fc.weight" in rank0 and not any(n.startswith("blocks.1.") for n in rank0)
