@@ -9,9 +9,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import operator
-import os
-import re
-import traceback
 import warnings
 from collections import defaultdict
 from typing import Any, Iterator, Mapping
@@ -27,6 +24,7 @@ from .policies import SplitPolicy
 from .segments import insert_cuts as _insert_cuts
 from .segments import is_split as _is_split
 from .segments import model_segments
+from .traced import cache_in_output, user_frame, views_as_reshapes, way_out
 
 
 class PipelineTraceError(RuntimeError):
@@ -55,8 +53,10 @@ def pipeline(
     with _cuts_by_module(module, split_spec or {}):
         ep = _export(module, tuple(mb_args), mb_kwargs)
     graph = ep.graph
-    _check_no_cache(module, ep.call_spec.out_spec)
-    _views_as_reshapes(graph)
+    cache = cache_in_output(ep.call_spec.out_spec)
+    if cache is not None:
+        raise PipelineTraceError(f"{type(module).__name__} returns a {cache} object. {way_out('Cache')}")
+    views_as_reshapes(graph)
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     for spec in ep.graph_signature.input_specs:
         if spec.kind == InputKind.PARAMETER:
@@ -130,68 +130,12 @@ def _export(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.Export
             ep = torch.export.export(module, args, kwargs, strict=False)
             return ep.run_decompositions({})
     except Exception as e:  # export raises many types; all mean "cannot trace"
-        where = _user_frame(e)
+        where = user_frame(e)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PipelineTraceError(
             f"torch.export could not trace {type(module).__name__}{where}: {type(e).__name__}: {first}. "
-            f"{_way_out(str(e))}"
+            f"{way_out(str(e))}"
         ) from e
-
-
-def _user_frame(e: BaseException) -> str:
-    """' at file.py:LINE (source)' of the innermost frame of the model's code: outside torch and pp and
-    not generated (`<string>`), preferring the user's own files to installed packages such as transformers."""
-    torch_dir = os.path.dirname(torch.__file__)
-    here = os.path.dirname(os.path.dirname(__file__))
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if not f.filename.startswith((torch_dir, here, "<"))]
-    own = [f for f in frames if "site-packages" not in f.filename and "dist-packages" not in f.filename]
-    if not (own or frames):
-        return ""
-    f = (own or frames)[-1]
-    return f" at {os.path.basename(f.filename)}:{f.lineno} ({(f.line or '').strip()})"
-
-
-def _way_out(error: str) -> str:
-    """The sentence telling the user how to get past a trace failure with this message."""
-    if re.search(r"Cache\b|cache_utils", error):
-        return ("The model returns a cache object (a transformers model built with use_cache=True): set "
-                "use_cache=False in its config (model.config.use_cache = False) or pass use_cache=False to forward.")
-    if re.search(r"data-dependent|GuardOnDataDependent", error):
-        return ("Its forward branches on a tensor's value: compute both branches and pick with torch.where, use "
-                "torch.cond, or cut the model by hand and wrap each piece in "
-                "pp.PipelineStage(submodule, stage_index, num_stages, device).")
-    if re.search(r"in (the )?output|not a known type|pytree", error):
-        return ("Return tensors, or tuples, lists and dicts of them (or register the output class with "
-                "torch.utils._pytree.register_pytree_node).")
-    return ("To pipeline this model anyway, cut it by hand and wrap each piece in "
-            "pp.PipelineStage(submodule, stage_index, num_stages, device).")
-
-
-_STRIDED_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
-
-
-def _views_as_reshapes(graph: fx.Graph) -> None:
-    """Make every view a reshape. run_decompositions turns a reshape into a view wherever the traced
-    strides allow one, but the strides at run time may differ (an attention kernel's output layout on
-    another device, a non-contiguous input), and the view then fails. The graph is functional, so a
-    reshape (a view where the strides allow, else a copy) computes the same values."""
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target in _STRIDED_VIEWS:
-            node.target = torch.ops.aten.reshape.default
-
-
-def _check_no_cache(module: nn.Module, spec: Any) -> None:
-    """A model that returns a key/value cache (transformers' use_cache=True) would ship it between
-    stages every microbatch and never use it: refuse with the setting that turns it off."""
-    stack = [spec]
-    while stack:
-        node = stack.pop()
-        kind = getattr(node, "type", None)
-        if isinstance(kind, type) and kind.__name__.endswith("Cache"):
-            raise PipelineTraceError(f"{type(module).__name__} returns a {kind.__name__} object: {_way_out('Cache')}")
-        children = getattr(node, "children", None)
-        stack.extend(children() if callable(children) else getattr(node, "children_specs", None) or [])
 
 
 # ------------------------------------------------------------------------------------------ partition
