@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["WeightsError", "WeightSource", "open_weights", "load_weights"]
 
 INDEX = "model.safetensors.index.json"
+_READ_BATCH = 32
 
 
 class WeightsError(ValueError):
@@ -290,7 +291,9 @@ def load_weights(model: "nn.Module | ParallelModel", source: str | WeightSource 
         raise WeightsError(message)
     if check_only:
         return
-    loaded = source.read(reads)
-    with torch.no_grad():
-        for key, name in reads.items():
-            target.tensors[name].copy_(target.local(name, loaded[key]))
+    keys = list(reads)
+    for i in range(0, len(keys), _READ_BATCH):   # a bounded number of tensors in host memory at a time
+        loaded = source.read(keys[i:i + _READ_BATCH])
+        with torch.no_grad():
+            for key, t in loaded.items():
+                target.tensors[reads[key]].copy_(target.local(reads[key], t))
