@@ -182,3 +182,11 @@ def test_pp_runs_its_default_job_without_transformers_or_safetensors(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "ok 1" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_init_from_inside_the_runs_own_output_dir_is_refused(tmp_path):
+    """A fresh run removes the checkpoints in its output.dir before it would read them."""
+    cfg = write(tmp_path / "cfg.yaml", tmp_path / "out", {"name": "gpt", "n_layers": 2,
+                                                          "init_from": str(tmp_path / "out" / "checkpoints")}, pp=1)
+    with pytest.raises(ConfigError, match=r"lies in output.dir=.*copy them elsewhere, or set checkpoint.resume: true"):
+        prepare(load_config(cfg), 1)

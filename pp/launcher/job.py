@@ -57,10 +57,14 @@ def check_init_from(model: nn.Module, cfg: JobConfig) -> None:
     tensor data) do not match the model: found here, before any process-group work."""
     from pp.weights import WeightsError, load_weights
 
-    from .train import init_options
+    from .models import init_options
 
+    src, out = os.path.abspath(cfg.model.init_from), os.path.abspath(cfg.output.dir)
+    if src == out or src.startswith(out + os.sep):
+        raise ConfigError(f"model.init_from={cfg.model.init_from!r} lies in output.dir={cfg.output.dir!r}, whose "
+                          f"checkpoints a fresh run removes: copy them elsewhere, or set checkpoint.resume: true")
     try:
-        load_weights(model, cfg.model.init_from, check_only=True, **init_options(cfg))
+        load_weights(model, cfg.model.init_from, check_only=True, **init_options(cfg.model))
     except WeightsError as e:
         raise ConfigError(f"model.init_from={cfg.model.init_from!r}: {e}") from None
 

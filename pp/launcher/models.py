@@ -172,6 +172,18 @@ def build_model(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32)
     return model.to(dtype)
 
 
+def init_options(cfg: ModelConfig) -> dict:
+    """load_weights options for model.init_from: an hf class's base-model prefix and ignored keys."""
+    if not is_hf_model(cfg.name):
+        return {}
+    from pp.hf import hf_class
+
+    cls = hf_class(cfg.name)
+    return {"base_prefix": cls.base_model_prefix or None,
+            "ignore_unexpected": list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ()),
+            "ignore_missing": list(getattr(cls, "_keys_to_ignore_on_load_missing", None) or ())}
+
+
 def constructor_args(cls: type, args: dict) -> dict:
     """`args` for `cls(...)`: seq_len and vocab_size (also the data's settings) only where `cls` takes them."""
     try:

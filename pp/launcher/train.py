@@ -20,10 +20,11 @@ from pp.parallel import ParallelModel, make_mesh
 
 from . import checkpoint as ckpt
 from . import collectives as coll
-from .config import JobConfig, is_hf_model
+from .config import JobConfig
 from .data import ByteBatches, load_corpus
 from .job import Job
 from .metrics import BubbleMeter, MetricsWriter, chrome_trace, peak_memory_gib, summary_lines
+from .models import init_options
 from .progress import Progress
 
 
@@ -49,18 +50,6 @@ def lr_at(step: int, cfg: JobConfig) -> float:
 def step_seed(seed: int, step: int, rank: int) -> int:
     """Every step re-seeds torch's RNGs from (seed, step, rank): a resumed run draws the same numbers."""
     return (seed * 1_000_003 + step) * 4099 + rank
-
-
-def init_options(cfg: JobConfig) -> dict:
-    """load_weights options for model.init_from: an hf class's base-model prefix and ignored keys."""
-    if not is_hf_model(cfg.model.name):
-        return {}
-    from pp.hf import hf_class
-
-    cls = hf_class(cfg.model.name)
-    return {"base_prefix": cls.base_model_prefix or None,
-            "ignore_unexpected": list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ()),
-            "ignore_missing": list(getattr(cls, "_keys_to_ignore_on_load_missing", None) or ())}
 
 
 @dataclass
@@ -209,7 +198,7 @@ class Trainer:
 
         t = time.perf_counter()
         try:
-            load_weights(self.rs.model, path, **init_options(self.cfg))
+            load_weights(self.rs.model, path, **init_options(self.cfg.model))
         except WeightsError as e:
             raise WeightsError(f"model.init_from={path!r}: {e}") from None
         self.log(f"initialised the weights from {path} in {time.perf_counter() - t:.1f}s")
