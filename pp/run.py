@@ -108,6 +108,7 @@ def _train(job, stop, lock) -> int:
     from pp.data import DataError
     from pp.launcher.stopping import Stopped
     from pp.launcher.train import Trainer, TrainingError
+    from pp.weights import WeightsError
 
     _single_process_env()
     p = job.cfg.parallel
@@ -123,7 +124,7 @@ def _train(job, stop, lock) -> int:
         if rank == 0:
             print(f"pp.run: {e}", file=sys.stderr, flush=True)
         return e.exit_code
-    except CheckpointError as e:
+    except (CheckpointError, WeightsError) as e:
         return _fail(EXIT_CONFIG, str(e))
     except DataError as e:  # found by a rank that reads data (first or last stage): it says so itself
         print(f"pp.run: bad data: {e}", file=sys.stderr, flush=True)

@@ -71,7 +71,8 @@ from pp.parallel import GradSync, make_mesh  # noqa: E402
 from pp.schedules.registry import SCHEDULES, get_spec  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import block_ranges, build_stage_module, loss_fn  # noqa: E402
+from bench_model import (block_ranges, build_stage_module, hf_llama_pipe, hf_llama_sizes, loss_fn,  # noqa: E402
+                         time_alone_pipe)
 from bench_suites import configs_of  # noqa: E402
 
 # --------------------------------------------------------------------------------------------- model
@@ -187,9 +188,17 @@ def label_of(cfg) -> str:
     return lab
 
 
+def model_tag(cfg) -> str:
+    """'' for the GPT, else e.g. '-hf-llama-f5632kv8' (MLP width, KV heads)."""
+    if getattr(cfg, "model", "gpt") == "gpt":
+        return ""
+    d_ff, kv = hf_llama_sizes(cfg)
+    return f"-{cfg.model}-f{d_ff}kv{kv}"
+
+
 def config_key(cfg) -> str:
     return "/".join([cfg.impl, cfg.schedule, str(cfg.microbatches), cfg.split, cfg.tag or "-",
-                     f"L{cfg.layers}d{cfg.d_model}h{cfg.heads}V{cfg.vocab}S{cfg.seq}b{cfg.mb_size}"
+                     f"L{cfg.layers}d{cfg.d_model}h{cfg.heads}V{cfg.vocab}S{cfg.seq}b{cfg.mb_size}" + model_tag(cfg)
                      + ("-compiled" if getattr(cfg, "compile", False) else "")
                      + ("-graphs" if getattr(cfg, "cuda_graphs", False) else "")
                      + (f"-dp{cfg.dp}" if getattr(cfg, "dp", 1) > 1 else "")])
@@ -248,14 +257,21 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
         pp_size = world // dp
         n_stages = spec.n_stages(pp_size)
         placement = spec.placement(n_stages, pp_size)
-        ranges = block_ranges(cfg, n_stages, cfg.split) if cfg.split != "measured" else None
+        hf = cfg.model != "gpt"
+        if hf and cfg.split not in ("even", "cost"):
+            raise ValueError(f"--split {cfg.split} is for the gpt model; --model {cfg.model} takes even or cost")
+        ranges = block_ranges(cfg, n_stages, cfg.split) if cfg.split != "measured" and not hf else None
     except ValueError as e:
         log(rank, f"{config_key(cfg)}: {e}")
         return {"impl": cfg.impl, "schedule": spec.name, "microbatches": cfg.microbatches, "ranks": world,
                 "dp": dp, "split": cfg.split, "tag": cfg.tag or None, "config": config_key(cfg),
                 "status": "error", "error": str(e)} if rank == 0 else None
-    if ranges is None:
+    if ranges is None and not hf:
         ranges = block_ranges(cfg, n_stages, cfg.split, measured_costs)  # measures (collectives): all ranks get here
+    if hf and cfg.impl == "torch":
+        return {"impl": cfg.impl, "schedule": spec.name, "config": config_key(cfg), "model": {"name": cfg.model},
+                "status": "unavailable", "error": "torch.distributed.pipelining cannot split this model (its "
+                "pipeline() fails on the traced Llama: 'unexpected placeholder node'); use pp"} if rank == 0 else None
     # (pp, dp) layout of pp.parallel.make_mesh (tp=1): global rank = pp_rank * dp + dp_rank.
     pp_rank, dp_rank = divmod(rank, dp)
     pp_group, dp_group = dp_groups(pp_size, dp)
@@ -263,9 +279,9 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
     record = {
         "impl": cfg.impl, "schedule": spec.name, "microbatches": cfg.microbatches, "ranks": world,
         "pp": pp_size, "dp": dp, "stages": n_stages, "split": cfg.split, "tag": cfg.tag or None, "config": config_key(cfg),
-        "blocks_per_stage": [hi - lo for lo, hi in ranges],
-        "model": {"layers": cfg.layers, "d_model": cfg.d_model, "heads": cfg.heads, "vocab": cfg.vocab,
-                  "seq": cfg.seq, "mb_size": cfg.mb_size, "dtype": str(dtype).replace("torch.", "")},
+        "model": {"name": cfg.model, "layers": cfg.layers, "d_model": cfg.d_model, "heads": cfg.heads,
+                  "vocab": cfg.vocab, "seq": cfg.seq, "mb_size": cfg.mb_size, "dtype": str(dtype).replace("torch.", ""),
+                  **(dict(zip(("d_ff", "kv_heads"), hf_llama_sizes(cfg))) if hf else {})},
         "warmup": cfg.warmup, "steps": cfg.steps,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "host": socket.gethostname(),
@@ -287,14 +303,25 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
     tokens = tokens[dp_rank * batch:(dp_rank + 1) * batch].to(device)
     targets = targets[dp_rank * batch:(dp_rank + 1) * batch].to(device)
 
-    modules = {s: build_stage_module(s, ranges, cfg, device, dtype) for s in mine}
+    pipe = None
+    if hf:  # the whole model traced by pp.pipeline on every rank; this rank keeps its stages after timing
+        pipe, ranges = hf_llama_pipe(cfg, n_stages, device, dtype, tokens[:cfg.mb_size])
+        modules = {s: pipe.get_stage_module(s) for s in mine}
+    else:
+        modules = {s: build_stage_module(s, ranges, cfg, device, dtype) for s in mine}
+    record["blocks_per_stage"] = [hi - lo for lo, hi in ranges]
     n_params = sum(p.numel() for m in modules.values() for p in m.parameters())
     if cfg.compile:  # compiled on first use, in time_alone's warm-up: the ideal is the compiled stages' too
         modules = {s: torch.compile(m) for s, m in modules.items()}
     record["compile"] = bool(cfg.compile)
 
     # Ideal: each rank's stages alone, before any pipeline traffic.
-    alone = time_alone(modules, n_stages, cfg, device, dtype, tokens, targets)
+    if hf:
+        alone = time_alone_pipe(pipe, mine, tokens[:cfg.mb_size], targets[:cfg.mb_size], lambda: sync(device))
+        pipe_info = pipe.info()
+        del pipe   # the other stages' weights go with it
+    else:
+        alone = time_alone(modules, n_stages, cfg, device, dtype, tokens, targets)
     per_stage = [0.0] * n_stages
     for s, t in alone.items():
         per_stage[s] = t
@@ -308,7 +335,11 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
     error = None
     sched = grad_sync = None
     try:
-        stages = [stage_cls(modules[s], s, n_stages, device, group=pp_group) for s in mine]
+        if hf:   # stages that know the pipe's wiring (values skipping a stage, several inputs)
+            from pp.stage.runtime import build_stage
+            stages = [build_stage(modules[s], s, pipe_info, device, group=pp_group) for s in mine]
+        else:
+            stages = [stage_cls(modules[s], s, n_stages, device, group=pp_group) for s in mine]
         sched = sched_cls(stages[0] if spec.stages_per_rank == 1 else stages, cfg.microbatches, loss_fn=loss_fn)
         if getattr(cfg, "cuda_graphs", False):
             if cfg.impl != "pp":
@@ -478,10 +509,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="data-parallel replicas: world = PP x DP, ranks laid out as pp.parallel.make_mesh "
                         "(rank = pp_rank*DP + dp_rank); each replica gets its own slice of data and gradients "
                         "are averaged over the dp group every step (pp: overlapped with the last backwards)")
+    p.add_argument("--model", choices=("gpt", "hf-llama"), default="gpt",
+                   help="gpt: the stage modules below, cut by hand; hf-llama: transformers' LlamaForCausalLM "
+                        "(issue 16: --d-model 2048 --d-ff 5632 --heads 16 --kv-heads 8, vocab 32000), traced and "
+                        "cut by pp.pipeline (pp only)")
+    p.add_argument("--d-ff", type=int, default=0, help="hf-llama MLP width; 0: 11/4 x d_model rounded up to 256")
+    p.add_argument("--kv-heads", type=int, default=0, help="hf-llama key/value heads; 0: half of --heads")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--d-model", type=int, default=2048)
     p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--vocab", type=int, default=None, help="default 32768 (gpt), 32000 (hf-llama)")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--mb-size", type=int, default=2, help="sequences per microbatch")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="fp32 on CPU whatever this says")
@@ -505,6 +542,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(the job died) is recorded as crashed and skipped")
     p.add_argument("--timeout-s", type=float, default=180.0, help="process-group timeout (a hung rank fails the job)")
     args = p.parse_args(argv)
+    if args.vocab is None:
+        args.vocab = 32000 if args.model == "hf-llama" else 32768
     for name in ("microbatches", "layers", "d_model", "heads", "vocab", "seq", "mb_size", "steps", "dp"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -137,3 +137,95 @@ def block_ranges(cfg, n_stages: int, split: str,
         ranges.append((lo, lo + c))
         lo += c
     return ranges
+
+
+# ------------------------------------------------------------------------- hf-llama (issue 16, item 6)
+
+def hf_llama_sizes(cfg) -> tuple[int, int]:
+    """(MLP width, KV heads) of `--model hf-llama`: --d-ff / --kv-heads, by default 11/4 x d_model rounded
+    up to a multiple of 256 (5632 for 2048) and half the heads (8 of 16), as in TinyLlama."""
+    d_ff = cfg.d_ff or -(-cfg.d_model * 11 // 4 // 256) * 256
+    return d_ff, cfg.kv_heads or max(1, cfg.heads // 2)
+
+
+def hf_llama(cfg, device, dtype) -> nn.Module:
+    """transformers' LlamaForCausalLM from a config (random weights, sdpa attention), as pp.run builds
+    `hf:LlamaForCausalLM`: forward(input_ids) returns the logits."""
+    import transformers
+
+    from pp.hf import build_hf_model
+
+    d_ff, kv = hf_llama_sizes(cfg)
+    config = transformers.LlamaConfig(hidden_size=cfg.d_model, intermediate_size=d_ff, num_hidden_layers=cfg.layers,
+                                      num_attention_heads=cfg.heads, num_key_value_heads=kv, vocab_size=cfg.vocab,
+                                      max_position_embeddings=cfg.seq, attn_implementation="sdpa")
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        model = build_hf_model(transformers.LlamaForCausalLM, config)
+    return model.to(dtype)
+
+
+def hf_llama_pipe(cfg, n_stages: int, device, dtype, example: torch.Tensor) -> tuple["pp.Pipe", list[tuple[int, int]]]:
+    """The hf-llama model traced and cut by pp.pipeline: `--split even` at model.layers.<k> boundaries,
+    `--split cost` by pp.split_by_cost over the traced graph; also the [lo, hi) layers of each stage."""
+    model = hf_llama(cfg, device, dtype)
+    if cfg.split == "even":
+        if cfg.layers < n_stages:
+            raise ValueError(f"--split even needs at least one layer per stage: {cfg.layers} for {n_stages} stages")
+        base, extra = divmod(cfg.layers, n_stages)
+        starts = [k * base + min(k, extra) for k in range(1, n_stages)]
+        pipe = pp.pipeline(model, (example,), split_spec={f"model.layers.{i}": pp.SplitPoint.BEGINNING for i in starts})
+    elif cfg.split == "cost":
+        pipe = pp.pipeline(model, (example,), split_policy=pp.split_by_cost(n_stages))
+    else:
+        raise ValueError(f"--split {cfg.split} is for the gpt model; hf-llama takes even or cost")
+    ranges = []
+    for s in range(n_stages):
+        layers = sorted({int(n.split(".")[2]) for n, _ in pipe.get_stage_module(s).named_parameters()
+                         if n.startswith("model.layers.")})
+        lo = ranges[-1][1] if ranges else 0
+        ranges.append((lo, lo + len(layers)))
+    return pipe, ranges
+
+
+def time_alone_pipe(pipe, mine: list[int], tokens: torch.Tensor, targets: torch.Tensor, sync: Callable,
+                    warmup: int = 2, repeats: int = 5) -> dict[int, float]:
+    """Seconds of fwd+bwd of each of `mine` stages of `pipe` on one microbatch alone; the inputs of a stage
+    come from running the stages before it (every stage module is still on this rank)."""
+    import time
+
+    from pp.stage.pipe import MODEL_INPUT
+
+    info = pipe.info()
+    flat = info.input_binder.flatten((tokens,), {})
+    outputs: list[tuple] = []
+    with torch.no_grad():
+        for s, io in enumerate(info.stage_io[:max(mine) + 1]):
+            outputs.append(tuple(pipe.get_stage_module(s)(
+                *[flat[i] if src == MODEL_INPUT else outputs[src][i] for src, i in io.input_sources])))
+    times = {}
+    for s in mine:
+        mod, io = pipe.get_stage_module(s), info.stage_io[s]
+        inputs = [(flat[i] if src == MODEL_INPUT else outputs[src][i]).detach() for src, i in io.input_sources]
+        inputs = [x.requires_grad_() if x.is_floating_point() else x for x in inputs]
+        last = s == info.num_stages - 1
+        grads = None if last else [torch.randn_like(o) if o.is_floating_point() else None for o in outputs[s]]
+
+        def once():
+            out = mod(*inputs)
+            if last:
+                loss_fn(out[0], targets).backward()
+            else:
+                pairs = [(o, g) for o, g in zip(out, grads) if g is not None and o.requires_grad]
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+
+        for _ in range(warmup):
+            once()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            once()
+        sync()
+        times[s] = (time.perf_counter() - t0) / repeats
+        mod.zero_grad(set_to_none=True)
+    return times

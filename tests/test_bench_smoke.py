@@ -94,3 +94,37 @@ def test_bench_dp2_replicas_agree_and_match_dp1(tmp_path):
     assert dp2["dp_grad_rel_diff"] < 1e-6   # replica 1's stage gradients equal replica 0's
     norm = lambda r: math.sqrt(sum(g * g for g in r["grad_norm_per_stage"]))  # noqa: E731
     assert norm(dp2) > 0 and norm(dp2) == pytest.approx(norm(dp1), rel=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_bench_hf_llama_traced_by_pp_gives_the_unsplit_loss(tmp_path):
+    """`--model hf-llama` (issue 16's Llama, tiny): pp.pipeline cuts it evenly and by cost on 2 gloo ranks,
+    both give the unsplit model's loss on the bench's batch; torch's runtime is recorded as unavailable."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf.jsonl"
+    tiny = ["--layers", "4", "--d-model", "32", "--heads", "4", "--kv-heads", "2", "--d-ff", "64", "--vocab", "64",
+            "--seq", "8", "--mb-size", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(REPO, "scripts", "bench.py"), "--model", "hf-llama", "--suite",
+           "pp:1F1B:2,pp:1F1B:2:cost,torch:1F1B:2", *tiny, "--warmup", "0", "--steps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO},
+                          capture_output=True, text=True, timeout=290)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    even, cost, other = map(json.loads, out.read_text().splitlines())
+    assert even["status"] == cost["status"] == "ok" and other["status"] == "unavailable", (even, cost, other)
+    assert even["model"]["name"] == "hf-llama" and even["model"]["d_ff"] == 64 and even["model"]["kv_heads"] == 2
+    assert even["blocks_per_stage"] == [2, 2] and sum(cost["blocks_per_stage"]) == 4
+
+    import argparse
+
+    import torch
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from bench_model import hf_llama, loss_fn
+
+    cfg = argparse.Namespace(layers=4, d_model=32, heads=4, kv_heads=2, d_ff=64, vocab=64, seq=8, seed=0)
+    model = hf_llama(cfg, torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    tokens, targets = torch.randint(64, (2, 8), generator=g), torch.randint(64, (2, 8), generator=g)
+    with torch.no_grad():
+        ref = sum(loss_fn(model(x), y).item() for x, y in zip(tokens.chunk(2), targets.chunk(2))) / 2
+    assert even["loss"] == pytest.approx(ref, rel=1e-5) and cost["loss"] == pytest.approx(ref, rel=1e-5)

@@ -29,8 +29,9 @@ def _opt(default: Any, help: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("gpt", "built-in 'gpt' or 'mlp', or 'package.module:ClassName' for your own model, "
-                            "whose other keys in this section become its constructor arguments")
+    name: str = _opt("gpt", "built-in 'gpt' or 'mlp'; 'hf:ClassName' for a transformers model (e.g. "
+                            "hf:LlamaForCausalLM, configured by model.config); or 'package.module:ClassName' "
+                            "for your own model, whose other keys in this section become its constructor arguments")
     vocab_size: int = _opt(256, "token vocabulary (the byte-level data needs at least 256)")
     d_model: int = _opt(64, "width of the residual stream")
     n_layers: int = _opt(4, "number of transformer blocks (gpt) or residual MLP blocks (mlp)")
@@ -38,6 +39,11 @@ class ModelConfig:
     seq_len: int = _opt(64, "tokens per training sequence (and the gpt's context length)")
     d_ff: int = _opt(0, "hidden width of each MLP; 0 means 4 * d_model")
     tie_weights: bool = _opt(False, "share the token embedding with the LM head (gpt only)")
+    config: typing.Union[dict, str, None] = _opt(None, "hf models: the architecture's config fields (a mapping) "
+                                                       "or a path to a config.json; default: init_from's config.json")
+    init_from: typing.Optional[str] = _opt(None, "start from these weights: a Hugging Face model directory, a "
+                                                 ".safetensors file, a torch.save state dict or a pp checkpoint "
+                                                 "(ignored when the run resumes from its own checkpoint)")
     args: dict = _opt({}, "constructor arguments of a custom model: filled from this section's other keys")
 
 
@@ -145,10 +151,15 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 # Keys the user never writes: filled by the loader.
 _INTERNAL = {("model", "args")}
 _GPT_ONLY = {"n_heads", "tie_weights"}
+_HF_KEYS = {"name", "config", "init_from", "seq_len", "vocab_size"}
+
+
+def is_hf_model(name: str) -> bool:
+    return isinstance(name, str) and name.startswith("hf:")
 
 
 def is_custom_model(name: str) -> bool:
-    return ":" in name
+    return ":" in name and not is_hf_model(name)
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:
@@ -229,7 +240,10 @@ def _build(raw: dict) -> JobConfig:
         if section == "model" and is_custom_model(str(values.get("name", ""))):
             setattr(cfg, section, _custom_model(values))
             continue
-        known = {f.name for f in dataclasses.fields(cls) if (section, f.name) not in _INTERNAL}
+        if section == "model" and is_hf_model(str(values.get("name", ""))):
+            setattr(cfg, section, _hf_model(values))
+            continue
+        known = {f.name for f in dataclasses.fields(cls) if (section, f.name) not in _INTERNAL} - {"config"}
         if section == "model" and values.get("name") == "mlp":
             known -= _GPT_ONLY
         hints = typing.get_type_hints(cls)
@@ -246,11 +260,43 @@ def _build(raw: dict) -> JobConfig:
 def _custom_model(values: dict) -> ModelConfig:
     """A user model: every key but `name` is a constructor argument; seq_len/vocab_size also feed the data."""
     hints = typing.get_type_hints(ModelConfig)
-    args = {k: (yaml.safe_load(v) if isinstance(v, _FromCli) else v) for k, v in values.items() if k != "name"}
-    cfg = ModelConfig(name=str(values["name"]), args=args)
+    args = {k: (yaml.safe_load(v) if isinstance(v, _FromCli) else v) for k, v in values.items()
+            if k not in ("name", "init_from")}
+    init_from = coerce(values["init_from"], hints["init_from"], "model.init_from") if "init_from" in values else None
+    cfg = ModelConfig(name=str(values["name"]), args=args, init_from=init_from)
     for key in ("seq_len", "vocab_size"):
         if key in args:
             setattr(cfg, key, coerce(args[key], hints[key], f"model.{key}"))
+    return cfg
+
+
+def _hf_model(values: dict) -> ModelConfig:
+    """A transformers model: its config resolved now (mapping, config.json, or init_from's), with
+    seq_len / vocab_size read from it unless the section gives them."""
+    unknown = sorted(str(k) for k in values if k not in _HF_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key model.{unknown[0]}{_suggest(unknown[0], _HF_KEYS, 'model.')}; an hf: "
+                          f"model's section has {', '.join(sorted(_HF_KEYS))} (its architecture goes in model.config)")
+    hints = typing.get_type_hints(ModelConfig)
+    given = {k: (yaml.safe_load(v) if isinstance(v, _FromCli) and k != "init_from" else v) for k, v in values.items()}
+    init_from = coerce(given["init_from"], hints["init_from"], "model.init_from") if "init_from" in given else None
+    from pp import hf
+
+    try:
+        cls = hf.hf_class(str(given["name"]))
+        config = hf.hf_config(cls, given.get("config"), init_from)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    cfg = ModelConfig(name=str(given["name"]), config=hf.config_dict(config), init_from=init_from)
+    sizes = hf.sizes_from_config(config)
+    for key in ("seq_len", "vocab_size"):
+        if key in given:
+            setattr(cfg, key, coerce(given[key], hints[key], f"model.{key}"))
+        elif sizes[key] is None:
+            raise ConfigError(f"model.{key} is not set and {type(config).__name__} has no "
+                              f"{'max_position_embeddings' if key == 'seq_len' else key}: set model.{key}")
+        else:
+            setattr(cfg, key, sizes[key])
     return cfg
 
 
@@ -313,8 +359,8 @@ def _convert(value: Any, base: type) -> Any:
 
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is typing.Union:
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return f"{_type_name(inner)} or null"
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in inner) + " or null"
     return getattr(tp, "__name__", str(tp))
 
 

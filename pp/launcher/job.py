@@ -5,6 +5,7 @@ found here is found by all ranks at once and reported once, by rank 0.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -35,10 +36,37 @@ def prepare(cfg: JobConfig, world_size: int) -> Job:
     """Validate `cfg` for `world_size` ranks, build the model and cut it; ConfigError on any bad value."""
     layout = validate(cfg, world_size)
     model = build_model(cfg.model, cfg.train.seed, DTYPES[cfg.train.dtype])
+    if cfg.model.init_from and not will_resume(cfg):
+        check_init_from(model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     tp_plan = tp_plan_for(model, cfg)
     pipe = split_model(model, cfg, layout)
     return Job(cfg, layout, pipe, n_params, tp_plan)
+
+
+def will_resume(cfg: JobConfig) -> bool:
+    """Whether the run will continue from a checkpoint of its own (then model.init_from is not read)."""
+    from .checkpoint import list_steps
+
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    return (cfg.checkpoint.resume or restarted) and bool(list_steps(os.path.join(cfg.output.dir, "checkpoints")))
+
+
+def check_init_from(model: nn.Module, cfg: JobConfig) -> None:
+    """ConfigError listing what does not fit if model.init_from's keys and shapes (headers only, no
+    tensor data) do not match the model: found here, before any process-group work."""
+    from pp.weights import WeightsError, load_weights
+
+    from .models import init_options
+
+    src, out = os.path.abspath(cfg.model.init_from), os.path.abspath(cfg.output.dir)
+    if src == out or src.startswith(out + os.sep):
+        raise ConfigError(f"model.init_from={cfg.model.init_from!r} lies in output.dir={cfg.output.dir!r}, whose "
+                          f"checkpoints a fresh run removes: copy them elsewhere, or set checkpoint.resume: true")
+    try:
+        load_weights(model, cfg.model.init_from, check_only=True, **init_options(cfg.model))
+    except WeightsError as e:
+        raise ConfigError(f"model.init_from={cfg.model.init_from!r}: {e}") from None
 
 
 def tp_plan_for(model: nn.Module, cfg: JobConfig) -> dict | None:

@@ -1,4 +1,5 @@
-"""Models the launcher trains: a small GPT, a residual MLP, or a user's class named `package.module:Class`.
+"""Models the launcher trains: a small GPT, a residual MLP, a transformers class named `hf:Class`, or a
+user's class named `package.module:Class`.
 
 Every model maps a (batch, seq_len) tensor of token ids to (batch, seq_len, vocab_size) logits, so the
 same data and loss serve all of them.
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from pp.tp.styles import ColwiseParallel, RowwiseParallel
 
-from .config import ConfigError, ModelConfig, is_custom_model
+from .config import ConfigError, ModelConfig, is_custom_model, is_hf_model
 
 
 class CausalSelfAttention(nn.Module):
@@ -149,6 +150,14 @@ def build_model(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32)
                                cfg.tie_weights)
     elif cfg.name == "mlp":
         model = ResidualMLP(cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.d_ff)
+    elif is_hf_model(cfg.name):
+        from pp import hf
+
+        try:
+            cls = hf.hf_class(cfg.name)
+            model = hf.build_hf_model(cls, cls.config_class.from_dict(cfg.config))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     elif is_custom_model(cfg.name):
         cls = import_model_class(cfg.name)
         try:
@@ -158,8 +167,21 @@ def build_model(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32)
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model.name={cfg.name!r} built a {type(model).__name__}, not a torch.nn.Module")
     else:
-        raise ConfigError(f"model.name={cfg.name!r} is unknown: use 'gpt', 'mlp' or 'package.module:ClassName'")
+        raise ConfigError(f"model.name={cfg.name!r} is unknown: use 'gpt', 'mlp', 'hf:ClassName' or "
+                          f"'package.module:ClassName'")
     return model.to(dtype)
+
+
+def init_options(cfg: ModelConfig) -> dict:
+    """load_weights options for model.init_from: an hf class's base-model prefix and ignored keys."""
+    if not is_hf_model(cfg.name):
+        return {}
+    from pp.hf import hf_class
+
+    cls = hf_class(cfg.name)
+    return {"base_prefix": cls.base_model_prefix or None,
+            "ignore_unexpected": list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ()),
+            "ignore_missing": list(getattr(cls, "_keys_to_ignore_on_load_missing", None) or ())}
 
 
 def constructor_args(cls: type, args: dict) -> dict:

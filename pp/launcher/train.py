@@ -24,6 +24,7 @@ from .config import JobConfig
 from pp.data import TokenBatches, open_stream
 from .job import Job
 from .metrics import BubbleMeter, MetricsWriter, chrome_trace, peak_memory_gib, summary_lines
+from .models import init_options
 from .progress import Progress
 from .sinks import ScalarSinks
 from .stopping import StopSignals, Stopped
@@ -232,6 +233,18 @@ class Trainer:
         self.log(f"resumed from {path} (step {manifest['step']}, saved with {saved or 'pp=?'})")
         return int(manifest["step"])
 
+    def init_weights(self, path: str) -> None:
+        """Collective: fill this rank's stages from model.init_from (each rank reads its own tensors);
+        WeightsError, raised on every rank before any copy, if they do not fit."""
+        from pp.weights import WeightsError, load_weights
+
+        t = time.perf_counter()
+        try:
+            load_weights(self.rs.model, path, **init_options(self.cfg.model))
+        except WeightsError as e:
+            raise WeightsError(f"model.init_from={path!r}: {e}") from None
+        self.log(f"initialised the weights from {path} in {time.perf_counter() - t:.1f}s")
+
     # --- one step -------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
         cfg, rs = self.cfg, self.rs
@@ -308,6 +321,8 @@ class Trainer:
         if own_stop:
             self.stop = StopSignals(cfg.checkpoint.on_signal)
         done = self.resume()
+        if done == 0 and cfg.model.init_from:
+            self.init_weights(cfg.model.init_from)
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         writer = MetricsWriter(cfg.output.dir, done) if self.rank == 0 else None
         if writer is not None:

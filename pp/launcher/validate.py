@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError, JobConfig, is_custom_model
+from .config import ConfigError, JobConfig, is_custom_model, is_hf_model
 from .stopping import signal_number
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,13 +76,18 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 def _check_model(cfg: JobConfig) -> None:
     m = cfg.model
-    if m.name not in ("gpt", "mlp") and not is_custom_model(m.name):
-        raise ConfigError(f"model.name={m.name!r} is unknown: use 'gpt', 'mlp' or 'package.module:ClassName'")
+    if m.name not in ("gpt", "mlp") and not is_custom_model(m.name) and not is_hf_model(m.name):
+        raise ConfigError(f"model.name={m.name!r} is unknown: use 'gpt', 'mlp', 'hf:ClassName' or "
+                          f"'package.module:ClassName'")
     _positive("model.seq_len", m.seq_len)
     byte_data = cfg.train.tokenizer is None and not _token_files(cfg.train.data)
     if m.vocab_size < 256 and byte_data:
-        raise ConfigError(f"model.vocab_size={m.vocab_size}: byte-level data (train.data={cfg.train.data!r}) needs "
-                          f"at least 256")
+        src = " (from model.config)" if is_hf_model(m.name) else ""
+        raise ConfigError(f"model.vocab_size={m.vocab_size}{src}: byte-level data (train.data={cfg.train.data!r}) "
+                          f"needs at least 256")
+    if is_hf_model(m.name):
+        _check_hf_sizes(m)
+        return
     if is_custom_model(m.name):
         return
     _positive("model.d_model", m.d_model)
@@ -94,11 +99,27 @@ def _check_model(cfg: JobConfig) -> None:
             raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}")
 
 
+def _check_hf_sizes(m) -> None:
+    """The architecture's own vocabulary must hold the data's tokens, and learned positions the sequence."""
+    from pp.hf import hf_class, sizes_from_config
+
+    config = hf_class(m.name).config_class.from_dict(m.config)
+    sizes = sizes_from_config(config)
+    if sizes["vocab_size"] is not None and sizes["vocab_size"] < m.vocab_size:
+        raise ConfigError(f"model.config has vocab_size={sizes['vocab_size']}, fewer than the "
+                          f"{m.vocab_size} token ids of the data (model.vocab_size); the byte-level data needs "
+                          f"at least 256")
+    learned = getattr(config, "position_embedding_type", "absolute") == "absolute" and hasattr(config, "n_positions")
+    if learned and sizes["seq_len"] is not None and m.seq_len > sizes["seq_len"]:
+        raise ConfigError(f"model.seq_len={m.seq_len} is longer than the {sizes['seq_len']} positions of "
+                          f"model.config")
+
+
 def _check_train(cfg: JobConfig) -> None:
     t = cfg.train
     _positive("train.steps", t.steps)
     _positive("train.batch_size", t.batch_size)
-    _positive("train.lr", t.lr)
+    _positive("train.lr", t.lr, allow_zero=True)
     _positive("train.log_every", t.log_every)
     _positive("train.grad_clip", t.grad_clip, allow_zero=True)
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
@@ -173,7 +194,7 @@ def _check_cuda_graphs(tp: int) -> None:
 def _check_tp_sizes(cfg: JobConfig) -> None:
     """The built-in models' tp plans shard attention heads and MLP widths: tp must divide them."""
     m, tp = cfg.model, cfg.parallel.tp
-    if tp == 1 or is_custom_model(m.name):
+    if tp == 1 or is_custom_model(m.name) or is_hf_model(m.name):
         return
     sizes = {"model.n_heads": m.n_heads} if m.name == "gpt" else {}
     sizes["model.d_ff" if m.d_ff else "model.d_ff (4 x d_model)"] = m.d_ff or 4 * m.d_model
@@ -243,7 +264,7 @@ def check_data(cfg: JobConfig) -> None:
         raise ConfigError(str(err)) from None
     if cfg.output.tensorboard:
         try:
-            import torch.utils.tensorboard  # noqa: F401
+            import torch.utils.tensorboard  # noqa: F401  (only whether it imports)
         except ImportError:
             raise ConfigError("output.tensorboard=true needs the tensorboard package: pip install 'pp[tensorboard]'") from None
     if cfg.output.wandb:

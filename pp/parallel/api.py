@@ -149,13 +149,16 @@ class ParallelModel:
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy whole tensors (as from `state_dict` or the unsplit model) into this rank's parts."""
-        for stage in self.stages:
-            for name, t in stage.submod.state_dict().items():
-                if name not in state:
-                    raise KeyError(f"load_state_dict: no entry {name!r} (stage {stage.stage_index} needs it)")
-                with torch.no_grad():
-                    t.copy_(self.local_tensor(name, state[name].to(t.device)))
+        """Copy whole tensors (as from `state_dict` or the unsplit model) into this rank's parts.
+
+        Collective over all ranks. Every rank checks first and none copies unless all fit, so a bad
+        `state` raises the same `pp.weights.WeightsError` (a ValueError listing the missing, unexpected
+        and mis-shaped keys) everywhere and leaves every weight as it was. A tensor tied under several
+        names needs only one of them.
+        """
+        from pp.weights import load_weights
+
+        load_weights(self, state)
 
     def __repr__(self) -> str:
         ids = [s.stage_index for s in self.stages]

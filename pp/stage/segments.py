@@ -1,7 +1,7 @@
 """Segments of a traced model: the layers a split policy may cut between, and inserting the cuts.
 
-A policy sees the model as a list of `Segment`s (the children of its largest repeated container, plus
-what comes before and after), each with its FLOPs and parameter count; its chosen starts become
+A policy sees the model as a list of `Segment`s (the blocks of its repeated containers, plus what comes
+before and after), each with its FLOPs and parameter count; its chosen starts become
 `pipe_split` nodes in the graph.
 """
 from __future__ import annotations
@@ -21,14 +21,16 @@ def is_split(node: fx.Node) -> bool:
 def model_segments(module: nn.Module, graph: fx.Graph) -> list[Segment]:
     """Split the graph into the layers a policy may cut between.
 
-    The layers are the children of the model's largest repeated container (ModuleList / Sequential),
-    with everything before the first and after the last as two more segments; a model without such a
-    container is segmented by its top-level children.
+    The layers are the children of the model's block containers: every ModuleList / Sequential of
+    blocks of one type that no other such container holds (a ResNet's layer1..layer4, an
+    encoder-decoder's two stacks), or else its largest container. Everything before the first layer
+    and after the last are two more segments; glue between layers stays with the layer before it.
+    A model without containers is segmented by its top-level children.
     """
-    container = _layer_container(module, graph)
+    containers = _layer_containers(module)
     params = {n: p.numel() for n, p in module.named_parameters()}
     nodes = [n for n in graph.nodes if n.op == "call_function" and not is_split(n)]
-    layer = [_segment_name(_module_path(n), container) for n in nodes]
+    layer = [_segment_name(_module_path(n), containers) for n in nodes]
     in_layer = [i for i, name in enumerate(layer) if name is not None]
     first, last = (in_layer[0], in_layer[-1]) if in_layer else (len(nodes), -1)
     seg_of_node: dict[fx.Node, str] = {}
@@ -65,22 +67,36 @@ def _module_path(node: fx.Node) -> list[str]:
     return [fqn for fqn, _ in stack.values() if fqn]
 
 
-def _layer_container(module: nn.Module, graph: fx.Graph) -> str | None:
+def _layer_containers(module: nn.Module) -> list[str] | None:
+    """Names of the containers whose children are the layers; None: use the top-level children."""
+    lists = {name: sub for name, sub in module.named_modules()
+             if isinstance(sub, (nn.ModuleList, nn.Sequential)) and len(sub) > 0}
+    block_types = {type(next(iter(sub))) for sub in lists.values()
+                   if len(sub) > 1 and len({type(c) for c in sub}) == 1}
+    blocks = [name for name, sub in lists.items() if {type(c) for c in sub} <= block_types
+              and len({type(c) for c in sub}) == 1]
+    outer = [n for n in blocks if not any(_inside(n, other) for other in blocks if other != n)]
+    if outer:
+        return outer
     best, best_n = None, 1
-    for name, sub in module.named_modules():
-        if isinstance(sub, (nn.ModuleList, nn.Sequential)) and len(sub) > best_n:
+    for name, sub in lists.items():
+        if len(sub) > best_n:
             best, best_n = name, len(sub)
-    return best
+    return None if best is None else [best]
 
 
-def _segment_name(path: list[str], container: str | None) -> str | None:
-    if container is None:
+def _inside(name: str, container: str) -> bool:
+    return container == "" or name.startswith(container + ".")
+
+
+def _segment_name(path: list[str], containers: list[str] | None) -> str | None:
+    if containers is None:
         return path[0].split(".")[0] if path else None
-    prefix = container + "." if container else ""
     for p in path:
-        if p.startswith(prefix):
-            rest = p[len(prefix):].split(".")[0]
-            return prefix + rest
+        for c in containers:
+            prefix = c + "." if c else ""
+            if p.startswith(prefix) and p != c:
+                return prefix + p[len(prefix):].split(".")[0]
     return None
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import operator
-import os
-import traceback
 import warnings
 from collections import defaultdict
 from typing import Any, Iterator, Mapping
@@ -26,6 +24,7 @@ from .policies import SplitPolicy
 from .segments import insert_cuts as _insert_cuts
 from .segments import is_split as _is_split
 from .segments import model_segments
+from .traced import cache_in_output, user_frame, views_as_reshapes, way_out
 
 
 class PipelineTraceError(RuntimeError):
@@ -54,6 +53,10 @@ def pipeline(
     with _cuts_by_module(module, split_spec or {}):
         ep = _export(module, tuple(mb_args), mb_kwargs)
     graph = ep.graph
+    cache = cache_in_output(ep.call_spec.out_spec)
+    if cache is not None:
+        raise PipelineTraceError(f"{type(module).__name__} returns a {cache} object. {way_out('Cache')}")
+    views_as_reshapes(graph)
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     for spec in ep.graph_signature.input_specs:
         if spec.kind == InputKind.PARAMETER:
@@ -127,24 +130,12 @@ def _export(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.Export
             ep = torch.export.export(module, args, kwargs, strict=False)
             return ep.run_decompositions({})
     except Exception as e:  # export raises many types; all mean "cannot trace"
-        where = _user_frame(e)
+        where = user_frame(e)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PipelineTraceError(
             f"torch.export could not trace {type(module).__name__}{where}: {type(e).__name__}: {first}. "
-            f"To pipeline this model anyway, cut it by hand and wrap each piece in "
-            f"pp.PipelineStage(submodule, stage_index, num_stages, device)."
+            f"{way_out(str(e))}"
         ) from e
-
-
-def _user_frame(e: BaseException) -> str:
-    torch_dir = os.path.dirname(torch.__file__)
-    here = os.path.dirname(os.path.dirname(__file__))
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if not f.filename.startswith((torch_dir, here)) and "site-packages" not in f.filename]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" at {os.path.basename(f.filename)}:{f.lineno} ({(f.line or '').strip()})"
 
 
 # ------------------------------------------------------------------------------------------ partition

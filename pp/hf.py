@@ -1,0 +1,178 @@
+"""Hugging Face transformers models for pp: `hf:<ClassName>` resolved to a class and a config, and the
+model built so that its forward takes `input_ids` and returns the logits tensor (what pp's stages pass on).
+
+transformers is imported only here and only when an `hf:` model is asked for, so pp runs without it.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import os
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = ["HF_PREFIX", "is_hf_name", "hf_class", "hf_config", "build_hf_model", "config_dict", "sizes_from_config"]
+
+HF_PREFIX = "hf:"
+# Keys every transformers config takes besides its own fields.
+_BASE_KEYS = {"attn_implementation", "torch_dtype", "dtype", "name_or_path", "_name_or_path"}
+
+
+def is_hf_name(name: str) -> bool:
+    """Whether model name `name` asks for a transformers class (`hf:LlamaForCausalLM`)."""
+    return isinstance(name, str) and name.startswith(HF_PREFIX)
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("hf: models need the transformers package: pip install 'pp[hf]' "
+                         "(transformers and safetensors)") from None
+    return transformers
+
+
+def hf_class(name: str) -> type:
+    """`hf:ClassName` -> the transformers model class; ValueError naming the class if there is none."""
+    transformers = _transformers()
+    cls_name = name[len(HF_PREFIX):] if is_hf_name(name) else name
+    cls = getattr(transformers, cls_name, None) if cls_name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        models = [n for n in dir(transformers) if n.endswith(("LMHeadModel", "ForCausalLM", "Model"))]
+        close = difflib.get_close_matches(cls_name, models, n=1, cutoff=0.6)
+        hint = f" (did you mean 'hf:{close[0]}'?)" if close else ""
+        raise ValueError(f"model.name={name!r}: transformers {transformers.__version__} has no model class "
+                         f"{cls_name!r}{hint}; expected e.g. 'hf:LlamaForCausalLM' or 'hf:GPT2LMHeadModel'")
+    if cls.config_class is None:
+        raise ValueError(f"model.name={name!r} is an abstract transformers class; name a concrete model class")
+    return cls
+
+
+def _known_keys(config_class: type) -> set[str]:
+    keys = set(_BASE_KEYS) | set(getattr(config_class, "attribute_map", {}))
+    for c in config_class.__mro__:
+        if "__init__" in vars(c):
+            keys |= {p for p in inspect.signature(c.__init__).parameters if p not in ("self", "kwargs")}
+    try:
+        keys |= set(config_class().to_dict())
+    except Exception:  # noqa: BLE001 - a config without defaults; the signatures above remain
+        pass
+    return keys
+
+
+def hf_config(cls: type, config: Mapping[str, Any] | str | None, init_from: str | None = None) -> Any:
+    """The transformers config for model class `cls`: from a mapping of its fields, a config.json path
+    (or a directory holding one), or else the config.json of the `init_from` directory.
+
+    Raises ValueError naming a bad key (with the closest known one), a missing file, or a config.json
+    written for another architecture.
+    """
+    config_class = cls.config_class
+    name = f"hf:{cls.__name__}"
+    if config is None:
+        if init_from and os.path.isfile(os.path.join(init_from, "config.json")):
+            config = os.path.join(init_from, "config.json")
+        else:
+            raise ValueError(f"model.name={name!r} needs model.config (a mapping of {config_class.__name__} "
+                             f"fields or a path to a config.json), or model.init_from naming a directory "
+                             f"with a config.json")
+    if isinstance(config, str):
+        path = os.path.join(config, "config.json") if os.path.isdir(config) else config
+        if not os.path.isfile(path):
+            raise ValueError(f"model.config={config!r}: no such file (expected a config.json or a mapping of "
+                             f"{config_class.__name__} fields)")
+        try:
+            with open(path) as f:
+                fields = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model.config={config!r} is not a readable JSON file: {e}") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"model.config={config!r} holds a {type(fields).__name__}, not a JSON object")
+        kind = fields.get("model_type")
+        if kind is not None and kind != config_class.model_type:
+            raise ValueError(f"model.config={config!r} describes a {kind!r} model, but {name} needs a "
+                             f"{config_class.model_type!r} config")
+        return config_class.from_dict(fields)
+    if not isinstance(config, Mapping):
+        raise ValueError(f"model.config: expected a mapping of {config_class.__name__} fields or a path to a "
+                         f"config.json, got {config!r}")
+    known = _known_keys(config_class)
+    unknown = sorted(str(k) for k in config if k not in known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"model.config has {unknown[0]!r}{hint}, which is not a field of "
+                         f"{config_class.__name__}")
+    fields = dict(config)
+    if fields.get("model_type", config_class.model_type) != config_class.model_type:
+        raise ValueError(f"model.config has model_type={fields['model_type']!r}, but {name} needs "
+                         f"{config_class.model_type!r}")
+    fields.pop("model_type", None)
+    try:
+        return config_class(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model.config was rejected by {config_class.__name__}: {e}") from None
+
+
+def config_dict(config: Any) -> dict:
+    """The whole config as plain JSON data (what config.json holds)."""
+    return json.loads(config.to_json_string(use_diff=False))
+
+
+def sizes_from_config(config: Any) -> dict[str, int | None]:
+    """{'seq_len': ..., 'vocab_size': ...} read from a transformers config (None where it has none)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    seq = None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            seq = value
+            break
+    vocab = getattr(text, "vocab_size", None)
+    return {"seq_len": seq, "vocab_size": vocab if isinstance(vocab, int) else None}
+
+
+_LOGITS_CLASSES: dict[type, type] = {}
+
+
+def _logits_class(cls: type) -> type:
+    """A subclass of `cls` whose forward(input_ids) returns the logits tensor alone."""
+    if cls not in _LOGITS_CLASSES:
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            out = cls.forward(self, input_ids=input_ids)
+            logits = getattr(out, "logits", None)
+            if not isinstance(logits, torch.Tensor):
+                raise TypeError(f"{cls.__name__}.forward returned {type(out).__name__} without a logits tensor; "
+                                f"pp.run trains models that map input_ids to logits (e.g. a ...ForCausalLM class)")
+            return logits
+
+        forward.__doc__ = f"{cls.__name__}.forward(input_ids).logits: (batch, seq) ids -> (batch, seq, vocab)."
+        _LOGITS_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__,
+                                                           "_pp_hf_class": cls})
+    return _LOGITS_CLASSES[cls]
+
+
+def build_hf_model(cls: type, config: Any) -> nn.Module:
+    """`cls(config)` with the settings tracing needs (no cache, a return object), whose forward takes
+    `input_ids` and returns the logits; parameter names are the class's own (`model.layers.0...`).
+
+    Raises ValueError for an encoder-decoder class (its forward needs decoder inputs too).
+    """
+    config = cls.config_class.from_dict(config_dict(config))  # a copy: the caller's config stays as it was
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"model.name='hf:{cls.__name__}' is an encoder-decoder model, whose forward needs "
+                         f"decoder inputs too; pp.run trains models that map input_ids to logits (decoder-only); "
+                         f"pipeline it with pp.pipeline and your own inputs instead")
+    config.use_cache = False
+    config.return_dict = True
+    model = cls(config)
+    model.__class__ = _logits_class(cls)
+    return model
+
+
+def original_class(model: nn.Module) -> type:
+    """The transformers class of a model built by `build_hf_model` (the class itself otherwise)."""
+    return getattr(type(model), "_pp_hf_class", type(model))

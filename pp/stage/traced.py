@@ -1,0 +1,68 @@
+"""What the splitter does with a traced program besides cutting it: views made stride-independent, a
+returned cache refused, and trace failures explained (the model's own line, the way out for the cause)."""
+from __future__ import annotations
+
+import os
+import re
+import traceback
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+
+def user_frame(e: BaseException) -> str:
+    """' at file.py:LINE (source)' of the innermost frame of the model's code: outside torch and pp and
+    not generated (`<string>`), preferring the user's own files to installed packages such as transformers."""
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(os.path.dirname(__file__))
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith((torch_dir, here, "<"))]
+    own = [f for f in frames if "site-packages" not in f.filename and "dist-packages" not in f.filename]
+    if not (own or frames):
+        return ""
+    f = (own or frames)[-1]
+    return f" at {os.path.basename(f.filename)}:{f.lineno} ({(f.line or '').strip()})"
+
+
+def way_out(error: str) -> str:
+    """The sentence telling the user how to get past a trace failure with this message."""
+    if re.search(r"Cache\b|cache_utils", error):
+        return ("The model returns a cache object (a transformers model built with use_cache=True): set "
+                "use_cache=False in its config (model.config.use_cache = False) or pass use_cache=False to forward.")
+    if re.search(r"data-dependent|GuardOnDataDependent", error):
+        return ("Its forward branches on a tensor's value: compute both branches and pick with torch.where, use "
+                "torch.cond, or cut the model by hand and wrap each piece in "
+                "pp.PipelineStage(submodule, stage_index, num_stages, device).")
+    if re.search(r"in (the )?output|not a known type|pytree", error):
+        return ("Return tensors, or tuples, lists and dicts of them (or register the output class with "
+                "torch.utils._pytree.register_pytree_node).")
+    return ("To pipeline this model anyway, cut it by hand and wrap each piece in "
+            "pp.PipelineStage(submodule, stage_index, num_stages, device).")
+
+
+STRIDED_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+
+
+def views_as_reshapes(graph: fx.Graph) -> None:
+    """Make every view a reshape. run_decompositions turns a reshape into a view wherever the traced
+    strides allow one, but the strides at run time may differ (an attention kernel's output layout on
+    another device, a non-contiguous input), and the view then fails. The graph is functional, so a
+    reshape (a view where the strides allow, else a copy) computes the same values."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in STRIDED_VIEWS:
+            node.target = torch.ops.aten.reshape.default
+
+
+def cache_in_output(spec: Any) -> str | None:
+    """The class name of a key/value cache (transformers' use_cache=True) in a traced output spec, or None:
+    such a cache would be shipped between stages every microbatch and never used."""
+    stack = [spec]
+    while stack:
+        node = stack.pop()
+        kind = getattr(node, "type", None)
+        if isinstance(kind, type) and kind.__name__.endswith("Cache"):
+            return kind.__name__
+        children = getattr(node, "children", None)
+        stack.extend(children() if callable(children) else getattr(node, "children_specs", None) or [])
+    return None
