@@ -33,7 +33,7 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=first_step - 1, file=self.stream, unit="step",
-                             dynamic_ncols=True, leave=True)
+                             dynamic_ncols=True, leave=True, mininterval=0)
 
     def update(self, step: int, loss: float, lr: float, tok_s: float, step_s: float) -> None:
         if self._bar is not None:
