@@ -263,18 +263,34 @@ def _cases():
     }
 
 
+@pytest.mark.parametrize("mode", ["node-hooks", "tensor-hooks", "written-by-hand"])
 @pytest.mark.parametrize("direct", [True, False], ids=["by-hand", "engine"])
 @pytest.mark.parametrize("case", list(_cases()))
-def test_input_then_weight_grads_count_each_use_once(case, direct):
+def test_input_then_weight_grads_count_each_use_once(case, direct, mode):
+    """node-hooks: every parameter's AccumulateGrad node is hooked (the default W hands each gradient to
+    autograd once); tensor-hooks and written-by-hand: NODE_HOOKS False, where W adds the gradients of
+    parameters without tensor hooks into `.grad` itself."""
     fn, params, shape = _cases()[case]
-    backward.DIRECT = direct
+    fired: Counter = Counter()
+    keep, handles = [], []
+    for i, p in enumerate(params):
+        if mode == "node-hooks":
+            keep.append(p.view_as(p).grad_fn.next_functions[0][0])
+            handles.append(keep[-1].register_hook(lambda gi, go, i=i: fired.update([i])))
+        elif mode == "tensor-hooks" and i % 2 == 0:
+            handles.append(p.register_hook(lambda g, i=i: fired.update([i])))
+    backward.DIRECT, backward.NODE_HOOKS = direct, mode == "node-hooks"
     try:
         (want_x, want), (got_x, got) = _split_vs_plain(fn, params, torch.randn(*shape))
     finally:
-        backward.DIRECT = True
+        backward.DIRECT = backward.NODE_HOOKS = True
+        for h in handles:
+            h.remove()
     torch.testing.assert_close(got_x, want_x)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+    hooked = {"node-hooks": range(len(params)), "tensor-hooks": range(0, len(params), 2)}.get(mode, ())
+    assert fired == Counter({i: 2 for i in hooked})  # once in the plain backward, once in I+W
 
 
 def test_weight_grads_hand_over_large_stages_in_batches_each_parameter_once():

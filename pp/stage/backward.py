@@ -8,13 +8,17 @@ reach it (a Linear or a LayerNorm applied twice, `x @ w @ w`, a cast shared by s
 that only outputs independent of the inputs reach (e.g. on the first stage) get a plain backward from
 those outputs in W.
 
-Hooks: W hands every weight gradient to autograd at the parameter's AccumulateGrad node, as the
-gradient of that node's input, in one engine call per W (a few for stages whose weight gradients exceed
-`FLUSH_BYTES`, each parameter wholly in one of them). So hooks on the AccumulateGrad node (how DDP's
-reducer attaches), `Tensor.register_hook` and `register_post_accumulate_grad_hook` on a parameter run
-once per microbatch with the microbatch's whole gradient, as under plain autograd; no parameter falls
-back to autograd because it carries hooks. (CUDA-graph replay, `pp/stage/graphs.py`, sums weight
-gradients inside its graphs instead and adds them to `.grad` once per step, without hooks.)
+Hooks are honoured on the direct path; no parameter falls back to autograd because it carries hooks.
+W computes weight gradients by hand but hands them to autograd at each parameter's AccumulateGrad node,
+all of a microbatch's share in one engine call (a few for stages whose gradients exceed `FLUSH_BYTES`,
+each parameter wholly in one). So hooks on that node (how DDP's reducer attaches), `Tensor.register_hook`
+and `register_post_accumulate_grad_hook` run once per microbatch with the microbatch's whole gradient,
+as under plain autograd. Python cannot tell whether a node carries hooks while a graph holds it, so this
+is the default for every parameter; `NODE_HOOKS = False` lets W add the gradients of parameters without
+tensor or post-accumulate hooks into `.grad` itself, linear weights inside the product (`addmm_`, one
+kernel less per parameter and microbatch on a GPU), and hooks on their AccumulateGrad nodes then do not
+run. (CUDA-graph replay, `pp/stage/graphs.py`, sums weight gradients inside its graphs and adds them to
+`.grad` once per step, without hooks.)
 
 Both halves sit on the hot path of zero-bubble schedules, and on a GPU their Python must stay below
 the kernels they launch (bench/results/PERFORMANCE.md): I walks the graph once and lets the engine capture the
@@ -29,6 +33,7 @@ cannot be called alone: that microbatch's I then runs the whole backward and its
 from __future__ import annotations
 
 from collections import Counter
+from itertools import chain
 from typing import Any, Sequence
 
 import torch
@@ -41,6 +46,7 @@ _ENGINE = getattr(torch.autograd.graph, "_engine_run_backward", None)
 DIRECT = True          # False: no split node is done by hand (tests use it to check the engine path)
 CAPTURE_EDGES = True   # False: always the pre-hooks in I (tests use it to check that path)
 FLUSH_BYTES = 64 << 20  # W hands weight gradients to autograd whenever this much is complete
+NODE_HOOKS = True      # False: W writes `.grad` itself where no tensor hook asks otherwise (see above)
 
 
 def run_backward(roots: Sequence, seeds: Sequence[torch.Tensor], inputs: Sequence = (), *,
@@ -68,20 +74,18 @@ def _walk(root_nodes: list, input_nodes: set) -> tuple[dict, dict, Counter]:
     stage input, and how many edges of the graph lead into it."""
     kids: dict[Any, list] = {}
     on_path: dict[Any, bool] = {}
-    indeg: Counter = Counter()
     stack = list(root_nodes)
     while stack:
         n = stack[-1]
         ks = kids.get(n)
         if ks is None:
             ks = kids[n] = [c for c, _ in n.next_functions if c is not None]
-            indeg.update(ks)
             stack.extend(c for c in ks if c not in kids)
             continue
         stack.pop()
         if n not in on_path:
             on_path[n] = n in input_nodes or any(on_path[c] for c in ks)
-    return kids, on_path, indeg
+    return kids, on_path, Counter(chain.from_iterable(kids.values()))
 
 
 def _reaches_weights(nodes: list, kids: dict, param_ids: set) -> bool:
@@ -188,7 +192,7 @@ def _classify(n, slots: tuple, indeg: Counter) -> list | None:
     nf = n.next_functions
     plan = _direct_plan(n, slots, indeg) if DIRECT else None
     if plan is not None:
-        return ["plan", n, plan, [(e.node, 1) for _, e, _ in plan[-1] if type(e.node) is _ACCUMULATE]]
+        return ["plan", n, plan, [(e.node, 1) for _, e, _, p in plan[-1] if p is None and type(e.node) is _ACCUMULATE]]
     mine = Counter(nf[s][0] for s in slots)
     exclusive = all(indeg[c] == k for c, k in mine.items())
     # Capturing at a parameter's node would run its tensor hooks, and accumulating would run them again.
@@ -309,8 +313,10 @@ def _called_seeds(node, grad_outputs: tuple, slots: tuple) -> list:
 # An engine call walks the whole graph below its root, so one call per split node costs time that grows
 # with the square of the stage's depth. The split nodes of linear layers, layer norms and elementwise
 # products/sums (nearly all of them in a transformer) get their weight-side gradients here instead, from
-# the node's saved tensors, with the formulas autograd uses; W then hands them to autograd at the node's
-# weight-side edge (past a transpose made for this use alone, which is folded into the product).
+# the node's saved tensors, with the formulas autograd uses (a transpose made for this use alone is
+# folded into the product). A parameter that carries no hooks gets its share added to `.grad` here
+# (linear weights in the product itself: `addmm_`); every other gradient is handed to autograd at the
+# node's weight-side edge.
 
 
 def _edge(entry: tuple, indeg: Counter) -> tuple[GradientEdge, bool]:
@@ -321,14 +327,29 @@ def _edge(entry: tuple, indeg: Counter) -> tuple[GradientEdge, bool]:
     return GradientEdge(c, k), False
 
 
+def _plain(node) -> torch.Tensor | None:
+    """The parameter behind AccumulateGrad node `node` if W may write its `.grad` itself (NODE_HOOKS
+    False, no tensor or post-accumulate hook on it, a plain layout)."""
+    if NODE_HOOKS or type(node) is not _ACCUMULATE:
+        return None
+    p = node.variable
+    if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) or not p.is_contiguous():
+        return None
+    return p
+
+
 def _direct_plan(node, slots: tuple, indeg: Counter) -> tuple | None:
     """What W needs to compute split node `node`'s weight-side gradients by hand (its children at `slots`
-    lie off the input path), read from its saved tensors now: (kind, saved..., [(slot, edge,
-    transposed)]); None if it is not a kind handled here (or a needed tensor was not saved)."""
+    lie off the input path), read from its saved tensors now: (kind, saved..., [(slot, edge, transposed,
+    parameter written by hand or None)]); None if it is not a kind handled here (or a needed tensor was
+    not saved)."""
     name = type(node).__name__
     nf = node.next_functions
     matrices = {"MmBackward0": (0, 1), "AddmmBackward0": (1, 2)}.get(name, ())
-    outs = [(s, *(_edge(nf[s], indeg) if s in matrices else (GradientEdge(*nf[s]), False))) for s in slots]
+    outs = []
+    for s in slots:
+        edge, tr = _edge(nf[s], indeg) if s in matrices else (GradientEdge(*nf[s]), False)
+        outs.append((s, edge, tr, _plain(edge.node)))
     if name == "MmBackward0":
         a, b = getattr(node, "_saved_self", None), getattr(node, "_saved_mat2", None)
         return None if (0 in slots and b is None) or (1 in slots and a is None) else ("mm", a, b, 1, 1, outs)
@@ -351,38 +372,60 @@ def _direct_plan(node, slots: tuple, indeg: Counter) -> tuple | None:
     return None
 
 
-def _product(a: torch.Tensor, b: torch.Tensor, transposed: bool, scale: Any) -> torch.Tensor:
-    """a @ b, or its transpose computed as one contiguous product; times scale unless it is 1."""
-    out = torch.mm(b.t(), a.t()) if transposed else torch.mm(a, b)
-    return out if scale == 1 else out.mul_(scale)
-
-
 def _by_hand(plan: tuple, g: torch.Tensor | None) -> list:
-    """The weight-side gradients of one split node from its plan and the gradient that reached it, as
-    (edge, gradient) pairs."""
+    """The weight-side gradients of one split node from its plan and the gradient that reached it: added
+    to `.grad` where the plan says so, the others returned as (edge, gradient) pairs for autograd."""
     if g is None:
         return []
     kind, outs = plan[0], plan[-1]
+    seeds: list = []
     with torch.no_grad():
         if kind in ("mm", "addmm"):
             _, mat1, mat2, alpha, beta, _ = plan
             base = 1 if kind == "addmm" else 0   # addmm's slot 0 is the added tensor (the bias)
-            got = []
-            for s, edge, tr in outs:
+            for s, edge, tr, p in outs:
                 if s == base - 1:
-                    got.append((edge, g if beta == 1 else g * beta))
-                elif s == base:
-                    got.append((edge, _product(g, mat2.t(), tr, alpha)))
+                    _give(p, edge, g if beta == 1 else g * beta, beta != 1, seeds)
+                    continue
+                a, b = (g, mat2.t()) if s == base else (mat1.t(), g)
+                if tr:
+                    a, b = b.t(), a.t()
+                if p is not None and p.dtype == a.dtype:
+                    if p.grad is None:
+                        p.grad = torch.mm(a, b) if alpha == 1 else torch.mm(a, b).mul_(alpha)
+                    else:
+                        p.grad.addmm_(a, b, alpha=alpha)
                 else:
-                    got.append((edge, _product(mat1.t(), g, tr, alpha)))
-            return got
-        if kind == "mul":
+                    seeds.append((edge, torch.mm(a, b) if alpha == 1 else torch.mm(a, b).mul_(alpha)))
+        elif kind == "mul":
             _, a, b, _ = plan
-            return [(edge, g * (b if s == 0 else a)) for s, edge, _ in outs]
-        if kind == "add":
+            for s, edge, _, p in outs:
+                _give(p, edge, g * (b if s == 0 else a), True, seeds)
+        elif kind == "add":
             alpha = plan[1]
-            return [(edge, g if s == 0 or alpha == 1 else g * alpha) for s, edge, _ in outs]
-        _, x, shape, mean, rstd, weight, bias, _ = plan
-        mask = [False, any(s == 1 for s, _, _ in outs), any(s == 2 for s, _, _ in outs)]
-        _, gw, gb = torch.ops.aten.native_layer_norm_backward(g, x, shape, mean, rstd, weight, bias, mask)
-        return [(edge, gw if s == 1 else gb) for s, edge, _ in outs]
+            for s, edge, _, p in outs:
+                scaled = s == 1 and alpha != 1
+                _give(p, edge, g * alpha if scaled else g, scaled, seeds)
+        else:
+            _, x, shape, mean, rstd, weight, bias, _ = plan
+            mask = [False, any(o[0] == 1 for o in outs), any(o[0] == 2 for o in outs)]
+            _, gw, gb = torch.ops.aten.native_layer_norm_backward(g, x, shape, mean, rstd, weight, bias, mask)
+            for s, edge, _, p in outs:
+                _give(p, edge, gw if s == 1 else gb, True, seeds)
+    return seeds
+
+
+def _give(p: torch.Tensor | None, edge: GradientEdge, g: torch.Tensor, fresh: bool, seeds: list) -> None:
+    """Add g into p's `.grad` (reduced to p's shape and cast to its dtype, as autograd would), or, with no
+    p, keep it as a seed for autograd. `fresh`: g is this function's to keep (no one else holds it)."""
+    if p is None:
+        seeds.append((edge, g))
+        return
+    if g.shape != p.shape:
+        g, fresh = g.sum_to_size(p.shape), True
+    if g.dtype != p.dtype:
+        g, fresh = g.to(p.dtype), True
+    if p.grad is not None:
+        p.grad.add_(g)
+    else:
+        p.grad = g if fresh and g.is_contiguous() else g.clone(memory_format=torch.contiguous_format)
