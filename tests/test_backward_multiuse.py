@@ -293,20 +293,31 @@ def test_input_then_weight_grads_count_each_use_once(case, direct, mode):
     assert fired == Counter({i: 2 for i in hooked})  # once in the plain backward, once in I+W
 
 
-def test_weight_grads_hand_over_large_stages_in_batches_each_parameter_once():
+class _CastLinear(nn.Module):
+    """A Linear whose weight goes through an op of its own first (as autocast's cast does)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+
+    def forward(self, x):
+        return F.linear(x, self.w * 1.0)
+
+
+def test_weight_grads_hand_over_large_stages_in_batches_each_parameter_once(monkeypatch):
     torch.manual_seed(0)
-    blocks = nn.Sequential(*(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)) for _ in range(4)))
+    blocks = nn.Sequential(*(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), _CastLinear(8)) for _ in range(4)))
     params = list(blocks.parameters())
     fired: Counter = Counter()
     for i, p in enumerate(params):
         p.register_post_accumulate_grad_hook(lambda t, i=i: fired.update([i]))
-    old = backward.FLUSH_BYTES
-    backward.FLUSH_BYTES = 1   # hand over as soon as anything is complete
-    try:
-        (want_x, want), (got_x, got) = _split_vs_plain(blocks, params, torch.randn(2, 3, 8))
-    finally:
-        backward.FLUSH_BYTES = old
+    calls = []
+    accumulate = backward._accumulate
+    monkeypatch.setattr(backward, "_accumulate", lambda seeds: calls.append(len(seeds)) or accumulate(seeds))
+    monkeypatch.setattr(backward, "FLUSH_BYTES", 1)   # hand over as soon as anything is complete
+    (want_x, want), (got_x, got) = _split_vs_plain(blocks, params, torch.randn(2, 3, 8))
     torch.testing.assert_close(got_x, want_x)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
     assert fired == Counter({i: 2 for i in range(len(params))})   # once by the plain backward, once by W
+    assert len(calls) > 4, f"W handed its gradients over in {len(calls)} call(s), expected one per split node"

@@ -105,8 +105,8 @@ def _reaches_weights(nodes: list, kids: dict, param_ids: set) -> bool:
 
 class Pending:
     """What I leaves for W: the split nodes (kind, node or None, captured gradients, plan, early
-    targets), the seeds of roots that reach no input, the AccumulateGrad nodes whose every incoming
-    edge is a W seed (with how many edges are still to come), and whether I kept the graph."""
+    targets), the seeds of roots that reach no input, the nodes W may hand over early (`_early_targets`,
+    with how many of their edges are still to come), and whether I kept the graph."""
 
     __slots__ = ("groups", "off_roots", "early", "keeps_graph")
 
@@ -175,8 +175,8 @@ def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tenso
 
 
 def _early_targets(groups: list, indeg: Counter) -> dict:
-    """AccumulateGrad nodes whose every incoming edge is one of W's seeds, with their edge counts; each
-    group's targets are cut down to these (W hands them to autograd as soon as they are complete)."""
+    """Nodes that settle (`_settles`) and whose every incoming edge is one of W's seeds, with their edge
+    counts; each group's targets are cut down to these (W hands them to autograd once complete)."""
     edges: Counter = Counter()
     for group in groups:
         for node, count in group[4]:
@@ -194,18 +194,30 @@ def _classify(n, slots: tuple, indeg: Counter) -> list | None:
     nf = n.next_functions
     plan = direct_plan(n, slots, indeg, _plain) if DIRECT else None
     if plan is not None:
-        return ["plan", n, plan, [(e.node, 1) for _, e, _, p in plan[-1]
-                                  if p is None and type(e.node) is _ACCUMULATE]]
+        return ["plan", n, plan, [(e.node, 1) for _, e, _, p in plan[-1] if p is None and _settles(e.node, indeg)]]
     mine = Counter(nf[s][0] for s in slots)
     exclusive = all(indeg[c] == k for c, k in mine.items())
     # Capturing at a parameter's node would run its tensor hooks, and accumulating would run them again.
     hooked = any(type(c) is _ACCUMULATE and c.variable._backward_hooks for c in mine)
-    targets = [(c, k) for c, k in mine.items() if type(c) is _ACCUMULATE]
+    targets = [(c, k) for c, k in mine.items() if _settles(c, indeg)]
     if exclusive and not hooked:
         return ["capture", n, tuple(dict.fromkeys(nf[s] for s in slots)), targets]
     if callable(n):
         return ["call", n, slots, targets]
     return None
+
+
+def _settles(node, indeg: Counter) -> bool:
+    """Whether gradients handed to `node` reach a `.grad` through nodes that nothing else feeds (none, or
+    a cast or view of one parameter): W may then hand them over as soon as all of `node`'s have come."""
+    for _ in range(4):
+        if type(node) is _ACCUMULATE:
+            return True
+        kids = [c for c, _ in node.next_functions if c is not None]
+        if len(kids) != 1 or indeg[kids[0]] != 1:
+            return False
+        node = kids[0]
+    return False
 
 
 def _whole_backward(roots: list, grads: list, inputs: list) -> list:
