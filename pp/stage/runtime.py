@@ -266,7 +266,14 @@ class PipelineStage:
         then the user's weight-gradient runner, where the stage has a `dw_builder`."""
         self._full_backward(m, loss_scale)
         if self.dw_builder is not None:
-            self.dw_builder()()
+            self._build_runner()()
+
+    def _build_runner(self) -> Callable[..., Any]:
+        runner = self.dw_builder()
+        if not callable(runner):
+            raise TypeError(f"stage {self.stage_index}: dw_builder() must return a callable (the weight-"
+                            f"gradient runner), got {type(runner).__name__}")
+        return runner
 
     def _full_backward(self, m: int, loss_scale: float) -> None:
         if self.graphs is not None and self.graphs.split and self.graphs.holds(m):
@@ -291,10 +298,7 @@ class PipelineStage:
             self._split_backward_input(m, loss_scale)
             return
         self._full_backward(m, loss_scale)
-        runner = self.dw_builder()
-        if not callable(runner):
-            raise TypeError(f"stage {self.stage_index}: dw_builder() must return a callable (the weight-"
-                            f"gradient runner), got {type(runner).__name__}")
+        runner = self._build_runner()
         st = self.state(m)      # anew if the backward left nothing to hand over
         if st.in_grads is None:
             st.in_grads = []
