@@ -133,8 +133,8 @@ def test_input_grads_free_what_only_the_input_side_needed():
     handle.remove()
     got, pending = backward.input_grads([out], [g], [xs], list(model.parameters()))
     del out
-    groups = pending[0]
-    assert groups and all(node is None and plan is not None for node, _, _, _, plan in groups)
+    assert pending.groups and all(kind == "plan" and node is None for kind, node, *_ in pending.groups)
+    assert not pending.keeps_graph
     assert up_out[0]() is None, "I kept the graph although W needs none of it"
     backward.weight_grads(pending)
     torch.testing.assert_close(got[0], want_x)

@@ -2,26 +2,53 @@
 
 I runs autograd only towards the stage inputs. On the way it records the gradient arriving at each
 backward node where the path to the inputs and a path to some weights part ("split nodes"). W then
-starts at those nodes with the recorded gradients and runs only the weight-side branches, so no work
-of I is done twice. Weights that only outputs independent of the inputs reach (e.g. on the first
-stage) get a plain backward from those outputs in W.
+starts at those nodes with the recorded gradients and computes what each sends along its weight-side
+edges, and only that, so no work of I is done twice and no weight is counted twice, however many paths
+reach it (a Linear or a LayerNorm applied twice, `x @ w @ w`, a cast shared by several uses). Weights
+that only outputs independent of the inputs reach (e.g. on the first stage) get a plain backward from
+those outputs in W.
+
+Hooks are honoured on the direct path; no parameter falls back to autograd because it carries hooks.
+W computes weight gradients by hand but hands them to autograd at each parameter's AccumulateGrad node,
+all of a microbatch's share in one engine call (a few for stages whose gradients exceed `FLUSH_BYTES`,
+each parameter wholly in one). So hooks on that node (how DDP's reducer attaches), `Tensor.register_hook`
+and `register_post_accumulate_grad_hook` run once per microbatch with the microbatch's whole gradient,
+as under plain autograd. Python cannot tell whether a node carries hooks while a graph holds it, so this
+is the default for every parameter; `NODE_HOOKS = False` lets W add the gradients of parameters without
+tensor or post-accumulate hooks into `.grad` itself, linear weights inside the product (`addmm_`, one
+kernel less per parameter and microbatch on a GPU), and hooks on their AccumulateGrad nodes then do not
+run. (CUDA-graph replay, `pp/stage/graphs.py`, sums weight gradients inside its graphs and adds them to
+`.grad` once per step, without hooks.)
 
 Both halves sit on the hot path of zero-bubble schedules, and on a GPU their Python must stay below
 the kernels they launch (bench/results/PERFORMANCE.md): I walks the graph once and lets the engine capture the
-split nodes' gradients; W computes the weight grads of linear layers and layer norms by hand from their
-saved tensors (read during I), so that W makes no engine call and, when every split node is such a
-node, I frees the rest of the graph at once. Other split nodes go through the engine in W.
+split nodes' gradients; W computes the weight-side gradients of linear layers (`mm`, `addmm`), layer
+norms, and elementwise `mul`/`add` by hand from their saved tensors (read during I), so that, when every
+split node is such a node, I frees the rest of the graph at once and W makes no engine call but the
+accumulating one. Other split nodes go through the engine in W: one call that runs only that node where
+its weight-side children hear from nothing else, otherwise a direct call of the node (its input-side
+gradient is computed again and dropped). A Python-defined autograd Function in that last position
+cannot be called alone: that microbatch's I then runs the whole backward and its W does nothing.
 """
 from __future__ import annotations
 
+from collections import Counter
+from itertools import chain
 from typing import Any, Sequence
 
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from .direct_grads import by_hand, direct_plan
+
 # The engine entry torch.autograd.grad/backward end in; calling it directly skips their per-call
 # argument checks (about two thirds of a small call's CPU time). The public API is the fallback.
 _ENGINE = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
+DIRECT = True          # False: no split node is done by hand (tests use it to check the engine path)
+CAPTURE_EDGES = True   # False: always the pre-hooks in I (tests use it to check that path)
+FLUSH_BYTES = 64 << 20  # W hands weight gradients to autograd whenever this much is complete
+NODE_HOOKS = True      # False: W writes `.grad` itself where no tensor hook asks otherwise (see above)
 
 
 def run_backward(roots: Sequence, seeds: Sequence[torch.Tensor], inputs: Sequence = (), *,
@@ -41,13 +68,12 @@ def run_backward(roots: Sequence, seeds: Sequence[torch.Tensor], inputs: Sequenc
                                allow_unused=True)
 
 
-def _node(t: torch.Tensor):
-    return get_gradient_edge(t).node
+_ACCUMULATE = torch._C._functions.AccumulateGrad
 
 
-def _walk(root_nodes: list, input_nodes: set) -> tuple[dict, dict]:
-    """One iterative DFS (deep stages overflow recursion): each node's children, and whether it reaches
-    a stage input."""
+def _walk(root_nodes: list, input_nodes: set) -> tuple[dict, dict, Counter]:
+    """One iterative DFS (deep stages overflow recursion): each node's children, whether it reaches a
+    stage input, and how many edges of the graph lead into it."""
     kids: dict[Any, list] = {}
     on_path: dict[Any, bool] = {}
     stack = list(root_nodes)
@@ -61,14 +87,10 @@ def _walk(root_nodes: list, input_nodes: set) -> tuple[dict, dict]:
         stack.pop()
         if n not in on_path:
             on_path[n] = n in input_nodes or any(on_path[c] for c in ks)
-    return kids, on_path
+    return kids, on_path, Counter(chain.from_iterable(kids.values()))
 
 
-_ACCUMULATE = torch._C._functions.AccumulateGrad
-
-
-def _weights_below(nodes: list, kids: dict, param_ids: set) -> list[torch.Tensor]:
-    found: dict[int, torch.Tensor] = {}
+def _reaches_weights(nodes: list, kids: dict, param_ids: set) -> bool:
     stack, seen = list(nodes), set()
     while stack:
         n = stack.pop()
@@ -76,31 +98,44 @@ def _weights_below(nodes: list, kids: dict, param_ids: set) -> list[torch.Tensor
             continue
         seen.add(n)
         if type(n) is _ACCUMULATE and id(n.variable) in param_ids:
-            found[id(n.variable)] = n.variable
+            return True
         stack.extend(kids[n])
-    return list(found.values())
+    return False
+
+
+class Pending:
+    """What I leaves for W: the split nodes (kind, node or None, captured gradients, plan, early
+    targets), the seeds of roots that reach no input, the nodes W may hand over early (`_early_targets`,
+    with how many of their edges are still to come), and whether I kept the graph."""
+
+    __slots__ = ("groups", "off_roots", "early", "keeps_graph")
+
+    def __init__(self, groups: list, off_roots: list, early: dict, keeps_graph: bool):
+        self.groups, self.off_roots, self.early, self.keeps_graph = groups, off_roots, early, keeps_graph
 
 
 def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tensor],
-                params: list[torch.Tensor]) -> tuple[list, Any]:
+                params: list[torch.Tensor]) -> tuple[list, Pending | None]:
     """Gradients of `roots` (seeded with `grads`, no None) for `inputs`; returns them and W's state.
 
     W's state keeps only split nodes with their captured gradients, and the roots that do not reach any
     input (with their seeds): the roots themselves and the other seeds are let go here. Where W can do
-    every split node by hand (`_direct_plan`), it keeps only the tensors those need, and I frees the rest
+    every split node by hand (`direct_plan`), it keeps only the tensors those need, and I frees the rest
     of the graph as it goes (activations only the input side needed: attention, activation functions).
+    Where W cannot split the backward exactly (see the module docstring), I runs all of it, weight
+    gradients included, and returns None as W's state.
     """
     if not roots:
         return [None] * len(inputs), None
     if not inputs:  # nothing to hand back (first stage): W is the whole backward
-        return [], ([], list(zip(roots, grads)), list(params))
+        return [], Pending([], [(get_gradient_edge(r), g) for r, g in zip(roots, grads)], {}, True)
     root_nodes = [r.grad_fn for r in roots]
-    input_nodes = {_node(x) for x in inputs}
-    kids, on_path = _walk([n for n in root_nodes if n is not None], input_nodes)
+    input_nodes = {get_gradient_edge(x).node for x in inputs}
+    kids, on_path, indeg = _walk([n for n in root_nodes if n is not None], input_nodes)
     param_ids = {id(p) for p in params}
 
     # Split nodes: on the input path, with a child off it that leads to weights.
-    split: list[tuple[Any, list, tuple]] = []
+    groups: list[list] = []
     stack = [n for n in root_nodes if n is not None and on_path[n]]
     seen = set(stack)
     while stack:
@@ -113,26 +148,89 @@ def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tenso
                     stack.append(c)
             else:
                 off.append(c)
-        if off:
-            weights = _weights_below(off, kids, param_ids)
-            if weights:
-                off_slots = tuple(i for i, (c, _) in enumerate(n.next_functions) if c is not None and not on_path[c])
-                split.append((n, weights, off_slots))
+        if off and _reaches_weights(off, kids, param_ids):
+            slots = tuple(i for i, (c, _) in enumerate(n.next_functions) if c is not None and not on_path[c])
+            group = _classify(n, slots, indeg)
+            if group is None:
+                return _whole_backward(roots, grads, inputs), None
+            groups.append(group)
 
-    # Roots off the input path (all of them on the first stage) keep their seeds for a plain W.
-    off_roots = [(r, g) for r, n, g in zip(roots, root_nodes, grads) if n is not None and not on_path[n]]
-    rest = _weights_below([r.grad_fn for r, _ in off_roots], kids, param_ids) if off_roots else []
+    # Roots off the input path keep their seeds for W.
+    off_roots = [(get_gradient_edge(r), g) for r, n, g in zip(roots, root_nodes, grads)
+                 if n is not None and not on_path[n]]
+    if off_roots and not _reaches_weights([e.node for e, _ in off_roots], kids, param_ids):
+        off_roots = []
+    off_roots += [(get_gradient_edge(r), g) for r, n, g in zip(roots, root_nodes, grads)
+                  if n is None and id(r) in param_ids]   # a parameter returned as it is
+    del kids, on_path, seen
 
-    # Read before I runs: with every split node done by hand, I need not keep the graph for W.
-    plans = [_direct_plan(n, slots) if DIRECT else None for n, _, slots in split]
-    by_hand = all(plan is not None for plan in plans)
-    got, captured = _run_capturing(roots, grads, inputs, [n for n, _, _ in split], keep_graph=not by_hand)
-    groups = [(None if by_hand else n, g, ws, slots, plan)
-              for (n, ws, slots), g, plan in zip(split, captured, plans) if g is not None]
-    return got, (groups, off_roots if rest else [], rest)
+    # Plans read their saved tensors now: with every split node done by hand, I need not keep the graph.
+    by_hand = all(kind == "plan" for kind, *_ in groups)
+    got, captured = _run_capturing(roots, grads, inputs, [g[1] for g in groups], keep_graph=not by_hand)
+    kept = []
+    for (kind, n, plan, targets), g in zip(groups, captured):
+        if g is not None:
+            kept.append([kind, None if kind == "plan" else n, g, plan, targets])
+    return got, Pending(kept, off_roots, _early_targets(kept, indeg), not by_hand)
 
 
-CAPTURE_EDGES = True  # False: always the pre-hooks (tests use it to check that path)
+def _early_targets(groups: list, indeg: Counter) -> dict:
+    """Nodes that settle (`_settles`) and whose every incoming edge is one of W's seeds, with their edge
+    counts; each group's targets are cut down to these (W hands them to autograd once complete)."""
+    edges: Counter = Counter()
+    for group in groups:
+        for node, count in group[4]:
+            edges[node] += count
+    early = {node: count for node, count in edges.items() if indeg[node] == count}
+    for group in groups:
+        group[4] = [(node, count) for node, count in group[4] if node in early]
+    return early
+
+
+def _classify(n, slots: tuple, indeg: Counter) -> list | None:
+    """[kind, node, plan, targets] for split node n whose children at `slots` lie off the input path:
+    "plan" (by hand), "capture" (an engine call that runs only n), "call" (n called directly); None
+    where W cannot split n (a Python autograd Function whose weight side others reach too)."""
+    nf = n.next_functions
+    plan = direct_plan(n, slots, indeg, _plain) if DIRECT else None
+    if plan is not None:
+        return ["plan", n, plan, [(e.node, 1) for _, e, _, p in plan[-1] if p is None and _settles(e.node, indeg)]]
+    mine = Counter(nf[s][0] for s in slots)
+    exclusive = all(indeg[c] == k for c, k in mine.items())
+    # Capturing at a parameter's node would run its tensor hooks, and accumulating would run them again.
+    hooked = any(type(c) is _ACCUMULATE and c.variable._backward_hooks for c in mine)
+    targets = [(c, k) for c, k in mine.items() if _settles(c, indeg)]
+    if exclusive and not hooked:
+        return ["capture", n, tuple(dict.fromkeys(nf[s] for s in slots)), targets]
+    if callable(n):
+        return ["call", n, slots, targets]
+    return None
+
+
+def _settles(node, indeg: Counter) -> bool:
+    """Whether gradients handed to `node` reach a `.grad` through nodes that nothing else feeds (none, or
+    a cast or view of one parameter): W may then hand them over as soon as all of `node`'s have come."""
+    for _ in range(4):
+        if type(node) is _ACCUMULATE:
+            return True
+        kids = [c for c, _ in node.next_functions if c is not None]
+        if len(kids) != 1 or indeg[kids[0]] != 1:
+            return False
+        node = kids[0]
+    return False
+
+
+def _whole_backward(roots: list, grads: list, inputs: list) -> list:
+    """I as one plain backward (weight gradients accumulated now); the inputs' gradients returned."""
+    old = [x.grad for x in inputs]
+    for x in inputs:
+        x.grad = None
+    try:
+        run_backward(roots, grads, accumulate=True, keep_graph=False)
+        return [x.grad for x in inputs]
+    finally:
+        for x, g in zip(inputs, old):
+            x.grad = g
 
 
 def _run_capturing(roots: list, grads: list, inputs: list, nodes: list, keep_graph: bool) -> tuple[list, list]:
@@ -160,112 +258,78 @@ def _run_capturing(roots: list, grads: list, inputs: list, nodes: list, keep_gra
     return list(got), [captured.get(n) for n in nodes]
 
 
-def weight_grads(pending: Any) -> None:
-    """Accumulate the weight gradients deferred by `input_grads` into `.grad`, top of the graph first;
-    each split node is dropped once done, so a graph kept for the engine frees from the top."""
+def weight_grads(pending: Pending | None) -> None:
+    """Accumulate the weight gradients deferred by `input_grads` into `.grad`, top of the graph first,
+    through the parameters' AccumulateGrad nodes (their hooks run once per call of this function); each
+    split node is dropped once done, so a graph kept for the engine frees from the top."""
     if pending is None:
         return
-    groups, off_roots, rest = pending
+    groups, early = pending.groups, pending.early
+    held: dict[Any, list] = {}
+    ready: list = []
+    final: list = []
+    size = 0
     groups.reverse()
     while groups:
-        node, grad_outputs, weights, off_slots, plan = groups.pop()
-        if plan is not None:
-            _by_hand(plan, grad_outputs)
+        kind, node, grad_outputs, plan, targets = groups.pop()
+        if kind == "plan":
+            seeds = by_hand(plan, grad_outputs[0])
+        elif kind == "capture":
+            seeds = _captured_seeds(node, grad_outputs, plan)
         else:
-            _engine_weight_grads(node, grad_outputs, weights, off_slots)
+            seeds = _called_seeds(node, grad_outputs, plan)
         del node, grad_outputs, plan
-    if rest:
-        run_backward([r for r, _ in off_roots], [g for _, g in off_roots], rest, accumulate=True, keep_graph=False)
-        off_roots.clear()
+        for edge, g in seeds:
+            if g is None:
+                continue
+            (held.setdefault(edge.node, []) if edge.node in early else final).append((edge, g))
+        for target, count in targets:
+            early[target] -= count
+            if early[target] == 0:
+                for seed in held.pop(target, ()):
+                    ready.append(seed)
+                    size += seed[1].numel() * seed[1].element_size()
+        if size >= FLUSH_BYTES:
+            _accumulate(ready)
+            ready, size = [], 0
+    _accumulate(ready + final + pending.off_roots)
+    pending.off_roots = []
 
 
-def _engine_weight_grads(node, grad_outputs: tuple, weights: list, off_slots: tuple) -> None:
-    """W of one split node through the engine, in two calls: the node itself, asked only for the
-    gradients of its weight-side children (asking it for the weights would also run its input side,
-    which may lead to the same weights again and count them twice), then from those children down."""
+def _accumulate(seeds: list) -> None:
+    """Hand gradients to autograd at their edges: the engine sums those meeting at a node, reduces
+    broadcast shapes, and runs the rest of the way down to `.grad` (with every hook on the way)."""
+    if seeds:
+        run_backward([e for e, _ in seeds], [g for _, g in seeds], accumulate=True, keep_graph=False)
+
+
+def _captured_seeds(node, grad_outputs: tuple, edges: tuple) -> list:
+    """Split node `node`'s weight-side gradients through the engine, asked for the inputs of its
+    weight-side children: only `node` runs, since nothing else leads to those children."""
     roots = [GradientEdge(node, i) for i, g in enumerate(grad_outputs) if g is not None]
-    if not roots:
-        return
+    targets = [GradientEdge(c, k) for c, k in edges]
+    got = run_backward(roots, [g for g in grad_outputs if g is not None], targets, accumulate=False,
+                       keep_graph=False)
+    return list(zip(targets, got))
+
+
+def _called_seeds(node, grad_outputs: tuple, slots: tuple) -> list:
+    """Split node `node` called directly: what it sends along each weight-side edge (its input-side
+    gradients are computed too and dropped); the engine reduces broadcast shapes when accumulating."""
+    with torch.no_grad():
+        out = node(*grad_outputs)
+    if isinstance(out, torch.Tensor):
+        out = (out,)
     nf = node.next_functions
-    children = [GradientEdge(*nf[i]) for i in off_slots]
-    got = run_backward(roots, [g for g in grad_outputs if g is not None], children, accumulate=False,
-                       keep_graph=True)
-    below = [(c, g) for c, g in zip(children, got) if g is not None]
-    if below:
-        run_backward([c for c, _ in below], [g for _, g in below], weights, accumulate=True, keep_graph=True)
+    return [(GradientEdge(*nf[s]), out[s]) for s in slots]
 
 
-# ----------------------------------------------------------------------------------- direct W
-# An engine call walks the whole graph below its root, so one call per split node costs time that grows
-# with the square of the stage's depth. The split nodes of linear layers and layer norms (nearly all of
-# them in a transformer) get their weight gradients here instead, from the node's saved tensors, with
-# the same formulas autograd uses; anything else, or a parameter with tensor hooks, goes to the engine.
-# Hooks on a parameter's AccumulateGrad node (torch DDP's reducer) do not run for these: set DIRECT to
-# False to send every split node through the engine.
-DIRECT = True
-
-
-def _plain_param(node) -> torch.Tensor | None:
-    """The parameter of an AccumulateGrad node, if nothing hooks it and its layout is plain."""
-    if node is None or type(node) is not _ACCUMULATE:
+def _plain(node) -> torch.Tensor | None:
+    """The parameter behind AccumulateGrad node `node` if W may write its `.grad` itself (NODE_HOOKS
+    False, no tensor or post-accumulate hook on it, a plain layout)."""
+    if NODE_HOOKS or type(node) is not _ACCUMULATE:
         return None
     p = node.variable
     if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) or not p.is_contiguous():
         return None
     return p
-
-
-def _direct_plan(node, off_slots: tuple) -> tuple | None:
-    """What W needs to compute split node `node`'s weight grads by hand (its children at `off_slots` lead
-    to weights, the others to the stage inputs), read from its saved tensors now; None if it is not a
-    kind handled here: `mat1 @ mat2` with mat2 a parameter or its transpose (nn.Linear), layer norm."""
-    name = type(node).__name__
-    nf = node.next_functions
-    if name == "MmBackward0" and off_slots == (1,):
-        child = nf[1][0]
-        transposed = type(child).__name__ == "TBackward0"
-        p = _plain_param(child.next_functions[0][0] if transposed else child)
-        if p is None:
-            return None
-        mat1, mat2 = node._saved_self, node._saved_mat2
-        want = tuple(mat2.shape)[::-1] if transposed else tuple(mat2.shape)
-        if mat1 is None or tuple(p.shape) != want or not p.dtype == mat1.dtype == mat2.dtype:
-            return None
-        return ("mm", p, mat1, transposed)
-    if name == "NativeLayerNormBackward0" and 0 not in off_slots and len(nf) == 3:
-        w, b = _plain_param(nf[1][0]), _plain_param(nf[2][0])
-        if (w is None) != (nf[1][0] is None) or (b is None) != (nf[2][0] is None) or (w is None and b is None):
-            return None  # a hooked or unusual weight or bias: the engine does it
-        return ("ln", w, b, node._saved_input, node._saved_normalized_shape, node._saved_result1,
-                node._saved_result2, node._saved_weight, node._saved_bias)
-    return None
-
-
-def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
-    if p.grad is None:
-        p.grad = g
-    else:
-        p.grad.add_(g)
-
-
-def _by_hand(plan: tuple, grad_outputs: tuple) -> None:
-    """Accumulate the weight grads of one split node from its plan and the gradient that reached it."""
-    g = grad_outputs[0]
-    if g is None:
-        return
-    with torch.no_grad():
-        if plan[0] == "mm":
-            _, p, mat1, transposed = plan
-            a, b = (g.t(), mat1) if transposed else (mat1.t(), g)
-            if p.grad is None:
-                p.grad = torch.mm(a, b)
-            else:
-                p.grad.addmm_(a, b)
-            return
-        _, w, b, x, shape, mean, rstd, weight, bias = plan
-        _, gw, gb = torch.ops.aten.native_layer_norm_backward(
-            g, x, shape, mean, rstd, weight, bias, [False, w is not None, b is not None])
-        if w is not None:
-            _accumulate(w, gw)
-        if b is not None:
-            _accumulate(b, gb)

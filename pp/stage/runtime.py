@@ -8,7 +8,7 @@ messages move is the executor's business; the stage only answers "what goes to s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.fx as fx
@@ -59,13 +59,23 @@ class PipelineStage:
     The module may be wrapped by torch DDP or sharded by FSDP2 (`fully_shard`) over a data-parallel
     group: its gradients are then averaged over that group once per step, after the stage's last
     backward, for every schedule (pp/parallel/wrapped.py).
+
+    `dw_builder` (as in torch.distributed.pipelining): a callable taking no arguments that returns a
+    callable taking none, the user's weight-gradient runner. When given, every backward of this stage
+    is one full autograd backward (weight gradients included), and a runner is built and called once
+    per microbatch: right after B in schedules without a separate W; built after I and called at W in
+    zero-bubble schedules (InterleavedZeroBubble, ZBVZeroBubble, DualPipeV).
     """
 
     def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int,
                  device: torch.device | str | int, input_args: Any = None, output_args: Any = None,
-                 group: ProcessGroup | None = None, *, pipe_info: PipeInfo | None = None):
+                 group: ProcessGroup | None = None, dw_builder: Callable[[], Callable[..., Any]] | None = None,
+                 *, pipe_info: PipeInfo | None = None):
         if not isinstance(submodule, nn.Module):
             raise TypeError(f"PipelineStage needs an nn.Module, got {type(submodule).__name__}")
+        if dw_builder is not None and not callable(dw_builder):
+            raise TypeError(f"dw_builder must be a callable that returns the weight-gradient runner, "
+                            f"got {type(dw_builder).__name__}")
         if not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"num_stages must be a positive integer, got {num_stages!r}")
         if not isinstance(stage_index, int) or not 0 <= stage_index < num_stages:
@@ -77,6 +87,7 @@ class PipelineStage:
         self.stage_index = stage_index
         self.num_stages = num_stages
         self.group = group
+        self.dw_builder = dw_builder
         self.group_rank = group_rank(group)
         self.group_size = group_size(group)
         self.pipe_info = pipe_info
@@ -258,10 +269,23 @@ class PipelineStage:
         return [x for x in st.inputs if isinstance(x, torch.Tensor) and x.requires_grad]
 
     def backward_one(self, m: int, loss_scale: float = 1.0) -> None:
-        """Full backward (B) of microbatch m: input grads for the producers, weight grads accumulated."""
+        """Full backward (B) of microbatch m: input grads for the producers, weight grads accumulated;
+        then the user's weight-gradient runner, where the stage has a `dw_builder`."""
+        self._full_backward(m, loss_scale)
+        if self.dw_builder is not None:
+            self._build_runner()()
+
+    def _build_runner(self) -> Callable[..., Any]:
+        runner = self.dw_builder()
+        if not callable(runner):
+            raise TypeError(f"stage {self.stage_index}: dw_builder() must return a callable (the weight-"
+                            f"gradient runner), got {type(runner).__name__}")
+        return runner
+
+    def _full_backward(self, m: int, loss_scale: float) -> None:
         if self.graphs is not None and self.graphs.split and self.graphs.holds(m):
-            self.backward_input(m, loss_scale)     # replayed as two graphs: run both halves now
-            self.backward_weight(m)
+            self._split_backward_input(m, loss_scale)     # replayed as two graphs: run both halves now
+            self._split_backward_weight(m)
             return
         st = self._mb[m]
         roots, grads = self._roots(st, loss_scale)
@@ -274,7 +298,20 @@ class PipelineStage:
         self._maybe_drop(m)
 
     def backward_input(self, m: int, loss_scale: float = 1.0) -> None:
-        """Input-grad half (I): gradients for the producers now, weight grads deferred to W."""
+        """Input-grad half (I): gradients for the producers now, weight grads deferred to W
+        (`pp.stage.backward`). With a `dw_builder`, as in torch: the full backward now, and the runner
+        the builder returns kept for W."""
+        if self.dw_builder is None:
+            self._split_backward_input(m, loss_scale)
+            return
+        self._full_backward(m, loss_scale)
+        runner = self._build_runner()
+        st = self.state(m)      # anew if the backward left nothing to hand over
+        if st.in_grads is None:
+            st.in_grads = []
+        st.pending_weight = runner
+
+    def _split_backward_input(self, m: int, loss_scale: float) -> None:
         st = self._mb[m]
         if self.graphs is not None and self.graphs.holds(m):
             got = self.graphs.backward_input(m, self._output_grads(st, loss_scale))
@@ -290,7 +327,16 @@ class PipelineStage:
                                     else None for x in st.inputs])
 
     def backward_weight(self, m: int) -> None:
-        """Weight-grad half (W) of microbatch m, after its I."""
+        """Weight-grad half (W) of microbatch m, after its I (with a `dw_builder`: the user's runner)."""
+        if self.dw_builder is None:
+            self._split_backward_weight(m)
+            return
+        st = self._mb[m]
+        runner, st.pending_weight = st.pending_weight, None
+        self._maybe_drop(m)
+        runner()
+
+    def _split_backward_weight(self, m: int) -> None:
         st = self._mb[m]
         pending, st.pending_weight = st.pending_weight, None
         if pending is _REPLAYED:
