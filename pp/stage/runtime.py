@@ -55,6 +55,12 @@ class PipelineStage:
     Manual form (the user cut the model): `PipelineStage(submodule, stage_index, num_stages, device)`;
     stage i then takes the outputs of stage i-1 as positional inputs, and shapes are learnt at the first
     step. Traced form: `Pipe.build_stage(i, device)` / `pp.build_stage(...)`, wired by the splitter.
+
+    Parameters that several stages share (tied embeddings) train as one only in the traced form, where
+    the splitter finds them by identity under any of their names and `step()` sums their gradients over
+    the ranks holding them. Manual stages in different processes hold separate copies that pp cannot
+    tell apart from unrelated tensors, so each copy trains on its own gradient; sum those gradients
+    yourself after `step()` (an all-reduce over the ranks holding the parameter) or use `pp.pipeline`.
     """
 
     def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int,
