@@ -30,9 +30,11 @@ def tensor_parallel_transformation(
 ) -> ExportedProgram:
     """Return `exported_program` rewritten for tensor parallelism on this `rank`.
 
-    Modules named in `parallel_strategies` (FQN -> pp.tp or torch Colwise/RowwiseParallel) get their
-    weights really sharded; `_c10d_functional` collectives + `wait_tensor` over `group` (default:
-    world) keep the result of `.module()` equal to the original's on every rank. The program's state
+    Modules named in `parallel_strategies` (FQN -> pp.tp or torch Colwise/RowwiseParallel, an
+    instance or the class itself) get their weights really sharded, as DTensor shards them: a size
+    that does not divide `world_size` is cut as `torch.chunk` cuts it (5 over 4 ranks: 2, 2, 1, 0);
+    `_c10d_functional` collectives + `wait_tensor` over `group` (default: world) keep the result of
+    `.module()` equal to the original's on every rank. The program's state
     lives on `device_type` (the current device of that type). Forward only: the inserted collectives
     have no autograd; train with `pp.tp.shard_stage_module`.
     """
