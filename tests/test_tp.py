@@ -240,10 +240,13 @@ def _export(model: nn.Module, x: torch.Tensor) -> torch.export.ExportedProgram:
         return torch.export.export(model, (x,))
 
 
-def test_indivisible_size_raises_value_error_naming_module_and_sizes():
-    ep = _export(LinearBN(5), torch.randn(4, 3))
-    with pytest.raises(ValueError, match=r"fc: ColwiseParallel splits out_features=5 .* world_size=2"):
-        tp.tensor_parallel_transformation(ep, 0, 2, "cpu", {"fc": tp.ColwiseParallel()})
+def test_fused_blocks_that_do_not_split_evenly_raise_value_error_naming_module_and_sizes():
+    # an uneven size is sharded as torch.chunk cuts it (tests/test_tp_seed.py); the q, k and v
+    # blocks of a fused projection must be cut alike, so 16 features per block over 3 ranks cannot
+    ep = _export(Attention(), torch.randn(2, 8, 16))
+    with pytest.raises(ValueError, match=r"qkv: ColwiseParallel splits out_features=48 .* in 3 fused blocks "
+                                         r".* world_size=3, which must divide each block of 16"):
+        tp.tensor_parallel_transformation(ep, 0, 3, "cpu", {"qkv": tp.ColwiseParallel(), "proj": tp.RowwiseParallel()})
 
 
 @pytest.mark.parametrize("plan, message", [

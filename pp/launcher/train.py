@@ -118,7 +118,7 @@ class RankState:
         if shard is None or t.shape != param.shape:
             return t
         shape = list(t.shape)
-        shape[shard.dim] *= self.model.tp
+        shape[shard.dim] = shard.whole(shape[shard.dim], self.model.tp)
         return t.new_empty(shape)
 
 

@@ -282,17 +282,24 @@ def _split(module: nn.Module, mb_args: tuple, mb_kwargs: dict | None, n_stages: 
 
 def _check_plan(pipe: Pipe, tp_plan: Mapping[str, Any]) -> None:
     """Every planned module exists somewhere in the pipe, and none holds a parameter several stages share."""
-    names = {n for s in range(pipe.num_stages) for n, _ in pipe.get_stage_module(s).named_parameters()}
+    names = {n for s in range(pipe.num_stages)
+             for n, _ in pipe.get_stage_module(s).named_parameters(remove_duplicate=False)}
     modules = {n.rpartition(".")[0] for n in names}
     missing = sorted(str(k) for k in tp_plan if k not in modules)
     if missing:
         raise ValueError(f"tp_plan names module(s) {missing} that the model does not have (or that hold no "
                          f"parameters); expected names of nn.Linear modules such as 'blocks.0.mlp.fc'")
-    shared = sorted(n for n in pipe.info().shared_params if n.rpartition(".")[0] in tp_plan)
-    if shared:
-        raise ValueError(f"tp_plan shards {shared[0]!r}, which several stages share (tied weights); "
-                         f"shared parameters must stay replicated: drop {shared[0].rpartition('.')[0]!r} from tp_plan")
+    shared = pipe.info().shared_params
+    for s in range(pipe.num_stages):
+        stage = pipe.get_stage_module(s)
+        first = {id(p): n for n, p in stage.named_parameters()}
+        for name, p in stage.named_parameters(remove_duplicate=False):  # aliases of a shared one too
+            if first[id(p)] in shared and name.rpartition(".")[0] in tp_plan:
+                alias = f" (the same tensor as {first[id(p)]!r})" if name != first[id(p)] else ""
+                raise ValueError(f"tp_plan shards {name!r}{alias}, which several stages share (tied weights); "
+                                 f"shared parameters must stay replicated: drop {name.rpartition('.')[0]!r} "
+                                 f"from tp_plan")
 
 
 def _plan_covers(module: nn.Module, tp_plan: Mapping[str, Any]) -> bool:
-    return any(n.rpartition(".")[0] in tp_plan for n, _ in module.named_parameters())
+    return any(n.rpartition(".")[0] in tp_plan for n, _ in module.named_parameters(remove_duplicate=False))

@@ -263,7 +263,11 @@ class _PipelineSchedule:
         return self._after[1]
 
     def _sync_shared_grads(self) -> None:
-        """Parameters used by several stages train as one: every copy gets the summed gradient."""
+        """Parameters used by several stages train as one: every copy gets the summed gradient.
+
+        `pipe_info.shared_params` names each by the model's first name for it (the splitter finds
+        sharing by identity, whatever name each stage reads it under). Manual stages carry no pipe
+        info, so nothing is summed for them: see `PipelineStage`."""
         info = next(iter(self._stages.values())).pipe_info
         if info is None or not info.shared_params:
             return
@@ -272,9 +276,9 @@ class _PipelineSchedule:
         names = sorted(n for n, ranks in ranks_of.items() if len(ranks) > 1)
         if not names:
             return
-        local = {}
+        local = {}  # every name, aliases too: a stage may reach the parameter under another of its names
         for stage in self._stages.values():
-            local.update(dict(unwrap(stage.submod).named_parameters()))
+            local.update(dict(unwrap(stage.submod).named_parameters(remove_duplicate=False)))
         flat = []
         for name in names:
             shape, dtype = info.param_meta[name]

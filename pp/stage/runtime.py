@@ -65,6 +65,14 @@ class PipelineStage:
     is one full autograd backward (weight gradients included), and a runner is built and called once
     per microbatch: right after B in schedules without a separate W; built after I and called at W in
     zero-bubble schedules (InterleavedZeroBubble, ZBVZeroBubble, DualPipeV).
+
+    Parameters that several stages share (tied embeddings) train as one only in the traced form, where
+    the splitter finds them by identity under any of their names and `step()` sums their gradients over
+    the ranks holding them. Manual stages on one rank that hold the same nn.Parameter object share
+    its `.grad`, as any two modules do; manual stages in different processes hold separate copies that
+    pp cannot tell apart from unrelated tensors, so each copy trains on its own gradient: sum those
+    gradients yourself after `step()` (an all-reduce over the ranks holding the parameter) or use
+    `pp.pipeline`.
     """
 
     def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int,

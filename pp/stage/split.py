@@ -252,16 +252,9 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
         io.output_consumers = consumers[s] if s < num_stages - 1 else [[] for _ in user_outputs]
 
     _place_unused(module, stage_modules)
-    shared: dict[str, list[int]] = {}
-    holders: dict[str, list[int]] = defaultdict(list)
-    metas = {}
-    for s, gm in enumerate(stage_modules):
-        for name, p in gm.named_parameters():
-            holders[name].append(s)
-            metas[name] = (tuple(p.shape), p.dtype)
-    for name, stages in holders.items():
-        if len(stages) > 1:
-            shared[name] = stages
+    for gm in stage_modules:
+        _order_like(module, gm)
+    shared, metas = _shared_params(module, stage_modules)
     binder = InputBinder(module.forward, mb_args, mb_kwargs, ep.call_spec.in_spec, traced_constants)
     info = PipeInfo(num_stages=num_stages, stage_io=stage_io, input_binder=binder,
                     out_spec=ep.call_spec.out_spec, shared_params=shared,
@@ -292,6 +285,39 @@ def _place_unused(module: nn.Module, stage_modules: list[fx.GraphModule]) -> Non
             if name not in held[stage]:  # unused, or an unused alias of a tensor placed under another name
                 _install(stage_modules[stage], name, tensor, kind)
                 held[stage].add(name)
+
+
+def _shared_params(module: nn.Module, stage_modules: list[fx.GraphModule]
+                   ) -> tuple[dict[str, list[int]], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+    """({first name: stages holding it}, {first name: (shape, dtype)}) for each parameter that several
+    stages hold, found by identity: a tensor is one parameter under every name the model gives it, so
+    `shared.weight` on one stage and its aliases `dec.embed.weight`/`head.weight` on another are one."""
+    canonical = _canonical_names(module)
+    first = {id(p): canonical[n] for n, p in module.named_parameters(remove_duplicate=False)}
+    holders: dict[str, list[int]] = defaultdict(list)
+    metas = {}
+    for s, gm in enumerate(stage_modules):
+        for name, p in gm.named_parameters():  # each tensor once
+            key = first.get(id(p), name)
+            holders[key].append(s)
+            metas[key] = (tuple(p.shape), p.dtype)
+    shared = {name: stages for name, stages in holders.items() if len(stages) > 1}
+    return shared, {name: metas[name] for name in shared}
+
+
+def _order_like(module: nn.Module, gm: nn.Module) -> None:
+    """Order `gm`'s submodules and parameters as `module` orders them, so that a parameter reached
+    under several names is listed first (`named_parameters()`, optimizer state, checkpoints) under the
+    model's first name for it on every stage, whatever order the stage's graph read it in."""
+    originals = dict(module.named_modules(remove_duplicate=False))
+    rank = {name: i for i, name in enumerate(originals)}
+    for prefix, mod in list(gm.named_modules(remove_duplicate=False)):
+        def position(child: tuple[str, Any], _p: str = prefix) -> int:
+            return rank.get(f"{_p}.{child[0]}" if _p else child[0], len(rank))
+        mod._modules = dict(sorted(mod._modules.items(), key=position))
+        if prefix in originals:
+            leaves = {leaf: i for i, leaf in enumerate(originals[prefix]._parameters)}
+            mod._parameters = dict(sorted(mod._parameters.items(), key=lambda kv: leaves.get(kv[0], len(leaves))))
 
 
 def _canonical_names(module: nn.Module) -> dict[str, str]:

@@ -13,6 +13,7 @@ import torch
 from torch import fx
 
 from pp.tp import regions
+from pp.tp.layout import chunk_bounds
 
 __all__ = ["AutogradEmitter", "FunctionalEmitter"]
 
@@ -39,6 +40,11 @@ def _dense(graph: fx.Graph, x: fx.Node) -> fx.Node:
     return dense
 
 
+def _uneven_step(n: Any, size: int) -> int | None:
+    """The padded part size where `n` (a static size) does not split evenly over `size` ranks."""
+    return -(-n // size) if isinstance(n, int) and n % size else None
+
+
 class _Emitter:
     def __init__(self, name: str, size: int, rank: int) -> None:
         self.name, self.size, self.rank = name, size, rank
@@ -56,27 +62,39 @@ class FunctionalEmitter(_Emitter):
 
     def gather(self, graph: fx.Graph, x: fx.Node, dim: int) -> fx.Node:
         """All-gather local shards of `x` along `dim` (all_gather_into_tensor stacks on dim 0,
-        so for another dim: view as (size, *local), move that axis next to `dim`, merge)."""
+        so for another dim: view as (size, *local), move that axis next to `dim`, merge). Uneven
+        shards (`chunk_bounds`) are padded to the largest first and the padding is sliced off."""
         full = x.meta["val"]
-        ag = new_node(graph, _F.all_gather_into_tensor.default, (_dense(graph, x), self.size, self.name), x)
+        n = full.shape[dim]
+        step = _uneven_step(n, self.size)
+        src = x
+        if step is not None:
+            start, stop = chunk_bounds(n, self.size, self.rank)
+            if stop - start < step:
+                pad = [0, 0] * (full.dim() - 1 - dim) + [0, step - (stop - start)]
+                src = new_node(graph, _A.constant_pad_nd.default, (x, pad, 0.0), x)
+        ag = new_node(graph, _F.all_gather_into_tensor.default, (_dense(graph, src), self.size, self.name), x)
         out = new_node(graph, _F.wait_tensor.default, (ag,), x)
-        if dim == 0:
-            return out
-        local = self._sizes(graph, x, dim, divided=True)
-        stacked = new_node(graph, _A.view.default, (out, [self.size, *local]), x)
-        perm = list(range(1, full.dim() + 1))
-        perm.insert(dim, 0)
-        moved = new_node(graph, _A.permute.default, (stacked, perm), x)
-        dense = new_node(graph, _A.clone.default, (moved,), x)
-        dense.kwargs = {"memory_format": torch.contiguous_format}
-        return new_node(graph, _A.view.default, (dense, self._sizes(graph, x, dim, divided=False)), x)
+        if dim != 0:
+            local = self._sizes(graph, x, dim, step if step is not None else n // self.size)
+            stacked = new_node(graph, _A.view.default, (out, [self.size, *local]), x)
+            perm = list(range(1, full.dim() + 1))
+            perm.insert(dim, 0)
+            moved = new_node(graph, _A.permute.default, (stacked, perm), x)
+            dense = new_node(graph, _A.clone.default, (moved,), x)
+            dense.kwargs = {"memory_format": torch.contiguous_format}
+            gathered = self._sizes(graph, x, dim, n if step is None else step * self.size)
+            out = new_node(graph, _A.view.default, (dense, gathered), x)
+        if step is not None:
+            out = new_node(graph, _A.slice.Tensor, (out, dim, 0, n), x)
+        return out
 
     def reduce_scatter(self, graph: fx.Graph, x: fx.Node, dim: int) -> fx.Node:
         """Reduce-scatter `x` along `dim` (the op scatters dim 0: bring chunk index to the front)."""
         src = _dense(graph, x)
         if dim != 0:
             full = x.meta["val"]
-            sizes = self._sizes(graph, x, None, divided=False)
+            sizes = self._sizes(graph, x, None)
             split = sizes[:dim] + [self.size, full.shape[dim] // self.size] + sizes[dim + 1:]
             chunked = new_node(graph, _A.view.default, (src, split), x)
             perm = list(range(full.dim() + 1))
@@ -91,16 +109,18 @@ class FunctionalEmitter(_Emitter):
         return new_node(graph, _F.wait_tensor.default, (rs,), x)
 
     def slice(self, graph: fx.Graph, x: fx.Node, dim: int) -> fx.Node:
-        k = x.meta["val"].shape[dim] // self.size
-        return new_node(graph, _A.slice.Tensor, (x, dim, self.rank * k, (self.rank + 1) * k), x)
+        n = x.meta["val"].shape[dim]
+        start, stop = chunk_bounds(n, self.size, self.rank) if _uneven_step(n, self.size) else (
+            self.rank * (n // self.size), (self.rank + 1) * (n // self.size))
+        return new_node(graph, _A.slice.Tensor, (x, dim, start, stop), x)
 
-    def _sizes(self, graph: fx.Graph, x: fx.Node, dim: Any, divided: bool) -> list:
-        """Shape of `x`'s local value as graph arguments: ints, or `sym_size` nodes where symbolic;
-        dim `dim` is the full size (`divided=False`) or the local one (`divided=True`)."""
+    def _sizes(self, graph: fx.Graph, x: fx.Node, dim: Any, length: Any = None) -> list:
+        """Shape of `x`'s value as graph arguments: ints, or `sym_size` nodes where symbolic; dim
+        `dim` (if any) gets `length`."""
         out: list = []
         for i, s in enumerate(x.meta["val"].shape):
             if i == dim:
-                out.append(s // self.size if divided else s)
+                out.append(length)
             elif isinstance(s, int):
                 out.append(s)
             else:
@@ -118,7 +138,9 @@ class AutogradEmitter(_Emitter):
         return new_node(graph, regions.reduce_from_tp, (x, self.name), x)
 
     def gather(self, graph: fx.Graph, x: fx.Node, dim: int) -> fx.Node:
-        return new_node(graph, regions.gather_from_tp, (x, dim, self.size, self.rank, self.name), x)
+        n = x.meta["val"].shape[dim]
+        length = n if _uneven_step(n, self.size) else None
+        return new_node(graph, regions.gather_from_tp, (x, dim, self.size, self.rank, self.name, length), x)
 
     def reduce_scatter(self, graph: fx.Graph, x: fx.Node, dim: int) -> fx.Node:
         return new_node(graph, regions.reduce_scatter_to_tp, (x, dim, self.size, self.name), x)

@@ -3,12 +3,14 @@
 Each function takes the group by its registered name (a string, so fx graphs can print it) and its
 size and this rank's index in it, and pairs a forward collective with the backward one that keeps
 gradients right: copy ↔ all-reduce, all-reduce ↔ copy, gather ↔ slice, slice ↔ gather,
-reduce-scatter ↔ gather.
+reduce-scatter ↔ gather. Gathers and slices take uneven parts as `torch.chunk` cuts them.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from pp.tp.layout import chunk_bounds
 
 __all__ = ["copy_to_tp", "gather_from_tp", "reduce_from_tp", "reduce_scatter_to_tp", "slice_to_tp"]
 
@@ -19,11 +21,17 @@ def _all_reduce(x: Tensor, name: str) -> Tensor:
     return _F.wait_tensor(_F.all_reduce(x.contiguous(), "sum", name))
 
 
-def _all_gather(x: Tensor, dim: int, size: int, name: str) -> Tensor:
+def _all_gather(x: Tensor, dim: int, size: int, name: str, length: int | None = None) -> Tensor:
+    """The whole tensor from every rank's part along `dim`; parts cut as `chunk_bounds` cuts
+    `length` things (uneven ones are padded to the largest for the one all-gather)."""
+    dim %= x.dim()
+    step = x.shape[dim] if length is None or length % size == 0 else -(-length // size)
+    if x.shape[dim] < step:
+        x = torch.cat([x, x.new_zeros((*x.shape[:dim], step - x.shape[dim], *x.shape[dim + 1:]))], dim)
     out = _F.wait_tensor(_F.all_gather_into_tensor(x.contiguous(), size, name))
-    if dim % x.dim() == 0 or size == 1:
-        return out
-    return torch.cat(torch.chunk(out, size, dim=0), dim=dim)
+    if dim != 0 and size > 1:
+        out = torch.cat(torch.chunk(out, size, dim=0), dim=dim)
+    return out if length is None or out.shape[dim] == length else out.narrow(dim, 0, length)
 
 
 def _reduce_scatter(x: Tensor, dim: int, size: int, name: str) -> Tensor:
@@ -33,8 +41,8 @@ def _reduce_scatter(x: Tensor, dim: int, size: int, name: str) -> Tensor:
 
 
 def _local_slice(x: Tensor, dim: int, size: int, rank: int) -> Tensor:
-    k = x.shape[dim] // size
-    return x.narrow(dim, rank * k, k)
+    start, stop = chunk_bounds(x.shape[dim], size, rank)
+    return x.narrow(dim, start, stop - start)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -60,19 +68,19 @@ class _ReduceFromTP(torch.autograd.Function):
 
 class _GatherFromTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, dim: int, size: int, rank: int, name: str) -> Tensor:
+    def forward(ctx, x: Tensor, dim: int, size: int, rank: int, name: str, length: int | None) -> Tensor:
         ctx.args = (dim, size, rank)
-        return _all_gather(x, dim, size, name)
+        return _all_gather(x, dim, size, name, length)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _local_slice(grad, *ctx.args), None, None, None, None
+        return _local_slice(grad, *ctx.args), None, None, None, None, None
 
 
 class _SliceToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dim: int, size: int, rank: int, name: str) -> Tensor:
-        ctx.args = (dim, size, name)
+        ctx.args = (dim, size, name, x.shape[dim])
         return _local_slice(x, dim, size, rank)
 
     @staticmethod
@@ -101,9 +109,10 @@ def reduce_from_tp(x: Tensor, name: str) -> Tensor:
     return _ReduceFromTP.apply(x, name)
 
 
-def gather_from_tp(x: Tensor, dim: int, size: int, rank: int, name: str) -> Tensor:
-    """All-gather along `dim` forward; this rank's slice of the gradient backward."""
-    return _GatherFromTP.apply(x, dim, size, rank, name)
+def gather_from_tp(x: Tensor, dim: int, size: int, rank: int, name: str, length: int | None = None) -> Tensor:
+    """All-gather along `dim` forward; this rank's slice of the gradient backward. `length` is the
+    whole size along `dim` where the parts are uneven (`pp.tp.layout.chunk_bounds`)."""
+    return _GatherFromTP.apply(x, dim, size, rank, name, length)
 
 
 def slice_to_tp(x: Tensor, dim: int, size: int, rank: int, name: str) -> Tensor:

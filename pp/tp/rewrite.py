@@ -1,10 +1,11 @@
 """The tensor-parallel graph rewrite: find planned linears, track which values are sharded, insert
 the fewest collectives that keep every value that leaves the sharded region equal to the original.
 
-A value is either replicated (the original tensor) or sharded along one dim (this rank's 1/size
-block). Column-parallel linears shard their output's last dim; pointwise ops, views that keep the
-sharded block contiguous (e.g. (b, t, c) -> (b, t, heads, head_dim): local heads), transposes, splits
-and attention over sharded heads carry a shard through; row-parallel linears consume it and reduce at
+A value is either replicated (the original tensor) or sharded along one dim (this rank's part, cut
+as `torch.chunk` and DTensor cut it: uneven where the size does not divide, see `chunk_bounds`).
+Column-parallel linears shard their output's last dim; pointwise ops, views that keep the sharded
+block contiguous (e.g. (b, t, c) -> (b, t, heads, head_dim): local heads), transposes, splits and
+attention over sharded heads carry a shard through; row-parallel linears consume it and reduce at
 once; anything else gathers. A fused projection whose output is split into k equal parts (qkv) is
 sharded in k blocks, so that every part is sharded alike. Weights of planned modules are sharded by
 the caller (`PlannedParam.blocks` says how); this module only rewrites the graph.
@@ -211,6 +212,8 @@ class _Rewrite:
         if src not in self.place or not isinstance(shape, (list, tuple)) or len(shape) != ndim(node):
             return None
         d, full, out = self.place[src], src.meta["val"].shape, node.meta["val"].shape
+        if isinstance(full[d], int) and full[d] % self.size:
+            return None  # uneven parts (chunk_bounds) are not a block of any other dim: gather
         inner = static_numel(full[d:])
         for c in range(len(out)):
             if inner is None or static_numel(out[c:]) != inner or out[c] % self.size:

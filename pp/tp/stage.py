@@ -70,7 +70,7 @@ def shard_stage_module(
             new = shard_param(node.target, old, p, rank, world_size)
             _replace_tensor(gm, old, new)
             if new is not old:
-                cuts[id(new)] = param_shard(p)
+                cuts[id(new)] = param_shard(p, old.shape)
             done.add(node.target)
     rewrite_graph(gm.graph, params, AutogradEmitter(group_name(group), world_size, rank))
     gm.graph.lint()

@@ -39,7 +39,11 @@ class LinearPlan:
 
 
 def normalize_plan(parallel_strategies: Mapping[str, Any]) -> dict[str, LinearPlan]:
-    """Check a {module FQN: style} mapping and translate every style to a `LinearPlan`."""
+    """Check a {module FQN: style} mapping and translate every style to a `LinearPlan`.
+
+    A style is an instance of pp.tp's or torch's ColwiseParallel/RowwiseParallel, or one of those
+    classes itself (meaning its defaults: `{"fc": ColwiseParallel}`). Raises TypeError for anything
+    else, ValueError for a bad key or an unsupported torch layout."""
     if not isinstance(parallel_strategies, Mapping):
         raise TypeError(f"parallel_strategies must map module names to styles, "
                         f"got {type(parallel_strategies).__name__}")
@@ -52,6 +56,12 @@ def normalize_plan(parallel_strategies: Mapping[str, Any]) -> dict[str, LinearPl
 
 
 def _to_plan(fqn: str, style: Any) -> LinearPlan:
+    if isinstance(style, type):  # the class itself, as torch's own tests write plans: its defaults
+        if not (issubclass(style, (ColwiseParallel, RowwiseParallel)) or _is_torch_style(style)):
+            raise TypeError(f"{fqn}: style must be pp.tp.ColwiseParallel/RowwiseParallel or torch's "
+                            f"ColwiseParallel/RowwiseParallel (a class or an instance), got the class "
+                            f"{style.__name__}")
+        style = style()
     if isinstance(style, ColwiseParallel):
         return LinearPlan("col", None if style.gather_output else -1)
     if isinstance(style, RowwiseParallel):
@@ -63,7 +73,17 @@ def _to_plan(fqn: str, style: Any) -> LinearPlan:
     if torch_plan is not None:
         return torch_plan
     raise TypeError(f"{fqn}: style must be pp.tp.ColwiseParallel/RowwiseParallel or torch's "
-                    f"ColwiseParallel/RowwiseParallel, got {type(style).__name__}")
+                    f"ColwiseParallel/RowwiseParallel (a class or an instance), got {type(style).__name__}")
+
+
+def _is_torch_style(cls: type) -> bool:
+    """Whether `cls` is (a subclass of) torch.distributed.tensor.parallel's Colwise/RowwiseParallel."""
+    try:
+        from torch.distributed.tensor.parallel.style import ColwiseParallel as TorchCol
+        from torch.distributed.tensor.parallel.style import RowwiseParallel as TorchRow
+    except ImportError:  # torch built without distributed
+        return False
+    return issubclass(cls, (TorchCol, TorchRow))
 
 
 def _from_torch_style(fqn: str, style: Any) -> Optional[LinearPlan]:

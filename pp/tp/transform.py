@@ -30,9 +30,11 @@ def tensor_parallel_transformation(
 ) -> ExportedProgram:
     """Return `exported_program` rewritten for tensor parallelism on this `rank`.
 
-    Modules named in `parallel_strategies` (FQN -> pp.tp or torch Colwise/RowwiseParallel) get their
-    weights really sharded; `_c10d_functional` collectives + `wait_tensor` over `group` (default:
-    world) keep the result of `.module()` equal to the original's on every rank. The program's state
+    Modules named in `parallel_strategies` (FQN -> pp.tp or torch Colwise/RowwiseParallel, an
+    instance or the class itself) get their weights really sharded, as DTensor shards them: a size
+    that does not divide `world_size` is cut as `torch.chunk` cuts it (5 over 4 ranks: 2, 2, 1, 0);
+    `_c10d_functional` collectives + `wait_tensor` over `group` (default: world) keep the result of
+    `.module()` equal to the original's on every rank. The program's state
     lives on `device_type` (the current device of that type). Forward only: the inserted collectives
     have no autograd; train with `pp.tp.shard_stage_module`.
     """
@@ -96,28 +98,34 @@ def target_device(device_type: str) -> torch.device:
 
 
 def shard_param(name: str, value: torch.Tensor, p: PlannedParam, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's block of a planned weight/bias (a row-parallel bias stays whole)."""
-    shard = param_shard(p)
+    """This rank's block of a planned weight/bias (a row-parallel bias stays whole), cut as
+    `torch.chunk` and DTensor cut it: unevenly where the size does not divide (5 over 2: 3 + 2),
+    and empty on the last ranks where the group is larger than the size. Raises ValueError only
+    for a fused projection (`p.blocks` > 1) whose blocks do not split evenly, since every rank must
+    cut its parts of q, k and v alike."""
+    shard = param_shard(p, value.shape)
     if shard is None:
         return value
     size = value.shape[shard.dim]
-    if size % (world_size * shard.blocks) != 0:
+    if shard.blocks > 1 and size % (world_size * shard.blocks) != 0:
         what = "out_features" if shard.dim == 0 else "in_features"
-        style = "ColwiseParallel" if p.plan.kind == "col" else "RowwiseParallel"
-        fused = f" in {shard.blocks} fused blocks (its output is split {shard.blocks} ways)" if shard.blocks > 1 else ""
-        raise ValueError(f"{p.fqn}: {style} splits {what}={size} ({name} of shape "
-                         f"{tuple(value.shape)}){fused} over world_size={world_size}, which does not divide it")
+        raise ValueError(f"{p.fqn}: ColwiseParallel splits {what}={size} ({name} of shape "
+                         f"{tuple(value.shape)}) in {shard.blocks} fused blocks (its output is split "
+                         f"{shard.blocks} ways) over world_size={world_size}, which must divide each "
+                         f"block of {size // shard.blocks} so that every rank holds matching parts")
     local = take_shard(value, shard, rank, world_size)
     if isinstance(value, torch.nn.Parameter):
         return torch.nn.Parameter(local, requires_grad=value.requires_grad)
     return local
 
 
-def param_shard(p: PlannedParam) -> ParamShard | None:
-    """How planned parameter `p` is cut, or None where it stays whole (a row-parallel bias)."""
+def param_shard(p: PlannedParam, shape: torch.Size | tuple) -> ParamShard | None:
+    """How planned parameter `p` of whole shape `shape` is cut, or None where it stays whole (a
+    row-parallel bias)."""
     if p.plan.kind == "row" and p.role == "bias":
         return None
-    return ParamShard(0 if p.plan.kind == "col" else 1, p.blocks)
+    dim = 0 if p.plan.kind == "col" else 1
+    return ParamShard(dim, p.blocks, shape[dim])
 
 
 def _propagate_fake_values(gm: fx.GraphModule, sharded: dict[fx.Node, torch.Tensor]) -> None:
