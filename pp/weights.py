@@ -207,8 +207,8 @@ def _parallel_target(model: "ParallelModel") -> _Target:
     def full_shape(name: str, t: torch.Tensor) -> tuple:
         shard = model.tp_shards.get(name)
         shape = list(t.shape)
-        if shard is not None:
-            shape[shard.dim] *= model.tp
+        if shard is not None:  # uneven shards (torch.chunk's cut) record the whole length
+            shape[shard.dim] = shard.length if shard.length is not None else shape[shard.dim] * model.tp
         return tuple(shape)
 
     return _Target(tensors, full_shape, model.local_tensor)
