@@ -4,10 +4,31 @@ Ranks here are ranks *within* the pipeline group; conversion to global ranks hap
 """
 from __future__ import annotations
 
+import os
+import pickle
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+
+# Test aid (see `strict_matching`); PP_P2P_STRICT=1 turns it on in processes a test starts.
+_STRICT = os.environ.get("PP_P2P_STRICT") == "1"
+
+
+def strict_matching(enabled: bool = True) -> None:
+    """Make transfers over gloo match the way NCCL's do, so that a CPU test catches what hangs on GPUs.
+
+    gloo matches every send with its receive on its own and buffers what arrives early. NCCL runs a
+    rank's transfers on one stream in the order they were posted, a group as a whole, and inside a
+    group pairs the i-th send to a peer with the i-th receive from it: a group whose transfers the
+    peer posts in two groups with work between them can wait forever. In strict mode every `post`
+    (and every small-object transfer) is one group that must meet exactly one group of each peer it
+    names, with the same transfers in the same order: it blocks until every such peer posts its
+    group, and raises RuntimeError naming both groups where they differ (NCCL would hang or mix
+    tensors up there). Test-only: it costs a header exchange per group.
+    """
+    global _STRICT
+    _STRICT = bool(enabled)
 
 
 def global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
@@ -26,16 +47,54 @@ def group_size(group: dist.ProcessGroup | None) -> int:
 
 def post(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]],
          group: dist.ProcessGroup | None) -> list:
-    """Start all sends and receives of one batch together; returns their work handles.
+    """Start all sends and receives of one group together; returns their work handles.
 
-    One batch goes to the backend as one group (NCCL group call), so sends and receives with the same
-    peer inside it cannot block each other.
+    One call goes to the backend as one group (NCCL group call). NCCL runs groups in the order they
+    are posted and pairs transfers group by group, so the caller must post with each peer exactly the
+    group that peer posts with it, in the same order (see `strict_matching`, which checks that on gloo).
     """
+    if _STRICT:
+        return _post_strict(sends, recvs, group)
     ops = [dist.P2POp(dist.isend, t, global_rank(group, peer), group) for t, peer in sends]
     ops += [dist.P2POp(dist.irecv, t, global_rank(group, peer), group) for t, peer in recvs]
     if not ops:
         return []
     return dist.batch_isend_irecv(ops)
+
+
+def _sizes(ops: Sequence[tuple[torch.Tensor, int]], peer: int) -> list[int]:
+    return [t.numel() * t.element_size() for t, p in ops if p == peer]
+
+
+def _post_strict(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]],
+                 group: dist.ProcessGroup | None) -> list:
+    """One NCCL-like group over gloo: exchange with each peer what this group moves to and from it
+    (byte counts in order), check that the peer's group is its mirror image, then move the data."""
+    me = dist.get_rank(group)
+    peers = sorted({p for _, p in sends} | {p for _, p in recvs})
+    works = []
+    for p in peers:
+        header = torch.tensor([len(_sizes(sends, p))] + _sizes(sends, p) + _sizes(recvs, p), dtype=torch.int64)
+        works.append(dist.isend(torch.tensor([header.numel()]), global_rank(group, p), group))
+        works.append(dist.isend(header, global_rank(group, p), group))
+    for p in peers:
+        n = torch.zeros(1, dtype=torch.int64)
+        dist.recv(n, global_rank(group, p), group)
+        theirs = torch.zeros(int(n), dtype=torch.int64)
+        dist.recv(theirs, global_rank(group, p), group)
+        k = int(theirs[0])
+        their_sends, their_recvs = theirs[1:1 + k].tolist(), theirs[1 + k:].tolist()
+        if their_sends != _sizes(recvs, p) or their_recvs != _sizes(sends, p):
+            raise RuntimeError(
+                f"pp strict p2p: rank {me} posted a group that sends {_sizes(sends, p)} bytes to rank {p} and "
+                f"receives {_sizes(recvs, p)} from it, but rank {p}'s group at that point sends {their_sends} "
+                f"and receives {their_recvs}: NCCL, which pairs transfers group by group, would hang or mix "
+                f"tensors up here")
+    works += [dist.isend(t, global_rank(group, p), group) for t, p in sends]
+    works += [dist.irecv(t, global_rank(group, p), group) for t, p in recvs]
+    for w in works:
+        w.wait()
+    return []
 
 
 def _object_device(group: dist.ProcessGroup | None) -> torch.device:
@@ -49,10 +108,22 @@ def _object_device(group: dist.ProcessGroup | None) -> torch.device:
 
 def send_object(obj: Any, peer: int, group: dist.ProcessGroup | None) -> None:
     """Blocking send of a small picklable object (tensor metadata); not for the hot path."""
+    if _STRICT:
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        _post_strict([(torch.tensor([data.numel()]), peer)], [], group)
+        _post_strict([(data, peer)], [], group)
+        return
     dist.send_object_list([obj], dst=global_rank(group, peer), group=group, device=_object_device(group))
 
 
 def recv_object(peer: int, group: dist.ProcessGroup | None) -> Any:
+    """Blocking receive of what `send_object` sent from `peer`."""
+    if _STRICT:
+        n = torch.zeros(1, dtype=torch.int64)
+        _post_strict([], [(n, peer)], group)
+        data = torch.zeros(int(n), dtype=torch.uint8)
+        _post_strict([], [(data, peer)], group)
+        return pickle.loads(data.numpy().tobytes())
     box = [None]
     dist.recv_object_list(box, src=global_rank(group, peer), group=group, device=_object_device(group))
     return box[0]

@@ -1,0 +1,134 @@
+"""Transfers that NCCL can match: gloo in strict mode (`pp.comms.p2p.strict_matching`) matches like NCCL.
+
+The regression (issue 14, item 9): a Hugging Face Llama cut in 2 stages hung in 1F1B and GPipe over NCCL.
+Three tensors cross its cut (hidden states, rotary cos and sin), one gradient comes back; rank 0 posted
+"send microbatch 1 + receive gradient 0" as one group while rank 1 posts them as two groups with its
+backward between them, and NCCL pairs the i-th send with the i-th receive of a group: stuck. gloo
+matches each transfer alone and trained, so these tests run in strict mode, where such a group fails.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pp
+from pp.testing import RankError, run_ranks
+
+transformers = pytest.importorskip("transformers")
+
+N_MB = 4
+
+
+class TinyLlama(nn.Module):
+    """input_ids -> logits of a 4-layer Llama (sdpa attention), as a user wraps it for a plain loss."""
+
+    def __init__(self, attn: str = "sdpa"):
+        super().__init__()
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                       max_position_embeddings=16, use_cache=False)
+        cfg._attn_implementation = attn
+        self.m = transformers.LlamaForCausalLM(cfg)
+
+    def forward(self, ids):
+        return self.m(input_ids=ids).logits
+
+
+def _loss(logits, target):
+    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(0, 1))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 64, (2 * N_MB, 8), generator=g), torch.randint(0, 64, (2 * N_MB, 8), generator=g)
+
+
+def _reference(dtype):
+    torch.manual_seed(0)
+    model = TinyLlama().to(dtype)
+    ids, tgt = _batch()
+    losses = []
+    for x, y in zip(ids.chunk(N_MB), tgt.chunk(N_MB)):
+        loss = _loss(model(x), y)
+        (loss / N_MB).backward()
+        losses.append(loss.detach())
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _train_strict(rank, world, schedule, dtype, steps):
+    from pp.comms import p2p
+
+    p2p.strict_matching(True)
+    torch.manual_seed(0)
+    model = TinyLlama().to(dtype)
+    ids, tgt = _batch()
+    cls = getattr(pp, "Schedule" + schedule)
+    multi = cls.__name__ in ("ScheduleInterleaved1F1B", "ScheduleDualPipeV")
+    n_stages = 2 * world if multi else world
+    spec = {f"m.model.layers.{k * 4 // n_stages}": pp.SplitPoint.BEGINNING for k in range(1, n_stages)}
+    pipe = pp.pipeline(model, (ids[:2],), split_spec=spec)
+    sids = [rank] if not multi else ([rank, rank + world] if "Interleaved" in schedule else [rank, 2 * world - 1 - rank])
+    stages = [pipe.build_stage(s, "cpu") for s in sids]
+    sched = cls(stages if multi else stages[0], n_microbatches=N_MB, loss_fn=_loss)
+    first, last = 0 in sids, n_stages - 1 in sids
+    for _ in range(steps):  # the first step exchanges metadata, the later ones do not: both must match
+        losses = []
+        for st in stages:
+            st.submod.zero_grad(set_to_none=True)
+        sched.step(*((ids,) if first else ()), **(dict(target=tgt, losses=losses) if last else {}))
+    grads = {}
+    for st in stages:
+        for name, p in st.submod.named_parameters():
+            grads[name] = p.grad.clone()
+    return losses, grads
+
+
+@pytest.mark.parametrize("schedule", ["1F1B", "GPipe", "Interleaved1F1B", "DualPipeV"])
+def test_hf_llama_trains_with_nccl_like_matching(schedule):
+    dtype = torch.float32
+    ref_losses, ref_grads = _reference(dtype)
+    out = run_ranks(_train_strict, 2, schedule, dtype, 2, timeout_s=240)
+    losses = [l for rank_losses, _ in out for l in rank_losses]
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses))
+    got = {}
+    for _, grads in out:
+        got.update(grads)
+    ref = {n.replace(".", "_"): g for n, g in ref_grads.items()}
+    assert got, "no stage reported gradients"
+    for name, g in got.items():
+        key = next((k for k in ref if k.endswith(name.replace(".", "_"))), None)
+        assert key is not None, name
+        torch.testing.assert_close(g, ref[key], msg=lambda m: f"{name}: {m}")
+
+
+def _bf16_step(rank, world):
+    return _train_strict(rank, world, "1F1B", torch.bfloat16, 1)[0]
+
+
+def test_hf_llama_bf16_1f1b_with_nccl_like_matching():
+    ref_losses, _ = _reference(torch.bfloat16)
+    out = run_ranks(_bf16_step, 2, timeout_s=240)
+    torch.testing.assert_close(torch.stack(out[1]), torch.stack(ref_losses))
+
+
+# ----------------------------------------------------------------------------- the emulation itself
+def _asymmetric(rank, world):
+    """Rank 0 posts send+receive as one group, rank 1 as two: fine on gloo, a hang on NCCL."""
+    from pp.comms import p2p
+
+    p2p.strict_matching(True)
+    a, b = torch.ones(3), torch.zeros(2)
+    if rank == 0:
+        p2p.post([(a, 1)], [(b, 1)], None)
+    else:
+        p2p.post([], [(torch.zeros(3), 0)], None)
+        p2p.post([(torch.ones(2), 0)], [], None)
+
+
+def test_strict_matching_refuses_groups_the_peer_posts_differently():
+    with pytest.raises(RankError, match="NCCL, which pairs transfers group by group, would hang"):
+        run_ranks(_asymmetric, 2, timeout_s=60)
