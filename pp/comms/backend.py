@@ -90,6 +90,10 @@ def init_process_group_from_env(
         store = dist.PrefixStore(f"pp/attempt-{attempt}/", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **kwargs)
     _device = dev
+    if timeout_s is not None and dev.type != "cpu":
+        from .p2p import watch_transfers
+
+        watch_transfers(timeout_s, dev.type)
     return rank, world_size, dev
 
 

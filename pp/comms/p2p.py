@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
+import threading
+import time
+from collections import deque
 from typing import Any, Sequence
 
 import torch
@@ -46,10 +50,12 @@ def group_size(group: dist.ProcessGroup | None) -> int:
 
 
 def post(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]],
-         group: dist.ProcessGroup | None) -> list:
+         group: dist.ProcessGroup | None, label: Any = "") -> list:
     """Start all sends and receives of one group together; returns their work handles.
 
-    One call goes to the backend as one group (NCCL group call). NCCL runs groups in the order they
+    One call goes to the backend as one group (NCCL group call). `label` (a string, or a callable
+    giving one) names what the group is for in the line of the transfer watchdog (`watch_transfers`).
+    NCCL runs groups in the order they
     are posted and pairs transfers group by group, so the caller must post with each peer exactly the
     group that peer posts with it, in the same order (see `strict_matching`, which checks that on gloo).
     """
@@ -59,7 +65,81 @@ def post(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.
     ops += [dist.P2POp(dist.irecv, t, global_rank(group, peer), group) for t, peer in recvs]
     if not ops:
         return []
-    return dist.batch_isend_irecv(ops)
+    works = dist.batch_isend_irecv(ops)
+    dog = _watchdog_for(ops[0].tensor.device)
+    if dog is not None:
+        dog.add(label, works)
+    return works
+
+
+class _Watchdog:
+    """Ends the process with one line naming what it waits in when a posted group has not completed
+    within `timeout_s`. On GPUs a rank waiting for a peer does not block in Python: its device waits,
+    and its host later stops anywhere (a full launch queue, a sync); only the posted groups tell what
+    it is waiting in. NCCL's own watchdog would end it after the same time without saying that."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.pending: deque = deque()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._loop, name="pp-p2p-watchdog", daemon=True)
+        self.thread.start()
+
+    def add(self, label: Any, works: list) -> None:
+        with self.lock:
+            self.pending.append((time.monotonic(), label, works))
+
+    def _oldest_stuck(self) -> tuple[float, str] | None:
+        """(posted time, label) of the oldest group still incomplete; drops the completed ones."""
+        with self.lock:
+            items = list(self.pending)
+        done = [item for item in items if all(w.is_completed() for w in item[2])]
+        with self.lock:
+            for item in done:
+                self.pending.remove(item)
+            if not self.pending:
+                return None
+            posted, label, _ = self.pending[0]
+        return posted, label() if callable(label) else str(label)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 10))
+            oldest = self._oldest_stuck()
+            if oldest is not None and time.monotonic() - oldest[0] > self.timeout_s:
+                rank = dist.get_rank() if dist.is_initialized() else 0
+                print(f"pp: rank {rank} stopped: no message from a peer rank within timeout_s={self.timeout_s:g}s "
+                      f"(a rank hangs, was stopped, or is far slower): the transfers posted for "
+                      f"{oldest[1] or 'a pipeline step'} never completed", file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(1)
+
+
+_watchdogs: dict[str, _Watchdog] = {}
+_watch_timeout: dict[str, float] = {}
+
+
+def watch_transfers(timeout_s: float, device_type: str = "cuda") -> None:
+    """End this process with a line naming the waiting action when a group posted on `device_type`
+    has not completed within `timeout_s` seconds. `init_process_group_from_env` turns it on for CUDA
+    with its `timeout_s` (there a waiting rank's host does not block where it waits; on gloo the
+    waiting call itself raises after the group's timeout)."""
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    _watch_timeout[device_type] = float(timeout_s)
+    dog = _watchdogs.get(device_type)
+    if dog is not None:
+        dog.timeout_s = float(timeout_s)
+
+
+def _watchdog_for(device: torch.device) -> _Watchdog | None:
+    timeout_s = _watch_timeout.get(device.type)
+    if timeout_s is None:
+        return None
+    dog = _watchdogs.get(device.type)
+    if dog is None:
+        dog = _watchdogs[device.type] = _Watchdog(timeout_s)
+    return dog
 
 
 def _sizes(ops: Sequence[tuple[torch.Tensor, int]], peer: int) -> list[int]:
