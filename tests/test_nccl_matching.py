@@ -8,6 +8,7 @@ matches each transfer alone and trained, so these tests run in strict mode, wher
 """
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -146,3 +147,68 @@ def _asymmetric(rank, world):
 def test_strict_matching_refuses_groups_the_peer_posts_differently():
     with pytest.raises(RankError, match="NCCL, which pairs transfers group by group, would hang"):
         run_ranks(_asymmetric, 2, timeout_s=60)
+
+
+# ------------------------------------------------------------------ a rank waiting on a peer names its action
+class _SlowOnRank1(nn.Module):
+    """A linear layer whose forward sleeps on rank 1 (a hung or far slower peer for rank 0)."""
+
+    def __init__(self, sleep_s: float):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.sleep_s = sleep_s
+
+    def forward(self, x):
+        import torch.distributed as dist
+
+        if dist.get_rank() == 1:
+            time.sleep(self.sleep_s)
+        return self.lin(x)
+
+
+def _waits_for_sleeper(rank, world, watchdog_s, group_timeout_s, sleep_s):
+    """1F1B over two manual stages; rank 1 sleeps in its forward. Returns (seconds until rank 0 gave up,
+    its error text with notes) from rank 0; rank 1 returns None."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from pp.comms import p2p
+
+    if watchdog_s:
+        p2p.watch_transfers(watchdog_s, "cpu")
+    group = dist.new_group([0, 1], timeout=timedelta(seconds=group_timeout_s))
+    torch.manual_seed(0)
+    stage = pp.PipelineStage(_SlowOnRank1(sleep_s), rank, 2, "cpu", group=group)
+    sched = pp.Schedule1F1B(stage, n_microbatches=2, loss_fn=lambda y, t: ((y - t) ** 2).mean())
+    x = torch.randn(4, 4)
+    t0 = time.monotonic()
+    try:
+        sched.step(*((x,) if rank == 0 else ()), **(dict(target=x) if rank == 1 else {}))
+    except Exception as e:  # noqa: BLE001 - the error and its notes are the result
+        text = "\n".join([str(e)] + list(getattr(e, "__notes__", ())))
+        return time.monotonic() - t0, text
+    return None
+
+
+def test_rank_waiting_in_a_posted_transfer_stops_within_timeout_naming_the_action(capfd):
+    """The GPU path: a waiting rank's host does not block where it waits, so the transfer watchdog
+    (on for CUDA by init_process_group_from_env with its timeout_s; here on for gloo, 2 s) ends the
+    process with one line naming the action whose transfers never completed."""
+    # rank 1 sleeps past run_ranks' own timeout: only rank 0 stopping by itself gives a RankError
+    with pytest.raises(RankError, match="rank 0 .*exited with code 1"):
+        run_ranks(_waits_for_sleeper, 2, 2.0, 150.0, 150.0, timeout_s=100)
+    err = capfd.readouterr().err
+    assert re.search(r"pp: rank 0 stopped: no message from a peer rank within timeout_s=2s \(a rank hangs, was "
+                     r"stopped, or is far slower\): the transfers posted for 0(SEND_F\d|RECV_B\d) on pipeline rank 0 "
+                     r"never completed", err), err[-3000:]
+
+
+def test_rank_waiting_for_metadata_fails_within_timeout_naming_the_batch():
+    """The first step's metadata transfers block the host: the group's timeout (3 s) ends the waiting
+    rank with an error whose note names the batch it waited in."""
+    out = run_ranks(_waits_for_sleeper, 2, 0.0, 3.0, 8.0, timeout_s=60)
+    waited, text = out[0] if out[0] is not None else out[1]
+    assert waited < 3.0 + 4.0, waited
+    assert re.search(r"[Tt]imed out", text), text
+    assert re.search(r"pp: while (posting|running) \d(SEND|RECV)_[FB]\d.* on pipeline rank \d", text), text
