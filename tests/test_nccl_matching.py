@@ -200,7 +200,7 @@ def test_rank_waiting_in_a_posted_transfer_stops_within_timeout_naming_the_actio
         run_ranks(_waits_for_sleeper, 2, 2.0, 150.0, 150.0, timeout_s=100)
     err = capfd.readouterr().err
     assert re.search(r"pp: rank 0 stopped: no message from a peer rank within timeout_s=2s \(a rank hangs, was "
-                     r"stopped, or is far slower\): the transfers posted for 0(SEND_F\d|RECV_B\d) on pipeline rank 0 "
+                     r"stopped, or is far slower\): the transfers posted for 0(SEND_F\d|RECV_B\d)( \(its metadata\))? on pipeline rank 0 "
                      r"never completed", err), err[-3000:]
 
 

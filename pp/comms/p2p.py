@@ -87,6 +87,8 @@ class _Watchdog:
 
     def add(self, label: Any, works: list) -> None:
         with self.lock:
+            while self.pending and all(w.is_completed() for w in self.pending[0][2]):
+                self.pending.popleft()   # so that finished transfers' tensors are not kept alive
             self.pending.append((time.monotonic(), label, works))
 
     def _oldest_stuck(self) -> tuple[float, str] | None:
@@ -104,7 +106,7 @@ class _Watchdog:
 
     def _loop(self) -> None:
         while True:
-            time.sleep(min(1.0, self.timeout_s / 10))
+            time.sleep(min(1.0, self.timeout_s / 20))
             oldest = self._oldest_stuck()
             if oldest is not None and time.monotonic() - oldest[0] > self.timeout_s:
                 rank = dist.get_rank() if dist.is_initialized() else 0
@@ -121,9 +123,13 @@ _watch_timeout: dict[str, float] = {}
 
 def watch_transfers(timeout_s: float, device_type: str = "cuda") -> None:
     """End this process with a line naming the waiting action when a group posted on `device_type`
-    has not completed within `timeout_s` seconds. `init_process_group_from_env` turns it on for CUDA
-    with its `timeout_s` (there a waiting rank's host does not block where it waits; on gloo the
-    waiting call itself raises after the group's timeout)."""
+    has not completed within `timeout_s` seconds (checked every min(1, timeout_s/20) s).
+
+    `init_process_group_from_env` turns it on for CUDA at 0.9 x its `timeout_s`, so that it speaks
+    before NCCL's own watchdog ends the process at `timeout_s` without naming the action (there a
+    waiting rank's host does not block where it waits). On gloo the waiting call itself raises after
+    the group's timeout, with a note naming the action. ValueError if `timeout_s` is not positive.
+    """
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
     _watch_timeout[device_type] = float(timeout_s)
@@ -186,8 +192,38 @@ def _object_device(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-def send_object(obj: Any, peer: int, group: dist.ProcessGroup | None) -> None:
-    """Blocking send of a small picklable object (tensor metadata); not for the hot path."""
+class _Blocking:
+    """Stands for a blocking call in the watchdog's list: completed once the call has returned."""
+
+    __slots__ = ("done",)
+
+    def __init__(self):
+        self.done = False
+
+    def is_completed(self) -> bool:
+        return self.done
+
+
+def _watched(fn, label: Any, group: dist.ProcessGroup | None):
+    """Run the blocking transfer `fn()` under the watchdog of the group's object device, if any."""
+    dog = _watchdog_for(_object_device(group))
+    if dog is None:
+        return fn()
+    mark = _Blocking()
+    dog.add(label, [mark])
+    try:
+        return fn()
+    finally:
+        mark.done = True
+
+
+def send_object(obj: Any, peer: int, group: dist.ProcessGroup | None, label: Any = "") -> None:
+    """Blocking send of a small picklable object (tensor metadata); not for the hot path. `label`
+    names what it is for, as in `post`."""
+    return _watched(lambda: _send_object(obj, peer, group), label, group)
+
+
+def _send_object(obj: Any, peer: int, group: dist.ProcessGroup | None) -> None:
     if _STRICT:
         data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
         _post_strict([(torch.tensor([data.numel()]), peer)], [], group)
@@ -196,8 +232,12 @@ def send_object(obj: Any, peer: int, group: dist.ProcessGroup | None) -> None:
     dist.send_object_list([obj], dst=global_rank(group, peer), group=group, device=_object_device(group))
 
 
-def recv_object(peer: int, group: dist.ProcessGroup | None) -> Any:
-    """Blocking receive of what `send_object` sent from `peer`."""
+def recv_object(peer: int, group: dist.ProcessGroup | None, label: Any = "") -> Any:
+    """Blocking receive of what `send_object` sent from `peer`; `label` as in `post`."""
+    return _watched(lambda: _recv_object(peer, group), label, group)
+
+
+def _recv_object(peer: int, group: dist.ProcessGroup | None) -> Any:
     if _STRICT:
         n = torch.zeros(1, dtype=torch.int64)
         _post_strict([], [(n, peer)], group)

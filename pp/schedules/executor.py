@@ -223,7 +223,9 @@ class Executor:
         meta = [_meta_of(v) for v in values]
         peer = self.rank_of(msg.dst)
         if self._meta_mode:
-            p2p.send_object(meta, peer, self.group)
+            rank = self.rank
+            p2p.send_object(meta, peer, self.group,
+                            lambda: f"{msg.src}SEND_F{msg.microbatch} (its metadata) on pipeline rank {rank}")
             self._meta[msg] = meta
         elif self._meta.get(msg) != meta:
             raise RuntimeError(
@@ -237,7 +239,9 @@ class Executor:
         stage = self.stages[msg.dst]
         peer = self.rank_of(msg.src)
         if self._meta_mode:
-            self._meta[msg] = p2p.recv_object(peer, self.group)
+            rank = self.rank
+            self._meta[msg] = p2p.recv_object(
+                peer, self.group, lambda: f"{msg.dst}RECV_F{msg.microbatch} (its metadata) on pipeline rank {rank}")
             stage.check_received(msg.src, self._meta[msg])
         meta = self._meta[msg]
         ops = []
