@@ -44,6 +44,7 @@ class Executor:
         self.rank = rank
         self.device = next(iter(stages.values())).device
         self._meta: dict[Message, list] = {}  # forward message -> metadata of what it carries
+        self._groups: dict[tuple, list] = {}  # (batch, its list's peer_batch) -> split_batch's groups
         self.trace: list[tuple[str, float, float]] = []
 
     def rank_of(self, stage: int) -> int:
@@ -186,8 +187,12 @@ class Executor:
         one group of each peer, as NCCL needs). In a metadata step each group's forward messages first
         exchange their metadata, in the group's canonical order (the peer's order too), then its data
         goes out as one group, before the next group's blocking metadata receive can hold it back."""
+        key = (tuple(batch), id(self._peer_batch))
+        groups = self._groups.get(key)
+        if groups is None:   # the same batches come every step: cut each once
+            groups = self._groups[key] = split_batch(batch, self.graph, self.rank_of, self._peer_batch)
         try:
-            for group in split_batch(batch, self.graph, self.rank_of, self._peer_batch):
+            for group in groups:
                 sends, recvs, keys = [], [], []
                 for action, msg in group:
                     if action.kind == Kind.SEND_F:
