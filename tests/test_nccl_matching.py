@@ -104,7 +104,9 @@ def test_hf_llama_trains_with_nccl_like_matching(schedule, dtype):
     for name, g in got.items():
         key = next((k for k in ref if k.endswith(name.replace(".", "_"))), None)
         assert key is not None, name
-        torch.testing.assert_close(g, ref[key], msg=lambda m: f"{name}: {m}")
+        # bf16 gradients summed over microbatches in another order round differently (losses are exact)
+        tol = dict(atol=2e-3, rtol=5e-2) if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(g, ref[key], msg=lambda m: f"{name}: {m}", **tol)
 
 
 def test_every_schedule_posts_groups_nccl_can_match():
