@@ -72,7 +72,10 @@ def _train_strict(rank, world, schedule, dtype, steps):
     n_stages = 2 * world if multi else world
     spec = {f"m.model.layers.{k * 4 // n_stages}": pp.SplitPoint.BEGINNING for k in range(1, n_stages)}
     pipe = pp.pipeline(model, (ids[:2],), split_spec=spec)
-    sids = [rank] if not multi else ([rank, rank + world] if "Interleaved" in schedule else [rank, 2 * world - 1 - rank])
+    if not multi:
+        sids = [rank]
+    else:
+        sids = [rank, rank + world] if "Interleaved" in schedule else [rank, 2 * world - 1 - rank]
     stages = [pipe.build_stage(s, "cpu") for s in sids]
     sched = cls(stages if multi else stages[0], n_microbatches=N_MB, loss_fn=_loss)
     first, last = 0 in sids, n_stages - 1 in sids
@@ -202,8 +205,8 @@ def test_rank_waiting_in_a_posted_transfer_stops_within_timeout_naming_the_actio
         run_ranks(_waits_for_sleeper, 2, 2.0, 150.0, 150.0, timeout_s=100)
     err = capfd.readouterr().err
     assert re.search(r"pp: rank 0 stopped: no message from a peer rank within timeout_s=2s \(a rank hangs, was "
-                     r"stopped, or is far slower\): the transfers posted for 0(SEND_F\d|RECV_B\d)( \(its metadata\))? on pipeline rank 0 "
-                     r"never completed", err), err[-3000:]
+                     r"stopped, or is far slower\): the transfers posted for 0(SEND_F\d|RECV_B\d)"
+                     r"( \(its metadata\))? on pipeline rank 0 never completed", err), err[-3000:]
 
 
 def test_rank_waiting_for_metadata_fails_within_timeout_naming_the_batch():

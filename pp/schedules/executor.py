@@ -214,7 +214,7 @@ class Executor:
         if not sends and not recvs:
             return
         rank = self.rank
-        label = lambda: f"{' '.join(str(a) for a, _ in group)} on pipeline rank {rank}"  # noqa: E731 - only read on a hang
+        label = lambda: f"{' '.join(str(a) for a, _ in group)} on pipeline rank {rank}"  # noqa: E731 - read on a hang
         handle = _Posted(p2p.post(sends, recvs, self.group, label))
         for key in keys:
             self._waits[key].append(handle)
