@@ -60,6 +60,8 @@ def init_process_group_from_env(
     The device is `device`, else cuda:LOCAL_RANK when CUDA is available, else cpu; a CUDA device is
     made current. The backend is `backend`, else "cpu:gloo,cuda:nccl" for CUDA (so small CPU tensors
     such as status flags can use the same group without a device sync), else the device's backend.
+    With `timeout_s` on a GPU, a pipeline transfer still pending after 0.9 x `timeout_s` ends the
+    process with one line naming the action it waits in (`p2p.watch_transfers`).
     Idempotent: if a group already exists, returns its rank, world size and device.
     """
     global _device
@@ -90,6 +92,10 @@ def init_process_group_from_env(
         store = dist.PrefixStore(f"pp/attempt-{attempt}/", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **kwargs)
     _device = dev
+    if timeout_s is not None and dev.type != "cpu":
+        from .p2p import watch_transfers
+
+        watch_transfers(0.9 * timeout_s, dev.type)   # before NCCL's watchdog, which does not name the action
     return rank, world_size, dev
 
 

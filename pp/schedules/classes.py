@@ -16,6 +16,7 @@ from ..stage.graphs import StageGraphs
 from ..stage.runtime import PipelineStage
 from .actions import Action, Kind
 from .executor import Executor
+from .groups import RankActions, check_groups, peer_batches
 from .lower import lower
 from .simulate import DEFAULT_COSTS
 from .registry import get_spec
@@ -98,9 +99,11 @@ class _PipelineSchedule:
     def _prepare(self, compute, edges, given, forward_only=False) -> list[Action]:
         lists = dict(given) if given is not None else lower(
             compute, self.stage_to_rank, self.n_microbatches, edges, costs=DEFAULT_COSTS)
+        graph = stage_graph(self.stage_to_rank, edges)
         if not forward_only:
             validate(lists, self.stage_to_rank, self.n_microbatches, edges)
-        return list(lists.get(self.rank, []))
+            check_groups(lists, graph)
+        return RankActions(lists.get(self.rank, []), peer_batches(lists, graph, self.rank))
 
     # ------------------------------------------------------------------------------- public
     def step(self, *args, target=None, losses: list | None = None, **kwargs) -> Any:

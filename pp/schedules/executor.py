@@ -1,6 +1,7 @@
 """The one executor: runs this rank's lowered action list over its stages for one step.
 
-Consecutive send/recv actions form one batch, posted together; a compute action first waits for the
+Consecutive send/recv actions form one batch, posted as the groups `groups.split_batch` cuts it into (each
+the mirror image of one group of the peer, which NCCL needs); a compute action first waits for the
 receives it needs (on GPUs a stream wait, not a host sync). Tensor metadata travels only in steps where
 shapes changed (`meta_mode`), as small objects in the same order as the data; otherwise it is cached.
 """
@@ -15,7 +16,8 @@ import torch
 from ..comms import p2p
 from ..stage.runtime import PipelineStage, _meta_of
 from .actions import Action, Kind
-from .validate import Message, StageGraph, messages_of
+from .groups import split_batch
+from .validate import Message, StageGraph
 
 
 class _Posted:
@@ -42,6 +44,7 @@ class Executor:
         self.rank = rank
         self.device = next(iter(stages.values())).device
         self._meta: dict[Message, list] = {}  # forward message -> metadata of what it carries
+        self._groups: dict[tuple, list] = {}  # (batch, its list's peer_batch) -> split_batch's groups
         self.trace: list[tuple[str, float, float]] = []
 
     def rank_of(self, stage: int) -> int:
@@ -57,6 +60,7 @@ class Executor:
         self._grad_bufs: dict[tuple, list] = defaultdict(list)
         self._send_works: list = []
         self._meta_mode = meta_mode
+        self._peer_batch = getattr(actions, "peer_batch", None)
         self._loss_fn, self._targets, self._losses = loss_fn, targets, losses
         self._loss_scale, self._outputs = loss_scale, outputs
         self._record = record
@@ -179,35 +183,41 @@ class Executor:
 
     # --------------------------------------------------------------------------------- comm
     def _post(self, batch: list[Action]) -> None:
-        """Post a run of comm actions. Normally one batch; in a metadata step each message's data goes
-        out right after its metadata, because a run may span two lock-step boundaries and a blocking
-        metadata receive of the later one must not hold back the data of the earlier one."""
-        pending: list[tuple[list, list, list]] = []
-        for action in batch:
-            for msg in messages_of(action, self.graph):
+        """Post a run of comm actions as the groups `split_batch` cuts it into (each the mirror image of
+        one group of each peer, as NCCL needs). In a metadata step each group's forward messages first
+        exchange their metadata, in the group's canonical order (the peer's order too), then its data
+        goes out as one group, before the next group's blocking metadata receive can hold it back."""
+        key = (tuple(batch), id(self._peer_batch))
+        groups = self._groups.get(key)
+        if groups is None:   # the same batches come every step: cut each once
+            groups = self._groups[key] = split_batch(batch, self.graph, self.rank_of, self._peer_batch)
+        try:
+            for group in groups:
                 sends, recvs, keys = [], [], []
-                if action.kind == Kind.SEND_F:
-                    sends = self._send_forward(msg)
-                elif action.kind == Kind.SEND_B:
-                    sends = self._send_backward(msg)
-                else:
-                    recvs = self._recv_forward(msg) if action.kind == Kind.RECV_F else self._recv_backward(msg)
-                    keys = [(msg.dst, msg.microbatch, "F" if action.kind == Kind.RECV_F else "B")] if recvs else []
-                pending.append((sends, recvs, keys))
-                if self._meta_mode:
-                    self._issue(pending)
-                    pending = []
-        self._issue(pending)
+                for action, msg in group:
+                    if action.kind == Kind.SEND_F:
+                        sends += self._send_forward(msg)
+                    elif action.kind == Kind.SEND_B:
+                        sends += self._send_backward(msg)
+                    else:
+                        got = self._recv_forward(msg) if action.kind == Kind.RECV_F else self._recv_backward(msg)
+                        recvs += got
+                        if got:
+                            keys.append((msg.dst, msg.microbatch, "F" if action.kind == Kind.RECV_F else "B"))
+                self._issue(sends, recvs, keys, group)
+        except Exception as e:
+            if hasattr(e, "add_note"):
+                e.add_note(f"pp: while posting {' '.join(map(str, batch))} on pipeline rank {self.rank}")
+            raise
 
-    def _issue(self, pending: list[tuple[list, list, list]]) -> None:
-        sends = [op for s, _, _ in pending for op in s]
-        recvs = [op for _, r, _ in pending for op in r]
+    def _issue(self, sends: list, recvs: list, keys: list, group: list) -> None:
         if not sends and not recvs:
             return
-        handle = _Posted(p2p.post(sends, recvs, self.group))
-        for _, _, keys in pending:
-            for key in keys:
-                self._waits[key].append(handle)
+        rank = self.rank
+        label = lambda: f"{' '.join(str(a) for a, _ in group)} on pipeline rank {rank}"  # noqa: E731 - read on a hang
+        handle = _Posted(p2p.post(sends, recvs, self.group, label))
+        for key in keys:
+            self._waits[key].append(handle)
         if sends:
             self._send_works.append(handle)  # keeps sent tensors alive until the step ends
 
@@ -218,7 +228,9 @@ class Executor:
         meta = [_meta_of(v) for v in values]
         peer = self.rank_of(msg.dst)
         if self._meta_mode:
-            p2p.send_object(meta, peer, self.group)
+            rank = self.rank
+            p2p.send_object(meta, peer, self.group,
+                            lambda: f"{msg.src}SEND_F{msg.microbatch} (its metadata) on pipeline rank {rank}")
             self._meta[msg] = meta
         elif self._meta.get(msg) != meta:
             raise RuntimeError(
@@ -232,7 +244,9 @@ class Executor:
         stage = self.stages[msg.dst]
         peer = self.rank_of(msg.src)
         if self._meta_mode:
-            self._meta[msg] = p2p.recv_object(peer, self.group)
+            rank = self.rank
+            self._meta[msg] = p2p.recv_object(
+                peer, self.group, lambda: f"{msg.dst}RECV_F{msg.microbatch} (its metadata) on pipeline rank {rank}")
             stage.check_received(msg.src, self._meta[msg])
         meta = self._meta[msg]
         ops = []
