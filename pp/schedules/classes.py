@@ -4,6 +4,7 @@ executor runs them all. `schedule_from_actions` runs a schedule the user wrote (
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from typing import Any, Callable, Mapping, Sequence
 
@@ -55,9 +56,9 @@ class _PipelineSchedule:
                 raise ValueError(f"{self._name} runs {spec.stages_per_rank} stage(s) per rank: with "
                                  f"{self.n_ranks} ranks it needs {spec.stages_per_rank * self.n_ranks} stages, "
                                  f"but the stages say num_stages={self.n_stages}")
-            if spec.stages_per_rank is None and (self.n_stages % self.n_ranks or self.n_stages < 2 * self.n_ranks):
-                raise ValueError(f"{self._name} needs a multiple of {self.n_ranks} stages, at least "
-                                 f"{2 * self.n_ranks}, for {self.n_ranks} ranks; got num_stages={self.n_stages}")
+            if spec.stages_per_rank is None and self.n_stages % self.n_ranks:
+                raise ValueError(f"{self._name} needs a multiple of {self.n_ranks} stages (one or more per "
+                                 f"rank) for {self.n_ranks} ranks; got num_stages={self.n_stages}")
             placement = spec.placement(self.n_stages, self.n_ranks)
             compute = spec.generate(self.n_stages, self.n_ranks, n_microbatches)
         else:
@@ -100,20 +101,34 @@ class _PipelineSchedule:
         return list(lists.get(self.rank, []))
 
     # ------------------------------------------------------------------------------- public
-    def step(self, *args, target=None, losses: list | None = None, **kwargs) -> Any:
-        """One training step over the batch: forward and backward of every microbatch.
+    def step(self, *args, target=None, losses: list | None = None, return_outputs: bool = True,
+             loss_kwargs: dict | None = None, **kwargs) -> Any:
+        """One training step over the batch: forward and backward of every microbatch (as torch's).
 
-        The rank holding stage 0 passes the batch; the rank holding the last stage passes `target` and
-        gets one loss per microbatch appended to `losses`. Without `loss_fn` this runs forward only and
-        returns the merged output on the last stage's rank.
+        The rank holding stage 0 passes the batch (`args`, and `kwargs` that are parameters of the
+        model's forward); the rank holding the last stage passes `target`; `losses` (a list) is cleared
+        and gets one loss per microbatch there. Returns the merged output of the last stage on its rank
+        (None elsewhere, and with `return_outputs=False`, which saves keeping every microbatch's
+        output). `loss_kwargs` go to every `loss_fn(output, target, **loss_kwargs)` call. Without
+        `loss_fn` this runs forward only. Keywords that are neither these nor parameters of the model's
+        forward are refused with a TypeError on the rank that got them, and every other rank raises
+        too, before any transfer.
         """
+        if self._loss_fn is not None and not torch.is_grad_enabled():
+            raise RuntimeError("step() runs backward and needs gradients enabled; it was called under "
+                               "torch.no_grad(): call eval() instead")
         training = self._loss_fn is not None
-        return self._run(args, kwargs, target, losses, training)
+        return self._run(args, kwargs, target, losses, training, return_outputs, loss_kwargs)
 
-    def eval(self, *args, **kwargs) -> Any:
-        """Forward only (no gradients); returns the merged output on the last stage's rank."""
+    def eval(self, *args, target=None, losses: list | None = None, return_outputs: bool = True,
+             loss_kwargs: dict | None = None, **kwargs) -> Any:
+        """Forward only, without gradients; returns the merged output on the last stage's rank.
+
+        With a `loss_fn` and `target` (on the last stage's rank), `losses` is cleared and gets one loss
+        per microbatch, as in torch. Keywords as in `step()`.
+        """
         with torch.no_grad():
-            return self._run(args, kwargs, None, None, False)
+            return self._run(args, kwargs, target, losses, False, return_outputs, loss_kwargs)
 
     def enable_cuda_graphs(self, max_shapes: int = 4) -> None:
         """Replay each stage's forward and backward as CUDA graphs from the second training step on.
@@ -156,10 +171,18 @@ class _PipelineSchedule:
             json.dump({"traceEvents": self.trace_events()}, f)
 
     # ----------------------------------------------------------------------------- internal
-    def _check_inputs(self, args, kwargs, target, losses, training):
+    def _check_inputs(self, args, kwargs, target, losses, training, return_outputs, loss_kwargs):
         n = self.n_microbatches
         mb_args = mb_kwargs = targets = None
         signature = None
+        if not isinstance(return_outputs, bool):
+            raise TypeError(f"return_outputs must be True or False, got {return_outputs!r}")
+        if loss_kwargs is not None and not isinstance(loss_kwargs, dict):
+            raise TypeError(f"loss_kwargs must be a dict of keyword arguments for loss_fn, got "
+                            f"{type(loss_kwargs).__name__}")
+        if losses is not None and not isinstance(losses, list):
+            raise TypeError(f"losses must be a list to append to, got {type(losses).__name__}")
+        _check_model_keywords(self._stages, kwargs)
         if 0 in self._stages:
             if not args and not kwargs:
                 raise ValueError(f"rank {self.rank} holds the first stage: pass the batch to step()/eval()")
@@ -172,19 +195,18 @@ class _PipelineSchedule:
                               for chunk in zip(mb_args, mb_kwargs)
                               for x in torch.utils._pytree.tree_leaves(chunk))
         last = self.n_stages - 1
-        if last in self._stages and training:
-            if target is None:
+        if last in self._stages and self._loss_fn is not None:
+            if target is None and (training or losses is not None):
                 raise ValueError(f"rank {self.rank} holds the last stage and the schedule has a loss_fn: "
-                                 f"pass target= to step()")
-            targets = [t[0] for t in split_args_kwargs_into_chunks((target,), {}, n)[0]]
-        if losses is not None and not isinstance(losses, list):
-            raise TypeError(f"losses must be a list to append to, got {type(losses).__name__}")
+                                 f"pass target= to {'step' if training else 'eval'}()")
+            if target is not None:
+                targets = [t[0] for t in split_args_kwargs_into_chunks((target,), {}, n)[0]]
         return mb_args, mb_kwargs, targets, signature
 
-    def _run(self, args, kwargs, target, losses, training):
+    def _run(self, args, kwargs, target, losses, training, return_outputs=True, loss_kwargs=None):
         error, prepared = None, None
         try:
-            prepared = self._check_inputs(args, kwargs, target, losses, training)
+            prepared = self._check_inputs(args, kwargs, target, losses, training, return_outputs, loss_kwargs)
         except Exception as e:  # reported to every rank below, so that no peer waits for us
             error = e
         changed = prepared is not None and prepared[3] is not None and prepared[3] != self._last_signature
@@ -201,17 +223,23 @@ class _PipelineSchedule:
         if signature is not None:
             self._last_signature = signature
         meta_mode = bool(status[1]) or not getattr(self, "_ran_once", False)
-        if 0 in self._stages:
-            for m in range(self.n_microbatches):
-                self._stages[0].set_model_inputs(m, mb_args[m], mb_kwargs[m])
-        outputs: list | None = [] if not training and (self.n_stages - 1) in self._stages else None
+        is_last = (self.n_stages - 1) in self._stages
+        if is_last and losses is not None:
+            losses.clear()
+        loss_fn = self._loss_fn if targets is not None else None
+        if loss_fn is not None and loss_kwargs:
+            loss_fn = functools.partial(loss_fn, **loss_kwargs)
+        outputs: list | None = [] if is_last and return_outputs else None
         scale = 1.0 / self.n_microbatches if self.scale_grads else 1.0
         actions = self._train_actions if training else self._eval_actions
         after = self._after_hooks() if training else None
         for g in self._graphs.values():
             g.active = training
         try:
-            self._executor.run(actions, meta_mode=meta_mode, loss_fn=self._loss_fn if training else None,
+            if 0 in self._stages:
+                for m in range(self.n_microbatches):
+                    self._stages[0].set_model_inputs(m, mb_args[m], mb_kwargs[m])
+            self._executor.run(actions, meta_mode=meta_mode, loss_fn=loss_fn,
                                targets=targets, losses=losses, loss_scale=scale, outputs=outputs,
                                record=self.record_trace, after=after)
         except BaseException:
@@ -283,6 +311,34 @@ class _PipelineSchedule:
                 else:
                     p.grad.copy_(g)
             offset += n
+
+
+def _check_model_keywords(stages: dict[int, PipelineStage], kwargs: dict) -> None:
+    """TypeError for a keyword of step()/eval() that is not a parameter of the model's forward.
+
+    The rule: a traced pipeline knows the model's forward signature on every rank; manual stages know it
+    only on the first stage's rank (its module's forward), and other ranks leave the check to it (its
+    refusal reaches them through the step's opening all-reduce). A forward taking **kwargs accepts all.
+    """
+    if not kwargs:
+        return
+    stage = next(iter(stages.values()))
+    if stage.pipe_info is not None:
+        sig = stage.pipe_info.input_binder.signature
+    elif 0 in stages:
+        try:
+            sig = inspect.signature(stages[0].submod.forward)
+        except (TypeError, ValueError):
+            sig = None
+    else:
+        return
+    if sig is None or any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    names = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(k for k in kwargs if k not in names)
+    if unknown:
+        raise TypeError(f"step()/eval() got unknown keyword(s) {unknown}: they take target=, losses=, "
+                        f"return_outputs=, loss_kwargs= and the model's forward parameters {names}")
 
 
 def _last_backward_actions(actions: list[Action]) -> dict[Action, int]:

@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 
 from ..comms import p2p
 from ..stage.runtime import PipelineStage, _meta_of
@@ -151,8 +152,11 @@ class Executor:
                 st.loss = loss
                 if self._losses is not None:
                     self._losses.append(loss.detach())
-            elif self._outputs is not None:
-                self._outputs.append(st.final)
+            if self._outputs is not None:
+                final = st.final
+                if torch.is_grad_enabled():  # kept for the caller only: no autograd graph held by it
+                    final = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, final)
+                self._outputs.append(final)
         for c in stage.consumers:
             if self.rank_of(c) != self.rank:
                 continue
