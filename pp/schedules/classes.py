@@ -16,7 +16,7 @@ from ..stage.graphs import StageGraphs
 from ..stage.runtime import PipelineStage
 from .actions import Action, Kind
 from .executor import Executor
-from .lower import lower
+from .lower import compute_ticks, lower
 from .simulate import DEFAULT_COSTS
 from .registry import get_spec
 from .validate import stage_graph, validate
@@ -30,7 +30,8 @@ class _PipelineSchedule:
     def __init__(self, stages: PipelineStage | Sequence[PipelineStage], n_microbatches: int,
                  loss_fn: Callable | None = None, args_chunk_spec: Any = None, kwargs_chunk_spec: Any = None,
                  output_merge_spec: Any = None, scale_grads: bool = True,
-                 actions: Mapping[int, Sequence[Action]] | None = None):
+                 actions: Mapping[int, Sequence[Action]] | None = None,
+                 rows: Mapping[int, Sequence[Any]] | None = None):
         stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
         if not stages or not all(isinstance(s, PipelineStage) for s in stages):
             raise TypeError(f"{type(self).__name__} needs PipelineStage objects, got {stages!r}")
@@ -79,6 +80,7 @@ class _PipelineSchedule:
             s.stage_to_rank = self.stage_to_rank
         has_comm = actions is not None and any(a.is_comm for acts in actions.values() for a in acts)
         self._train_actions = self._prepare(compute, edges, actions if has_comm else None)
+        self.pipeline_order = _pipeline_order(compute, rows, self.stage_to_rank, edges)
         fwd = {r: [a for a in acts if a.kind == Kind.F] for r, acts in compute.items()}
         self._eval_actions = self._prepare(fwd, edges, None, forward_only=True)
         self._graph = stage_graph(self.stage_to_rank, edges)
@@ -98,6 +100,8 @@ class _PipelineSchedule:
             compute, self.stage_to_rank, self.n_microbatches, edges, costs=DEFAULT_COSTS)
         if not forward_only:
             validate(lists, self.stage_to_rank, self.n_microbatches, edges)
+            # rank -> the list it runs, sends and receives included (torch's name for it)
+            self.pipeline_order_with_comms = {r: list(acts) for r, acts in sorted(lists.items())}
         return list(lists.get(self.rank, []))
 
     # ------------------------------------------------------------------------------- public
@@ -313,6 +317,25 @@ class _PipelineSchedule:
             offset += n
 
 
+def _pipeline_order(compute: Mapping[int, Sequence[Action]], rows: Mapping[int, Sequence[Any]] | None,
+                    stage_to_rank: list[int], edges) -> dict[int, list[Any]]:
+    """torch's `pipeline_order`: rank -> its compute actions in order, None where it idles (a bubble).
+
+    From a file or rows the user gave: the cells as written (compound cells kept whole, sends and
+    receives left out). Generated schedules: one entry per unit-time tick of the lock-step run.
+    """
+    if rows is not None:
+        return {r: [c for c in cells if c is None or c.is_compute] for r, cells in sorted(rows.items())}
+    order: dict[int, list[Any]] = {}
+    for r, ticks in compute_ticks(compute, stage_to_rank, edges).items():
+        out: list[Any] = []
+        for a, t in zip(compute[r], ticks):
+            out.extend([None] * (t - len(out)))
+            out.append(a)
+        order[r] = out
+    return dict(sorted(order.items()))
+
+
 def _check_model_keywords(stages: dict[int, PipelineStage], kwargs: dict) -> None:
     """TypeError for a keyword of step()/eval() that is not a parameter of the model's forward.
 
@@ -429,9 +452,13 @@ def schedule_from_actions(stages: PipelineStage | Sequence[PipelineStage], n_mic
                           actions: Any, loss_fn: Callable | None = None, **kwargs) -> _PipelineSchedule:
     """A schedule from lists the user wrote: a CSV path, `{rank: ["0F0", "0B0", ...]}` or a list of rows.
 
-    Compute-only lists get their sends and receives added; lists that already have them are validated.
+    torch.distributed.pipelining's CSV files read as they are (see pp.schedules.csvio): blank cells are
+    bubbles, compound cells such as ``(0F7;7B3)OVERLAP_F_B`` run their actions in the order written.
+    Compute-only lists get their sends and receives added; lists that already have them are validated
+    and run as written. `pipeline_order` then gives the compute cells as written (None for a blank),
+    `pipeline_order_with_comms` every rank's list as run. Errors name the rank, row, column and cell.
     """
-    from .csvio import read_actions
+    from .csvio import flatten, read_rows
 
-    lists = read_actions(actions)
-    return _PipelineSchedule(stages, n_microbatches, loss_fn, actions=lists, **kwargs)
+    rows = read_rows(actions)
+    return _PipelineSchedule(stages, n_microbatches, loss_fn, actions=flatten(rows), rows=rows, **kwargs)
