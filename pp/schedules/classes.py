@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..comms import p2p
+from ..comms.abort import AbortChannel
 from ..microbatch import split_args_kwargs_into_chunks, merge_chunks
 from ..stage.graphs import StageGraphs
 from ..stage.runtime import PipelineStage
@@ -85,6 +86,7 @@ class _PipelineSchedule:
         self._eval_actions = self._prepare(fwd, edges, None, forward_only=True)
         self._graph = stage_graph(self.stage_to_rank, edges)
         self._executor = Executor(self._stages, self._graph, self.group, self.rank)
+        self._executor.abort = self._abort = AbortChannel(self.group, self.rank, first.device)
         p2p.warm_up(self.group, first.device)
         self._last_signature: Any = None
         self.record_trace = False
@@ -223,6 +225,7 @@ class _PipelineSchedule:
         if status[0]:
             raise RuntimeError(f"pipeline step aborted: rank {status[0] - 1} rejected its inputs (its own "
                                f"error says why); no rank started the step")
+        self._abort.begin_step()
         mb_args, mb_kwargs, targets, signature = prepared
         if signature is not None:
             self._last_signature = signature
@@ -246,7 +249,8 @@ class _PipelineSchedule:
             self._executor.run(actions, meta_mode=meta_mode, loss_fn=loss_fn,
                                targets=targets, losses=losses, loss_scale=scale, outputs=outputs,
                                record=self.record_trace, after=after)
-        except BaseException:
+        except BaseException as e:
+            self._abort.post(e)  # the other ranks stop waiting for this one (pp.comms.abort)
             for g in self._graphs.values():
                 g.discard()
             raise

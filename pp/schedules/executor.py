@@ -14,6 +14,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..comms import p2p
+from ..comms.abort import AbortChannel
 from ..stage.runtime import PipelineStage, _meta_of
 from .actions import Action, Kind
 from .validate import Message, StageGraph, messages_of
@@ -22,13 +23,16 @@ from .validate import Message, StageGraph, messages_of
 class _Posted:
     """The work handles of one posted batch; waits once however often asked (gloo hangs on a 2nd wait)."""
 
-    __slots__ = ("works",)
+    __slots__ = ("works", "abort", "what")
 
-    def __init__(self, works: list):
-        self.works = works
+    def __init__(self, works: list, abort: AbortChannel | None = None, what: Callable[[], str] | None = None):
+        self.works, self.abort, self.what = works, abort, what
 
     def wait(self) -> None:
         works, self.works = self.works, []
+        if self.abort is not None:  # stops when another rank's step failed (pp.comms.abort)
+            self.abort.wait(works, self.what)
+            return
         for work in works:
             work.wait()
 
@@ -44,6 +48,7 @@ class Executor:
         self.device = next(iter(stages.values())).device
         self._meta: dict[Message, list] = {}  # forward message -> metadata of what it carries
         self.trace: list[tuple[str, float, float]] = []
+        self.abort: AbortChannel | None = None  # set by the schedule
 
     def rank_of(self, stage: int) -> int:
         return self.graph.stage_to_rank[stage]
@@ -199,16 +204,19 @@ class Executor:
                     keys = [(msg.dst, msg.microbatch, "F" if action.kind == Kind.RECV_F else "B")] if recvs else []
                 pending.append((sends, recvs, keys))
                 if self._meta_mode:
-                    self._issue(pending)
+                    self._issue(pending, batch)
                     pending = []
-        self._issue(pending)
+        self._issue(pending, batch)
 
-    def _issue(self, pending: list[tuple[list, list, list]]) -> None:
+    def _what(self, batch: list[Action]) -> Callable[[], str]:
+        return lambda: f"{', '.join(map(str, batch))} on pipeline rank {self.rank}"
+
+    def _issue(self, pending: list[tuple[list, list, list]], batch: list[Action]) -> None:
         sends = [op for s, _, _ in pending for op in s]
         recvs = [op for _, r, _ in pending for op in r]
         if not sends and not recvs:
             return
-        handle = _Posted(p2p.post(sends, recvs, self.group))
+        handle = _Posted(p2p.post(sends, recvs, self.group), self.abort, self._what(batch))
         for _, _, keys in pending:
             for key in keys:
                 self._waits[key].append(handle)
@@ -222,7 +230,10 @@ class Executor:
         meta = [_meta_of(v) for v in values]
         peer = self.rank_of(msg.dst)
         if self._meta_mode:
-            p2p.send_object(meta, peer, self.group)
+            if self.abort is not None:
+                self.abort.send_object(meta, peer, self._what([Action(msg.src, Kind.SEND_F, msg.microbatch)]))
+            else:
+                p2p.send_object(meta, peer, self.group)
             self._meta[msg] = meta
         elif self._meta.get(msg) != meta:
             raise RuntimeError(
@@ -236,7 +247,8 @@ class Executor:
         stage = self.stages[msg.dst]
         peer = self.rank_of(msg.src)
         if self._meta_mode:
-            self._meta[msg] = p2p.recv_object(peer, self.group)
+            self._meta[msg] = (self.abort.recv_object(peer, self._what([Action(msg.dst, Kind.RECV_F, msg.microbatch)]))
+                               if self.abort is not None else p2p.recv_object(peer, self.group))
             stage.check_received(msg.src, self._meta[msg])
         meta = self._meta[msg]
         ops = []
