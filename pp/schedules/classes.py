@@ -4,7 +4,6 @@ executor runs them all. `schedule_from_actions` runs a schedule the user wrote (
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 from typing import Any, Callable, Mapping, Sequence
 
@@ -17,7 +16,8 @@ from ..stage.graphs import StageGraphs
 from ..stage.runtime import PipelineStage
 from .actions import Action, Kind
 from .executor import Executor
-from .lower import compute_ticks, lower
+from .compat import check_model_keywords, pipeline_order
+from .lower import lower
 from .simulate import DEFAULT_COSTS
 from .registry import get_spec
 from .validate import stage_graph, validate
@@ -81,7 +81,7 @@ class _PipelineSchedule:
             s.stage_to_rank = self.stage_to_rank
         has_comm = actions is not None and any(a.is_comm for acts in actions.values() for a in acts)
         self._train_actions = self._prepare(compute, edges, actions if has_comm else None)
-        self.pipeline_order = _pipeline_order(compute, rows, self.stage_to_rank, edges)
+        self.pipeline_order = pipeline_order(compute, rows, self.stage_to_rank, edges)
         fwd = {r: [a for a in acts if a.kind == Kind.F] for r, acts in compute.items()}
         self._eval_actions = self._prepare(fwd, edges, None, forward_only=True)
         self._graph = stage_graph(self.stage_to_rank, edges)
@@ -120,9 +120,6 @@ class _PipelineSchedule:
         forward are refused with a TypeError on the rank that got them, and every other rank raises
         too, before any transfer.
         """
-        if self._loss_fn is not None and not torch.is_grad_enabled():
-            raise RuntimeError("step() runs backward and needs gradients enabled; it was called under "
-                               "torch.no_grad(): call eval() instead")
         training = self._loss_fn is not None
         return self._run(args, kwargs, target, losses, training, return_outputs, loss_kwargs)
 
@@ -188,7 +185,10 @@ class _PipelineSchedule:
                             f"{type(loss_kwargs).__name__}")
         if losses is not None and not isinstance(losses, list):
             raise TypeError(f"losses must be a list to append to, got {type(losses).__name__}")
-        _check_model_keywords(self._stages, kwargs)
+        if training and not torch.is_grad_enabled():
+            raise RuntimeError("step() runs backward and needs gradients enabled; it was called under "
+                               "torch.no_grad(): call eval() instead")
+        check_model_keywords(self._stages, kwargs)
         if 0 in self._stages:
             if not args and not kwargs:
                 raise ValueError(f"rank {self.rank} holds the first stage: pass the batch to step()/eval()")
@@ -319,53 +319,6 @@ class _PipelineSchedule:
                 else:
                     p.grad.copy_(g)
             offset += n
-
-
-def _pipeline_order(compute: Mapping[int, Sequence[Action]], rows: Mapping[int, Sequence[Any]] | None,
-                    stage_to_rank: list[int], edges) -> dict[int, list[Any]]:
-    """torch's `pipeline_order`: rank -> its compute actions in order, None where it idles (a bubble).
-
-    From a file or rows the user gave: the cells as written (compound cells kept whole, sends and
-    receives left out). Generated schedules: one entry per unit-time tick of the lock-step run.
-    """
-    if rows is not None:
-        return {r: [c for c in cells if c is None or c.is_compute] for r, cells in sorted(rows.items())}
-    order: dict[int, list[Any]] = {}
-    for r, ticks in compute_ticks(compute, stage_to_rank, edges).items():
-        out: list[Any] = []
-        for a, t in zip(compute[r], ticks):
-            out.extend([None] * (t - len(out)))
-            out.append(a)
-        order[r] = out
-    return dict(sorted(order.items()))
-
-
-def _check_model_keywords(stages: dict[int, PipelineStage], kwargs: dict) -> None:
-    """TypeError for a keyword of step()/eval() that is not a parameter of the model's forward.
-
-    The rule: a traced pipeline knows the model's forward signature on every rank; manual stages know it
-    only on the first stage's rank (its module's forward), and other ranks leave the check to it (its
-    refusal reaches them through the step's opening all-reduce). A forward taking **kwargs accepts all.
-    """
-    if not kwargs:
-        return
-    stage = next(iter(stages.values()))
-    if stage.pipe_info is not None:
-        sig = stage.pipe_info.input_binder.signature
-    elif 0 in stages:
-        try:
-            sig = inspect.signature(stages[0].submod.forward)
-        except (TypeError, ValueError):
-            sig = None
-    else:
-        return
-    if sig is None or any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-        return
-    names = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    unknown = sorted(k for k in kwargs if k not in names)
-    if unknown:
-        raise TypeError(f"step()/eval() got unknown keyword(s) {unknown}: they take target=, losses=, "
-                        f"return_outputs=, loss_kwargs= and the model's forward parameters {names}")
 
 
 def _last_backward_actions(actions: list[Action]) -> dict[Action, int]:
