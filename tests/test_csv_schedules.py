@@ -84,7 +84,7 @@ def test_torch_zero_bubble_csv_trains_as_the_unsplit_model(name):
 
 
 def test_torch_dualpipev_csv_with_overlapped_cells_trains_as_the_unsplit_model():
-    assert run_ranks(_run_csv, 4, "dualpipev_4rank_10mb.csv", [0, 1, 2, 3, 3, 2, 1, 0], 10) == [True] * 4
+    assert run_ranks(_run_csv, 4, "dualpipev_4rank_10mb.csv", [0, 1, 2, 3, 3, 2, 1, 0], 10, timeout_s=300) == [True] * 4
 
 
 def _order_like_torch(rank: int, world: int) -> dict:
