@@ -15,7 +15,7 @@ import pp
 from pp.schedules.actions import Action, Compound, Kind
 from pp.schedules.csvio import read_actions, read_rows, write_actions
 from pp.testing import run_ranks
-from tests.runtime_models import DeepMLP, manual_stage_module, reference
+from runtime_models import DeepMLP, manual_stage_module, reference
 
 DATA = Path(__file__).parent / "data" / "torch_schedules"
 FILES = sorted(p.name for p in DATA.glob("*.csv"))

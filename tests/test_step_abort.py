@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import pp
 from pp.testing import run_ranks
-from tests.runtime_models import DeepMLP, manual_stage_module, reference
+from runtime_models import DeepMLP, manual_stage_module, reference
 
 
 def _bad_input_after_first_step(rank: int, world: int, traced: bool, bad: str) -> tuple:

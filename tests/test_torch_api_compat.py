@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import pp
 from pp.testing import RankError, run_ranks
-from tests.runtime_models import DeepMLP, manual_stage_module, reference
+from runtime_models import DeepMLP, manual_stage_module, reference
 
 
 def _torch_schedule(model, rank, world, n_mb, loss_fn=F.mse_loss):
