@@ -33,6 +33,10 @@ class PipelineAborted(RuntimeError):
     """Another rank failed during this step; the message names it, its error and where this rank waited."""
 
 
+class PeerTimeout(TimeoutError):
+    """No message from a peer rank within the process group's timeout; the message names the action."""
+
+
 _steps: dict[str, int] = {}  # group name -> steps begun on it by this process (the same count on every rank)
 
 
@@ -105,8 +109,7 @@ class AbortChannel:
     def check(self, what: Callable[[], str]) -> None:
         if self.store is not None and self.key and self.store.check([self.key]):
             line = self.store.get(self.key).decode(errors="replace")
-            raise PipelineAborted(f"pipeline step aborted on rank {self.rank}: {line}; rank {self.rank} "
-                                  f"stopped waiting in {what()}")
+            raise PipelineAborted(f"{line}; rank {self.rank} stopped waiting in {what()}")
 
     def wait(self, works: Sequence[Any], what: Callable[[], str]) -> None:
         """Wait for `works`; stop when another rank posted a failure or after the group's timeout."""
@@ -127,12 +130,13 @@ class AbortChannel:
             try:
                 self.check(what)
                 if self.timeout_s is not None and time.monotonic() - start > self.timeout_s:
-                    raise TimeoutError(f"rank {self.rank} waited {self.timeout_s:g} s in {what()} without a "
-                                       f"message from its peer")
+                    raise PeerTimeout(f"Timed out after {self.timeout_s:g} s waiting in {what()} for a "
+                                      f"message from a peer rank")
             except BaseException:
                 _thread = None  # the thread stays blocked in this wait: later waits get a new one
                 raise
-        if done.error is not None:
+        if done.error is not None:  # e.g. the connection closed: say why, if the peer left a line
+            self.check(what)
             raise done.error
 
     # ------------------------------------------------------------- small objects (tensor metadata)
