@@ -65,7 +65,9 @@ def split_args_kwargs_into_chunks(
 
     Specs are pytrees matching (a prefix of) the args/kwargs with `TensorChunkSpec`, `_Replicate` or
     None (= split tensors along dim 0) leaves; a kwargs spec may leave keys out. Non-tensors are
-    replicated. Every split tensor must have the same size along its split dim, at least `chunks`.
+    replicated. Each tensor is split on its own, as torch does: `x` of 16 rows and `t` of 4 rows give
+    chunks of 4 and 1 rows. ValueError where a tensor has fewer than `chunks` entries along its split
+    dim (or no such dim).
     """
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
         raise ValueError(f"chunks must be a positive int, got {chunks!r}")
@@ -95,6 +97,10 @@ def merge_chunks(chunks: list, chunk_spec: Any) -> Any:
 
     `chunk_spec` is a pytree matching (a prefix of) one chunk, or None for the default everywhere.
     Non-tensor leaves, and leaves whose spec is `_Replicate`, take the first chunk's value.
+    0-dim tensors (a loss a model returns next to its logits, e.g. `ModelOutput(loss=, logits=)`) cannot
+    be concatenated: floating-point ones are averaged over the chunks (the mean of the per-microbatch
+    values, which is the batch's mean loss when the microbatches are equal in size), others (counts,
+    flags) are stacked into a 1-dim tensor with one value per chunk.
     """
     if not isinstance(chunks, (list, tuple)) or len(chunks) == 0:
         raise ValueError(f"merge_chunks needs a non-empty list of chunks, got {chunks!r}")
@@ -116,8 +122,12 @@ def merge_chunks(chunks: list, chunk_spec: Any) -> Any:
             merged.append(first)
             continue
         if first.dim() == 0:
-            raise ValueError(f"{paths[j]} is a 0-dim tensor and cannot be concatenated across chunks; "
-                             f"reduce it (e.g. sum the losses) or give it a _Replicate spec")
+            if any(v.dim() != 0 for v in values):
+                raise ValueError(f"{paths[j]} is a 0-dim tensor in chunk 0 but not in every chunk: "
+                                 f"shapes {[tuple(v.shape) for v in values]}")
+            stacked = torch.stack(values)
+            merged.append(stacked.mean() if first.is_floating_point() or first.is_complex() else stacked)
+            continue
         dim = spec.split_dim if isinstance(spec, TensorChunkSpec) else DEFAULT_CHUNK_DIM
         merged.append(torch.cat(values, dim=dim))
     return pytree.tree_unflatten(merged, tree)
@@ -149,9 +159,9 @@ def _leaf_paths(tree: Any, name: str) -> list[str]:
 
 
 def _split_leaves(named_leaves: list, specs: list, chunks: int) -> list[list]:
-    """Rows of leaves, one row per chunk: tensors split along their dim, everything else replicated."""
+    """Rows of leaves, one row per chunk: tensors split along their dim (each on its own size, as
+    torch does), everything else replicated."""
     columns = []
-    reference = None  # (path, size, dim) of the first split tensor: all others must agree
     for (path, value), spec in zip(named_leaves, specs):
         if not isinstance(value, torch.Tensor) or spec is _Replicate or isinstance(spec, _Replicate):
             columns.append([value] * chunks)
@@ -160,13 +170,8 @@ def _split_leaves(named_leaves: list, specs: list, chunks: int) -> list[list]:
         if value.dim() == 0 or not -value.dim() <= dim < value.dim():
             raise ValueError(f"{path} has shape {tuple(value.shape)}, which has no dim {dim} to split along")
         size = value.size(dim)
-        if reference is None:
-            reference = (path, size, dim)
-            if size < chunks:
-                raise ValueError(f"batch of {size} along dim {dim} cannot be split into {chunks} microbatches "
-                                 f"({path} has shape {tuple(value.shape)})")
-        elif size != reference[1]:
-            raise ValueError(f"tensors to split have different batch sizes: {reference[0]} has {reference[1]} "
-                             f"along dim {reference[2]} but {path} has {size} along dim {dim}")
+        if size < chunks:
+            raise ValueError(f"batch of {size} along dim {dim} cannot be split into {chunks} microbatches "
+                             f"({path} has shape {tuple(value.shape)})")
         columns.append(value.tensor_split(chunks, dim=dim))
     return [[col[c] for col in columns] for c in range(chunks)]

@@ -155,9 +155,15 @@ def _rank_failed(rank: int, step: int, e: Exception, timeout_s: float) -> NoRetu
     notes = "".join(f" ({note.removeprefix('pp: ')})" for note in getattr(e, "__notes__", ()))
     text = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [""])[0])  # drop gloo's [file:line]
     text = text or "(no message)"
-    lost_peer = isinstance(e, DistError) or "/gloo/" in str(e)  # gloo's errors name its sources
-    timed_out = lost_peer and re.search(r"timed out|timeout", text, re.IGNORECASE) is not None
-    if not lost_peer:
+    from pp.comms.abort import PeerTimeout, PipelineAborted
+
+    aborted = isinstance(e, PipelineAborted)  # another rank failed and said so (pp.comms.abort)
+    lost_peer = isinstance(e, (DistError, PipelineAborted, PeerTimeout)) or "/gloo/" in str(e)  # gloo's errors name its sources
+    timed_out = isinstance(e, PeerTimeout) or (
+        lost_peer and not aborted and re.search(r"timed out|timeout", text, re.IGNORECASE) is not None)
+    if aborted:
+        line = f"rank {rank} stopped{at}: {text}"
+    elif not lost_peer:
         traceback.print_exc()
         line = f"rank {rank} failed{at}: {type(e).__name__}: {text}{notes}"
     elif timed_out:

@@ -86,9 +86,14 @@ def test_chunks_must_be_a_positive_int(chunks) -> None:
         split_args_kwargs_into_chunks((torch.ones(4),), None, chunks)
 
 
-def test_mismatched_batch_sizes_name_both_tensors() -> None:
-    with pytest.raises(ValueError, match=r"args\[0\] has 4 along dim 0 but kwargs\['m'\] has 6 along dim 0"):
-        split_args_kwargs_into_chunks((torch.ones(4),), {"m": torch.ones(6)}, 2)
+def test_each_tensor_is_split_on_its_own_size() -> None:
+    # As torch.distributed.pipelining: x of 16 rows and t of 4 rows in 4 chunks give 4 and 1 rows.
+    x, t = torch.arange(16.0).view(16, 1), torch.arange(4.0)
+    args_split, kwargs_split = split_args_kwargs_into_chunks((x,), {"extra": t}, 4)
+    assert [a[0].shape[0] for a in args_split] == [4] * 4
+    assert [k["extra"].tolist() for k in kwargs_split] == [[0.0], [1.0], [2.0], [3.0]]
+    with pytest.raises(ValueError, match=r"batch of 3 along dim 0 cannot be split into 4 .*kwargs\['m'\]"):
+        split_args_kwargs_into_chunks((x,), {"m": torch.ones(3)}, 4)
 
 
 def test_bad_specs_are_rejected_with_their_names() -> None:
@@ -103,10 +108,19 @@ def test_bad_specs_are_rejected_with_their_names() -> None:
 def test_merge_rejects_mismatched_chunks_and_scalars() -> None:
     with pytest.raises(ValueError, match="chunk 1 has structure"):
         merge_chunks([(torch.ones(1),), (torch.ones(1), torch.ones(1))], None)
-    with pytest.raises(ValueError, match="0-dim tensor"):
-        merge_chunks([torch.tensor(1.0), torch.tensor(2.0)], None)
+    with pytest.raises(ValueError, match=r"output\['loss'\] is a 0-dim tensor in chunk 0 but not in every"):
+        merge_chunks([{"loss": torch.tensor(1.0)}, {"loss": torch.ones(1)}], None)
     with pytest.raises(ValueError, match="non-empty"):
         merge_chunks([], None)
+
+
+def test_merge_averages_float_scalars_and_stacks_integer_ones() -> None:
+    chunks = [{"loss": torch.tensor(1.0), "n": torch.tensor(3), "logits": torch.ones(2, 3)},
+              {"loss": torch.tensor(2.0), "n": torch.tensor(4), "logits": torch.zeros(1, 3)}]
+    merged = merge_chunks(chunks, None)
+    assert_close(merged["loss"], torch.tensor(1.5))
+    assert merged["n"].tolist() == [3, 4]
+    assert merged["logits"].shape == (3, 3)
 
 
 def test_tensor_chunk_spec_repr_and_equality() -> None:

@@ -187,7 +187,9 @@ def test_rank_raising_mid_step_ends_the_job_at_once_naming_rank_and_error(tmp_pa
     assert line == ("pp.run: rank 1 failed at step 3: RuntimeError: injected fault at forward call 10 "
                     "(while running 1F1 (stage 1, microbatch 1) on pipeline rank 1)"), line
     _, peer = job.first("pp.run: rank 0")
-    assert peer.startswith("pp.run: rank 0 stopped at step 3: it lost the connection to a peer rank"), peer
+    # the failed rank leaves a line in the store: the waiting rank names it (pp.comms.abort)
+    assert peer.startswith("pp.run: rank 0 stopped at step 3: rank 1 failed with RuntimeError: injected fault "
+                           "at forward call 10; rank 0 stopped waiting in "), peer
     assert sum(line.startswith("pp.run: rank") for _, line in job.lines) == 2
     assert job.ended - t_fail < 15, "the job must not wait for parallel.timeout_s=60 when a rank has failed"
     root_cause = job.log.split("Root Cause", 1)[1]

@@ -157,8 +157,10 @@ def test_bad_inputs_fail_on_the_rank_that_made_them_and_no_rank_hangs():
 
 def _construction_errors(rank, world):
     stage = pp.PipelineStage(manual_stage_module(DeepMLP(), rank, 2), rank, 2, "cpu")
+    # one stage per rank runs (as torch's); 3 stages on 2 ranks do not divide
+    third = pp.PipelineStage(manual_stage_module(DeepMLP(), rank, 3), rank, 3, "cpu")
     errors = []
-    for make in (lambda: pp.Schedule1F1B(stage, 0), lambda: pp.ScheduleInterleaved1F1B([stage], 4),
+    for make in (lambda: pp.Schedule1F1B(stage, 0), lambda: pp.ScheduleInterleaved1F1B([third], 4),
                  lambda: pp.ScheduleGPipe([stage, stage], 4)):
         try:
             make()
@@ -171,7 +173,7 @@ def _construction_errors(rank, world):
 def test_schedule_construction_errors_are_clear():
     errors = run_ranks(_construction_errors, 2, timeout_s=60)[0]
     assert "n_microbatches" in errors[0] and "0" in errors[0]
-    assert "Interleaved1F1B" in errors[1] and "num_stages=2" in errors[1]
+    assert "Interleaved1F1B" in errors[1] and "num_stages=3" in errors[1]
     assert errors[2] is not None and "one PipelineStage" in errors[2]
 
 

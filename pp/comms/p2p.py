@@ -19,6 +19,11 @@ import torch.distributed as dist
 _STRICT = os.environ.get("PP_P2P_STRICT") == "1"
 
 
+def is_strict() -> bool:
+    """Whether `strict_matching` is on (gloo matching transfers as NCCL does)."""
+    return _STRICT
+
+
 def strict_matching(enabled: bool = True) -> None:
     """Make transfers over gloo match the way NCCL's do, so that a CPU test catches what hangs on GPUs.
 

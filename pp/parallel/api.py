@@ -52,7 +52,7 @@ class ParallelModel:
         microbatch, gradients accumulated into `.grad` and averaged over the dp replicas. Ranks of
         the first stage need the inputs, ranks of the last stage `target` (others may pass them
         too); on the last stage each microbatch's loss is appended to `losses`."""
-        self.schedule.step(*args, target=target, losses=losses, **kwargs)
+        self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         if self.grad_sync is not None:
             self.grad_sync.finish()
 

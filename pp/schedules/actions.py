@@ -71,6 +71,50 @@ class Action(NamedTuple):
         return Action(int(m.group(1)), kind, int(m.group(3)), peer)
 
 
+class Compound(NamedTuple):
+    """A cell of torch's schedule CSV that holds several actions, e.g. ``(0F7;7B3)OVERLAP_F_B``: a forward
+    and a backward meant to overlap. pp runs its `sub_actions` one after another in the order written
+    (the forward, then the backward: they touch different microbatches, so any order gives the same
+    numbers); it appears as one entry in a schedule's `pipeline_order`."""
+
+    sub_actions: tuple[Action, ...]
+    kind: str = "OVERLAP_F_B"
+
+    def __str__(self) -> str:
+        return f"({';'.join(str(a) for a in self.sub_actions)}){self.kind}"
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    @property
+    def is_compute(self) -> bool:
+        return True
+
+    @property
+    def is_comm(self) -> bool:
+        return False
+
+    @staticmethod
+    def parse(text: str) -> "Compound":
+        """Read ``(<action>;<action>...)OVERLAP_F_B``; ValueError naming the text otherwise."""
+        m = _COMPOUND.match(str(text))
+        if m is None:
+            raise ValueError(f"cannot read compound schedule cell {text!r}: expected "
+                             f"'(<action>;<action>)OVERLAP_F_B' such as '(0F7;7B3)OVERLAP_F_B'")
+        subs = tuple(Action.parse(part) for part in m.group(1).split(";") if part.strip())
+        if not subs or any(not a.is_compute for a in subs):
+            raise ValueError(f"cannot read compound schedule cell {text!r}: it must hold compute actions "
+                             f"(F, B, I, W) only")
+        return Compound(subs, m.group(2))
+
+
+_COMPOUND = re.compile(r"^\s*\(([^()]*)\)\s*(OVERLAP_F_B)\s*$")
+
+# Cells of torch's CSV files that pp has no action for, because it does their work elsewhere: FSDP's
+# unshard/reshard and the gradient reduction after a stage's last backward (pp's data-parallel hooks).
+IGNORED_CELLS = frozenset({"UNSHARD", "RESHARD", "REDUCE_GRAD"})
+
+
 def F(stage: int, mb: int) -> Action:
     return Action(stage, Kind.F, mb)
 

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..comms import p2p
+from ..comms.abort import AbortChannel
 from ..microbatch import split_args_kwargs_into_chunks, merge_chunks
 from ..parallel.wrapped import StepSync, unwrap
 from ..stage.graphs import StageGraphs
@@ -17,6 +18,7 @@ from ..stage.runtime import PipelineStage
 from .actions import Action, Kind
 from .executor import Executor
 from .groups import RankActions, check_groups, peer_batches
+from .compat import check_model_keywords, pipeline_order
 from .lower import lower
 from .simulate import DEFAULT_COSTS
 from .registry import get_spec
@@ -31,7 +33,8 @@ class _PipelineSchedule:
     def __init__(self, stages: PipelineStage | Sequence[PipelineStage], n_microbatches: int,
                  loss_fn: Callable | None = None, args_chunk_spec: Any = None, kwargs_chunk_spec: Any = None,
                  output_merge_spec: Any = None, scale_grads: bool = True,
-                 actions: Mapping[int, Sequence[Action]] | None = None):
+                 actions: Mapping[int, Sequence[Action]] | None = None,
+                 rows: Mapping[int, Sequence[Any]] | None = None):
         stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
         if not stages or not all(isinstance(s, PipelineStage) for s in stages):
             raise TypeError(f"{type(self).__name__} needs PipelineStage objects, got {stages!r}")
@@ -57,9 +60,9 @@ class _PipelineSchedule:
                 raise ValueError(f"{self._name} runs {spec.stages_per_rank} stage(s) per rank: with "
                                  f"{self.n_ranks} ranks it needs {spec.stages_per_rank * self.n_ranks} stages, "
                                  f"but the stages say num_stages={self.n_stages}")
-            if spec.stages_per_rank is None and (self.n_stages % self.n_ranks or self.n_stages < 2 * self.n_ranks):
-                raise ValueError(f"{self._name} needs a multiple of {self.n_ranks} stages, at least "
-                                 f"{2 * self.n_ranks}, for {self.n_ranks} ranks; got num_stages={self.n_stages}")
+            if spec.stages_per_rank is None and self.n_stages % self.n_ranks:
+                raise ValueError(f"{self._name} needs a multiple of {self.n_ranks} stages (one or more per "
+                                 f"rank) for {self.n_ranks} ranks; got num_stages={self.n_stages}")
             placement = spec.placement(self.n_stages, self.n_ranks)
             compute = spec.generate(self.n_stages, self.n_ranks, n_microbatches)
         else:
@@ -80,10 +83,12 @@ class _PipelineSchedule:
             s.stage_to_rank = self.stage_to_rank
         has_comm = actions is not None and any(a.is_comm for acts in actions.values() for a in acts)
         self._train_actions = self._prepare(compute, edges, actions if has_comm else None)
+        self.pipeline_order = pipeline_order(compute, rows, self.stage_to_rank, edges)
         fwd = {r: [a for a in acts if a.kind == Kind.F] for r, acts in compute.items()}
         self._eval_actions = self._prepare(fwd, edges, None, forward_only=True)
         self._graph = stage_graph(self.stage_to_rank, edges)
         self._executor = Executor(self._stages, self._graph, self.group, self.rank)
+        self._executor.abort = self._abort = AbortChannel(self.group, self.rank, first.device)
         p2p.warm_up(self.group, first.device)
         self._last_signature: Any = None
         self.record_trace = False
@@ -103,23 +108,36 @@ class _PipelineSchedule:
         if not forward_only:
             validate(lists, self.stage_to_rank, self.n_microbatches, edges)
             check_groups(lists, graph)
+            # rank -> the list it runs, sends and receives included (torch's name for it)
+            self.pipeline_order_with_comms = {r: list(acts) for r, acts in sorted(lists.items())}
         return RankActions(lists.get(self.rank, []), peer_batches(lists, graph, self.rank))
 
     # ------------------------------------------------------------------------------- public
-    def step(self, *args, target=None, losses: list | None = None, **kwargs) -> Any:
-        """One training step over the batch: forward and backward of every microbatch.
+    def step(self, *args, target=None, losses: list | None = None, return_outputs: bool = True,
+             loss_kwargs: dict | None = None, **kwargs) -> Any:
+        """One training step over the batch: forward and backward of every microbatch (as torch's).
 
-        The rank holding stage 0 passes the batch; the rank holding the last stage passes `target` and
-        gets one loss per microbatch appended to `losses`. Without `loss_fn` this runs forward only and
-        returns the merged output on the last stage's rank.
+        The rank holding stage 0 passes the batch (`args`, and `kwargs` that are parameters of the
+        model's forward); the rank holding the last stage passes `target`; `losses` (a list) is cleared
+        and gets one loss per microbatch there. Returns the merged output of the last stage on its rank
+        (None elsewhere, and with `return_outputs=False`, which saves keeping every microbatch's
+        output). `loss_kwargs` go to every `loss_fn(output, target, **loss_kwargs)` call. Without
+        `loss_fn` this runs forward only. Keywords that are neither these nor parameters of the model's
+        forward are refused with a TypeError on the rank that got them, and every other rank raises
+        too, before any transfer.
         """
         training = self._loss_fn is not None
-        return self._run(args, kwargs, target, losses, training)
+        return self._run(args, kwargs, target, losses, training, return_outputs, loss_kwargs)
 
-    def eval(self, *args, **kwargs) -> Any:
-        """Forward only (no gradients); returns the merged output on the last stage's rank."""
+    def eval(self, *args, target=None, losses: list | None = None, return_outputs: bool = True,
+             loss_kwargs: dict | None = None, **kwargs) -> Any:
+        """Forward only, without gradients; returns the merged output on the last stage's rank.
+
+        With a `loss_fn` and `target` (on the last stage's rank), `losses` is cleared and gets one loss
+        per microbatch, as in torch. Keywords as in `step()`.
+        """
         with torch.no_grad():
-            return self._run(args, kwargs, None, None, False)
+            return self._run(args, kwargs, target, losses, False, return_outputs, loss_kwargs)
 
     def enable_cuda_graphs(self, max_shapes: int = 4) -> None:
         """Replay each stage's forward and backward as CUDA graphs from the second training step on.
@@ -162,10 +180,21 @@ class _PipelineSchedule:
             json.dump({"traceEvents": self.trace_events()}, f)
 
     # ----------------------------------------------------------------------------- internal
-    def _check_inputs(self, args, kwargs, target, losses, training):
+    def _check_inputs(self, args, kwargs, target, losses, training, return_outputs, loss_kwargs):
         n = self.n_microbatches
         mb_args = mb_kwargs = targets = None
         signature = None
+        if not isinstance(return_outputs, bool):
+            raise TypeError(f"return_outputs must be True or False, got {return_outputs!r}")
+        if loss_kwargs is not None and not isinstance(loss_kwargs, dict):
+            raise TypeError(f"loss_kwargs must be a dict of keyword arguments for loss_fn, got "
+                            f"{type(loss_kwargs).__name__}")
+        if losses is not None and not isinstance(losses, list):
+            raise TypeError(f"losses must be a list to append to, got {type(losses).__name__}")
+        if training and not torch.is_grad_enabled():
+            raise RuntimeError("step() runs backward and needs gradients enabled; it was called under "
+                               "torch.no_grad(): call eval() instead")
+        check_model_keywords(self._stages, kwargs)
         if 0 in self._stages:
             if not args and not kwargs:
                 raise ValueError(f"rank {self.rank} holds the first stage: pass the batch to step()/eval()")
@@ -178,19 +207,18 @@ class _PipelineSchedule:
                               for chunk in zip(mb_args, mb_kwargs)
                               for x in torch.utils._pytree.tree_leaves(chunk))
         last = self.n_stages - 1
-        if last in self._stages and training:
-            if target is None:
+        if last in self._stages and self._loss_fn is not None:
+            if target is None and (training or losses is not None):
                 raise ValueError(f"rank {self.rank} holds the last stage and the schedule has a loss_fn: "
-                                 f"pass target= to step()")
-            targets = [t[0] for t in split_args_kwargs_into_chunks((target,), {}, n)[0]]
-        if losses is not None and not isinstance(losses, list):
-            raise TypeError(f"losses must be a list to append to, got {type(losses).__name__}")
+                                 f"pass target= to {'step' if training else 'eval'}()")
+            if target is not None:
+                targets = [t[0] for t in split_args_kwargs_into_chunks((target,), {}, n)[0]]
         return mb_args, mb_kwargs, targets, signature
 
-    def _run(self, args, kwargs, target, losses, training):
+    def _run(self, args, kwargs, target, losses, training, return_outputs=True, loss_kwargs=None):
         error, prepared = None, None
         try:
-            prepared = self._check_inputs(args, kwargs, target, losses, training)
+            prepared = self._check_inputs(args, kwargs, target, losses, training, return_outputs, loss_kwargs)
         except Exception as e:  # reported to every rank below, so that no peer waits for us
             error = e
         changed = prepared is not None and prepared[3] is not None and prepared[3] != self._last_signature
@@ -203,14 +231,18 @@ class _PipelineSchedule:
         if status[0]:
             raise RuntimeError(f"pipeline step aborted: rank {status[0] - 1} rejected its inputs (its own "
                                f"error says why); no rank started the step")
+        self._abort.begin_step()
         mb_args, mb_kwargs, targets, signature = prepared
         if signature is not None:
             self._last_signature = signature
         meta_mode = bool(status[1]) or not getattr(self, "_ran_once", False)
-        if 0 in self._stages:
-            for m in range(self.n_microbatches):
-                self._stages[0].set_model_inputs(m, mb_args[m], mb_kwargs[m])
-        outputs: list | None = [] if not training and (self.n_stages - 1) in self._stages else None
+        is_last = (self.n_stages - 1) in self._stages
+        if is_last and losses is not None:
+            losses.clear()
+        loss_fn = self._loss_fn if targets is not None else None
+        if loss_fn is not None and loss_kwargs:
+            loss_fn = functools.partial(loss_fn, **loss_kwargs)
+        outputs: list | None = [] if is_last and return_outputs else None
         scale = 1.0 / self.n_microbatches if self.scale_grads else 1.0
         actions = self._train_actions if training else self._eval_actions
         after = self._after_hooks() if training else None
@@ -220,10 +252,14 @@ class _PipelineSchedule:
         if wrapped is not None:
             wrapped.begin(training)
         try:
-            self._executor.run(actions, meta_mode=meta_mode, loss_fn=self._loss_fn if training else None,
+            if 0 in self._stages:
+                for m in range(self.n_microbatches):
+                    self._stages[0].set_model_inputs(m, mb_args[m], mb_kwargs[m])
+            self._executor.run(actions, meta_mode=meta_mode, loss_fn=loss_fn,
                                targets=targets, losses=losses, loss_scale=scale, outputs=outputs,
                                record=self.record_trace, after=after)
-        except BaseException:
+        except BaseException as e:
+            self._abort.post(e)  # the other ranks stop waiting for this one (pp.comms.abort)
             for g in self._graphs.values():
                 g.discard()
             if wrapped is not None:
@@ -394,9 +430,13 @@ def schedule_from_actions(stages: PipelineStage | Sequence[PipelineStage], n_mic
                           actions: Any, loss_fn: Callable | None = None, **kwargs) -> _PipelineSchedule:
     """A schedule from lists the user wrote: a CSV path, `{rank: ["0F0", "0B0", ...]}` or a list of rows.
 
-    Compute-only lists get their sends and receives added; lists that already have them are validated.
+    torch.distributed.pipelining's CSV files read as they are (see pp.schedules.csvio): blank cells are
+    bubbles, compound cells such as ``(0F7;7B3)OVERLAP_F_B`` run their actions in the order written.
+    Compute-only lists get their sends and receives added; lists that already have them are validated
+    and run as written. `pipeline_order` then gives the compute cells as written (None for a blank),
+    `pipeline_order_with_comms` every rank's list as run. Errors name the rank, row, column and cell.
     """
-    from .csvio import read_actions
+    from .csvio import flatten, read_rows
 
-    lists = read_actions(actions)
-    return _PipelineSchedule(stages, n_microbatches, loss_fn, actions=lists, **kwargs)
+    rows = read_rows(actions)
+    return _PipelineSchedule(stages, n_microbatches, loss_fn, actions=flatten(rows), rows=rows, **kwargs)

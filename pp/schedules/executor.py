@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Callable
 
 import torch
+import torch.utils._pytree as pytree
 
 from ..comms import p2p
+from ..comms.abort import AbortChannel
 from ..stage.runtime import PipelineStage, _meta_of
 from .actions import Action, Kind
 from .groups import split_batch
@@ -23,13 +25,16 @@ from .validate import Message, StageGraph
 class _Posted:
     """The work handles of one posted batch; waits once however often asked (gloo hangs on a 2nd wait)."""
 
-    __slots__ = ("works",)
+    __slots__ = ("works", "abort", "what")
 
-    def __init__(self, works: list):
-        self.works = works
+    def __init__(self, works: list, abort: AbortChannel | None = None, what: Callable[[], str] | None = None):
+        self.works, self.abort, self.what = works, abort, what
 
     def wait(self) -> None:
         works, self.works = self.works, []
+        if self.abort is not None:  # stops when another rank's step failed (pp.comms.abort)
+            self.abort.wait(works, self.what)
+            return
         for work in works:
             work.wait()
 
@@ -46,6 +51,7 @@ class Executor:
         self._meta: dict[Message, list] = {}  # forward message -> metadata of what it carries
         self._groups: dict[tuple, list] = {}  # (batch, its list's peer_batch) -> split_batch's groups
         self.trace: list[tuple[str, float, float]] = []
+        self.abort: AbortChannel | None = None  # set by the schedule
 
     def rank_of(self, stage: int) -> int:
         return self.graph.stage_to_rank[stage]
@@ -155,8 +161,11 @@ class Executor:
                 st.loss = loss
                 if self._losses is not None:
                     self._losses.append(loss.detach())
-            elif self._outputs is not None:
-                self._outputs.append(st.final)
+            if self._outputs is not None:
+                final = st.final
+                if torch.is_grad_enabled():  # kept for the caller only: no autograd graph held by it
+                    final = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, final)
+                self._outputs.append(final)
         for c in stage.consumers:
             if self.rank_of(c) != self.rank:
                 continue
@@ -210,12 +219,17 @@ class Executor:
                 e.add_note(f"pp: while posting {' '.join(map(str, batch))} on pipeline rank {self.rank}")
             raise
 
+    def _what(self, actions: list[Action], note: str = "") -> Callable[[], str]:
+        """A label for the watchdog and the abort line: the actions, read only when a wait goes wrong."""
+        rank = self.rank
+        return lambda: f"{' '.join(map(str, actions))}{note} on pipeline rank {rank}"
+
     def _issue(self, sends: list, recvs: list, keys: list, group: list) -> None:
         if not sends and not recvs:
             return
         rank = self.rank
         label = lambda: f"{' '.join(str(a) for a, _ in group)} on pipeline rank {rank}"  # noqa: E731 - read on a hang
-        handle = _Posted(p2p.post(sends, recvs, self.group, label))
+        handle = _Posted(p2p.post(sends, recvs, self.group, label), self.abort, label)
         for key in keys:
             self._waits[key].append(handle)
         if sends:
@@ -228,9 +242,11 @@ class Executor:
         meta = [_meta_of(v) for v in values]
         peer = self.rank_of(msg.dst)
         if self._meta_mode:
-            rank = self.rank
-            p2p.send_object(meta, peer, self.group,
-                            lambda: f"{msg.src}SEND_F{msg.microbatch} (its metadata) on pipeline rank {rank}")
+            what = self._what([Action(msg.src, Kind.SEND_F, msg.microbatch)], " (its metadata)")
+            if self.abort is not None:
+                self.abort.send_object(meta, peer, what)
+            else:
+                p2p.send_object(meta, peer, self.group, what)
             self._meta[msg] = meta
         elif self._meta.get(msg) != meta:
             raise RuntimeError(
@@ -244,9 +260,9 @@ class Executor:
         stage = self.stages[msg.dst]
         peer = self.rank_of(msg.src)
         if self._meta_mode:
-            rank = self.rank
-            self._meta[msg] = p2p.recv_object(
-                peer, self.group, lambda: f"{msg.dst}RECV_F{msg.microbatch} (its metadata) on pipeline rank {rank}")
+            what = self._what([Action(msg.dst, Kind.RECV_F, msg.microbatch)], " (its metadata)")
+            self._meta[msg] = (self.abort.recv_object(peer, what) if self.abort is not None
+                               else p2p.recv_object(peer, self.group, what))
             stage.check_received(msg.src, self._meta[msg])
         meta = self._meta[msg]
         ops = []

@@ -28,9 +28,9 @@ def check_sizes(name: str, n_stages: int, n_ranks: int, n_microbatches: int, sta
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} needs {what} to be an integer >= 1, got {value!r}")
     if stages_per_rank is None:
-        if n_stages % n_ranks or n_stages // n_ranks < 2:
+        if n_stages % n_ranks:
             raise ValueError(
-                f"{name} needs n_stages to be a multiple of n_ranks with at least 2 stages per rank, "
+                f"{name} needs n_stages to be a multiple of n_ranks (one or more stages per rank), "
                 f"got n_stages={n_stages} for n_ranks={n_ranks}"
             )
     elif n_stages != stages_per_rank * n_ranks:

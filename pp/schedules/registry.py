@@ -32,7 +32,8 @@ def stage_to_rank(style: str, n_stages: int, n_ranks: int) -> list[int]:
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    """What a schedule needs: its placement `style`, `stages_per_rank` (None: any multiple of p, at least 2),
+    """What a schedule needs: its placement `style`, `stages_per_rank` (None: any multiple of p; the
+    multi-stage schedules also run with one stage per rank, as torch's do),
     whether it splits the backward into I and W (`split_backward`), and its compute-order generator."""
 
     name: str
@@ -50,8 +51,6 @@ class ScheduleSpec:
         if self.stages_per_rank is not None and stages_per_rank != self.stages_per_rank:
             raise ValueError(f"{self.name} runs exactly {self.stages_per_rank} stage(s) "
                              f"per rank, got stages_per_rank={stages_per_rank}")
-        if self.stages_per_rank is None and stages_per_rank < 2:
-            raise ValueError(f"{self.name} needs at least 2 stages per rank, got stages_per_rank={stages_per_rank}")
         return stages_per_rank * n_ranks
 
     def placement(self, n_stages: int, n_ranks: int) -> list[int]:

@@ -1,0 +1,59 @@
+"""What torch.distributed.pipelining's schedules expose beyond running a step: `pipeline_order`, and the
+rule for which keywords step()/eval() accept."""
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from .actions import Action
+from .lower import compute_ticks
+
+if TYPE_CHECKING:
+    from ..stage.runtime import PipelineStage
+
+
+def pipeline_order(compute: Mapping[int, Sequence[Action]], rows: Mapping[int, Sequence[Any]] | None,
+                   stage_to_rank: list[int], edges) -> dict[int, list[Any]]:
+    """torch's `pipeline_order`: rank -> its compute actions in order, None where it idles (a bubble).
+
+    From a file or rows the user gave: the cells as written (compound cells kept whole, sends and
+    receives left out). Generated schedules: one entry per unit-time tick of the lock-step run.
+    """
+    if rows is not None:
+        return {r: [c for c in cells if c is None or c.is_compute] for r, cells in sorted(rows.items())}
+    order: dict[int, list[Any]] = {}
+    for r, ticks in compute_ticks(compute, stage_to_rank, edges).items():
+        out: list[Any] = []
+        for a, t in zip(compute[r], ticks):
+            out.extend([None] * (t - len(out)))
+            out.append(a)
+        order[r] = out
+    return dict(sorted(order.items()))
+
+
+def check_model_keywords(stages: dict[int, PipelineStage], kwargs: dict) -> None:
+    """TypeError for a keyword of step()/eval() that is not a parameter of the model's forward.
+
+    The rule: a traced pipeline knows the model's forward signature on every rank; manual stages know it
+    only on the first stage's rank (its module's forward), and other ranks leave the check to it (its
+    refusal reaches them through the step's opening all-reduce). A forward taking **kwargs accepts all.
+    """
+    if not kwargs:
+        return
+    stage = next(iter(stages.values()))
+    if stage.pipe_info is not None:
+        sig = stage.pipe_info.input_binder.signature
+    elif 0 in stages:
+        try:
+            sig = inspect.signature(stages[0].submod.forward)
+        except (TypeError, ValueError):
+            sig = None
+    else:
+        return
+    if sig is None or any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    names = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(k for k in kwargs if k not in names)
+    if unknown:
+        raise TypeError(f"step()/eval() got unknown keyword(s) {unknown}: they take target=, losses=, "
+                        f"return_outputs=, loss_kwargs= and the model's forward parameters {names}")

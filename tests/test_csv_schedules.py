@@ -1,0 +1,116 @@
+"""torch.distributed.pipelining's schedule CSV files (copied from pytorch's test artifacts into
+tests/data/torch_schedules) run through `pp.schedule_from_actions`, and `pipeline_order` as torch has it."""
+from __future__ import annotations
+
+import copy
+import csv
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pp
+from pp.schedules.actions import Action, Compound, Kind
+from pp.schedules.csvio import read_actions, read_rows, write_actions
+from pp.testing import run_ranks
+from runtime_models import DeepMLP, manual_stage_module, reference
+
+DATA = Path(__file__).parent / "data" / "torch_schedules"
+FILES = sorted(p.name for p in DATA.glob("*.csv"))
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_torch_csv_files_round_trip_through_rows(name, tmp_path):
+    rows = read_rows(DATA / name)
+    write_actions(rows, tmp_path / name)
+    assert list(csv.reader((tmp_path / name).open())) == list(csv.reader((DATA / name).open()))
+
+
+def test_compound_cells_run_their_actions_in_the_order_written():
+    rows = read_rows([["0F0", "(0F7;7B3)OVERLAP_F_B", "", "1UNSHARD", "0REDUCE_GRAD"]])
+    assert rows[0][1] == Compound((Action(0, Kind.F, 7), Action(7, Kind.B, 3)))
+    assert str(rows[0][1]) == "(0F7;7B3)OVERLAP_F_B" and rows[0][2] is None and len(rows[0]) == 3
+    assert read_actions([["0F0", "(0F7;7B3)OVERLAP_F_B"]])[0] == [Action(0, Kind.F, 0), Action(0, Kind.F, 7),
+                                                                  Action(7, Kind.B, 3)]
+    with pytest.raises(ValueError, match=r"rank 0 \(row 1\), column 1: cannot read '\(0F7;7SEND_F3\)OVERLAP_F_B'"):
+        read_rows([["(0F7;7SEND_F3)OVERLAP_F_B"]])
+
+
+def _cells(order: dict) -> list[list[str]]:
+    return [["" if a is None else str(a) for a in order[r]] for r in sorted(order)]
+
+
+def _file_cells(name: str, compute_only: bool) -> list[list[str]]:
+    rows = list(csv.reader((DATA / name).open(newline="")))
+    if compute_only:
+        rows = [[c for c in row if not c or c.startswith("(") or Action.parse(c).is_compute] for row in rows]
+    return rows
+
+
+def _run_csv(rank: int, world: int, name: str, placement: list[int], n_mb: int) -> bool:
+    """Train one step from a torch CSV; gradients and losses against the unsplit model."""
+    torch.manual_seed(0)
+    n_stages = len(placement)
+    model = DeepMLP(n_layers=n_stages)
+    x, y = torch.randn(2 * n_mb, 4), torch.randn(2 * n_mb, 3)
+    want_losses, want_grads = reference(model, x, y, n_mb)
+    mine = [s for s in range(n_stages) if placement[s] == rank]
+    stages = [pp.PipelineStage(manual_stage_module(copy.deepcopy(model), s, n_stages), s, n_stages, "cpu")
+              for s in mine]
+    sched = pp.schedule_from_actions(stages, n_mb, str(DATA / name), loss_fn=F.mse_loss)
+    assert sched.stage_to_rank == placement
+    comms = "comms" in name
+    assert _cells(sched.pipeline_order) == _file_cells(name, compute_only=comms)
+    if comms:
+        assert _cells(sched.pipeline_order_with_comms) == _file_cells(name, compute_only=False)
+    losses: list = []
+    held = set(mine)
+    sched.step(*((x,) if 0 in held else ()), target=y if n_stages - 1 in held else None, losses=losses)
+    if n_stages - 1 in held:
+        torch.testing.assert_close(torch.stack(losses), want_losses)
+    for s in stages:
+        for n, p in s.submod.named_parameters():
+            parts = n.split(".")
+            key = ".".join(["layers", str(s.stage_index + int(parts[1]))] + parts[2:]) if parts[0] == "blocks" else n
+            torch.testing.assert_close(p.grad, want_grads[key], msg=lambda m: f"{name} stage {s.stage_index} {n}: {m}")
+    return True
+
+
+@pytest.mark.parametrize("name", ["zb1p_2rank_2stagep_compute.csv", "zb1p_2rank_2stagep_comms.csv"])
+def test_torch_zero_bubble_csv_trains_as_the_unsplit_model(name):
+    assert run_ranks(_run_csv, 2, name, [0, 1, 0, 1], 8) == [True, True]
+
+
+def test_torch_dualpipev_csv_with_overlapped_cells_trains_as_the_unsplit_model():
+    assert run_ranks(_run_csv, 4, "dualpipev_4rank_10mb.csv", [0, 1, 2, 3, 3, 2, 1, 0], 10, timeout_s=300) == [True] * 4
+
+
+def _order_like_torch(rank: int, world: int) -> dict:
+    """pipeline_order of the generated schedules, beside torch's for the same sizes."""
+    from torch.distributed import pipelining as tp
+
+    torch.manual_seed(0)
+    model = DeepMLP(n_layers=4)
+    out = {}
+    # (torch 2.13's Schedule1F1B.pipeline_order numbers the last rank's forwards from 1: not compared)
+    for name, per in (("ScheduleGPipe", 1), ("ScheduleInterleaved1F1B", 2)):
+        n_stages = world * per
+        ids = [rank + world * c for c in range(per)]
+        mods = [manual_stage_module(copy.deepcopy(model), s, n_stages) for s in ids]
+        ours = [pp.PipelineStage(m, s, n_stages, "cpu") for m, s in zip(mods, ids)]
+        theirs = [tp.PipelineStage(copy.deepcopy(m), s, n_stages, torch.device("cpu")) for m, s in zip(mods, ids)]
+        mine = getattr(pp, name)(ours[0] if per == 1 else ours, 4, loss_fn=F.mse_loss)
+        ref = getattr(tp, name)(theirs[0] if per == 1 else theirs, 4, loss_fn=F.mse_loss)
+        out[name] = (_cells(mine.pipeline_order), _cells(ref.pipeline_order))
+    return out
+
+
+def test_pipeline_order_of_generated_schedules_matches_torch():
+    for name, (ours, theirs) in run_ranks(_order_like_torch, 2)[0].items():
+        assert sorted(range(len(ours))) == list(range(2))
+        compute = [[c for c in row if c and Action.parse(c).kind in (Kind.F, Kind.B)] for row in ours]
+        want = [[c for c in row if re.fullmatch(r"\d+[FB]\d+", c)] for row in theirs]
+        assert compute == want, name
+        assert any("" in row for row in ours), name  # bubbles are None, as torch shows them

@@ -1,0 +1,51 @@
+"""A rank whose step fails mid-way (a bad input found after the first step) does not leave the other
+ranks waiting: they stop within seconds with a line naming the rank that failed (issue 15 item 8)."""
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pp
+from pp.testing import run_ranks
+from runtime_models import DeepMLP, manual_stage_module, reference
+
+
+def _bad_input_after_first_step(rank: int, world: int, traced: bool, bad: str) -> tuple:
+    torch.manual_seed(0)
+    model = DeepMLP(n_layers=4)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    if traced:
+        pipe = pp.pipeline(model, (x[:2],), split_policy=pp.split_into_equal_size(world))
+        stage = pipe.build_stage(rank, "cpu")
+    else:
+        stage = pp.PipelineStage(manual_stage_module(copy.deepcopy(model), rank, world), rank, world, "cpu")
+    sched = pp.Schedule1F1B(stage, 4, loss_fn=F.mse_loss)
+    first, last = rank == 0, rank == world - 1
+    losses: list = []
+    sched.step(*((x,) if first else ()), target=y if last else None, losses=losses)
+    if last:  # the first step is right
+        torch.testing.assert_close(torch.stack(losses), reference(model, x, y, 4)[0])
+    wrong = torch.randn(8, 5) if bad == "shape" else x.double()
+    start = time.monotonic()
+    try:
+        sched.step(*((wrong,) if first else ()), target=y if last else None)
+    except Exception as e:  # noqa: BLE001 - which error each rank raised is the result
+        return type(e).__name__, str(e), time.monotonic() - start
+    return "no error", "", time.monotonic() - start
+
+
+@pytest.mark.parametrize("traced,bad", [(False, "shape"), (True, "dtype")], ids=["manual-shape", "traced-dtype"])
+def test_a_rank_failing_mid_step_stops_the_others_promptly(traced, bad):
+    results = run_ranks(_bad_input_after_first_step, 2, traced, bad, timeout_s=120)
+    failed = [r for r, (kind, _, _) in enumerate(results) if kind not in ("PipelineAborted", "no error")]
+    assert len(failed) >= 1, results
+    for rank, (kind, message, seconds) in enumerate(results):
+        assert kind != "no error", results
+        if rank not in failed:
+            assert kind == "PipelineAborted", results
+            assert f"rank {failed[0]} failed with" in message and "stopped waiting in" in message, message
+        assert seconds < 30, results  # the process group's timeout is 120 s

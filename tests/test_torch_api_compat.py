@@ -1,0 +1,254 @@
+"""torch.distributed.pipelining's public API behaviours on pp (issue 15 items 3, 6, 7; issue 14 item 8):
+each checked against the unsplit model and, where it is torch's API behaviour, against torch itself."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pp
+from pp.testing import RankError, run_ranks
+from runtime_models import DeepMLP, manual_stage_module, reference
+
+
+def _torch_schedule(model, rank, world, n_mb, loss_fn=F.mse_loss):
+    """torch.distributed.pipelining's GPipe on the same manual cut (tests may import torch's pipelining)."""
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    stage = PipelineStage(manual_stage_module(copy.deepcopy(model), rank, world), rank, world, torch.device("cpu"))
+    return ScheduleGPipe(stage, n_mb, loss_fn=loss_fn)
+
+
+def _pp_schedule(model, rank, world, n_mb, cls=pp.ScheduleGPipe, loss_fn=F.mse_loss):
+    stage = pp.PipelineStage(manual_stage_module(copy.deepcopy(model), rank, world), rank, world, "cpu")
+    return cls(stage, n_mb, loss_fn=loss_fn), stage
+
+
+def _returns_and_eval_losses(rank: int, world: int) -> bool:
+    torch.manual_seed(0)
+    model = DeepMLP(n_layers=4)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    first, last = rank == 0, rank == world - 1
+    inputs = (x,) if first else ()
+    want_losses, _ = reference(model, x, y, 4)
+    with torch.no_grad():
+        want_out = model(x)
+    got = {}
+    for name, make in (("pp", lambda: _pp_schedule(model, rank, world, 4)[0]),
+                       ("torch", lambda: _torch_schedule(model, rank, world, 4))):
+        sched = make()
+        losses: list = ["stale"]
+        out = sched.step(*inputs, target=y if last else None, losses=losses)
+        skipped = sched.step(*inputs, target=y if last else None, losses=losses, return_outputs=False)
+        eval_losses: list = []  # a fresh schedule: eval after step on one schedule is issue 14's item 4
+        eval_out = make().eval(*inputs, target=y if last else None, losses=eval_losses)
+        got[name] = (out, skipped, losses, eval_out, eval_losses)
+    if last:
+        out, skipped, losses, eval_out, eval_losses = got["pp"]
+        torch.testing.assert_close(out, want_out)                 # merged output with a loss_fn
+        assert skipped is None                                     # return_outputs=False
+        assert len(losses) == 4 and "stale" not in losses          # cleared, then one per microbatch
+        torch.testing.assert_close(eval_out, want_out)
+        torch.testing.assert_close(torch.stack(eval_losses), want_losses)  # eval: one loss per microbatch
+        t_out, t_skipped, t_losses, t_eval_out, t_eval_losses = got["torch"]
+        torch.testing.assert_close(out, t_out)
+        assert t_skipped is None
+        torch.testing.assert_close(torch.stack(losses), torch.stack(t_losses))
+        torch.testing.assert_close(eval_out, t_eval_out)
+        torch.testing.assert_close(torch.stack(eval_losses), torch.stack(t_eval_losses))
+    else:
+        assert all(v is None for v in (got["pp"][0], got["pp"][1], got["pp"][3]))
+    return True
+
+
+def test_step_returns_merged_output_and_eval_fills_losses_as_torch():
+    assert run_ranks(_returns_and_eval_losses, 2) == [True, True]
+
+
+def _unknown_keyword(rank: int, world: int, traced: bool) -> str:
+    torch.manual_seed(0)
+    model = DeepMLP(n_layers=4)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    if traced:
+        pipe = pp.pipeline(model, (x[:2],), split_policy=pp.split_into_equal_size(world))
+        sched = pp.ScheduleGPipe(pipe.build_stage(rank, "cpu"), 4, loss_fn=F.mse_loss)
+    else:
+        sched, _ = _pp_schedule(model, rank, world, 4)
+    last = rank == world - 1
+    try:
+        sched.step(x, target=y, retrun_outputs=False)   # a typo on every rank
+        return "no error"
+    except (TypeError, RuntimeError) as e:
+        message = f"{type(e).__name__}: {e}"
+    # Nothing was sent: the next step runs and is right.
+    losses: list = []
+    sched.step(x, target=y if last else None, losses=losses)
+    if last:
+        torch.testing.assert_close(torch.stack(losses), reference(model, x, y, 4)[0])
+    return message
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["traced", "manual"])
+def test_unknown_keywords_are_refused_on_every_rank_before_any_transfer(traced):
+    messages = run_ranks(_unknown_keyword, 2, traced)
+    # A traced pipeline knows the model's forward on every rank; manual stages on the first stage's rank,
+    # whose refusal reaches the other rank before anything is sent.
+    assert "TypeError: step()/eval() got unknown keyword(s) ['retrun_outputs']" in messages[0]
+    if traced:
+        assert messages[1].startswith("TypeError: step()/eval() got unknown keyword(s) ['retrun_outputs']")
+    else:
+        assert messages[1].startswith("RuntimeError: pipeline step aborted: rank 0 rejected its inputs")
+
+
+class WithExtra(nn.Module):
+    """A model with a keyword tensor input of its own batch size (broadcast over the rows of x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.bias = nn.Linear(2, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x, extra=None):
+        h = torch.tanh(self.inp(x) + self.bias(extra).sum(0))
+        return self.head(h)
+
+
+class ExtraFirst(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.inp, self.bias = m.inp, m.bias
+
+    def forward(self, x, extra=None):
+        return torch.tanh(self.inp(x) + self.bias(extra).sum(0))
+
+
+class ExtraLast(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.head = m.head
+
+    def forward(self, h):
+        return self.head(h)
+
+
+def _keyword_split(rank: int, world: int) -> bool:
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    torch.manual_seed(0)
+    model = WithExtra()
+    x, t, y = torch.randn(16, 4), torch.randn(4, 2), torch.randn(16, 3)
+    ref = copy.deepcopy(model)
+    want = [F.mse_loss(ref(xc, extra=tc), yc) for xc, tc, yc in zip(x.chunk(4), t.chunk(4), y.chunk(4))]
+    (sum(want) / 4).backward()
+    results = {}
+    for name, make_stage, make_sched in (("pp", pp.PipelineStage, pp.ScheduleGPipe),
+                                         ("torch", PipelineStage, ScheduleGPipe)):
+        mine = copy.deepcopy(model)
+        part = ExtraFirst(mine) if rank == 0 else ExtraLast(mine)
+        stage = make_stage(part, rank, world, torch.device("cpu"))
+        sched = make_sched(stage, 4, loss_fn=F.mse_loss)
+        losses: list = []
+        sched.step(*((x,) if rank == 0 else ()), **({"extra": t} if rank == 0 else {}),
+                   target=y if rank == 1 else None, losses=losses)
+        results[name] = (losses, {n: p.grad for n, p in part.named_parameters()})
+    ref_grads = dict(ref.named_parameters())
+    for name, (losses, grads) in results.items():
+        if rank == 1:
+            torch.testing.assert_close(torch.stack(losses), torch.stack(want).detach(), msg=name)
+        for n, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[n].grad, msg=lambda m: f"{name} {n}: {m}")
+    if rank == 0:  # a tensor with fewer rows than microbatches: one clear sentence, every rank stops
+        with pytest.raises(ValueError, match=r"batch of 3 along dim 0 cannot be split into 4 microbatches "
+                                             r"\(kwargs\['extra'\] has shape \(3, 2\)\)"):
+            _pp_step_extra(model, rank, world, x, torch.randn(3, 2), y)
+    else:
+        with pytest.raises(RuntimeError, match="rank 0 rejected its inputs"):
+            _pp_step_extra(model, rank, world, x, None, y)
+    return True
+
+
+def _pp_step_extra(model, rank, world, x, t, y):
+    mine = copy.deepcopy(model)
+    part = ExtraFirst(mine) if rank == 0 else ExtraLast(mine)
+    sched = pp.ScheduleGPipe(pp.PipelineStage(part, rank, world, "cpu"), 4, loss_fn=F.mse_loss)
+    sched.step(*((x,) if rank == 0 else ()), **({"extra": t} if rank == 0 else {}), target=y if rank == 1 else None)
+
+
+def test_keyword_tensors_are_split_on_their_own_batch_size_as_torch():
+    assert run_ranks(_keyword_split, 2) == [True, True]
+
+
+def _one_stage_per_rank(rank: int, world: int, name: str) -> bool:
+    torch.manual_seed(0)
+    model = DeepMLP(n_layers=4)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    want_losses, want_grads = reference(model, x, y, 4)
+    stage = pp.PipelineStage(manual_stage_module(copy.deepcopy(model), rank, world), rank, world, "cpu")
+    sched = getattr(pp, name)([stage], 4, loss_fn=F.mse_loss)
+    losses: list = []
+    sched.step(*((x,) if rank == 0 else ()), target=y if rank == world - 1 else None, losses=losses)
+    if rank == world - 1:
+        torch.testing.assert_close(torch.stack(losses), want_losses)
+    per = 4 // world
+    for n, p in stage.submod.named_parameters():
+        parts = n.split(".")
+        if parts[0] == "blocks":
+            n = ".".join(["layers", str(rank * per + int(parts[1]))] + parts[2:])
+        torch.testing.assert_close(p.grad, want_grads[n], msg=lambda m: f"{name} {n}: {m}")
+    return True
+
+
+@pytest.mark.parametrize("name", ["ScheduleInterleaved1F1B", "ScheduleLoopedBFS", "ScheduleInterleavedZeroBubble"])
+@pytest.mark.parametrize("world", [1, 2])
+def test_multi_stage_schedules_run_one_stage_per_rank(name, world):
+    assert run_ranks(_one_stage_per_rank, world, name) == [True] * world
+
+
+class LossAndLogits(nn.Module):
+    """A model that returns its loss next to its logits, as Hugging Face models do."""
+
+    def __init__(self, output: str):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 3)
+        self.output = output
+
+    def forward(self, x, labels):
+        h = torch.tanh(self.a(x))
+        pp.pipe_split()
+        logits = self.b(h)
+        loss = F.mse_loss(logits, labels)
+        if self.output == "dict":
+            return {"loss": loss, "logits": logits}
+        from transformers.modeling_outputs import SequenceClassifierOutput
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def _scalar_outputs(rank: int, world: int, output: str) -> bool:
+    if output == "model_output":
+        import transformers.modeling_outputs  # noqa: F401 - registers ModelOutput classes with pytree
+    torch.manual_seed(0)
+    model = LossAndLogits(output)
+    x, labels = torch.randn(8, 4), torch.randn(8, 3)
+    pipe = pp.pipeline(model, (x[:2], labels[:2]))
+    sched = pp.ScheduleGPipe(pipe.build_stage(rank, "cpu"), 4)
+    out = sched.eval(x, labels)
+    if rank == world - 1:
+        with torch.no_grad():
+            want = model(x, labels)
+        torch.testing.assert_close(out["logits"], want["logits"])
+        torch.testing.assert_close(out["loss"], want["loss"])  # equal microbatches: the mean is the batch's
+        if output == "model_output":
+            assert type(out).__name__ == "SequenceClassifierOutput"
+    else:
+        assert out is None
+    return True
+
+
+@pytest.mark.parametrize("output", ["dict", "model_output"])
+def test_eval_merges_a_scalar_loss_next_to_logits(output):
+    assert run_ranks(_scalar_outputs, 2, output, timeout_s=300) == [True, True]  # transformers imports slowly
