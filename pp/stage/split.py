@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import operator
 import os
 import traceback
@@ -20,6 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.export.graph_signature import InputKind, OutputKind
 
+from .contract import dynamic_shapes, expr_of, is_symbolic, shape_guards
 from .marker import SplitPoint, pipe_split
 from .pipe import MODEL_INPUT, InputBinder, Pipe, PipeInfo, StageIO
 from .policies import SplitPolicy
@@ -51,8 +53,8 @@ def pipeline(
     mb_kwargs = dict(mb_kwargs or {})
     if split_spec is not None and split_policy is not None:
         raise ValueError("pass either split_spec or split_policy to pipeline(), not both")
-    with _cuts_by_module(module, split_spec or {}):
-        ep = _export(module, tuple(mb_args), mb_kwargs)
+    with _cuts_by_module(module, split_spec or {}) as calls:
+        ep = _export(module, tuple(mb_args), mb_kwargs, restart=lambda: calls.update(dict.fromkeys(calls, 0)))
     graph = ep.graph
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     for spec in ep.graph_signature.input_specs:
@@ -71,9 +73,10 @@ def pipeline(
 # ---------------------------------------------------------------------------------------------- tracing
 
 @contextlib.contextmanager
-def _cuts_by_module(module: nn.Module, split_spec: Mapping[str, SplitPoint]) -> Iterator[None]:
+def _cuts_by_module(module: nn.Module, split_spec: Mapping[str, SplitPoint]) -> Iterator[dict[str, int]]:
     """Temporarily make the named submodules call pipe_split() before or after themselves; on leaving,
-    check that each named submodule ran exactly once, so that every entry made exactly one cut."""
+    check that each named submodule ran exactly once, so that every entry made exactly one cut.
+    Yields the call counts (reset them before tracing again)."""
     modules = dict(module.named_modules())
     patched: list[tuple[nn.Module, Any]] = []  # (submodule, its own instance-level forward or None)
     calls: dict[str, int] = {name: 0 for name in split_spec}
@@ -101,7 +104,7 @@ def _cuts_by_module(module: nn.Module, split_spec: Mapping[str, SplitPoint]) -> 
 
             patched.append((sub, sub.__dict__.get("forward")))
             sub.forward = wrapped
-        yield
+        yield calls
         for name, n in calls.items():
             if n == 0:
                 raise ValueError(
@@ -120,12 +123,18 @@ def _cuts_by_module(module: nn.Module, split_spec: Mapping[str, SplitPoint]) -> 
                 sub.forward = own_forward
 
 
-def _export(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+def _export(module: nn.Module, args: tuple, kwargs: dict, restart=lambda: None) -> torch.export.ExportedProgram:
+    """Export with every input dimension symbolic where the model allows it (so the stages take other
+    batch sizes and sequence lengths); a model that only exports with fixed sizes is exported so, and
+    its stages then take exactly the example's shapes (the input checks say so)."""
+    shapes = dynamic_shapes(module.forward, args, kwargs)
+    if shapes is not None:
+        try:
+            return _export_with(module, args, kwargs, shapes)
+        except Exception:  # retried with fixed sizes below; that attempt's error is the one reported
+            restart()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal pytree notices
-            ep = torch.export.export(module, args, kwargs, strict=False)
-            return ep.run_decompositions({})
+        return _export_with(module, args, kwargs, None)
     except Exception as e:  # export raises many types; all mean "cannot trace"
         where = _user_frame(e)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -134,6 +143,26 @@ def _export(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.Export
             f"To pipeline this model anyway, cut it by hand and wrap each piece in "
             f"pp.PipelineStage(submodule, stage_index, num_stages, device)."
         ) from e
+
+
+def _export_with(module: nn.Module, args: tuple, kwargs: dict, shapes: dict | None) -> torch.export.ExportedProgram:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal pytree notices
+        with _quiet("torch._export.non_strict_utils"), _quiet("torch.fx.experimental.symbolic_shapes"):
+            ep = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes)
+            return ep.run_decompositions({})
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Silence one torch logger's warnings (notes on specialised sizes) while exporting."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _user_frame(e: BaseException) -> str:
@@ -203,7 +232,8 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
             raise ValueError(f"stage {s} of {num_stages} would be empty: two cuts (pipe_split or split_spec) "
                              f"fall at the same place, or a cut falls before the first or after the last op")
 
-    remat = _rematerialisable(graph, attr_of)
+    syms = {n for n in graph.nodes if n.op == "call_function" and is_symbolic(n)}
+    remat = _rematerialisable(graph, attr_of, syms)
     mutated = {fqn for fqn, _ in buffer_updates}
     # A buffer update runs on the last stage that reads the buffer, so earlier readers see the old value.
     update_stage = {}
@@ -212,12 +242,18 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
                    if u in stage_of]
         update_stage[fqn] = max([stage_of.get(value, 0)] + readers)
 
-    # Values each stage needs from earlier stages, in order of first use.
+    # Values each stage needs from earlier stages, in order of first use; sizes (SymInts) are found
+    # later, from the stage's own inputs where one of them has that size.
     needs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
+    sizes: list[list[fx.Node]] = [[] for _ in range(num_stages)]
 
     def need(stage: int, value: Any) -> None:
         for arg in _nodes_in(value):
             if arg.op == "placeholder" and arg.name in attr_of:
+                continue
+            if arg in syms:
+                if stage_of[arg] != stage and arg not in sizes[stage]:
+                    sizes[stage].append(arg)
                 continue
             if arg in remat:
                 need(stage, list(arg.all_input_nodes))
@@ -231,6 +267,9 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
     for fqn, value in buffer_updates:
         need(update_stage[fqn], value)
     need(num_stages - 1, user_outputs)
+    size_plans = [_size_plan(sizes[s], needs[s]) for s in range(num_stages)]
+    for s, plan in enumerate(size_plans):
+        needs[s].extend(n for n in sizes[s] if n not in plan)  # no input has that size: sent as a value
 
     outputs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
     for t in range(num_stages):
@@ -254,7 +293,7 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
         stage_outputs = user_outputs if s == num_stages - 1 else outputs[s]
         updates = [(f, v) for f, v in buffer_updates if update_stage[f] == s]
         gm = _stage_module(s, graph, stage_of, remat, attr_of, inputs, stage_outputs, updates, mutated,
-                           named_tensors)
+                           named_tensors, size_plans[s])
         stage_modules.append(gm)
         stage_io.append(StageIO(input_sources=sources, output_consumers=None))  # type: ignore[arg-type]
     for s, io in enumerate(stage_io):
@@ -274,7 +313,8 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
     binder = InputBinder(module.forward, mb_args, mb_kwargs, ep.call_spec.in_spec, traced_constants)
     info = PipeInfo(num_stages=num_stages, stage_io=stage_io, input_binder=binder,
                     out_spec=ep.call_spec.out_spec, shared_params=shared,
-                    param_meta={n: metas[n] for n in shared})
+                    param_meta={n: metas[n] for n in shared},
+                    shape_guards=shape_guards(ep, [n.meta.get("val") for n in user_inputs]))
     return Pipe(stage_modules, info)
 
 
@@ -318,22 +358,50 @@ def _nodes_in(value: Any) -> list[fx.Node]:
     return found
 
 
-def _rematerialisable(graph: fx.Graph, attr_of: dict) -> set[fx.Node]:
-    """Nodes computed from constants alone (arange, full, ...): each stage recomputes them instead of
-    receiving them. Random ops are excluded, since a second draw would differ."""
+def _rematerialisable(graph: fx.Graph, attr_of: dict, syms: set[fx.Node]) -> set[fx.Node]:
+    """Nodes computed from constants and sizes alone (arange, full, ...): each stage recomputes them
+    instead of receiving them. Random ops are excluded, since a second draw would differ."""
     remat: set[fx.Node] = set()
     for node in graph.nodes:
-        if node.op != "call_function" or _is_split(node):
+        if node.op != "call_function" or _is_split(node) or node in syms:
             continue
         target = node.target
         if isinstance(target, torch._ops.OpOverload) and (
                 torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable):
             continue
         inputs = node.all_input_nodes
-        if all(a in remat or (a.op == "placeholder" and attr_of.get(a.name, ("",))[0] == "const")
+        if all(a in remat or a in syms or (a.op == "placeholder" and attr_of.get(a.name, ("",))[0] == "const")
                for a in inputs):
             remat.add(node)
     return remat
+
+
+def _size_plan(wanted: list[fx.Node], inputs: list[fx.Node]) -> dict[fx.Node, tuple]:
+    """How a stage computes each size it uses that an earlier stage computed: {size node: ("size",
+    input node, dim)} where one of its inputs has that size in a dimension, or ("copy",) where the node
+    is arithmetic on such sizes. Sizes missing from the plan are sent from the stage computing them."""
+    plan: dict[fx.Node, tuple] = {}
+
+    def local(n: fx.Node) -> bool:
+        if n in plan:
+            return True
+        want = expr_of(n.meta["val"])
+        for t in inputs:
+            val = t.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                for d, size in enumerate(val.shape):
+                    if expr_of(size) == want:
+                        plan[n] = ("size", t, d)
+                        return True
+        args = n.all_input_nodes
+        if args and all(is_symbolic(a) for a in args) and all(local(a) for a in args):
+            plan[n] = ("copy",)
+            return True
+        return False
+
+    for n in wanted:
+        local(n)
+    return plan
 
 
 def _named_tensors(module: nn.Module, ep) -> dict[str, torch.Tensor]:
@@ -347,7 +415,7 @@ def _named_tensors(module: nn.Module, ep) -> dict[str, torch.Tensor]:
 
 
 def _stage_module(stage: int, graph: fx.Graph, stage_of, remat, attr_of, inputs, outputs, updates,
-                  mutated, named_tensors) -> fx.GraphModule:
+                  mutated, named_tensors, size_plan) -> fx.GraphModule:
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     used_attrs: dict[str, str] = {}  # fqn -> kind
@@ -369,6 +437,13 @@ def _stage_module(stage: int, graph: fx.Graph, stage_of, remat, attr_of, inputs,
             env[n].meta = dict(n.meta)
             return env[n]
         if n in remat:
+            return copy(n)
+        plan = size_plan.get(n)
+        if plan is not None and plan[0] == "size":  # this size, read off one of the stage's own inputs
+            env[n] = g.call_function(torch.ops.aten.sym_size.int, (value_of(plan[1]), plan[2]))
+            env[n].meta = dict(n.meta)
+            return env[n]
+        if plan is not None:
             return copy(n)
         raise AssertionError(f"stage {stage} needs {n.name}, which is neither local nor an input")
 
