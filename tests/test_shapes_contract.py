@@ -61,11 +61,16 @@ def flat_mse(out, y):
 
 
 def reference(model, x, y, n_mb, autocast=False):
+    """Per-microbatch losses and the gradient of their mean, accumulated microbatch by microbatch (as
+    gradient accumulation does, each under its own autocast region: bf16 casts are not shared)."""
     ref = copy.deepcopy(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        losses = [flat_mse(ref(xc), yc) for xc, yc in zip(x.tensor_split(n_mb), y.tensor_split(n_mb))]
-    (sum(losses) / n_mb).backward()
-    return torch.stack(losses).detach(), {n: p.grad for n, p in ref.named_parameters()}
+    losses = []
+    for xc, yc in zip(x.tensor_split(n_mb), y.tensor_split(n_mb)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = flat_mse(ref(xc), yc)
+        (loss / n_mb).backward()
+        losses.append(loss.detach())
+    return torch.stack(losses), {n: p.grad for n, p in ref.named_parameters()}
 
 
 def _pipes(model, example) -> dict:
@@ -127,3 +132,146 @@ def test_traced_stages_take_other_batch_sizes_and_lengths_on_every_schedule():
     """Traced on a 3 x 6 microbatch, then batches of 8 (chunks 3, 3, 2) at lengths 6, 9, 4, and 6 x 9
     (chunks of 2 x 9 = 18 = 3 x 6 rows: a view frozen to the example's sizes would fit, silently wrong)."""
     assert run_ranks(_other_shapes, 2, timeout_s=300)[0] == ALL
+
+
+# --- shapes the traced model cannot take: a ValueError on stage 0 before anything is sent ----------------
+
+class FixedLength(nn.Module):
+    """A learned position table of 6 rows added to the input: the model itself fixes the length at 6."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        self.pos = nn.Parameter(torch.randn(6, d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x) + self.pos)
+        pp.pipe_split()
+        return self.head(h)
+
+
+def _refused(rank, world, example_rows, bad_batch):
+    torch.manual_seed(0)
+    model = FixedLength()
+    pipe = pp.pipeline(model, (torch.randn(example_rows, 6, 8),))
+    stage = pipe.build_stage(rank, "cpu")
+    sched = pp.Schedule1F1B(stage, 3, loss_fn=flat_mse)
+    x, y = torch.randn(*bad_batch, 8), torch.randn(*bad_batch, 3)
+    try:
+        sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
+    except (ValueError, RuntimeError) as e:
+        error = (type(e).__name__, str(e))
+    else:
+        error = None
+    # the schedule is still good for shapes the model takes
+    good = (3 * example_rows, 6)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(*good, 8, generator=gen), torch.randn(*good, 3, generator=gen)
+    _step_and_compare(rank, model, [stage], sched, 2, x, y)
+    return error
+
+
+def test_a_length_the_model_fixes_is_refused_before_any_transfer():
+    rank0, rank1 = run_ranks(_refused, 2, 3, (9, 9), timeout_s=120)
+    assert rank0 == ("ValueError", "stage 0 input 0 ('x'): expected a float32 tensor of shape (*, 6, 8), got a "
+                     "float32 tensor of shape (3, 9, 8): dimension 1 must be 6; the traced model fixes this size")
+    assert rank1[0] == "RuntimeError" and "rank 0 rejected its inputs" in rank1[1]
+
+
+def test_a_batch_dimension_traced_at_one_row_is_refused_with_the_reason():
+    rank0, _ = run_ranks(_refused, 2, 1, (6, 6), timeout_s=120)
+    assert rank0[0] == "ValueError" and rank0[1].startswith(
+        "stage 0 input 0 ('x'): expected a float32 tensor of shape (1, 6, 8), got a float32 tensor of shape "
+        "(2, 6, 8): dimension 0 must be 1; torch.export fixes every dimension of size 0 or 1")
+
+
+class Pairs(nn.Module):
+    """Reads its rows in pairs (`reshape(b // 2, 2, -1)`): the traced graph is only valid for even b."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x, mask):
+        h = torch.tanh(self.a(x)) * mask.unsqueeze(-1)
+        pp.pipe_split()
+        return self.b(h.reshape(h.shape[0] // 2, 2, -1).flatten(1))
+
+
+def test_the_model_s_shape_conditions_are_checked_and_named():
+    from pp.stage.contract import check_shapes, spec_of
+
+    torch.manual_seed(0)
+    model = Pairs()
+    pipe = pp.pipeline(model, (torch.randn(4, 4), torch.ones(4)))
+    nodes = [n for n in pipe.get_stage_module(0).graph.nodes if n.op == "placeholder"]
+    specs = [spec_of(f"input {i} ({n.name!r})", n.meta["val"], n.name) for i, n in enumerate(nodes)]
+    guards = pipe.info().shape_guards
+    x, mask = torch.randn(6, 4), torch.rand(6)
+    check_shapes(0, specs, [x, mask], guards)
+    torch.testing.assert_close(pipe(x, mask)[0], model(x, mask))   # 6 rows: other sizes than traced work
+    with pytest.raises(ValueError, match=r"^stage 0 inputs do not meet the traced model's shape condition "
+                                         r".*x\.shape\[0\].* \(here x\.shape\[0\] = 5; input 0 \('x'\) traced as "
+                                         r"a float32 tensor of shape \(\*, 4\)"):
+        check_shapes(0, specs, [torch.randn(5, 4), torch.ones(5)], guards)
+    with pytest.raises(ValueError, match=r"^stage 0 input 1 \('mask'\): expected a float32 tensor of shape "
+                                         r"\(\*\), got a float32 tensor of shape \(4\): dimension 0 must equal "
+                                         r"x\.shape\[0\], which is 6$"):
+        check_shapes(0, specs, [x, torch.ones(4)], guards)
+
+
+# --- eval() and step() in any order on one schedule ------------------------------------------------------
+
+def _eval_and_step(rank, world):
+    torch.manual_seed(0)
+    model = ViewModel()
+    pipes = _pipes(model, torch.randn(3, 6, 8))
+    runs = []
+    for name in ("1F1B", "Interleaved1F1B", "parallelize"):
+        if name == "parallelize":
+            par = pp.parallelize(pipes[2], n_microbatches=3, loss_fn=flat_mse, device="cpu")
+            stages, sched, n_stages = par.stages, par, 2
+        else:
+            stages, sched, n_stages = _stages(pipes, name, world, rank)
+        held = {s.stage_index for s in stages}
+        # eval first, then step; step, eval (other shapes), step (the shapes of the first step), ...
+        for kind, (b, t) in [("eval", (8, 6)), ("step", (8, 6)), ("eval", (8, 9)), ("step", (8, 6)),
+                             ("eval", (8, 6)), ("step", (8, 4)), ("step", (8, 4))]:
+            gen = torch.Generator().manual_seed(b * 100 + t)
+            x, y = torch.randn(b, t, 8, generator=gen), torch.randn(b, t, 3, generator=gen)
+            if kind == "step":
+                _step_and_compare(rank, model, stages, sched, n_stages, x, y)
+            else:
+                out = sched.eval(*((x,) if 0 in held else ()))
+                if n_stages - 1 in held:
+                    with torch.no_grad():
+                        torch.testing.assert_close(out, model(x), msg=lambda m: f"{name} eval {b}x{t}: {m}")
+            runs.append((name, kind, b, t))
+    return runs
+
+
+def test_eval_and_step_in_any_order_match_the_unsplit_model():
+    runs = run_ranks(_eval_and_step, 2, timeout_s=300)[0]
+    assert len(runs) == 21
+
+
+# --- step() under torch.autocast ---------------------------------------------------------------------------
+
+def _autocast(rank, world):
+    torch.manual_seed(0)
+    model = ViewModel()
+    pipes = _pipes(model, torch.randn(3, 6, 8))
+    for name in ("1F1B", "Interleaved1F1B", "ZBVZeroBubble"):
+        stages, sched, n_stages = _stages(pipes, name, world, rank)
+        for b, t in [(8, 6), (8, 9)]:
+            gen = torch.Generator().manual_seed(b * 100 + t)
+            x, y = torch.randn(b, t, 8, generator=gen), torch.randn(b, t, 3, generator=gen)
+            _step_and_compare(rank, model, stages, sched, n_stages, x, y, autocast=True)
+    return True
+
+
+def test_step_under_autocast_matches_the_unsplit_model_under_autocast():
+    """Activations cross the cut in bfloat16; the ops are the unsplit model's, so the numbers are too."""
+    assert all(run_ranks(_autocast, 2, timeout_s=300))

@@ -26,6 +26,7 @@ class InputSpec(NamedTuple):
     name: str
     dtype: torch.dtype
     dims: tuple
+    arg: str = "x"   # the placeholder's own name, for sizes in messages: x.shape[0]
 
 
 def dynamic_shapes(forward: Any, args: tuple, kwargs: dict) -> dict | None:
@@ -57,12 +58,12 @@ def expr_of(size: Any) -> sympy.Expr:
     return sympy.Integer(int(size))
 
 
-def spec_of(name: str, val: Any) -> InputSpec | None:
+def spec_of(name: str, val: Any, arg: str = "x") -> InputSpec | None:
     """The InputSpec of a placeholder's traced value, None for non-tensor values."""
     if not isinstance(val, torch.Tensor):
         return None
     dims = tuple(int(d) if not isinstance(d, torch.SymInt) else d.node.expr for d in val.shape)
-    return InputSpec(name, val.dtype, tuple(_plain(d) for d in dims))
+    return InputSpec(name, val.dtype, tuple(_plain(d) for d in dims), arg)
 
 
 def _plain(d: Any) -> Any:
@@ -115,7 +116,8 @@ def check_shapes(stage: int, specs: Sequence[InputSpec | None], values: Sequence
     the guards (sizes that one symbol names must agree). Under autocast a floating input may also
     come in `autocast_dtype`. `source` says where the values come from, e.g. " (from stage 0)".
     """
-    bound: dict = {}
+    bound: dict = {}      # symbol -> size given
+    named: dict = {}      # symbol -> where it was first seen, as 'x.shape[0]'
     compound: list = []
     for spec, value in zip(specs, values):
         if spec is None:
@@ -139,15 +141,15 @@ def check_shapes(stage: int, specs: Sequence[InputSpec | None], values: Sequence
             elif isinstance(want, sympy.Symbol):
                 if bound.setdefault(want, got) != got:
                     raise ValueError(f"{where}: expected {_describe(spec)}, got {_describe_value(shape, dtype)}: "
-                                     f"dimension {d} must equal every other size named {want}, which is "
-                                     f"{bound[want]} here")
+                                     f"dimension {d} must equal {named[want]}, which is {bound[want]}")
+                named.setdefault(want, f"{spec.arg}.shape[{d}]")
             else:
                 compound.append((where, spec, shape, dtype, d, want, got))
     for where, spec, shape, dtype, d, want, got in compound:
         value = want.xreplace({s: sympy.Integer(v) for s, v in bound.items()})
         if value.is_Integer and int(value) != got:
             raise ValueError(f"{where}: expected {_describe(spec)}, got {_describe_value(shape, dtype)}: "
-                             f"dimension {d} must be {want} = {int(value)}")
+                             f"dimension {d} must be {_readable(want, named)} = {int(value)}")
     for guard in guards:
         if not guard.free_symbols <= bound.keys():
             continue
@@ -156,13 +158,12 @@ def check_shapes(stage: int, specs: Sequence[InputSpec | None], values: Sequence
         except TypeError:  # sympy could not decide: not a shape this check can rule on
             continue
         if not holds:
-            sizes = ", ".join(f"{s}={bound[s]}" for s in sorted(guard.free_symbols, key=str))
-            first = next((spec for spec in specs if spec is not None), None)
+            sizes = ", ".join(f"{named[s]} = {bound[s]}" for s in sorted(guard.free_symbols, key=str))
+            traced = "; ".join(f"{spec.name} traced as {_describe(spec)}" for spec in specs if spec is not None)
             raise ValueError(f"stage {stage} inputs{source} do not meet the traced model's shape condition "
-                             f"{guard} (here {sizes}; {first.name if first else 'input'} was traced as "
-                             f"{_describe(first) if first else '?'}); the traced graph is only valid for "
-                             f"sizes that meet it: send such sizes, or trace pipeline() with an example "
-                             f"of the sizes you will send")
+                             f"{_readable(guard, named)} (here {sizes}; {traced}); the traced graph is only "
+                             f"valid for sizes that meet it: send such sizes, or trace pipeline() with an "
+                             f"example of the sizes you will send")
 
 
 def _shape_dtype(value: Any) -> tuple:
@@ -174,8 +175,13 @@ def _shape_dtype(value: Any) -> tuple:
 
 
 def _describe(spec: InputSpec) -> str:
-    """'a float32 tensor of shape (s0, 6, 16)' (sN: a size the model lets vary)."""
-    return _describe_value(spec.dims, spec.dtype)
+    """'a float32 tensor of shape (*, 6, 16)' (`*`: a size the model lets vary)."""
+    return _describe_value(tuple("*" if isinstance(d, sympy.Symbol) else d for d in spec.dims), spec.dtype)
+
+
+def _readable(expr: Any, named: dict) -> str:
+    """A size expression with its symbols written as the input sizes they stand for (x.shape[0])."""
+    return str(expr.xreplace({s: sympy.Symbol(n) for s, n in named.items()}))
 
 
 def _describe_value(shape: Sequence, dtype: torch.dtype) -> str:

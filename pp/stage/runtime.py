@@ -182,7 +182,7 @@ class PipelineStage:
         if self._expected is None:
             if self.pipe_info is not None and isinstance(self.submod, fx.GraphModule):
                 vals = [(n.name, n.meta.get("val")) for n in self.submod.graph.nodes if n.op == "placeholder"]
-                self._expected = [spec_of(f"input {i} ({name!r})", v) for i, (name, v) in enumerate(vals)]
+                self._expected = [spec_of(f"input {i} ({name!r})", v, name) for i, (name, v) in enumerate(vals)]
             elif self.input_args is not None and not self.is_first:
                 args = (self.input_args,) if isinstance(self.input_args, torch.Tensor) else tuple(self.input_args)
                 self._expected = [(f"input {i}", a.dtype, tuple(a.shape)) for i, a in enumerate(args)]
