@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import pp
 from pp.schedules.classes import schedule_class
 from pp.schedules.registry import SCHEDULES, get_spec
-from pp.testing import RankError, run_ranks
+from pp.testing import run_ranks
 
 ALL = list(SCHEDULES)
 

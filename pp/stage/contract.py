@@ -133,8 +133,8 @@ def check_shapes(stage: int, specs: Sequence[InputSpec | None], values: Sequence
         for d, (want, got) in enumerate(zip(spec.dims, shape)):
             if isinstance(want, int):
                 if want != got:
-                    why = (f"; torch.export fixes every dimension of size 0 or 1 in the example inputs, so "
-                           f"trace pipeline() with an example of at least 2 in that dimension"
+                    why = ("; torch.export fixes every dimension of size 0 or 1 in the example inputs, so "
+                           "trace pipeline() with an example of at least 2 in that dimension"
                            if want in (0, 1) else "; the traced model fixes this size")
                     raise ValueError(f"{where}: expected {_describe(spec)}, got "
                                      f"{_describe_value(shape, dtype)}: dimension {d} must be {want}{why}")

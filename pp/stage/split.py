@@ -6,32 +6,23 @@ copy, and stage modules hold the user's parameters and buffers under their origi
 """
 from __future__ import annotations
 
-import contextlib
-import difflib
-import logging
 import operator
-import os
-import traceback
-import warnings
 from collections import defaultdict
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.export.graph_signature import InputKind, OutputKind
 
-from .contract import dynamic_shapes, expr_of, is_symbolic, shape_guards
-from .marker import SplitPoint, pipe_split
+from .contract import expr_of, is_symbolic, shape_guards
+from .marker import SplitPoint
 from .pipe import MODEL_INPUT, InputBinder, Pipe, PipeInfo, StageIO
 from .policies import SplitPolicy
 from .segments import insert_cuts as _insert_cuts
 from .segments import is_split as _is_split
 from .segments import model_segments
-
-
-class PipelineTraceError(RuntimeError):
-    """torch.export could not trace the model; the message names the operation and the way out."""
+from .trace import PipelineTraceError, cuts_by_module, export_model
 
 
 def pipeline(
@@ -45,6 +36,14 @@ def pipeline(
 
     Cuts come from `pipe_split()` calls inside forward, from `split_spec` (submodule name ->
     SplitPoint.BEGINNING / END), or from `split_policy` (e.g. `split_by_cost(4)`).
+
+    The stages are not frozen to the example's shapes: every input dimension of size >= 2 stays
+    symbolic unless the model fixes it (torch.export `Dim.AUTO`), and sizes a stage reads (`x.shape`)
+    are taken from its own inputs, so other batch sizes and sequence lengths give the unsplit model's
+    results. Sizes of 0 or 1 in the example, sizes the model fixes, and sizes breaking a condition
+    the model puts on them (e.g. an even length) make `step()` raise a ValueError naming the stage,
+    the traced shape and the given one before anything is sent. A model that torch.export can only
+    trace with fixed sizes is traced so, and then takes exactly the example's shapes.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"pipeline() needs an nn.Module, got {type(module).__name__}")
@@ -53,8 +52,8 @@ def pipeline(
     mb_kwargs = dict(mb_kwargs or {})
     if split_spec is not None and split_policy is not None:
         raise ValueError("pass either split_spec or split_policy to pipeline(), not both")
-    with _cuts_by_module(module, split_spec or {}) as calls:
-        ep = _export(module, tuple(mb_args), mb_kwargs, restart=lambda: calls.update(dict.fromkeys(calls, 0)))
+    with cuts_by_module(module, split_spec or {}) as calls:
+        ep = export_model(module, tuple(mb_args), mb_kwargs, restart=lambda: calls.update(dict.fromkeys(calls, 0)))
     graph = ep.graph
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     for spec in ep.graph_signature.input_specs:
@@ -68,112 +67,6 @@ def pipeline(
         starts = split_policy(segments)
         _insert_cuts(graph, segments, starts)
     return _build_pipe(module, ep, tuple(mb_args), mb_kwargs)
-
-
-# ---------------------------------------------------------------------------------------------- tracing
-
-@contextlib.contextmanager
-def _cuts_by_module(module: nn.Module, split_spec: Mapping[str, SplitPoint]) -> Iterator[dict[str, int]]:
-    """Temporarily make the named submodules call pipe_split() before or after themselves; on leaving,
-    check that each named submodule ran exactly once, so that every entry made exactly one cut.
-    Yields the call counts (reset them before tracing again)."""
-    modules = dict(module.named_modules())
-    patched: list[tuple[nn.Module, Any]] = []  # (submodule, its own instance-level forward or None)
-    calls: dict[str, int] = {name: 0 for name in split_spec}
-    try:
-        for name, point in split_spec.items():
-            if name not in modules or name == "":
-                close = difflib.get_close_matches(str(name), [m for m in modules if m], n=3)
-                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-                raise ValueError(f"split_spec names submodule {name!r}, which {type(module).__name__} "
-                                 f"does not have{hint}")
-            if not isinstance(point, SplitPoint):
-                raise ValueError(f"split_spec[{name!r}] is {point!r}; expected SplitPoint.BEGINNING or "
-                                 f"SplitPoint.END")
-            sub = modules[name]
-            original = sub.forward
-
-            def wrapped(*args, __f=original, __p=point, __n=name, **kwargs):
-                calls[__n] += 1
-                if __p is SplitPoint.BEGINNING:
-                    pipe_split()
-                out = __f(*args, **kwargs)
-                if __p is SplitPoint.END:
-                    pipe_split()
-                return out
-
-            patched.append((sub, sub.__dict__.get("forward")))
-            sub.forward = wrapped
-        yield calls
-        for name, n in calls.items():
-            if n == 0:
-                raise ValueError(
-                    f"split_spec names submodule {name!r}, which {type(module).__name__}.forward never calls, "
-                    f"so no cut can go there; name a submodule that forward calls (a ModuleList is never "
-                    f"called itself: name one of its children)")
-            if n > 1:
-                raise ValueError(
-                    f"split_spec names submodule {name!r}, which {type(module).__name__}.forward calls {n} "
-                    f"times, so it does not mark one place to cut; place pipe_split() in forward instead")
-    finally:
-        for sub, own_forward in patched:
-            if own_forward is None:
-                del sub.forward
-            else:
-                sub.forward = own_forward
-
-
-def _export(module: nn.Module, args: tuple, kwargs: dict, restart=lambda: None) -> torch.export.ExportedProgram:
-    """Export with every input dimension symbolic where the model allows it (so the stages take other
-    batch sizes and sequence lengths); a model that only exports with fixed sizes is exported so, and
-    its stages then take exactly the example's shapes (the input checks say so)."""
-    shapes = dynamic_shapes(module.forward, args, kwargs)
-    if shapes is not None:
-        try:
-            return _export_with(module, args, kwargs, shapes)
-        except Exception:  # retried with fixed sizes below; that attempt's error is the one reported
-            restart()
-    try:
-        return _export_with(module, args, kwargs, None)
-    except Exception as e:  # export raises many types; all mean "cannot trace"
-        where = _user_frame(e)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PipelineTraceError(
-            f"torch.export could not trace {type(module).__name__}{where}: {type(e).__name__}: {first}. "
-            f"To pipeline this model anyway, cut it by hand and wrap each piece in "
-            f"pp.PipelineStage(submodule, stage_index, num_stages, device)."
-        ) from e
-
-
-def _export_with(module: nn.Module, args: tuple, kwargs: dict, shapes: dict | None) -> torch.export.ExportedProgram:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal pytree notices
-        with _quiet("torch._export.non_strict_utils"), _quiet("torch.fx.experimental.symbolic_shapes"):
-            ep = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes)
-            return ep.run_decompositions({})
-
-
-@contextlib.contextmanager
-def _quiet(logger: str) -> Iterator[None]:
-    """Silence one torch logger's warnings (notes on specialised sizes) while exporting."""
-    log = logging.getLogger(logger)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
-def _user_frame(e: BaseException) -> str:
-    torch_dir = os.path.dirname(torch.__file__)
-    here = os.path.dirname(os.path.dirname(__file__))
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if not f.filename.startswith((torch_dir, here)) and "site-packages" not in f.filename]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" at {os.path.basename(f.filename)}:{f.lineno} ({(f.line or '').strip()})"
 
 
 # ------------------------------------------------------------------------------------------ partition
