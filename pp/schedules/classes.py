@@ -90,7 +90,7 @@ class _PipelineSchedule:
         self._executor = Executor(self._stages, self._graph, self.group, self.rank)
         self._executor.abort = self._abort = AbortChannel(self.group, self.rank, first.device)
         p2p.warm_up(self.group, first.device)
-        self._last_signature: Any = None
+        self._signatures: dict[tuple, Any] = {}   # (training, grad enabled) -> input shapes last sent so
         self.record_trace = False
         # Called with a stage index right after that stage's last backward (B or W) of a training step
         # has run on this rank, e.g. to start its data-parallel gradient sync while others still work.
@@ -206,6 +206,9 @@ class _PipelineSchedule:
             signature = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x)
                               for chunk in zip(mb_args, mb_kwargs)
                               for x in torch.utils._pytree.tree_leaves(chunk))
+            if stage0.pipe_info is not None and signature not in self._signatures.values():
+                for a, k in zip(mb_args, mb_kwargs):  # before any rank sends: shapes the graph cannot take
+                    stage0.check_model_inputs(stage0.pipe_info.input_binder.flatten(a, k))
         last = self.n_stages - 1
         if last in self._stages and self._loss_fn is not None:
             if target is None and (training or losses is not None):
@@ -221,7 +224,11 @@ class _PipelineSchedule:
             prepared = self._check_inputs(args, kwargs, target, losses, training, return_outputs, loss_kwargs)
         except Exception as e:  # reported to every rank below, so that no peer waits for us
             error = e
-        changed = prepared is not None and prepared[3] is not None and prepared[3] != self._last_signature
+        # Metadata is cached per mode (train / eval, grad on or off: what requires grad differs) and
+        # exchanged again when the shapes sent in that mode change.
+        mode = (training, torch.is_grad_enabled())
+        changed = mode not in self._signatures or (
+            prepared is not None and prepared[3] is not None and prepared[3] != self._signatures[mode])
         if self.n_ranks > 1:
             status = p2p.max_all_reduce([self.rank + 1 if error else 0, int(changed)], self.group)
         else:
@@ -233,9 +240,8 @@ class _PipelineSchedule:
                                f"error says why); no rank started the step")
         self._abort.begin_step()
         mb_args, mb_kwargs, targets, signature = prepared
-        if signature is not None:
-            self._last_signature = signature
-        meta_mode = bool(status[1]) or not getattr(self, "_ran_once", False)
+        self._signatures[mode] = signature
+        meta_mode = bool(status[1])
         is_last = (self.n_stages - 1) in self._stages
         if is_last and losses is not None:
             losses.clear()
@@ -255,7 +261,7 @@ class _PipelineSchedule:
             if 0 in self._stages:
                 for m in range(self.n_microbatches):
                     self._stages[0].set_model_inputs(m, mb_args[m], mb_kwargs[m])
-            self._executor.run(actions, meta_mode=meta_mode, loss_fn=loss_fn,
+            self._executor.run(actions, meta_mode=meta_mode, meta_key=mode, loss_fn=loss_fn,
                                targets=targets, losses=losses, loss_scale=scale, outputs=outputs,
                                record=self.record_trace, after=after)
         except BaseException as e:
@@ -264,11 +270,11 @@ class _PipelineSchedule:
                 g.discard()
             if wrapped is not None:
                 wrapped.end(ok=False)
+            self._signatures.pop(mode, None)  # the next step in this mode exchanges metadata afresh
             raise
         finally:
             for s in self._stages.values():
                 s.clear()
-        self._ran_once = True
         if training:
             for g in self._graphs.values():
                 g.flush()

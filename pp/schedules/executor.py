@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
@@ -48,7 +48,8 @@ class Executor:
         self.group = group
         self.rank = rank
         self.device = next(iter(stages.values())).device
-        self._meta: dict[Message, list] = {}  # forward message -> metadata of what it carries
+        self._metas: dict[Any, dict[Message, list]] = {}  # meta_key -> forward message -> its metadata
+        self._meta: dict[Message, list] = {}
         self._groups: dict[tuple, list] = {}  # (batch, its list's peer_batch) -> split_batch's groups
         self.trace: list[tuple[str, float, float]] = []
         self.abort: AbortChannel | None = None  # set by the schedule
@@ -59,9 +60,14 @@ class Executor:
     # --------------------------------------------------------------------------------- step
     def run(self, actions: list[Action], *, meta_mode: bool, loss_fn: Callable | None, targets: list | None,
             losses: list | None, loss_scale: float, outputs: list | None, record: bool,
-            after: dict[Action, Callable[[], None]] | None = None) -> None:
+            after: dict[Action, Callable[[], None]] | None = None, meta_key: Any = None) -> None:
         """Run `actions`; `after[a]()` is called right after compute action `a` (e.g. start a stage's
-        data-parallel gradient sync once its last backward of the step is done)."""
+        data-parallel gradient sync once its last backward of the step is done). Metadata is cached
+        per `meta_key` (e.g. train and eval, whose outputs differ in requiring grad); `meta_mode`
+        exchanges it afresh for this key."""
+        if meta_mode:
+            self._metas[meta_key] = {}
+        self._meta = self._metas.setdefault(meta_key, {})
         self._waits: dict[tuple, list] = defaultdict(list)
         self._grad_bufs: dict[tuple, list] = defaultdict(list)
         self._send_works: list = []

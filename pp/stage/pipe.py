@@ -42,6 +42,8 @@ class PipeInfo:
     # shape and dtype of each shared parameter, so ranks without it can take part in its gradient sum
     param_meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
     has_loss_and_backward: bool = False
+    # conditions on the traced input sizes (sympy relations; see stage/contract.py), empty if all fixed
+    shape_guards: list = field(default_factory=list)
 
     @property
     def edges(self) -> dict[int, list[int]]:

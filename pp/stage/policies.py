@@ -31,7 +31,21 @@ SplitPolicy = Callable[[Sequence[Segment]], list[int]]
 
 
 def _numel(val) -> int:
-    return val.numel() if isinstance(val, torch.Tensor) else 0
+    """Elements of a traced value at the example's sizes (symbolic sizes count at their traced value)."""
+    if not isinstance(val, torch.Tensor):
+        return 0
+    n = 1
+    for d in val.shape:
+        n *= _size(d)
+    return n
+
+
+def _size(d) -> int:
+    """One traced size as an int: a symbolic size (a batch or sequence dimension) at the example's value."""
+    if isinstance(d, torch.SymInt):
+        hint = d.node.hint
+        return int(hint) if hint is not None else 1
+    return int(d)
 
 
 def node_flops(node: fx.Node) -> float:
@@ -45,14 +59,14 @@ def node_flops(node: fx.Node) -> float:
         _numel(v) for v in (out if isinstance(out, (tuple, list)) else ()))
     if name.startswith(("linear", "mm", "bmm", "matmul", "addmm", "baddbmm")):
         x = args[1] if name.startswith(("addmm", "baddbmm")) else args[0]
-        k = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else 1
+        k = _size(x.shape[-1]) if isinstance(x, torch.Tensor) and x.dim() else 1
         return 2.0 * out_numel * k
     if "scaled_dot_product" in name and isinstance(args[0], torch.Tensor):
         q, k = args[0], args[1]
-        return 4.0 * q.numel() * k.shape[-2]
+        return 4.0 * _numel(q) * _size(k.shape[-2])
     if name.startswith("convolution") and isinstance(args[1], torch.Tensor):
         w = args[1]
-        return 2.0 * out_numel * w[0].numel()
+        return 2.0 * out_numel * _numel(w[0])
     if name.startswith(("view", "reshape", "_unsafe_view", "transpose", "permute", "t.", "expand",
                         "unsqueeze", "squeeze", "getitem", "slice", "select", "detach", "alias")):
         return 0.0

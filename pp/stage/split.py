@@ -6,29 +6,24 @@ copy, and stage modules hold the user's parameters and buffers under their origi
 """
 from __future__ import annotations
 
-import contextlib
-import difflib
 import operator
-import warnings
 from collections import defaultdict
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.export.graph_signature import InputKind, OutputKind
 
-from .marker import SplitPoint, pipe_split
+from .contract import expr_of, is_symbolic, shape_guards
+from .marker import SplitPoint
 from .pipe import MODEL_INPUT, InputBinder, Pipe, PipeInfo, StageIO
 from .policies import SplitPolicy
 from .segments import insert_cuts as _insert_cuts
 from .segments import is_split as _is_split
 from .segments import model_segments
-from .traced import cache_in_output, user_frame, views_as_reshapes, way_out
-
-
-class PipelineTraceError(RuntimeError):
-    """torch.export could not trace the model; the message names the operation and the way out."""
+from .trace import PipelineTraceError, cuts_by_module, export_model
+from .traced import cache_in_output, drop_metadata_asserts, views_as_reshapes, way_out
 
 
 def pipeline(
@@ -42,6 +37,14 @@ def pipeline(
 
     Cuts come from `pipe_split()` calls inside forward, from `split_spec` (submodule name ->
     SplitPoint.BEGINNING / END), or from `split_policy` (e.g. `split_by_cost(4)`).
+
+    The stages are not frozen to the example's shapes: every input dimension of size >= 2 stays
+    symbolic unless the model fixes it (torch.export `Dim.AUTO`), and sizes a stage reads (`x.shape`)
+    are taken from its own inputs, so other batch sizes and sequence lengths give the unsplit model's
+    results. Sizes of 0 or 1 in the example, sizes the model fixes, and sizes breaking a condition
+    the model puts on them (e.g. an even length) make `step()` raise a ValueError naming the stage,
+    the traced shape and the given one before anything is sent. A model that torch.export can only
+    trace with fixed sizes is traced so, and then takes exactly the example's shapes.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"pipeline() needs an nn.Module, got {type(module).__name__}")
@@ -50,13 +53,14 @@ def pipeline(
     mb_kwargs = dict(mb_kwargs or {})
     if split_spec is not None and split_policy is not None:
         raise ValueError("pass either split_spec or split_policy to pipeline(), not both")
-    with _cuts_by_module(module, split_spec or {}):
-        ep = _export(module, tuple(mb_args), mb_kwargs)
+    with cuts_by_module(module, split_spec or {}) as calls:
+        ep = export_model(module, tuple(mb_args), mb_kwargs, restart=lambda: calls.update(dict.fromkeys(calls, 0)))
     graph = ep.graph
     cache = cache_in_output(ep.call_spec.out_spec)
     if cache is not None:
         raise PipelineTraceError(f"{type(module).__name__} returns a {cache} object. {way_out('Cache')}")
     views_as_reshapes(graph)
+    drop_metadata_asserts(graph)
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     for spec in ep.graph_signature.input_specs:
         if spec.kind == InputKind.PARAMETER:
@@ -69,73 +73,6 @@ def pipeline(
         starts = split_policy(segments)
         _insert_cuts(graph, segments, starts)
     return _build_pipe(module, ep, tuple(mb_args), mb_kwargs)
-
-
-# ---------------------------------------------------------------------------------------------- tracing
-
-@contextlib.contextmanager
-def _cuts_by_module(module: nn.Module, split_spec: Mapping[str, SplitPoint]) -> Iterator[None]:
-    """Temporarily make the named submodules call pipe_split() before or after themselves; on leaving,
-    check that each named submodule ran exactly once, so that every entry made exactly one cut."""
-    modules = dict(module.named_modules())
-    patched: list[tuple[nn.Module, Any]] = []  # (submodule, its own instance-level forward or None)
-    calls: dict[str, int] = {name: 0 for name in split_spec}
-    try:
-        for name, point in split_spec.items():
-            if name not in modules or name == "":
-                close = difflib.get_close_matches(str(name), [m for m in modules if m], n=3)
-                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-                raise ValueError(f"split_spec names submodule {name!r}, which {type(module).__name__} "
-                                 f"does not have{hint}")
-            if not isinstance(point, SplitPoint):
-                raise ValueError(f"split_spec[{name!r}] is {point!r}; expected SplitPoint.BEGINNING or "
-                                 f"SplitPoint.END")
-            sub = modules[name]
-            original = sub.forward
-
-            def wrapped(*args, __f=original, __p=point, __n=name, **kwargs):
-                calls[__n] += 1
-                if __p is SplitPoint.BEGINNING:
-                    pipe_split()
-                out = __f(*args, **kwargs)
-                if __p is SplitPoint.END:
-                    pipe_split()
-                return out
-
-            patched.append((sub, sub.__dict__.get("forward")))
-            sub.forward = wrapped
-        yield
-        for name, n in calls.items():
-            if n == 0:
-                raise ValueError(
-                    f"split_spec names submodule {name!r}, which {type(module).__name__}.forward never calls, "
-                    f"so no cut can go there; name a submodule that forward calls (a ModuleList is never "
-                    f"called itself: name one of its children)")
-            if n > 1:
-                raise ValueError(
-                    f"split_spec names submodule {name!r}, which {type(module).__name__}.forward calls {n} "
-                    f"times, so it does not mark one place to cut; place pipe_split() in forward instead")
-    finally:
-        for sub, own_forward in patched:
-            if own_forward is None:
-                del sub.forward
-            else:
-                sub.forward = own_forward
-
-
-def _export(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal pytree notices
-            ep = torch.export.export(module, args, kwargs, strict=False)
-            return ep.run_decompositions({})
-    except Exception as e:  # export raises many types; all mean "cannot trace"
-        where = user_frame(e)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PipelineTraceError(
-            f"torch.export could not trace {type(module).__name__}{where}: {type(e).__name__}: {first}. "
-            f"{way_out(str(e))}"
-        ) from e
 
 
 # ------------------------------------------------------------------------------------------ partition
@@ -194,7 +131,8 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
             raise ValueError(f"stage {s} of {num_stages} would be empty: two cuts (pipe_split or split_spec) "
                              f"fall at the same place, or a cut falls before the first or after the last op")
 
-    remat = _rematerialisable(graph, attr_of)
+    syms = {n for n in graph.nodes if n.op == "call_function" and is_symbolic(n)}
+    remat = _rematerialisable(graph, attr_of, syms)
     mutated = {fqn for fqn, _ in buffer_updates}
     # A buffer update runs on the last stage that reads the buffer, so earlier readers see the old value.
     update_stage = {}
@@ -203,12 +141,18 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
                    if u in stage_of]
         update_stage[fqn] = max([stage_of.get(value, 0)] + readers)
 
-    # Values each stage needs from earlier stages, in order of first use.
+    # Values each stage needs from earlier stages, in order of first use; sizes (SymInts) are found
+    # later, from the stage's own inputs where one of them has that size.
     needs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
+    sizes: list[list[fx.Node]] = [[] for _ in range(num_stages)]
 
     def need(stage: int, value: Any) -> None:
         for arg in _nodes_in(value):
             if arg.op == "placeholder" and arg.name in attr_of:
+                continue
+            if arg in syms:
+                if stage_of[arg] != stage and arg not in sizes[stage]:
+                    sizes[stage].append(arg)
                 continue
             if arg in remat:
                 need(stage, list(arg.all_input_nodes))
@@ -222,6 +166,9 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
     for fqn, value in buffer_updates:
         need(update_stage[fqn], value)
     need(num_stages - 1, user_outputs)
+    size_plans = [_size_plan(sizes[s], needs[s]) for s in range(num_stages)]
+    for s, plan in enumerate(size_plans):
+        needs[s].extend(n for n in sizes[s] if n not in plan)  # no input has that size: sent as a value
 
     outputs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
     for t in range(num_stages):
@@ -245,7 +192,7 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
         stage_outputs = user_outputs if s == num_stages - 1 else outputs[s]
         updates = [(f, v) for f, v in buffer_updates if update_stage[f] == s]
         gm = _stage_module(s, graph, stage_of, remat, attr_of, inputs, stage_outputs, updates, mutated,
-                           named_tensors)
+                           named_tensors, size_plans[s])
         stage_modules.append(gm)
         stage_io.append(StageIO(input_sources=sources, output_consumers=None))  # type: ignore[arg-type]
     for s, io in enumerate(stage_io):
@@ -258,7 +205,8 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
     binder = InputBinder(module.forward, mb_args, mb_kwargs, ep.call_spec.in_spec, traced_constants)
     info = PipeInfo(num_stages=num_stages, stage_io=stage_io, input_binder=binder,
                     out_spec=ep.call_spec.out_spec, shared_params=shared,
-                    param_meta={n: metas[n] for n in shared})
+                    param_meta={n: metas[n] for n in shared},
+                    shape_guards=shape_guards(ep, [n.meta.get("val") for n in user_inputs]))
     return Pipe(stage_modules, info)
 
 
@@ -335,22 +283,50 @@ def _nodes_in(value: Any) -> list[fx.Node]:
     return found
 
 
-def _rematerialisable(graph: fx.Graph, attr_of: dict) -> set[fx.Node]:
-    """Nodes computed from constants alone (arange, full, ...): each stage recomputes them instead of
-    receiving them. Random ops are excluded, since a second draw would differ."""
+def _rematerialisable(graph: fx.Graph, attr_of: dict, syms: set[fx.Node]) -> set[fx.Node]:
+    """Nodes computed from constants and sizes alone (arange, full, ...): each stage recomputes them
+    instead of receiving them. Random ops are excluded, since a second draw would differ."""
     remat: set[fx.Node] = set()
     for node in graph.nodes:
-        if node.op != "call_function" or _is_split(node):
+        if node.op != "call_function" or _is_split(node) or node in syms:
             continue
         target = node.target
         if isinstance(target, torch._ops.OpOverload) and (
                 torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable):
             continue
         inputs = node.all_input_nodes
-        if all(a in remat or (a.op == "placeholder" and attr_of.get(a.name, ("",))[0] == "const")
+        if all(a in remat or a in syms or (a.op == "placeholder" and attr_of.get(a.name, ("",))[0] == "const")
                for a in inputs):
             remat.add(node)
     return remat
+
+
+def _size_plan(wanted: list[fx.Node], inputs: list[fx.Node]) -> dict[fx.Node, tuple]:
+    """How a stage computes each size it uses that an earlier stage computed: {size node: ("size",
+    input node, dim)} where one of its inputs has that size in a dimension, or ("copy",) where the node
+    is arithmetic on such sizes. Sizes missing from the plan are sent from the stage computing them."""
+    plan: dict[fx.Node, tuple] = {}
+
+    def local(n: fx.Node) -> bool:
+        if n in plan:
+            return True
+        want = expr_of(n.meta["val"])
+        for t in inputs:
+            val = t.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                for d, size in enumerate(val.shape):
+                    if expr_of(size) == want:
+                        plan[n] = ("size", t, d)
+                        return True
+        args = n.all_input_nodes
+        if args and all(is_symbolic(a) for a in args) and all(local(a) for a in args):
+            plan[n] = ("copy",)
+            return True
+        return False
+
+    for n in wanted:
+        local(n)
+    return plan
 
 
 def _named_tensors(module: nn.Module, ep) -> dict[str, torch.Tensor]:
@@ -364,7 +340,7 @@ def _named_tensors(module: nn.Module, ep) -> dict[str, torch.Tensor]:
 
 
 def _stage_module(stage: int, graph: fx.Graph, stage_of, remat, attr_of, inputs, outputs, updates,
-                  mutated, named_tensors) -> fx.GraphModule:
+                  mutated, named_tensors, size_plan) -> fx.GraphModule:
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     used_attrs: dict[str, str] = {}  # fqn -> kind
@@ -386,6 +362,13 @@ def _stage_module(stage: int, graph: fx.Graph, stage_of, remat, attr_of, inputs,
             env[n].meta = dict(n.meta)
             return env[n]
         if n in remat:
+            return copy(n)
+        plan = size_plan.get(n)
+        if plan is not None and plan[0] == "size":  # this size, read off one of the stage's own inputs
+            env[n] = g.call_function(torch.ops.aten.sym_size.int, (value_of(plan[1]), plan[2]))
+            env[n].meta = dict(n.meta)
+            return env[n]
+        if plan is not None:
             return copy(n)
         raise AssertionError(f"stage {stage} needs {n.name}, which is neither local nor an input")
 

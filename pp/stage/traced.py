@@ -66,3 +66,12 @@ def cache_in_output(spec: Any) -> str | None:
         children = getattr(node, "children", None)
         stack.extend(children() if callable(children) else getattr(node, "children_specs", None) or [])
     return None
+
+
+def drop_metadata_asserts(graph: fx.Graph) -> None:
+    """Erase `aten._assert_tensor_metadata` nodes: torch.export records one per `.to()` call to check
+    dtypes it already knows; each stage would pay a host-side call per node per microbatch for nothing."""
+    target = torch.ops.aten._assert_tensor_metadata.default
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is target and not node.users:
+            graph.erase_node(node)

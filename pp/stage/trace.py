@@ -1,0 +1,112 @@
+"""Tracing for the splitter: cut markers for `split_spec`, and torch.export with symbolic input sizes
+(falling back to the example's fixed sizes where the model only exports so)."""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import warnings
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.nn as nn
+
+from .contract import dynamic_shapes
+from .marker import SplitPoint, pipe_split
+from .traced import user_frame, way_out
+
+
+class PipelineTraceError(RuntimeError):
+    """torch.export could not trace the model; the message names the operation and the way out."""
+
+
+@contextlib.contextmanager
+def cuts_by_module(module: nn.Module, split_spec: Mapping[str, SplitPoint]) -> Iterator[dict[str, int]]:
+    """Temporarily make the named submodules call pipe_split() before or after themselves; on leaving,
+    check that each named submodule ran exactly once, so that every entry made exactly one cut.
+    Yields the call counts (reset them before tracing again)."""
+    modules = dict(module.named_modules())
+    patched: list[tuple[nn.Module, Any]] = []  # (submodule, its own instance-level forward or None)
+    calls: dict[str, int] = {name: 0 for name in split_spec}
+    try:
+        for name, point in split_spec.items():
+            if name not in modules or name == "":
+                close = difflib.get_close_matches(str(name), [m for m in modules if m], n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise ValueError(f"split_spec names submodule {name!r}, which {type(module).__name__} "
+                                 f"does not have{hint}")
+            if not isinstance(point, SplitPoint):
+                raise ValueError(f"split_spec[{name!r}] is {point!r}; expected SplitPoint.BEGINNING or "
+                                 f"SplitPoint.END")
+            sub = modules[name]
+            original = sub.forward
+
+            def wrapped(*args, __f=original, __p=point, __n=name, **kwargs):
+                calls[__n] += 1
+                if __p is SplitPoint.BEGINNING:
+                    pipe_split()
+                out = __f(*args, **kwargs)
+                if __p is SplitPoint.END:
+                    pipe_split()
+                return out
+
+            patched.append((sub, sub.__dict__.get("forward")))
+            sub.forward = wrapped
+        yield calls
+        for name, n in calls.items():
+            if n == 0:
+                raise ValueError(
+                    f"split_spec names submodule {name!r}, which {type(module).__name__}.forward never calls, "
+                    f"so no cut can go there; name a submodule that forward calls (a ModuleList is never "
+                    f"called itself: name one of its children)")
+            if n > 1:
+                raise ValueError(
+                    f"split_spec names submodule {name!r}, which {type(module).__name__}.forward calls {n} "
+                    f"times, so it does not mark one place to cut; place pipe_split() in forward instead")
+    finally:
+        for sub, own_forward in patched:
+            if own_forward is None:
+                del sub.forward
+            else:
+                sub.forward = own_forward
+
+
+def export_model(module: nn.Module, args: tuple, kwargs: dict, restart=lambda: None) -> torch.export.ExportedProgram:
+    """Export with every input dimension symbolic where the model allows it (so the stages take other
+    batch sizes and sequence lengths); a model that only exports with fixed sizes is exported so, and
+    its stages then take exactly the example's shapes (the input checks say so)."""
+    shapes = dynamic_shapes(module.forward, args, kwargs)
+    if shapes is not None:
+        try:
+            return _export_with(module, args, kwargs, shapes)
+        except Exception:  # retried with fixed sizes below; that attempt's error is the one reported
+            restart()
+    try:
+        return _export_with(module, args, kwargs, None)
+    except Exception as e:  # export raises many types; all mean "cannot trace"
+        where = user_frame(e)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PipelineTraceError(
+            f"torch.export could not trace {type(module).__name__}{where}: {type(e).__name__}: {first}. "
+            f"{way_out(str(e))}"
+        ) from e
+
+
+def _export_with(module: nn.Module, args: tuple, kwargs: dict, shapes: dict | None) -> torch.export.ExportedProgram:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal pytree notices
+        with _quiet("torch._export.non_strict_utils"), _quiet("torch.fx.experimental.symbolic_shapes"):
+            ep = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes)
+            return ep.run_decompositions({})
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Silence one torch logger's warnings (notes on specialised sizes) while exporting."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

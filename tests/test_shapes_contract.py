@@ -1,0 +1,277 @@
+"""The input contract of traced stages: other batch sizes and sequence lengths than the example traced,
+eval and step in any order, autocast. Every value is checked against the unsplit model (2 gloo ranks)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pp
+from pp.schedules.classes import schedule_class
+from pp.schedules.registry import SCHEDULES, get_spec
+from pp.testing import run_ranks
+
+ALL = list(SCHEDULES)
+
+
+class ViewAttention(nn.Module):
+    """Self-attention whose head split reads b and t off the input: `q.view(b, t, heads, d // heads)`."""
+
+    def __init__(self, d: int = 16, heads: int = 4, residual: bool = True):
+        super().__init__()
+        self.heads, self.residual = heads, residual
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q = q.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        k = k.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        v = v.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        a = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1) @ v
+        out = self.out(a.transpose(1, 2).reshape(b, t, d))
+        return x + out if self.residual else out
+
+
+class ViewModel(nn.Module):
+    """Input layer, four ViewAttention blocks (cut between them; the first without a residual, so that
+    nothing in it needs its output to have its input's shape), a head."""
+
+    def __init__(self, d: int = 16, n_blocks: int = 4):
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        self.blocks = nn.ModuleList(ViewAttention(d, residual=i > 0) for i in range(n_blocks))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def flat_mse(out, y):
+    """A language-model-style loss: outputs and targets flattened, so it runs on any pair of shapes of
+    equal size (which is how a shape baked into a traced graph could go unnoticed)."""
+    return F.mse_loss(out.reshape(-1), y.reshape(-1))
+
+
+def reference(model, x, y, n_mb, autocast=False):
+    """Per-microbatch losses and the gradient of their mean, accumulated microbatch by microbatch (as
+    gradient accumulation does, each under its own autocast region: bf16 casts are not shared)."""
+    ref = copy.deepcopy(model)
+    losses = []
+    for xc, yc in zip(x.tensor_split(n_mb), y.tensor_split(n_mb)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = flat_mse(ref(xc), yc)
+        (loss / n_mb).backward()
+        losses.append(loss.detach())
+    return torch.stack(losses), {n: p.grad for n, p in ref.named_parameters()}
+
+
+def _pipes(model, example) -> dict:
+    """The model cut into 2 and into 4 stages (one trace each, shared by every schedule)."""
+    pipes = {}
+    for n_stages in (2, 4):
+        cuts = {f"blocks.{i}": pp.SplitPoint.BEGINNING for i in range(4 // n_stages, 4, 4 // n_stages)}
+        pipes[n_stages] = pp.pipeline(model, (example,), split_spec=cuts)
+        assert pipes[n_stages].num_stages == n_stages
+    return pipes
+
+
+def _stages(pipes, name, world, rank, n_mb=3):
+    spec = get_spec(name)
+    n_stages = world * (spec.stages_per_rank or 2)
+    placement = spec.placement(n_stages, world)
+    stages = [pipes[n_stages].build_stage(s, "cpu") for s in range(n_stages) if placement[s] == rank]
+    sched = schedule_class(name)(stages[0] if spec.stages_per_rank == 1 else stages, n_mb, loss_fn=flat_mse)
+    return stages, sched, n_stages
+
+
+def _step_and_compare(rank, model, stages, sched, n_stages, x, y, autocast=False, tol=None):
+    held = {s.stage_index for s in stages}
+    want_losses, want_grads = reference(model, x, y, 3, autocast)
+    for s in stages:
+        s.submod.zero_grad()
+    losses: list = []
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        sched.step(*((x,) if 0 in held else ()), target=y if n_stages - 1 in held else None, losses=losses)
+    kw = {} if tol is None else {"atol": tol, "rtol": tol}
+    for s in stages:
+        for n, p in s.submod.named_parameters():
+            torch.testing.assert_close(p.grad, want_grads[n], msg=lambda m: f"{tuple(x.shape)} {n}: {m}", **kw)
+    if n_stages - 1 in held:
+        torch.testing.assert_close(torch.stack(losses), want_losses, **kw)
+
+
+# (batch, sequence length) of each step; traced with one microbatch of 3 rows of length 6
+SHAPES = [(8, 6), (8, 9), (8, 4), (6, 9), (8, 6)]
+
+
+def _other_shapes(rank, world):
+    torch.manual_seed(0)
+    model = ViewModel()
+    pipes = _pipes(model, torch.randn(3, 6, 8))
+    for name in ALL:
+        stages, sched, n_stages = _stages(pipes, name, world, rank)
+        for b, t in SHAPES:
+            gen = torch.Generator().manual_seed(b * 100 + t)
+            x, y = torch.randn(b, t, 8, generator=gen), torch.randn(b, t, 3, generator=gen)
+            try:
+                _step_and_compare(rank, model, stages, sched, n_stages, x, y)
+            except Exception as e:
+                raise AssertionError(f"{name} at batch {b}, length {t}: {e}") from e
+    return ALL
+
+
+def test_traced_stages_take_other_batch_sizes_and_lengths_on_every_schedule():
+    """Traced on a 3 x 6 microbatch, then batches of 8 (chunks 3, 3, 2) at lengths 6, 9, 4, and 6 x 9
+    (chunks of 2 x 9 = 18 = 3 x 6 rows: a view frozen to the example's sizes would fit, silently wrong)."""
+    assert run_ranks(_other_shapes, 2, timeout_s=300)[0] == ALL
+
+
+# --- shapes the traced model cannot take: a ValueError on stage 0 before anything is sent ----------------
+
+class FixedLength(nn.Module):
+    """A learned position table of 6 rows added to the input: the model itself fixes the length at 6."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        self.pos = nn.Parameter(torch.randn(6, d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x) + self.pos)
+        pp.pipe_split()
+        return self.head(h)
+
+
+def _refused(rank, world, example_rows, bad_batch):
+    torch.manual_seed(0)
+    model = FixedLength()
+    pipe = pp.pipeline(model, (torch.randn(example_rows, 6, 8),))
+    stage = pipe.build_stage(rank, "cpu")
+    sched = pp.Schedule1F1B(stage, 3, loss_fn=flat_mse)
+    x, y = torch.randn(*bad_batch, 8), torch.randn(*bad_batch, 3)
+    try:
+        sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
+    except (ValueError, RuntimeError) as e:
+        error = (type(e).__name__, str(e))
+    else:
+        error = None
+    # the schedule is still good for shapes the model takes
+    good = (3 * example_rows, 6)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(*good, 8, generator=gen), torch.randn(*good, 3, generator=gen)
+    _step_and_compare(rank, model, [stage], sched, 2, x, y)
+    return error
+
+
+def test_a_length_the_model_fixes_is_refused_before_any_transfer():
+    rank0, rank1 = run_ranks(_refused, 2, 3, (9, 9), timeout_s=120)
+    assert rank0 == ("ValueError", "stage 0 input 0 ('x'): expected a float32 tensor of shape (*, 6, 8), got a "
+                     "float32 tensor of shape (3, 9, 8): dimension 1 must be 6; the traced model fixes this size")
+    assert rank1[0] == "RuntimeError" and "rank 0 rejected its inputs" in rank1[1]
+
+
+def test_a_batch_dimension_traced_at_one_row_is_refused_with_the_reason():
+    rank0, _ = run_ranks(_refused, 2, 1, (6, 6), timeout_s=120)
+    assert rank0[0] == "ValueError" and rank0[1].startswith(
+        "stage 0 input 0 ('x'): expected a float32 tensor of shape (1, 6, 8), got a float32 tensor of shape "
+        "(2, 6, 8): dimension 0 must be 1; torch.export fixes every dimension of size 0 or 1")
+
+
+class Pairs(nn.Module):
+    """Reads its rows in pairs (`reshape(b // 2, 2, -1)`): the traced graph is only valid for even b."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x, mask):
+        h = torch.tanh(self.a(x)) * mask.unsqueeze(-1)
+        pp.pipe_split()
+        return self.b(h.reshape(h.shape[0] // 2, 2, -1).flatten(1))
+
+
+def test_the_model_s_shape_conditions_are_checked_and_named():
+    from pp.stage.contract import check_shapes, spec_of
+
+    torch.manual_seed(0)
+    model = Pairs()
+    pipe = pp.pipeline(model, (torch.randn(4, 4), torch.ones(4)))
+    nodes = [n for n in pipe.get_stage_module(0).graph.nodes if n.op == "placeholder"]
+    specs = [spec_of(f"input {i} ({n.name!r})", n.meta["val"], n.name) for i, n in enumerate(nodes)]
+    guards = pipe.info().shape_guards
+    x, mask = torch.randn(6, 4), torch.rand(6)
+    check_shapes(0, specs, [x, mask], guards)
+    torch.testing.assert_close(pipe(x, mask)[0], model(x, mask))   # 6 rows: other sizes than traced work
+    with pytest.raises(ValueError, match=r"^stage 0 inputs do not meet the traced model's shape condition "
+                                         r".*x\.shape\[0\].* \(here x\.shape\[0\] = 5; input 0 \('x'\) traced as "
+                                         r"a float32 tensor of shape \(\*, 4\)"):
+        check_shapes(0, specs, [torch.randn(5, 4), torch.ones(5)], guards)
+    with pytest.raises(ValueError, match=r"^stage 0 input 1 \('mask'\): expected a float32 tensor of shape "
+                                         r"\(\*\), got a float32 tensor of shape \(4\): dimension 0 must equal "
+                                         r"x\.shape\[0\], which is 6$"):
+        check_shapes(0, specs, [x, torch.ones(4)], guards)
+
+
+# --- eval() and step() in any order on one schedule ------------------------------------------------------
+
+def _eval_and_step(rank, world):
+    torch.manual_seed(0)
+    model = ViewModel()
+    pipes = _pipes(model, torch.randn(3, 6, 8))
+    runs = []
+    for name in ("1F1B", "Interleaved1F1B", "parallelize"):
+        if name == "parallelize":
+            par = pp.parallelize(pipes[2], n_microbatches=3, loss_fn=flat_mse, device="cpu")
+            stages, sched, n_stages = par.stages, par, 2
+        else:
+            stages, sched, n_stages = _stages(pipes, name, world, rank)
+        held = {s.stage_index for s in stages}
+        # eval first, then step; step, eval (other shapes), step (the shapes of the first step), ...
+        for kind, (b, t) in [("eval", (8, 6)), ("step", (8, 6)), ("eval", (8, 9)), ("step", (8, 6)),
+                             ("eval", (8, 6)), ("step", (8, 4)), ("step", (8, 4))]:
+            gen = torch.Generator().manual_seed(b * 100 + t)
+            x, y = torch.randn(b, t, 8, generator=gen), torch.randn(b, t, 3, generator=gen)
+            if kind == "step":
+                _step_and_compare(rank, model, stages, sched, n_stages, x, y)
+            else:
+                out = sched.eval(*((x,) if 0 in held else ()))
+                if n_stages - 1 in held:
+                    with torch.no_grad():
+                        torch.testing.assert_close(out, model(x), msg=lambda m: f"{name} eval {b}x{t}: {m}")
+            runs.append((name, kind, b, t))
+    return runs
+
+
+def test_eval_and_step_in_any_order_match_the_unsplit_model():
+    runs = run_ranks(_eval_and_step, 2, timeout_s=300)[0]
+    assert len(runs) == 21
+
+
+# --- step() under torch.autocast ---------------------------------------------------------------------------
+
+def _autocast(rank, world):
+    torch.manual_seed(0)
+    model = ViewModel()
+    pipes = _pipes(model, torch.randn(3, 6, 8))
+    for name in ("1F1B", "Interleaved1F1B", "ZBVZeroBubble"):
+        stages, sched, n_stages = _stages(pipes, name, world, rank)
+        for b, t in [(8, 6), (8, 9)]:
+            gen = torch.Generator().manual_seed(b * 100 + t)
+            x, y = torch.randn(b, t, 8, generator=gen), torch.randn(b, t, 3, generator=gen)
+            _step_and_compare(rank, model, stages, sched, n_stages, x, y, autocast=True)
+    return True
+
+
+def test_step_under_autocast_matches_the_unsplit_model_under_autocast():
+    """Activations cross the cut in bfloat16; the ops are the unsplit model's, so the numbers are too."""
+    assert all(run_ranks(_autocast, 2, timeout_s=300))
