@@ -104,6 +104,10 @@ class PipelineStage:
         self._params = [p for p in self.submod.parameters() if p.requires_grad]
         self._expected: list[tuple[str, torch.dtype, tuple] | None] | None = None  # see check_received
         self.graphs: StageGraphs | None = None      # set by the schedule's enable_cuda_graphs()
+        # Set by pp.parallel.precision: floating activations sent to other stages (and accepted from
+        # them) in this dtype, and the forward run under torch.autocast to it (bf16-mixed).
+        self.activation_dtype: torch.dtype | None = None
+        self.autocast = False
 
     # -------------------------------------------------------------------------------- wiring
     @property
@@ -140,12 +144,16 @@ class PipelineStage:
             if want is None:
                 continue
             name, dtype, shape = want
-            if entry[0] == "t" and entry[2] == dtype and len(entry[1]) == len(shape) and \
+            if entry[0] == "t" and self._dtype_ok(entry[2], dtype) and len(entry[1]) == len(shape) and \
                     tuple(entry[1][1:]) == shape[1:]:
                 continue
             got = _describe(entry[2], entry[1]) if entry[0] == "t" else f"the non-tensor value {entry[1]!r}"
             raise ValueError(f"stage {self.stage_index} {name} (from stage {producer}): expected "
                              f"{_describe(dtype, ('*',) + shape[1:] if shape else shape)}, got {got}")
+
+    def _dtype_ok(self, got: torch.dtype, want: torch.dtype) -> bool:
+        # A stage traced in float32 that trains in bf16 (mixed or pure) receives bfloat16 activations.
+        return got == want or (got == self.activation_dtype and want.is_floating_point)
 
     def _expected_inputs(self) -> list:
         """Per input slot (name, dtype, shape) of what this stage expects, None where it does not say."""
@@ -192,11 +200,13 @@ class PipelineStage:
 
     def forward_one(self, m: int) -> tuple:
         st = self.state(m)
-        out = self._replay(m, st) if self.graphs is not None else None
-        if out is None and self.is_first and self.pipe_info is None:
-            out = self.submod(*st.args, **st.kwargs)
-        elif out is None:
-            out = self.submod(*st.inputs)
+        if not self.autocast:
+            out = self._forward(m, st)
+        else:
+            with torch.autocast(self.device.type, dtype=self.activation_dtype):
+                out = self._forward(m, st)
+        if self.activation_dtype is not None and not self.is_last:
+            out = _cast_floats(out, self.activation_dtype)
         if self.is_last:
             if self.pipe_info is not None:
                 st.final = pytree.tree_unflatten(list(out), self.pipe_info.out_spec)
@@ -204,6 +214,14 @@ class PipelineStage:
                 st.final = out
         st.outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         return st.outputs
+
+    def _forward(self, m: int, st: _Microbatch) -> Any:
+        out = self._replay(m, st) if self.graphs is not None else None
+        if out is None and self.is_first and self.pipe_info is None:
+            out = self.submod(*st.args, **st.kwargs)
+        elif out is None:
+            out = self.submod(*st.inputs)
+        return out
 
     def _replay(self, m: int, st: _Microbatch) -> Any:
         """The stage's outputs from a CUDA-graph replay, or None where it runs eagerly (eval, no grad,
@@ -335,6 +353,16 @@ def build_stage(stage_module: nn.Module, stage_index: int, pipe_info: PipeInfo,
 def _describe(dtype: torch.dtype, shape: tuple) -> str:
     """'a float32 tensor of shape (*, 16)' (`*`: any batch size)."""
     return f"a {str(dtype).removeprefix('torch.')} tensor of shape ({', '.join(map(str, shape))})"
+
+
+def _cast_floats(out: Any, dtype: torch.dtype) -> Any:
+    """`out` (a tensor or a tuple/list of values) with its floating tensors in `dtype`."""
+    if isinstance(out, torch.Tensor):
+        return out.to(dtype) if out.is_floating_point() else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                         for x in out)
+    return out
 
 
 def _to(value: Any, device: torch.device) -> Any:
