@@ -61,7 +61,7 @@ class ParallelModel:
         microbatch, gradients accumulated into `.grad` and averaged over the dp replicas. Ranks of
         the first stage need the inputs, ranks of the last stage `target` (others may pass them
         too); on the last stage each microbatch's loss is appended to `losses`."""
-        if self.shards is not None and not self.shards.gathered:
+        if self.shards is not None:   # the whole parameters from the shards the optimizer updated
             self.shards.gather()
         self.schedule.step(*args, target=target, losses=losses, **kwargs)
         if self.grad_sync is not None:
@@ -72,7 +72,7 @@ class ParallelModel:
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:
         """Forward only; the merged output on the ranks of the last stage, None elsewhere."""
-        if self.shards is not None and not self.shards.gathered:
+        if self.shards is not None:
             self.shards.gather()
         try:
             return self.schedule.eval(*args, **kwargs)
@@ -187,23 +187,32 @@ class ParallelModel:
         """This rank's stages' parameters and buffers as whole tensors under the model's names
         (collective over the tp group)."""
         out: dict[str, torch.Tensor] = {}
-        masters = dict(zip(self.shards.names, self.shards.masters)) if self.shards is not None else {}
+        sharded = self._sharded_names()
         for stage in self.stages:
             for name, t in stage.submod.state_dict().items():
-                if name in masters:  # ZeRO 2/3: the master shards hold the values (collective over dp)
-                    t = self.shards.whole(name, masters[name]).to(t.dtype)
+                if name in sharded:  # ZeRO 2/3: the master shards hold the values (collective over dp)
+                    t = self.shards.whole(sharded[name], self.shards.master(sharded[name])).to(t.dtype)
                 out[name] = self.full_tensor(name, t)
         return out
 
+    def _sharded_names(self) -> dict[str, str]:
+        """ZeRO 2/3: every name of a sharded parameter (tied aliases too) -> the name it is sharded under."""
+        if self.shards is None:
+            return {}
+        first = {id(p): n for n, p in zip(self.shards.names, self.shards.params)}
+        return {n: first[id(p)] for st in self.stages
+                for n, p in st.submod.named_parameters(remove_duplicate=False) if id(p) in first}
+
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Copy whole tensors (as from `state_dict` or the unsplit model) into this rank's parts."""
+        sharded = self._sharded_names()
         for stage in self.stages:
             for name, t in stage.submod.state_dict().items():
                 if name not in state:
                     raise KeyError(f"load_state_dict: no entry {name!r} (stage {stage.stage_index} needs it)")
                 local = self.local_tensor(name, state[name].to(t.device))
-                if self.shards is not None and name in self.shards.names:
-                    self.shards.load_whole(name, local)
+                if name in sharded:
+                    self.shards.load_whole(sharded[name], local)
                 else:
                     with torch.no_grad():
                         t.copy_(local)

@@ -84,7 +84,7 @@ class ShardedParams:
             self.params.append(p)
             self.masters.append(nn.Parameter(flat[dp_rank * chunk:(dp_rank + 1) * chunk].clone()))
         self.master_of = {id(p): m for p, m in zip(self.params, self.masters)}
-        self.gathered = True
+        self.gathered = True    # whether the whole parameters hold storage (not after `release`)
         if free:
             self.release()
 
@@ -123,6 +123,10 @@ class ShardedParams:
         state); collective over the dp group."""
         p = self.params[self.names.index(name)]
         return all_gather(shard.detach().float(), 0, self.group)[:p.numel()].view(p.shape)
+
+    def master(self, name: str) -> nn.Parameter:
+        """The master shard of parameter `name`."""
+        return self.masters[self.names.index(name)]
 
     def shard(self, name: str, whole: torch.Tensor) -> torch.Tensor:
         """This rank's flat shard of the whole tensor `whole` of parameter `name`."""
