@@ -91,3 +91,37 @@ def test_bf16_mixed_activations_cross_stages_in_bfloat16(results):
 def test_bad_precision_is_one_line_naming_it():
     with pytest.raises(ValueError, match=r"^precision='fp8' .*fp32, bf16-mixed, bf16$"):
         check_precision("fp8")
+
+
+# ------------------------------------------------------------------------------- launcher keys
+@pytest.mark.parametrize("overrides, expected", [
+    (["--train.precision", "fp8"], "train.precision='fp8': expected one of fp32, bf16-mixed, bf16"),
+    (["--train.activation_checkpointing", "yes"],
+     "train.activation_checkpointing='yes': expected one of none, selective, full"),
+    (["--parallel.zero", "5"], "parallel.zero=5: expected 0, 1, 2 or 3"),
+    (["--train.dtype", "float16"], "train.dtype='float16': expected one of float32, bfloat16"),
+    (["--train.dtype", "bfloat16", "--train.precision", "bf16-mixed"],
+     "train.dtype='bfloat16' disagrees with train.precision='bf16-mixed'"),
+])
+def test_bad_launcher_values_are_one_line_naming_key_and_value(overrides, expected, monkeypatch):
+    from pp.launcher.config import ConfigError, load_config
+    from pp.launcher.validate import validate
+
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(None, ["--parallel.pp", "2", *overrides]), 2)
+    assert str(info.value) == expected or str(info.value).startswith(expected)
+    assert "\n" not in str(info.value)
+
+
+def test_train_dtype_still_works_and_names_the_precision_to_use(monkeypatch, capsys):
+    from pp.launcher.config import load_config
+    from pp.launcher.validate import validate
+
+    monkeypatch.setenv("RANK", "0")
+    cfg = load_config(None, ["--parallel.pp", "2", "--train.dtype", "bfloat16", "--parallel.zero", "3"])
+    validate(cfg, 2)
+    assert cfg.train.precision == "bf16"
+    out = capsys.readouterr().out
+    assert "write train.precision: bf16 instead of train.dtype: bfloat16" in out
+    assert "parallel.zero=3 with parallel.dp=1 is a no-op" in out
