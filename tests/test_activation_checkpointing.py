@@ -117,3 +117,31 @@ def test_manual_stage_blocks_recompute_and_match(mode, once):
 def test_bad_mode_is_one_line_naming_it():
     with pytest.raises(ValueError, match=r"activation_checkpointing='yes' .*none, selective, full"):
         check_mode("yes")
+
+
+def _tp_cases(rank: int, world: int) -> dict:
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, y = _batch()
+    out = {}
+    for mode, precision in (("none", "fp32"), ("selective", "fp32"), ("full", "fp32"), ("none", "bf16-mixed"),
+                            ("full", "bf16-mixed")):
+        torch.manual_seed(0)
+        model = GPT(**MODEL)
+        par = pp.parallelize(model, (x[:2],), n_microbatches=N_MB, loss_fn=lm_loss, pp=1, tp=2,
+                             tp_plan=model.tp_plan(), activation_checkpointing=mode, precision=precision)
+        losses: list = []
+        par.step(x, target=y, losses=losses)
+        out[(mode, precision)] = {"losses": [l.item() for l in losses],
+                                  "grads": {n: par.full_tensor(n, p.grad) for n, p in par.named_parameters()}}
+    return out
+
+
+def test_checkpointing_with_tensor_parallel_blocks_and_bf16_mixed_equals_none():
+    for r in run_ranks(_tp_cases, 2, timeout_s=300):
+        for mode, precision in (("selective", "fp32"), ("full", "fp32"), ("full", "bf16-mixed")):
+            want, got = r[("none", precision)], r[(mode, precision)]
+            assert got["losses"] == want["losses"], (mode, precision)
+            for n, g in want["grads"].items():
+                assert torch.equal(got["grads"][n], g), (mode, precision, n)

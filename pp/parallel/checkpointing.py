@@ -35,6 +35,10 @@ _SAVE |= {getattr(_aten, n).default for n in (
     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
     "_flash_attention_forward", "_efficient_attention_forward") if hasattr(_aten, n)}
+# Tensor-parallel collectives inside a block: `selective` keeps their results rather than communicate again.
+_C10D = getattr(torch.ops, "_c10d_functional", None)
+_SAVE |= {getattr(_C10D, n).default for n in ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor",
+                                              "wait_tensor") if _C10D is not None and hasattr(_C10D, n)}
 
 
 def check_mode(mode: object, key: str = "activation_checkpointing") -> str:
@@ -45,7 +49,7 @@ def check_mode(mode: object, key: str = "activation_checkpointing") -> str:
 
 
 def selective_policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """Keep the outputs of matmuls and attention, recompute everything else."""
+    """Keep the outputs of matmuls, attention and tensor-parallel collectives; recompute everything else."""
     return CheckpointPolicy.MUST_SAVE if func in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
 
 
