@@ -17,7 +17,7 @@ from torch import nn
 if TYPE_CHECKING:
     from pp.stage.runtime import PipelineStage
 
-__all__ = ["PRECISIONS", "check_precision", "param_dtype", "apply_precision"]
+__all__ = ["PRECISIONS", "check_precision", "param_dtype", "cast_module", "apply_precision"]
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 
