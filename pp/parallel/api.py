@@ -133,7 +133,7 @@ class ParallelModel:
             yield p
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.parameters():
+        for p in [*self.parameters(), *(self.shards.masters if self.shards is not None else ())]:
             if set_to_none:
                 p.grad = None
             elif p.grad is not None:
