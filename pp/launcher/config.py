@@ -54,6 +54,8 @@ class ParallelConfig:
                       "train.batch_size; gradients are averaged over them every step")
     tp: int = _opt(1, "tensor-parallel degree: each stage's attention and MLP linears are sharded over tp "
                       "neighbouring ranks (gpt, mlp, or a custom model with a tp_plan() method)")
+    zero: int = _opt(0, "ZeRO level over the dp replicas (DeepSpeed's numbering): 0 replicated, 1 shards "
+                        "optimizer state, 2 also gradients, 3 also parameters between steps; a no-op at dp 1")
     timeout_s: float = _opt(300.0, "seconds a collective or point-to-point transfer may wait before the job fails")
     device: str = _opt("auto", "'auto' (cuda when available, else cpu), 'cpu' or 'cuda'")
 
@@ -98,7 +100,11 @@ class TrainConfig:
     beta1: float = _opt(0.9, "AdamW beta1")
     beta2: float = _opt(0.95, "AdamW beta2")
     nan_check: bool = _opt(True, "stop with the step and microbatch named when a loss is not finite")
-    dtype: str = _opt("float32", "parameter and activation dtype: float32 or bfloat16")
+    precision: str = _opt("fp32", "fp32; bf16-mixed (float32 master weights, gradients and AdamW state, "
+                                  "bfloat16 compute and activations); or bf16 (everything bfloat16)")
+    activation_checkpointing: str = _opt("none", "recompute activations in backward: none; selective (keep "
+                                                 "matmul and attention outputs); full (keep only each block's input)")
+    dtype: typing.Optional[str] = _opt(None, "deprecated: use train.precision (float32 is fp32, bfloat16 is bf16)")
     log_every: int = _opt(1, "print a log line every this many steps (when stdout is not a terminal)")
 
 

@@ -16,7 +16,7 @@ from pp.tp.styles import normalize_plan
 
 from .config import ConfigError, JobConfig
 from .models import build_model
-from .validate import DTYPES, Layout, check_split_points, validate
+from .validate import Layout, check_split_points, validate
 
 
 @dataclass
@@ -35,7 +35,8 @@ class Job:
 def prepare(cfg: JobConfig, world_size: int) -> Job:
     """Validate `cfg` for `world_size` ranks, build the model and cut it; ConfigError on any bad value."""
     layout = validate(cfg, world_size)
-    model = build_model(cfg.model, cfg.train.seed, DTYPES[cfg.train.dtype])
+    # Built-in models are built and cut on the meta device: each rank later allocates only its stages.
+    model = build_model(cfg.model, cfg.train.seed, device="meta")
     if cfg.model.init_from and not will_resume(cfg):
         check_init_from(model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
@@ -96,10 +97,10 @@ def tp_plan_for(model: nn.Module, cfg: JobConfig) -> dict | None:
     return plan
 
 
-def example_microbatch(cfg: JobConfig) -> torch.Tensor:
+def example_microbatch(cfg: JobConfig, device: str = "cpu") -> torch.Tensor:
     """Token ids shaped like one microbatch of one data-parallel replica, for tracing."""
     mb = cfg.train.batch_size // (cfg.parallel.dp * cfg.schedule.microbatches)
-    return torch.zeros((mb, cfg.model.seq_len), dtype=torch.long)
+    return torch.zeros((mb, cfg.model.seq_len), dtype=torch.long, device=device)
 
 
 def split_model(model: nn.Module, cfg: JobConfig, layout: Layout) -> Pipe:
@@ -114,7 +115,8 @@ def split_model(model: nn.Module, cfg: JobConfig, layout: Layout) -> Pipe:
         kwargs["split_policy"] = policy(layout.n_stages)
         key = f"parallel.pp={layout.pp} ({layout.n_stages} stages)"
     try:
-        pipe = pipeline(model, mb_args=(example_microbatch(cfg),), **kwargs)
+        on_meta = any(p.is_meta for p in model.parameters())
+        pipe = pipeline(model, mb_args=(example_microbatch(cfg, "meta" if on_meta else "cpu"),), **kwargs)
     except (ValueError, TypeError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"cannot split model {cfg.model.name!r} for {key}: {first}") from None

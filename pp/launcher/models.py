@@ -142,14 +142,43 @@ def _init_weights(model: nn.Module, n_layers: int) -> None:
             nn.init.normal_(p, mean=0.0, std=std)
 
 
-def build_model(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model `cfg` names, initialised from `seed` (the same on every rank and for every pp)."""
+def init_fn(cfg: ModelConfig, seed: int):
+    """The built-in models' initialisation of one tensor, `fn(name, tensor)` in place, drawn from
+    (seed, name) alone (`pp.parallel.meta.generator_for`), so that weights do not depend on pp/dp/tp:
+    GPT-2's N(0, 0.02) for matrices (residual output projections scaled by 1/sqrt(2 * n_layers)),
+    zero biases, unit norm weights. None for a custom model."""
+    if cfg.name not in ("gpt", "mlp"):
+        return None
+    from pp.parallel.meta import generator_for
+
+    def fill(name: str, t: torch.Tensor) -> None:
+        if name.endswith("bias"):
+            t.zero_()
+        elif t.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith("proj.weight") else 0.02
+            t.copy_(torch.empty(t.shape).normal_(0.0, std, generator=generator_for(seed, name)))
+        else:
+            t.fill_(1.0)
+    return fill
+
+
+def build_model(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32, device: str | None = None) -> nn.Module:
+    """The model `cfg` names, initialised from `seed` (the same on every rank and for every pp); the
+    built-in ones per tensor from (seed, name) (`init_fn`). `device="meta"` builds it without storage
+    (built-in models only: a custom model is built on the CPU)."""
     torch.manual_seed(seed)
-    if cfg.name == "gpt":
-        model: nn.Module = GPT(cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.seq_len, cfg.d_ff,
-                               cfg.tie_weights)
-    elif cfg.name == "mlp":
-        model = ResidualMLP(cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.d_ff)
+    fill = init_fn(cfg, seed)
+    if fill is not None:
+        with torch.device(device or "cpu"):
+            if cfg.name == "gpt":
+                model: nn.Module = GPT(cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.seq_len,
+                                       cfg.d_ff, cfg.tie_weights)
+            else:
+                model = ResidualMLP(cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.d_ff)
+        if device != "meta":
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    fill(name, p)
     elif is_hf_model(cfg.name):
         from pp import hf
 

@@ -15,6 +15,8 @@ from .config import ConfigError, JobConfig, is_custom_model, is_hf_model
 from .stopping import signal_number
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# train.dtype (deprecated) -> the train.precision it means
+DTYPE_PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -130,8 +132,7 @@ def _check_train(cfg: JobConfig) -> None:
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(t, key) < 1:
             raise ConfigError(f"train.{key}={getattr(t, key)}: expected a number in [0, 1)")
-    if t.dtype not in DTYPES:
-        raise ConfigError(f"train.dtype={t.dtype!r}: expected one of {', '.join(DTYPES)}")
+    _check_precision(cfg)
     check_data(cfg)
     c = cfg.checkpoint
     _positive("checkpoint.every", c.every, allow_zero=True)
@@ -141,6 +142,32 @@ def _check_train(cfg: JobConfig) -> None:
             signal_number(str(name))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+
+def _check_precision(cfg: JobConfig) -> None:
+    """train.precision and train.activation_checkpointing are known values; the deprecated train.dtype
+    becomes the precision it means, with a note saying which one to write."""
+    from pp.parallel.checkpointing import MODES
+    from pp.parallel.precision import PRECISIONS
+
+    t = cfg.train
+    if t.dtype is not None:
+        if t.dtype not in DTYPES:
+            raise ConfigError(f"train.dtype={t.dtype!r}: expected one of {', '.join(DTYPES)} (deprecated: "
+                              f"use train.precision)")
+        meant = DTYPE_PRECISION[t.dtype]
+        if t.precision not in ("fp32", meant):
+            raise ConfigError(f"train.dtype={t.dtype!r} disagrees with train.precision={t.precision!r}; "
+                              f"drop train.dtype (deprecated)")
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            print(f"pp.run: train.dtype is deprecated: write train.precision: {meant} instead of "
+                  f"train.dtype: {t.dtype}", flush=True)
+        t.precision, t.dtype = meant, None
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision={t.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if t.activation_checkpointing not in MODES:
+        raise ConfigError(f"train.activation_checkpointing={t.activation_checkpointing!r}: expected one of "
+                          f"{', '.join(MODES)}")
 
 
 def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
@@ -158,6 +185,11 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
         raise ConfigError(f"parallel.pp={pp} x dp={p.dp} x tp={p.tp} = {pp * p.dp * p.tp} ranks, but the world size "
                           f"is {world_size}: start {pp * p.dp * p.tp} processes (torchrun --nproc-per-node) "
                           f"or change parallel.pp")
+    if p.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero={p.zero!r}: expected 0, 1, 2 or 3 (DeepSpeed's ZeRO levels)")
+    if p.zero and p.dp == 1 and int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"pp.run: parallel.zero={p.zero} with parallel.dp=1 is a no-op: there are no replicas to "
+              f"shard over", flush=True)
     name = resolve_schedule(s.name)
     _positive("schedule.microbatches", s.microbatches)
     if cfg.train.batch_size % (s.microbatches * p.dp):

@@ -7,6 +7,7 @@ are averaged over its dp group during the step. See the README, "Pipeline × dat
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -14,8 +15,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from pp.comms.collectives import all_reduce
+from pp.parallel.checkpointing import apply_checkpointing, check_mode
 from pp.parallel.data_parallel import GradSync
 from pp.parallel.mesh import check_mesh, make_mesh, mesh_coords
+from pp.parallel.meta import fill, is_meta, materialize, to_meta
+from pp.parallel.precision import apply_precision, cast_module, check_precision
+from pp.parallel.zero import ShardedParams, check_zero, zero_optimizer
 from pp.stage.marker import SplitPoint
 from pp.stage.pipe import Pipe
 from pp.stage.policies import SplitPolicy, split_by_cost
@@ -35,8 +40,12 @@ class ParallelModel:
     """
 
     def __init__(self, mesh: DeviceMesh, stages: list, schedule: Any, grad_sync: GradSync | None,
-                 tp_shards: dict[str, ParamShard], shared_params: Mapping[str, list[int]]) -> None:
+                 tp_shards: dict[str, ParamShard], shared_params: Mapping[str, list[int]], *,
+                 precision: str = "fp32", activation_checkpointing: str = "none", zero: int = 0,
+                 shards: ShardedParams | None = None) -> None:
         self.mesh, self.stages, self.schedule, self.grad_sync = mesh, stages, schedule, grad_sync
+        self.precision, self.activation_checkpointing, self.zero = precision, activation_checkpointing, zero
+        self.shards = shards    # ZeRO 2/3: the master shards the optimizer updates
         self.tp_shards = dict(tp_shards)
         coords = mesh_coords(mesh)
         self.pp_rank, self.dp_rank, self.tp_rank = coords["pp"], coords["dp"], coords["tp"]
@@ -52,13 +61,49 @@ class ParallelModel:
         microbatch, gradients accumulated into `.grad` and averaged over the dp replicas. Ranks of
         the first stage need the inputs, ranks of the last stage `target` (others may pass them
         too); on the last stage each microbatch's loss is appended to `losses`."""
+        if self.shards is not None:   # the whole parameters from the shards the optimizer updated
+            self.shards.gather()
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         if self.grad_sync is not None:
             self.grad_sync.finish()
+        if self.shards is not None:
+            self.shards.reduce_grads()
+            self.shards.release()
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:
         """Forward only; the merged output on the ranks of the last stage, None elsewhere."""
-        return self.schedule.eval(*args, **kwargs)
+        if self.shards is not None:
+            self.shards.gather()
+        try:
+            return self.schedule.eval(*args, **kwargs)
+        finally:
+            if self.shards is not None:
+                self.shards.release()
+
+    def build_optimizer(self, optimizer_class: type = torch.optim.AdamW, param_groups: list[dict] | None = None,
+                        **defaults: Any) -> torch.optim.Optimizer:
+        """The optimizer for this rank's parameters at this model's ZeRO level: `optimizer_class`
+        itself (zero 0), torch's ZeroRedundancyOptimizer of it over the dp group (zero 1), or
+        `optimizer_class` over the float32 master shards (zero 2/3, which `step` keeps in sync).
+        `param_groups` (dicts whose "params" are parameters of `parameters()`) default to one group."""
+        groups = param_groups if param_groups is not None else [{"params": list(self.parameters())}]
+        if self.shards is not None:
+            groups = [{**g, "params": [self.shards.master_of[id(p)] for p in g["params"]
+                                       if id(p) in self.shards.master_of]} for g in groups]
+        if self.zero == 1:
+            return zero_optimizer(groups, optimizer_class, self.mesh.get_group("dp"), **defaults)
+        return optimizer_class(groups, **defaults)
+
+    def optimizer_params(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, tensor the optimizer updates) for each parameter: the parameter itself, or its float32
+        master shard at zero 2/3."""
+        if self.shards is not None:
+            return list(zip(self.shards.names, self.shards.masters))
+        return list(self.named_parameters())
+
+    def grads(self) -> list[torch.Tensor]:
+        """The gradients the optimizer reads (the master shards' at zero 2/3), for scaling them."""
+        return [p.grad for _, p in self.optimizer_params() if p.grad is not None]
 
     def local_share(self, batch: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """This replica's share of a global `batch`: the dp_rank-th of dp equal chunks along `dim`."""
@@ -88,7 +133,7 @@ class ParallelModel:
             yield p
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.parameters():
+        for p in [*self.parameters(), *(self.shards.masters if self.shards is not None else ())]:
             if set_to_none:
                 p.grad = None
             elif p.grad is not None:
@@ -109,12 +154,11 @@ class ParallelModel:
             raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
         norm = math.sqrt(all_reduce(self.grad_norm_sq(), "sum").item())
         if norm > max_norm:
-            torch._foreach_mul_([p.grad for p in self.parameters() if p.grad is not None],
-                                max_norm / (norm + 1e-6))
+            torch._foreach_mul_(self.grads(), max_norm / (norm + 1e-6))
         return norm
 
     def _norm_params(self) -> list[nn.Parameter]:
-        if self.dp_rank != 0:       # replicas hold the same averaged gradients
+        if self.dp_rank != 0 and self.shards is None:       # replicas hold the same averaged gradients
             return []
         out, seen = [], set()
         for stage in self.stages:
@@ -124,7 +168,7 @@ class ParallelModel:
                     continue
                 if self.tp_rank == 0 or name in self.tp_shards:
                     seen.add(id(p))
-                    out.append(p)
+                    out.append(p if self.shards is None else self.shards.master_of[id(p)])
         return out
 
     # ------------------------------------------------------------------- full and local tensors
@@ -143,10 +187,21 @@ class ParallelModel:
         """This rank's stages' parameters and buffers as whole tensors under the model's names
         (collective over the tp group)."""
         out: dict[str, torch.Tensor] = {}
+        sharded = self._sharded_names()
         for stage in self.stages:
             for name, t in stage.submod.state_dict().items():
+                if name in sharded:  # ZeRO 2/3: the master shards hold the values (collective over dp)
+                    t = self.shards.whole(sharded[name], self.shards.master(sharded[name])).to(t.dtype)
                 out[name] = self.full_tensor(name, t)
         return out
+
+    def _sharded_names(self) -> dict[str, str]:
+        """ZeRO 2/3: every name of a sharded parameter (tied aliases too) -> the name it is sharded under."""
+        if self.shards is None:
+            return {}
+        first = {id(p): n for n, p in zip(self.shards.names, self.shards.params)}
+        return {n: first[id(p)] for st in self.stages
+                for n, p in st.submod.named_parameters(remove_duplicate=False) if id(p) in first}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Copy whole tensors (as from `state_dict` or the unsplit model) into this rank's parts.
@@ -154,11 +209,25 @@ class ParallelModel:
         Collective over all ranks. Every rank checks first and none copies unless all fit, so a bad
         `state` raises the same `pp.weights.WeightsError` (a ValueError listing the missing, unexpected
         and mis-shaped keys) everywhere and leaves every weight as it was. A tensor tied under several
-        names needs only one of them.
+        names needs only one of them. With ZeRO 2/3 shards, each rank fills its shards of the masters
+        (every name must then be present).
         """
-        from pp.weights import load_weights
+        if self.shards is None:
+            from pp.weights import load_weights
 
-        load_weights(self, state)
+            load_weights(self, state)
+            return
+        sharded = self._sharded_names()
+        for stage in self.stages:
+            for name, t in stage.submod.state_dict().items():
+                if name not in state:
+                    raise KeyError(f"load_state_dict: no entry {name!r} (stage {stage.stage_index} needs it)")
+                local = self.local_tensor(name, state[name].to(t.device))
+                if name in sharded:
+                    self.shards.load_whole(sharded[name], local)
+                else:
+                    with torch.no_grad():
+                        t.copy_(local)
 
     def __repr__(self) -> str:
         ids = [s.stage_index for s in self.stages]
@@ -184,6 +253,11 @@ def parallelize(
     device: torch.device | str | None = None,
     mesh: DeviceMesh | None = None,
     cuda_graphs: bool = False,
+    precision: str = "fp32",
+    activation_checkpointing: str = "none",
+    zero: int = 0,
+    init_fn: Callable[[str, torch.Tensor], None] | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> ParallelModel:
     """Build this rank's part of `module` trained with pp × dp × tp parallelism; collective.
 
@@ -194,6 +268,16 @@ def parallelize(
     is a (pp, dp, tp) DeviceMesh (`pp.parallel.make_mesh`) whose sizes win. `device` defaults to
     cuda:LOCAL_RANK when CUDA is available, else cpu. `cuda_graphs=True` replays the stages as CUDA
     graphs from the second step on (`schedule.enable_cuda_graphs()`; not with tp > 1).
+
+    `precision`: "fp32", "bf16-mixed" (float32 parameters, gradients and optimizer state; each stage's
+    forward under bfloat16 autocast; activations cross stages in bfloat16) or "bf16" (everything bfloat16).
+    `activation_checkpointing`: "none", "selective" (recompute element-wise ops, keep matmul and attention
+    outputs) or "full" (recompute each block in backward). `zero`: 0 (replicated), 1 (optimizer state
+    sharded over dp), 2 (also gradients), 3 (also parameters between steps); build the optimizer with
+    `ParallelModel.build_optimizer`. A `module` on the meta device is traced there and each rank fills
+    only its own stages' tensors: from `state_dict` (whole tensors under the model's names) or with
+    `init_fn(name, tensor)` (e.g. seeded by `pp.parallel.meta.generator_for(seed, name)`).
+    ValueError for an unknown precision, checkpointing mode or ZeRO level.
     """
     from pp.comms.backend import default_device, get_world_size
     from pp.schedules.classes import PipelineScheduleSingle, schedule_class
@@ -228,6 +312,17 @@ def parallelize(
                          f"captured; use tp=1 or cuda_graphs=False")
     if tp > 1 and not tp_plan:
         raise ValueError(f"tp={tp} needs a tp_plan: {{module name: pp.tp.ColwiseParallel() or RowwiseParallel()}}")
+    precision = check_precision(precision)
+    ac = check_mode(activation_checkpointing)
+    zero = check_zero(zero, dp)
+    if init_fn is not None and not callable(init_fn):
+        raise TypeError(f"init_fn must be callable (name, tensor) -> None, got {type(init_fn).__name__}")
+    if state_dict is not None and not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must map parameter names to tensors, got {type(state_dict).__name__}")
+    on_meta = is_meta(module)
+    if on_meta and init_fn is None and state_dict is None:
+        raise ValueError("the model is on the meta device: pass init_fn=(name, tensor) -> None or a state_dict "
+                         "to fill each rank's stages")
     device = torch.device(device) if device is not None else default_device()
     spec = get_spec(schedule)
     n_stages = spec.n_stages(pp, stages_per_rank)
@@ -237,6 +332,10 @@ def parallelize(
 
     if isinstance(module, Pipe) and (split_spec is not None or split_policy is not None):
         raise ValueError("module is a Pipe, already cut: drop split_spec/split_policy")
+    if on_meta and not isinstance(module, Pipe):
+        mb_args, mb_kwargs = to_meta(tuple(mb_args)), to_meta(mb_kwargs)
+    if precision == "bf16" and not on_meta and not isinstance(module, Pipe):
+        cast_module(module, precision)
     pipe = module if isinstance(module, Pipe) else _split(module, mb_args, mb_kwargs, n_stages,
                                                           split_spec, split_policy)
     if pipe.num_stages != n_stages:
@@ -249,21 +348,43 @@ def parallelize(
     stages, shards = [], {}
     for s in (s for s, r in enumerate(placement) if r == coords["pp"]):
         mod = pipe.get_stage_module(s)
+        if is_meta(mod):  # only this rank's stages get storage, filled whole before any tp cut
+            materialize(mod, device)
+            fill(mod, init_fn, state_dict)
+        elif state_dict is not None:
+            fill(mod, None, state_dict)
+        if precision == "bf16":
+            cast_module(mod, precision)
         if tp > 1 and _plan_covers(mod, tp_plan):
             mod = shard_stage_module(mod, None, coords["tp"], tp, device.type, tp_plan, group=mesh.get_group("tp"))
             shards.update(mod.tp_shards)
-        stages.append(build_stage(mod, s, info, device, group=mesh.get_group("pp")))
+        stage = build_stage(mod, s, info, device, group=mesh.get_group("pp"))
+        apply_precision(stage, precision)
+        apply_checkpointing(stage.submod, ac, once=spec.split_backward)
+        stages.append(stage)
     cls = schedule_class(spec.name)
     target = stages[0] if issubclass(cls, PipelineScheduleSingle) else stages
     sched = cls(target, n_microbatches, loss_fn=loss_fn)
-    if cuda_graphs:
+    if cuda_graphs and ac != "none":
+        warnings.warn(f"cuda_graphs=True with activation_checkpointing={ac!r}: the stages run eagerly "
+                      f"(recompute hooks are not captured)", stacklevel=2)
+    elif cuda_graphs:
         sched.enable_cuda_graphs()
-    sync = None
-    if dp > 1:
+    sync, zshards = None, None
+    if dp > 1 and zero < 2:
         sync = GradSync({s.stage_index: list(s.submod.named_parameters()) for s in stages},
                         mesh.get_group("dp"), deferred=info.shared_params)
         sched.on_backward_done = sync.stage_done
-    return ParallelModel(mesh, stages, sched, sync, shards, info.shared_params)
+    elif dp > 1:
+        named, seen = [], set()
+        for st in stages:
+            for name, p in st.submod.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    named.append((name, p))
+        zshards = ShardedParams(named, mesh.get_group("dp"), dp, coords["dp"], free=zero == 3)
+    return ParallelModel(mesh, stages, sched, sync, shards, info.shared_params, precision=precision,
+                         activation_checkpointing=ac, zero=zero, shards=zshards)
 
 
 def _split(module: nn.Module, mb_args: tuple, mb_kwargs: dict | None, n_stages: int,

@@ -132,6 +132,10 @@ class PipelineStage:
         self._expected: list | None = None  # see check_received
         self._accepted: set = set()         # input shapes check_model_inputs let through
         self.graphs: StageGraphs | None = None      # set by the schedule's enable_cuda_graphs()
+        # Set by pp.parallel.precision: floating activations sent to other stages (and accepted from
+        # them) in this dtype, and the forward run under torch.autocast to it (bf16-mixed).
+        self.activation_dtype: torch.dtype | None = None
+        self.autocast = False
 
     # -------------------------------------------------------------------------------- wiring
     @property
@@ -178,7 +182,7 @@ class PipelineStage:
             if want is None:
                 continue
             name, dtype, shape = want
-            if entry[0] == "t" and (entry[2] == dtype or (entry[2] == autocast and dtype.is_floating_point)) \
+            if entry[0] == "t" and (self._dtype_ok(entry[2], dtype) or (entry[2] == autocast and dtype.is_floating_point)) \
                     and len(entry[1]) == len(shape) and tuple(entry[1][1:]) == shape[1:]:
                 continue
             got = _describe(entry[2], entry[1]) if entry[0] == "t" else f"the non-tensor value {entry[1]!r}"
@@ -201,6 +205,10 @@ class PipelineStage:
         if len(self._accepted) > 64:
             self._accepted.clear()
         self._accepted.add(key)
+
+    def _dtype_ok(self, got: torch.dtype, want: torch.dtype) -> bool:
+        # A stage traced in float32 that trains in bf16 (mixed or pure) receives bfloat16 activations.
+        return got == want or (got == self.activation_dtype and want.is_floating_point)
 
     def _expected_inputs(self) -> list:
         """Per input slot what this stage expects, None where it does not say: an InputSpec for a
@@ -246,11 +254,13 @@ class PipelineStage:
 
     def forward_one(self, m: int) -> tuple:
         st = self.state(m)
-        out = self._replay(m, st) if self.graphs is not None else None
-        if out is None and self.is_first and self.pipe_info is None:
-            out = self.submod(*st.args, **st.kwargs)
-        elif out is None:
-            out = self.submod(*st.inputs)
+        if not self.autocast:
+            out = self._forward(m, st)
+        else:
+            with torch.autocast(self.device.type, dtype=self.activation_dtype):
+                out = self._forward(m, st)
+        if self.activation_dtype is not None and not self.is_last:
+            out = _cast_floats(out, self.activation_dtype)
         if self.is_last:
             if self.pipe_info is not None:
                 st.final = pytree.tree_unflatten(list(out), self.pipe_info.out_spec)
@@ -258,6 +268,14 @@ class PipelineStage:
                 st.final = out
         st.outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         return st.outputs
+
+    def _forward(self, m: int, st: _Microbatch) -> Any:
+        out = self._replay(m, st) if self.graphs is not None else None
+        if out is None and self.is_first and self.pipe_info is None:
+            out = self.submod(*st.args, **st.kwargs)
+        elif out is None:
+            out = self.submod(*st.inputs)
+        return out
 
     def _replay(self, m: int, st: _Microbatch) -> Any:
         """The stage's outputs from a CUDA-graph replay, or None where it runs eagerly (eval, no grad,
@@ -432,6 +450,16 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 def _describe(dtype: torch.dtype, shape: tuple) -> str:
     """'a float32 tensor of shape (*, 16)' (`*`: any batch size)."""
     return f"a {str(dtype).removeprefix('torch.')} tensor of shape ({', '.join(map(str, shape))})"
+
+
+def _cast_floats(out: Any, dtype: torch.dtype) -> Any:
+    """`out` (a tensor or a tuple/list of values) with its floating tensors in `dtype`."""
+    if isinstance(out, torch.Tensor):
+        return out.to(dtype) if out.is_floating_point() else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                         for x in out)
+    return out
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -1,0 +1,117 @@
+"""No rank holds the whole model: a model built on the meta device is traced and cut there, and each rank
+allocates and fills only its own stages, from an init function (per (seed, name), so weights do not
+depend on the layout) or a state dict; at pp 4 each rank's peak host memory stays well under one copy."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from pp.launcher.config import ModelConfig
+from pp.launcher.models import GPT, build_model, init_fn
+from pp.launcher.train import lm_loss
+from pp.testing import run_ranks
+
+CFG = ModelConfig(name="gpt", vocab_size=64, d_model=16, n_layers=4, n_heads=2, seq_len=8, tie_weights=True)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, CFG.vocab_size, (4, CFG.seq_len + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _meta_cases(rank: int, world: int) -> dict:
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, y = _batch()
+    out = {}
+    whole = build_model(CFG, seed=7).state_dict()
+    for name, kw in (("init_fn", dict(init_fn=init_fn(CFG, 7))), ("state_dict", dict(state_dict=whole)),
+                     ("init_fn-tp2", dict(init_fn=init_fn(CFG, 7), tp=2, pp=1))):
+        model = build_model(CFG, seed=7, device="meta")
+        tp_plan = model.tp_plan() if "tp" in kw else None
+        par = pp.parallelize(model, (x[:1],), n_microbatches=4, loss_fn=lm_loss, tp_plan=tp_plan, **kw)
+        losses: list = []
+        par.step(x, target=y, losses=losses)
+        out[name] = {"state": par.state_dict(), "losses": [l.item() for l in losses] if par.owns_loss else [],
+                     "meta_left": any(p.is_meta for p in par.parameters())}
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_ranks(_meta_cases, 2, timeout_s=300)
+
+
+@pytest.mark.parametrize("case", ["init_fn", "state_dict", "init_fn-tp2"])
+def test_meta_model_fills_each_rank_like_the_unsplit_model(results, case):
+    ref = build_model(CFG, seed=7)
+    want = ref.state_dict()
+    x, y = _batch()
+    ref_losses = [lm_loss(ref(xm), ym).item() for xm, ym in zip(x.chunk(4), y.chunk(4))]
+    got_losses = []
+    for rank_out in results:
+        r = rank_out[case]
+        assert not r["meta_left"]
+        for n, t in r["state"].items():
+            assert torch.equal(t, want[n]), (case, n)
+        got_losses += r["losses"]
+    torch.testing.assert_close(torch.tensor(got_losses[:4]), torch.tensor(ref_losses))
+
+
+def test_init_does_not_depend_on_order_or_layout():
+    a = build_model(CFG, seed=7)
+    b = build_model(ModelConfig(**{**CFG.__dict__, "n_layers": 6}), seed=7)  # more layers, same names agree
+    fill = init_fn(CFG, 7)
+    t = torch.empty(48, 16)
+    fill("blocks.1.attn.qkv.weight", t)
+    assert torch.equal(a.state_dict()["blocks.1.attn.qkv.weight"], t)
+    assert torch.equal(b.state_dict()["tok_emb.weight"], a.state_dict()["tok_emb.weight"])
+
+
+def test_meta_model_without_init_is_refused():
+    import pp
+
+    with torch.device("meta"):
+        model = GPT(vocab_size=8, d_model=8, n_layers=1, n_heads=2, seq_len=4)
+    with pytest.raises(ValueError, match="meta device: pass init_fn"):
+        pp.parallelize(model, (torch.zeros(1, 4, dtype=torch.long),), n_microbatches=1, loss_fn=lm_loss, pp=1)
+
+
+# ----------------------------------------------------------------------------- peak host memory
+BIG = dict(vocab_size=256, d_model=1024, n_layers=8, n_heads=8, seq_len=16)   # 101M parameters: 404 MB fp32
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _peak_while_building(rank: int, world: int) -> dict:
+    import pp
+
+    warnings.simplefilter("ignore")
+    with torch.device("meta"):  # load torch.export's code first: its imports are not the model's memory
+        tiny = GPT(vocab_size=8, d_model=8, n_layers=2, n_heads=2, seq_len=4)
+    pp.pipeline(tiny, (torch.zeros(1, 4, dtype=torch.long, device="meta"),), split_policy=pp.split_by_cost(2))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                     # VmHWM := VmRSS: the peak from here on
+    before = _rss_kib("VmRSS")
+    with torch.device("meta"):
+        model = GPT(**BIG)
+    n_bytes = sum(p.numel() * 4 for p in model.parameters())
+    par = pp.parallelize(model, (torch.zeros(1, BIG["seq_len"], dtype=torch.long),), n_microbatches=4,
+                         loss_fn=lm_loss, init_fn=init_fn(ModelConfig(name="gpt", **BIG), 0))
+    mine = sum(p.numel() * 4 for p in par.parameters())
+    return {"peak": (_rss_kib("VmHWM") - before) * 1024, "model": n_bytes, "mine": mine}
+
+
+def test_at_pp_4_each_rank_peaks_well_under_one_copy_of_the_model():
+    got = run_ranks(_peak_while_building, 4, timeout_s=300)
+    peaks = [f"{r['peak'] / 2**20:.0f}" for r in got]
+    for r in got:
+        assert r["mine"] < 0.4 * r["model"]
+        assert r["peak"] < 0.5 * r["model"], f"peaks {peaks} MiB, model {r['model'] / 2**20:.0f} MiB"

@@ -1,0 +1,132 @@
+"""ZeRO over data-parallel replicas: `zero` 1, 2 and 3 at pp 2 x dp 2 train like `zero` 0 on the same
+global batch (losses, weights, the clipped global norm); a checkpoint saved at zero 3 with dp 2 resumes
+at zero 0 with dp 1 and with pp 1, and loads into the unsplit model."""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from pp.launcher.models import GPT
+from pp.launcher.train import lm_loss
+from pp.parallel.zero import check_zero
+from pp.testing import run_ranks
+from test_launcher_run import check_ok, losses, torchrun
+
+MODEL = dict(vocab_size=64, d_model=16, n_layers=2, n_heads=2, seq_len=8, tie_weights=True)
+STEPS = 3
+
+
+def _batch(step: int):
+    g = torch.Generator().manual_seed(step)
+    tokens = torch.randint(0, MODEL["vocab_size"], (8, MODEL["seq_len"] + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _train(rank: int, world: int) -> dict:
+    import pp
+
+    warnings.simplefilter("ignore")
+    out = {}
+    for level, schedule in ((0, "1F1B"), (1, "1F1B"), (2, "1F1B"), (3, "1F1B"), (0, "ZBVZeroBubble"),
+                            (3, "ZBVZeroBubble")):
+        torch.manual_seed(0)
+        model = GPT(**MODEL)
+        par = pp.parallelize(model, (_batch(0)[0][:2],), n_microbatches=2, loss_fn=lm_loss, pp=2, dp=2,
+                             schedule=schedule, zero=level)
+        decay = [p for p in par.parameters() if p.dim() >= 2]
+        rest = [p for p in par.parameters() if p.dim() < 2]
+        opt = par.build_optimizer(torch.optim.AdamW, [{"params": decay, "weight_decay": 0.1},
+                                                      {"params": rest, "weight_decay": 0.0}], lr=1e-2)
+        seen, norms = [], []
+        for step in range(STEPS):
+            x, y = _batch(step)
+            opt.zero_grad()
+            mb: list = []
+            par.step(par.local_share(x), target=par.local_share(y), losses=mb)
+            norms.append(par.clip_grad_norm_(0.05))     # small: clipping is exercised every step
+            opt.step()
+            seen.append([l.item() for l in mb] if par.owns_loss else [])
+        state = par.state_dict()
+        out[(level, schedule)] = {"losses": seen, "norms": norms, "state": state,
+                                  "optimizer": type(opt).__name__}
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_ranks(_train, 4, timeout_s=600)
+
+
+@pytest.mark.parametrize("key", [(1, "1F1B"), (2, "1F1B"), (3, "1F1B"), (3, "ZBVZeroBubble")])
+def test_zero_levels_train_like_zero_0(results, key):
+    base = (0, key[1])
+    for rank_out in results:
+        want, got = rank_out[base], rank_out[key]
+        torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(want["norms"]))
+        assert len(got["losses"]) == len(want["losses"])
+        for a, b in zip(got["losses"], want["losses"]):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b))
+        assert got["state"].keys() == want["state"].keys()
+        for n, t in want["state"].items():
+            torch.testing.assert_close(got["state"][n], t, msg=lambda m: f"{key} {n}: {m}")
+
+
+def test_zero_1_shards_with_torch_zero_redundancy_optimizer(results):
+    assert results[0][(1, "1F1B")]["optimizer"] == "ZeroRedundancyOptimizer"
+    assert results[0][(3, "1F1B")]["optimizer"] == "AdamW"
+
+
+def test_zero_without_replicas_is_a_no_op_that_says_so():
+    with pytest.warns(UserWarning, match="zero=3 with dp=1 is a no-op"):
+        assert check_zero(3, dp=1) == 0
+
+
+def test_bad_zero_level_is_one_line():
+    with pytest.raises(ValueError, match=r"^zero=4 is not a ZeRO level; expected one of 0, 1, 2, 3"):
+        check_zero(4, dp=2)
+
+
+# ------------------------------------------------------------------ launcher: save at zero 3, resume
+CFG = ["--model.n_layers", "2", "--model.d_model", "32", "--model.vocab_size", "256", "--train.batch_size", "8",
+       "--schedule.microbatches", "2", "--train.precision", "bf16-mixed", "--train.steps", "4",
+       "--checkpoint.every", "2", "--checkpoint.keep", "0"]
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+
+
+def _resume_from(src, out, step: int) -> None:
+    os.makedirs(out / "checkpoints")
+    shutil.copytree(src / "checkpoints" / f"step-{step}", out / "checkpoints" / f"step-{step}")
+
+
+def test_checkpoint_saved_at_zero_3_resumes_at_zero_0_and_loads_unsplit(tmp_path):
+    import pp
+
+    a = tmp_path / "zero3"
+    check_ok(torchrun(4, TINY, *CFG, "--parallel.pp", "2", "--parallel.dp", "2", "--parallel.zero", "3",
+                      "--output.dir", str(a)))
+    straight = losses(a)
+    for nproc, pp_degree in ((2, "2"), (1, "1")):
+        b = tmp_path / f"zero0-pp{pp_degree}"
+        _resume_from(a, b, 2)
+        proc = torchrun(nproc, TINY, *CFG, "--parallel.pp", pp_degree, "--parallel.zero", "0",
+                        "--checkpoint.resume", "true", "--output.dir", str(b))
+        check_ok(proc)
+        assert "resumed from" in proc.log
+        resumed = losses(b)
+        assert sorted(resumed) == [3, 4]
+        for step in (3, 4):
+            assert abs(resumed[step] - straight[step]) <= 2e-3 * straight[step], (pp_degree, step)
+
+    path = a / "checkpoints" / "step-4"
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    weights = {k: v for k, v in meta.items() if k.startswith("model.")}
+    assert weights and {v.properties.dtype for v in weights.values()} == {torch.float32}  # fp32 masters
+    assert {meta[k].properties.dtype for k in meta if k.endswith("exp_avg")} == {torch.float32}
+    model = GPT(vocab_size=256, d_model=32, n_layers=2, n_heads=4, seq_len=64)
+    pp.load_unsplit(model, str(path))
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
