@@ -166,7 +166,9 @@ class PipelineStage:
         expected = self._expected_inputs()
         if not expected:
             return
-        autocast = _autocast_dtype(self.device)
+        # under autocast, or in a bf16 precision (activations cross stages in bf16), floating inputs
+        # may arrive in that dtype
+        autocast = _autocast_dtype(self.device) or self.activation_dtype
         if self.pipe_info is not None and isinstance(self.submod, fx.GraphModule):
             slots = self.input_slots_from(producer, len(meta))
             specs = [expected[slot] if slot < len(expected) else None for slot in slots]
