@@ -1,90 +1,122 @@
 """V-shaped zero-bubble schedules with controllable memory (Qi et al., "Pipeline Parallelism with
 Controllable Memory", NeurIPS 2024): ZBVHalf and ZBVMin hold about 1/2 and 1/3 of 1F1B's activations.
 
-V placement (rank r holds stages r and 2p-1-r, each half of what a 1F1B stage holds), F/I/W split. A
-greedy list scheduler over a unit-cost clock (F=I=W=1) keeps each rank's live activations (a microbatch's
-activation on a stage lives from its F until its W) under a cap: 1F1B's peak is p full stages = 2p
-V-stages on rank 0, so ZBVHalf caps at p and ZBVMin at ceil(2p/3). Priorities follow the paper's
-building block: a ready I first (it is on the critical path back up the V), then the F of the second
-(deeper) stage, then a new microbatch's F on the first stage, which must leave one slot free for the
-second stage so the V never blocks itself; W's fill what is left and free memory. The memory therefore
-falls with a larger repeating interval between microbatches, as in the paper, while the bubble grows
-only by the warm-up and cool-down.
+V placement (rank r holds stages r and 2p-1-r, each half of what a 1F1B stage holds), F/I/W split. The
+paper builds a schedule by repeating one building block (one microbatch's F, I and W on every stage)
+every `interval` time units; the block's lifespan on a rank over the interval is that rank's peak
+memory. Here the block gives every action a target time (microbatch m starts at m * interval, its F's
+go down the V one unit apart, its I's come back up, each W `w_delay` after its I), and a greedy list
+scheduler on a unit-cost clock (F=I=W=1) runs, on each idle rank, the ready action with the earliest
+target, under a hard cap on the rank's live activations (a microbatch's activation on a stage lives
+from its F until its W). A first-stage F (a new microbatch entering the rank) must leave a slot free
+for the second stage, so the V never blocks itself. A few (interval, w_delay) pairs are tried and the
+shortest schedule kept; if none completes, the cap-2 block (one microbatch per rank at a time) does.
 """
 from __future__ import annotations
 
-from collections import deque
+import heapq
 
 from pp.schedules.actions import Action, F, I, W
 from pp.schedules.families import check_sizes, v_placement
 
+Lists = dict[int, list[Action]]
 
-def capped_v_schedule(n_ranks: int, n_microbatches: int, cap: int, interval: int = 0,
-                      ) -> tuple[dict[int, list[Action]], int]:
+
+def capped_v_schedule(n_ranks: int, n_microbatches: int, cap: int, interval: int, w_delay: int = 0,
+                      ) -> tuple[Lists, int] | None:
     """Greedy compute order for the V placement on `n_ranks` ranks with at most `cap` (>= 2) live
-    activations per rank (F done, W not yet); rank 0 starts microbatch m no earlier than m * `interval`
-    (the paper's repeating interval of the building block; 0: as soon as the cap allows). Returns (lists per rank, makespan at F=I=W=1).
-
-    Raises ValueError if the cap is below 2 (the V needs one slot per stage of a rank)."""
-    if cap < 2:
-        raise ValueError(f"capped_v_schedule needs cap >= 2 live activations per rank, got {cap!r}")
-    p, n = n_ranks, n_microbatches
-    n_stages = 2 * p
-    owner = v_placement(n_stages, p)
-    local = [[r, n_stages - 1 - r] for r in range(p)]
+    activations per rank (F done, W not yet), targets from the building block repeated every
+    `interval` units. Returns (lists per rank, makespan at F=I=W=1), or None where the cap stalls it."""
+    p, n, n_stages = n_ranks, n_microbatches, 2 * n_ranks
+    local = [(r, n_stages - 1 - r) for r in range(p)]
     f_end = [[None] * n for _ in range(n_stages)]
     i_end = [[None] * n for _ in range(n_stages)]
     next_f, next_i = [0] * n_stages, [0] * n_stages
-    weights: list[deque[tuple[int, int]]] = [deque() for _ in range(p)]
+    pending_w: list[list[tuple[int, int, int]]] = [[] for _ in range(p)]  # heap of (target, stage, mb)
     live, free_at = [0] * p, [0] * p
-    out: dict[int, list[Action]] = {r: [] for r in range(p)}
+    out: Lists = {r: [] for r in range(p)}
     left = n_stages * n * 3
 
-    def ready_f(s: int, t: int) -> int | None:
-        m = next_f[s]
-        if m < n and (s == 0 or (f_end[s - 1][m] is not None and f_end[s - 1][m] <= t)):
-            return m
-        return None
+    def target_f(s: int, m: int) -> int:
+        return m * interval + s
+
+    def target_i(s: int, m: int) -> int:
+        return m * interval + 2 * n_stages - 1 - s
 
     def pick(r: int, t: int) -> Action | None:
-        grads = [(m, -s) for s in local[r] for m in [next_i[s]]
-                 if m < n and f_end[s][m] is not None and f_end[s][m] <= t
-                 and (s == n_stages - 1 or (i_end[s + 1][m] is not None and i_end[s + 1][m] <= t))]
-        if grads:
-            m, s = min(grads)
-            return I(-s, m)
-        first, second = local[r]
-        if live[r] < cap and (m := ready_f(second, t)) is not None:
-            return F(second, m)
-        if live[r] < cap - 1 and (m := ready_f(first, t)) is not None and (r or t >= m * interval):
-            # a new microbatch on the first stage must leave room for one on the second stage
-            return F(first, m)
-        if weights[r] and i_end[weights[r][0][0]][weights[r][0][1]] <= t:
-            return W(*weights[r][0])
-        return None
+        cands = []
+        for s in local[r]:
+            m = next_i[s]
+            if (m < n and f_end[s][m] is not None and f_end[s][m] <= t
+                    and (s == n_stages - 1 or (i_end[s + 1][m] is not None and i_end[s + 1][m] <= t))):
+                cands.append((target_i(s, m), 0, I(s, m)))
+            m = next_f[s]
+            room = cap if s >= p else cap - 1  # a new microbatch leaves a slot for its second stage
+            if (m < n and live[r] < room
+                    and (s == 0 or (f_end[s - 1][m] is not None and f_end[s - 1][m] <= t))):
+                cands.append((target_f(s, m), 1, F(s, m)))
+        if pending_w[r] and i_end[pending_w[r][0][1]][pending_w[r][0][2]] <= t:
+            tgt, s, m = pending_w[r][0]
+            cands.append((tgt, 2, W(s, m)))
+        return min(cands)[2] if cands else None
 
     t = 0
     while left:
         for r in range(p):
             if free_at[r] <= t and (a := pick(r, t)) is not None:
                 s, m = a.stage, a.microbatch
-                end = free_at[r] = t + 1
+                free_at[r] = t + 1
                 if a.kind.value == "F":
-                    f_end[s][m], next_f[s] = end, m + 1
+                    f_end[s][m], next_f[s] = t + 1, m + 1
                     live[r] += 1
                 elif a.kind.value == "I":
-                    i_end[s][m], next_i[s] = end, m + 1
-                    weights[r].append((s, m))
+                    i_end[s][m], next_i[s] = t + 1, m + 1
+                    heapq.heappush(pending_w[r], (target_i(s, m) + 1 + w_delay, s, m))
                 else:
-                    weights[r].popleft()
+                    heapq.heappop(pending_w[r])
                     live[r] -= 1
                 out[r].append(a)
                 left -= 1
         later = [f for f in free_at if f > t]
-        if not later and left and next_f[0] < n and t < next_f[0] * interval:
-            later = [next_f[0] * interval]
         if not later and left:
-            # nothing runs and nothing will finish: the cap admits no progress
-            raise ValueError(f"a cap of {cap} live activations per rank deadlocks the V on {p} ranks")
+            return None
         t = min(later) if later else t
     return out, max(free_at)
+
+
+def _best(name: str, n_stages: int, n_ranks: int, n_microbatches: int, cap: int) -> Lists:
+    check_sizes(name, n_stages, n_ranks, n_microbatches, 2)
+    best = None
+    for interval in range(2, 9):
+        for w_delay in (0, 1, 2, 4, n_ranks):
+            got = capped_v_schedule(n_ranks, n_microbatches, cap, interval, w_delay)
+            if got is not None and (best is None or got[1] < best[1]):
+                best = got
+    if best is None:  # not seen for any size tested; the cap-2 block runs one microbatch at a time
+        best = capped_v_schedule(n_ranks, n_microbatches, 2, 6 * n_ranks)
+    if best is None:
+        raise ValueError(f"{name} found no schedule for n_ranks={n_ranks}, n_microbatches={n_microbatches} "
+                         f"under {cap} live activations per rank")
+    return best[0]
+
+
+def zbv_half_cap(n_ranks: int) -> int:
+    """Live V-stage activations per rank for ZBVHalf: p + 1, i.e. (p + 1) / 2p of 1F1B's 2p."""
+    return n_ranks + 1
+
+
+def zbv_min_cap(n_ranks: int) -> int:
+    """Live V-stage activations per rank for ZBVMin: ceil(2p / 3) + 1, about 1/3 of 1F1B's 2p."""
+    return -(-2 * n_ranks // 3) + 1
+
+
+def zbv_half(n_stages: int, n_ranks: int, n_microbatches: int) -> Lists:
+    """ZB-V with half memory (the paper's V-Half): V placement, I/W split, at most p + 1 live activations
+    of half a 1F1B stage each per rank (1F1B: 2p)."""
+    return _best("ZBVHalf", n_stages, n_ranks, n_microbatches, zbv_half_cap(n_ranks))
+
+
+def zbv_min(n_stages: int, n_ranks: int, n_microbatches: int) -> Lists:
+    """ZB-V with minimal memory (the paper's V-Min): V placement, I/W split, at most ceil(2p/3) + 1 live
+    activations of half a 1F1B stage each per rank (1F1B: 2p)."""
+    return _best("ZBVMin", n_stages, n_ranks, n_microbatches, zbv_min_cap(n_ranks))
