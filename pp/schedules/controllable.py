@@ -1,20 +1,22 @@
-"""V-shaped zero-bubble schedules with controllable memory (Qi et al., "Pipeline Parallelism with
-Controllable Memory", NeurIPS 2024): ZBVHalf and ZBVMin hold about 1/2 and 1/3 of 1F1B's activations.
+"""V-shaped zero-bubble schedules with controllable memory, after Qi et al., "Pipeline Parallelism with
+Controllable Memory" (NeurIPS 2024): ZBVHalf and ZBVMin hold about 1/2 and 1/3 of 1F1B's activations.
 
 V placement (rank r holds stages r and 2p-1-r, each half of what a 1F1B stage holds), F/I/W split. The
 paper builds a schedule by repeating one building block (one microbatch's F, I and W on every stage)
 every `interval` time units; the block's lifespan on a rank over the interval is that rank's peak
-memory. Here the block gives every action a target time (microbatch m starts at m * interval, its F's
-go down the V one unit apart, its I's come back up, each W `w_delay` after its I), and a greedy list
+memory. Here the block gives every action a target time (microbatch m enters at m * interval, its F's go
+down the V one unit apart, its I's come back up, each W `w_delay` after its I), and a greedy list
 scheduler on a unit-cost clock (F=I=W=1) runs, on each idle rank, the ready action with the earliest
 target, under a hard cap on the rank's live activations (a microbatch's activation on a stage lives
-from its F until its W). A first-stage F (a new microbatch entering the rank) must leave a slot free
-for the second stage, so the V never blocks itself. A few (interval, w_delay) pairs are tried and the
-shortest schedule kept; if none completes, the cap-2 block (one microbatch per rank at a time) does.
+from its F until its W). A microbatch enters a rank's first stage no earlier than its target (an F run
+early only holds memory longer) and only while a slot stays free for the second stage, so the V never
+blocks itself. A few (interval, w_delay, gating) choices are tried and the shortest schedule kept.
+This greedy search reproduces the paper's memory but not all of its bubble: see docs/schedules.md.
 """
 from __future__ import annotations
 
 import heapq
+import itertools
 
 from pp.schedules.actions import Action, F, I, W
 from pp.schedules.families import check_sizes, v_placement
@@ -23,6 +25,7 @@ Lists = dict[int, list[Action]]
 
 
 def capped_v_schedule(n_ranks: int, n_microbatches: int, cap: int, interval: int, w_delay: int = 0,
+                      gate_all: bool = False,
                       ) -> tuple[Lists, int] | None:
     """Greedy compute order for the V placement on `n_ranks` ranks with at most `cap` (>= 2) live
     activations per rank (F done, W not yet), targets from the building block repeated every
@@ -52,7 +55,7 @@ def capped_v_schedule(n_ranks: int, n_microbatches: int, cap: int, interval: int
                 cands.append((target_i(s, m), 0, I(s, m)))
             m = next_f[s]
             room = cap if s >= p else cap - 1  # a new microbatch leaves a slot for its second stage
-            if (m < n and live[r] < room
+            if (m < n and live[r] < room and (s != (r if gate_all else 0) or t >= target_f(s, m))
                     and (s == 0 or (f_end[s - 1][m] is not None and f_end[s - 1][m] <= t))):
                 cands.append((target_f(s, m), 1, F(s, m)))
         if pending_w[r] and i_end[pending_w[r][0][1]][pending_w[r][0][2]] <= t:
@@ -87,9 +90,9 @@ def capped_v_schedule(n_ranks: int, n_microbatches: int, cap: int, interval: int
 def _best(name: str, n_stages: int, n_ranks: int, n_microbatches: int, cap: int) -> Lists:
     check_sizes(name, n_stages, n_ranks, n_microbatches, 2)
     best = None
-    for interval in range(2, 9):
-        for w_delay in (0, 1, 2, 4, n_ranks):
-            got = capped_v_schedule(n_ranks, n_microbatches, cap, interval, w_delay)
+    for interval in range(3, 8):
+        for w_delay, gate_all in itertools.product((0, 2, n_ranks), (False, True)):
+            got = capped_v_schedule(n_ranks, n_microbatches, cap, interval, w_delay, gate_all)
             if got is not None and (best is None or got[1] < best[1]):
                 best = got
     if best is None:  # not seen for any size tested; the cap-2 block runs one microbatch at a time
