@@ -21,6 +21,8 @@ _LAZY = {
     "ScheduleInterleavedZeroBubble": "pp.schedules.classes",
     "ScheduleZBVZeroBubble": "pp.schedules.classes",
     "ScheduleDualPipeV": "pp.schedules.classes",
+    "ScheduleZBVHalf": "pp.schedules.classes",
+    "ScheduleZBVMin": "pp.schedules.classes",
     "PipelineScheduleSingle": "pp.schedules.classes",
     "PipelineScheduleMulti": "pp.schedules.classes",
     "schedule_from_actions": "pp.schedules.classes",

@@ -25,11 +25,11 @@ def plan(name: str, p: int, m: int, v: int | None = None):
 
 
 # ------------------------------------------------------------------------------------------ registry
-def test_registry_has_exactly_the_seven_schedules():
+def test_registry_has_exactly_the_nine_schedules():
     assert list(SCHEDULES) == ["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble",
-                               "ZBVZeroBubble", "DualPipeV"]
-    assert [SCHEDULES[n].split_backward for n in SCHEDULES] == [False, False, False, False, True, True, True]
-    assert [SCHEDULES[n].stages_per_rank for n in SCHEDULES] == [1, 1, None, None, None, 2, 2]
+                               "ZBVZeroBubble", "DualPipeV", "ZBVHalf", "ZBVMin"]
+    assert [SCHEDULES[n].split_backward for n in SCHEDULES] == [False] * 4 + [True] * 5
+    assert [SCHEDULES[n].stages_per_rank for n in SCHEDULES] == [1, 1, None, None, None, 2, 2, 2, 2]
 
 
 def test_get_spec_is_case_insensitive_and_names_valid_ones_on_error():

@@ -422,9 +422,17 @@ class ScheduleDualPipeV(PipelineScheduleMulti):
     _name = "DualPipeV"
 
 
+class ScheduleZBVHalf(PipelineScheduleMulti):
+    _name = "ZBVHalf"
+
+
+class ScheduleZBVMin(PipelineScheduleMulti):
+    _name = "ZBVMin"
+
+
 SCHEDULE_CLASSES = {cls._name: cls for cls in (
     ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B, ScheduleLoopedBFS, ScheduleInterleavedZeroBubble,
-    ScheduleZBVZeroBubble, ScheduleDualPipeV)}
+    ScheduleZBVZeroBubble, ScheduleDualPipeV, ScheduleZBVHalf, ScheduleZBVMin)}
 
 
 def schedule_class(name: str) -> type:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from pp.schedules import families, zero_bubble
+from pp.schedules import controllable, families, zero_bubble
 from pp.schedules.actions import Action
 from pp.schedules.actions import Kind
 from pp.schedules.lower import lower
@@ -68,6 +68,8 @@ SCHEDULES: dict[str, ScheduleSpec] = {
         ScheduleSpec("ZBVZeroBubble", "v", 2, True, zero_bubble.zbv_zero_bubble),
         # DualPipeV uses B inside its overlapped pairs and I/W elsewhere: stages must support both.
         ScheduleSpec("DualPipeV", "v", 2, True, families.dualpipe_v),
+        ScheduleSpec("ZBVHalf", "v", 2, True, controllable.zbv_half),
+        ScheduleSpec("ZBVMin", "v", 2, True, controllable.zbv_min),
     )
 }
 
