@@ -53,7 +53,7 @@ def results():
     return run_ranks(_every_schedule, 2, timeout_s=600)
 
 
-@pytest.mark.parametrize("mode", ["selective", "full"])
+@pytest.mark.parametrize("mode", ["selective", pytest.param("full", marks=pytest.mark.slow)])
 def test_checkpointing_equals_none_bit_for_bit_for_every_schedule(results, mode):
     for rank_out in results:
         for name in SCHEDULES:

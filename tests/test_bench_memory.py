@@ -14,6 +14,7 @@ CONFIGS = ["pp:1F1B:full:bf16-mixed:0:2:1", "pp:ZBVZeroBubble:selective:bf16:0:2
            "torch:1F1B:selective:bf16-mixed:0:2:1", "pp:1F1B:none:bf16-mixed:3:1:2"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_memory_smoke_records_every_configuration(tmp_path):
     out = tmp_path / "memory.jsonl"

@@ -144,7 +144,7 @@ def test_init_from_weights_of_another_shape_ends_the_job_with_one_line_listing_t
     ({"name": "hf:LlamaForCausalLM", "config": "/no/such/config.json"}, "model.config='/no/such/config.json': no such file"),
     ({"name": "hf:LlamaForCausalLM"}, "needs model.config"),
     ({"name": "hf:LlamaForCausalLM", "config": LLAMA, "d_model": 32}, "unknown key model.d_model"),
-    ({"name": "hf:LlamaForCausalLM", "config": {**LLAMA, "vocab_size": 100}}, "model.vocab_size=100 (from model.config): the byte-level data needs at least 256"),
+    ({"name": "hf:LlamaForCausalLM", "config": {**LLAMA, "vocab_size": 100}}, "model.vocab_size=100 (from model.config): byte-level data (train.data='stdlib') needs at least 256"),
     ({"name": "hf:GPT2LMHeadModel", "config": GPT2, "seq_len": 64}, "model.seq_len=64 is longer than the 16 positions"),
     ({"name": "hf:LlamaForCausalLM", "config": LLAMA, "init_from": "/no/weights"}, "model.init_from='/no/weights': weights path '/no/weights' does not exist"),
     ({"name": "hf:T5ForConditionalGeneration", "config": {"vocab_size": 256, "d_model": 32, "num_layers": 1}, "seq_len": 16},

@@ -91,8 +91,9 @@ def _train_strict(rank, world, schedule, dtype, steps):
     return losses, grads
 
 
-@pytest.mark.parametrize("schedule,dtype", [("1F1B", torch.bfloat16), ("GPipe", torch.float32),
-                                            ("Interleaved1F1B", torch.float32)])
+@pytest.mark.parametrize("schedule,dtype", [("1F1B", torch.bfloat16),
+                                            pytest.param("GPipe", torch.float32, marks=pytest.mark.slow),
+                                            pytest.param("Interleaved1F1B", torch.float32, marks=pytest.mark.slow)])
 def test_hf_llama_trains_with_nccl_like_matching(schedule, dtype):
     """Two steps (the first exchanges metadata), losses and gradients of the unsplit model."""
     ref_losses, ref_grads = _reference(dtype)

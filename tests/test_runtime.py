@@ -22,7 +22,7 @@ def _every_schedule(rank, world, traced):
     return [run_schedule_against_reference(rank, world, name, 4, traced) for name in ALL]
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_every_schedule_traced_stages_match_unsplit_model(world):
     assert run_ranks(_every_schedule, world, True, timeout_s=240)[0] == ALL
 
