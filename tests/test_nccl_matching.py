@@ -133,7 +133,7 @@ def test_every_schedule_posts_groups_nccl_can_match():
                 for costs in (None, DEFAULT_COSTS):
                     check_groups(lower(compute, placement, m, edges, costs=costs), stage_graph(placement, edges))
                     checked += 1
-    assert checked == 7 * 4 * 2 * 2
+    assert checked == len(SCHEDULES) * 4 * 2 * 2
 
 
 # ----------------------------------------------------------------------------- the emulation itself
