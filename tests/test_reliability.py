@@ -209,7 +209,13 @@ def test_hanging_rank_ends_the_job_after_parallel_timeout_s(tmp_path):
     _, line = job.first("pp.run: rank 0")
     assert line.startswith(f"pp.run: rank 0 stopped at step 3: no message from a peer rank within "
                            f"parallel.timeout_s={timeout_s}s"), line
-    assert "Timed out" in line and "pp.run: rank 1" not in job.log
+    assert "Timed out" in line
+    # torchrun SIGTERMs rank 1, stuck in its step: it cannot stop at a step boundary, so it says why and ends
+    _, line1 = job.first("pp.run: rank 1")
+    assert line1.startswith("pp.run: rank 1 at step 3: SIGTERM arrived but training cannot stop at a step "
+                            "boundary: rank 0 failed with "), line1
+    assert "Timed out" in line1, line1
+    assert line1.endswith("exiting without a checkpoint"), line1
     assert timeout_s - 1 < job.ended - t_step2 < timeout_s + 15, job.ended - t_step2
 
 
@@ -273,3 +279,21 @@ def test_received_tensor_of_another_shape_or_dtype_is_named(shape, dtype, expect
         run_ranks(_mismatch, 2, shape, dtype, timeout_s=60)
     assert info.value.rank == 1 and info.value.exc_type == "ValueError"
     assert info.value.exc_message == f"stage 1 input 0 (from stage 0): {expected}"
+
+
+def test_stop_signal_in_a_step_that_never_ends_exits_after_the_grace_period():
+    """No peer failure posted, the step just never ends: the signal ends the rank after grace_s, with a line."""
+    code = ("import os, signal, time\n"
+            "from pp.launcher.stopping import StopSignals\n"
+            "s = StopSignals(['SIGTERM'])\n"
+            "s.arm(1.0, lambda: None, lambda: 'rank 0 at step 7')\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(60)\n")
+    t = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert time.monotonic() - t < 30
+    assert proc.stderr.strip() == ("pp.run: rank 0 at step 7: SIGTERM arrived but training cannot stop at a step "
+                                   "boundary: its step did not end within parallel.timeout_s=1s (a peer rank may "
+                                   "hang); exiting without a checkpoint"), proc.stderr

@@ -106,6 +106,12 @@ class AbortChannel:
         except Exception:  # noqa: BLE001 - the error being raised matters more than this notice
             pass
 
+    def failure(self) -> str | None:
+        """The line a rank posted for the step under way, None when no rank has failed in it."""
+        if self.store is None or not self.key or not self.store.check([self.key]):
+            return None
+        return self.store.get(self.key).decode(errors="replace")
+
     def check(self, what: Callable[[], str]) -> None:
         if self.store is not None and self.key and self.store.check([self.key]):
             line = self.store.get(self.key).decode(errors="replace")

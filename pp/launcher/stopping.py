@@ -3,11 +3,23 @@
 The handler only records the signal. The training loop puts it into the one all-gather every step
 already makes, so every rank sees the same request after the same step and they stop together; no
 extra collective, no rank left waiting.
+
+A rank that cannot reach the end of its step (a peer rank failed, or hangs) cannot honour the request;
+torchrun and Slurm send SIGTERM exactly then, to the ranks left after one failed, and SIGKILL them
+30 s later. So the first signal also starts a watchdog (`arm`): when a peer's failure is posted for the
+step under way, or the step has not ended within the grace period, the rank says so in one line and
+exits with 128 + the signal's number, without a checkpoint.
 """
 from __future__ import annotations
 
+import os
 import signal
-from typing import Any, Sequence
+import sys
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+POLL_S = 0.2  # how often the watchdog looks for a peer's failure and at its deadline
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
 
@@ -42,14 +54,45 @@ class StopSignals:
     def __init__(self, names: Sequence[str]):
         self.received = 0
         self._previous: dict[int, Any] = {}
+        self._grace_s: float | None = None
+        self._peer_failure: Callable[[], str | None] = lambda: None
+        self._where: Callable[[], str] = lambda: "before training"
+        self._standing_down = threading.Event()
         for name in names:
             number = signal_number(name)
             if number not in self._previous:
                 self._previous[number] = signal.signal(number, self._on_signal)
 
+    def arm(self, grace_s: float, peer_failure: Callable[[], str | None], where: Callable[[], str]) -> None:
+        """Let a signal end this rank at once when `peer_failure()` returns a line (a peer rank's failure
+        in the step under way), or `grace_s` seconds after it arrived when `stand_down()` was not called
+        by then. `where()` names the rank and step for the exit line (e.g. "rank 1 at step 3")."""
+        self._grace_s, self._peer_failure, self._where = float(grace_s), peer_failure, where
+
+    def stand_down(self) -> None:
+        """The loop reached the end of a step and will stop there, or left with an error: no watchdog needed."""
+        self._standing_down.set()
+
     def _on_signal(self, number: int, frame: Any) -> None:
         if not self.received:
             self.received = number
+            if self._grace_s is not None:
+                threading.Thread(target=self._watch, args=(number, time.monotonic()), name="pp-stop-watchdog",
+                                 daemon=True).start()
+
+    def _watch(self, number: int, since: float) -> None:
+        while not self._standing_down.wait(POLL_S):
+            try:
+                why = self._peer_failure()
+            except Exception:  # noqa: BLE001 - the store may be gone with the failed rank's agent
+                why = None
+            if why is None and time.monotonic() - since <= self._grace_s:
+                continue
+            reason = why or (f"its step did not end within parallel.timeout_s={self._grace_s:g}s "
+                             f"(a peer rank may hang)")
+            print(f"pp.run: {self._where()}: {signal_name(number)} arrived but training cannot stop at a step "
+                  f"boundary: {reason}; exiting without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + number)
 
     def uninstall(self) -> None:
         for number, handler in self._previous.items():

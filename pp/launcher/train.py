@@ -346,6 +346,9 @@ class Trainer:
         own_stop = self.stop is None
         if own_stop:
             self.stop = StopSignals(cfg.checkpoint.on_signal)
+        abort = getattr(self.rs.model.schedule, "_abort", None)
+        self.stop.arm(cfg.parallel.timeout_s, abort.failure if abort is not None else (lambda: None),
+                      lambda: f"rank {self.rank} at step {self.current_step}")
         done = self.resume()
         if done == 0 and cfg.model.init_from:
             self.init_weights(cfg.model.init_from)
@@ -370,6 +373,8 @@ class Trainer:
             for step in range(done + 1, cfg.train.steps + 1):
                 self.current_step = step
                 rec = self.step(step)
+                if self.stop_signal:  # every rank agreed to stop after this step: no watchdog needed
+                    self.stop.stand_down()
                 steps_run += 1
                 if steps_run > 1:  # the first step also learns shapes and warms up kernels
                     steady_s += rec["step_time_s"]
@@ -394,6 +399,7 @@ class Trainer:
                     stopped = Stopped(self.stop_signal, step, f"checkpoints/step-{step}")
                     break
         finally:
+            self.stop.stand_down()  # stopping at a boundary, or ending with an error: either way, leaving
             if writer is not None:
                 writer.close()
                 progress.close()
