@@ -187,8 +187,10 @@ class _Target:
     """The tensors to fill: name -> tensor (this rank's part), the whole shape, and how to copy in."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], full_shape: Callable[[str, torch.Tensor], tuple],
-                 local: Callable[[str, torch.Tensor], torch.Tensor]):
+                 local: Callable[[str, torch.Tensor], torch.Tensor],
+                 copy: Callable[[str, torch.Tensor], None] | None = None):
         self.tensors, self.full_shape, self.local = tensors, full_shape, local
+        self.copy = copy or (lambda name, value: self.tensors[name].copy_(value))  # this rank's part in
         groups: dict[int, list[str]] = {}
         for name, t in tensors.items():
             groups.setdefault(id(t), []).append(name)
@@ -211,7 +213,15 @@ def _parallel_target(model: "ParallelModel") -> _Target:
             shape[shard.dim] = shard.length if shard.length is not None else shape[shard.dim] * model.tp
         return tuple(shape)
 
-    return _Target(tensors, full_shape, model.local_tensor)
+    sharded = model._sharded_names()   # ZeRO 2/3: the fp32 master shards hold these parameters
+
+    def copy(name: str, value: torch.Tensor) -> None:
+        if name in sharded:
+            model.shards.load_whole(sharded[name], value)
+        else:
+            tensors[name].copy_(value)
+
+    return _Target(tensors, full_shape, model.local_tensor, copy)
 
 
 def _candidates(name: str, prefix: str | None) -> list[str]:
@@ -296,4 +306,4 @@ def load_weights(model: "nn.Module | ParallelModel", source: str | WeightSource 
         loaded = source.read(keys[i:i + _READ_BATCH])
         with torch.no_grad():
             for key, t in loaded.items():
-                target.tensors[reads[key]].copy_(target.local(reads[key], t))
+                target.copy(reads[key], target.local(reads[key], t))

@@ -54,6 +54,15 @@ def _train(rank: int, world: int) -> dict:
         state = par.state_dict()
         out[(level, schedule)] = {"losses": seen, "norms": norms, "state": state,
                                   "optimizer": type(opt).__name__}
+        if level >= 2 and schedule == "1F1B":  # sharded masters take a state dict naming one tied alias
+            torch.manual_seed(1)
+            fresh = GPT(**MODEL).state_dict()
+            par.load_state_dict({n: t for n, t in fresh.items() if n != "lm_head.weight"})
+            x, y = _batch(0)
+            mb = []
+            par.step(par.local_share(x), target=par.local_share(y), losses=mb)
+            out[("reload", level)] = {"state": par.state_dict(), "fresh": fresh,
+                                      "losses": [l.item() for l in mb] if par.owns_loss else []}
     return out
 
 
@@ -74,6 +83,21 @@ def test_zero_levels_train_like_zero_0(results, key):
         assert got["state"].keys() == want["state"].keys()
         for n, t in want["state"].items():
             torch.testing.assert_close(got["state"][n], t, msg=lambda m: f"{key} {n}: {m}")
+
+
+@pytest.mark.parametrize("level", [2, 3])
+def test_zero_2_3_load_a_state_dict_with_one_alias_of_a_tied_weight(results, level):
+    got = [r[("reload", level)] for r in results]
+    for r in got:
+        for n, t in r["state"].items():
+            torch.testing.assert_close(t, r["fresh"][n], msg=lambda m: f"{n}: {m}")
+    torch.manual_seed(1)
+    model = GPT(**MODEL)
+    x, y = _batch(0)
+    want = [lm_loss(model(x[i:i + 2]), y[i:i + 2]).item() for i in range(0, 8, 2)]
+    owners = [r["losses"] for r in got if r["losses"]]
+    assert len(owners) == 2  # the last stage of each replica; microbatches are the replica's halves
+    torch.testing.assert_close(torch.tensor(owners[0] + owners[1]), torch.tensor(want))
 
 
 def test_zero_1_shards_with_torch_zero_redundancy_optimizer(results):

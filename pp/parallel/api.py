@@ -209,25 +209,11 @@ class ParallelModel:
         Collective over all ranks. Every rank checks first and none copies unless all fit, so a bad
         `state` raises the same `pp.weights.WeightsError` (a ValueError listing the missing, unexpected
         and mis-shaped keys) everywhere and leaves every weight as it was. A tensor tied under several
-        names needs only one of them. With ZeRO 2/3 shards, each rank fills its shards of the masters
-        (every name must then be present).
+        names needs only one of them. With ZeRO 2/3 shards, each rank fills its shards of the masters.
         """
-        if self.shards is None:
-            from pp.weights import load_weights
+        from pp.weights import load_weights
 
-            load_weights(self, state)
-            return
-        sharded = self._sharded_names()
-        for stage in self.stages:
-            for name, t in stage.submod.state_dict().items():
-                if name not in state:
-                    raise KeyError(f"load_state_dict: no entry {name!r} (stage {stage.stage_index} needs it)")
-                local = self.local_tensor(name, state[name].to(t.device))
-                if name in sharded:
-                    self.shards.load_whole(sharded[name], local)
-                else:
-                    with torch.no_grad():
-                        t.copy_(local)
+        load_weights(self, state)
 
     def __repr__(self) -> str:
         ids = [s.stage_index for s in self.stages]
