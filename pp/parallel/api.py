@@ -239,6 +239,8 @@ def parallelize(
     device: torch.device | str | None = None,
     mesh: DeviceMesh | None = None,
     cuda_graphs: bool = False,
+    compile: bool = False,
+    compile_per: str = "block",
     precision: str = "fp32",
     activation_checkpointing: str = "none",
     zero: int = 0,
@@ -253,7 +255,9 @@ def parallelize(
     `pp.tp.ColwiseParallel`/`RowwiseParallel`. `pp` defaults to world / (dp * tp); `mesh`, if given,
     is a (pp, dp, tp) DeviceMesh (`pp.parallel.make_mesh`) whose sizes win. `device` defaults to
     cuda:LOCAL_RANK when CUDA is available, else cpu. `cuda_graphs=True` replays the stages as CUDA
-    graphs from the second step on (`schedule.enable_cuda_graphs()`; not with tp > 1).
+    graphs from the second step on (`schedule.enable_cuda_graphs()`; not with tp > 1). `compile=True` runs
+    each stage's forward and backward through torch.compile, per block or per stage (`compile_per`
+    "block" or "stage"; `schedule.compile()`); compiles happen at the first step, once per input shape.
 
     `precision`: "fp32", "bf16-mixed" (float32 parameters, gradients and optimizer state; each stage's
     forward under bfloat16 autocast; activations cross stages in bfloat16) or "bf16" (everything bfloat16).
@@ -298,8 +302,15 @@ def parallelize(
                          f"captured; use tp=1 or cuda_graphs=False")
     if tp > 1 and not tp_plan:
         raise ValueError(f"tp={tp} needs a tp_plan: {{module name: pp.tp.ColwiseParallel() or RowwiseParallel()}}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if compile_per not in ("block", "stage"):
+        raise ValueError(f"compile_per={compile_per!r} is not a compile granularity; expected 'block' or 'stage'")
     precision = check_precision(precision)
     ac = check_mode(activation_checkpointing)
+    if compile and compile_per == "stage" and ac != "none":
+        raise ValueError(f"compile_per='stage' with activation_checkpointing={ac!r}: the recompute is not "
+                         f"traced into a compiled stage; use compile_per='block'")
     zero = check_zero(zero, dp)
     if init_fn is not None and not callable(init_fn):
         raise TypeError(f"init_fn must be callable (name, tensor) -> None, got {type(init_fn).__name__}")
@@ -351,6 +362,8 @@ def parallelize(
     cls = schedule_class(spec.name)
     target = stages[0] if issubclass(cls, PipelineScheduleSingle) else stages
     sched = cls(target, n_microbatches, loss_fn=loss_fn)
+    if compile:
+        sched.compile(per=compile_per)
     if cuda_graphs and ac != "none":
         warnings.warn(f"cuda_graphs=True with activation_checkpointing={ac!r}: the stages run eagerly "
                       f"(recompute hooks are not captured)", stacklevel=2)

@@ -186,15 +186,20 @@ def apply_checkpointing(module: nn.Module, mode: str, once: bool = False) -> lis
                          "trace or build the model afresh")
     if isinstance(module, fx.GraphModule) and any(n.meta.get("nn_module_stack") for n in module.graph.nodes):
         return _rewrite_graph(module, mode, once)
-    container = max((m for m in module.modules() if isinstance(m, (nn.ModuleList, nn.Sequential))),
-                    key=len, default=None)
-    targets = list(container) if container is not None and len(container) > 1 else [module]
     wrapped = []
-    for child in targets:
+    for child in manual_blocks(module):
         wrapper = Checkpointed(child.forward, mode, once)
         child.forward = wrapper  # an instance attribute: names and parameters stay as they are
         wrapped.append(wrapper)
     return wrapped
+
+
+def manual_blocks(module: nn.Module) -> list[nn.Module]:
+    """The blocks of a manual stage: the children of its largest ModuleList/Sequential, or the whole
+    module when it has none with more than one child."""
+    container = max((m for m in module.modules() if isinstance(m, (nn.ModuleList, nn.Sequential))),
+                    key=len, default=None)
+    return list(container) if container is not None and len(container) > 1 else [module]
 
 
 def regions(module: nn.Module) -> list[Checkpointed]:
@@ -213,6 +218,13 @@ def _block_of(node: fx.Node) -> str | None:
 
 
 def _rewrite_graph(gm: fx.GraphModule, mode: str, once: bool) -> list[Checkpointed]:
+    return [r.call for r in outline_blocks(gm, lambda body: _Region(body, mode, once), "_pp_ac_")]
+
+
+def outline_blocks(gm: fx.GraphModule, make: Callable[[fx.GraphModule], nn.Module], prefix: str) -> list:
+    """Move each block's run of nodes in traced stage `gm` into a submodule `make(body)` named
+    prefix + index (body: an fx.GraphModule taking the run's inputs, parameters included, and returning
+    the values used after it), called where the run ended; return the submodules made."""
     runs: list[list[fx.Node]] = []
     label: dict[fx.Node, str | None] = {}
     current: str | None = None
@@ -233,13 +245,13 @@ def _rewrite_graph(gm: fx.GraphModule, mode: str, once: bool) -> list[Checkpoint
         runs[-1].append(node)
     made = []
     for i, run in enumerate(runs):
-        made.append(_outline(gm, run, f"_pp_ac_{i}", mode, once))
+        made.append(_outline(gm, run, f"{prefix}{i}", make))
     gm.graph.lint()
     gm.recompile()
     return made
 
 
-def _outline(gm: fx.GraphModule, run: list[fx.Node], name: str, mode: str, once: bool) -> Checkpointed:
+def _outline(gm: fx.GraphModule, run: list[fx.Node], name: str, make: Callable) -> nn.Module:
     """Move the nodes of `run` into a region submodule `name`, called where the run ended."""
     inside = set(run)
     inputs: list[fx.Node] = []
@@ -256,7 +268,7 @@ def _outline(gm: fx.GraphModule, run: list[fx.Node], name: str, mode: str, once:
     for n in run:
         env[n] = g.node_copy(n, lambda a: env[a])
     g.output(tuple(env[o] for o in outputs))
-    region = _Region(fx.GraphModule(nn.Module(), g, class_name="CheckpointRegion"), mode, once)
+    region = make(fx.GraphModule(nn.Module(), g, class_name="BlockRegion"))
     gm.add_submodule(name, region)
     with gm.graph.inserting_after(run[-1]):
         call = gm.graph.call_module(name, tuple(inputs))
@@ -267,4 +279,4 @@ def _outline(gm: fx.GraphModule, run: list[fx.Node], name: str, mode: str, once:
             o.replace_all_uses_with(got, delete_user_cb=lambda u: u not in inside)
     for n in reversed(run):
         gm.graph.erase_node(n)
-    return region.call
+    return region

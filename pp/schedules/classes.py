@@ -97,6 +97,8 @@ class _PipelineSchedule:
         self.on_backward_done: Callable[[int], None] | None = None
         self._last_backward = _last_backward_actions(self._train_actions)
         self._graphs: dict[int, StageGraphs] = {}
+        self._compilers: dict = {}     # stage -> its CompileCounter, set by compile()
+        self._compile_mode: str | None = None
         self._after: tuple[Any, dict] = (None, {})   # (hook it was built for, {action: callable})
         # Stage modules wrapped by DDP / FSDP2: their gradient sync, once per step (pp/parallel/wrapped.py).
         self._dp_wrapped = StepSync.of(self._stages.values())
@@ -152,6 +154,9 @@ class _PipelineSchedule:
         """
         if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
             raise ValueError(f"max_shapes must be a positive integer, got {max_shapes!r}")
+        if self._compilers:
+            from ..stage.compiled import check_with_cuda_graphs
+            check_with_cuda_graphs(self._compile_mode)
         for s in self._stages.values():
             if s.device.type != "cuda":
                 raise ValueError(f"CUDA graphs need stages on a CUDA device; stage {s.stage_index} is on "
@@ -164,6 +169,29 @@ class _PipelineSchedule:
                                            max_shapes, split=split)
             self._graphs[i] = s.graphs
         self._after = (None, {})
+
+    def compile(self, mode: str | None = None, per: str = "block", dynamic: bool | None = None,
+                backend: str = "inductor") -> None:
+        """Run each stage's forward and backward through `torch.compile`, per block (each child of the
+        repeated container the splitter cuts, as activation checkpointing finds them) or per stage
+        (`per="stage"`); traced and manual stages, every schedule. Compiles happen at first use, once
+        per new input shape (`compile_count`). `mode`: inductor's (None: default); `dynamic` as in
+        torch.compile. In I/W-split schedules a compiled region's weight gradients are computed in I
+        with its input gradients (one fused backward) and W does only the eager rest (pp.stage.compiled).
+        ValueError for a bad argument, a second call, or a mode that captures CUDA graphs itself together
+        with `enable_cuda_graphs()`."""
+        from ..stage.compiled import compile_stages
+        if self._compilers:
+            raise ValueError("compile() ran on this schedule already")
+        split = any(a.kind in (Kind.I, Kind.W) for a in self._train_actions)
+        self._compilers = compile_stages(self._stages, split, mode, per, dynamic, backend)
+        self._compile_mode = mode
+
+    @property
+    def compile_count(self) -> int:
+        """Graphs compiled so far for this rank's stages (0 without `compile()`); grows once per new
+        input shape (and per graph break), not per step."""
+        return sum(c.count for c in self._compilers.values())
 
     @property
     def cuda_graph_replays(self) -> dict[int, int]:

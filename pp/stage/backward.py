@@ -29,6 +29,11 @@ accumulating one. Other split nodes go through the engine in W: one call that ru
 its weight-side children hear from nothing else, otherwise a direct call of the node (its input-side
 gradient is computed again and dropped). A Python-defined autograd Function in that last position
 cannot be called alone: that microbatch's I then runs the whole backward and its W does nothing.
+
+A region compiled by `torch.compile` (`pp.stage.compiled`) is one backward node whose fused code computes
+input and weight gradients together: I runs it once, takes its weight-side gradients at its edges in the
+same engine call and accumulates them at once, so its weights are neither computed twice nor deferred
+(W keeps only the eager split nodes around it).
 """
 from __future__ import annotations
 
@@ -69,6 +74,9 @@ def run_backward(roots: Sequence, seeds: Sequence[torch.Tensor], inputs: Sequenc
 
 
 _ACCUMULATE = torch._C._functions.AccumulateGrad
+# Backward nodes of torch.compile'd regions (AOTAutograd): one fused kernel set for input and weight
+# gradients, which W cannot run for the weights alone without doing all of it again.
+_COMPILED = ("CompiledFunctionBackward",)
 
 
 def _walk(root_nodes: list, input_nodes: set) -> tuple[dict, dict, Counter]:
@@ -136,6 +144,7 @@ def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tenso
 
     # Split nodes: on the input path, with a child off it that leads to weights.
     groups: list[list] = []
+    compiled_edges: list = []
     stack = [n for n in root_nodes if n is not None and on_path[n]]
     seen = set(stack)
     while stack:
@@ -150,6 +159,9 @@ def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tenso
                 off.append(c)
         if off and _reaches_weights(off, kids, param_ids):
             slots = tuple(i for i, (c, _) in enumerate(n.next_functions) if c is not None and not on_path[c])
+            if type(n).__name__ in _COMPILED:   # one fused backward: its weight side comes out in I
+                compiled_edges.extend(n.next_functions[s] for s in slots)
+                continue
             group = _classify(n, slots, indeg)
             if group is None:
                 return _whole_backward(roots, grads, inputs), None
@@ -164,9 +176,20 @@ def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tenso
                   if n is None and id(r) in param_ids]   # a parameter returned as it is
     del kids, on_path, seen
 
+    # A compiled region's weight-side gradients are captured at its edges and accumulated now; only
+    # where nothing else feeds those edges' nodes (else another split node's W would add to them too).
+    if any(indeg[c] != k for c, k in Counter(c for c, _ in compiled_edges).items()):
+        return _whole_backward(roots, grads, inputs), None
+    compiled_edges = list(dict.fromkeys(compiled_edges))
+
     # Plans read their saved tensors now: with every split node done by hand, I need not keep the graph.
     by_hand = all(kind == "plan" for kind, *_ in groups)
-    got, captured = _run_capturing(roots, grads, inputs, [g[1] for g in groups], keep_graph=not by_hand)
+    edges = [GradientEdge(c, k) for c, k in compiled_edges]
+    got, captured = _run_capturing(roots, grads, list(inputs) + edges, [g[1] for g in groups],
+                                   keep_graph=not by_hand)
+    if edges:
+        _accumulate([(e, g) for e, g in zip(edges, got[len(inputs):]) if g is not None])
+        got = got[:len(inputs)]
     kept = []
     for (kind, n, plan, targets), g in zip(groups, captured):
         if g is not None:

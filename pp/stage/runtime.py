@@ -132,6 +132,7 @@ class PipelineStage:
         self._expected: list | None = None  # see check_received
         self._accepted: set = set()         # input shapes check_model_inputs let through
         self.graphs: StageGraphs | None = None      # set by the schedule's enable_cuda_graphs()
+        self.compiled: Any = None   # the stage's CompileCounter, set by the schedule's compile()
         # Set by pp.parallel.precision: floating activations sent to other stages (and accepted from
         # them) in this dtype, and the forward run under torch.autocast to it (bf16-mixed).
         self.activation_dtype: torch.dtype | None = None

@@ -1,0 +1,126 @@
+"""Compiled stages (`schedule.compile`, `pp.parallelize(compile=True)`): on 2 gloo ranks with inductor on
+CPU, losses and gradients equal eager (and the unsplit model) for 1F1B and the I/W-split ZBVZeroBubble,
+traced and manual stages, per block and per stage; the compile count stays put at a known shape."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pp.launcher.models import GPT
+from pp.launcher.train import lm_loss
+from pp.testing import run_ranks
+
+MODEL = dict(vocab_size=32, d_model=16, n_layers=4, n_heads=2, seq_len=8)
+N_MB = 4
+STEPS = 3
+# (schedule, compile per, stage form): traced stages cut by pp.parallelize, manual ones by hand
+CASES = [("1F1B", "block", "traced"), ("ZBVZeroBubble", "block", "traced"),
+         ("ZBVZeroBubble", "stage", "traced"), ("ZBVZeroBubble", "block", "manual")]
+
+
+def _batch(step: int):
+    g = torch.Generator().manual_seed(3 + step)
+    tokens = torch.randint(0, MODEL["vocab_size"], (N_MB * 2, MODEL["seq_len"] + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+class _Part(nn.Module):
+    """A manual stage of the GPT: embeddings (first), blocks, head (last)."""
+
+    def __init__(self, model: GPT, blocks: slice, first: bool, last: bool):
+        super().__init__()
+        self.first, self.last = first, last
+        self.tok_emb, self.pos_emb = (model.tok_emb, model.pos_emb) if first else (None, None)
+        self.blocks = nn.ModuleList(model.blocks[blocks])
+        self.norm, self.lm_head = (model.norm, model.lm_head) if last else (None, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            x = self.tok_emb(x) + self.pos_emb(torch.arange(x.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.norm(x)) if self.last else x
+
+
+def _manual(rank: int, model: GPT, name: str):
+    from pp import PipelineStage
+    from pp.schedules.classes import schedule_class
+    # V placement on 2 ranks: rank 0 holds stages 0 and 3, rank 1 stages 1 and 2; one block each
+    stages = [PipelineStage(_Part(model, slice(s, s + 1), s == 0, s == 3), s, 4, "cpu")
+              for s in ((0, 3) if rank == 0 else (1, 2))]
+    for st in stages:
+        st.names = {n: p for n, p in st.submod.named_parameters()}
+    return schedule_class(name)(stages, N_MB, loss_fn=lm_loss), stages
+
+
+def _train(rank: int, name: str, per: str | None, form: str) -> dict:
+    import pp
+    torch.manual_seed(0)
+    model = GPT(**MODEL)
+    if form == "traced":
+        x, _ = _batch(0)
+        par = pp.parallelize(model, (x[:2],), n_microbatches=N_MB, loss_fn=lm_loss, schedule=name,
+                             compile=per is not None, compile_per=per or "block")
+        sched, named = par.schedule, dict(par.named_parameters())
+    else:
+        sched, stages = _manual(rank, model, name)
+        if per is not None:
+            sched.compile(per=per)
+        named = {n: p for st in stages for n, p in st.names.items()}
+    out: dict = {"losses": [], "counts": []}
+    for step in range(STEPS):
+        for p in named.values():
+            p.grad = None
+        x, y = _batch(step)
+        losses: list = []
+        sched.step(x, target=y, losses=losses)
+        out["losses"].append([float(l) for l in losses])
+        out["counts"].append(sched.compile_count)
+    out["grads"] = {n: p.grad.clone() for n, p in named.items() if p.grad is not None}
+    return out
+
+
+def _all_cases(rank: int, world: int) -> dict:
+    warnings.simplefilter("ignore")
+    out = {}
+    for name, per, form in CASES:
+        out[("eager", name, form)] = _train(rank, name, None, form)
+        out[(per, name, form)] = _train(rank, name, per, form)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_ranks(_all_cases, 2, timeout_s=600)
+
+
+@pytest.mark.parametrize("name,per,form", CASES)
+def test_compiled_stages_equal_eager(results, name, per, form):
+    for rank_out in results:
+        want, got = rank_out[("eager", name, form)], rank_out[(per, name, form)]
+        torch.testing.assert_close(got["losses"], want["losses"], rtol=1e-5, atol=1e-5)
+        assert got["grads"].keys() == want["grads"].keys() and got["grads"]
+        for n, g in want["grads"].items():
+            torch.testing.assert_close(got["grads"][n], g, rtol=1e-4, atol=1e-5, msg=f"{name} {per} {n}")
+
+
+@pytest.mark.parametrize("name,per,form", CASES)
+def test_compile_count_does_not_grow_at_the_same_shape(results, name, per, form):
+    for rank_out in results:
+        counts = rank_out[(per, name, form)]["counts"]
+        assert counts[0] >= 1, counts
+        assert counts[1] == counts[2], counts
+        assert rank_out[("eager", name, form)]["counts"] == [0] * STEPS
+
+
+def test_compiled_losses_match_the_unsplit_model(results):
+    torch.manual_seed(0)
+    model = GPT(**MODEL)
+    x, y = _batch(0)
+    want = [lm_loss(model(xm), ym).item() for xm, ym in zip(x.chunk(N_MB), y.chunk(N_MB))]
+    for name, per, form in CASES:
+        got = [l for r in results for l in r[(per, name, form)]["losses"][0]]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{name} {per} {form}")
