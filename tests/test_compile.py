@@ -124,3 +124,44 @@ def test_compiled_losses_match_the_unsplit_model(results):
     for name, per, form in CASES:
         got = [l for r in results for l in r[(per, name, form)]["losses"][0]]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{name} {per} {form}")
+
+
+def test_pp_run_with_schedule_compile_trains_and_reports_compiles(tmp_path):
+    # ZBVZeroBubble (I/W split) with bf16-mixed autocast and selective checkpointing inside compiled blocks
+    import json
+    import os
+
+    from test_launcher_run import check_ok, losses, torchrun, write_config
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", out, pp=2, schedule="ZBVZeroBubble", steps=3, every=0,
+                       model={"d_model": 16, "n_heads": 2, "seq_len": 16})
+    proc = torchrun(2, cfg, "--schedule.compile", "true", "--train.precision", "bf16-mixed",
+                    "--train.activation_checkpointing", "selective", timeout=400)
+    check_ok(proc)
+    assert sorted(losses(out)) == [1, 2, 3]
+    with open(os.path.join(out, "summary.json")) as f:
+        ranks = json.load(f)["ranks"]
+    assert all(r["compiles"] >= 1 for r in ranks), ranks
+    assert "graphs compiled" in proc.stdout
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["--schedule.compile", "maybe"], "schedule.compile: expected true or false, got 'maybe'"),
+    (["--schedule.compile", "true", "--schedule.compile_per", "layer"],
+     "schedule.compile_per='layer': expected 'block' or 'stage'"),
+    (["--schedule.compile", "true", "--schedule.compile_per", "stage", "--train.activation_checkpointing", "full"],
+     "schedule.compile_per='stage' with train.activation_checkpointing='full'"),
+])
+def test_bad_compile_config_is_one_line(tmp_path, overrides, expected, monkeypatch, capsys):
+    from test_launcher_config import TINY
+
+    from pp.run import EXIT_CONFIG, main
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(TINY.replace("OUT", str(tmp_path / "out")))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    assert main([str(path), *overrides]) == EXIT_CONFIG
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pp.run: bad config: ") and expected in lines[0], lines

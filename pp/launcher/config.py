@@ -71,6 +71,9 @@ class ScheduleConfig:
     cuda_graphs: bool = _opt(False, "replay each stage's forward and backward as CUDA graphs from step 2 on: "
                                     "less host time for small, launch-bound stages (GPU only; not with "
                                     "parallel.tp > 1)")
+    compile: bool = _opt(False, "run each stage's forward and backward through torch.compile (inductor); "
+                                "compiles at the first step, once per input shape; see docs/performance.md")
+    compile_per: str = _opt("block", "what one compiled region is: 'block' (each transformer block) or 'stage'")
 
 
 @dataclass

@@ -146,6 +146,8 @@ def summary_lines(steps: int, tokens: int, seconds: float, tokens_per_s: float, 
     for r in per_rank:
         b = "n/a" if r.get("bubble") is None else f"{r['bubble']:.1%}"
         replayed = f", {r['graph_replays']} forwards replayed as CUDA graphs" if "graph_replays" in r else ""
+        if "compiles" in r:
+            replayed += f", {r['compiles']} graphs compiled"
         lines.append(f"  rank {r['rank']}: stages {r['stages']}, bubble {b}, {mem} {r['peak_mem_gib']:.2f} GiB"
                      f"{replayed}")
     return lines

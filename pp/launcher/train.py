@@ -152,6 +152,7 @@ def make_model(job: Job, device: torch.device) -> ParallelModel:
                            schedule=layout.schedule, stages_per_rank=layout.stages_per_rank,
                            tp_plan=job.tp_plan, device=device, mesh=mesh,
                            cuda_graphs=cfg.schedule.cuda_graphs and device.type == "cuda",
+                           compile=cfg.schedule.compile, compile_per=cfg.schedule.compile_per,
                            precision=t.precision, activation_checkpointing=t.activation_checkpointing,
                            zero=cfg.parallel.zero if cfg.parallel.dp > 1 else 0,
                            init_fn=init_fn(cfg.model, t.seed))
@@ -431,6 +432,8 @@ class Trainer:
         replays = getattr(self.rs.schedule, "cuda_graph_replays", {})
         if replays:
             mine["graph_replays"] = sum(replays.values())
+        if self.cfg.schedule.compile:
+            mine["compiles"] = self.rs.schedule.compile_count
         per_rank = coll.all_gather_object(mine)
         tokens = steps_run * self.cfg.train.batch_size * self.cfg.model.seq_len
         per_step = self.cfg.train.batch_size * self.cfg.model.seq_len

@@ -214,7 +214,16 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
         raise ConfigError(f"schedule.microbatches={s.microbatches} with parallel.pp={pp}: {e}") from None
     if s.cuda_graphs:
         _check_cuda_graphs(p.tp)
+    _check_compile(s, cfg.train.activation_checkpointing)
     return Layout(name, pp, n_stages // pp, tuple(placement))
+
+
+def _check_compile(s: object, checkpointing: str) -> None:
+    if s.compile_per not in ("block", "stage"):
+        raise ConfigError(f"schedule.compile_per={s.compile_per!r}: expected 'block' or 'stage'")
+    if s.compile and s.compile_per == "stage" and checkpointing != "none":
+        raise ConfigError(f"schedule.compile_per='stage' with train.activation_checkpointing={checkpointing!r}: "
+                          f"the recompute is not traced into a compiled stage; set schedule.compile_per='block'")
 
 
 def _check_cuda_graphs(tp: int) -> None:
