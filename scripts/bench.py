@@ -180,12 +180,19 @@ def label_of(cfg) -> str:
     if cfg.tag:
         lab += f"_{cfg.tag}"
     if getattr(cfg, "compile", False):
-        lab += "_compiled"
+        lab += "_compiled" + _per_suffix(cfg, "_")
     if getattr(cfg, "cuda_graphs", False):
         lab += "_graphs"
     if getattr(cfg, "dp", 1) > 1:
         lab += f"_dp{cfg.dp}"
     return lab
+
+
+def _per_suffix(cfg, sep: str) -> str:
+    """'' for --compile-per module (torch.compile of each stage module, the older records), else
+    e.g. '-block' (pp's compiled stages, schedule.compile(per=...))."""
+    per = getattr(cfg, "compile_per", "module") or "module"
+    return "" if per == "module" else f"{sep}{per}"
 
 
 def model_tag(cfg) -> str:
@@ -199,7 +206,7 @@ def model_tag(cfg) -> str:
 def config_key(cfg) -> str:
     return "/".join([cfg.impl, cfg.schedule, str(cfg.microbatches), cfg.split, cfg.tag or "-",
                      f"L{cfg.layers}d{cfg.d_model}h{cfg.heads}V{cfg.vocab}S{cfg.seq}b{cfg.mb_size}" + model_tag(cfg)
-                     + ("-compiled" if getattr(cfg, "compile", False) else "")
+                     + ("-compiled" + _per_suffix(cfg, "-") if getattr(cfg, "compile", False) else "")
                      + ("-graphs" if getattr(cfg, "cuda_graphs", False) else "")
                      + (f"-dp{cfg.dp}" if getattr(cfg, "dp", 1) > 1 else "")])
 
@@ -311,9 +318,19 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
         modules = {s: build_stage_module(s, ranges, cfg, device, dtype) for s in mine}
     record["blocks_per_stage"] = [hi - lo for lo, hi in ranges]
     n_params = sum(p.numel() for m in modules.values() for p in m.parameters())
-    if cfg.compile:  # compiled on first use, in time_alone's warm-up: the ideal is the compiled stages' too
+    per = getattr(cfg, "compile_per", "module") or "module"
+    counters = {}
+    if cfg.compile and per != "module":   # pp's compiled stages (schedule.compile), in place
+        if cfg.impl != "pp":
+            raise ValueError(f"--compile-per {per} is pp's schedule.compile; torch takes --compile-per module")
+        from pp.stage.compiled import CompileCounter, compile_stage
+        for s, m in modules.items():
+            counters[s] = CompileCounter("inductor", None, None, keep_graph=spec.split_backward)
+            compile_stage(m, counters[s], per)
+    elif cfg.compile:  # compiled on first use, in time_alone's warm-up: the ideal is the compiled stages' too
         modules = {s: torch.compile(m) for s, m in modules.items()}
     record["compile"] = bool(cfg.compile)
+    record["compile_per"] = per if cfg.compile else None
 
     # Ideal: each rank's stages alone, before any pipeline traffic.
     if hf:
@@ -440,6 +457,7 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
         grad_norm_per_stage=grad_norms,
         dp_grad_rel_diff=spread if dp > 1 else None,
         dp_sync=None if dp == 1 else ("overlapped" if cfg.impl == "pp" else "after_step"),
+        compiles=None if not counters else sum(c.count for c in counters.values()),   # this rank's graphs
         cuda_graphs=None if not getattr(cfg, "cuda_graphs", False) else {
             s: n for s, n in sched.cuda_graph_replays.items()},   # microbatches this rank replayed, per stage
     )
@@ -528,6 +546,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="free label stored in the record")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each stage module (both impls alike; recorded as compile=true)")
+    p.add_argument("--compile-per", choices=("module", "block", "stage"), default="module",
+                   help="with --compile: 'module' torch.compile's each stage module (both impls); 'block' or "
+                        "'stage' is pp's schedule.compile(per=...) (pp only; works with every schedule)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="pp only: replay the stages as CUDA graphs (captured after the first warm-up step)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file (default bench/results/bench.jsonl)")
