@@ -89,7 +89,23 @@ def _all_cases(rank: int, world: int) -> dict:
     for name, per, form in CASES:
         out[("eager", name, form)] = _train(rank, name, None, form)
         out[(per, name, form)] = _train(rank, name, per, form)
+    out["refusals"] = _refusals(rank)
     return out
+
+
+def _refusals(rank: int) -> list[str]:
+    """The errors of arguments compile() cannot honour (nothing gets compiled here)."""
+    got = []
+    for call in (lambda s: s.compile(per="layer"), lambda s: s.compile(mode="fastest"),
+                 lambda s: (s.compile(), s.compile()),
+                 lambda s: (s.compile(mode="reduce-overhead"), s.enable_cuda_graphs())):
+        sched, _ = _manual(rank, GPT(**MODEL), "ZBVZeroBubble")
+        try:
+            call(sched)
+            got.append("no error")
+        except ValueError as e:
+            got.append(str(e))
+    return got
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +181,11 @@ def test_bad_compile_config_is_one_line(tmp_path, overrides, expected, monkeypat
     assert main([str(path), *overrides]) == EXIT_CONFIG
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pp.run: bad config: ") and expected in lines[0], lines
+
+
+def test_compile_refuses_what_it_cannot_do_in_one_sentence(results):
+    per, mode, twice, graphs = results[0]["refusals"]
+    assert "per='layer' is not a compile granularity; expected 'block' or 'stage'" in per
+    assert "mode='fastest' is not an inductor mode" in mode
+    assert "compile() ran on this schedule already" in twice
+    assert "mode='reduce-overhead' captures CUDA graphs inside inductor" in graphs
