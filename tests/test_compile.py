@@ -90,7 +90,39 @@ def _all_cases(rank: int, world: int) -> dict:
         out[("eager", name, form)] = _train(rank, name, None, form)
         out[(per, name, form)] = _train(rank, name, per, form)
     out["refusals"] = _refusals(rank)
+    out["iw"] = _split_backward_runs(rank)
     return out
+
+
+def _split_backward_runs(rank: int) -> dict:
+    """I and W of a compiled block between two eager Linears: how often the block's fused backward runs,
+    whether its weights have gradients after I, and whether I + W equal one plain backward."""
+    from pp.stage.backward import input_grads, weight_grads
+    from pp.stage.compiled import CompileCounter, compile_stage
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 16), GPT(**MODEL).blocks[0], nn.Linear(16, 16))
+    x = torch.randn(2, 8, 16)
+    want = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+    compile_stage(model[1], CompileCounter("inductor", None, None, keep_graph=True), "stage")
+    h = x.requires_grad_()
+    y = model(h)
+    runs = []
+    stack, seen = [y.grad_fn], set()
+    while stack:   # the compiled block's backward node(s)
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        if type(n).__name__ == "CompiledFunctionBackward":
+            n.register_hook(lambda *a: runs.append(1))
+        stack.extend(c for c, _ in n.next_functions)
+    loss = y.square().sum()
+    got, pending = input_grads([loss], [torch.ones_like(loss)], [h], list(model.parameters()))
+    after_i = (len(runs), all(p.grad is not None for p in model[1].parameters()), model[2].weight.grad is None)
+    weight_grads(pending)
+    exact = all(torch.allclose(p.grad, w, rtol=1e-4, atol=1e-5) for p, w in zip(model.parameters(), want))
+    return {"after_i": after_i, "runs": len(runs), "exact": exact}
 
 
 def _refusals(rank: int) -> list[str]:
@@ -189,3 +221,11 @@ def test_compile_refuses_what_it_cannot_do_in_one_sentence(results):
     assert "mode='fastest' is not an inductor mode" in mode
     assert "compile() ran on this schedule already" in twice
     assert "mode='reduce-overhead' captures CUDA graphs inside inductor" in graphs
+
+
+def test_zero_bubble_runs_a_compiled_backward_once_and_takes_its_weight_grads_in_i(results):
+    # I runs the block's fused backward once and accumulates its weight gradients; W only the eager
+    # Linear's, never the compiled node again; together exact
+    iw = results[0]["iw"]
+    assert iw["after_i"] == (1, True, True), iw
+    assert iw["runs"] == 1 and iw["exact"], iw

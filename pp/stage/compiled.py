@@ -48,11 +48,11 @@ class CompileCounter:
 
 def _no_donated_buffers() -> Any:
     """torch._functorch.config.donated_buffer=False for the compiles inside (a no-op where this torch
-    has no such setting)."""
-    config = getattr(torch._functorch, "config", None)
-    if config is None or not hasattr(config, "donated_buffer"):
-        return contextlib.nullcontext()
-    return config.patch(donated_buffer=False)
+    has no such setting), and AOTAutograd's cache off: its entries do not key on that setting, so a graph
+    compiled earlier with donated buffers would come back with them."""
+    import torch._functorch.config as config
+    off = {k: False for k in ("donated_buffer", "enable_autograd_cache") if hasattr(config, k)}
+    return config.patch(off) if off else contextlib.nullcontext()
 
 
 class _CompiledRegion(nn.Module):
