@@ -82,11 +82,15 @@ def main(argv: list[str] | None = None) -> int:
 
     lock = None
     try:
-        from pp.launcher.job import prepare
+        from pp.launcher.job import Job, prepare
+        from pp.launcher.validate import validate
         from pp.tune.auto import is_auto, placeholder
 
         auto = cfg if is_auto(cfg) else None  # schedule.name auto: chosen after the process group is up
-        job = prepare(placeholder(cfg) if auto else cfg, world)   # checks every key, checkpoint.on_signal included
+        if auto is not None:  # every key checked now; the model is built and cut once the choice is made
+            job = Job(placeholder(cfg), validate(placeholder(cfg), world), None, 0)
+        else:
+            job = prepare(cfg, world)   # checks every key, checkpoint.on_signal included
         stop = StopSignals(cfg.checkpoint.on_signal)  # from here on a stop signal is recorded, not fatal
         check_usable(cfg.output.dir, _env_rank())
         if _env_rank() == 0:  # before any process-group work: a second job must touch nothing
