@@ -138,7 +138,7 @@ def measure_layers(cfg, device: torch.device, microbatch_sizes: Sequence[int], i
         fill(mod, init_fn(cfg.model, cfg.train.seed) or _init)
         if precision == "bf16":
             cast_module(mod, precision)
-        apply_checkpointing(mod, ac)
+        apply_checkpointing(mod, ac, once=True)  # I and W both run: recompute once per microbatch
         params = [p for p in mod.parameters() if p.requires_grad]
         act_dtype = torch.bfloat16 if precision != "fp32" else None
         for b in sizes:
