@@ -138,3 +138,17 @@ def test_split_is_balanced_by_measured_cost():
              for c in prof]
     assert simulate_plan("1F1B", prof, 2, 4, 1).points == ("blocks.2",)
     assert simulate_plan("1F1B", heavy, 2, 4, 1).points == ("blocks.1",)
+
+
+def test_simulate_takes_per_stage_costs():
+    from pp.schedules.actions import Kind
+    from pp.schedules.simulate import simulate
+
+    placement, lists = build_lists("1F1B", 2, 4)
+    plain = simulate(lists, placement)
+    same = simulate(lists, placement, stage_costs={0: {Kind.F: 1.0, Kind.B: 2.0}, 1: {Kind.F: 1.0}})
+    assert [(e.start, e.end) for e in same] == [(e.start, e.end) for e in plain]
+    slow = simulate(lists, placement, stage_costs={1: {Kind.F: 3.0, Kind.B: 6.0}})
+    assert max(e.end for e in slow) == pytest.approx(1.0 + 4 * 9.0 + 2.0)  # stage 1 sets the pace
+    with pytest.raises(ValueError, match=r"stage_costs\[1\] must map F/B/I/W to numbers >= 0"):
+        simulate(lists, placement, stage_costs={1: {Kind.F: -1.0}})
