@@ -63,7 +63,8 @@ class ParallelConfig:
 @dataclass
 class ScheduleConfig:
     name: str = _opt("1F1B", "pipeline schedule, e.g. GPipe, 1F1B, Interleaved1F1B, LoopedBFS, "
-                             "InterleavedZeroBubble, ZBVZeroBubble, DualPipeV")
+                             "InterleavedZeroBubble, ZBVZeroBubble, DualPipeV; 'auto' measures the model at start "
+                             "and picks schedule, microbatches, stages per rank and split (as python -m pp.tune)")
     microbatches: int = _opt(4, "microbatches per step on each data-parallel replica; microbatches x "
                                 "parallel.dp must divide train.batch_size")
     stages_per_rank: typing.Optional[int] = _opt(None, "stages each rank holds; default: what the schedule needs "
@@ -71,6 +72,9 @@ class ScheduleConfig:
     cuda_graphs: bool = _opt(False, "replay each stage's forward and backward as CUDA graphs from step 2 on: "
                                     "less host time for small, launch-bound stages (GPU only; not with "
                                     "parallel.tp > 1)")
+    memory_budget_gib: typing.Optional[float] = _opt(None, "memory per rank the automatic choice (name: auto, "
+                                                           "pp.tune) must fit in; default: the device's free "
+                                                           "memory (host memory on cpu) less a margin")
 
 
 @dataclass
