@@ -82,9 +82,15 @@ def main(argv: list[str] | None = None) -> int:
 
     lock = None
     try:
-        from pp.launcher.job import prepare
+        from pp.launcher.job import Job, prepare
+        from pp.launcher.validate import validate
+        from pp.tune.auto import is_auto, placeholder
 
-        job = prepare(cfg, world)   # checks every key, checkpoint.on_signal included
+        auto = cfg if is_auto(cfg) else None  # schedule.name auto: chosen after the process group is up
+        if auto is not None:  # every key checked now; the model is built and cut once the choice is made
+            job = Job(placeholder(cfg), validate(placeholder(cfg), world), None, 0)
+        else:
+            job = prepare(cfg, world)   # checks every key, checkpoint.on_signal included
         stop = StopSignals(cfg.checkpoint.on_signal)  # from here on a stop signal is recorded, not fatal
         check_usable(cfg.output.dir, _env_rank())
         if _env_rank() == 0:  # before any process-group work: a second job must touch nothing
@@ -96,14 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     except OutputDirError as e:
         return _fail(EXIT_CONFIG, str(e))
     try:
-        return _train(job, stop, lock)
+        return _train(job, stop, lock, auto)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(job, stop, lock) -> int:
+def _train(job, stop, lock, auto=None) -> int:
     from pp.comms.backend import destroy, init_process_group_from_env
+    from pp.launcher.config import ConfigError
     from pp.launcher.checkpoint import CheckpointError
     from pp.data import DataError
     from pp.launcher.stopping import Stopped
@@ -116,6 +123,8 @@ def _train(job, stop, lock) -> int:
     rank, world, dev = init_process_group_from_env(device=device, timeout_s=p.timeout_s)
     trainer = None
     try:
+        if auto is not None:
+            job = _auto_job(auto, job.layout.pp, world, dev, rank)
         if rank == 0:
             _banner(job, world, dev)
         trainer = Trainer(job, rank, dev, stop=stop, lock=lock)
@@ -126,6 +135,8 @@ def _train(job, stop, lock) -> int:
         return e.exit_code
     except (CheckpointError, WeightsError) as e:
         return _fail(EXIT_CONFIG, str(e))
+    except ConfigError as e:  # schedule.name auto: nothing fits the memory budget, say
+        return _fail(EXIT_CONFIG, f"bad config: {e}")
     except DataError as e:  # found by a rank that reads data (first or last stage): it says so itself
         print(f"pp.run: bad data: {e}", file=sys.stderr, flush=True)
         if lock is not None:
@@ -140,6 +151,23 @@ def _train(job, stop, lock) -> int:
     finally:
         destroy()
     return 0
+
+
+def _auto_job(cfg, n_ranks: int, world: int, device, rank: int):
+    """schedule.name auto: measure and choose on every rank alike (pp.tune), log the choice, and
+    prepare the job that runs it."""
+    from pp.launcher.job import prepare
+    from pp.tune.auto import tune
+
+    result = tune(cfg, device, n_ranks)
+    if rank == 0:
+        print(f"pp.run: schedule auto chose {result.why()}", flush=True)
+    job = prepare(result.cfg, world)
+    p = result.chosen
+    job.tuned = {"schedule": p.schedule, "microbatches": p.microbatches, "stages_per_rank": p.stages_per_rank,
+                 "split_points": list(p.points), "predicted_step_s": p.step_s, "predicted_bubble": p.bubble,
+                 "predicted_peak_gib": p.peak_gib, "memory_budget_gib": result.budget_bytes / 2**30}
+    return job
 
 
 def _rank_failed(rank: int, step: int, e: Exception, timeout_s: float) -> NoReturn:

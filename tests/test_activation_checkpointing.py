@@ -14,6 +14,7 @@ from pp.launcher.train import lm_loss
 from pp.parallel.checkpointing import Checkpointed, apply_checkpointing, check_mode, regions
 from pp.schedules.registry import SCHEDULES
 from pp.testing import run_ranks
+from pipes import fresh_pipe
 
 MODEL = dict(vocab_size=32, d_model=16, n_layers=4, n_heads=2, seq_len=8)
 N_MB = 4
@@ -26,6 +27,11 @@ def _batch():
     return tokens[:, :-1], tokens[:, 1:]
 
 
+def _model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(**MODEL)
+
+
 def _every_schedule(rank: int, world: int) -> dict:
     import pp
 
@@ -35,9 +41,8 @@ def _every_schedule(rank: int, world: int) -> dict:
     out = {}
     for mode in MODES:
         for name, spec in SCHEDULES.items():
-            torch.manual_seed(0)
-            model = GPT(**MODEL)
-            par = pp.parallelize(model, mb, n_microbatches=N_MB, loss_fn=lm_loss, schedule=name,
+            pipe = fresh_pipe("gpt", _model, mb, spec.n_stages(world))  # traced once per stage count
+            par = pp.parallelize(pipe, mb, n_microbatches=N_MB, loss_fn=lm_loss, schedule=name,
                                  activation_checkpointing=mode)
             losses: list = []
             par.step(x, target=y, losses=losses)

@@ -15,6 +15,7 @@ from pp.launcher.models import GPT
 from pp.launcher.train import lm_loss
 from pp.parallel.zero import check_zero
 from pp.testing import run_ranks
+from pipes import fresh_pipe
 from test_launcher_run import check_ok, losses, torchrun
 
 MODEL = dict(vocab_size=64, d_model=16, n_layers=2, n_heads=2, seq_len=8, tie_weights=True)
@@ -27,6 +28,11 @@ def _batch(step: int):
     return tokens[:, :-1], tokens[:, 1:]
 
 
+def _model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(**MODEL)
+
+
 def _train(rank: int, world: int) -> dict:
     import pp
 
@@ -34,10 +40,10 @@ def _train(rank: int, world: int) -> dict:
     out = {}
     for level, schedule in ((0, "1F1B"), (1, "1F1B"), (2, "1F1B"), (3, "1F1B"), (0, "ZBVZeroBubble"),
                             (3, "ZBVZeroBubble")):
-        torch.manual_seed(0)
-        model = GPT(**MODEL)
-        par = pp.parallelize(model, (_batch(0)[0][:2],), n_microbatches=2, loss_fn=lm_loss, pp=2, dp=2,
-                             schedule=schedule, zero=level)
+        mb = (_batch(0)[0][:2],)
+        pipe = fresh_pipe("gpt", _model, mb, 4 if schedule == "ZBVZeroBubble" else 2)  # traced once
+        par = pp.parallelize(pipe, mb, n_microbatches=2, loss_fn=lm_loss, pp=2, dp=2, schedule=schedule,
+                             zero=level)
         decay = [p for p in par.parameters() if p.dim() >= 2]
         rest = [p for p in par.parameters() if p.dim() < 2]
         opt = par.build_optimizer(torch.optim.AdamW, [{"params": decay, "weight_decay": 0.1},

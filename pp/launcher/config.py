@@ -63,7 +63,8 @@ class ParallelConfig:
 @dataclass
 class ScheduleConfig:
     name: str = _opt("1F1B", "pipeline schedule, e.g. GPipe, 1F1B, Interleaved1F1B, LoopedBFS, "
-                             "InterleavedZeroBubble, ZBVZeroBubble, DualPipeV")
+                             "InterleavedZeroBubble, ZBVZeroBubble, DualPipeV; 'auto' measures the model at start "
+                             "and picks schedule, microbatches, stages per rank and split (as python -m pp.tune)")
     microbatches: int = _opt(4, "microbatches per step on each data-parallel replica; microbatches x "
                                 "parallel.dp must divide train.batch_size")
     stages_per_rank: typing.Optional[int] = _opt(None, "stages each rank holds; default: what the schedule needs "
@@ -74,6 +75,9 @@ class ScheduleConfig:
     compile: bool = _opt(False, "run each stage's forward and backward through torch.compile (inductor); "
                                 "compiles at the first step, once per input shape; see docs/performance.md")
     compile_per: str = _opt("block", "what one compiled region is: 'block' (each transformer block) or 'stage'")
+    memory_budget_gib: typing.Optional[float] = _opt(None, "memory per rank the automatic choice (name: auto, "
+                                                           "pp.tune) must fit in; default: the device's free "
+                                                           "memory (host memory on cpu) less a margin")
 
 
 @dataclass

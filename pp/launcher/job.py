@@ -26,6 +26,7 @@ class Job:
     pipe: Pipe
     n_params: int
     tp_plan: dict | None = None   # {module name: style} when parallel.tp > 1
+    tuned: dict | None = None     # schedule.name auto: what pp.tune chose and its predicted step time
 
     @property
     def microbatch_size(self) -> int:

@@ -441,7 +441,16 @@ class Trainer:
         summary = {"steps": steps_run, "tokens": tokens, "seconds": seconds, "tokens_per_s": steady,
                    "steps_redone": self.steps_redone,
                    "ranks": [{k: v for k, v in r.items() if k != "events"} for r in per_rank]}
+        tuned = self.job.tuned
+        if tuned:  # schedule.name auto: the simulator's prediction beside the steady-state step time
+            measured = steady_s / (steps_run - 1) if steps_run > 1 else seconds / max(steps_run, 1)
+            summary.update(tuned=tuned, predicted_step_s=tuned["predicted_step_s"], measured_step_s=measured,
+                           step_time_ratio=measured / max(tuned["predicted_step_s"], 1e-12))
         if self.rank == 0:
+            if tuned:
+                self.log(f"schedule auto ({tuned['schedule']}): predicted step {summary['predicted_step_s'] * 1e3:.2f} "
+                         f"ms, measured {summary['measured_step_s'] * 1e3:.2f} ms (measured / predicted "
+                         f"{summary['step_time_ratio']:.2f})")
             for line in summary_lines(steps_run, tokens, seconds, steady, summary["ranks"], self.device.type,
                                       steps_redone=self.steps_redone):
                 self.log(line)

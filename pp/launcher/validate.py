@@ -68,7 +68,16 @@ def validate(cfg: JobConfig, world_size: int) -> Layout:
     layout = _check_parallel(cfg, world_size)
     _check_split(cfg, layout)
     _check_output(cfg)
+    check_memory_budget(cfg)
     return layout
+
+
+def check_memory_budget(cfg: JobConfig) -> None:
+    """schedule.memory_budget_gib must be null or a positive number of GiB."""
+    b = cfg.schedule.memory_budget_gib
+    if b is not None and not b > 0:
+        raise ConfigError(f"schedule.memory_budget_gib={b!r}: expected a positive number of GiB per rank, or "
+                          f"null for the device's free memory less a margin")
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:

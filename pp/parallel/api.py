@@ -267,7 +267,9 @@ def parallelize(
     `ParallelModel.build_optimizer`. A `module` on the meta device is traced there and each rank fills
     only its own stages' tensors: from `state_dict` (whole tensors under the model's names) or with
     `init_fn(name, tensor)` (e.g. seeded by `pp.parallel.meta.generator_for(seed, name)`).
-    ValueError for an unknown precision, checkpointing mode or ZeRO level.
+    ValueError for an unknown precision, checkpointing mode or ZeRO level. Tensor hooks and
+    post-accumulate-grad hooks on the parameters run once per microbatch; hooks put on their
+    AccumulateGrad nodes run only with `stage.node_hooks = True` on the stages (`ParallelModel.stages`).
     """
     from pp.comms.backend import default_device, get_world_size
     from pp.schedules.classes import PipelineScheduleSingle, schedule_class
@@ -358,6 +360,8 @@ def parallelize(
         stage = build_stage(mod, s, info, device, group=mesh.get_group("pp"))
         apply_precision(stage, precision)
         apply_checkpointing(stage.submod, ac, once=spec.split_backward)
+        stage.node_hooks = False  # nothing of pp's hooks AccumulateGrad nodes: W adds into .grad itself
+
         stages.append(stage)
     cls = schedule_class(spec.name)
     target = stages[0] if issubclass(cls, PipelineScheduleSingle) else stages

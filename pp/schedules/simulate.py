@@ -27,8 +27,12 @@ def simulate(
     costs: Mapping[Kind, float] | None = None,
     edges: Edges | None = None,
     comm_cost: float = 0.0,
+    stage_costs: Mapping[int, Mapping[Kind, float]] | None = None,
 ) -> list[TimelineEvent]:
     """Time compute actions under a cost model (default F=1, B=2, I=1, W=1); events sorted by (rank, start).
+
+    `stage_costs` ({stage: {kind: duration}}) gives each stage its own durations (measured per stage,
+    e.g. by `pp.tune`); a stage or kind it leaves out takes the per-kind `costs`.
 
     Lowered lists (with send/recv) run under the strict batched model, where each message costs
     `comm_cost` once both sides posted it; compute-only lists run as soon as inputs allow, each
@@ -44,9 +48,18 @@ def simulate(
     if comm_cost < 0:
         raise ValueError(f"comm_cost must be >= 0, got {comm_cost!r}")
     graph = stage_graph(stage_to_rank, edges)
+    per_stage: dict[int, dict[Kind, float]] = {}
+    for stage, kinds in (stage_costs or {}).items():
+        per_stage[int(stage)] = {}
+        for kind, value in kinds.items():
+            if Kind(kind) not in DEFAULT_COSTS or not value >= 0:
+                raise ValueError(f"stage_costs[{stage}] must map F/B/I/W to numbers >= 0, got {kind}={value!r}")
+            per_stage[int(stage)][Kind(kind)] = float(value)
 
     def duration(a: Action) -> float:
-        return table[a.kind] if a.is_compute else 0.0
+        if not a.is_compute:
+            return 0.0
+        return per_stage.get(a.stage, table).get(a.kind, table[a.kind])
 
     lowered = any(a.is_comm for acts in lists.values() for a in acts)
     times = run_strict(lists, graph, duration, comm_cost) if lowered else asap_times(lists, graph, duration, comm_cost)

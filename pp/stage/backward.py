@@ -123,8 +123,12 @@ class Pending:
 
 
 def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tensor],
-                params: list[torch.Tensor]) -> tuple[list, Pending | None]:
+                params: list[torch.Tensor], *, node_hooks: bool | None = None) -> tuple[list, Pending | None]:
     """Gradients of `roots` (seeded with `grads`, no None) for `inputs`; returns them and W's state.
+
+    `node_hooks` (default: the module's `NODE_HOOKS`) False lets W write `.grad` itself where no tensor
+    or post-accumulate hook asks otherwise (see the module docstring): for a caller that knows nothing
+    hooks the parameters' AccumulateGrad nodes.
 
     W's state keeps only split nodes with their captured gradients, and the roots that do not reach any
     input (with their seeds): the roots themselves and the other seeds are let go here. Where W can do
@@ -140,6 +144,7 @@ def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tenso
     root_nodes = [r.grad_fn for r in roots]
     input_nodes = {get_gradient_edge(x).node for x in inputs}
     kids, on_path, indeg = _walk([n for n in root_nodes if n is not None], input_nodes)
+    plain = _never if (NODE_HOOKS if node_hooks is None else node_hooks) else _plain
     param_ids = {id(p) for p in params}
 
     # Split nodes: on the input path, with a child off it that leads to weights.
@@ -162,7 +167,7 @@ def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tenso
             if type(n).__name__ in _COMPILED:   # one fused backward: its weight side comes out in I
                 compiled_edges.extend(n.next_functions[s] for s in slots)
                 continue
-            group = _classify(n, slots, indeg)
+            group = _classify(n, slots, indeg, plain)
             if group is None:
                 return _whole_backward(roots, grads, inputs), None
             groups.append(group)
@@ -210,12 +215,12 @@ def _early_targets(groups: list, indeg: Counter) -> dict:
     return early
 
 
-def _classify(n, slots: tuple, indeg: Counter) -> list | None:
+def _classify(n, slots: tuple, indeg: Counter, plain) -> list | None:
     """[kind, node, plan, targets] for split node n whose children at `slots` lie off the input path:
     "plan" (by hand), "capture" (an engine call that runs only n), "call" (n called directly); None
     where W cannot split n (a Python autograd Function whose weight side others reach too)."""
     nf = n.next_functions
-    plan = direct_plan(n, slots, indeg, _plain) if DIRECT else None
+    plan = direct_plan(n, slots, indeg, plain) if DIRECT else None
     if plan is not None:
         return ["plan", n, plan, [(e.node, 1) for _, e, _, p in plan[-1] if p is None and _settles(e.node, indeg)]]
     mine = Counter(nf[s][0] for s in slots)
@@ -347,10 +352,15 @@ def _called_seeds(node, grad_outputs: tuple, slots: tuple) -> list:
     return [(GradientEdge(*nf[s]), out[s]) for s in slots]
 
 
+def _never(node) -> None:
+    """W never writes `.grad` itself (node hooks honoured)."""
+    return None
+
+
 def _plain(node) -> torch.Tensor | None:
-    """The parameter behind AccumulateGrad node `node` if W may write its `.grad` itself (NODE_HOOKS
-    False, no tensor or post-accumulate hook on it, a plain layout)."""
-    if NODE_HOOKS or type(node) is not _ACCUMULATE:
+    """The parameter behind AccumulateGrad node `node` if W may write its `.grad` itself (no tensor or
+    post-accumulate hook on it, a plain layout); used where node hooks need not run."""
+    if type(node) is not _ACCUMULATE:
         return None
     p = node.variable
     if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) or not p.is_contiguous():

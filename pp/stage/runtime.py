@@ -137,6 +137,9 @@ class PipelineStage:
         # them) in this dtype, and the forward run under torch.autocast to it (bf16-mixed).
         self.activation_dtype: torch.dtype | None = None
         self.autocast = False
+        # None: pp.stage.backward.NODE_HOOKS; False where nothing hooks the parameters' AccumulateGrad
+        # nodes (pp.parallelize without DDP/FSDP wrapping): W then writes .grad itself, one add fewer
+        self.node_hooks: bool | None = None
 
     # -------------------------------------------------------------------------------- wiring
     @property
@@ -378,7 +381,7 @@ class PipelineStage:
         roots, grads = self._roots(st, loss_scale)
         inputs = [] if self.is_first else self._grad_inputs(st)
         params = self._params if self.dp_wrapper is None else self.dp_wrapper.weights()
-        got, st.pending_weight = input_grads(roots, grads, inputs, params)
+        got, st.pending_weight = input_grads(roots, grads, inputs, params, node_hooks=self.node_hooks)
         it = iter(got)
         self._keep_input_grads(st, [next(it) if isinstance(x, torch.Tensor) and x.requires_grad and not self.is_first
                                     else None for x in st.inputs])

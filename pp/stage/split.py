@@ -7,7 +7,6 @@ copy, and stage modules hold the user's parameters and buffers under their origi
 from __future__ import annotations
 
 import operator
-from collections import defaultdict
 from typing import Any, Mapping
 
 import torch
@@ -23,6 +22,7 @@ from .segments import insert_cuts as _insert_cuts
 from .segments import is_split as _is_split
 from .segments import model_segments
 from .trace import PipelineTraceError, cuts_by_module, export_model
+from .stage_params import attr_name, canonical_names, install, named_tensors, order_like, place_unused, shared_params
 from .traced import cache_in_output, drop_metadata_asserts, views_as_reshapes, way_out
 
 
@@ -84,7 +84,7 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
     user_inputs: list[fx.Node] = []
     traced_constants: dict[int, Any] = {}
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
-    canonical = _canonical_names(module)
+    canonical = canonical_names(module)
     for spec in sig.input_specs:
         name = spec.arg.name
         if spec.kind == InputKind.PARAMETER:
@@ -179,7 +179,7 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
     for outs in outputs:
         outs.sort(key=order.__getitem__)
 
-    named_tensors = _named_tensors(module, ep)
+    tensors_by_name = named_tensors(module, ep)
     stage_modules, stage_io = [], []
     consumers: list[list[list[tuple[int, int]]]] = [[[] for _ in outs] for outs in outputs]
     for s in range(num_stages):
@@ -192,89 +192,22 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
         stage_outputs = user_outputs if s == num_stages - 1 else outputs[s]
         updates = [(f, v) for f, v in buffer_updates if update_stage[f] == s]
         gm = _stage_module(s, graph, stage_of, remat, attr_of, inputs, stage_outputs, updates, mutated,
-                           named_tensors, size_plans[s])
+                           tensors_by_name, size_plans[s])
         stage_modules.append(gm)
         stage_io.append(StageIO(input_sources=sources, output_consumers=None))  # type: ignore[arg-type]
     for s, io in enumerate(stage_io):
         io.output_consumers = consumers[s] if s < num_stages - 1 else [[] for _ in user_outputs]
 
-    _place_unused(module, stage_modules)
+    place_unused(module, stage_modules)
     for gm in stage_modules:
-        _order_like(module, gm)
-    shared, metas = _shared_params(module, stage_modules)
+        order_like(module, gm)
+    shared, metas = shared_params(module, stage_modules)
     binder = InputBinder(module.forward, mb_args, mb_kwargs, ep.call_spec.in_spec, traced_constants)
     info = PipeInfo(num_stages=num_stages, stage_io=stage_io, input_binder=binder,
                     out_spec=ep.call_spec.out_spec, shared_params=shared,
                     param_meta={n: metas[n] for n in shared},
                     shape_guards=shape_guards(ep, [n.meta.get("val") for n in user_inputs]))
     return Pipe(stage_modules, info)
-
-
-def _place_unused(module: nn.Module, stage_modules: list[fx.GraphModule]) -> None:
-    """Give each parameter and buffer that no op reads to one stage, so that the stages together still
-    hold the whole model (state dicts, checkpoints): the stage holding the tensor registered before it."""
-    placed: dict[int, int] = {}  # id(tensor) -> first stage holding it
-    held: list[set[str]] = []
-    for s, gm in enumerate(stage_modules):
-        named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
-        held.append({name for name, _ in named})
-        for _, t in named:
-            placed.setdefault(id(t), s)
-    stage = 0
-    for prefix, mod in module.named_modules(remove_duplicate=False):
-        entries = [(leaf, t, "param") for leaf, t in mod._parameters.items()] + [
-            (leaf, t, "buffer_np" if leaf in mod._non_persistent_buffers_set else "buffer")
-            for leaf, t in mod._buffers.items()]
-        for leaf, tensor, kind in entries:
-            if tensor is None:
-                continue
-            name = f"{prefix}.{leaf}" if prefix else leaf
-            stage = placed.setdefault(id(tensor), stage)
-            if name not in held[stage]:  # unused, or an unused alias of a tensor placed under another name
-                _install(stage_modules[stage], name, tensor, kind)
-                held[stage].add(name)
-
-
-def _shared_params(module: nn.Module, stage_modules: list[fx.GraphModule]
-                   ) -> tuple[dict[str, list[int]], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
-    """({first name: stages holding it}, {first name: (shape, dtype)}) for each parameter that several
-    stages hold, found by identity: a tensor is one parameter under every name the model gives it, so
-    `shared.weight` on one stage and its aliases `dec.embed.weight`/`head.weight` on another are one."""
-    canonical = _canonical_names(module)
-    first = {id(p): canonical[n] for n, p in module.named_parameters(remove_duplicate=False)}
-    holders: dict[str, list[int]] = defaultdict(list)
-    metas = {}
-    for s, gm in enumerate(stage_modules):
-        for name, p in gm.named_parameters():  # each tensor once
-            key = first.get(id(p), name)
-            holders[key].append(s)
-            metas[key] = (tuple(p.shape), p.dtype)
-    shared = {name: stages for name, stages in holders.items() if len(stages) > 1}
-    return shared, {name: metas[name] for name in shared}
-
-
-def _order_like(module: nn.Module, gm: nn.Module) -> None:
-    """Order `gm`'s submodules and parameters as `module` orders them, so that a parameter reached
-    under several names is listed first (`named_parameters()`, optimizer state, checkpoints) under the
-    model's first name for it on every stage, whatever order the stage's graph read it in."""
-    originals = dict(module.named_modules(remove_duplicate=False))
-    rank = {name: i for i, name in enumerate(originals)}
-    for prefix, mod in list(gm.named_modules(remove_duplicate=False)):
-        def position(child: tuple[str, Any], _p: str = prefix) -> int:
-            return rank.get(f"{_p}.{child[0]}" if _p else child[0], len(rank))
-        mod._modules = dict(sorted(mod._modules.items(), key=position))
-        if prefix in originals:
-            leaves = {leaf: i for i, leaf in enumerate(originals[prefix]._parameters)}
-            mod._parameters = dict(sorted(mod._parameters.items(), key=lambda kv: leaves.get(kv[0], len(leaves))))
-
-
-def _canonical_names(module: nn.Module) -> dict[str, str]:
-    """Each parameter name -> the first name the model gives that tensor (tied weights have several)."""
-    first: dict[int, str] = {}
-    names: dict[str, str] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        names[name] = first.setdefault(id(p), name)
-    return names
 
 
 def _nodes_in(value: Any) -> list[fx.Node]:
@@ -329,16 +262,6 @@ def _size_plan(wanted: list[fx.Node], inputs: list[fx.Node]) -> dict[fx.Node, tu
     return plan
 
 
-def _named_tensors(module: nn.Module, ep) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    tensors.update(dict(module.named_parameters(remove_duplicate=False)))
-    tensors.update(dict(module.named_buffers(remove_duplicate=False)))
-    for name, value in ep.constants.items():
-        if isinstance(value, torch.Tensor):
-            tensors[name] = value
-    return tensors
-
-
 def _stage_module(stage: int, graph: fx.Graph, stage_of, remat, attr_of, inputs, outputs, updates,
                   mutated, named_tensors, size_plan) -> fx.GraphModule:
     g = fx.Graph()
@@ -354,7 +277,7 @@ def _stage_module(stage: int, graph: fx.Graph, stage_of, remat, attr_of, inputs,
         if n.op == "placeholder" and n.name in attr_of:
             kind, fqn = attr_of[n.name]
             used_attrs[fqn] = kind
-            env[n] = g.get_attr(_attr_name(fqn, kind))
+            env[n] = g.get_attr(attr_name(fqn, kind))
             if fqn in mutated:
                 # The graph reads the value from before the update; autograd may save it for backward
                 # (batch norm saves its running stats), so read a snapshot that the update cannot touch.
@@ -383,45 +306,28 @@ def _stage_module(stage: int, graph: fx.Graph, stage_of, remat, attr_of, inputs,
     for fqn, value in updates:
         kind = next(k for k, f in attr_of.values() if f == fqn)  # "buffer" or "buffer_np"
         used_attrs.setdefault(fqn, kind)
-        buf = g.get_attr(_attr_name(fqn, kind))
+        buf = g.get_attr(attr_name(fqn, kind))
         g.call_function(torch.ops.aten.copy_.default, (buf, fx.node.map_arg(value, value_of)))
     g.output(tuple(fx.node.map_arg(o, value_of) if isinstance(o, fx.Node) else o for o in outputs))
 
     root = nn.Module()
     for fqn, kind in used_attrs.items():
-        _install(root, _attr_name(fqn, kind), named_tensors[fqn], kind)
+        install(root, attr_name(fqn, kind), named_tensors[fqn], kind)
         if kind == "param":  # register every alias of the parameter too, as the original state dict has
             target = named_tensors[fqn]
             for other, t in named_tensors.items():
                 if t is target and other != fqn and isinstance(t, nn.Parameter):
-                    _install(root, other, t, kind)
+                    install(root, other, t, kind)
     g.lint()
     gm = fx.GraphModule(root, g, class_name=f"PipeStage{stage}")
     for fqn, kind in used_attrs.items():
         if kind in ("buffer_np", "const"):
-            owner, _, leaf = _attr_name(fqn, kind).rpartition(".")
+            owner, _, leaf = attr_name(fqn, kind).rpartition(".")
             gm.get_submodule(owner)._non_persistent_buffers_set.add(leaf)
     for fqn, kind in used_attrs.items():  # aliases that GraphModule did not copy (not referenced by the graph)
         if kind == "param":
             target = named_tensors[fqn]
             for other, t in named_tensors.items():
                 if t is target and other != fqn and isinstance(t, nn.Parameter):
-                    _install(gm, other, t, kind)
+                    install(gm, other, t, kind)
     return gm
-
-
-def _attr_name(fqn: str, kind: str) -> str:
-    return "_pp_constants." + fqn.replace(".", "_") if kind == "const" else fqn
-
-
-def _install(root: nn.Module, path: str, tensor: torch.Tensor, kind: str) -> None:
-    *parents, leaf = path.split(".")
-    mod = root
-    for p in parents:
-        if not hasattr(mod, p):
-            mod.add_module(p, nn.Module())
-        mod = getattr(mod, p)
-    if kind == "param":
-        mod.register_parameter(leaf, tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor))
-    else:
-        mod.register_buffer(leaf, tensor, persistent=kind == "buffer")

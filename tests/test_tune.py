@@ -1,0 +1,154 @@
+"""Automatic schedule choice: `python -m pp.tune` and `schedule.name: auto` on 2 CPU ranks, and the
+memory estimate and chooser on synthetic costs (no timing is asserted: CPU timings are noise)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pp.launcher.config import ConfigError, load_config
+from pp.launcher.validate import validate
+from pp.schedules.registry import build_lists
+from pp.tune import LayerCost, activation_peaks, choose, rank_plans, simulate_plan
+from pp.tune.auto import config_yaml, placeholder, tune
+from pp.tune.plan import GIB
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_config(path, out_dir, schedule="auto", extra="") -> str:
+    text = ("model: {name: gpt, vocab_size: 256, d_model: 32, n_layers: 4, n_heads: 4, seq_len: 16}\n"
+            "parallel: {pp: 2, timeout_s: 120, device: cpu}\n"
+            f"schedule: {{name: {schedule}, microbatches: 2{extra}}}\n"
+            "train: {steps: 3, batch_size: 4, lr: 0.003, seed: 0, warmup_steps: 1}\n"
+            f"output: {{dir: '{out_dir}'}}\n"
+            "checkpoint: {every: 0}\n")
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+def torchrun(module: str, *args: str, timeout: float = 200) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", module, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc.log = proc.stdout + proc.stderr  # type: ignore[attr-defined]
+    return proc
+
+
+def test_pp_tune_prints_a_ranking_and_writes_a_config_that_pp_run_trains(tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run")
+    out = tmp_path / "tuned.yaml"
+    proc = torchrun("pp.tune", cfg, "--out", str(out), "--iters", "1")
+    assert proc.returncode == 0, proc.log[-4000:]
+    assert "schedule" in proc.stdout and "peak GiB/rank" in proc.stdout and "pp.tune: chose " in proc.stdout
+    assert proc.stdout.count("pp.tune: chose") == 1  # rank 0 alone prints
+    tuned = load_config(str(out))
+    assert tuned.schedule.name != "auto" and 4 % tuned.schedule.microbatches == 0
+    assert len(tuned.split.points) == 2 * tuned.schedule.stages_per_rank - 1
+    run = torchrun("pp.run", str(out))
+    assert run.returncode == 0, run.log[-4000:]
+    assert f"schedule {tuned.schedule.name} with {tuned.schedule.microbatches} microbatches" in run.stdout
+    assert os.path.exists(tmp_path / "run" / "summary.json")
+
+
+def test_auto_schedule_logs_its_choice_and_records_predicted_and_measured_step_time(tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run")
+    proc = torchrun("pp.run", cfg)
+    assert proc.returncode == 0, proc.log[-4000:]
+    assert proc.stdout.count("pp.run: schedule auto chose ") == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["predicted_step_s"] > 0 and summary["measured_step_s"] > 0
+    assert summary["step_time_ratio"] == pytest.approx(summary["measured_step_s"] / summary["predicted_step_s"])
+    assert summary["tuned"]["schedule"] in proc.stdout and "measured / predicted" in proc.stdout
+
+
+def test_tuning_with_a_budget_nothing_fits_is_one_config_error(tmp_path):
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", tmp_path / "run", extra=", memory_budget_gib: 0.000001"))
+    with pytest.raises(ConfigError, match=r"memory_budget_gib=1e-06: the smallest estimate is [0-9.e-]+ GiB per rank"):
+        tune(cfg, torch.device("cpu"), 2, iters=1)
+
+
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_bad_memory_budget_is_one_config_error(tmp_path, value):
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"schedule\.memory_budget_gib=.*expected a positive number of GiB"):
+        validate(placeholder(load_config(cfg, ["--schedule.memory_budget_gib", value])), 2)
+
+
+def test_tuned_config_yaml_reads_back_to_the_same_config(tmp_path):
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", tmp_path / "run", schedule="ZBVMin",
+                                   extra=", memory_budget_gib: 3.5"))
+    path = tmp_path / "again.yaml"
+    path.write_text(config_yaml(cfg, "a header"))
+    assert load_config(str(path)) == cfg
+
+
+# --- synthetic costs ------------------------------------------------------------------------------
+
+def layers(n_blocks: int = 8, act_gib: float = 1.0) -> list[LayerCost]:
+    """An embedding, `n_blocks` equal blocks (F=1, I=1, W=1, B=2 seconds, `act_gib` held each) and a head."""
+    act = int(act_gib * GIB)
+    out = [LayerCost("<before>", None, 0.1, 0.2, 0.1, 0.1, 0.0, act // 10, act // 10, 1000, 10)]
+    out += [LayerCost(f"blocks.{i}", f"blocks.{i}", 1.0, 2.0, 1.0, 1.0, 0.0, act, act, 1000, 10)
+            for i in range(n_blocks)]
+    out.append(LayerCost("<after>", "norm", 0.5, 1.0, 0.5, 0.5, 0.0, act, act, 1000, 10))
+    return out
+
+
+def test_activation_count_of_1f1b_is_p_minus_rank_microbatches_in_flight():
+    placement, lists = build_lists("1F1B", 4, 8)
+    peaks = activation_peaks(lists, dict.fromkeys(range(4), 1), dict.fromkeys(range(4), 1))
+    assert peaks == {0: 4, 1: 3, 2: 2, 3: 1}
+
+
+def test_zbvmin_holds_less_than_zbv_zero_bubble_and_1f1b():
+    prof = layers()
+    peak = {name: max(simulate_plan(name, prof, 4, 16, v).peak_bytes)
+            for name, v in (("1F1B", 1), ("ZBVZeroBubble", 2), ("ZBVMin", 2))}
+    assert peak["ZBVMin"] < peak["ZBVZeroBubble"] and peak["ZBVMin"] < peak["1F1B"]
+
+
+def test_a_tight_budget_picks_a_plan_that_holds_less_memory():
+    prof = {1: layers()}
+    free = rank_plans(prof, 2, 8, float("inf"))
+    best = choose(free, float("inf"))
+    least = min(max(p.peak_bytes) for p in free)
+    assert max(best.peak_bytes) > least  # the fastest plan is not the leanest one
+    budget = (max(best.peak_bytes) + least) / 2
+    tight = choose(rank_plans(prof, 2, 8, budget), budget)
+    assert max(tight.peak_bytes) <= budget < max(best.peak_bytes)
+    assert tight.step_s >= best.step_s
+
+
+def test_a_budget_nothing_fits_names_the_budget_and_the_smallest_estimate():
+    plans = rank_plans({1: layers()}, 2, 8, 0.5 * GIB)
+    least = min(max(p.peak_bytes) for p in plans) / GIB
+    with pytest.raises(ValueError, match=rf"memory_budget_gib=0\.5: the smallest estimate is {least:.3g} GiB"):
+        choose(plans, 0.5 * GIB)
+
+
+def test_split_is_balanced_by_measured_cost():
+    prof = layers(4)
+    heavy = [c if c.name != "blocks.0" else LayerCost(**{**c.__dict__, "forward_s": 5.0, "backward_s": 10.0})
+             for c in prof]
+    assert simulate_plan("1F1B", prof, 2, 4, 1).points == ("blocks.2",)
+    assert simulate_plan("1F1B", heavy, 2, 4, 1).points == ("blocks.1",)
+
+
+def test_simulate_takes_per_stage_costs():
+    from pp.schedules.actions import Kind
+    from pp.schedules.simulate import simulate
+
+    placement, lists = build_lists("1F1B", 2, 4)
+    plain = simulate(lists, placement)
+    same = simulate(lists, placement, stage_costs={0: {Kind.F: 1.0, Kind.B: 2.0}, 1: {Kind.F: 1.0}})
+    assert [(e.start, e.end) for e in same] == [(e.start, e.end) for e in plain]
+    slow = simulate(lists, placement, stage_costs={1: {Kind.F: 3.0, Kind.B: 6.0}})
+    assert max(e.end for e in slow) == pytest.approx(1.0 + 4 * 9.0 + 2.0)  # stage 1 sets the pace
+    with pytest.raises(ValueError, match=r"stage_costs\[1\] must map F/B/I/W to numbers >= 0"):
+        simulate(lists, placement, stage_costs={1: {Kind.F: -1.0}})
