@@ -139,6 +139,7 @@ def compile_stages(stages: dict, split_backward: bool, mode: str | None = None, 
         raise TypeError(f"backend must be a backend name such as 'inductor', got {type(backend).__name__}")
     if per not in PER:
         raise ValueError(f"per={per!r} is not a compile granularity; expected 'block' or 'stage'")
+    import torch._inductor   # not imported by `import torch`
     if mode is not None and mode not in torch._inductor.list_mode_options():
         raise ValueError(f"mode={mode!r} is not an inductor mode; expected one of "
                          f"{', '.join(torch._inductor.list_mode_options())}")
