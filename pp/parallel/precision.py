@@ -116,6 +116,7 @@ class Bf16Weights:
         if self.copies:
             gm.add_submodule(_HOLDER, holder)
             gm.recompile()
+        self.refresh()      # valid from the start, for a direct call of the module too
         self.stale = True
 
     def refresh(self) -> None:
