@@ -11,7 +11,9 @@ gradients accumulate in float32 across microbatches and data-parallel reductions
 stay in float32. The forward still runs under `torch.autocast(device_type, dtype=torch.bfloat16)`, which
 now finds the matrices in bfloat16 already (its cast is a no-op) and still computes norms, softmax and the
 loss in float32 (1-D parameters, norm scales and biases, stay float32 and autocast casts them as before).
-The activations a stage sends (and the gradients coming back) are bfloat16.
+The activations a stage sends (and the gradients coming back) are bfloat16. Autograd never reaches a
+copied master's AccumulateGrad node, so hooks put on that node do not run (its tensor and post-accumulate
+hooks do); `WEIGHT_COPIES = False` restores the per-microbatch casts.
 `bf16` casts the parameters themselves (and so gradients and optimizer state) to bfloat16.
 """
 from __future__ import annotations
