@@ -104,3 +104,29 @@ def test_bf16_mixed_casts_weights_once_per_step_and_matches_per_microbatch_casts
         for name, g in old["grads"].items():
             tol = 0.03 * g.abs().max().item()
             torch.testing.assert_close(new["grads"][name], g, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def _reuse(rank: int, world: int) -> list:
+    import pp
+
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    tokens = torch.randint(0, MODEL["vocab_size"], (8, MODEL["seq_len"] + 1))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    pipe = pp.pipeline(GPT(**MODEL), (x[:2],), split_policy=pp.split_by_cost(2))
+    out = []
+    for precision in ("fp32", "bf16-mixed", "bf16-mixed", "fp32"):
+        par = pp.parallelize(pipe, (x[:2],), n_microbatches=N_MB, loss_fn=lm_loss, precision=precision)
+        mb: list = []
+        par.step(x, target=y, losses=mb)
+        out.append([l.item() for l in mb])
+    return out
+
+
+def test_a_pipe_reused_after_bf16_mixed_computes_with_its_float32_weights_again():
+    for losses in run_ranks(_reuse, 2, timeout_s=300):
+        fp32, mixed, mixed_again, fp32_again = losses
+        assert fp32_again == fp32 and mixed_again == mixed
+        if fp32:
+            assert mixed != fp32
+            torch.testing.assert_close(torch.tensor(mixed), torch.tensor(fp32), rtol=1e-2, atol=0)

@@ -64,6 +64,8 @@ def apply_precision(stage: PipelineStage, precision: str) -> None:
     traced stage, gives its matrix parameters bfloat16 copies (`Bf16Weights`, `stage.bf16_weights`); both
     bf16 settings make it send (and accept) bfloat16 activations where it was traced with float32 ones."""
     check_precision(precision)
+    if isinstance(stage.submod, fx.GraphModule):
+        _drop_copies(stage.submod)   # from an earlier parallelize of the same Pipe: read the masters again
     if precision == "fp32":
         return
     stage.activation_dtype = torch.bfloat16
@@ -92,9 +94,7 @@ class Bf16Weights:
     """
 
     def __init__(self, gm: fx.GraphModule) -> None:
-        if hasattr(gm, _HOLDER):
-            raise ValueError("the stage module has bfloat16 weight copies already (bf16-mixed was applied "
-                             "to it before); trace or build the model afresh")
+        _drop_copies(gm)
         self.masters: list[nn.Parameter] = []
         self.copies: list[torch.Tensor] = []
         holder = nn.Module()
@@ -114,6 +114,7 @@ class Bf16Weights:
                 holder.__dict__[name] = copy   # a plain attribute: no parameter, buffer or state-dict entry
                 self.masters.append(p)
                 self.copies.append(copy)
+            holder.__dict__.setdefault("_pp_targets", {})[f"{_HOLDER}.{name}"] = node.target
             node.target = f"{_HOLDER}.{name}"
         if self.copies:
             gm.add_submodule(_HOLDER, holder)
@@ -126,6 +127,19 @@ class Bf16Weights:
         with torch.no_grad():
             torch._foreach_copy_(self.copies, [p.detach() for p in self.masters])
         self.stale = False
+
+
+def _drop_copies(gm: fx.GraphModule) -> None:
+    """Undo `Bf16Weights` on `gm` (its graph reads the float32 parameters again), if it was applied."""
+    holder = getattr(gm, _HOLDER, None)
+    if holder is None:
+        return
+    original = holder.__dict__.get("_pp_targets", {})
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in original:
+            node.target = original[node.target]
+    delattr(gm, _HOLDER)
+    gm.recompile()
 
 
 def _attr(gm: nn.Module, target: str) -> object:
