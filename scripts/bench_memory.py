@@ -5,7 +5,8 @@ torch.distributed.pipelining, one JSON line per configuration.
     torchrun --nproc-per-node 2 scripts/bench_memory.py --smoke --out /tmp/m.jsonl                # CPU, tiny
 
 A configuration is `impl:schedule:ac:precision:zero:pp:dp` (impl pp or torch; ac none/selective/full;
-precision bf16-mixed/bf16/fp32; zero 0-3). The default list (`--configs`): GPT with 1F1B and ZBVZeroBubble at
+precision bf16-mixed/bf16/fp32, or for pp bf16-mixed-percast: bf16-mixed as pp ran it before its bfloat16
+weight copies, every weight cast under autocast in every microbatch, to compare in the same run; zero 0-3). The default list (`--configs`): GPT with 1F1B and ZBVZeroBubble at
 pp = world, each checkpointing mode, bf16-mixed and bf16, for both runtimes; then pp 1 x dp = world with
 zero 0, 1 and 3 (pp only); torch's ZBVZeroBubble with checkpointing only with --include-failing (on the CPU
 with torch 2.13 it fails on one rank and the other waits). pp runs through `pp.parallelize` (the model built on the meta device, each rank
@@ -68,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) for every configuration")
     p.add_argument("--include-failing", action="store_true",
                    help="also torch's ZBVZeroBubble with checkpointing, which failed (hung) on CPU with torch 2.13")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks that every path runs")
@@ -189,16 +191,26 @@ def build_torch(args, sched: str, ac: str, precision: str, pp_size: int, device:
     return step, params
 
 
+def _adamw_kwargs(args) -> dict:
+    return {"lr": 1e-4, **({"fused": True} if args.fused_adamw else {})}
+
+
 def build_pp(args, sched: str, ac: str, precision: str, zero: int, pp_size: int, dp: int, device):
     import pp
+    from pp.parallel import precision as precision_mod
 
     with torch.device("meta"):
         gpt = GPT(args.vocab, args.d_model, args.layers, args.heads, args.seq)
     mb = torch.zeros(args.mb_size, args.seq, dtype=torch.long)
-    par = pp.parallelize(gpt, (mb,), n_microbatches=args.microbatches, loss_fn=lm_loss, pp=pp_size, dp=dp,
-                         schedule=sched, device=device, precision=precision, activation_checkpointing=ac,
-                         zero=zero, init_fn=init_fn(model_cfg(args), 0))
-    opt = par.build_optimizer(torch.optim.AdamW, lr=1e-4)
+    percast = precision == "bf16-mixed-percast"   # pp's bf16-mixed before its weight copies
+    precision_mod.WEIGHT_COPIES = not percast
+    try:
+        par = pp.parallelize(gpt, (mb,), n_microbatches=args.microbatches, loss_fn=lm_loss, pp=pp_size, dp=dp,
+                             schedule=sched, device=device, precision="bf16-mixed" if percast else precision,
+                             activation_checkpointing=ac, zero=zero, init_fn=init_fn(model_cfg(args), 0))
+    finally:
+        precision_mod.WEIGHT_COPIES = True
+    opt = par.build_optimizer(torch.optim.AdamW, **_adamw_kwargs(args))
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
@@ -218,7 +230,7 @@ def run_config(args, spec: str, device: torch.device) -> dict:
         step, _, _ = build_pp(args, sched, ac, precision, zero, pp_size, dp, device)
     else:
         step_fwd, params = build_torch(args, sched, ac, precision, pp_size, device, rank)
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        opt = torch.optim.AdamW(params, **_adamw_kwargs(args))
 
         def step(x, y):
             opt.zero_grad(set_to_none=True)

@@ -259,8 +259,9 @@ def parallelize(
     each stage's forward and backward through torch.compile, per block or per stage (`compile_per`
     "block" or "stage"; `schedule.compile()`); compiles happen at the first step, once per input shape.
 
-    `precision`: "fp32", "bf16-mixed" (float32 parameters, gradients and optimizer state; each stage's
-    forward under bfloat16 autocast; activations cross stages in bfloat16) or "bf16" (everything bfloat16).
+    `precision`: "fp32", "bf16-mixed" (float32 parameters, gradients and optimizer state; each stage computes
+    with bfloat16 copies of its matrices, refreshed once per step, under bfloat16 autocast; activations cross
+    stages in bfloat16; pp.parallel.precision) or "bf16" (everything bfloat16).
     `activation_checkpointing`: "none", "selective" (recompute element-wise ops, keep matmul and attention
     outputs) or "full" (recompute each block in backward). `zero`: 0 (replicated), 1 (optimizer state
     sharded over dp), 2 (also gradients), 3 (also parameters between steps); build the optimizer with

@@ -359,10 +359,13 @@ def _never(node) -> None:
 
 def _plain(node) -> torch.Tensor | None:
     """The parameter behind AccumulateGrad node `node` if W may write its `.grad` itself (no tensor or
-    post-accumulate hook on it, a plain layout); used where node hooks need not run."""
+    post-accumulate hook on it, a plain layout); used where node hooks need not run. For a bfloat16 weight
+    copy of bf16-mixed (`pp.parallel.precision.Bf16Weights`): its float32 master, whose `.grad` W then adds
+    the bfloat16 gradient into, as the copy's own hook would."""
     if type(node) is not _ACCUMULATE:
         return None
     p = node.variable
+    p = getattr(p, "_pp_master", p)   # a bf16-mixed weight copy: its gradient goes to its float32 master
     if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) or not p.is_contiguous():
         return None
     return p

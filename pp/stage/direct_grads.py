@@ -82,6 +82,8 @@ def by_hand(plan: tuple, g: torch.Tensor | None) -> list:
                         p.grad = torch.mm(a, b) if alpha == 1 else torch.mm(a, b).mul_(alpha)
                     else:
                         p.grad.addmm_(a, b, alpha=alpha)
+                elif p is not None:   # a float32 master of a bfloat16 weight copy (bf16-mixed)
+                    _give(p, edge, torch.mm(a, b) if alpha == 1 else torch.mm(a, b).mul_(alpha), True, seeds)
                 else:
                     seeds.append((edge, torch.mm(a, b) if alpha == 1 else torch.mm(a, b).mul_(alpha)))
         elif kind == "mul":
@@ -110,6 +112,9 @@ def _give(p: torch.Tensor | None, edge: GradientEdge, g: torch.Tensor, fresh: bo
         return
     if g.shape != p.shape:
         g, fresh = g.sum_to_size(p.shape), True
+    if p.grad is not None and torch.promote_types(g.dtype, p.dtype) == p.dtype:
+        p.grad.add_(g)      # a bfloat16 g goes into a float32 `.grad` exactly, without a cast copy first
+        return
     if g.dtype != p.dtype:
         g, fresh = g.to(p.dtype), True
     if p.grad is not None:

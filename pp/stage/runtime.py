@@ -137,6 +137,9 @@ class PipelineStage:
         # them) in this dtype, and the forward run under torch.autocast to it (bf16-mixed).
         self.activation_dtype: torch.dtype | None = None
         self.autocast = False
+        # bf16-mixed: the bfloat16 weight copies the stage computes with (pp.parallel.precision.Bf16Weights),
+        # refreshed from the float32 masters at the first forward of each step
+        self.bf16_weights: Any = None
         # None: pp.stage.backward.NODE_HOOKS; False where nothing hooks the parameters' AccumulateGrad
         # nodes (pp.parallelize without DDP/FSDP wrapping): W then writes .grad itself, one add fewer
         self.node_hooks: bool | None = None
@@ -233,6 +236,8 @@ class PipelineStage:
     # ------------------------------------------------------------------------------- per step
     def clear(self) -> None:
         self._mb.clear()
+        if self.bf16_weights is not None:
+            self.bf16_weights.stale = True   # the optimizer may change the masters before the next step
         if self.graphs is not None:
             self.graphs.reset()
 
@@ -260,6 +265,8 @@ class PipelineStage:
 
     def forward_one(self, m: int) -> tuple:
         st = self.state(m)
+        if self.bf16_weights is not None and self.bf16_weights.stale:
+            self.bf16_weights.refresh()
         if not self.autocast:
             out = self._forward(m, st)
         else:

@@ -1,0 +1,132 @@
+"""bf16-mixed computes with bfloat16 copies of the float32 matrices, made once per step: no weight is cast
+again per microbatch, the copies keep their memory across steps, losses and gradients stay those of the
+cast-per-microbatch implementation within bfloat16 tolerance (1F1B and the zero-bubble I/W split, 2 ranks),
+and the masters' gradient hooks still run once per microbatch."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pp.launcher.models import GPT
+from pp.launcher.train import lm_loss
+from pp.testing import run_ranks
+
+MODEL = dict(vocab_size=64, d_model=32, n_layers=4, n_heads=4, seq_len=16)
+N_MB = 4
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Counts casts of the given tensors' memory to bfloat16 (`aten._to_copy`)."""
+
+    def __init__(self, ptrs: set[int]) -> None:
+        super().__init__()
+        self.ptrs, self.count = ptrs, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16 \
+                and args[0].data_ptr() in self.ptrs:
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def _run(rank: int, world: int, schedule: str) -> dict:
+    import pp
+    from pp.parallel import precision
+
+    warnings.simplefilter("ignore")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, MODEL["vocab_size"], (8, MODEL["seq_len"] + 1), generator=g)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    out = {}
+    for copies in (False, True):
+        precision.WEIGHT_COPIES = copies
+        try:
+            torch.manual_seed(0)
+            par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=N_MB, loss_fn=lm_loss,
+                                 schedule=schedule, precision="bf16-mixed")
+        finally:
+            precision.WEIGHT_COPIES = True
+        opt = par.build_optimizer(torch.optim.AdamW, lr=1e-2)
+        matrices = [(n, p) for n, p in par.named_parameters() if p.dim() >= 2]
+        hooked = matrices[0][1]
+        calls = {"tensor": 0, "post": 0, "dtypes": set()}
+
+        def tensor_hook(grad: torch.Tensor) -> None:
+            calls["tensor"] += 1
+
+        def post_hook(p: torch.Tensor) -> None:
+            calls["post"] += 1
+            calls["dtypes"].add(str(p.grad.dtype))
+        hooked.register_hook(tensor_hook)
+        hooked.register_post_accumulate_grad_hook(post_hook)
+        casts, copy_ptrs, fresh, losses, grads = [], [], [], [], {}
+        for step in range(2):
+            opt.zero_grad()
+            mb: list = []
+            with _WeightCasts({p.data_ptr() for _, p in matrices}) as mode:
+                par.step(x, target=y, losses=mb)
+            casts.append(mode.count)
+            losses.append([l.item() for l in mb])
+            if step == 0:
+                grads = {n: p.grad.clone() for n, p in par.named_parameters()}
+            weights = [s.bf16_weights for s in par.stages if s.bf16_weights is not None]
+            copy_ptrs.append([c.data_ptr() for w in weights for c in w.copies])
+            # the copies this step computed with are the masters as the last optimizer step left them
+            fresh.append(all(torch.equal(c, m.detach().to(torch.bfloat16)) for w in weights
+                             for c, m in zip(w.copies, w.masters)))
+            opt.step()
+        out[copies] = {"casts": casts, "copy_ptrs": copy_ptrs, "fresh": fresh, "losses": losses,
+                       "grads": grads, "calls": {k: v if k != "dtypes" else sorted(v) for k, v in calls.items()},
+                       "n_matrices": len(matrices), "grad_dtypes": {str(p.grad.dtype) for p in par.parameters()}}
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["1F1B", "ZBVZeroBubble"])
+def test_bf16_mixed_casts_weights_once_per_step_and_matches_per_microbatch_casts(schedule):
+    for rank in run_ranks(_run, 2, schedule, timeout_s=600):
+        old, new = rank[False], rank[True]
+        # before: each rank's two blocks cast their 4 matrices each to bfloat16 in every microbatch's forward;
+        # now: never (the copies are refreshed in place)
+        assert all(c >= N_MB * 8 for c in old["casts"]), old["casts"]
+        assert new["casts"] == [0, 0]
+        assert new["copy_ptrs"][0] and new["copy_ptrs"][0] == new["copy_ptrs"][1]
+        assert new["fresh"] == [True, True]
+        assert not old["copy_ptrs"][0]
+        # float32 gradients, hooks of a master once per microbatch with its float32 gradient
+        assert new["grad_dtypes"] == {"torch.float32"}
+        assert new["calls"] == old["calls"] == {"tensor": 2 * N_MB, "post": 2 * N_MB, "dtypes": ["torch.float32"]}
+        for a, b in zip(old["losses"], new["losses"]):
+            torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-2, atol=0)
+        for name, g in old["grads"].items():
+            tol = 0.03 * g.abs().max().item()
+            torch.testing.assert_close(new["grads"][name], g, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def _reuse(rank: int, world: int) -> list:
+    import pp
+
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    tokens = torch.randint(0, MODEL["vocab_size"], (8, MODEL["seq_len"] + 1))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    pipe = pp.pipeline(GPT(**MODEL), (x[:2],), split_policy=pp.split_by_cost(2))
+    out = []
+    for precision in ("fp32", "bf16-mixed", "bf16-mixed", "fp32"):
+        par = pp.parallelize(pipe, (x[:2],), n_microbatches=N_MB, loss_fn=lm_loss, precision=precision)
+        mb: list = []
+        par.step(x, target=y, losses=mb)
+        out.append([l.item() for l in mb])
+    return out
+
+
+def test_a_pipe_reused_after_bf16_mixed_computes_with_its_float32_weights_again():
+    for losses in run_ranks(_reuse, 2, timeout_s=300):
+        fp32, mixed, mixed_again, fp32_again = losses
+        assert fp32_again == fp32 and mixed_again == mixed
+        if fp32:
+            assert mixed != fp32
+            torch.testing.assert_close(torch.tensor(mixed), torch.tensor(fp32), rtol=1e-2, atol=0)
