@@ -96,6 +96,7 @@ def test_bench_dp2_replicas_agree_and_match_dp1(tmp_path):
     assert norm(dp2) > 0 and norm(dp2) == pytest.approx(norm(dp1), rel=1e-5)
 
 
+@pytest.mark.slow  # test_nccl_matching and test_hf_launcher train the same HF Llama through pp
 @pytest.mark.timeout(300)
 def test_bench_hf_llama_traced_by_pp_gives_the_unsplit_loss(tmp_path):
     """`--model hf-llama` (issue 16's Llama, tiny): pp.pipeline cuts it evenly and by cost on 2 gloo ranks,

@@ -66,7 +66,7 @@ def _skip_and_shared(rank, world, name):
     return True
 
 
-@pytest.mark.parametrize("name", ["1F1B", "GPipe"])
+@pytest.mark.parametrize("name", ["1F1B", pytest.param("GPipe", marks=pytest.mark.slow)])
 def test_skip_connection_and_shared_parameter_on_four_ranks(name):
     assert all(run_ranks(_skip_and_shared, 4, name, timeout_s=120))
 

@@ -177,6 +177,7 @@ def test_requeued_job_resumes_without_losing_a_step(cluster, tmp_path):
                 (r, recs[r["step"] - 1])
 
 
+@pytest.mark.slow  # the one-node sbatch and requeue runs cover the launcher path under Slurm
 def test_two_nodes_rendezvous(cluster, tmp_path):
     """--nodes=2: one torchrun per node, joined by the c10d rendezvous on the first node. The local
     cluster runs a second slurmd on this machine (node `hostname -s`-n2); 2 nodes x 2 CPU ranks."""
