@@ -8,7 +8,7 @@ import torch
 import pp
 from models import (BATCH, D, BigEmbeddingLM, MLPStack, UnevenStack, build, check_equivalent, example,
                     tokens)
-from pp.stage.policies import _balanced_starts, node_flops
+from pp.stage.policies import balanced_starts, node_flops
 
 UNIT = D * D + D  # parameters of one Linear(D, D)
 
@@ -38,12 +38,12 @@ def test_split_into_equal_size_balances_parameter_counts():
 
 
 def test_balanced_starts_minimises_the_largest_stage_then_evens_the_rest():
-    assert _balanced_starts([4, 1, 1, 1, 1], 2) == [0, 1]
-    assert _balanced_starts([4, 1, 1, 1, 1], 3) == [0, 1, 3]  # not [4], [1], [1, 1, 1]
-    assert _balanced_starts([1, 1, 1, 1, 1, 1], 3) == [0, 2, 4]
-    assert _balanced_starts([1, 9, 1, 1, 1, 1, 1, 1], 3) == [0, 1, 2]  # 9 alone is the bottleneck
-    assert _balanced_starts([9, 1, 1, 1, 1, 1, 1], 3) == [0, 1, 4]
-    assert _balanced_starts([5.0], 1) == [0]
+    assert balanced_starts([4, 1, 1, 1, 1], 2) == [0, 1]
+    assert balanced_starts([4, 1, 1, 1, 1], 3) == [0, 1, 3]  # not [4], [1], [1, 1, 1]
+    assert balanced_starts([1, 1, 1, 1, 1, 1], 3) == [0, 2, 4]
+    assert balanced_starts([1, 9, 1, 1, 1, 1, 1, 1], 3) == [0, 1, 2]  # 9 alone is the bottleneck
+    assert balanced_starts([9, 1, 1, 1, 1, 1, 1], 3) == [0, 1, 4]
+    assert balanced_starts([5.0], 1) == [0]
 
 
 def test_split_by_cost_balances_compute_where_equal_size_isolates_a_huge_embedding():

@@ -73,7 +73,7 @@ def node_flops(node: fx.Node) -> float:
     return ELEMENTWISE_FLOPS * out_numel
 
 
-def _balanced_starts(costs: Sequence[float], n: int) -> list[int]:
+def balanced_starts(costs: Sequence[float], n: int) -> list[int]:
     """Start indices of n contiguous groups: the largest group cost as small as possible (exact DP),
     and among the splits that reach it the most even one (least sum of squared group costs), so that
     one unavoidable bottleneck, e.g. an LM head, does not leave the other stages lopsided."""
@@ -129,7 +129,7 @@ def split_into_equal_size(num_stages: int) -> SplitPolicy:
     def policy(segments: Sequence[Segment]) -> list[int]:
         _check_count(num_stages, segments)
         # A segment without parameters still costs something, so that stages are never empty.
-        return _balanced_starts([max(s.num_params, 1) for s in segments], num_stages)
+        return balanced_starts([max(s.num_params, 1) for s in segments], num_stages)
 
     policy.num_stages = num_stages  # type: ignore[attr-defined]
     return policy
@@ -173,7 +173,7 @@ def split_by_cost(
         if bad:
             raise ValueError(f"split_by_cost: cost of layer {bad[0][0]!r} is {bad[0][1]!r}; expected a "
                              f"finite number >= 0")
-        return _balanced_starts([max(v, 1e-9) for v in vals], num_stages)
+        return balanced_starts([max(v, 1e-9) for v in vals], num_stages)
 
     policy.num_stages = num_stages  # type: ignore[attr-defined]
     return policy

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from pp.schedules.actions import Action, Kind
-from pp.stage.policies import _balanced_starts
+from pp.stage.policies import balanced_starts
 
 from .measure import LayerCost
 
@@ -55,7 +55,7 @@ def balanced_split(layers: Sequence[LayerCost], n_stages: int, split_backward: b
         c = layers[i]
         return c.forward_s + (c.input_grad_s + c.weight_grad_s if split_backward else c.backward_s)
 
-    starts = _balanced_starts([max(sum(cost(i) for i in u), 1e-12) for u in units], n_stages)
+    starts = balanced_starts([max(sum(cost(i) for i in u), 1e-12) for u in units], n_stages)
     return [units[k][0] for k in starts]
 
 
