@@ -218,4 +218,6 @@ def _banner(job, world: int, device) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pp.comms.backend import exit_process
+
+    exit_process(main())

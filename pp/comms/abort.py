@@ -72,6 +72,7 @@ class _WaitThread:
             except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
                 done.error = e
             done.set()
+            works = done = None  # hold no transfer (nor its tensors) between jobs: see backend.exit_process
 
 
 _thread: _WaitThread | None = None
