@@ -374,7 +374,7 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
     if any(errors):
         msg = next(e for e in errors if e)
         log(rank, f"{config_key(cfg)}: schedule construction failed: {msg}")
-        del sched, modules
+        sched = modules = None  # free them before returning
         record.update(status="error", error=msg[:500])
         return record if rank == 0 else None
 

@@ -48,8 +48,8 @@ def main(argv=None) -> int:
         with open(args.check) as f:
             for r in map(json.loads, filter(str.strip, f)):
                 checks[(r["config"], r["model"]["layers"])] = r
-    print(f"| setting (impl:schedule:checkpointing:precision) | most layers | predicted peak GiB per rank | "
-          f"measured there |")
+    print("| setting (impl:schedule:checkpointing:precision) | most layers | predicted peak GiB per rank | "
+          "measured there |")
     print("|---|---|---|---|")
     for config in (c for c in small if c in large):
         a, b = small[config], large[config]

@@ -4,7 +4,6 @@ unsplit model on 2 gloo ranks."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import pp
 from pp.schedules.actions import Kind

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pp.schedules.classes import _in_flight_peak
+from pp.schedules.actions import in_flight_peak
 from pp.schedules.classes import schedule_class
 from pp.schedules.registry import SCHEDULES, build_lists
 import pp
@@ -19,9 +19,9 @@ SPLIT_BACKWARD = ["InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]   # rep
 
 def test_slots_are_the_most_microbatches_in_flight_per_stage():
     _, lists = build_lists("1F1B", 4, 8)
-    assert [_in_flight_peak(lists[r], r) for r in range(4)] == [4, 3, 2, 1]
+    assert [in_flight_peak(lists[r], r) for r in range(4)] == [4, 3, 2, 1]
     _, lists = build_lists("GPipe", 2, 6)
-    assert [_in_flight_peak(lists[r], r) for r in range(2)] == [6, 6]
+    assert [in_flight_peak(lists[r], r) for r in range(2)] == [6, 6]
 
 
 def _refusals(rank, world):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pp.schedules.actions import Action, B, F, I, Kind, W
+from pp.schedules.actions import Action, B, F, I, Kind
 from pp.schedules.csvio import read_actions, write_actions
 from pp.schedules.lower import compute_ticks, lower, strip_comm
 from pp.schedules.registry import SCHEDULES, build_lists, get_spec, stage_to_rank

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pp
-from pp.testing import RankError, run_ranks
+from pp.testing import run_ranks
 from runtime_models import DeepMLP, manual_stage_module, reference
 
 

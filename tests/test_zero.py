@@ -38,12 +38,14 @@ def _train(rank: int, world: int) -> dict:
 
     warnings.simplefilter("ignore")
     out = {}
-    for level, schedule in ((0, "1F1B"), (1, "1F1B"), (2, "1F1B"), (3, "1F1B"), (0, "ZBVZeroBubble"),
-                            (3, "ZBVZeroBubble")):
+    for level, schedule, precision in ((0, "1F1B", "fp32"), (1, "1F1B", "fp32"), (2, "1F1B", "fp32"),
+                                       (3, "1F1B", "fp32"), (0, "ZBVZeroBubble", "fp32"),
+                                       (3, "ZBVZeroBubble", "fp32"), (0, "1F1B", "bf16-mixed"),
+                                       (3, "1F1B", "bf16-mixed")):
         mb = (_batch(0)[0][:2],)
         pipe = fresh_pipe("gpt", _model, mb, 4 if schedule == "ZBVZeroBubble" else 2)  # traced once
         par = pp.parallelize(pipe, mb, n_microbatches=2, loss_fn=lm_loss, pp=2, dp=2, schedule=schedule,
-                             zero=level)
+                             zero=level, precision=precision)
         decay = [p for p in par.parameters() if p.dim() >= 2]
         rest = [p for p in par.parameters() if p.dim() < 2]
         opt = par.build_optimizer(torch.optim.AdamW, [{"params": decay, "weight_decay": 0.1},
@@ -57,10 +59,12 @@ def _train(rank: int, world: int) -> dict:
             norms.append(par.clip_grad_norm_(0.05))     # small: clipping is exercised every step
             opt.step()
             seen.append([l.item() for l in mb] if par.owns_loss else [])
+        held = [c.untyped_storage().size() for s in par.stages if s.bf16_weights for c in s.bf16_weights.copies]
         state = par.state_dict()
-        out[(level, schedule)] = {"losses": seen, "norms": norms, "state": state,
-                                  "optimizer": type(opt).__name__}
-        if level >= 2 and schedule == "1F1B":  # sharded masters take a state dict naming one tied alias
+        key = (level, schedule) if precision == "fp32" else (level, schedule, precision)
+        out[key] = {"losses": seen, "norms": norms, "state": state, "optimizer": type(opt).__name__,
+                    "copy_bytes_between_steps": sum(held), "copies": len(held)}
+        if level >= 2 and schedule == "1F1B" and precision == "fp32":  # sharded masters take a state dict naming one tied alias
             torch.manual_seed(1)
             fresh = GPT(**MODEL).state_dict()
             par.load_state_dict({n: t for n, t in fresh.items() if n != "lm_head.weight"})
@@ -77,9 +81,10 @@ def results():
     return run_ranks(_train, 4, timeout_s=600)
 
 
-@pytest.mark.parametrize("key", [(1, "1F1B"), (2, "1F1B"), (3, "1F1B"), (3, "ZBVZeroBubble")])
+@pytest.mark.parametrize("key", [(1, "1F1B"), (2, "1F1B"), (3, "1F1B"), (3, "ZBVZeroBubble"),
+                                 (3, "1F1B", "bf16-mixed")])
 def test_zero_levels_train_like_zero_0(results, key):
-    base = (0, key[1])
+    base = (0, *key[1:])
     for rank_out in results:
         want, got = rank_out[base], rank_out[key]
         torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(want["norms"]))
@@ -104,6 +109,13 @@ def test_zero_2_3_load_a_state_dict_with_one_alias_of_a_tied_weight(results, lev
     owners = [r["losses"] for r in got if r["losses"]]
     assert len(owners) == 2  # the last stage of each replica; microbatches are the replica's halves
     torch.testing.assert_close(torch.tensor(owners[0] + owners[1]), torch.tensor(want))
+
+
+def test_zero_3_frees_the_bf16_weight_copies_between_steps(results):
+    for r in results:
+        held0, held3 = r[(0, "1F1B", "bf16-mixed")], r[(3, "1F1B", "bf16-mixed")]
+        assert held0["copies"] > 0 and held0["copy_bytes_between_steps"] > 0   # zero 0 keeps them
+        assert held3["copies"] == held0["copies"] and held3["copy_bytes_between_steps"] == 0
 
 
 def test_zero_1_shards_with_torch_zero_redundancy_optimizer(results):

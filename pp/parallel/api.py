@@ -68,7 +68,7 @@ class ParallelModel:
             self.grad_sync.finish()
         if self.shards is not None:
             self.shards.reduce_grads()
-            self.shards.release()
+            self._release_whole_weights()
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:
         """Forward only; the merged output on the ranks of the last stage, None elsewhere."""
@@ -78,7 +78,15 @@ class ParallelModel:
             return self.schedule.eval(*args, **kwargs)
         finally:
             if self.shards is not None:
-                self.shards.release()
+                self._release_whole_weights()
+
+    def _release_whole_weights(self) -> None:
+        """ZeRO 3: free the whole parameters between steps, and their bfloat16 copies (bf16-mixed)."""
+        self.shards.release()
+        if self.shards.free:
+            for stage in self.stages:
+                if stage.bf16_weights is not None and stage.graphs is None:
+                    stage.bf16_weights.release()
 
     def build_optimizer(self, optimizer_class: type = torch.optim.AdamW, param_groups: list[dict] | None = None,
                         **defaults: Any) -> torch.optim.Optimizer:

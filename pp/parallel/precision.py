@@ -123,10 +123,21 @@ class Bf16Weights:
         self.stale = True
 
     def refresh(self) -> None:
-        """The copies from the masters' current values (in place; one fused copy)."""
+        """The copies from the masters' current values (in place; one fused copy), their storage
+        allocated again first if `release` freed it."""
         with torch.no_grad():
+            for c in self.copies:
+                if c.untyped_storage().size() == 0:
+                    c.untyped_storage().resize_(c.numel() * c.element_size())
             torch._foreach_copy_(self.copies, [p.detach() for p in self.masters])
         self.stale = False
+
+    def release(self) -> None:
+        """Free the copies' storage until the next `refresh` (ZeRO 3 between steps, when the whole
+        float32 parameters are freed too: a rank then holds no whole weight of its stages)."""
+        for c in self.copies:
+            c.untyped_storage().resize_(0)
+        self.stale = True
 
 
 def _drop_copies(gm: fx.GraphModule) -> None:

@@ -129,3 +129,24 @@ def I(stage: int, mb: int) -> Action:  # noqa: E743 - the paper's name for the i
 
 def W(stage: int, mb: int) -> Action:
     return Action(stage, Kind.W, mb)
+
+
+def last_backward_actions(actions: list[Action]) -> dict[Action, int]:
+    """{the last B or W of each stage in `actions`: that stage}."""
+    last: dict[int, Action] = {}
+    for a in actions:
+        if a.kind in (Kind.B, Kind.W):
+            last[a.stage] = a
+    return {a: s for s, a in last.items()}
+
+
+def in_flight_peak(actions: list[Action], stage: int) -> int:
+    """The most microbatches of `stage` between their forward and their backward at once in `actions`."""
+    live = peak = 0
+    for a in actions:
+        if a.stage == stage and a.kind == Kind.F:
+            live += 1
+            peak = max(peak, live)
+        elif a.stage == stage and a.kind in (Kind.B, Kind.W):
+            live -= 1
+    return max(peak, 1)

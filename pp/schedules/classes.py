@@ -12,16 +12,17 @@ import torch
 from ..comms import p2p
 from ..comms.abort import AbortChannel
 from ..microbatch import split_args_kwargs_into_chunks, merge_chunks
-from ..parallel.wrapped import StepSync, unwrap
+from ..parallel.wrapped import StepSync
 from ..stage.graphs import StageGraphs
 from ..stage.runtime import PipelineStage
-from .actions import Action, Kind
+from .actions import Action, Kind, in_flight_peak, last_backward_actions
 from .executor import Executor
 from .groups import RankActions, check_groups, peer_batches
 from .compat import check_model_keywords, pipeline_order
 from .lower import lower
 from .simulate import DEFAULT_COSTS
 from .registry import get_spec
+from .shared_grads import sync_shared_grads
 from .validate import stage_graph, validate
 
 
@@ -95,7 +96,7 @@ class _PipelineSchedule:
         # Called with a stage index right after that stage's last backward (B or W) of a training step
         # has run on this rank, e.g. to start its data-parallel gradient sync while others still work.
         self.on_backward_done: Callable[[int], None] | None = None
-        self._last_backward = _last_backward_actions(self._train_actions)
+        self._last_backward = last_backward_actions(self._train_actions)
         self._graphs: dict[int, StageGraphs] = {}
         self._compilers: dict = {}     # stage -> its CompileCounter, set by compile()
         self._compile_mode: str | None = None
@@ -165,7 +166,7 @@ class _PipelineSchedule:
             if s.graphs is None:
                 with torch.cuda.device(s.device):
                     split = any(a.stage == i and a.kind in (Kind.I, Kind.W) for a in self._train_actions)
-                    s.graphs = StageGraphs(s.submod, _in_flight_peak(self._train_actions, i), i, s.device,
+                    s.graphs = StageGraphs(s.submod, in_flight_peak(self._train_actions, i), i, s.device,
                                            max_shapes, split=split)
             self._graphs[i] = s.graphs
         self._after = (None, {})
@@ -309,7 +310,7 @@ class _PipelineSchedule:
         if wrapped is not None:   # DDP / FSDP2 averages complete before shared parameters are summed
             wrapped.end(ok=True)
         if training:
-            self._sync_shared_grads()
+            sync_shared_grads(self._stages.values(), self.stage_to_rank, self.group, self._executor.device)
             for g in self._graphs.values():
                 g.capture_pending()
         if outputs is not None:
@@ -335,66 +336,6 @@ class _PipelineSchedule:
             self._after = (hook, {a: functools.partial(done, s) for a, s in self._last_backward.items()})
         return self._after[1]
 
-    def _sync_shared_grads(self) -> None:
-        """Parameters used by several stages train as one: every copy gets the summed gradient.
-
-        `pipe_info.shared_params` names each by the model's first name for it (the splitter finds
-        sharing by identity, whatever name each stage reads it under). Manual stages carry no pipe
-        info, so nothing is summed for them: see `PipelineStage`."""
-        info = next(iter(self._stages.values())).pipe_info
-        if info is None or not info.shared_params:
-            return
-        ranks_of = {name: sorted({self.stage_to_rank[s] for s in stages})
-                    for name, stages in info.shared_params.items()}
-        names = sorted(n for n, ranks in ranks_of.items() if len(ranks) > 1)
-        if not names:
-            return
-        local = {}  # every name, aliases too: a stage may reach the parameter under another of its names
-        for stage in self._stages.values():
-            local.update(dict(unwrap(stage.submod).named_parameters(remove_duplicate=False)))
-        flat = []
-        for name in names:
-            shape, dtype = info.param_meta[name]
-            p = local.get(name)
-            if p is not None and p.grad is not None:
-                flat.append(p.grad.reshape(-1))
-            else:
-                flat.append(torch.zeros(int(torch.Size(shape).numel()), dtype=dtype, device=self._executor.device))
-        buf = torch.cat(flat)
-        p2p.sum_all_reduce_(buf, self.group)
-        offset = 0
-        for name in names:
-            shape, _ = info.param_meta[name]
-            n = int(torch.Size(shape).numel())
-            p = local.get(name)
-            if p is not None:
-                g = buf[offset:offset + n].view(shape)
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.copy_(g)
-            offset += n
-
-
-def _last_backward_actions(actions: list[Action]) -> dict[Action, int]:
-    """{the last B or W of each stage in `actions`: that stage}."""
-    last: dict[int, Action] = {}
-    for a in actions:
-        if a.kind in (Kind.B, Kind.W):
-            last[a.stage] = a
-    return {a: s for s, a in last.items()}
-
-
-def _in_flight_peak(actions: list[Action], stage: int) -> int:
-    """The most microbatches of `stage` between their forward and their backward at once in `actions`."""
-    live = peak = 0
-    for a in actions:
-        if a.stage == stage and a.kind == Kind.F:
-            live += 1
-            peak = max(peak, live)
-        elif a.stage == stage and a.kind in (Kind.B, Kind.W):
-            live -= 1
-    return max(peak, 1)
 
 
 class PipelineScheduleSingle(_PipelineSchedule):

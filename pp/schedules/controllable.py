@@ -19,7 +19,7 @@ import heapq
 import itertools
 
 from pp.schedules.actions import Action, F, I, W
-from pp.schedules.families import check_sizes, v_placement
+from pp.schedules.families import check_sizes
 
 Lists = dict[int, list[Action]]
 

@@ -19,8 +19,8 @@ from ..comms.backend import is_initialized
 from ..comms.p2p import group_rank, group_size
 from .pipe import MODEL_INPUT, PipeInfo
 from .backward import input_grads, run_backward, weight_grads
-from .contract import check_shapes, spec_of
 from .graphs import StageGraphs
+from .input_checks import StageInputChecks
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -50,7 +50,7 @@ def _meta_of(value: Any) -> tuple:
     return ("v", value)
 
 
-class PipelineStage:
+class PipelineStage(StageInputChecks):
     """One pipeline stage on this rank.
 
     Manual form (the user cut the model): `PipelineStage(submodule, stage_index, num_stages, device)`;
@@ -160,78 +160,6 @@ class PipelineStage:
     def input_slots_from(self, producer: int, count: int) -> list[int]:
         slots = self._recv_slots[producer]
         return list(range(count)) if slots is None else slots
-
-    def check_received(self, producer: int, meta: list) -> None:
-        """ValueError if what stage `producer` announces for this stage's inputs (the metadata sent in a
-        step whose shapes changed) is not what this stage expects: another input count (manual stages
-        with `input_args`), another dtype, or a size the stage cannot take.
-
-        A manual stage expects its `input_args`, with any batch size; a traced stage what its traced
-        graph takes (sizes the model fixed, symbolic sizes meeting the model's shape conditions).
-        Under autocast a floating input may also arrive in the autocast dtype.
-        """
-        expected = self._expected_inputs()
-        if not expected:
-            return
-        # under autocast, or in a bf16 precision (activations cross stages in bf16), floating inputs
-        # may arrive in that dtype
-        autocast = _autocast_dtype(self.device) or self.activation_dtype
-        if self.pipe_info is not None and isinstance(self.submod, fx.GraphModule):
-            slots = self.input_slots_from(producer, len(meta))
-            specs = [expected[slot] if slot < len(expected) else None for slot in slots]
-            values = [(e[1], e[2]) if e[0] == "t" else e[1] for e in meta]
-            check_shapes(self.stage_index, specs, values, self.pipe_info.shape_guards,
-                         f" (from stage {producer})", autocast)
-            return
-        if self.pipe_info is None and len(meta) != len(expected):
-            raise ValueError(f"stage {self.stage_index} expects {len(expected)} input(s) (its input_args) "
-                             f"but stage {producer} sends {len(meta)}")
-        for slot, entry in zip(self.input_slots_from(producer, len(meta)), meta):
-            want = expected[slot] if slot < len(expected) else None
-            if want is None:
-                continue
-            name, dtype, shape = want
-            if entry[0] == "t" and (self._dtype_ok(entry[2], dtype) or (entry[2] == autocast and dtype.is_floating_point)) \
-                    and len(entry[1]) == len(shape) and tuple(entry[1][1:]) == shape[1:]:
-                continue
-            got = _describe(entry[2], entry[1]) if entry[0] == "t" else f"the non-tensor value {entry[1]!r}"
-            raise ValueError(f"stage {self.stage_index} {name} (from stage {producer}): expected "
-                             f"{_describe(dtype, ('*',) + shape[1:] if shape else shape)}, got {got}")
-
-    def check_model_inputs(self, flat: list) -> None:
-        """ValueError (naming the input, the traced shape and the given one) if the first stage's own
-        flat inputs for one microbatch are not what its traced graph takes; each accepted set of
-        shapes is remembered, so a step with known shapes costs one lookup. Manual stages take anything
-        their module does (nothing is checked)."""
-        if not (self.pipe_info is not None and isinstance(self.submod, fx.GraphModule)):
-            return
-        autocast = _autocast_dtype(self.device)
-        key = (autocast, tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x in flat))
-        if key in self._accepted:
-            return
-        check_shapes(self.stage_index, self._expected_inputs(), flat, self.pipe_info.shape_guards,
-                     autocast_dtype=autocast)
-        if len(self._accepted) > 64:
-            self._accepted.clear()
-        self._accepted.add(key)
-
-    def _dtype_ok(self, got: torch.dtype, want: torch.dtype) -> bool:
-        # A stage traced in float32 that trains in bf16 (mixed or pure) receives bfloat16 activations.
-        return got == want or (got == self.activation_dtype and want.is_floating_point)
-
-    def _expected_inputs(self) -> list:
-        """Per input slot what this stage expects, None where it does not say: an InputSpec for a
-        traced stage, (name, dtype, shape) for a manual stage with input_args."""
-        if self._expected is None:
-            if self.pipe_info is not None and isinstance(self.submod, fx.GraphModule):
-                vals = [(n.name, n.meta.get("val")) for n in self.submod.graph.nodes if n.op == "placeholder"]
-                self._expected = [spec_of(f"input {i} ({name!r})", v, name) for i, (name, v) in enumerate(vals)]
-            elif self.input_args is not None and not self.is_first:
-                args = (self.input_args,) if isinstance(self.input_args, torch.Tensor) else tuple(self.input_args)
-                self._expected = [(f"input {i}", a.dtype, tuple(a.shape)) for i, a in enumerate(args)]
-            else:
-                self._expected = []
-        return self._expected
 
     # ------------------------------------------------------------------------------- per step
     def clear(self) -> None:
@@ -451,18 +379,6 @@ def build_stage(stage_module: nn.Module, stage_index: int, pipe_info: PipeInfo,
                          f"0..{pipe_info.num_stages - 1}")
     return PipelineStage(stage_module, stage_index, pipe_info.num_stages, device, group=group,
                          pipe_info=pipe_info)
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast computes in on `device`'s type now, None where autocast is off."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
-def _describe(dtype: torch.dtype, shape: tuple) -> str:
-    """'a float32 tensor of shape (*, 16)' (`*`: any batch size)."""
-    return f"a {str(dtype).removeprefix('torch.')} tensor of shape ({', '.join(map(str, shape))})"
 
 
 def _cast_floats(out: Any, dtype: torch.dtype) -> Any:
