@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         check_usable(cfg.output.dir, _env_rank())
         if _env_rank() == 0:  # before any process-group work: a second job must touch nothing
             lock = OutputLock(cfg.output.dir).acquire()
+            stop.before_exit.append(lock.release)
             if lock.note:
                 print(f"pp.run: {lock.note}", flush=True)
     except ConfigError as e:

@@ -45,7 +45,7 @@ def run_ranks(
     timeout_s: float = 120.0,
     backend: str = "gloo",
 ) -> list:
-    """Run `fn(rank, world_size, *args)` on `world_size` spawned processes and return the results by rank.
+    """Run `fn(rank, world_size, *args)` on `world_size` child processes and return the results by rank.
 
     Each child has the default process group initialised (`backend`, FileStore rendezvous, so no port
     can be taken by a concurrent test) and torchrun's variables set. `fn`, `args` and the return values
@@ -64,7 +64,7 @@ def run_ranks(
             f"{len(args)} argument(s) failed to pickle: {e}"
         ) from e
 
-    ctx = _context()
+    ctx = _context(backend)
     store_dir = tempfile.mkdtemp(prefix="pp_run_ranks_")
     env = {
         "MASTER_ADDR": "127.0.0.1",
@@ -162,14 +162,15 @@ _PRELOAD = ["torch", "torch.distributed", "pp"]   # what the fork server imports
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def _context() -> Any:
+def _context(backend: str) -> Any:
     """The multiprocessing context children start from: a fork server that preloaded torch (started
     on first use, with one-thread settings so that it forks from a single-threaded process), or spawn
-    where asked for (`PP_TESTING_START_METHOD=spawn`) or where there is no fork server (not POSIX)."""
+    where asked for (`PP_TESTING_START_METHOD=spawn`), for a backend other than gloo (a GPU runtime must
+    start in a fresh process) and where there is no fork server (not POSIX)."""
     method = os.environ.get("PP_TESTING_START_METHOD", "forkserver")
     if method not in ("forkserver", "spawn"):
         raise ValueError(f"PP_TESTING_START_METHOD={method!r}: expected forkserver or spawn")
-    if method == "spawn" or "forkserver" not in multiprocessing.get_all_start_methods():
+    if method == "spawn" or backend != "gloo" or "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     from multiprocessing import forkserver

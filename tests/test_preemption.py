@@ -202,3 +202,29 @@ def test_bad_on_signal_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("pp.run: bad config: checkpoint.on_signal: SIGKILL cannot be caught; use e.g. "
                                    "SIGTERM or SIGUSR1"), proc.stderr
+
+
+SETTING_UP = '''
+import os, signal, sys, time
+from pp.launcher.outdir import OutputLock
+from pp.launcher.stopping import StopSignals
+stop = StopSignals(["SIGTERM"])
+lock = OutputLock(sys.argv[1]).acquire()
+stop.before_exit.append(lock.release)
+os.kill(os.getpid(), signal.SIGTERM)   # as torchrun does to the ranks left after one failed in setup
+time.sleep(60)                          # (a rendezvous that never completes)
+'''
+
+
+def test_stop_signal_before_training_began_ends_the_rank_at_once_and_releases_the_lock(tmp_path):
+    """Before the loop arms the stop watchdog, a rank has nothing to save and may wait for a peer that
+    already failed: the signal ends it at once, with one line, exit code 128 + 15, the lock released."""
+    out = tmp_path / "out"
+    out.mkdir()
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", SETTING_UP, str(out)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO, "RANK": "1"}, timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert proc.stderr.strip() == "pp.run: rank 1: SIGTERM arrived before training began: nothing to save; exiting"
+    assert not os.path.exists(os.path.join(out, LOCK_FILE))

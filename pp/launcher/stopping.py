@@ -45,7 +45,9 @@ def signal_name(number: int) -> str:
 
 
 class StopSignals:
-    """While installed, the signals named record a stop request instead of ending the process.
+    """While installed, the signals named record a stop request instead of ending the process, once
+    `arm` was called (training is about to begin); before that, a signal ends the process at once with
+    one line and exit code 128 + its number (a rank still setting up has nothing to save).
 
     `received` is the first such signal's number, 0 before any. `uninstall()` puts the previous
     handlers back.
@@ -58,6 +60,7 @@ class StopSignals:
         self._peer_failure: Callable[[], str | None] = lambda: None
         self._where: Callable[[], str] = lambda: "before training"
         self._standing_down = threading.Event()
+        self.before_exit: list[Callable[[], Any]] = []   # run before a signal ends the process (a lock's release)
         for name in names:
             number = signal_number(name)
             if number not in self._previous:
@@ -76,9 +79,16 @@ class StopSignals:
     def _on_signal(self, number: int, frame: Any) -> None:
         if not self.received:
             self.received = number
-            if self._grace_s is not None:
-                threading.Thread(target=self._watch, args=(number, time.monotonic()), name="pp-stop-watchdog",
-                                 daemon=True).start()
+            if self._grace_s is None:
+                # Not armed: the rank is still setting up (rendezvous, model build), with no step to save
+                # and perhaps a peer that already failed (then it would wait for it forever).
+                rank = os.environ.get("RANK")
+                who = f"rank {rank}" if rank is not None else "pp.run"
+                print(f"pp.run: {who}: {signal_name(number)} arrived before training began: nothing to save; "
+                      f"exiting", file=sys.stderr, flush=True)
+                self._exit(128 + number)
+            threading.Thread(target=self._watch, args=(number, time.monotonic()), name="pp-stop-watchdog",
+                             daemon=True).start()
 
     def _watch(self, number: int, since: float) -> None:
         while not self._standing_down.wait(POLL_S):
@@ -92,7 +102,16 @@ class StopSignals:
                              f"(a peer rank may hang)")
             print(f"pp.run: {self._where()}: {signal_name(number)} arrived but training cannot stop at a step "
                   f"boundary: {reason}; exiting without a checkpoint", file=sys.stderr, flush=True)
-            os._exit(128 + number)
+            self._exit(128 + number)
+
+    def _exit(self, code: int) -> None:
+        for fn in self.before_exit:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - leaving matters more; a stale lock is taken over later
+                pass
+        sys.stdout.flush()
+        os._exit(code)
 
     def uninstall(self) -> None:
         for number, handler in self._previous.items():
