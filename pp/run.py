@@ -218,7 +218,21 @@ def _banner(job, world: int, device) -> None:
           f"microbatches, data: {data}", flush=True)
 
 
+def _interrupted() -> int:
+    """Ctrl-C (SIGINT, which torchrun passes on to every rank) when it is not in checkpoint.on_signal:
+    one line from rank 0, no traceback, exit code 130; the newest checkpoint stays the resume point."""
+    if _env_rank() == 0:
+        print("pp.run: interrupted (SIGINT): exiting without saving the step in flight; the newest checkpoint "
+              "is where checkpoint.resume starts (add SIGINT to checkpoint.on_signal to save on Ctrl-C)",
+              file=sys.stderr, flush=True)
+    return 128 + 2
+
+
 if __name__ == "__main__":
     from pp.comms.backend import exit_process
 
-    exit_process(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = _interrupted()
+    exit_process(code)

@@ -228,3 +228,18 @@ def test_stop_signal_before_training_began_ends_the_rank_at_once_and_releases_th
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     assert proc.stderr.strip() == "pp.run: rank 1: SIGTERM arrived before training began: nothing to save; exiting"
     assert not os.path.exists(os.path.join(out, LOCK_FILE))
+
+
+def test_ctrl_c_outside_on_signal_is_one_line_without_a_traceback(tmp_path):
+    """SIGINT is not in the default checkpoint.on_signal: torchrun passes Ctrl-C on, every rank ends with
+    exit code 130, rank 0 says so in one line, no frame of pp's code is printed and the lock is released."""
+    job, out = _slow_job(tmp_path, "run", every=100)
+    _wait_for_step(job, out, 3)
+    job.proc.send_signal(signal.SIGINT)
+    job.wait()
+    said = [line for _, line in job.lines if line.startswith("pp.run: interrupted")]
+    assert said == ["pp.run: interrupted (SIGINT): exiting without saving the step in flight; the newest checkpoint "
+                    "is where checkpoint.resume starts (add SIGINT to checkpoint.on_signal to save on Ctrl-C)"], \
+        job.log[-3000:]
+    assert not re.search(r'File ".*/pp/', job.log), job.log[-3000:]
+    assert not os.path.exists(os.path.join(out, LOCK_FILE))
