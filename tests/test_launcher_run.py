@@ -169,6 +169,26 @@ def test_bad_config_under_torchrun_is_one_line_from_rank_0(tmp_path):
     assert f'{os.sep}pp{os.sep}' not in "".join(l for l in proc.log.splitlines() if l.lstrip().startswith("File "))
 
 
+def test_resume_with_another_schedule_length_says_the_learning_rate_schedule_changed(tmp_path):
+    """The LR of every step depends on train.steps (cosine decay over it): resuming a 4-step run's
+    checkpoint with train.steps 6 changes the steps after 4, and the resume says so; the same length
+    says nothing."""
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "out", pp=1, steps=4, every=2, model={"n_layers": 2})
+
+    def run(*overrides):
+        proc = subprocess.run([sys.executable, "-m", "pp.run", cfg, *overrides], cwd=REPO, timeout=120,
+                              env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    run()
+    same = run("--checkpoint.resume", "true")
+    assert "resumed from" in same and "learning-rate schedule changed" not in same
+    longer = run("--checkpoint.resume", "true", "--train.steps", "6")
+    assert ("note: the learning-rate schedule changed since step 4 was saved (train.steps 4 -> 6): the steps "
+            "after it follow the new one, not the run that saved it") in longer, longer
+
+
 def test_plain_python_runs_one_rank_and_stops_on_a_non_finite_loss(tmp_path):
     """`python -m pp.run` is a one-rank job; train.nan_check names the step and microbatch, exit code 3."""
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "out", pp=1, steps=6, every=0, model={"n_layers": 2})

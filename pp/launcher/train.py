@@ -127,7 +127,17 @@ class Trainer:
         self.rs.load(path)
         saved = ", ".join(f"{k}={manifest[k]}" for k in ("pp", "dp", "tp") if k in manifest)
         self.log(f"resumed from {path} (step {manifest['step']}, saved with {saved or 'pp=?'})")
+        then, now = manifest.get("lr_schedule"), self._lr_schedule()
+        if then is not None and then != now:
+            changed = ", ".join(f"train.{k} {then.get(k)} -> {now[k]}" for k in now if then.get(k) != now[k])
+            self.log(f"note: the learning-rate schedule changed since step {manifest['step']} was saved "
+                     f"({changed}): the steps after it follow the new one, not the run that saved it")
         return int(manifest["step"])
+
+    def _lr_schedule(self) -> dict:
+        """The keys that shape the learning rate of every step (`lr_at`)."""
+        t = self.cfg.train
+        return {"steps": t.steps, "lr": t.lr, "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio}
 
     def init_weights(self, path: str) -> None:
         """Collective: fill this rank's stages from model.init_from (each rank reads its own tensors);
@@ -286,7 +296,7 @@ class Trainer:
         t = time.perf_counter()
         meta = {"pp": self.job.layout.pp, "dp": self.cfg.parallel.dp, "tp": self.cfg.parallel.tp,
                 "schedule": self.job.layout.schedule,
-                "model": self.cfg.to_dict()["model"], "seed": self.cfg.train.seed}
+                "model": self.cfg.to_dict()["model"], "seed": self.cfg.train.seed, "lr_schedule": self._lr_schedule()}
         path = ckpt.save(self.ckpt_root, step, self.rs.state(), meta, verify=self.cfg.checkpoint.verify,
                          keep=self.cfg.checkpoint.keep)
         self.log(f"saved checkpoint {path} in {time.perf_counter() - t:.1f}s")
