@@ -49,12 +49,14 @@ def list_steps(root: str) -> list[int]:
 # --- state dicts keyed by fully qualified parameter names ----------------------------------------
 
 def optimizer_state(named_params: Iterable[tuple[str, torch.nn.Parameter]], optim: torch.optim.Optimizer) -> dict:
-    """{fqn: {state name: tensor}} for every parameter; empty state is created first (AdamW layout)."""
+    """{fqn: {state name: tensor}} for every parameter; empty state is created first (AdamW layout; the
+    step count on the parameter's device for a fused or capturable optimizer, as torch keeps it)."""
+    on_device = any(g.get("fused") or g.get("capturable") for g in optim.param_groups)
     out = {}
     for fqn, p in named_params:
         st = optim.state[p]
         if not st:
-            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            st["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if on_device else "cpu")
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         out[fqn] = {k: v for k, v in st.items() if isinstance(v, torch.Tensor)}

@@ -23,7 +23,7 @@ from .segments import is_split as _is_split
 from .segments import model_segments
 from .trace import PipelineTraceError, cuts_by_module, export_model
 from .stage_params import attr_name, canonical_names, install, named_tensors, order_like, place_unused, shared_params
-from .traced import cache_in_output, drop_metadata_asserts, views_as_reshapes, way_out
+from .traced import cache_in_output, drop_identity_views, drop_metadata_asserts, views_as_reshapes, way_out
 
 
 def pipeline(
@@ -61,6 +61,7 @@ def pipeline(
         raise PipelineTraceError(f"{type(module).__name__} returns a {cache} object. {way_out('Cache')}")
     views_as_reshapes(graph)
     drop_metadata_asserts(graph)
+    drop_identity_views(graph)
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     for spec in ep.graph_signature.input_specs:
         if spec.kind == InputKind.PARAMETER:

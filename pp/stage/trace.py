@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .contract import dynamic_shapes
+from .hf_attention import eager_attention_for_export
 from .marker import SplitPoint, pipe_split
 from .traced import user_frame, way_out
 
@@ -95,7 +96,8 @@ def export_model(module: nn.Module, args: tuple, kwargs: dict, restart=lambda: N
 def _export_with(module: nn.Module, args: tuple, kwargs: dict, shapes: dict | None) -> torch.export.ExportedProgram:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal pytree notices
-        with _quiet("torch._export.non_strict_utils"), _quiet("torch.fx.experimental.symbolic_shapes"):
+        with _quiet("torch._export.non_strict_utils"), _quiet("torch.fx.experimental.symbolic_shapes"), \
+                eager_attention_for_export(module):
             ep = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes)
             return ep.run_decompositions({})
 

@@ -75,3 +75,29 @@ def drop_metadata_asserts(graph: fx.Graph) -> None:
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is target and not node.users:
             graph.erase_node(node)
+
+
+_FULL = 2**62  # an end at or past this is "to the end" (export writes sys.maxsize)
+
+
+def drop_identity_views(graph: fx.Graph) -> None:
+    """Replace views that return their input unchanged by that input: `aten.slice(x, dim, 0, end)` with
+    `end` past any size and step 1 (export writes `x[:, :n]` this way once `n` is a symbolic size equal to
+    the dimension's), and `aten.alias`. Each costs a host-side call and an autograd node per microbatch
+    on every stage for nothing (an HF Llama layer carries about five). The graph is functional, so the
+    input itself computes the same values."""
+    slice_op, alias_op = torch.ops.aten.slice.Tensor, torch.ops.aten.alias.default
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        if node.target is slice_op:
+            _, _dim, start, end, step = (*node.args, *(None,) * (5 - len(node.args)))[:5]
+            start = node.kwargs.get("start", start)
+            end = node.kwargs.get("end", end)
+            step = node.kwargs.get("step", step)
+            if start not in (None, 0) or step not in (None, 1) or not (end is None or (isinstance(end, int) and end >= _FULL)):
+                continue
+        elif node.target is not alias_op:
+            continue
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
