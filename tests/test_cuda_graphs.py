@@ -58,7 +58,7 @@ def _parallelize_refusals(rank, world):
     from pp.tp import ColwiseParallel
 
     out = []
-    for kwargs in (dict(tp=2, tp_plan={"layers.0": ColwiseParallel()}), dict()):
+    for kwargs in (dict(tp=2, tp_plan={"layers.0": ColwiseParallel()}), dict(), dict(dp=2, zero=3)):
         try:
             pp.parallelize(Net(n_layers=4), (torch.randn(2, 4),), n_microbatches=2, loss_fn=F.mse_loss,
                            cuda_graphs=True, device="cpu", **kwargs)
@@ -68,10 +68,59 @@ def _parallelize_refusals(rank, world):
     return out
 
 
-def test_parallelize_refuses_cuda_graphs_with_tp_and_on_cpu():
-    with_tp, on_cpu = run_ranks(_parallelize_refusals, 2)[0]
+def test_parallelize_refuses_cuda_graphs_with_tp_zero_3_and_on_cpu():
+    with_tp, on_cpu, zero_3 = run_ranks(_parallelize_refusals, 2)[0]
     assert with_tp.startswith("cuda_graphs=True with tp=2"), with_tp
     assert "stage 0 is on cpu" in on_cpu, on_cpu
+    assert zero_3.startswith("cuda_graphs=True with zero=3: ZeRO 3 frees the whole parameters"), zero_3
+
+
+def _bf16_mixed_replayed_against_eager(rank, world, schedule):
+    """pp.parallelize a traced GPT at bf16-mixed, replayed and eager side by side for 3 optimizer steps:
+    the same losses and float32 master gradients; steps 2 and 3 replayed entirely."""
+    import pp
+    from pp.launcher.config import ModelConfig
+    from pp.launcher.models import GPT, init_fn
+    from pp.launcher.train import lm_loss
+
+    mc = ModelConfig(name="gpt", vocab_size=64, d_model=32, n_layers=4, n_heads=2, seq_len=16)
+    runs = {}
+    for graphs in (False, True):
+        with torch.device("meta"):
+            gpt = GPT(mc.vocab_size, mc.d_model, mc.n_layers, mc.n_heads, mc.seq_len)
+        par = pp.parallelize(gpt, (torch.zeros(2, 16, dtype=torch.long),), n_microbatches=4, loss_fn=lm_loss,
+                             schedule=schedule, device="cuda", precision="bf16-mixed", cuda_graphs=graphs,
+                             init_fn=init_fn(mc, 0))
+        opt = par.build_optimizer(torch.optim.AdamW, lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        losses, grads = [], []
+        for _ in range(3):
+            tok = torch.randint(0, 64, (8, 17), generator=g).cuda()
+            opt.zero_grad(set_to_none=True)
+            got: list = []
+            par.step(tok[:, :-1], target=tok[:, 1:], losses=got)
+            losses.append(torch.stack(got).float().cpu())
+            grads.append({n: p.grad.float().cpu() for n, p in par.named_parameters() if p.grad is not None})
+            opt.step()
+        replays = sum(s.graphs.replays for s in par.stages) if graphs else None
+        runs[graphs] = (losses, grads, replays, [p.dtype for _, p in par.named_parameters()])
+    return runs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("schedule", ["1F1B", "ZBVZeroBubble"])
+def test_bf16_mixed_replays_with_the_eager_losses_and_float32_gradients(schedule):
+    runs = run_ranks(_bf16_mixed_replayed_against_eager, 1, schedule, backend="nccl")[0]
+    (eager_losses, eager_grads, _, _), (losses, grads, replays, dtypes) = runs[False], runs[True]
+    assert set(dtypes) == {torch.float32}
+    stages = 2 if schedule == "ZBVZeroBubble" else 1
+    assert replays == 2 * 4 * stages, replays
+    for step in range(3):
+        torch.testing.assert_close(losses[step], eager_losses[step], rtol=0, atol=0)
+        assert grads[step].keys() == eager_grads[step].keys()
+        for n in grads[step]:
+            torch.testing.assert_close(grads[step][n], eager_grads[step][n], rtol=1e-6, atol=1e-7,
+                                       msg=lambda m: f"step {step} {n}: {m}")
 
 
 class _HostSync(torch.nn.Module):

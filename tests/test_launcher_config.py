@@ -78,6 +78,8 @@ def test_help_lists_every_key_with_default():
     (["--model.n_layers", "1"], 4, "model.n_layers=1 is too few for 4 stages"),
     (["--parallel.pp", "2", "--parallel.tp", "2", "--schedule.cuda_graphs", "true"], 4,
      "schedule.cuda_graphs=true with parallel.tp=2"),
+    (["--parallel.pp", "2", "--parallel.dp", "2", "--parallel.zero", "3", "--schedule.cuda_graphs", "true",
+      "--schedule.microbatches", "2"], 4, "schedule.cuda_graphs=true with parallel.zero=3"),
 ])
 def test_bad_config_is_one_line_and_exit_code(cfg_file, overrides, world, expected, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", str(world))

@@ -222,7 +222,7 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
     except ValueError as e:
         raise ConfigError(f"schedule.microbatches={s.microbatches} with parallel.pp={pp}: {e}") from None
     if s.cuda_graphs:
-        _check_cuda_graphs(p.tp)
+        _check_cuda_graphs(p.tp, p.zero if p.dp > 1 else 0)
     _check_compile(s, cfg.train.activation_checkpointing)
     return Layout(name, pp, n_stages // pp, tuple(placement))
 
@@ -235,10 +235,14 @@ def _check_compile(s: object, checkpointing: str) -> None:
                           f"the recompute is not traced into a compiled stage; set schedule.compile_per='block'")
 
 
-def _check_cuda_graphs(tp: int) -> None:
+def _check_cuda_graphs(tp: int, zero: int) -> None:
     if tp > 1:
         raise ConfigError(f"schedule.cuda_graphs=true with parallel.tp={tp}: stages with tensor-parallel "
                           f"collectives are not captured; set parallel.tp=1 or schedule.cuda_graphs=false")
+    if zero == 3:
+        raise ConfigError("schedule.cuda_graphs=true with parallel.zero=3: ZeRO 3 frees the whole parameters "
+                          "between steps, and a replayed graph reads them where it was captured; set "
+                          "parallel.zero to 1 or 2, or schedule.cuda_graphs=false")
 
 
 def _check_tp_sizes(cfg: JobConfig) -> None:

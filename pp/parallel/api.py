@@ -323,6 +323,9 @@ def parallelize(
         raise ValueError(f"compile_per='stage' with activation_checkpointing={ac!r}: the recompute is not "
                          f"traced into a compiled stage; use compile_per='block'")
     zero = check_zero(zero, dp)
+    if cuda_graphs and zero == 3:
+        raise ValueError("cuda_graphs=True with zero=3: ZeRO 3 frees the whole parameters between steps, and "
+                         "a replayed graph reads them where it was captured; use zero=1 or 2, or cuda_graphs=False")
     if init_fn is not None and not callable(init_fn):
         raise TypeError(f"init_fn must be callable (name, tensor) -> None, got {type(init_fn).__name__}")
     if state_dict is not None and not isinstance(state_dict, Mapping):

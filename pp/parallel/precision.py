@@ -97,6 +97,7 @@ class Bf16Weights:
         _drop_copies(gm)
         self.masters: list[nn.Parameter] = []
         self.copies: list[torch.Tensor] = []
+        self.names: list[str] = []      # each copy's attribute path in `gm` (what its graph reads)
         holder = nn.Module()
         names: dict[int, str] = {}
         for node in gm.graph.nodes:
@@ -114,6 +115,7 @@ class Bf16Weights:
                 holder.__dict__[name] = copy   # a plain attribute: no parameter, buffer or state-dict entry
                 self.masters.append(p)
                 self.copies.append(copy)
+                self.names.append(f"{_HOLDER}.{name}")
             holder.__dict__.setdefault("_pp_targets", {})[f"{_HOLDER}.{name}"] = node.target
             node.target = f"{_HOLDER}.{name}"
         if self.copies:

@@ -167,7 +167,9 @@ class _PipelineSchedule:
                 with torch.cuda.device(s.device):
                     split = any(a.stage == i and a.kind in (Kind.I, Kind.W) for a in self._train_actions)
                     s.graphs = StageGraphs(s.submod, in_flight_peak(self._train_actions, i), i, s.device,
-                                           max_shapes, split=split)
+                                           max_shapes, split=split,
+                                           autocast_dtype=s.activation_dtype if s.autocast else None,
+                                           weights=s.bf16_weights)
             self._graphs[i] = s.graphs
         self._after = (None, {})
 

@@ -57,7 +57,8 @@ class _Slot:
     backward, an input-gradient graph (`bwd`) and a weight-gradient graph (`bwd_w`)."""
 
     def __init__(self, sig: Signature, module: nn.Module, sample: list[torch.Tensor], names: list[str],
-                 params: list[nn.Parameter], acc: list[torch.Tensor], split: bool):
+                 params: list[nn.Parameter], acc: list[torch.Tensor], split: bool,
+                 autocast_dtype: torch.dtype | None = None):
         self.pool = torch.cuda.graph_pool_handle()   # private: slots must never share activation memory
         self.sig = sig
         self.split = split
@@ -65,7 +66,7 @@ class _Slot:
         aliases = _aliases(params)
         self.fwd = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.fwd, pool=self.pool, capture_error_mode="thread_local"):
-            out = _call(module, names, aliases, self.inputs)
+            out = _call(module, names, aliases, self.inputs, autocast_dtype)
         flat, self.spec = pytree.tree_flatten(out)
         if not all(isinstance(o, torch.Tensor) for o in flat):
             raise TypeError("the stage returns non-tensor values")
@@ -144,8 +145,14 @@ def _aliases(params: list[nn.Parameter]) -> list[torch.Tensor]:
     return [p.detach().requires_grad_(True) for p in params]
 
 
-def _call(module: nn.Module, names: list[str], aliases: list[torch.Tensor], inputs: list) -> Any:
-    return torch.func.functional_call(module, dict(zip(names, aliases)), tuple(inputs))
+def _call(module: nn.Module, names: list[str], aliases: list[torch.Tensor], inputs: list,
+          autocast_dtype: torch.dtype | None = None) -> Any:
+    """The stage's forward reading `aliases` under `names`; under autocast (without its weight-cast
+    cache, whose entries a graph must not keep) where `autocast_dtype` is given."""
+    if autocast_dtype is None:
+        return torch.func.functional_call(module, dict(zip(names, aliases)), tuple(inputs))
+    with torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False):
+        return torch.func.functional_call(module, dict(zip(names, aliases)), tuple(inputs))
 
 
 class _Replay(torch.autograd.Function):
@@ -189,7 +196,8 @@ class StageGraphs:
     """
 
     def __init__(self, module: nn.Module, slots: int, stage_index: int, device: torch.device,
-                 max_shapes: int = 4, split: bool = False):
+                 max_shapes: int = 4, split: bool = False, autocast_dtype: torch.dtype | None = None,
+                 weights: Any = None):
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
         self.module = module
@@ -198,10 +206,22 @@ class StageGraphs:
         self.slots = slots
         self.stage_index = stage_index
         self.max_shapes = max_shapes
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        # bf16-mixed: forward captured under autocast to this dtype (replayed only under the same)
+        self.autocast_dtype = autocast_dtype
+        # The leaves the graphs differentiate (`params`, read under `names`) and the tensor whose `.grad`
+        # each one's gradient goes to (`grad_of`): the parameter itself, or for a bfloat16 weight copy
+        # (`pp.parallel.precision.Bf16Weights`, read by the graph in place of its float32 master) the
+        # master, its gradient summed in float32.
+        copied = {id(m) for m in weights.masters} if weights is not None else set()
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) not in copied]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self._acc = [torch.zeros_like(p) for p in self.params]
+        self.grad_of = list(self.params)
+        if weights is not None:
+            self.names += weights.names
+            self.params += weights.copies
+            self.grad_of += weights.masters
+        self._acc = [torch.zeros_like(t) for t in self.grad_of]
         # An input that requires grad, so that a stage fed only integers (token ids) still gets a node
         # whose backward replays the graph that computes its weight gradients.
         self._anchor = torch.zeros((), device=device, requires_grad=True)
@@ -220,8 +240,9 @@ class StageGraphs:
     def forward(self, m: int, inputs: list) -> tuple | None:
         if not self.active or self.disabled_reason is not None:
             return None
-        if torch.is_autocast_enabled("cuda"):
-            self._note("runs eagerly under autocast: its graphs were captured without it")
+        if self._autocast_now() != self.autocast_dtype:
+            self._note("runs eagerly: its graphs were captured "
+                       + (f"under autocast to {self.autocast_dtype}" if self.autocast_dtype else "without autocast"))
             return None
         sig = signature_of(inputs)
         if sig is None:
@@ -241,6 +262,10 @@ class StageGraphs:
         self.replays += 1
         out = _Replay.apply(slot, self._anchor, *inputs)
         return pytree.tree_unflatten(list(out), slot.spec)
+
+    @staticmethod
+    def _autocast_now() -> torch.dtype | None:
+        return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
 
     def _note(self, what: str) -> None:
         """Warn once per reason that this stage runs a microbatch eagerly."""
@@ -289,7 +314,7 @@ class StageGraphs:
             return
         new, new_src, old, old_src = [], [], [], []
         for k in self._used:
-            p, a = self.params[k], self._acc[k]
+            p, a = self.grad_of[k], self._acc[k]
             if p.grad is None:
                 p.grad = torch.empty_like(a)
                 new.append(p.grad)
@@ -337,8 +362,8 @@ class StageGraphs:
             if name in buffers:
                 b.detach().copy_(buffers[name])
         torch.cuda.synchronize()
-        slots = [_Slot(sig, self.module, sample, self.names, self.params, self._acc, self.split)
-                 for _ in range(self.slots)]
+        slots = [_Slot(sig, self.module, sample, self.names, self.params, self._acc, self.split,
+                       self.autocast_dtype) for _ in range(self.slots)]
         self._used = sorted(set(self._used) | set(slots[0].used_params))
         self._graphs[sig] = slots
         self._free[sig] = list(slots)
@@ -356,7 +381,8 @@ class StageGraphs:
                 aliases = _aliases(self.params)
                 _set_sync_debug_mode("error" if i == 0 else mode)
                 try:
-                    out = [o for o in pytree.tree_leaves(_call(self.module, self.names, aliases, sample))
+                    out = [o for o in pytree.tree_leaves(_call(self.module, self.names, aliases, sample,
+                                                                self.autocast_dtype))
                            if isinstance(o, torch.Tensor) and o.requires_grad]
                     targets = [x for x in sample if x.requires_grad] + aliases
                     if out:
