@@ -75,7 +75,7 @@ def test_parallelize_refuses_cuda_graphs_with_tp_zero_3_and_on_cpu():
     assert zero_3.startswith("cuda_graphs=True with zero=3: ZeRO 3 frees the whole parameters"), zero_3
 
 
-def _bf16_mixed_replayed_against_eager(rank, world, schedule):
+def _bf16_mixed_replayed_against_eager(rank, world, schedule, ac="none"):
     """pp.parallelize a traced GPT at bf16-mixed, replayed and eager side by side for 3 optimizer steps:
     the same losses and float32 master gradients; steps 2 and 3 replayed entirely."""
     import pp
@@ -90,7 +90,7 @@ def _bf16_mixed_replayed_against_eager(rank, world, schedule):
             gpt = GPT(mc.vocab_size, mc.d_model, mc.n_layers, mc.n_heads, mc.seq_len)
         par = pp.parallelize(gpt, (torch.zeros(2, 16, dtype=torch.long),), n_microbatches=4, loss_fn=lm_loss,
                              schedule=schedule, device="cuda", precision="bf16-mixed", cuda_graphs=graphs,
-                             init_fn=init_fn(mc, 0))
+                             activation_checkpointing=ac, init_fn=init_fn(mc, 0))
         opt = par.build_optimizer(torch.optim.AdamW, lr=1e-2)
         g = torch.Generator().manual_seed(1)
         losses, grads = [], []
@@ -108,12 +108,14 @@ def _bf16_mixed_replayed_against_eager(rank, world, schedule):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("schedule", ["1F1B", "ZBVZeroBubble"])
-def test_bf16_mixed_replays_with_the_eager_losses_and_float32_gradients(schedule):
-    runs = run_ranks(_bf16_mixed_replayed_against_eager, 1, schedule, backend="nccl")[0]
+@pytest.mark.parametrize("schedule,ac", [("1F1B", "none"), ("ZBVZeroBubble", "none"), ("1F1B", "full"),
+                                         ("ZBVZeroBubble", "full"), ("Interleaved1F1B", "selective"),
+                                         ("ZBVZeroBubble", "selective")])
+def test_bf16_mixed_and_checkpointing_replay_with_the_eager_losses_and_float32_gradients(schedule, ac):
+    runs = run_ranks(_bf16_mixed_replayed_against_eager, 1, schedule, ac, backend="nccl")[0]
     (eager_losses, eager_grads, _, _), (losses, grads, replays, dtypes) = runs[False], runs[True]
     assert set(dtypes) == {torch.float32}
-    stages = 2 if schedule == "ZBVZeroBubble" else 1
+    stages = 1 if schedule == "1F1B" else 2
     assert replays == 2 * 4 * stages, replays
     for step in range(3):
         torch.testing.assert_close(losses[step], eager_losses[step], rtol=0, atol=0)
@@ -202,3 +204,41 @@ def test_shapes_beyond_max_shapes_run_eagerly_with_one_warning():
             assert graphs.forward(0, [torch.randn(rows, 4)]) is None
     assert len([w for w in caught if "max_shapes" in str(w.message)]) == 1
     assert len(graphs._seen) == 1 and graphs.replays == 0
+
+
+class _DropoutBlocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.2))
+                                          for _ in range(2))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def _dropout_in_checkpointed_blocks(rank, world):
+    import warnings
+
+    from pp.parallel.checkpointing import apply_checkpointing
+
+    torch.manual_seed(0)
+    module = _DropoutBlocks().cuda()
+    apply_checkpointing(module, "full")
+    stage = pp.PipelineStage(module, 0, 1, "cuda")
+    sched = schedule_class("1F1B")(stage, 2, loss_fn=F.mse_loss)
+    sched.enable_cuda_graphs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            module.zero_grad()
+            sched.step(torch.randn(4, 8, device="cuda"), target=torch.randn(4, 8, device="cuda"))
+    return stage.graphs.replays, [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dropout_inside_checkpointed_blocks_stays_eager_with_one_warning():
+    replays, said = run_ranks(_dropout_in_checkpointed_blocks, 1, backend="nccl")[0]
+    assert replays == 0
+    assert len(said) == 1 and "draws random numbers" in said[0], said

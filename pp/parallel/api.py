@@ -7,7 +7,6 @@ are averaged over its dp group during the step. See the README, "Pipeline × dat
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -380,10 +379,7 @@ def parallelize(
     sched = cls(target, n_microbatches, loss_fn=loss_fn)
     if compile:
         sched.compile(per=compile_per)
-    if cuda_graphs and ac != "none":
-        warnings.warn(f"cuda_graphs=True with activation_checkpointing={ac!r}: the stages run eagerly "
-                      f"(recompute hooks are not captured)", stacklevel=2)
-    elif cuda_graphs:
+    if cuda_graphs:
         sched.enable_cuda_graphs()
     sync, zshards = None, None
     if dp > 1 and zero < 2:

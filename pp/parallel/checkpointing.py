@@ -57,6 +57,22 @@ def _contexts(mode: str) -> Callable | None:
     return functools.partial(create_selective_checkpoint_contexts, selective_policy) if mode == "selective" else None
 
 
+_capturing = [False]   # inside a CUDA-graph capture (pp.stage.graphs): random-number state is not readable
+
+
+class capturing:
+    """While a stage is captured as CUDA graphs: checkpointed regions neither save nor restore the
+    random-number state (reading it is refused during capture; the graphs code leaves a stage that draws
+    random numbers inside checkpointed blocks eager, so no recompute depends on it)."""
+
+    def __enter__(self) -> None:
+        self._was = _capturing[0]
+        _capturing[0] = True
+
+    def __exit__(self, *exc: object) -> None:
+        _capturing[0] = self._was
+
+
 class Checkpointed:
     """`fn` called through activation checkpointing (`mode` full or selective). `once=True` recomputes
     once per forward however many backward calls read it (the I/W split); `runs` counts the calls of
@@ -76,7 +92,8 @@ class Checkpointed:
             return _checkpoint_once(self._body, args, kwargs, _contexts(self.mode))
         ctx = _contexts(self.mode)
         extra = {"context_fn": ctx} if ctx is not None else {}
-        return checkpoint(self._body, *args, use_reentrant=False, **extra, **kwargs)
+        return checkpoint(self._body, *args, use_reentrant=False, preserve_rng_state=not _capturing[0],
+                          **extra, **kwargs)
 
 
 class _Frame:
@@ -84,9 +101,9 @@ class _Frame:
 
     def __init__(self, fn: Callable, args: tuple, kwargs: dict, recompute_ctx: Any) -> None:
         self.fn, self.args, self.kwargs, self.recompute_ctx = fn, args, kwargs, recompute_ctx
-        self.devices = sorted({a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"},
-                              key=str)
-        self.cpu_rng = torch.get_rng_state()
+        self.devices = [] if _capturing[0] else sorted(
+            {a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"}, key=str)
+        self.cpu_rng = None if _capturing[0] else torch.get_rng_state()
         self.dev_rng = [torch.cuda.get_rng_state(d) for d in self.devices]
         self.autocast = [(t, torch.get_autocast_dtype(t)) for t in ("cpu", "cuda")
                          if torch.is_autocast_enabled(t)]
@@ -104,8 +121,10 @@ class _Frame:
 
         args = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
                      for a in self.args)
-        with torch.random.fork_rng(devices=self.devices), torch.enable_grad():
-            torch.set_rng_state(self.cpu_rng)
+        rng = torch.random.fork_rng(devices=self.devices) if self.cpu_rng is not None else _null()
+        with rng, torch.enable_grad():
+            if self.cpu_rng is not None:
+                torch.set_rng_state(self.cpu_rng)
             for d, state in zip(self.devices, self.dev_rng):
                 torch.cuda.set_rng_state(state, d)
             with _autocast(self.autocast), torch.autograd.graph.saved_tensors_hooks(pack, unpack), \

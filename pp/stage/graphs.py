@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from ..parallel.checkpointing import capturing, regions
 from .backward import input_grads, weight_grads
 
 Signature = tuple  # ((shape, dtype, requires_grad), ...) of one microbatch's stage inputs
@@ -351,6 +352,10 @@ class StageGraphs:
                               f"({self.disabled_reason}); it runs eagerly", stacklevel=2)
 
     def _capture(self, sig: Signature, sample: list[torch.Tensor]) -> None:
+        with capturing():
+            self._capture_checkpointed(sig, sample)
+
+    def _capture_checkpointed(self, sig: Signature, sample: list[torch.Tensor]) -> None:
         for x in sample:
             if x.is_floating_point():
                 x.detach().normal_()
@@ -376,6 +381,8 @@ class StageGraphs:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         mode = torch.cuda.get_sync_debug_mode()
+        checkpointed = bool(regions(self.module))
+        rng = torch.cuda.get_rng_state(self.device) if checkpointed else None
         with torch.cuda.stream(side):
             for i in range(2):
                 aliases = _aliases(self.params)
@@ -392,3 +399,7 @@ class StageGraphs:
                 finally:
                     _set_sync_debug_mode(mode)
         torch.cuda.current_stream().wait_stream(side)
+        if checkpointed and not torch.equal(torch.cuda.get_rng_state(self.device), rng):
+            torch.cuda.set_rng_state(rng, self.device)
+            raise _WarmUpFailed("it draws random numbers (dropout?) inside activation-checkpointed blocks, "
+                                "which a captured recompute cannot draw again alike")
