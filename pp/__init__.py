@@ -28,7 +28,7 @@ _LAZY = {
     "schedule_from_actions": "pp.schedules.classes",
     "load_unsplit": "pp.checkpoint_api",
     "parallelize": "pp.parallel.api",
-    "ParallelModel": "pp.parallel.api",
+    "ParallelModel": "pp.parallel.model",
 }
 
 __all__ = [

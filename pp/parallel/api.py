@@ -6,226 +6,25 @@ are averaged over its dp group during the step. See the README, "Pipeline × dat
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from pp.comms.collectives import all_reduce
 from pp.parallel.checkpointing import apply_checkpointing, check_mode
 from pp.parallel.data_parallel import GradSync
 from pp.parallel.mesh import check_mesh, make_mesh, mesh_coords
 from pp.parallel.meta import fill, is_meta, materialize, to_meta
 from pp.parallel.precision import apply_precision, cast_module, check_precision
-from pp.parallel.zero import ShardedParams, check_zero, zero_optimizer
+from pp.parallel.zero import ShardedParams, check_zero
 from pp.stage.marker import SplitPoint
 from pp.stage.pipe import Pipe
 from pp.stage.policies import SplitPolicy, split_by_cost
 from pp.stage.split import pipeline
-from pp.tp.layout import ParamShard, gather_shard, take_shard
+from pp.parallel.model import ParallelModel
 
 __all__ = ["ParallelModel", "parallelize"]
-
-
-class ParallelModel:
-    """This rank's part of a model trained with `pp.parallelize`: its stages, their schedule, and the
-    gradient synchronisation that makes one `step` equal one step of the unsplit model.
-
-    Parameter names are the model's own. `step` takes this data-parallel replica's share of the
-    global batch (`local_share` cuts it); losses and gradients then equal those of the whole model
-    on the global batch, with the loss being the mean over all replicas' microbatches.
-    """
-
-    def __init__(self, mesh: DeviceMesh, stages: list, schedule: Any, grad_sync: GradSync | None,
-                 tp_shards: dict[str, ParamShard], shared_params: Mapping[str, list[int]], *,
-                 precision: str = "fp32", activation_checkpointing: str = "none", zero: int = 0,
-                 shards: ShardedParams | None = None) -> None:
-        self.mesh, self.stages, self.schedule, self.grad_sync = mesh, stages, schedule, grad_sync
-        self.precision, self.activation_checkpointing, self.zero = precision, activation_checkpointing, zero
-        self.shards = shards    # ZeRO 2/3: the master shards the optimizer updates
-        self.tp_shards = dict(tp_shards)
-        coords = mesh_coords(mesh)
-        self.pp_rank, self.dp_rank, self.tp_rank = coords["pp"], coords["dp"], coords["tp"]
-        self.pp, self.dp, self.tp = (mesh.size(i) for i in range(3))
-        self._shared = dict(shared_params)
-        n_stages = stages[0].num_stages
-        ids = [s.stage_index for s in stages]
-        self.has_first_stage, self.has_last_stage = 0 in ids, n_stages - 1 in ids
-
-    # ------------------------------------------------------------------------------- training
-    def step(self, *args: Any, target: Any = None, losses: list | None = None, **kwargs: Any) -> None:
-        """One training step on this replica's share of the batch: forward and backward of every
-        microbatch, gradients accumulated into `.grad` and averaged over the dp replicas. Ranks of
-        the first stage need the inputs, ranks of the last stage `target` (others may pass them
-        too); on the last stage each microbatch's loss is appended to `losses`."""
-        if self.shards is not None:   # the whole parameters from the shards the optimizer updated
-            self.shards.gather()
-        self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
-        if self.grad_sync is not None:
-            self.grad_sync.finish()
-        if self.shards is not None:
-            self.shards.reduce_grads()
-            self._release_whole_weights()
-
-    def eval(self, *args: Any, **kwargs: Any) -> Any:
-        """Forward only; the merged output on the ranks of the last stage, None elsewhere."""
-        if self.shards is not None:
-            self.shards.gather()
-        try:
-            return self.schedule.eval(*args, **kwargs)
-        finally:
-            if self.shards is not None:
-                self._release_whole_weights()
-
-    def _release_whole_weights(self) -> None:
-        """ZeRO 3: free the whole parameters between steps, and their bfloat16 copies (bf16-mixed)."""
-        self.shards.release()
-        if self.shards.free:
-            for stage in self.stages:
-                if stage.bf16_weights is not None and stage.graphs is None:
-                    stage.bf16_weights.release()
-
-    def build_optimizer(self, optimizer_class: type = torch.optim.AdamW, param_groups: list[dict] | None = None,
-                        **defaults: Any) -> torch.optim.Optimizer:
-        """The optimizer for this rank's parameters at this model's ZeRO level: `optimizer_class`
-        itself (zero 0), torch's ZeroRedundancyOptimizer of it over the dp group (zero 1), or
-        `optimizer_class` over the float32 master shards (zero 2/3, which `step` keeps in sync).
-        `param_groups` (dicts whose "params" are parameters of `parameters()`) default to one group."""
-        groups = param_groups if param_groups is not None else [{"params": list(self.parameters())}]
-        if self.shards is not None:
-            groups = [{**g, "params": [self.shards.master_of[id(p)] for p in g["params"]
-                                       if id(p) in self.shards.master_of]} for g in groups]
-        if self.zero == 1:
-            return zero_optimizer(groups, optimizer_class, self.mesh.get_group("dp"), **defaults)
-        return optimizer_class(groups, **defaults)
-
-    def optimizer_params(self) -> list[tuple[str, nn.Parameter]]:
-        """(name, tensor the optimizer updates) for each parameter: the parameter itself, or its float32
-        master shard at zero 2/3."""
-        if self.shards is not None:
-            return list(zip(self.shards.names, self.shards.masters))
-        return list(self.named_parameters())
-
-    def grads(self) -> list[torch.Tensor]:
-        """The gradients the optimizer reads (the master shards' at zero 2/3), for scaling them."""
-        return [p.grad for _, p in self.optimizer_params() if p.grad is not None]
-
-    def local_share(self, batch: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """This replica's share of a global `batch`: the dp_rank-th of dp equal chunks along `dim`."""
-        if batch.shape[dim] % self.dp:
-            raise ValueError(f"a batch of {batch.shape[dim]} along dim {dim} does not divide into "
-                             f"dp={self.dp} equal shares")
-        return batch.chunk(self.dp, dim)[self.dp_rank]
-
-    @property
-    def owns_loss(self) -> bool:
-        """Whether this rank's losses count in a global mean: the last stage's rank of tp index 0
-        (the other tp ranks compute the same losses)."""
-        return self.has_last_stage and self.tp_rank == 0
-
-    # ----------------------------------------------------------------------------- parameters
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """(name, parameter) of this rank's stages, each parameter once; tp-sharded ones are local."""
-        seen: set[int] = set()
-        for stage in self.stages:
-            for name, p in stage.submod.named_parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    yield name, p
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        for _, p in self.named_parameters():
-            yield p
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in [*self.parameters(), *(self.shards.masters if self.shards is not None else ())]:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
-
-    def grad_norm_sq(self) -> torch.Tensor:
-        """This rank's share of the squared global gradient norm (float32): summed over all ranks it
-        counts every parameter once, tp shards once each, replicas and shared copies once."""
-        grads = [p.grad for p in self._norm_params() if p.grad is not None]
-        if not grads:
-            return torch.zeros((), dtype=torch.float32, device=self.stages[0].device)
-        return torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).square().sum()
-
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """Scale every gradient so that the global norm is at most `max_norm`; return the norm before.
-        Collective over all ranks."""
-        if not max_norm > 0:
-            raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
-        norm = math.sqrt(all_reduce(self.grad_norm_sq(), "sum").item())
-        if norm > max_norm:
-            torch._foreach_mul_(self.grads(), max_norm / (norm + 1e-6))
-        return norm
-
-    def _norm_params(self) -> list[nn.Parameter]:
-        if self.dp_rank != 0 and self.shards is None:       # replicas hold the same averaged gradients
-            return []
-        out, seen = [], set()
-        for stage in self.stages:
-            for name, p in stage.submod.named_parameters():
-                owner = min(self._shared.get(name, [stage.stage_index]))
-                if owner != stage.stage_index or id(p) in seen:
-                    continue
-                if self.tp_rank == 0 or name in self.tp_shards:
-                    seen.add(id(p))
-                    out.append(p if self.shards is None else self.shards.master_of[id(p)])
-        return out
-
-    # ------------------------------------------------------------------- full and local tensors
-    def full_tensor(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        """The whole tensor for parameter `name` from its local part (a tp all-gather for sharded
-        ones, collective over the tp group; `local` itself otherwise). Also for optimizer state."""
-        shard = self.tp_shards.get(name)
-        return local if shard is None else gather_shard(local, shard, self.mesh.get_group("tp"))
-
-    def local_tensor(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        """This rank's part of the whole tensor `full` of parameter `name`."""
-        shard = self.tp_shards.get(name)
-        return full if shard is None else take_shard(full, shard, self.tp_rank, self.tp)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's stages' parameters and buffers as whole tensors under the model's names
-        (collective over the tp group)."""
-        out: dict[str, torch.Tensor] = {}
-        sharded = self._sharded_names()
-        for stage in self.stages:
-            for name, t in stage.submod.state_dict().items():
-                if name in sharded:  # ZeRO 2/3: the master shards hold the values (collective over dp)
-                    t = self.shards.whole(sharded[name], self.shards.master(sharded[name])).to(t.dtype)
-                out[name] = self.full_tensor(name, t)
-        return out
-
-    def _sharded_names(self) -> dict[str, str]:
-        """ZeRO 2/3: every name of a sharded parameter (tied aliases too) -> the name it is sharded under."""
-        if self.shards is None:
-            return {}
-        first = {id(p): n for n, p in zip(self.shards.names, self.shards.params)}
-        return {n: first[id(p)] for st in self.stages
-                for n, p in st.submod.named_parameters(remove_duplicate=False) if id(p) in first}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy whole tensors (as from `state_dict` or the unsplit model) into this rank's parts.
-
-        Collective over all ranks. Every rank checks first and none copies unless all fit, so a bad
-        `state` raises the same `pp.weights.WeightsError` (a ValueError listing the missing, unexpected
-        and mis-shaped keys) everywhere and leaves every weight as it was. A tensor tied under several
-        names needs only one of them. With ZeRO 2/3 shards, each rank fills its shards of the masters.
-        """
-        from pp.weights import load_weights
-
-        load_weights(self, state)
-
-    def __repr__(self) -> str:
-        ids = [s.stage_index for s in self.stages]
-        return (f"ParallelModel(pp={self.pp}, dp={self.dp}, tp={self.tp}; rank (pp {self.pp_rank}, "
-                f"dp {self.dp_rank}, tp {self.tp_rank}) holds stages {ids})")
 
 
 def parallelize(
