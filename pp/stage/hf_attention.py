@@ -95,10 +95,10 @@ def eager_attention_for_export(module: nn.Module) -> Iterator[None]:
     own_positions: list[bool] = []     # per traced model call: numbered by the model itself, no padding mask
     find_packed = getattr(mu, "find_packed_sequence_indices", None)
 
-    def find_packed_as_eager(position_ids: Any) -> Any:
+    def find_packed_as_eager(*args: Any, **kwargs: Any) -> Any:
         if own_positions and own_positions[-1]:
             return None      # what the eager forward finds for 0..n-1 in every row: one sequence each
-        return find_packed(position_ids)
+        return find_packed(*args, **kwargs)
 
     def enter(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         own_positions.append(kwargs.get("position_ids") is None and kwargs.get("attention_mask") is None
