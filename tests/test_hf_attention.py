@@ -136,5 +136,22 @@ def test_tracing_leaves_transformers_as_it_was():
     assert masking_utils.find_packed_sequence_indices is before
     assert model.m.config._attn_implementation == "sdpa"
     assert not model.m._forward_pre_hooks and not model.m.model._forward_pre_hooks
-    x = torch.randint(0, 96, (2, 8))
-    torch.testing.assert_close(model(x), model(x))
+    assert not model.m._forward_hooks and not model.m.model._forward_hooks
+
+
+def test_a_causal_mask_with_more_keys_than_queries_is_left_to_transformers():
+    from transformers import masking_utils
+
+    from pp.stage.hf_attention import _sdpa_mask_as_eager
+
+    common = dict(batch_size=1, q_offset=0, kv_offset=0, mask_function=masking_utils.causal_mask_function,
+                  attention_mask=None, allow_is_causal_skip=True, dtype=torch.float32, device=torch.device("cpu"))
+    assert _sdpa_mask_as_eager(q_length=4, kv_length=4, **common) is None
+    for offset in (0, 3):   # an empty cache (transformers may skip the mask itself) and a filled one
+        mine = _sdpa_mask_as_eager(q_length=2, kv_length=4, **{**common, "q_offset": offset})
+        theirs = masking_utils.sdpa_mask(q_length=2, kv_length=4, **{**common, "q_offset": offset})
+        assert (mine is None) == (theirs is None)
+        if theirs is not None:
+            assert torch.equal(mine, theirs)
+    filled = _sdpa_mask_as_eager(q_length=2, kv_length=4, **{**common, "q_offset": 3})
+    assert filled is not None and filled.shape[-2:] == (2, 4)

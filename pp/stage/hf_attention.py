@@ -39,8 +39,12 @@ def _sdpa_mask_as_eager(**kwargs: Any) -> Any:
     from transformers import masking_utils as mu
 
     fn = kwargs.get("mask_function")
+    q, kv = kwargs.get("q_length"), kwargs.get("kv_length")
+    # is_causal aligns the mask upper-left: right only for as many keys as queries (no cache); a size
+    # transformers does not pass here (older versions) is the query's, as pp's stages hold no cache
+    same_length = q is None or q is kv or (isinstance(q, int) and isinstance(kv, int) and q == kv)
     if kwargs.get("attention_mask") is None and kwargs.get("local_size") is None:
-        if fn is mu.causal_mask_function and kwargs.get("allow_is_causal_skip", True):
+        if fn is mu.causal_mask_function and kwargs.get("allow_is_causal_skip", True) and same_length:
             return None
         if fn is getattr(mu, "bidirectional_mask_function", None) and kwargs.get("allow_is_bidirectional_skip", False):
             return None
