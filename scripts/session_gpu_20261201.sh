@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The two-GPU measurements still open for issues 16, 17 and 20, one part per device call:
+#   scripts/session_gpu_20261201.sh schedules OUT   issue 20: GPT table (eager, compiled, torch), tiny-model
+#                                                  overhead, one-GPU reference, schedule auto against by hand
+#   REF=scratch/bench scripts/session_gpu_20261201.sh hf OUT
+#                                                  issue 16: HF Llama one GPU / traced cost / every schedule,
+#                                                  pp.run hf:LlamaForCausalLM, T5 over 2 GPUs
+#   scripts/session_gpu_20261201.sh memory OUT      issue 17: checkpointing memory (bf16, activation-dominated),
+#                                                  bf16-mixed against bf16, the largest-GPT runs
+# REF holds ../shared/bench (hf_llama_bench.py, hf_traced_cost.py) copied into a git-ignored folder.
+set -uo pipefail
+. "$(dirname "$0")/gpu_env.sh"
+PART=${1:?usage: scripts/session_gpu_20261201.sh schedules|hf|memory OUT}
+OUT=${2:?usage: scripts/session_gpu_20261201.sh schedules|hf|memory OUT}
+mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
+{ nvidia-smi -L; "$PYTHON" -c "import torch; print('torch', torch.__version__)"; } > "$OUT/device.txt" 2>&1
+R="$PYTHON -m torch.distributed.run --standalone --nproc-per-node 2"
+R1="$PYTHON -m torch.distributed.run --standalone --nproc-per-node 1"
+quiet() { grep -v "^W1\|^I1\|warnings.warn\|FutureWarning" | cut -c1-300; }
+
+gpt_cfg() {  # gpt_cfg FILE SCHEDULE [MICROBATCHES]: pp.run config of issue 20's model (bf16, microbatch 2)
+  local mb=${3:+", microbatches: $3"}
+  cat > "$1" <<EOY
+model: {name: gpt, vocab_size: 32768, d_model: 2048, n_layers: 16, n_heads: 16, seq_len: 1024}
+parallel: {pp: 2}
+schedule: {name: $2$mb}
+train: {steps: 14, batch_size: 32, precision: bf16, log_every: 1}
+checkpoint: {every: 0}
+EOY
+}
+
+case "$PART" in
+schedules)
+  echo "== one GPU, whole model (16 microbatches of 2, gradient accumulation)"
+  timeout 90 $R1 scripts/bench.py --schedule 1F1B --microbatches 16 --warmup 2 --steps 6 --tag single \
+      --out "$OUT/results.jsonl" 2>&1 | quiet | tail -2
+  cat > "$OUT/suite.json" <<'EOJ'
+[{"impl": "pp", "schedule": "1F1B"}, {"impl": "torch", "schedule": "1F1B"},
+ {"impl": "torch", "schedule": "DualPipeV"}, {"impl": "pp", "schedule": "DualPipeV"},
+ {"impl": "pp", "schedule": "ZBVZeroBubble"}, {"impl": "torch", "schedule": "ZBVZeroBubble"},
+ {"impl": "torch", "schedule": "Interleaved1F1B"}, {"impl": "pp", "schedule": "Interleaved1F1B"},
+ {"impl": "pp", "schedule": "1F1B", "layers": 8, "d_model": 512, "heads": 8, "seq": 128, "tag": "overhead"},
+ {"impl": "torch", "schedule": "1F1B", "layers": 8, "d_model": 512, "heads": 8, "seq": 128, "tag": "overhead"},
+ {"impl": "torch", "schedule": "Interleaved1F1B", "layers": 8, "d_model": 512, "heads": 8, "seq": 128, "tag": "overhead"},
+ {"impl": "pp", "schedule": "Interleaved1F1B", "layers": 8, "d_model": 512, "heads": 8, "seq": 128, "tag": "overhead"},
+ {"impl": "pp", "schedule": "1F1B", "layers": 8, "d_model": 512, "heads": 8, "seq": 128, "tag": "overhead", "cuda_graphs": true},
+ {"impl": "pp", "schedule": "Interleaved1F1B", "layers": 8, "d_model": 512, "heads": 8, "seq": 128, "tag": "overhead", "cuda_graphs": true},
+ {"impl": "pp", "schedule": "DualPipeV", "compile": true, "compile_per": "stage"},
+ {"impl": "pp", "schedule": "1F1B", "compile": true, "compile_per": "stage"},
+ {"impl": "torch", "schedule": "1F1B", "compile": true},
+ {"impl": "pp", "schedule": "ZBVZeroBubble", "compile": true, "compile_per": "stage"},
+ {"impl": "pp", "schedule": "Interleaved1F1B", "compile": true, "compile_per": "stage"},
+ {"impl": "torch", "schedule": "Interleaved1F1B", "compile": true},
+ {"impl": "pp", "schedule": "DualPipeV", "compile": true, "compile_per": "block"},
+ {"impl": "pp", "schedule": "1F1B", "compile": true, "compile_per": "block"},
+ {"impl": "pp", "schedule": "DualPipeV", "compile": true, "compile_per": "stage", "cuda_graphs": true}]
+EOJ
+  echo "== two GPUs: the table (eager, overhead, compiled)"
+  timeout ${SUITE_S:-330} $R scripts/bench.py --suite "$OUT/suite.json" --microbatches 16 --warmup 2 --steps 5 \
+      --resume --timeout-s 600 --out "$OUT/results.jsonl" 2>&1 | quiet > "$OUT/log.txt"; grep -v "^{" "$OUT/log.txt" | tail -3
+  "$PYTHON" scripts/bench_table.py "$OUT/results.jsonl" > "$OUT/table.md" 2>&1
+  echo "== schedule auto against schedules by hand (pp.run, bf16, batch 32 x 1024)"
+  for s in auto DualPipeV 1F1B; do
+    gpt_cfg "$OUT/gpt_$s.yaml" "$s" $([ "$s" = auto ] || echo 16)
+    timeout 75 $R -m pp.run "$OUT/gpt_$s.yaml" --output.dir "$OUT/run_$s" 2>&1 | quiet > "$OUT/run_$s.txt"
+    tail -3 "$OUT/run_$s.txt"
+  done
+  "$PYTHON" - "$OUT" <<'EOP' | tee "$OUT/auto.txt"
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+for s in ("auto", "DualPipeV", "1F1B"):
+    p = out / f"run_{s}" / "summary.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        print(s, "tok/s", round(d.get("tokens_per_s", 0)), "tuned", (d.get("tuned") or {}).get("schedule"),
+              (d.get("tuned") or {}).get("microbatches"), "predicted/measured", d.get("predicted_step_s"),
+              d.get("measured_step_s"), d.get("step_time_ratio"))
+EOP
+  ;;
+hf)
+  REF=${REF:?set REF to the folder with hf_llama_bench.py and hf_traced_cost.py}
+  "$PYTHON" -c "import transformers; print('transformers', transformers.__version__)" >> "$OUT/device.txt" 2>&1
+  echo "== one GPU, whole model, gradient accumulation"
+  timeout 100 "$PYTHON" "$REF/hf_llama_bench.py" --single 2>&1 | tee "$OUT/single.txt" | tail -1
+  echo "== one GPU, traced pipe vs eager"
+  timeout 100 "$PYTHON" scripts/traced_cost.py --out "$OUT/traced_cost.jsonl" 2>&1 | tail -2
+  echo "== two GPUs, pp, schedules (16 microbatches)"
+  timeout 240 $R scripts/bench.py --model hf-llama --microbatches 16 --warmup 2 --steps 5 --timeout-s 600 \
+      --suite "pp:1F1B:16,pp:DualPipeV:16,pp:ZBVZeroBubble:16,pp:Interleaved1F1B:16,pp:GPipe:16" \
+      --out "$OUT/pp.jsonl" 2>&1 | quiet | grep -v "^{" | tail -4
+  "$PYTHON" scripts/bench_table.py "$OUT/pp.jsonl" > "$OUT/table.md" 2>&1
+  echo "== pp.run hf:LlamaForCausalLM on 2 GPUs"
+  timeout 120 $R -m pp.run configs/hf-llama-2gpu.yaml --train.steps 12 --output.dir "$OUT/hf-llama" 2>&1 | quiet \
+      > "$OUT/hf_llama_run.txt"; tail -4 "$OUT/hf_llama_run.txt"
+  echo "== T5 over 2 GPUs"
+  timeout 100 $R scripts/hf_t5_gpu_check.py --steps 3 2>&1 | quiet | tee "$OUT/t5.txt" | tail -3
+  ;;
+memory)
+  M="scripts/bench_memory.py --warmup 1 --steps 3 --fused-adamw"
+  echo "== activation-dominated: bf16, 8 layers d4096 seq 4096, microbatch 4"
+  timeout 200 $R $M --layers 8 --mb-size 4 --out "$OUT/mem_act.jsonl" --configs \
+pp:1F1B:none:bf16:0:2:1,pp:1F1B:full:bf16:0:2:1,pp:1F1B:selective:bf16:0:2:1,torch:1F1B:none:bf16:0:2:1,\
+pp:ZBVZeroBubble:none:bf16:0:2:1,pp:ZBVZeroBubble:full:bf16:0:2:1,pp:ZBVZeroBubble:selective:bf16:0:2:1 \
+      2>&1 | quiet | tail -3
+  echo "== bf16-mixed against bf16 (fused AdamW both)"
+  timeout 120 $R $M --out "$OUT/mixed.jsonl" --configs \
+pp:1F1B:none:bf16-mixed:0:2:1,pp:1F1B:none:bf16:0:2:1,pp:ZBVZeroBubble:none:bf16-mixed:0:2:1,pp:ZBVZeroBubble:none:bf16:0:2:1 \
+      2>&1 | quiet | tail -3
+  LG="pp:1F1B:none:bf16-mixed:0:2:1,torch:1F1B:none:bf16-mixed:0:2:1,pp:1F1B:full:bf16-mixed:0:2:1,torch:1F1B:full:bf16-mixed:0:2:1,pp:1F1B:selective:bf16-mixed:0:2:1,pp:1F1B:none:bf16:0:2:1,torch:1F1B:none:bf16:0:2:1,pp:1F1B:full:bf16:0:2:1"
+  for L in 4 8; do
+    echo "== largest GPT: $L layers, d4096 seq 2048"
+    timeout 130 $R $M --layers $L --seq 2048 --out "$OUT/largest_L$L.jsonl" --configs "$LG" 2>&1 | quiet | tail -2
+  done
+  "$PYTHON" scripts/largest_gpt.py "$OUT/largest_L4.jsonl" "$OUT/largest_L8.jsonl" > "$OUT/largest.md" 2>&1
+  cat "$OUT/largest.md"
+  ;;
+*) echo "unknown part $PART (schedules, hf, memory)"; exit 2;;
+esac
