@@ -5,6 +5,8 @@
 #   REF=scratch/bench scripts/session_gpu_20261201.sh hf OUT
 #                                                  issue 16: HF Llama one GPU / traced cost / every schedule,
 #                                                  pp.run hf:LlamaForCausalLM, T5 over 2 GPUs
+#   scripts/session_gpu_20261201.sh final OUT       a new lease's one-GPU reference, cost-balanced cuts, memory at
+#                                                  16 layers x microbatch 8, recorded HF Llama steps
 #   scripts/session_gpu_20261201.sh memory OUT      issue 17: checkpointing memory (bf16, activation-dominated),
 #                                                  bf16-mixed against bf16, the largest-GPT runs
 # REF holds ../shared/bench (hf_llama_bench.py, hf_traced_cost.py) copied into a git-ignored folder.
@@ -113,6 +115,31 @@ pp:1F1B:none:bf16-mixed:0:2:1,pp:1F1B:none:bf16:0:2:1,pp:ZBVZeroBubble:none:bf16
   done
   "$PYTHON" scripts/largest_gpt.py "$OUT/largest_L4.jsonl" "$OUT/largest_L8.jsonl" > "$OUT/largest.md" 2>&1
   cat "$OUT/largest.md"
+  ;;
+final)  # the same lease's one-GPU reference, cost-balanced cuts, a larger activation-dominated size, HF traces
+  timeout 80 $R1 scripts/bench.py --schedule 1F1B --microbatches 16 --warmup 2 --steps 6 --tag single \
+      --out "$OUT/results.jsonl" 2>&1 | quiet | tail -1
+  cat > "$OUT/suite.json" <<'EOJ'
+[{"impl": "pp", "schedule": "DualPipeV", "compile": true, "compile_per": "stage", "split": "cost"},
+ {"impl": "pp", "schedule": "Interleaved1F1B", "compile": true, "compile_per": "stage", "split": "cost"},
+ {"impl": "torch", "schedule": "1F1B", "compile": true, "split": "cost"},
+ {"impl": "pp", "schedule": "1F1B", "compile": true, "compile_per": "stage", "split": "cost"},
+ {"impl": "torch", "schedule": "Interleaved1F1B", "split": "cost"},
+ {"impl": "pp", "schedule": "Interleaved1F1B", "split": "cost"},
+ {"impl": "pp", "schedule": "DualPipeV", "split": "cost"},
+ {"impl": "torch", "schedule": "DualPipeV", "split": "cost"},
+ {"impl": "pp", "schedule": "ZBVZeroBubble", "compile": true, "compile_per": "stage", "split": "cost"}]
+EOJ
+  timeout 170 $R scripts/bench.py --suite "$OUT/suite.json" --microbatches 16 --warmup 2 --steps 5 \
+      --resume --timeout-s 600 --out "$OUT/results.jsonl" 2>&1 | quiet > "$OUT/log.txt"; grep -v "^{" "$OUT/log.txt" | tail -2
+  echo "== activation-dominated, larger: bf16, 16 layers d4096 seq 4096, microbatch 8"
+  timeout 230 $R scripts/bench_memory.py --warmup 1 --steps 2 --fused-adamw --layers 16 --mb-size 8 \
+      --out "$OUT/mem_act16.jsonl" --configs pp:1F1B:full:bf16:0:2:1,pp:1F1B:none:bf16:0:2:1 2>&1 | quiet | tail -2
+  echo "== HF Llama, one recorded step per schedule"
+  mkdir -p /tmp/traces
+  timeout 80 $R scripts/bench.py --model hf-llama --suite "pp:DualPipeV:16,pp:1F1B:16" --warmup 2 --steps 3 \
+      --trace /tmp/traces --out /tmp/traces/hf.jsonl 2>&1 | quiet | grep -v "^{" | tail -2
+  tar czf "$OUT/traces.tgz" -C /tmp traces
   ;;
 *) echo "unknown part $PART (schedules, hf, memory)"; exit 2;;
 esac
