@@ -6,7 +6,8 @@
 #                                                  issue 16: HF Llama one GPU / traced cost / every schedule,
 #                                                  pp.run hf:LlamaForCausalLM, T5 over 2 GPUs
 #   scripts/session_gpu_20261201.sh final OUT       a new lease's one-GPU reference, cost-balanced cuts, memory at
-#                                                  16 layers x microbatch 8, recorded HF Llama steps
+#                                                  16 layers x microbatch 8, recorded HF Llama steps, HF Llama
+#                                                  with CUDA graphs, profiles of the tiny 1F1B (pp, torch)
 #   scripts/session_gpu_20261201.sh memory OUT      issue 17: checkpointing memory (bf16, activation-dominated),
 #                                                  bf16-mixed against bf16, the largest-GPT runs
 # REF holds ../shared/bench (hf_llama_bench.py, hf_traced_cost.py) copied into a git-ignored folder.
@@ -139,6 +140,16 @@ EOJ
   mkdir -p /tmp/traces
   timeout 80 $R scripts/bench.py --model hf-llama --suite "pp:DualPipeV:16,pp:1F1B:16" --warmup 2 --steps 3 \
       --trace /tmp/traces --out /tmp/traces/hf.jsonl 2>&1 | quiet | grep -v "^{" | tail -2
+  echo "== HF Llama with CUDA-graph replay on 2 GPUs"
+  timeout 120 $R scripts/bench.py --model hf-llama --microbatches 16 --warmup 2 --steps 5 --cuda-graphs \
+      --suite "pp:1F1B:16,pp:ZBVZeroBubble:16,pp:DualPipeV:16" --out "$OUT/hf_graphs.jsonl" 2>&1 | quiet | grep -v "^{" | tail -2
+  echo "== tiny model 1F1B, one profiled step per rank, pp and torch (host overhead over NCCL)"
+  mkdir -p /tmp/traces/prof_pp /tmp/traces/prof_torch
+  for impl in pp torch; do
+    timeout 60 $R scripts/bench.py --impl $impl --schedule 1F1B --microbatches 16 --layers 8 --d-model 512 --heads 8 \
+        --seq 128 --tag overhead --warmup 3 --steps 10 --profile /tmp/traces/prof_$impl --out "$OUT/overhead.jsonl" \
+        2>&1 | quiet | grep -v "^{" | tail -1
+  done
   tar czf "$OUT/traces.tgz" -C /tmp traces
   ;;
 *) echo "unknown part $PART (schedules, hf, memory)"; exit 2;;
