@@ -175,3 +175,26 @@ def _split_leaves(named_leaves: list, specs: list, chunks: int) -> list[list]:
                              f"({path} has shape {tuple(value.shape)})")
         columns.append(value.tensor_split(chunks, dim=dim))
     return [[col[c] for col in columns] for c in range(chunks)]
+
+
+def loss_scales(targets: list | None, n_microbatches: int) -> float | list[float]:
+    """The factor each microbatch's loss gradient is seeded with (a schedule's `scale_grads`).
+
+    1 / n_microbatches when the microbatches are of one size, torch.distributed.pipelining's scaling.
+    When the batch does not divide evenly (`torch.tensor_split`: 10 rows in 4 microbatches are 3, 3, 2,
+    2), each microbatch's share of the batch's rows (0.3, 0.3, 0.2, 0.2): a loss that is a mean over
+    rows (cross-entropy or MSE with reduction "mean" over rows of one length) then gets the gradient of
+    the whole batch's mean, as the unsplit model does, not of the mean of unequal microbatch means.
+    `targets`: the microbatches' targets, split along dim 0; the rows are read from each one's first
+    tensor (a 0-dim or missing tensor falls back to 1 / n_microbatches).
+    """
+    rows = []
+    for t in targets or ():
+        leaf = next((x for x in pytree.tree_leaves(t) if isinstance(x, torch.Tensor)), None)
+        if leaf is None or leaf.dim() == 0:
+            return 1.0 / n_microbatches
+        rows.append(leaf.shape[0])
+    if len(set(rows)) > 1:
+        total = sum(rows)
+        return [r / total for r in rows]
+    return 1.0 / n_microbatches

@@ -73,10 +73,15 @@ def manual_stage_module(model: DeepMLP, stage: int, n_stages: int) -> nn.Module:
 
 
 def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_mb: int):
-    """Losses per microbatch and gradients of their mean, on the unsplit model."""
+    """Losses per microbatch and gradients of the batch's mean loss, on the unsplit model: the mean of
+    the microbatches' losses, each weighted by its share of the rows where the split is uneven."""
     ref = copy.deepcopy(model)
-    losses = [F.mse_loss(ref(xc), yc) for xc, yc in zip(x.tensor_split(n_mb), y.tensor_split(n_mb))]
-    (sum(losses) / n_mb).backward()
+    chunks = list(zip(x.tensor_split(n_mb), y.tensor_split(n_mb)))
+    losses = [F.mse_loss(ref(xc), yc) for xc, yc in chunks]
+    if len({xc.shape[0] for xc, _ in chunks}) == 1:
+        (sum(losses) / n_mb).backward()
+    else:
+        sum(loss * (xc.shape[0] / x.shape[0]) for loss, (xc, _) in zip(losses, chunks)).backward()
     return torch.stack(losses).detach(), {n: p.grad for n, p in ref.named_parameters()}
 
 

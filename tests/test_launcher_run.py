@@ -152,12 +152,19 @@ def test_pp4_checkpoint_loads_at_pp2_and_into_the_unsplit_model(straight, tmp_pa
 def test_two_rank_schedules_train(schedule, model, extra, tmp_path):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "cfg.yaml", out, pp=2, schedule=schedule, steps=8, every=0, model=model, extra=extra)
-    proc = torchrun(2, cfg)
+    profile = schedule == "ZBVZeroBubble"   # output.profile_step: one step under torch.profiler per rank
+    proc = torchrun(2, cfg, *(("--output.profile_step", "4") if profile else ()))
     check_ok(proc)
     got = losses(out)
     assert sorted(got) == list(range(1, 9))
     assert got[8] < got[1] - 0.3, got
     assert "4 stages on 2 rank(s)" in proc.stdout or schedule == "GPipe"
+    for rank in range(2):
+        path = out / "profile" / f"rank{rank}.json"
+        assert path.exists() == profile, path
+        if profile:
+            names = {e.get("name", "") for e in json.loads(path.read_text())["traceEvents"]}
+            assert any("AdamW" in n for n in names), sorted(names)[:20]   # the profiled step's optimizer step
 
 
 def test_bad_config_under_torchrun_is_one_line_from_rank_0(tmp_path):

@@ -61,16 +61,25 @@ def flat_mse(out, y):
 
 
 def reference(model, x, y, n_mb, autocast=False):
-    """Per-microbatch losses and the gradient of their mean, accumulated microbatch by microbatch (as
-    gradient accumulation does, each under its own autocast region: bf16 casts are not shared)."""
+    """Per-microbatch losses and the gradient of the batch's mean loss, accumulated microbatch by
+    microbatch (as gradient accumulation does, each under its own autocast region: bf16 casts are not
+    shared), each microbatch's loss weighted by its share of the batch's rows (8 rows in 3 microbatches:
+    3/8, 3/8, 2/8), which is the unsplit model's mean over the whole batch."""
     ref = copy.deepcopy(model)
     losses = []
     for xc, yc in zip(x.tensor_split(n_mb), y.tensor_split(n_mb)):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = flat_mse(ref(xc), yc)
-        (loss / n_mb).backward()
+        (loss * (xc.shape[0] / x.shape[0])).backward()
         losses.append(loss.detach())
     return torch.stack(losses), {n: p.grad for n, p in ref.named_parameters()}
+
+
+def unsplit_grads(model, x, y):
+    """The gradient of the whole batch's loss through the unsplit model."""
+    ref = copy.deepcopy(model)
+    flat_mse(ref(x), y).backward()
+    return {n: p.grad for n, p in ref.named_parameters()}
 
 
 def _pipes(model, example) -> dict:
@@ -101,9 +110,13 @@ def _step_and_compare(rank, model, stages, sched, n_stages, x, y, autocast=False
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         sched.step(*((x,) if 0 in held else ()), target=y if n_stages - 1 in held else None, losses=losses)
     kw = {} if tol is None else {"atol": tol, "rtol": tol}
+    whole = None if autocast else unsplit_grads(model, x, y)
     for s in stages:
         for n, p in s.submod.named_parameters():
             torch.testing.assert_close(p.grad, want_grads[n], msg=lambda m: f"{tuple(x.shape)} {n}: {m}", **kw)
+            if whole is not None:   # uneven microbatches too: the unsplit batch's gradient, not a mean of means
+                torch.testing.assert_close(p.grad, whole[n], atol=1e-6, rtol=1e-4,
+                                           msg=lambda m: f"{tuple(x.shape)} {n} against the unsplit batch: {m}")
     if n_stages - 1 in held:
         torch.testing.assert_close(torch.stack(losses), want_losses, **kw)
 

@@ -132,6 +132,8 @@ class OutputConfig:
                                     "tensorboard package: pip install 'pp[tensorboard]')")
     wandb: bool = _opt(False, "log the same scalars to Weights & Biases (needs the wandb package; "
                               "WANDB_MODE=offline works without network)")
+    profile_step: int = _opt(0, "run this step under torch.profiler and write output.dir/profile/rank<r>.json "
+                                "(Chrome trace: host calls, and kernels on a GPU) on every rank; 0: never")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from .job import Job
 from .rank import build_rank, lm_loss  # noqa: F401 - lm_loss is public here too
 from .metrics import BubbleMeter, MetricsWriter, chrome_trace, peak_memory_gib, summary_lines
 from .models import init_options
+from .profiling import profiled
 from .progress import Progress
 from .sinks import ScalarSinks
 from .stopping import StopSignals, Stopped
@@ -247,17 +248,20 @@ class Trainer:
                  if self.rank == 0 and (cfg.output.tensorboard or cfg.output.wandb) else None)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        t_start, steps_run, steady_s = time.perf_counter(), 0, 0.0
+        t_start, steps_run, steady_s, steady_n = time.perf_counter(), 0, 0.0, 0
         stopped: Stopped | None = None
         try:
             for step in range(done + 1, cfg.train.steps + 1):
                 self.current_step = step
-                rec = self.step(step)
+                with profiled(step == cfg.output.profile_step, cfg.output.dir, self.rank, self.device):
+                    rec = self.step(step)
                 if self.stop_signal:  # every rank agreed to stop after this step: no watchdog needed
                     self.stop.stand_down()
                 steps_run += 1
-                if steps_run > 1:  # the first step also learns shapes and warms up kernels
+                # the first step also learns shapes and warms up kernels; a profiled step runs slower
+                if steps_run > 1 and step != cfg.output.profile_step:
                     steady_s += rec["step_time_s"]
+                    steady_n += 1
                 every = cfg.eval.every
                 if every > 0 and (step % every == 0 or step == cfg.train.steps):
                     rec.update(self.evaluate())
@@ -287,7 +291,7 @@ class Trainer:
                 sinks.close()
             if own_stop:
                 self.stop.uninstall()
-        summary = self.finish(steps_run, time.perf_counter() - t_start, steady_s)
+        summary = self.finish(steps_run, time.perf_counter() - t_start, steady_s, steady_n)
         if stopped is not None:
             raise stopped
         return summary
@@ -301,11 +305,14 @@ class Trainer:
                          keep=self.cfg.checkpoint.keep)
         self.log(f"saved checkpoint {path} in {time.perf_counter() - t:.1f}s")
 
-    def finish(self, steps_run: int, seconds: float, steady_s: float) -> dict:
+    def finish(self, steps_run: int, seconds: float, steady_s: float, steady_n: int | None = None) -> dict:
         """Gather per-rank figures; rank 0 prints the summary and writes summary.json and trace.json.
 
-        `steady_s` is the time of steps 2.. of this run (no first step, no checkpoint saves).
+        `steady_s` is the time of the `steady_n` steady steps of this run (steps 2.., without the profiled
+        step and checkpoint saves; `steady_n` defaults to steps_run - 1).
         """
+        if steady_n is None:
+            steady_n = max(steps_run - 1, 0)
         mine = {"rank": self.rank, "stages": self.rs.stage_ids, "bubble": self.bubble.fraction(),
                 "peak_mem_gib": peak_memory_gib(self.device), "events": self.bubble.last_events}
         replays = getattr(self.rs.schedule, "cuda_graph_replays", {})
@@ -316,13 +323,13 @@ class Trainer:
         per_rank = coll.all_gather_object(mine)
         tokens = steps_run * self.cfg.train.batch_size * self.cfg.model.seq_len
         per_step = self.cfg.train.batch_size * self.cfg.model.seq_len
-        steady = per_step * (steps_run - 1) / steady_s if steady_s > 0 else tokens / max(seconds, 1e-9)
+        steady = per_step * steady_n / steady_s if steady_s > 0 else tokens / max(seconds, 1e-9)
         summary = {"steps": steps_run, "tokens": tokens, "seconds": seconds, "tokens_per_s": steady,
                    "steps_redone": self.steps_redone,
                    "ranks": [{k: v for k, v in r.items() if k != "events"} for r in per_rank]}
         tuned = self.job.tuned
         if tuned:  # schedule.name auto: the simulator's prediction beside the steady-state step time
-            measured = steady_s / (steps_run - 1) if steps_run > 1 else seconds / max(steps_run, 1)
+            measured = steady_s / steady_n if steady_n > 0 else seconds / max(steps_run, 1)
             summary.update(tuned=tuned, predicted_step_s=tuned["predicted_step_s"], measured_step_s=measured,
                            step_time_ratio=measured / max(tuned["predicted_step_s"], 1e-12))
         if self.rank == 0:

@@ -344,3 +344,7 @@ def _check_output(cfg: JobConfig) -> None:
         raise ConfigError("output.dir is empty: name a directory for metrics.jsonl and checkpoints")
     if os.path.exists(d) and not os.path.isdir(d):
         raise ConfigError(f"output.dir={d!r} exists and is not a directory")
+    ps = cfg.output.profile_step
+    if isinstance(ps, bool) or not isinstance(ps, int) or not 0 <= ps <= cfg.train.steps:
+        raise ConfigError(f"output.profile_step={ps!r}: expected 0 (never) or a step number from 1 to "
+                          f"train.steps={cfg.train.steps}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -59,12 +59,13 @@ class Executor:
 
     # --------------------------------------------------------------------------------- step
     def run(self, actions: list[Action], *, meta_mode: bool, loss_fn: Callable | None, targets: list | None,
-            losses: list | None, loss_scale: float, outputs: list | None, record: bool,
+            losses: list | None, loss_scale: float | Sequence[float], outputs: list | None, record: bool,
             after: dict[Action, Callable[[], None]] | None = None, meta_key: Any = None) -> None:
         """Run `actions`; `after[a]()` is called right after compute action `a` (e.g. start a stage's
         data-parallel gradient sync once its last backward of the step is done). Metadata is cached
         per `meta_key` (e.g. train and eval, whose outputs differ in requiring grad); `meta_mode`
-        exchanges it afresh for this key."""
+        exchanges it afresh for this key. `loss_scale` seeds each loss's backward: one factor for every
+        microbatch, or one per microbatch."""
         if meta_mode:
             self._metas[meta_key] = {}
         self._meta = self._metas.setdefault(meta_key, {})
@@ -139,9 +140,9 @@ class Executor:
                 for idx, buf in self._grad_bufs.pop((s, mb), ()):
                     stage.add_output_grad(mb, idx, buf)
                 if action.kind == Kind.B:
-                    stage.backward_one(mb, self._loss_scale)
+                    stage.backward_one(mb, self._scale_of(mb))
                 else:
-                    stage.backward_input(mb, self._loss_scale)
+                    stage.backward_input(mb, self._scale_of(mb))
                 self._route_grads_locally(stage, mb)
             elif action.kind == Kind.W:
                 stage.backward_weight(mb)
@@ -151,6 +152,11 @@ class Executor:
             if hasattr(e, "add_note"):
                 e.add_note(f"pp: while running {action} (stage {s}, microbatch {mb}) on pipeline rank {self.rank}")
             raise
+
+    def _scale_of(self, mb: int) -> float:
+        """The factor microbatch `mb`'s loss gradient is seeded with (one for all, or one per microbatch)."""
+        scale = self._loss_scale
+        return scale if isinstance(scale, float) else scale[mb]
 
     def _forward(self, stage: PipelineStage, mb: int) -> None:
         st = stage.state(mb)
