@@ -75,6 +75,13 @@ def hf_config(cls: type, config: Mapping[str, Any] | str | None, init_from: str 
     if config is None:
         if init_from and os.path.isfile(os.path.join(init_from, "config.json")):
             config = os.path.join(init_from, "config.json")
+        elif init_from and not os.path.exists(init_from):
+            raise ValueError(f"model.init_from={init_from!r} does not exist (and model.config is not set, so "
+                             f"{name} would take its config.json from there)")
+        elif init_from:
+            raise ValueError(f"model.init_from={init_from!r} has no config.json, and model.config is not set: "
+                             f"give model.config (a mapping of {config_class.__name__} fields or a path to a "
+                             f"config.json)")
         else:
             raise ValueError(f"model.name={name!r} needs model.config (a mapping of {config_class.__name__} "
                              f"fields or a path to a config.json), or model.init_from naming a directory "
@@ -95,7 +102,7 @@ def hf_config(cls: type, config: Mapping[str, Any] | str | None, init_from: str 
         if kind is not None and kind != config_class.model_type:
             raise ValueError(f"model.config={config!r} describes a {kind!r} model, but {name} needs a "
                              f"{config_class.model_type!r} config")
-        return config_class.from_dict(fields)
+        return _built(config_class, fields, f"model.config={config!r}", lambda: config_class.from_dict(fields))
     if not isinstance(config, Mapping):
         raise ValueError(f"model.config: expected a mapping of {config_class.__name__} fields or a path to a "
                          f"config.json, got {config!r}")
@@ -111,10 +118,30 @@ def hf_config(cls: type, config: Mapping[str, Any] | str | None, init_from: str 
         raise ValueError(f"model.config has model_type={fields['model_type']!r}, but {name} needs "
                          f"{config_class.model_type!r}")
     fields.pop("model_type", None)
+    return _built(config_class, fields, "model.config", lambda: config_class(**fields))
+
+
+def _built(config_class: type, fields: Mapping[str, Any], what: str, build: Any) -> Any:
+    """`build()`, with whatever transformers raises for bad values (TypeError, ValueError, and
+    huggingface_hub's strict-dataclass validation errors, which are neither) as one ValueError line."""
     try:
-        return config_class(**fields)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"model.config was rejected by {config_class.__name__}: {e}") from None
+        return build()
+    except Exception as e:  # noqa: BLE001 - any rejection of the user's values is a bad config
+        reason = " ".join(str(e).split())
+        if len(reason) > 300:
+            reason = reason[:300] + "..."
+        texts = [k for k, v in fields.items() if isinstance(v, str) and _is_number(v)]
+        hint = (f" ({texts[0]}={fields[texts[0]]!r} is text: YAML reads a number like 1e-5 as a string; "
+                f"write 1.0e-5)") if texts else ""
+        raise ValueError(f"{what} was rejected by {config_class.__name__}: {reason}{hint}") from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def config_dict(config: Any) -> dict:

@@ -150,8 +150,14 @@ def test_init_from_weights_of_another_shape_ends_the_job_with_one_line_listing_t
     ({"name": "hf:T5ForConditionalGeneration", "config": {"vocab_size": 256, "d_model": 32, "num_layers": 1}, "seq_len": 16},
      "is an encoder-decoder model"),
     ({"name": "gpt", "config": LLAMA}, "unknown key model.config"),
+    ({"name": "hf:LlamaForCausalLM", "config": {**LLAMA, "num_attention_heads": 5}},
+     "model.config was rejected by LlamaConfig: "),
+    ({"name": "hf:LlamaForCausalLM", "config": {**LLAMA, "rms_norm_eps": "1e-5"}},
+     "(rms_norm_eps='1e-5' is text: YAML reads a number like 1e-5 as a string; write 1.0e-5)"),
+    ({"name": "hf:LlamaForCausalLM", "init_from": "/no/such/dir"},
+     "model.init_from='/no/such/dir' does not exist"),
 ], ids=["class", "config-key", "config-path", "no-config", "section-key", "vocab", "positions", "init-from",
-        "encoder-decoder", "config-on-gpt"])
+        "encoder-decoder", "config-on-gpt", "config-value", "config-number-as-text", "init-from-no-config"])
 def test_bad_hf_input_is_one_config_error_naming_it(tmp_path, model, message):
     cfg = write(tmp_path / "cfg.yaml", tmp_path / "out", model, pp=1)
     with pytest.raises(ConfigError) as err:
