@@ -87,8 +87,12 @@ def test_metrics_resume_keeps_only_earlier_steps(tmp_path):
     w.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path / METRICS))] == [
         (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
-    MetricsWriter(str(tmp_path), done_steps=0).close()  # a fresh run starts an empty file
-    assert read_metrics(str(tmp_path / METRICS)) == []
+    MetricsWriter(str(tmp_path), done_steps=0).close()  # a fresh run that failed before its first step
+    assert len(read_metrics(str(tmp_path / METRICS))) == 4   # left the earlier run's records alone
+    w = MetricsWriter(str(tmp_path), done_steps=0)          # a fresh run's first record replaces them
+    w.write({"step": 1, "loss": 9.0})
+    w.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path / METRICS))] == [(1, 9.0)]
 
 
 def test_bubble_fraction_and_chrome_trace():

@@ -206,3 +206,25 @@ def test_plain_python_runs_one_rank_and_stops_on_a_non_finite_loss(tmp_path):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pp.run: step ") and "microbatch 0 is not finite" in err[0], err
     assert "1 stages on 1 rank(s)" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_a_fresh_run_that_fails_in_its_first_step_leaves_the_earlier_runs_output(tmp_path):
+    """Token ids past the vocabulary surface in the first batch; the earlier run's checkpoint and metrics
+    in the same output.dir must still be there afterwards (a fresh run takes the directory over only once
+    its first step is done)."""
+    import numpy as np
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", out, pp=1, steps=2, every=2, model={"n_layers": 2})
+    env = {**os.environ, "PYTHONPATH": REPO}
+    first = subprocess.run([sys.executable, "-m", "pp.run", cfg], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    bad = tmp_path / "bad.bin"
+    np.arange(100_000, dtype=np.uint16).tofile(bad)   # ids up to 65535 against a vocabulary of 256
+    second = subprocess.run([sys.executable, "-m", "pp.run", cfg, "--train.data", str(bad)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0 and "outside the model's vocabulary" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr and "removed" not in second.stdout, second.stdout
+    assert (out / "checkpoints" / "step-2").is_dir()
+    assert sorted(losses(out)) == [1, 2]

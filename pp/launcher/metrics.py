@@ -33,26 +33,33 @@ def read_metrics(path: str) -> list[dict]:
 
 
 class MetricsWriter:
-    """Appends one JSON line per step; on resume from `done_steps`, drops records of later steps first."""
+    """Appends one JSON line per step; on resume from `done_steps`, drops records of later steps first.
+
+    The file is rewritten (the dropped records, or an earlier run's, removed) only when the first record
+    of this run is written: a run that fails before finishing a step leaves metrics.jsonl as it was."""
 
     def __init__(self, out_dir: str, done_steps: int):
-        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir = out_dir
         self.path = os.path.join(out_dir, METRICS)
         old = read_metrics(self.path)
-        kept = [r for r in old if r["step"] <= done_steps] if done_steps > 0 else []
-        self.dropped = len({r["step"] for r in old}) - len({r["step"] for r in kept})  # steps to run again
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
-        self._file = open(self.path, "a")
+        self._kept = [r for r in old if r["step"] <= done_steps] if done_steps > 0 else []
+        self.dropped = len({r["step"] for r in old}) - len({r["step"] for r in self._kept})  # steps to run again
+        self._file = None
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            os.makedirs(self.out_dir, exist_ok=True)
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self._kept)
+            os.replace(tmp, self.path)
+            self._file = open(self.path, "a")
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 @dataclass

@@ -109,12 +109,6 @@ class Trainer:
         if self.rank == 0:
             for name in ckpt.remove_partial_saves(self.ckpt_root):
                 self.log(f"removed {name}: a checkpoint save that never finished")
-            if not resume and ckpt.list_steps(self.ckpt_root):
-                # A fresh run owns its output.dir (metrics.jsonl starts empty too); an old step-<N> left
-                # here would later be taken for this run's newest checkpoint.
-                old = ckpt.remove_checkpoints(self.ckpt_root)
-                self.log(f"removed {len(old)} checkpoint(s) of an earlier run from {self.ckpt_root} "
-                         f"(checkpoint.resume is false)")
         coll.barrier()
         if not resume:
             return 0
@@ -255,6 +249,8 @@ class Trainer:
                 self.current_step = step
                 with profiled(step == cfg.output.profile_step, cfg.output.dir, self.rank, self.device):
                     rec = self.step(step)
+                if done == 0 and steps_run == 0:
+                    self.drop_earlier_run()
                 if self.stop_signal:  # every rank agreed to stop after this step: no watchdog needed
                     self.stop.stand_down()
                 steps_run += 1
@@ -295,6 +291,17 @@ class Trainer:
         if stopped is not None:
             raise stopped
         return summary
+
+    def drop_earlier_run(self) -> None:
+        """Collective, after this fresh run's first step: remove the checkpoints an earlier run left in
+        output.dir (a fresh run owns it; an old step-<N> would later be taken for this run's newest).
+        Done only now, so that a run that fails at start-up or in its first step (bad data, out of
+        memory) leaves the earlier run's output as it was."""
+        if self.rank == 0 and ckpt.list_steps(self.ckpt_root):
+            old = ckpt.remove_checkpoints(self.ckpt_root)
+            self.log(f"removed {len(old)} checkpoint(s) of an earlier run from {self.ckpt_root} "
+                     f"(checkpoint.resume is false)")
+        coll.barrier()
 
     def save(self, step: int) -> None:
         t = time.perf_counter()
