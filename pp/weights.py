@@ -101,10 +101,20 @@ def _torch_file(path: str) -> WeightSource:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickled code, a damaged file, a non-torch file
         raise WeightsError(f"{path} is neither a .safetensors file nor a state dict saved with torch.save "
-                           f"(torch.load(weights_only=True) failed: {str(e).splitlines()[0] if str(e) else e})") from None
+                           f"(torch.load(weights_only=True) failed: {_load_reason(e)}; pp reads weights only "
+                           f"this way, as a weights file must not run code)") from None
     if not isinstance(state, Mapping):
         raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict of named tensors")
     return WeightSource.from_state_dict(state, f"state dict {path}")
+
+
+def _load_reason(e: Exception) -> str:
+    """The reason in torch.load's error, without its advice to turn weights_only off (pp never does)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
+        return f"the file is not a plain pickle of tensors ({detail})" if detail else "not a plain pickle of tensors"
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _pp_checkpoint(path: str) -> WeightSource:

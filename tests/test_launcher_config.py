@@ -76,6 +76,7 @@ def test_help_lists_every_key_with_default():
     (["--schedule.name", "ZBVZeroBubble", "--schedule.stages_per_rank", "3"], 4, "schedule.stages_per_rank=3"),
     (["--model.name", "nosuchpkg.mod:Model"], 4, "cannot import module 'nosuchpkg.mod'"),
     (["--model.n_layers", "1"], 4, "model.n_layers=1 is too few for 4 stages"),
+    (["--eval.every", "2", "--eval.data", "/no/such/eval.bin"], 4, "eval.data='/no/such/eval.bin': no such file"),
     (["--output.profile_step", "999"], 4, "output.profile_step=999: expected 0 (never) or a step number from 1"),
     (["--parallel.pp", "2", "--parallel.tp", "2", "--schedule.cuda_graphs", "true"], 4,
      "schedule.cuda_graphs=true with parallel.tp=2"),

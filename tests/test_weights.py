@@ -49,8 +49,13 @@ def test_sharded_and_single_safetensors_and_torch_save_files_fill_the_model_exac
 def test_a_weights_file_never_runs_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"w": torch.zeros(2), "obj": object()}, path)   # a pickled object, refused by weights_only
-    with pytest.raises(WeightsError, match="weights_only"):
+    with pytest.raises(WeightsError, match="weights_only") as err:
         open_weights(str(path))
+    assert "set to `False`" not in str(err.value) and "\n" not in str(err.value)   # no advice to turn it off
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(WeightsError, match="neither a .safetensors file nor a state dict") as err:
+        open_weights(str(tmp_path / "noise.pt"))
+    assert "set to `False`" not in str(err.value) and "\n" not in str(err.value)
 
 
 def test_gpt2_checkpoint_stores_the_tied_embedding_once_and_it_fills_the_lm_head_too(tmp_path):

@@ -64,23 +64,23 @@ class TokenStream:
         return self.names[bisect.bisect_right(self.offsets, position) - 1]
 
 
-def _expand(source: str) -> list[str]:
+def _expand(source: str, key: str = "train.data") -> list[str]:
     """The files of a source: itself, the token shards of a directory, or the matches of a glob, sorted."""
     if os.path.isdir(source):
         files = sorted(f for f in glob.glob(os.path.join(source, "*")) if f.endswith(TOKEN_SUFFIXES))
         if not files:
-            raise DataError(f"train.data={source!r} is a directory without .bin or .npy token shards")
+            raise DataError(f"{key}={source!r} is a directory without .bin or .npy token shards")
         return files
     if any(c in source for c in "*?["):
         files = sorted(f for f in glob.glob(source) if os.path.isfile(f))
         if not files:
-            raise DataError(f"train.data={source!r} matches no file")
+            raise DataError(f"{key}={source!r} matches no file")
         return files
     if not os.path.exists(source):
-        raise DataError(f"train.data={source!r}: no such file (use 'stdlib', a text file, .bin/.npy token "
+        raise DataError(f"{key}={source!r}: no such file (use 'stdlib', a text file, .bin/.npy token "
                         f"files, a directory or a glob of them)")
     if not os.path.isfile(source):
-        raise DataError(f"train.data={source!r} is not a file")
+        raise DataError(f"{key}={source!r} is not a file")
     return [source]
 
 
@@ -121,8 +121,9 @@ def _check_meta(path: str, dtype: str) -> None:
 
 
 def open_stream(source: str, dtype: str = "uint16", tokenizer: str | None = None,
-                seq_len: int | None = None) -> TokenStream:
-    """The token stream of `train.data` (see the module docstring); raises DataError naming what is wrong.
+                seq_len: int | None = None, key: str = "train.data") -> TokenStream:
+    """The token stream of `train.data` (see the module docstring); raises DataError naming what is wrong
+    (the source as the config key `key`, e.g. `eval.data`).
 
     `dtype` is the id type of `.bin` files (`uint16` or `uint32`); `tokenizer`, a tokenizer.json, makes
     text and `.jsonl` files token streams (cached); without it a text file is read as bytes.
@@ -137,10 +138,10 @@ def open_stream(source: str, dtype: str = "uint16", tokenizer: str | None = None
         data = np.frombuffer(b"\n".join(chunks), dtype=np.uint8)
         stream = TokenStream([data], ["<stdlib>"])
     else:
-        files = _expand(source)
+        files = _expand(source, key)
         tokens = [f for f in files if f.endswith(TOKEN_SUFFIXES)]
         if tokens and len(tokens) != len(files):
-            raise DataError(f"train.data={source!r} mixes token files with other files: "
+            raise DataError(f"{key}={source!r} mixes token files with other files: "
                             f"{[f for f in files if f not in tokens][:3]}")
         if tokens:
             stream = TokenStream([_token_shard(f, dtype) for f in files], files)
@@ -150,10 +151,10 @@ def open_stream(source: str, dtype: str = "uint16", tokenizer: str | None = None
             stream = TokenStream([cached_tokens(f, tokenizer) for f in files], files)
         else:
             if any(f.endswith(".jsonl") for f in files):
-                raise DataError(f"train.data={source!r} is .jsonl: name a tokenizer.json in train.tokenizer")
+                raise DataError(f"{key}={source!r} is .jsonl: name a tokenizer.json in train.tokenizer")
             stream = TokenStream([np.memmap(f, dtype=np.uint8, mode="r") if os.path.getsize(f) else
                                   np.zeros(0, np.uint8) for f in files], files)
     if seq_len is not None and len(stream) < seq_len + 2:
-        raise DataError(f"train.data={source!r} has {len(stream)} tokens, fewer than model.seq_len + 2 = "
+        raise DataError(f"{key}={source!r} has {len(stream)} tokens, fewer than model.seq_len + 2 = "
                         f"{seq_len + 2}")
     return stream

@@ -75,7 +75,7 @@ class Trainer:
             hi = len(stream) - int(len(stream) * e.split)
             held_out = TokenBatches(stream, t.batch_size, seq, t.seed, lo=hi, vocab_size=vocab, salt=1)
         elif e.every > 0:
-            held_out = TokenBatches(open_stream(e.data, t.data_dtype, t.tokenizer, seq), t.batch_size, seq, t.seed,
+            held_out = TokenBatches(open_stream(e.data, t.data_dtype, t.tokenizer, seq, key="eval.data"), t.batch_size, seq, t.seed,
                                     vocab_size=vocab, salt=1)
         return TokenBatches(stream, t.batch_size, seq, t.seed, hi=hi, vocab_size=vocab), held_out
 

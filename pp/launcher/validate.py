@@ -307,7 +307,7 @@ def check_data(cfg: JobConfig) -> None:
     try:
         stream = open_stream(t.data, t.data_dtype, t.tokenizer, cfg.model.seq_len)
         if e.every > 0 and e.data is not None:
-            open_stream(e.data, t.data_dtype, t.tokenizer, cfg.model.seq_len)
+            open_stream(e.data, t.data_dtype, t.tokenizer, cfg.model.seq_len, key="eval.data")
         elif e.every > 0:
             held = int(len(stream) * e.split)
             if held < cfg.model.seq_len + 2 or len(stream) - held < cfg.model.seq_len + 2:
