@@ -187,8 +187,12 @@ def test_compiled_losses_match_the_unsplit_model(results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{name} {per} {form}")
 
 
-def test_pp_run_with_schedule_compile_trains_and_reports_compiles(tmp_path):
-    # ZBVZeroBubble (I/W split) with bf16-mixed autocast and selective checkpointing inside compiled blocks
+@pytest.mark.parametrize("precision, checkpointing", [("bf16-mixed", "selective"), ("fp32", "full")])
+def test_pp_run_with_schedule_compile_trains_and_reports_compiles(tmp_path, precision, checkpointing):
+    # ZBVZeroBubble (I/W split) with checkpointing inside compiled blocks. fp32: the blocks take the
+    # parameters themselves, and the I/W split's once-per-microbatch recompute must hand them over as
+    # parameters too, or the compiled region compiles a second graph whose saved tensors do not line up
+    # (a crash in the first I, found by a new-user walk-through); its losses equal the eager run's.
     import json
     import os
 
@@ -197,10 +201,16 @@ def test_pp_run_with_schedule_compile_trains_and_reports_compiles(tmp_path):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "cfg.yaml", out, pp=2, schedule="ZBVZeroBubble", steps=3, every=0,
                        model={"d_model": 16, "n_heads": 2, "seq_len": 16})
-    proc = torchrun(2, cfg, "--schedule.compile", "true", "--train.precision", "bf16-mixed",
-                    "--train.activation_checkpointing", "selective", timeout=400)
+    knobs = ["--train.precision", precision, "--train.activation_checkpointing", checkpointing]
+    proc = torchrun(2, cfg, "--schedule.compile", "true", *knobs, timeout=400)
     check_ok(proc)
     assert sorted(losses(out)) == [1, 2, 3]
+    if precision == "fp32":
+        eager = torchrun(2, cfg, *knobs, "--output.dir", str(tmp_path / "eager"))
+        check_ok(eager)
+        want = losses(tmp_path / "eager")
+        got = losses(out)
+        assert all(abs(got[k] - want[k]) < 1e-4 for k in want), (got, want)
     with open(os.path.join(out, "summary.json")) as f:
         ranks = json.load(f)["ranks"]
     assert all(r["compiles"] >= 1 for r in ranks), ranks

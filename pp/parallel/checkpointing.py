@@ -119,8 +119,7 @@ class _Frame:
         def unpack(_: None) -> torch.Tensor:
             raise RuntimeError("a recomputed region's saved tensor was read during its own recompute")
 
-        args = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-                     for a in self.args)
+        args = tuple(_detached(a) for a in self.args)
         rng = torch.random.fork_rng(devices=self.devices) if self.cpu_rng is not None else _null()
         with rng, torch.enable_grad():
             if self.cpu_rng is not None:
@@ -135,6 +134,17 @@ class _Frame:
                                f"forward {self.count}; the region is not deterministic")
         self.saved = saved
         self.args = self.kwargs = None  # type: ignore[assignment]
+
+
+def _detached(a: Any) -> Any:
+    """`a` cut from the forward's graph for the recompute, of the same type: a parameter stays an
+    nn.Parameter (a compiled region guards on its inputs' types; a plain tensor there would compile a
+    second graph whose saved tensors do not line up with the forward's)."""
+    if not isinstance(a, torch.Tensor):
+        return a
+    if type(a) is nn.Parameter:
+        return nn.Parameter(a.detach(), requires_grad=a.requires_grad)
+    return a.detach().requires_grad_(a.requires_grad)
 
 
 def _checkpoint_once(fn: Callable, args: tuple, kwargs: dict, context_fn: Callable | None) -> Any:
