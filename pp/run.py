@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -49,6 +50,9 @@ def _fail(code: int, message: str) -> int:
     if _env_rank() == 0:
         print(f"pp.run: {message}", file=sys.stderr, flush=True)
     else:
+        # torchrun stops this rank with SIGTERM once rank 0 has left: nothing to save or say here
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
         _linger()
     return code
 

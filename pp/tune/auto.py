@@ -42,9 +42,19 @@ def is_auto(cfg: JobConfig) -> bool:
     return isinstance(cfg.schedule.name, str) and cfg.schedule.name.strip().lower() == "auto"
 
 
+def check_tunable(cfg: JobConfig) -> None:
+    """ConfigError for what `schedule.name: auto` cannot tune (checked before any rank starts: every
+    rank refuses alike): tp > 1, a bad memory budget."""
+    check_memory_budget(cfg)
+    if cfg.parallel.tp != 1:
+        raise ConfigError(f"parallel.tp={cfg.parallel.tp}: automatic schedule choice handles tp=1 only; "
+                          f"name a schedule instead of 'auto'")
+
+
 def placeholder(cfg: JobConfig) -> JobConfig:
     """A copy of an `auto` config with a plain 1F1B schedule and an automatic split, so every other key
-    can be checked before tuning picks the real ones."""
+    can be checked before tuning picks the real ones (`check_tunable` first)."""
+    check_tunable(cfg)
     out = copy.deepcopy(cfg)
     out.schedule.name, out.schedule.stages_per_rank, out.split.points = "1F1B", None, []
     return out
@@ -96,10 +106,7 @@ def tune(cfg: JobConfig, device: torch.device, n_ranks: int, iters: int = 3) -> 
     the least over the ranks). ConfigError if nothing fits or the config cannot be tuned."""
     from pp.launcher import collectives as coll
 
-    check_memory_budget(cfg)
-    if cfg.parallel.tp != 1:
-        raise ConfigError(f"parallel.tp={cfg.parallel.tp}: automatic schedule choice handles tp=1 only; "
-                          f"name a schedule instead of 'auto'")
+    check_tunable(cfg)
     per_replica = cfg.train.batch_size // cfg.parallel.dp
     if cfg.schedule.memory_budget_gib is not None:
         budget = cfg.schedule.memory_budget_gib * GIB
