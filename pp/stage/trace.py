@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import io
 import logging
+import sys
 import warnings
 from typing import Any, Iterator, Mapping
 
@@ -94,11 +96,17 @@ def export_model(module: nn.Module, args: tuple, kwargs: dict, restart=lambda: N
 
 
 def _export_with(module: nn.Module, args: tuple, kwargs: dict, shapes: dict | None) -> torch.export.ExportedProgram:
+    # torch.export prints the partial graph of a model it cannot trace straight to stderr (dozens of
+    # lines before pp's one-line reason): what it writes there is kept back, and passed on if it succeeds
+    held = io.StringIO()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal pytree notices
         with _quiet("torch._export.non_strict_utils"), _quiet("torch.fx.experimental.symbolic_shapes"), \
                 eager_attention_for_export(module):
-            ep = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes)
+            with contextlib.redirect_stderr(held):
+                ep = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes)
+            if held.getvalue():
+                sys.stderr.write(held.getvalue())
             return ep.run_decompositions({})
 
 
