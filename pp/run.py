@@ -142,10 +142,13 @@ def _train(job, stop, lock, auto=None) -> int:
         return _fail(EXIT_CONFIG, str(e))
     except ConfigError as e:  # schedule.name auto: nothing fits the memory budget, say
         return _fail(EXIT_CONFIG, f"bad config: {e}")
-    except DataError as e:  # found by a rank that reads data (first or last stage): it says so itself
-        print(f"pp.run: bad data: {e}", file=sys.stderr, flush=True)
-        if lock is not None:
-            lock.release()
+    except DataError as e:  # found by the ranks that read data (first and last stages read the same windows)
+        if rank == 0:       # rank 0 holds the first stage, so it always finds it too: one line, from it
+            print(f"pp.run: bad data: {e}", file=sys.stderr, flush=True)
+            if lock is not None:
+                lock.release()
+        else:
+            _fail(EXIT_CONFIG, "")   # lingers until rank 0 has reported
         os._exit(EXIT_CONFIG)
     except TrainingError as e:
         return _fail(EXIT_TRAINING, str(e))

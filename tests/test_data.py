@@ -203,6 +203,7 @@ def _run_one(tmp_path, data, *args, vocab=VOCAB, extra=""):
     ("odd", "pp.run: bad config: '{d}/odd.bin' has 5 bytes, not a whole number of uint16 token ids"),
     ("eval", "pp.run: bad config: eval.every=-1: expected 0 (never) or a positive number of steps"),
     ("vocab", "pp.run: bad data: {d}/big.bin: token id "),
+    ("recorded-vocab", "pp.run: bad config: train.data='{d}/big.bin' was tokenized with a vocabulary of 900"),
 ])
 def test_bad_data_input_is_one_line(tmp_path, case, expected):
     d = str(tmp_path)
@@ -211,7 +212,9 @@ def test_bad_data_input_is_one_line(tmp_path, case, expected):
     (np.arange(4000, dtype=np.uint16) % 900).tofile(tmp_path / "big.bin")
     data, args, vocab = {"missing": (f"{d}/nope.bin", [], VOCAB), "dtype": (f"{d}/ok.bin", ["--train.data_dtype", "int8"], VOCAB),
                          "odd": (f"{d}/odd.bin", [], VOCAB), "eval": (f"{d}/ok.bin", ["--eval.every", "-1"], VOCAB),
-                         "vocab": (f"{d}/big.bin", [], 500)}[case]
+                         "vocab": (f"{d}/big.bin", [], 500), "recorded-vocab": (f"{d}/big.bin", [], 500)}[case]
+    if case == "recorded-vocab":   # what pp.data prepare writes beside its shards: refused before training
+        (tmp_path / "big.bin.json").write_text('{"dtype": "uint16", "vocab_size": 900}')
     proc = _run_one(tmp_path, data, *args, vocab=vocab)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

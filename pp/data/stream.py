@@ -105,6 +105,30 @@ def _token_shard(path: str, dtype: str) -> np.ndarray:
     return np.memmap(path, dtype=np.dtype(DTYPES[dtype]).newbyteorder("<"), mode="r")
 
 
+def recorded_vocab(source: str) -> tuple[str, int] | None:
+    """(shard, vocab size) of the largest tokenizer vocabulary that `pp.data prepare` recorded next to
+    `source`'s token shards (`<file>.json`), or None where none is recorded (or the source is not
+    token shards). Cheap: it reads the small JSON files, never the shards."""
+    import json
+
+    if source == STDLIB:
+        return None
+    try:
+        files = [f for f in _expand(source) if f.endswith(TOKEN_SUFFIXES)]
+    except DataError:
+        return None
+    best = None
+    for f in files:
+        try:
+            with open(f + ".json") as fh:
+                vocab = json.load(fh).get("vocab_size")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(vocab, int) and (best is None or vocab > best[1]):
+            best = (f, vocab)
+    return best
+
+
 def _check_meta(path: str, dtype: str) -> None:
     """`pp.data prepare` writes `<file>.json` with the dtype it chose: a different train.data_dtype is an error."""
     import json
