@@ -150,6 +150,10 @@ EOJ
         --seq 128 --tag overhead --warmup 3 --steps 10 --profile /tmp/traces/prof_$impl --out "$OUT/overhead.jsonl" \
         2>&1 | quiet | grep -v "^{" | tail -1
   done
+  echo "== pp.run at pp 2, 1F1B 16 microbatches, step 5 profiled (pp.run ran 125k tok/s against bench.py's 149k)"
+  gpt_cfg /tmp/gpt_1f1b.yaml 1F1B 16
+  timeout 120 $R -m pp.run /tmp/gpt_1f1b.yaml --output.profile_step 5 --output.dir /tmp/traces/run_1f1b 2>&1 | quiet \
+      | grep "done:\|rank [01]:" | tee "$OUT/run_1f1b.txt"
   tar czf "$OUT/traces.tgz" -C /tmp traces
   ;;
 *) echo "unknown part $PART (schedules, hf, memory)"; exit 2;;
