@@ -50,11 +50,16 @@ def _fail(code: int, message: str) -> int:
     if _env_rank() == 0:
         print(f"pp.run: {message}", file=sys.stderr, flush=True)
     else:
-        # torchrun stops this rank with SIGTERM once rank 0 has left: nothing to save or say here
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_DFL)
-        _linger()
+        _wait_for_rank_0()
     return code
+
+
+def _wait_for_rank_0() -> None:
+    """A rank other than 0 waits while rank 0 reports a failure; torchrun then stops it with SIGTERM, which
+    ends it silently (nothing to save or say here)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    _linger()
 
 
 def _single_process_env() -> None:
@@ -148,7 +153,7 @@ def _train(job, stop, lock, auto=None) -> int:
             if lock is not None:
                 lock.release()
         else:
-            _fail(EXIT_CONFIG, "")   # lingers until rank 0 has reported
+            _wait_for_rank_0()
         os._exit(EXIT_CONFIG)
     except TrainingError as e:
         return _fail(EXIT_TRAINING, str(e))

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import pp
 from pp.parallel import ParallelModel, make_mesh
+from pp.losses import chunked_cross_entropy
 from pp.parallel import zero
 
 from . import checkpoint as ckpt
@@ -20,8 +20,10 @@ from .models import init_fn
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over a microbatch, computed in float32."""
-    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
+    """Mean next-token cross-entropy over a microbatch, computed in float32; large logits in row chunks
+    recomputed in backward (`pp.losses.chunked_cross_entropy`), so the last stage's peak memory is not
+    set by float32 copies of them."""
+    return chunked_cross_entropy(logits, targets)
 
 
 @dataclass

@@ -312,14 +312,12 @@ class Trainer:
                          keep=self.cfg.checkpoint.keep)
         self.log(f"saved checkpoint {path} in {time.perf_counter() - t:.1f}s")
 
-    def finish(self, steps_run: int, seconds: float, steady_s: float, steady_n: int | None = None) -> dict:
+    def finish(self, steps_run: int, seconds: float, steady_s: float, steady_n: int) -> dict:
         """Gather per-rank figures; rank 0 prints the summary and writes summary.json and trace.json.
 
         `steady_s` is the time of the `steady_n` steady steps of this run (steps 2.., without the profiled
-        step and checkpoint saves; `steady_n` defaults to steps_run - 1).
+        step and checkpoint saves).
         """
-        if steady_n is None:
-            steady_n = max(steps_run - 1, 0)
         mine = {"rank": self.rank, "stages": self.rs.stage_ids, "bubble": self.bubble.fraction(),
                 "peak_mem_gib": peak_memory_gib(self.device), "events": self.bubble.last_events}
         replays = getattr(self.rs.schedule, "cuda_graph_replays", {})
