@@ -6,15 +6,16 @@
 #                                                  issue 16: HF Llama one GPU / traced cost / every schedule,
 #                                                  pp.run hf:LlamaForCausalLM, T5 over 2 GPUs
 #   scripts/session_gpu_20261201.sh final OUT       a new lease's one-GPU reference, cost-balanced cuts, memory at
-#                                                  16 layers x microbatch 8, recorded HF Llama steps, HF Llama
-#                                                  with CUDA graphs, profiles of the tiny 1F1B (pp, torch)
+#                                                  16 layers x microbatch 8 (one call, ~8 min)
+#   scripts/session_gpu_20261201.sh profiles OUT    recorded HF Llama steps, HF Llama with CUDA graphs, profiles of
+#                                                  the tiny 1F1B (pp, torch) and of pp.run at pp 2 (one call, ~6 min)
 #   scripts/session_gpu_20261201.sh memory OUT      issue 17: checkpointing memory (bf16, activation-dominated),
 #                                                  bf16-mixed against bf16, the largest-GPT runs
 # REF holds ../shared/bench (hf_llama_bench.py, hf_traced_cost.py) copied into a git-ignored folder.
 set -uo pipefail
 . "$(dirname "$0")/gpu_env.sh"
-PART=${1:?usage: scripts/session_gpu_20261201.sh schedules|hf|memory OUT}
-OUT=${2:?usage: scripts/session_gpu_20261201.sh schedules|hf|memory OUT}
+PART=${1:?usage: scripts/session_gpu_20261201.sh schedules|hf|memory|final|profiles OUT}
+OUT=${2:?usage: scripts/session_gpu_20261201.sh schedules|hf|memory|final|profiles OUT}
 mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
 { nvidia-smi -L; "$PYTHON" -c "import torch; print('torch', torch.__version__)"; } > "$OUT/device.txt" 2>&1
 R="$PYTHON -m torch.distributed.run --standalone --nproc-per-node 2"
@@ -134,8 +135,12 @@ EOJ
   timeout 170 $R scripts/bench.py --suite "$OUT/suite.json" --microbatches 16 --warmup 2 --steps 5 \
       --resume --timeout-s 600 --out "$OUT/results.jsonl" 2>&1 | quiet > "$OUT/log.txt"; grep -v "^{" "$OUT/log.txt" | tail -2
   echo "== activation-dominated, larger: bf16, 16 layers d4096 seq 4096, microbatch 8"
-  timeout 230 $R scripts/bench_memory.py --warmup 1 --steps 2 --fused-adamw --layers 16 --mb-size 8 \
-      --out "$OUT/mem_act16.jsonl" --configs pp:1F1B:full:bf16:0:2:1,pp:1F1B:none:bf16:0:2:1 2>&1 | quiet | tail -2
+  timeout 260 $R scripts/bench_memory.py --warmup 1 --steps 2 --fused-adamw --layers 16 --mb-size 8 \
+      --out "$OUT/mem_act16.jsonl" \
+      --configs pp:1F1B:full:bf16:0:2:1,pp:1F1B:none:bf16:0:2:1,pp:1F1B:selective:bf16:0:2:1,torch:1F1B:none:bf16:0:2:1 \
+      2>&1 | quiet | tail -2
+  ;;
+profiles)  # where time goes: recorded steps and torch.profiler traces (tar'd: the device returns few files)
   echo "== HF Llama, one recorded step per schedule"
   mkdir -p /tmp/traces
   timeout 80 $R scripts/bench.py --model hf-llama --suite "pp:DualPipeV:16,pp:1F1B:16" --warmup 2 --steps 3 \
@@ -156,5 +161,5 @@ EOJ
       | grep "done:\|rank [01]:" | tee "$OUT/run_1f1b.txt"
   tar czf "$OUT/traces.tgz" -C /tmp traces
   ;;
-*) echo "unknown part $PART (schedules, hf, memory)"; exit 2;;
+*) echo "unknown part $PART (schedules, hf, memory, final, profiles)"; exit 2;;
 esac
