@@ -185,6 +185,8 @@ def label_of(cfg) -> str:
         lab += "_graphs"
     if getattr(cfg, "dp", 1) > 1:
         lab += f"_dp{cfg.dp}"
+    if getattr(cfg, "stages_per_rank", None):
+        lab += f"_v{cfg.stages_per_rank}"
     return lab
 
 
@@ -208,7 +210,8 @@ def config_key(cfg) -> str:
                      f"L{cfg.layers}d{cfg.d_model}h{cfg.heads}V{cfg.vocab}S{cfg.seq}b{cfg.mb_size}" + model_tag(cfg)
                      + ("-compiled" + _per_suffix(cfg, "-") if getattr(cfg, "compile", False) else "")
                      + ("-graphs" if getattr(cfg, "cuda_graphs", False) else "")
-                     + (f"-dp{cfg.dp}" if getattr(cfg, "dp", 1) > 1 else "")])
+                     + (f"-dp{cfg.dp}" if getattr(cfg, "dp", 1) > 1 else "")
+                     + (f"-v{cfg.stages_per_rank}" if getattr(cfg, "stages_per_rank", None) else "")])
 
 
 # ------------------------------------------------------------------------------------- measurements
@@ -262,7 +265,7 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
         if world % dp:
             raise ValueError(f"--dp {dp} does not divide the world size {world}")
         pp_size = world // dp
-        n_stages = spec.n_stages(pp_size)
+        n_stages = spec.n_stages(pp_size, getattr(cfg, "stages_per_rank", None))
         placement = spec.placement(n_stages, pp_size)
         hf = cfg.model != "gpt"
         if hf and cfg.split not in ("even", "cost"):
@@ -357,7 +360,8 @@ def run_config(cfg, rank: int, world: int, device: torch.device) -> dict | None:
             stages = [build_stage(modules[s], s, pipe_info, device, group=pp_group) for s in mine]
         else:
             stages = [stage_cls(modules[s], s, n_stages, device, group=pp_group) for s in mine]
-        sched = sched_cls(stages[0] if spec.stages_per_rank == 1 else stages, cfg.microbatches, loss_fn=loss_fn)
+        sched = sched_cls(stages[0] if n_stages == pp_size and spec.stages_per_rank == 1 else stages,
+                          cfg.microbatches, loss_fn=loss_fn)
         if getattr(cfg, "cuda_graphs", False):
             if cfg.impl != "pp":
                 raise ValueError("torch.distributed.pipelining has no CUDA-graph replay of stages")
@@ -523,6 +527,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule", default="1F1B", help=f"one of {', '.join(SCHEDULES)}")
     p.add_argument("--microbatches", type=int, default=16)
     p.add_argument("--split", choices=("even", "cost", "measured"), default="even")
+    p.add_argument("--stages-per-rank", type=int, default=None,
+                   help="stages per rank for the looped schedules (Interleaved1F1B, LoopedBFS, "
+                        "InterleavedZeroBubble); default: what the schedule needs (1, or 2)")
     p.add_argument("--dp", type=int, default=1,
                    help="data-parallel replicas: world = PP x DP, ranks laid out as pp.parallel.make_mesh "
                         "(rank = pp_rank*DP + dp_rank); each replica gets its own slice of data and gradients "

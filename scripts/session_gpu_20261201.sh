@@ -122,7 +122,10 @@ final)  # the same lease's one-GPU reference, cost-balanced cuts, a larger activ
   timeout 80 $R1 scripts/bench.py --schedule 1F1B --microbatches 16 --warmup 2 --steps 6 --tag single \
       --out "$OUT/results.jsonl" 2>&1 | quiet | tail -1
   cat > "$OUT/suite.json" <<'EOJ'
-[{"impl": "pp", "schedule": "DualPipeV", "compile": true, "compile_per": "stage", "split": "cost"},
+[{"impl": "pp", "schedule": "Interleaved1F1B", "stages_per_rank": 4, "compile": true, "compile_per": "stage", "split": "cost"},
+ {"impl": "pp", "schedule": "DualPipeV", "compile": true, "compile_per": "stage", "split": "cost"},
+ {"impl": "pp", "schedule": "Interleaved1F1B", "stages_per_rank": 4},
+ {"impl": "torch", "schedule": "Interleaved1F1B", "stages_per_rank": 4},
  {"impl": "pp", "schedule": "Interleaved1F1B", "compile": true, "compile_per": "stage", "split": "cost"},
  {"impl": "torch", "schedule": "1F1B", "compile": true, "split": "cost"},
  {"impl": "pp", "schedule": "1F1B", "compile": true, "compile_per": "stage", "split": "cost"},
@@ -132,7 +135,7 @@ final)  # the same lease's one-GPU reference, cost-balanced cuts, a larger activ
  {"impl": "torch", "schedule": "DualPipeV", "split": "cost"},
  {"impl": "pp", "schedule": "ZBVZeroBubble", "compile": true, "compile_per": "stage", "split": "cost"}]
 EOJ
-  timeout 170 $R scripts/bench.py --suite "$OUT/suite.json" --microbatches 16 --warmup 2 --steps 5 \
+  timeout 230 $R scripts/bench.py --suite "$OUT/suite.json" --microbatches 16 --warmup 2 --steps 5 \
       --resume --timeout-s 600 --out "$OUT/results.jsonl" 2>&1 | quiet > "$OUT/log.txt"; grep -v "^{" "$OUT/log.txt" | tail -2
   echo "== activation-dominated, larger: bf16, 16 layers d4096 seq 4096, microbatch 8"
   timeout 260 $R scripts/bench_memory.py --warmup 1 --steps 2 --fused-adamw --layers 16 --mb-size 8 \
