@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             job = Job(placeholder(cfg), validate(placeholder(cfg), world), None, 0)
         else:
             job = prepare(cfg, world)   # checks every key, checkpoint.on_signal included
+            if cfg.schedule.memory_budget_gib is not None and _env_rank() == 0:
+                print(f"pp.run: schedule.memory_budget_gib={cfg.schedule.memory_budget_gib:g} is used only by "
+                      f"schedule.name auto (and pp.tune); {job.layout.schedule} runs without it", flush=True)
         stop = StopSignals(cfg.checkpoint.on_signal)  # from here on a stop signal is recorded, not fatal
         check_usable(cfg.output.dir, _env_rank())
         if _env_rank() == 0:  # before any process-group work: a second job must touch nothing

@@ -82,6 +82,12 @@ def test_help_lists_every_key_with_default():
      "schedule.cuda_graphs=true with parallel.tp=2"),
     (["--parallel.pp", "2", "--parallel.dp", "2", "--parallel.zero", "3", "--schedule.cuda_graphs", "true",
       "--schedule.microbatches", "2"], 4, "schedule.cuda_graphs=true with parallel.zero=3"),
+    (["--train.activation_checkpointing", "no"], 4,
+     "train.activation_checkpointing='no': expected one of none, selective, full"),
+    (["--schedule.name", "auto", "--split.points", "blocks.1,blocks.2,blocks.3"], 4,
+     "split.points=['blocks.1', 'blocks.2', 'blocks.3'] with schedule.name auto: auto chooses the split itself"),
+    (["--schedule.name", "auto", "--schedule.stages_per_rank", "2"], 4,
+     "schedule.stages_per_rank=2 with schedule.name auto: auto chooses the stages per rank itself"),
 ])
 def test_bad_config_is_one_line_and_exit_code(cfg_file, overrides, world, expected, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -92,6 +98,22 @@ def test_bad_config_is_one_line_and_exit_code(cfg_file, overrides, world, expect
     assert len(lines) == 1, err
     assert lines[0].startswith("pp.run: bad config: ") and expected in lines[0], lines[0]
     assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train: {activation_checkpointing: no}", "train.activation_checkpointing=False: expected one of none, "
+     "selective, full (YAML reads an unquoted yes/no/on/off as true/false)"),
+    ("train: {precision: [bf16]}", "train.precision=['bf16']: expected one of fp32, bf16-mixed, bf16"),
+    ("train: {precision: 16}", "train.precision=16: expected one of fp32, bf16-mixed, bf16"),
+])
+def test_a_value_of_the_wrong_type_for_a_word_key_is_told_the_words(tmp_path, text, expected, monkeypatch, capsys):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text + "\n")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert main([str(path)]) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pp.run: bad config: {expected}"], err
 
 
 def test_bad_config_is_silent_on_other_ranks(cfg_file, monkeypatch, capsys):

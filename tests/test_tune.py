@@ -91,6 +91,22 @@ def test_bad_memory_budget_is_one_config_error(tmp_path, value):
         validate(placeholder(load_config(cfg, ["--schedule.memory_budget_gib", value])), 2)
 
 
+@pytest.mark.parametrize("where", ["directory", "under a file"])
+def test_an_out_path_that_cannot_be_written_is_refused_before_measuring(tmp_path, where, monkeypatch, capsys):
+    from pp.tune.__main__ import main
+
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_text("")
+    out = tmp_path / "d" if where == "directory" else tmp_path / "f" / "tuned.yaml"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main([cfg, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    want = "is a directory; expected the path of a file" if where == "directory" else "is not a directory"
+    assert len(err) == 1 and err[0].startswith(f"pp.tune: --out: {out} ") and want in err[0], err
+
+
 def test_tuned_config_yaml_reads_back_to_the_same_config(tmp_path):
     cfg = load_config(write_config(tmp_path / "cfg.yaml", tmp_path / "run", schedule="ZBVMin",
                                    extra=", memory_budget_gib: 3.5"))

@@ -41,7 +41,7 @@ def _train(rank: int, world: int) -> dict:
     for level, schedule, precision in ((0, "1F1B", "fp32"), (1, "1F1B", "fp32"), (2, "1F1B", "fp32"),
                                        (3, "1F1B", "fp32"), (0, "ZBVZeroBubble", "fp32"),
                                        (3, "ZBVZeroBubble", "fp32"), (0, "1F1B", "bf16-mixed"),
-                                       (3, "1F1B", "bf16-mixed")):
+                                       (3, "1F1B", "bf16-mixed"), (0, "1F1B", "bf16"), (3, "1F1B", "bf16")):
         mb = (_batch(0)[0][:2],)
         pipe = fresh_pipe("gpt", _model, mb, 4 if schedule == "ZBVZeroBubble" else 2)  # traced once
         par = pp.parallelize(pipe, mb, n_microbatches=2, loss_fn=lm_loss, pp=2, dp=2, schedule=schedule,
@@ -60,10 +60,11 @@ def _train(rank: int, world: int) -> dict:
             opt.step()
             seen.append([l.item() for l in mb] if par.owns_loss else [])
         held = [c.untyped_storage().size() for s in par.stages if s.bf16_weights for c in s.bf16_weights.copies]
+        masters = sorted({str(p.dtype).replace("torch.", "") for _, p in par.optimizer_params()})
         state = par.state_dict()
         key = (level, schedule) if precision == "fp32" else (level, schedule, precision)
         out[key] = {"losses": seen, "norms": norms, "state": state, "optimizer": type(opt).__name__,
-                    "copy_bytes_between_steps": sum(held), "copies": len(held)}
+                    "copy_bytes_between_steps": sum(held), "copies": len(held), "masters": masters}
         if level >= 2 and schedule == "1F1B" and precision == "fp32":  # sharded masters take a state dict naming one tied alias
             torch.manual_seed(1)
             fresh = GPT(**MODEL).state_dict()
@@ -73,6 +74,16 @@ def _train(rank: int, world: int) -> dict:
             par.step(par.local_share(x), target=par.local_share(y), losses=mb)
             out[("reload", level)] = {"state": par.state_dict(), "fresh": fresh,
                                       "losses": [l.item() for l in mb] if par.owns_loss else []}
+    for level in (1, 3):  # the optimizer the docs' plain pattern would build does not shard or train
+        par = pp.parallelize(fresh_pipe("gpt", _model, mb, 2), mb, n_microbatches=2, loss_fn=lm_loss, pp=2,
+                             dp=2, zero=level)
+        torch.optim.AdamW(par.parameters())
+        try:
+            x, y = _batch(0)
+            par.step(par.local_share(x), target=par.local_share(y))
+            out[("plain optimizer", level)] = "ran"
+        except RuntimeError as e:
+            out[("plain optimizer", level)] = str(e)
     return out
 
 
@@ -82,18 +93,29 @@ def results():
 
 
 @pytest.mark.parametrize("key", [(1, "1F1B"), (2, "1F1B"), (3, "1F1B"), (3, "ZBVZeroBubble"),
-                                 (3, "1F1B", "bf16-mixed")])
+                                 (3, "1F1B", "bf16-mixed"), (3, "1F1B", "bf16")])
 def test_zero_levels_train_like_zero_0(results, key):
     base = (0, *key[1:])
+    bf16 = key[2:] == ("bf16",)  # everything in bfloat16: the shards too, so rounding differs a little
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else {}
     for rank_out in results:
         want, got = rank_out[base], rank_out[key]
-        torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(want["norms"]))
+        assert got["masters"] == want["masters"] == (["bfloat16"] if bf16 else ["float32"]), key
+        torch.testing.assert_close(torch.tensor(got["norms"]), torch.tensor(want["norms"]), **tol)
         assert len(got["losses"]) == len(want["losses"])
         for a, b in zip(got["losses"], want["losses"]):
-            torch.testing.assert_close(torch.tensor(a), torch.tensor(b))
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), **tol)
         assert got["state"].keys() == want["state"].keys()
         for n, t in want["state"].items():
-            torch.testing.assert_close(got["state"][n], t, msg=lambda m: f"{key} {n}: {m}")
+            assert got["state"][n].dtype == t.dtype, (key, n)
+            torch.testing.assert_close(got["state"][n], t, **tol, msg=lambda m: f"{key} {n}: {m}")
+
+
+@pytest.mark.parametrize("level", [1, 3])
+def test_a_step_before_build_optimizer_is_refused_at_zero_above_0(results, level):
+    for rank_out in results:
+        msg = rank_out[("plain optimizer", level)]
+        assert msg.startswith(f"zero={level}: build the optimizer with ParallelModel.build_optimizer("), msg
 
 
 @pytest.mark.parametrize("level", [2, 3])
@@ -128,9 +150,10 @@ def test_zero_without_replicas_is_a_no_op_that_says_so():
         assert check_zero(3, dp=1) == 0
 
 
-def test_bad_zero_level_is_one_line():
-    with pytest.raises(ValueError, match=r"^zero=4 is not a ZeRO level; expected one of 0, 1, 2, 3"):
-        check_zero(4, dp=2)
+@pytest.mark.parametrize("bad", [4, 1.0, True, "1"])
+def test_bad_zero_level_is_one_line(bad):
+    with pytest.raises(ValueError, match=rf"^zero={bad!r} is not a ZeRO level; expected one of 0, 1, 2, 3"):
+        check_zero(bad, dp=2)
 
 
 # ------------------------------------------------------------------ launcher: save at zero 3, resume

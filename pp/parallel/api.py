@@ -67,7 +67,8 @@ def parallelize(
 
     `precision`: "fp32", "bf16-mixed" (float32 parameters, gradients and optimizer state; each stage computes
     with bfloat16 copies of its matrices, refreshed once per step, under bfloat16 autocast; activations cross
-    stages in bfloat16; pp.parallel.precision) or "bf16" (everything bfloat16).
+    stages in bfloat16; pp.parallel.precision) or "bf16" (everything bfloat16; `module`'s own parameters
+    are cast in place, as `module.to(torch.bfloat16)` would).
     `activation_checkpointing`: "none", "selective" (recompute element-wise ops, keep matmul and attention
     outputs) or "full" (recompute each block in backward). `zero`: 0 (replicated), 1 (optimizer state
     sharded over dp), 2 (also gradients), 3 (also parameters between steps); build the optimizer with

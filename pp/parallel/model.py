@@ -43,13 +43,24 @@ class ParallelModel:
         n_stages = stages[0].num_stages
         ids = [s.stage_index for s in stages]
         self.has_first_stage, self.has_last_stage = 0 in ids, n_stages - 1 in ids
+        self._optimizer_built = False
 
     # ------------------------------------------------------------------------------- training
     def step(self, *args: Any, target: Any = None, losses: list | None = None, **kwargs: Any) -> None:
         """One training step on this replica's share of the batch: forward and backward of every
         microbatch, gradients accumulated into `.grad` and averaged over the dp replicas. Ranks of
         the first stage need the inputs, ranks of the last stage `target` (others may pass them
-        too); on the last stage each microbatch's loss is appended to `losses`."""
+        too); on the last stage each microbatch's loss is appended to `losses`.
+
+        RuntimeError at zero 1-3 before `build_optimizer` was called: only its optimizer shards the
+        state (zero 1) or updates the master shards (zero 2/3; one over `parameters()` would not train)."""
+        if self.zero and not self._optimizer_built:
+            raise RuntimeError(
+                f"zero={self.zero}: build the optimizer with ParallelModel.build_optimizer(optimizer_class, "
+                f"param_groups, **defaults) before the first step; "
+                + ("an optimizer over parameters() would not shard its state" if self.zero == 1 else
+                   "the parameters are kept as master shards that only that optimizer updates, so an "
+                   "optimizer over parameters() would not train"))
         if self.shards is not None:   # the whole parameters from the shards the optimizer updated
             self.shards.gather()
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
@@ -81,19 +92,21 @@ class ParallelModel:
                         **defaults: Any) -> torch.optim.Optimizer:
         """The optimizer for this rank's parameters at this model's ZeRO level: `optimizer_class`
         itself (zero 0), torch's ZeroRedundancyOptimizer of it over the dp group (zero 1), or
-        `optimizer_class` over the float32 master shards (zero 2/3, which `step` keeps in sync).
+        `optimizer_class` over the master shards (zero 2/3, which `step` keeps in sync). At zero 1-3
+        `step` refuses to run before this was called.
         `param_groups` (dicts whose "params" are parameters of `parameters()`) default to one group."""
         groups = param_groups if param_groups is not None else [{"params": list(self.parameters())}]
         if self.shards is not None:
             groups = [{**g, "params": [self.shards.master_of[id(p)] for p in g["params"]
                                        if id(p) in self.shards.master_of]} for g in groups]
+        self._optimizer_built = True
         if self.zero == 1:
             return zero_optimizer(groups, optimizer_class, self.mesh.get_group("dp"), **defaults)
         return optimizer_class(groups, **defaults)
 
     def optimizer_params(self) -> list[tuple[str, nn.Parameter]]:
-        """(name, tensor the optimizer updates) for each parameter: the parameter itself, or its float32
-        master shard at zero 2/3."""
+        """(name, tensor the optimizer updates) for each parameter: the parameter itself, or its master
+        shard at zero 2/3."""
         if self.shards is not None:
             return list(zip(self.shards.names, self.shards.masters))
         return list(self.named_parameters())

@@ -2,9 +2,10 @@
 
 DeepSpeed's numbering: `zero: 1` keeps gradients averaged by `GradSync` on every replica and shards the
 optimizer state with torch's `ZeroRedundancyOptimizer` (each replica updates the parameters it owns and
-broadcasts them). `zero: 2` and `3` keep, per parameter, a flat float32 master shard of 1/dp on each
-replica (`ShardedParams`): gradients are reduce-scattered into the shards after the schedule's step and
-the optimizer updates only the shards; the whole parameters are all-gathered at the start of each step
+broadcasts them). `zero: 2` and `3` keep, per parameter, a flat master shard of 1/dp on each replica
+(`ShardedParams`), in the parameter's dtype (float32 under fp32 and bf16-mixed, bfloat16 under bf16):
+gradients are reduce-scattered into the shards after the schedule's step and the optimizer updates only
+the shards; the whole parameters are all-gathered at the start of each step
 (as FSDP2 does with `reshard_after_forward=False`, the setting torchtitan uses under pipelining, where
 microbatches interleave), and at `3` their storage is freed again after the step.
 ZeroRedundancyOptimizer talks to torch.distributed itself; the shards use pp.comms collectives.
@@ -31,7 +32,7 @@ ZERO_LEVELS = (0, 1, 2, 3)
 def check_zero(zero: object, dp: int, key: str = "zero") -> int:
     """The ZeRO level to run: `zero` itself, or 0 (with a warning that says so) when dp is 1.
     ValueError unless `zero` is one of 0, 1, 2, 3."""
-    if isinstance(zero, bool) or zero not in ZERO_LEVELS:
+    if isinstance(zero, bool) or not isinstance(zero, int) or zero not in ZERO_LEVELS:
         raise ValueError(f"{key}={zero!r} is not a ZeRO level; expected one of 0, 1, 2, 3 (DeepSpeed's "
                          f"numbering: 1 shards optimizer state, 2 also gradients, 3 also parameters)")
     if zero and dp == 1:
@@ -61,8 +62,8 @@ def local_state(optimizer: torch.optim.Optimizer) -> dict:
 
 
 class ShardedParams:
-    """ZeRO 2/3 for this rank's parameters: a float32 master shard of each (1/dp of its flat values,
-    padded), whose `.grad` gets the reduce-scattered average gradient and which the optimizer updates.
+    """ZeRO 2/3 for this rank's parameters: a master shard of each (1/dp of its flat values, padded, in
+    its dtype), whose `.grad` gets the reduce-scattered average gradient and which the optimizer updates.
 
     `params` are (name, parameter) pairs, each parameter once; `free` (ZeRO 3) releases the whole
     parameters' storage between steps.
@@ -78,7 +79,7 @@ class ShardedParams:
             if not p.requires_grad:
                 continue
             chunk = math.ceil(p.numel() / dp)
-            flat = torch.zeros(chunk * dp, dtype=torch.float32, device=p.device)
+            flat = torch.zeros(chunk * dp, dtype=p.dtype, device=p.device)
             flat[:p.numel()] = p.detach().reshape(-1)
             self.names.append(name)
             self.params.append(p)
@@ -104,7 +105,7 @@ class ShardedParams:
         gradients are let go (collective over the dp group)."""
         for p, m in zip(self.params, self.masters):
             g = p.grad
-            flat = torch.zeros(m.numel() * self.dp, dtype=torch.float32, device=m.device)
+            flat = torch.zeros(m.numel() * self.dp, dtype=m.dtype, device=m.device)
             if g is not None:
                 flat[:p.numel()] = g.reshape(-1)
             m.grad = reduce_scatter(flat, 0, "avg", self.group)
@@ -122,7 +123,7 @@ class ShardedParams:
         """The whole tensor of parameter `name` from this rank's `shard` of it (or of its optimizer
         state); collective over the dp group."""
         p = self.params[self.names.index(name)]
-        return all_gather(shard.detach().float(), 0, self.group)[:p.numel()].view(p.shape)
+        return all_gather(shard.detach(), 0, self.group)[:p.numel()].view(p.shape)
 
     def master(self, name: str) -> nn.Parameter:
         """The master shard of parameter `name`."""
@@ -131,8 +132,8 @@ class ShardedParams:
     def shard(self, name: str, whole: torch.Tensor) -> torch.Tensor:
         """This rank's flat shard of the whole tensor `whole` of parameter `name`."""
         m = self.masters[self.names.index(name)]
-        flat = torch.zeros(m.numel() * self.dp, dtype=torch.float32, device=m.device)
-        flat[:whole.numel()] = whole.reshape(-1).to(m.device, torch.float32)
+        flat = torch.zeros(m.numel() * self.dp, dtype=m.dtype, device=m.device)
+        flat[:whole.numel()] = whole.reshape(-1).to(m.device, m.dtype)
         return flat[self.dp_rank * m.numel():(self.dp_rank + 1) * m.numel()]
 
     def load_whole(self, name: str, whole: torch.Tensor) -> None:

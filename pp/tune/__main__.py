@@ -26,6 +26,20 @@ def _say(text: str, err: bool = False) -> None:
         print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
 
+def _unwritable(path: str) -> str | None:
+    """Why the tuned config cannot be written to `path` (checked before measuring), None when it can."""
+    if os.path.isdir(path):
+        return f"is a directory; expected the path of a file (e.g. {os.path.join(path, 'tuned.yaml')})"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be created: {parent} is not a directory"
+    if not os.access(parent, os.W_OK):
+        return f"cannot be written: {parent} is not writable"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m pp.tune`; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -65,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         _say(f"pp.tune: bad config: {e}", err=True)
         return EXIT_CONFIG
+    path = out_path or os.path.join(cfg.output.dir, "tuned.yaml")
+    why = _unwritable(path)
+    if why is not None:
+        _say(f"pp.tune: {'--out' if out_path else 'output.dir'}: {path} {why}", err=True)
+        return EXIT_CONFIG
     _single_process_env()
     from pp.comms.backend import destroy, init_process_group_from_env
 
@@ -86,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     _say(ranking_table(result.plans, result.budget_bytes))
     _say(f"pp.tune: chose {result.why()}")
     if _rank() == 0:
-        path = out_path or os.path.join(cfg.output.dir, "tuned.yaml")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         p = result.chosen
         header = (f"written by pp.tune: {p.schedule}, {p.microbatches} microbatches, {p.stages_per_rank} "

@@ -44,11 +44,19 @@ def is_auto(cfg: JobConfig) -> bool:
 
 def check_tunable(cfg: JobConfig) -> None:
     """ConfigError for what `schedule.name: auto` cannot tune (checked before any rank starts: every
-    rank refuses alike): tp > 1, a bad memory budget."""
+    rank refuses alike): tp > 1, a bad memory budget, and (with auto) split.points or stages_per_rank,
+    which auto chooses itself."""
     check_memory_budget(cfg)
     if cfg.parallel.tp != 1:
         raise ConfigError(f"parallel.tp={cfg.parallel.tp}: automatic schedule choice handles tp=1 only; "
                           f"name a schedule instead of 'auto'")
+    if is_auto(cfg):  # what auto chooses itself is not also given (it would be dropped without a word)
+        if cfg.split.points:
+            raise ConfigError(f"split.points={cfg.split.points} with schedule.name auto: auto chooses the split "
+                              f"itself; remove split.points, or name a schedule to keep them")
+        if cfg.schedule.stages_per_rank is not None:
+            raise ConfigError(f"schedule.stages_per_rank={cfg.schedule.stages_per_rank} with schedule.name auto: "
+                              f"auto chooses the stages per rank itself; remove it, or name a schedule")
 
 
 def placeholder(cfg: JobConfig) -> JobConfig:
