@@ -90,7 +90,8 @@ def reference(tmp_path_factory):
     return losses(out)
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+# SIGUSR1 takes the same path; tests/test_slurm.py's requeue test sends it end to end (batch shell -> workers)
+@pytest.mark.parametrize("sig", ["SIGTERM", pytest.param("SIGUSR1", marks=pytest.mark.slow)])
 def test_stop_signal_to_torchrun_saves_the_step_in_flight_and_resume_loses_nothing(reference, tmp_path, sig):
     job, out = _slow_job(tmp_path, "run", every=100, env={"PET_SIGNALS_TO_HANDLE": ALL_SIGNALS})
     _wait_for_step(job, out, 5)

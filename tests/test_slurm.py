@@ -116,6 +116,7 @@ def _check_trained(tmp: Path, steps: int) -> list[dict]:
     return recs
 
 
+@pytest.mark.slow  # the requeue test below runs the same sbatch path to the end (and checks the same lines)
 def test_sbatch_trains_tiny_on_cpu(cluster, tmp_path):
     steps = 12
     t0 = time.monotonic()
@@ -133,7 +134,7 @@ def test_requeued_job_resumes_without_losing_a_step(cluster, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@90 sends before the time limit): the workers save
     the step in flight, then the job requeues itself; the second run resumes from exactly that step (no
     step lost, none redone) and the final metrics have every step once."""
-    steps, every, interrupt_at = 100, 10, 25
+    steps, every, interrupt_at = 60, 10, 20
     t0 = time.monotonic()
     proc = _sbatch(tmp_path, "--train.steps", str(steps), "--checkpoint.every", str(every))
     job = None
@@ -158,6 +159,7 @@ def test_requeued_job_resumes_without_losing_a_step(cluster, tmp_path):
     log = _job_log(tmp_path)
     print(f"submit to end: {time.monotonic() - t0:.1f}s, exit {proc.returncode}\n{log}")
     assert proc.returncode == 0, f"sbatch --wait exited {proc.returncode}: {err}\njob log:\n{log}"
+    assert f"{NPROC} rank(s)" in log and f"python {sys.executable}" in log, log
     assert "USR1: saving the step in flight, then requeueing" in log, f"the batch shell never got USR1:\n{log}"
     assert re.search(r"restart 1: .*\n.*--checkpoint\.resume true", log), \
         f"the job did not run again with --checkpoint.resume true (it may have finished first):\n{log}"
