@@ -116,6 +116,17 @@ def test_a_value_of_the_wrong_type_for_a_word_key_is_told_the_words(tmp_path, te
     assert err == [f"pp.run: bad config: {expected}"], err
 
 
+def test_the_word_lists_of_the_config_are_those_of_the_code_that_takes_the_words():
+    from pp.launcher.config import CHOICES
+    from pp.parallel.checkpointing import MODES
+    from pp.parallel.precision import PRECISIONS
+    from pp.stage.compiled import PER
+
+    assert CHOICES["train.precision"] == PRECISIONS
+    assert CHOICES["train.activation_checkpointing"] == MODES
+    assert CHOICES["schedule.compile_per"] == PER
+
+
 def test_bad_config_is_silent_on_other_ranks(cfg_file, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")

@@ -317,15 +317,16 @@ def _hf_model(values: dict) -> ModelConfig:
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
                list: "a list", dict: "a mapping"}
-# keys whose value is one of a few words: a value of another type is told the words, not just "a string"
-_CHOICES = {"train.precision": ("fp32", "bf16-mixed", "bf16"),
+# keys whose value is one of a few words (validate checks them against these; tests check these against
+# pp.parallel's PRECISIONS and MODES and pp.stage.compiled's PER): a value of another type is told the words
+CHOICES = {"train.precision": ("fp32", "bf16-mixed", "bf16"),
             "train.activation_checkpointing": ("none", "selective", "full"),
             "schedule.compile_per": ("block", "stage"), "split.policy": ("cost", "params"),
             "train.data_dtype": ("uint16", "uint32")}
 
 
 def _expected(key: str, base: type, value: Any) -> str:
-    choices = _CHOICES.get(key)
+    choices = CHOICES.get(key)
     if choices is None:
         return f"{key}: expected {_TYPE_WORDS.get(base, base.__name__)}, got {value!r}"
     hint = " (YAML reads an unquoted yes/no/on/off as true/false)" if isinstance(value, bool) else ""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError, JobConfig, is_custom_model, is_hf_model
+from .config import CHOICES, ConfigError, JobConfig, is_custom_model, is_hf_model
 from .stopping import signal_number
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -228,7 +228,7 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
 
 
 def _check_compile(s: object, checkpointing: str) -> None:
-    if s.compile_per not in ("block", "stage"):
+    if s.compile_per not in CHOICES["schedule.compile_per"]:
         raise ConfigError(f"schedule.compile_per={s.compile_per!r}: expected 'block' or 'stage'")
     if s.compile and s.compile_per == "stage" and checkpointing != "none":
         raise ConfigError(f"schedule.compile_per='stage' with train.activation_checkpointing={checkpointing!r}: "
@@ -260,7 +260,7 @@ def _check_tp_sizes(cfg: JobConfig) -> None:
 
 def _check_split(cfg: JobConfig, layout: Layout) -> None:
     sp = cfg.split
-    if sp.policy not in ("cost", "params"):
+    if sp.policy not in CHOICES["split.policy"]:
         raise ConfigError(f"split.policy={sp.policy!r}: expected 'cost' or 'params'")
     if not sp.points:
         return
@@ -287,7 +287,7 @@ def check_data(cfg: JobConfig) -> None:
     from pp.data.stream import recorded_vocab
 
     t, e = cfg.train, cfg.eval
-    if t.data_dtype not in ("uint16", "uint32"):
+    if t.data_dtype not in CHOICES["train.data_dtype"]:
         raise ConfigError(f"train.data_dtype={t.data_dtype!r}: expected uint16 or uint32")
     if e.every < 0:
         raise ConfigError(f"eval.every={e.every}: expected 0 (never) or a positive number of steps")
