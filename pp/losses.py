@@ -9,6 +9,8 @@ linear-cross-entropy kernel would also drop the logits themselves).
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -27,13 +29,16 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     computed in float32, over the targets that are not -100; a float32 scalar.
 
     Equal to `F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())` up to float rounding of
-    the sum. When `logits` has more than `chunk_elements` values, rows are taken in chunks of at most
-    that many values, each recomputed in backward, so the float32 intermediates exist for one chunk at
-    a time. No host-device sync. ValueError if `chunk_elements` is not a positive integer or the shapes
-    do not match.
+    the sum. When `logits` has more than `chunk_elements` values, rows are taken in chunks of
+    max(1, chunk_elements // V) rows, each recomputed in backward, so the float32 intermediates exist for one chunk at
+    a time. No host-device sync. ValueError if `chunk_elements` is not a positive integer, `logits` is
+    not floating point with at least 2 dimensions, or the shapes do not match.
     """
-    if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
+    if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, numbers.Integral) or chunk_elements < 1:
         raise ValueError(f"chunk_elements must be a positive integer, got {chunk_elements!r}")
+    if logits.dim() < 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point with a batch and a class dimension (..., V), got a "
+                         f"{str(logits.dtype).replace('torch.', '')} tensor of shape {tuple(logits.shape)}")
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits of shape {tuple(logits.shape)} need targets of shape {tuple(logits.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")

@@ -71,6 +71,13 @@ def test_bad_chunk_size_is_refused(bad):
         chunked_cross_entropy(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), chunk_elements=bad)
 
 
+@pytest.mark.parametrize("logits", [torch.randn(11), torch.randn(()), torch.ones(2, 5, dtype=torch.long)])
+def test_logits_without_a_class_dimension_or_not_floating_point_are_refused(logits):
+    targets = torch.zeros(logits.shape[:-1], dtype=torch.long) if logits.dim() else torch.tensor(0)
+    with pytest.raises(ValueError, match="logits must be floating point with a batch and a class dimension"):
+        chunked_cross_entropy(logits, targets)
+
+
 def test_mismatched_shapes_are_refused():
     with pytest.raises(ValueError, match=r"need targets of shape \(2, 3\), got \(2, 4\)"):
         chunked_cross_entropy(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
