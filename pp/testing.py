@@ -3,8 +3,9 @@
 `run_ranks` reports the first rank that failed (with its traceback), never hangs past its timeout,
 and always kills and reaps its children. Only the standard library is imported here.
 
-Children are forked from a fork server that imported torch and pp once (one-thread settings), so a
-call costs a fork instead of a fresh interpreter importing torch (about 2 s per call on two cores).
+Children are forked from a fork server that imported torch and pp once and traced a tiny model
+(one-thread settings), so a call costs a fork instead of a fresh interpreter importing torch (about 2 s
+per call on two cores) and a rank's first trace skips torch.export's one-time set-up (about 4 s).
 Each child still gets the caller's current environment, working directory, `sys.path`, stdout and
 stderr. `PP_TESTING_START_METHOD=spawn` starts fresh interpreters instead, as before.
 """
@@ -158,7 +159,9 @@ def _kill_all(procs: list) -> None:
         p.close()
 
 
-_PRELOAD = ["torch", "torch.distributed", "pp"]   # what the fork server imports once
+# what the fork server imports once; pp._warm_tracing also traces a tiny model there (torch.export's
+# one-time set-up, ~4 s of each forked rank's first trace otherwise)
+_PRELOAD = ["torch", "torch.distributed", "pp", "pp._warm_tracing"]
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 

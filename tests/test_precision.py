@@ -102,6 +102,9 @@ def test_bad_precision_is_one_line_naming_it():
     (["--train.dtype", "float16"], "train.dtype='float16': expected one of float32, bfloat16"),
     (["--train.dtype", "bfloat16", "--train.precision", "bf16-mixed"],
      "train.dtype='bfloat16' disagrees with train.precision='bf16-mixed'"),
+    # an explicit fp32 is told from the default (it ran bf16 with only the deprecation note before)
+    (["--train.dtype", "bfloat16", "--train.precision", "fp32"],
+     "train.dtype='bfloat16' disagrees with train.precision='fp32'"),
 ])
 def test_bad_launcher_values_are_one_line_naming_key_and_value(overrides, expected, monkeypatch):
     from pp.launcher.config import ConfigError, load_config

@@ -288,3 +288,23 @@ def _autocast(rank, world):
 def test_step_under_autocast_matches_the_unsplit_model_under_autocast():
     """Activations cross the cut in bfloat16; the ops are the unsplit model's, so the numbers are too."""
     assert all(run_ranks(_autocast, 2, timeout_s=300))
+
+
+def test_pipeline_dynamic_false_fixes_the_example_s_sizes_and_gives_the_same_results():
+    """pp.run traces with dynamic=False (one microbatch shape, half the tracing time): same numbers at that
+    shape, and another shape is refused by name instead of running a graph specialised to the example."""
+    from pp.stage.contract import check_shapes, spec_of
+
+    torch.manual_seed(0)
+    model = Pairs()
+    x, mask = torch.randn(4, 4), torch.ones(4)
+    fixed = pp.pipeline(model, (x, mask), dynamic=False)
+    symbolic = pp.pipeline(model, (x, mask))
+    torch.testing.assert_close(fixed(x, mask)[0], model(x, mask), rtol=0, atol=0)
+    torch.testing.assert_close(fixed(x, mask)[0], symbolic(x, mask)[0], rtol=0, atol=0)
+    nodes = [n for n in fixed.get_stage_module(0).graph.nodes if n.op == "placeholder"]
+    specs = [spec_of(f"input {i} ({n.name!r})", n.meta["val"], n.name) for i, n in enumerate(nodes)]
+    check_shapes(0, specs, [x, mask], fixed.info().shape_guards)
+    with pytest.raises(ValueError, match=r"^stage 0 input 0 \('x'\): expected a float32 tensor of shape \(4, 4\), "
+                                         r"got a float32 tensor of shape \(6, 4\): dimension 0 must be 4"):
+        check_shapes(0, specs, [torch.randn(6, 4), torch.ones(6)], fixed.info().shape_guards)

@@ -166,6 +166,8 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 # Keys the user never writes: filled by the loader.
 _INTERNAL = {("model", "args")}
 _GPT_ONLY = {"n_heads", "tie_weights"}
+# train.dtype (deprecated) -> the train.precision it means
+DTYPE_PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
 _HF_KEYS = {"name", "config", "init_from", "seq_len", "vocab_size"}
 
 
@@ -268,8 +270,22 @@ def _build(raw: dict) -> JobConfig:
                 raise ConfigError(f"unknown key {section}.{key}{_suggest(str(key), known, section + '.')}; "
                                   f"{section} has {', '.join(sorted(known))}")
             kwargs[key] = coerce(value, hints[key], f"{section}.{key}")
+        if section == "train":
+            _check_dtype_and_precision(kwargs)
         setattr(cfg, section, cls(**kwargs))
     return cfg
+
+
+def _check_dtype_and_precision(given: dict) -> None:
+    """Both train.dtype (deprecated) and train.precision written, meaning different things: refused here,
+    where an explicit `precision: fp32` can still be told from the default."""
+    dtype, precision = given.get("dtype"), given.get("precision")
+    if dtype is None or precision is None:
+        return
+    meant = DTYPE_PRECISION.get(dtype)
+    if meant is not None and precision != meant:
+        raise ConfigError(f"train.dtype={dtype!r} disagrees with train.precision={precision!r}; drop "
+                          f"train.dtype (deprecated; it means precision {meant})")
 
 
 def _custom_model(values: dict) -> ModelConfig:

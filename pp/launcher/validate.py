@@ -11,12 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import CHOICES, ConfigError, JobConfig, is_custom_model, is_hf_model
+from .config import CHOICES, DTYPE_PRECISION, ConfigError, JobConfig, is_custom_model, is_hf_model
 from .stopping import signal_number
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# train.dtype (deprecated) -> the train.precision it means
-DTYPE_PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 @dataclass(frozen=True)

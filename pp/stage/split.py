@@ -32,6 +32,8 @@ def pipeline(
     mb_kwargs: dict | None = None,
     split_spec: Mapping[str, SplitPoint] | None = None,
     split_policy: SplitPolicy | None = None,
+    *,
+    dynamic: bool = True,
 ) -> Pipe:
     """Trace `module` on one microbatch of example inputs and cut it into a `Pipe`.
 
@@ -45,6 +47,10 @@ def pipeline(
     the model puts on them (e.g. an even length) make `step()` raise a ValueError naming the stage,
     the traced shape and the given one before anything is sent. A model that torch.export can only
     trace with fixed sizes is traced so, and then takes exactly the example's shapes.
+
+    `dynamic=False` traces at the example's sizes only: the stages then take exactly its shapes (others
+    are refused as above), and tracing takes about half as long (no symbolic sizes to reason about) --
+    for callers that only ever run one microbatch shape, as `pp.run` does.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"pipeline() needs an nn.Module, got {type(module).__name__}")
@@ -54,7 +60,8 @@ def pipeline(
     if split_spec is not None and split_policy is not None:
         raise ValueError("pass either split_spec or split_policy to pipeline(), not both")
     with cuts_by_module(module, split_spec or {}) as calls:
-        ep = export_model(module, tuple(mb_args), mb_kwargs, restart=lambda: calls.update(dict.fromkeys(calls, 0)))
+        ep = export_model(module, tuple(mb_args), mb_kwargs, restart=lambda: calls.update(dict.fromkeys(calls, 0)),
+                          dynamic=dynamic)
     graph = ep.graph
     cache = cache_in_output(ep.call_spec.out_spec)
     if cache is not None:

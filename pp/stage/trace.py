@@ -74,11 +74,13 @@ def cuts_by_module(module: nn.Module, split_spec: Mapping[str, SplitPoint]) -> I
                 sub.forward = own_forward
 
 
-def export_model(module: nn.Module, args: tuple, kwargs: dict, restart=lambda: None) -> torch.export.ExportedProgram:
+def export_model(module: nn.Module, args: tuple, kwargs: dict, restart=lambda: None,
+                 dynamic: bool = True) -> torch.export.ExportedProgram:
     """Export with every input dimension symbolic where the model allows it (so the stages take other
     batch sizes and sequence lengths); a model that only exports with fixed sizes is exported so, and
-    its stages then take exactly the example's shapes (the input checks say so)."""
-    shapes = dynamic_shapes(module.forward, args, kwargs)
+    its stages then take exactly the example's shapes (the input checks say so). `dynamic=False`:
+    fixed sizes only."""
+    shapes = dynamic_shapes(module.forward, args, kwargs) if dynamic else None
     if shapes is not None:
         try:
             return _export_with(module, args, kwargs, shapes)
