@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     from pp.launcher.stopping import StopSignals
 
     lock = None
+    if _env_rank() == 0:  # a directory another job holds: say so at once, before tracing the model
+        busy = OutputLock(cfg.output.dir).busy()
+        if busy is not None:
+            return _fail(EXIT_CONFIG, busy)
     try:
         from pp.launcher.job import Job, prepare
         from pp.launcher.validate import validate

@@ -244,3 +244,19 @@ def test_ctrl_c_outside_on_signal_is_one_line_without_a_traceback(tmp_path):
         job.log[-3000:]
     assert not re.search(r'File ".*/pp/', job.log), job.log[-3000:]
     assert not os.path.exists(os.path.join(out, LOCK_FILE))
+
+
+def test_busy_names_a_live_holder_before_start_up_and_creates_nothing(tmp_path):
+    """pp.run's rank 0 asks `busy()` before tracing the model, so a second job stops at once."""
+    out = tmp_path / "run"
+    assert OutputLock(str(out)).busy() is None and not out.exists()
+    out.mkdir()
+    assert OutputLock(str(out)).busy() is None and os.listdir(out) == []
+    held = OutputLock(str(out)).acquire()
+    try:
+        line = OutputLock(str(out)).busy()
+        assert line is not None and line.startswith(f"output.dir {str(out)!r} is in use by another running pp "
+                                                     f"job (host {socket.gethostname()}, pid {os.getpid()}"), line
+    finally:
+        held.release()
+    assert OutputLock(str(out)).busy() is None

@@ -133,6 +133,29 @@ class OutputLock:
         self._thread.start()
         return self
 
+    def busy(self) -> str | None:
+        """The line `acquire` would raise for a directory another live job holds, else None; takes
+        nothing and creates nothing (a second job checks this before its start-up work)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None   # no lock file (or unreadable: acquire says why)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return self._busy(self._read())
+            return None
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+        old = self._read()
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if old and not (restart > 0 and old.get("job") == _job_key()) and self._live_elsewhere(old):
+            return self._busy(old)
+        return None
+
     def record_steps_redone(self, total: int) -> None:
         """Remember how many steps this job has redone so far (read back by a torchrun restart)."""
         self._info["steps_redone"] = int(total)
