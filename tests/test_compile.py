@@ -16,8 +16,11 @@ from pp.testing import run_ranks
 MODEL = dict(vocab_size=32, d_model=16, n_layers=4, n_heads=2, seq_len=8)
 N_MB = 4
 STEPS = 3
-# (schedule, compile per, stage form): traced stages cut by pp.parallelize, manual ones by hand
-CASES = [("1F1B", "block", "traced"), ("ZBVZeroBubble", "block", "traced"), ("ZBVZeroBubble", "block", "manual")]
+# (schedule, compile per, stage form): traced stages cut by pp.parallelize, manual ones by hand;
+# "traced-full": traced with activation_checkpointing="full" (fp32, the I/W split's once-per-microbatch
+# recompute inside compiled blocks: it crashed before its parameters were handed over as parameters)
+CASES = [("1F1B", "block", "traced"), ("ZBVZeroBubble", "block", "traced"), ("ZBVZeroBubble", "block", "manual"),
+         ("ZBVZeroBubble", "block", "traced-full")]
 # the other I/W-split and interleaved schedules, and a whole stage as one region (deselected by default)
 SLOW_CASES = [("ZBVZeroBubble", "stage", "traced"), ("Interleaved1F1B", "block", "traced"),
               ("InterleavedZeroBubble", "block", "traced"), ("DualPipeV", "block", "traced"),
@@ -62,11 +65,13 @@ def _manual(rank: int, model: GPT, name: str):
 def _train(rank: int, name: str, per: str | None, form: str) -> dict:
     import pp
     torch.manual_seed(0)
-    model = GPT(**MODEL) if form == "traced" else GPT(**{**MODEL, "n_layers": 8})
-    if form == "traced":
+    traced = form.startswith("traced")
+    model = GPT(**MODEL) if traced else GPT(**{**MODEL, "n_layers": 8})
+    if traced:
         x, _ = _batch(0)
         par = pp.parallelize(model, (x[:2],), n_microbatches=N_MB, loss_fn=lm_loss, schedule=name,
-                             compile=per is not None, compile_per=per or "block")
+                             compile=per is not None, compile_per=per or "block",
+                             activation_checkpointing="full" if form == "traced-full" else "none")
         sched, named = par.schedule, dict(par.named_parameters())
     else:
         sched, stages = _manual(rank, model, name)
@@ -182,12 +187,15 @@ def test_compiled_losses_match_the_unsplit_model(results):
     model = GPT(**MODEL)
     x, y = _batch(0)
     want = [lm_loss(model(xm), ym).item() for xm, ym in zip(x.chunk(N_MB), y.chunk(N_MB))]
-    for name, per, form in [c for c in CASES if c[2] == "traced"]:
+    for name, per, form in [c for c in CASES if c[2].startswith("traced")]:
         got = [l for r in results for l in r[(per, name, form)]["losses"][0]]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{name} {per} {form}")
 
 
-@pytest.mark.parametrize("precision, checkpointing", [("bf16-mixed", "selective"), ("fp32", "full")])
+@pytest.mark.parametrize("precision, checkpointing", [
+    ("bf16-mixed", "selective"),
+    # in-process, the "traced-full" case covers fp32 + full checkpointing against eager
+    pytest.param("fp32", "full", marks=pytest.mark.slow)])
 def test_pp_run_with_schedule_compile_trains_and_reports_compiles(tmp_path, precision, checkpointing):
     # ZBVZeroBubble (I/W split) with checkpointing inside compiled blocks. fp32: the blocks take the
     # parameters themselves, and the I/W split's once-per-microbatch recompute must hand them over as
