@@ -308,3 +308,35 @@ def test_pipeline_dynamic_false_fixes_the_example_s_sizes_and_gives_the_same_res
     with pytest.raises(ValueError, match=r"^stage 0 input 0 \('x'\): expected a float32 tensor of shape \(4, 4\), "
                                          r"got a float32 tensor of shape \(6, 4\): dimension 0 must be 4"):
         check_shapes(0, specs, [torch.randn(6, 4), torch.ones(6)], fixed.info().shape_guards)
+
+
+class _MeanOverRows(nn.Module):
+    """Divides by the batch size it reads: traced at fixed sizes that size is the example's, so calling
+    the pipe on fewer rows would silently halve the result (found by a fresh-user check)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x, y):
+        h = torch.relu(self.a(x))
+        pp.pipe_split()
+        return (self.b(h) + y).sum(0) / x.shape[0]
+
+
+def test_calling_a_pipe_checks_its_inputs_like_step():
+    torch.manual_seed(0)
+    model = _MeanOverRows()
+    x, y = torch.randn(4, 8), torch.randn(4, 3)
+    fixed = pp.pipeline(model, (x, y), dynamic=False)
+    torch.testing.assert_close(fixed(x, y)[0], model(x, y))
+    with pytest.raises(ValueError, match=r"^stage 0 input 0 \('x'\): expected a float32 tensor of shape \(4, 8\), "
+                                         r"got a float32 tensor of shape \(2, 8\): dimension 0 must be 4"):
+        fixed(x[:2], y[:2])
+    symbolic = pp.pipeline(model, (x, y))
+    torch.testing.assert_close(symbolic(x[:2], y[:2])[0], model(x[:2], y[:2]))   # the default takes other sizes
+    tokens = pp.pipeline(nn.Embedding(10, 4), (torch.zeros(2, 3, dtype=torch.long),), dynamic=False)
+    with pytest.raises(ValueError, match=r"expected an int64 tensor of shape \(2, 3\), got an int64 tensor"):
+        tokens(torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"pipeline\(dynamic=\.\.\.\) takes True or False, got 'no'"):
+        pp.pipeline(model, (x, y), dynamic="no")

@@ -185,4 +185,6 @@ def _readable(expr: Any, named: dict) -> str:
 
 
 def _describe_value(shape: Sequence, dtype: torch.dtype) -> str:
-    return f"a {str(dtype).removeprefix('torch.')} tensor of shape ({', '.join(map(str, shape))})"
+    name = str(dtype).removeprefix("torch.")
+    article = "an" if name.startswith("int") else "a"
+    return f"{article} {name} tensor of shape ({', '.join(map(str, shape))})"

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .contract import check_shapes, spec_of
+from .contract import _describe_value, check_shapes, spec_of
 
 
 class StageInputChecks:
@@ -103,4 +103,4 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 def _describe(dtype: torch.dtype, shape: tuple) -> str:
     """'a float32 tensor of shape (*, 16)' (`*`: any batch size)."""
-    return f"a {str(dtype).removeprefix('torch.')} tensor of shape ({', '.join(map(str, shape))})"
+    return _describe_value(shape, dtype)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
@@ -135,6 +136,7 @@ class Pipe(nn.Module):
         super().__init__()
         self.stage_modules = nn.ModuleList(stage_modules)
         self._info = info
+        self._specs: dict[int, list] = {}   # stage -> its inputs' InputSpecs (read from its graph once)
 
     @property
     def num_stages(self) -> int:
@@ -153,14 +155,34 @@ class Pipe(nn.Module):
         return self._info
 
     def forward(self, *args, **kwargs) -> tuple:
+        """Run the stages one after another. ValueError (naming the stage, the input, the traced shape
+        and the given one) for an input of another dtype or rank, or another size where the trace fixed
+        one (`pipeline(dynamic=False)` fixes them all), instead of running a graph specialised to other
+        sizes. The size conditions export recorded for symbolic sizes (e.g. >= 2) are left to `step()`,
+        which checks them too; a pipe called directly may try sizes outside them."""
         flat = self._info.input_binder.flatten(args, kwargs)
         outputs: list[tuple] = []
         for s, io in enumerate(self._info.stage_io):
             inputs = [flat[i] if src == MODEL_INPUT else outputs[src][i] for src, i in io.input_sources]
+            self._check_inputs(s, inputs)
             out = self.stage_modules[s](*inputs)
             outputs.append(tuple(out))
         result = pytree.tree_unflatten(list(outputs[-1]), self._info.out_spec)
         return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+    def _check_inputs(self, s: int, inputs: list) -> None:
+        from .contract import check_shapes, spec_of
+
+        module = self.stage_modules[s]
+        if not isinstance(module, fx.GraphModule):
+            return
+        specs = self._specs
+        if s not in specs:
+            vals = [(n.name, n.meta.get("val")) for n in module.graph.nodes if n.op == "placeholder"]
+            specs[s] = [spec_of(f"input {i} ({name!r})", v, name) for i, (name, v) in enumerate(vals)]
+        device = next((x.device.type for x in inputs if isinstance(x, torch.Tensor)), "cpu")
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        check_shapes(s, specs[s], inputs, (), autocast_dtype=autocast)
 
     def build_stage(self, stage_index: int, device: torch.device | str, group=None):
         """The runtime `PipelineStage` for `stage_index` on this rank (module moved to `device`)."""

@@ -57,6 +57,8 @@ def pipeline(
     if isinstance(mb_args, torch.Tensor) or not isinstance(mb_args, (tuple, list)):
         mb_args = (mb_args,)
     mb_kwargs = dict(mb_kwargs or {})
+    if not isinstance(dynamic, bool):
+        raise TypeError(f"pipeline(dynamic=...) takes True or False, got {dynamic!r}")
     if split_spec is not None and split_policy is not None:
         raise ValueError("pass either split_spec or split_policy to pipeline(), not both")
     with cuts_by_module(module, split_spec or {}) as calls:
