@@ -83,6 +83,11 @@ def _describe(holder: dict) -> str:
     return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {when}"
 
 
+def _restart_of(holder: dict, key: str) -> bool:
+    """Whether this process is a torchrun restart of the job that holds the lock (it takes the lock over)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0 and holder.get("job") == key
+
+
 class OutputLock:
     """An exclusive lock on an output directory, held by rank 0 for the whole run.
 
@@ -115,9 +120,8 @@ class OutputLock:
             raise OutputDirError(self._busy(self._read())) from None
         old = self._read()
         key = _job_key()
-        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         if old:
-            if restart > 0 and old.get("job") == key:
+            if _restart_of(old, key):
                 self.steps_redone_before = int(old.get("steps_redone", 0) or 0)
             elif self._live_elsewhere(old):
                 os.close(fd)
@@ -151,8 +155,7 @@ class OutputLock:
         finally:
             os.close(fd)
         old = self._read()
-        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-        if old and not (restart > 0 and old.get("job") == _job_key()) and self._live_elsewhere(old):
+        if old and not _restart_of(old, _job_key()) and self._live_elsewhere(old):
             return self._busy(old)
         return None
 

@@ -46,6 +46,12 @@ def dynamic_shapes(forward: Any, args: tuple, kwargs: dict) -> dict | None:
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
+def graph_input_specs(module: fx.GraphModule) -> list:
+    """The InputSpec of each placeholder of a traced stage graph (None for non-tensor inputs)."""
+    vals = [(n.name, n.meta.get("val")) for n in module.graph.nodes if n.op == "placeholder"]
+    return [spec_of(f"input {i} ({name!r})", v, name) for i, (name, v) in enumerate(vals)]
+
+
 def is_symbolic(node: Any) -> bool:
     """Whether a graph node computes a size (a SymInt and the like), not a tensor."""
     return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), _SYM_TYPES)

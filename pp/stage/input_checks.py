@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .contract import _describe_value, check_shapes, spec_of
+from .contract import _describe_value, check_shapes, graph_input_specs
 
 
 class StageInputChecks:
@@ -84,8 +84,7 @@ class StageInputChecks:
         traced stage, (name, dtype, shape) for a manual stage with input_args."""
         if self._expected is None:
             if self.pipe_info is not None and isinstance(self.submod, fx.GraphModule):
-                vals = [(n.name, n.meta.get("val")) for n in self.submod.graph.nodes if n.op == "placeholder"]
-                self._expected = [spec_of(f"input {i} ({name!r})", v, name) for i, (name, v) in enumerate(vals)]
+                self._expected = graph_input_specs(self.submod)
             elif self.input_args is not None and not self.is_first:
                 args = (self.input_args,) if isinstance(self.input_args, torch.Tensor) else tuple(self.input_args)
                 self._expected = [(f"input {i}", a.dtype, tuple(a.shape)) for i, a in enumerate(args)]

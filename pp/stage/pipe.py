@@ -171,15 +171,14 @@ class Pipe(nn.Module):
         return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
     def _check_inputs(self, s: int, inputs: list) -> None:
-        from .contract import check_shapes, spec_of
+        from .contract import check_shapes, graph_input_specs
 
         module = self.stage_modules[s]
         if not isinstance(module, fx.GraphModule):
             return
         specs = self._specs
         if s not in specs:
-            vals = [(n.name, n.meta.get("val")) for n in module.graph.nodes if n.op == "placeholder"]
-            specs[s] = [spec_of(f"input {i} ({name!r})", v, name) for i, (name, v) in enumerate(vals)]
+            specs[s] = graph_input_specs(module)
         device = next((x.device.type for x in inputs if isinstance(x, torch.Tensor)), "cpu")
         autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         check_shapes(s, specs[s], inputs, (), autocast_dtype=autocast)
