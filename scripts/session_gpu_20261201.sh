@@ -9,13 +9,14 @@
 #                                                  16 layers x microbatch 8 (one call, ~8 min)
 #   scripts/session_gpu_20261201.sh profiles OUT    recorded HF Llama steps, HF Llama with CUDA graphs, profiles of
 #                                                  the tiny 1F1B (pp, torch) and of pp.run at pp 2 (one call, ~6 min)
+#   scripts/session_gpu_20261201.sh trainer OUT     one GPU: pp.run's step layer by layer (scripts/trainer_cost.py, ~4 min)
 #   scripts/session_gpu_20261201.sh memory OUT      issue 17: checkpointing memory (bf16, activation-dominated),
 #                                                  bf16-mixed against bf16, the largest-GPT runs
 # REF holds ../shared/bench (hf_llama_bench.py, hf_traced_cost.py) copied into a git-ignored folder.
 set -uo pipefail
 . "$(dirname "$0")/gpu_env.sh"
-PART=${1:?usage: scripts/session_gpu_20261201.sh schedules|hf|memory|final|profiles OUT}
-OUT=${2:?usage: scripts/session_gpu_20261201.sh schedules|hf|memory|final|profiles OUT}
+PART=${1:?usage: scripts/session_gpu_20261201.sh schedules|hf|memory|final|profiles|trainer OUT}
+OUT=${2:?usage: scripts/session_gpu_20261201.sh schedules|hf|memory|final|profiles|trainer OUT}
 mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
 { nvidia-smi -L; "$PYTHON" -c "import torch; print('torch', torch.__version__)"; } > "$OUT/device.txt" 2>&1
 R="$PYTHON -m torch.distributed.run --standalone --nproc-per-node 2"
@@ -151,11 +152,13 @@ profiles)  # where time goes: recorded steps and torch.profiler traces (tar'd: t
   echo "== HF Llama with CUDA-graph replay on 2 GPUs"
   timeout 120 $R scripts/bench.py --model hf-llama --microbatches 16 --warmup 2 --steps 5 --cuda-graphs \
       --suite "pp:1F1B:16,pp:ZBVZeroBubble:16,pp:DualPipeV:16" --out "$OUT/hf_graphs.jsonl" 2>&1 | quiet | grep -v "^{" | tail -2
-  echo "== tiny model 1F1B, one profiled step per rank, pp and torch (host overhead over NCCL)"
-  mkdir -p /tmp/traces/prof_pp /tmp/traces/prof_torch
-  for impl in pp torch; do
+  echo "== tiny model 1F1B, one profiled step per rank, pp and torch (host overhead over NCCL), each twice in"
+  echo "   the order pp torch torch pp (in the 12-01 suite the first tiny configuration ran slower, whichever it was)"
+  i=0
+  for impl in pp torch torch pp; do
+    i=$((i + 1)); mkdir -p /tmp/traces/prof_${impl}_$i
     timeout 60 $R scripts/bench.py --impl $impl --schedule 1F1B --microbatches 16 --layers 8 --d-model 512 --heads 8 \
-        --seq 128 --tag overhead --warmup 3 --steps 10 --profile /tmp/traces/prof_$impl --out "$OUT/overhead.jsonl" \
+        --seq 128 --tag overhead-$i --warmup 3 --steps 10 --profile /tmp/traces/prof_${impl}_$i --out "$OUT/overhead.jsonl" \
         2>&1 | quiet | grep -v "^{" | tail -1
   done
   echo "== pp.run at pp 2, 1F1B 16 microbatches, step 5 profiled (pp.run ran 125k tok/s against bench.py's 149k)"
@@ -164,5 +167,8 @@ profiles)  # where time goes: recorded steps and torch.profiler traces (tar'd: t
       | grep "done:\|rank [01]:" | tee "$OUT/run_1f1b.txt"
   tar czf "$OUT/traces.tgz" -C /tmp traces
   ;;
-*) echo "unknown part $PART (schedules, hf, memory, final, profiles)"; exit 2;;
+trainer)  # one GPU is enough: which layer of pp.run's step adds host time (bench/results/20261201-h200x1-trainer)
+  timeout 400 $R1 scripts/trainer_cost.py --rounds 6 --out "$OUT/trainer_cost.jsonl" 2>&1 | quiet | tail -1
+  ;;
+*) echo "unknown part $PART (schedules, hf, memory, final, profiles, trainer)"; exit 2;;
 esac
