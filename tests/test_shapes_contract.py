@@ -225,6 +225,9 @@ def test_the_model_s_shape_conditions_are_checked_and_named():
     x, mask = torch.randn(6, 4), torch.rand(6)
     check_shapes(0, specs, [x, mask], guards)
     torch.testing.assert_close(pipe(x, mask)[0], model(x, mask))   # 6 rows: other sizes than traced work
+    with pytest.raises(ValueError, match=r"^stage 0 inputs do not meet the traced model's shape condition .*"
+                                         r"x\.shape\[0\] = 5"):
+        pipe(torch.randn(5, 4), torch.ones(5))   # called directly too: an odd batch is refused, not run
     with pytest.raises(ValueError, match=r"^stage 0 inputs do not meet the traced model's shape condition "
                                          r".*x\.shape\[0\].* \(here x\.shape\[0\] = 5; input 0 \('x'\) traced as "
                                          r"a float32 tensor of shape \(\*, 4\)"):

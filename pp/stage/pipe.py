@@ -137,6 +137,7 @@ class Pipe(nn.Module):
         self.stage_modules = nn.ModuleList(stage_modules)
         self._info = info
         self._specs: dict[int, list] = {}   # stage -> its inputs' InputSpecs (read from its graph once)
+        self._call_guards: list | None = None   # the shape conditions a direct call checks (see forward)
 
     @property
     def num_stages(self) -> int:
@@ -158,8 +159,10 @@ class Pipe(nn.Module):
         """Run the stages one after another. ValueError (naming the stage, the input, the traced shape
         and the given one) for an input of another dtype or rank, or another size where the trace fixed
         one (`pipeline(dynamic=False)` fixes them all), instead of running a graph specialised to other
-        sizes. The size conditions export recorded for symbolic sizes (e.g. >= 2) are left to `step()`,
-        which checks them too; a pipe called directly may try sizes outside them."""
+        sizes, or sizes that break a condition the traced graph needs (e.g. an even batch for a model
+        that reads its rows in pairs), as `step()` does. One difference from `step()`: the floor of 2
+        torch.export puts on every symbolic size (it specialises sizes 0 and 1) is not enforced here,
+        so a pipe called directly also runs a batch or a sequence of 1."""
         flat = self._info.input_binder.flatten(args, kwargs)
         outputs: list[tuple] = []
         for s, io in enumerate(self._info.stage_io):
@@ -181,7 +184,17 @@ class Pipe(nn.Module):
             specs[s] = graph_input_specs(module)
         device = next((x.device.type for x in inputs if isinstance(x, torch.Tensor)), "cpu")
         autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        check_shapes(s, specs[s], inputs, (), autocast_dtype=autocast)
+        check_shapes(s, specs[s], inputs, self._guards(), autocast_dtype=autocast)
+
+    def _guards(self) -> list:
+        """The traced graph's shape conditions less the bare floors `s >= 2` of single sizes."""
+        if self._call_guards is None:
+            import sympy
+
+            self._call_guards = [g for g in self._info.shape_guards
+                                 if not (isinstance(g, sympy.GreaterThan) and isinstance(g.lhs, sympy.Symbol)
+                                         and g.rhs == 2)]
+        return self._call_guards
 
     def build_stage(self, stage_index: int, device: torch.device | str, group=None):
         """The runtime `PipelineStage` for `stage_index` on this rank (module moved to `device`)."""
