@@ -134,7 +134,7 @@ def test_requeued_job_resumes_without_losing_a_step(cluster, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@90 sends before the time limit): the workers save
     the step in flight, then the job requeues itself; the second run resumes from exactly that step (no
     step lost, none redone) and the final metrics have every step once."""
-    steps, every, interrupt_at = 60, 10, 20
+    steps, every, interrupt_at = 40, 10, 20
     t0 = time.monotonic()
     proc = _sbatch(tmp_path, "--train.steps", str(steps), "--checkpoint.every", str(every))
     job = None

@@ -74,6 +74,22 @@ def _train(rank: int, world: int) -> dict:
             par.step(par.local_share(x), target=par.local_share(y), losses=mb)
             out[("reload", level)] = {"state": par.state_dict(), "fresh": fresh,
                                       "losses": [l.item() for l in mb] if par.owns_loss else []}
+    for level in (0, 3):  # pp 1 x dp 2 x tp 2: a column-parallel shard is a row block of its weight
+        mb = (_batch(0)[0][:2],)
+        par = pp.parallelize(fresh_pipe("gpt", _model, mb, 1), mb, n_microbatches=2, loss_fn=lm_loss, pp=1,
+                             dp=2, tp=2, zero=level, tp_plan=_model().tp_plan())
+        opt = par.build_optimizer(torch.optim.AdamW, [{"params": list(par.parameters())}], lr=1e-2)
+        seen, share = [], (par.local_share(_batch(0)[0]), par.local_share(_batch(0)[1]))
+        for step in range(STEPS):
+            x, y = _batch(step)
+            opt.zero_grad()
+            mb_losses: list = []
+            par.step(par.local_share(x), target=par.local_share(y), losses=mb_losses)
+            opt.step()
+            seen.append([l.item() for l in mb_losses])
+        out[("tp", level)] = {"losses": seen, "state": par.state_dict(), "share": share,
+                              "spare_bytes": [p.untyped_storage().nbytes() - p.numel() * p.element_size()
+                                              for p in par.parameters() if p.untyped_storage().nbytes()]}
     for level in (1, 3):  # the optimizer the docs' plain pattern would build does not shard or train
         par = pp.parallelize(fresh_pipe("gpt", _model, mb, 2), mb, n_microbatches=2, loss_fn=lm_loss, pp=2,
                              dp=2, zero=level)
@@ -109,6 +125,21 @@ def test_zero_levels_train_like_zero_0(results, key):
         for n, t in want["state"].items():
             assert got["state"][n].dtype == t.dtype, (key, n)
             torch.testing.assert_close(got["state"][n], t, **tol, msg=lambda m: f"{key} {n}: {m}")
+
+
+def test_zero_3_with_tensor_parallel_shards_trains_like_zero_0_and_the_unsplit_model(results):
+    """Found by a user check: zero 3 at tp 2 freed and re-allocated storages that its tp shards shared with
+    the whole weights, writing past their end (a crash in malloc on the ranks of tp rank 1)."""
+    model = _model()
+    for rank_out in results:
+        want, got = rank_out[("tp", 0)], rank_out[("tp", 3)]
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]))
+        x, y = got["share"]   # this replica's rows of step 0, run on the initial weights
+        unsplit = [lm_loss(model(a), b).item() for a, b in zip(x.chunk(2), y.chunk(2))]
+        assert got["losses"][0] in ([], pytest.approx(unsplit, rel=1e-5)), (got["losses"][0], unsplit)
+        for n, t in want["state"].items():
+            torch.testing.assert_close(got["state"][n], t, msg=lambda m: f"{n}: {m}")
+        assert set(want["spare_bytes"]) == {0}, "a tp shard keeps its whole weight's storage alive"
 
 
 @pytest.mark.parametrize("level", [1, 3])

@@ -61,6 +61,12 @@ def local_state(optimizer: torch.optim.Optimizer) -> dict:
     return (inner if isinstance(inner, torch.optim.Optimizer) else optimizer).state
 
 
+def _owns_storage(p: torch.Tensor) -> bool:
+    """Whether `p` is contiguous and spans its whole storage from offset 0 (no view of a larger tensor)."""
+    return (p.is_contiguous() and p.storage_offset() == 0
+            and p.untyped_storage().nbytes() == p.numel() * p.element_size())
+
+
 class ShardedParams:
     """ZeRO 2/3 for this rank's parameters: a master shard of each (1/dp of its flat values, padded, in
     its dtype), whose `.grad` gets the reduce-scattered average gradient and which the optimizer updates.
@@ -78,6 +84,8 @@ class ShardedParams:
         for name, p in params:
             if not p.requires_grad:
                 continue
+            if free and not _owns_storage(p):   # release/gather resize the storage: it must be p's alone
+                p.data = p.detach().clone(memory_format=torch.contiguous_format)
             chunk = math.ceil(p.numel() / dp)
             flat = torch.zeros(chunk * dp, dtype=p.dtype, device=p.device)
             flat[:p.numel()] = p.detach().reshape(-1)

@@ -57,7 +57,12 @@ def take_shard(full: torch.Tensor, shard: ParamShard, rank: int, size: int) -> t
     for b in blocks:
         start, stop = chunk_bounds(b.shape[shard.dim], size, rank)
         parts.append(b.narrow(shard.dim, start, stop - start))
-    return (parts[0] if len(parts) == 1 else torch.cat(parts, shard.dim)).contiguous()
+    if len(parts) > 1:
+        return torch.cat(parts, shard.dim)
+    # a copy even where the part is already contiguous (a row block): a view would keep the whole
+    # tensor's storage alive on every rank, and ZeRO 3, which frees and re-allocates a parameter's
+    # storage, would write past the end of a storage it shares from an offset
+    return parts[0].clone(memory_format=torch.contiguous_format)
 
 
 def gather_shard(local: torch.Tensor, shard: ParamShard, group: GroupLike = None) -> torch.Tensor:
