@@ -43,6 +43,12 @@ def test_save_load_round_trip_and_load_unsplit(tmp_path):
         load_unsplit(GPT(vocab_size=256, d_model=16, n_layers=5, n_heads=2, seq_len=8), path)
     with pytest.raises(ckpt.CheckpointError, match="has shape"):
         load_unsplit(GPT(vocab_size=256, d_model=8, n_layers=4, n_heads=2, seq_len=8), path)
+    fewer = GPT(vocab_size=256, d_model=16, n_layers=3, n_heads=2, seq_len=8, tie_weights=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"holds 12 model tensor\(s\) this model does not have "
+                                                   r"\('blocks\.3\.attn\.proj\.bias', .*saved from a different model"):
+        load_unsplit(fewer, path)   # a checkpoint of 4 blocks into a model of 3: refused, as load_state_dict does
+    load_unsplit(fewer, path, strict=False)
+    torch.testing.assert_close(fewer.blocks[2].mlp.fc.weight, src.blocks[2].mlp.fc.weight, rtol=0, atol=0)
 
 
 def test_partial_and_damaged_checkpoints_are_skipped_and_named(tmp_path):
@@ -102,6 +108,20 @@ def _load_as_stages(rank: int, world: int, root: str) -> tuple:
     return path, logs
 
 
+def _load_other_model(rank: int, world: int, root: str, n_layers: int) -> str:
+    """This rank's part of a GPT of `n_layers` blocks cut into `world` stages, loaded from the 4-block
+    checkpoint: the error every rank raises (the same on each), or 'loaded'."""
+    torch.manual_seed(0)
+    model = GPT(vocab_size=256, d_model=16, n_layers=n_layers, n_heads=2, seq_len=8, tie_weights=True)
+    mine = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)
+            if rank in _owner(n, world, n_layers)}
+    try:
+        ckpt.load(ckpt.step_dir(root, 2), {"model": mine})
+    except ckpt.CheckpointError as e:
+        return str(e)
+    return "loaded"
+
+
 def test_checkpoint_saved_at_pp2_loads_at_pp4_and_unsplit(tmp_path):
     root = str(tmp_path / "ck")
     names = run_ranks(_save_as_stages, 2, root, timeout_s=120)
@@ -118,3 +138,10 @@ def test_checkpoint_saved_at_pp2_loads_at_pp4_and_unsplit(tmp_path):
     load_unsplit(got, ckpt.step_dir(root, 2))
     x = torch.randint(0, 256, (2, 8))
     torch.testing.assert_close(got(x), ref(x), rtol=0, atol=0)
+    # Another model: every rank raises the same error, before any tensor is read. With 6 blocks only the
+    # last stage misses some (rank 1's error was once rank 1's alone, and rank 0 printed a lost peer); with
+    # 2 blocks no rank misses anything, but the checkpoint holds blocks no rank has (they were dropped).
+    more = run_ranks(_load_other_model, 2, root, 6, timeout_s=120)
+    assert more[0] == more[1] and "has no entry 'model.blocks.4" in more[0], more
+    fewer = run_ranks(_load_other_model, 2, root, 2, timeout_s=120)
+    assert fewer[0] == fewer[1] and "holds 24 model tensor(s) this model does not have ('blocks.2" in fewer[0], fewer

@@ -231,22 +231,54 @@ def resolve(path: str) -> str:
 
 # --- load ----------------------------------------------------------------------------------------
 
-def check_fits(path: str, state: dict) -> None:
-    """CheckpointError naming the first key of `state` that the checkpoint lacks or holds in another shape."""
+def check_fits(path: str, state: dict, *, strict: bool = True) -> None:
+    """CheckpointError naming the first key of `state` that the checkpoint lacks or holds in another shape;
+    with `strict`, also the model tensors the checkpoint holds that `state` does not (a checkpoint of
+    another model: more layers, other names), as `load_state_dict(strict=True)` refuses them."""
+    error = _fit_error(path, state)
+    if error is None and strict:
+        error = _unexpected_error(path, {k for k, _ in _flatten(state)})
+    if error is not None:
+        raise CheckpointError(error)
+
+
+def _fit_error(path: str, state: dict) -> str | None:
+    """The line naming the first key of `state` the checkpoint lacks or holds in another shape, or None."""
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     for key, t in _flatten(state):
         meta = saved.get(key)
         if meta is None:
             hint = " (saved from a different model?)" if key.startswith("model.") else ""
-            raise CheckpointError(f"checkpoint {path} has no entry {key!r}{hint}")
+            return f"checkpoint {path} has no entry {key!r}{hint}"
         if isinstance(meta, TensorStorageMetadata) and tuple(meta.size) != tuple(t.shape):
-            raise CheckpointError(f"checkpoint {path}: {key!r} has shape {tuple(meta.size)} there but "
-                                  f"{tuple(t.shape)} in this model")
+            return f"checkpoint {path}: {key!r} has shape {tuple(meta.size)} there but {tuple(t.shape)} in this model"
+    return None
+
+
+def _unexpected_error(path: str, keys: set[str]) -> str | None:
+    """The line naming the model tensors checkpoint `path` holds that are not among `keys`, or None."""
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    extra = sorted(k for k in saved if k.startswith("model.") and k not in keys)
+    if not extra:
+        return None
+    names = ", ".join(repr(k.removeprefix("model.")) for k in extra[:3]) + (", ..." if len(extra) > 3 else "")
+    return (f"checkpoint {path} holds {len(extra)} model tensor(s) this model does not have ({names}): it was "
+            f"saved from a different model (compare the model section of its manifest.json with this config)")
 
 
 def load(path: str, state: dict) -> None:
-    """Collective when distributed: fill the tensors of `state` in place from checkpoint `path`."""
-    check_fits(path, state)
+    """Collective when distributed: fill the tensors of `state` (this rank's part of the model and
+    optimizer) in place from checkpoint `path`. Every rank checks its part first and the ranks agree, so
+    that a part missing from the checkpoint, or a checkpoint holding model tensors no rank's part has,
+    raises the same CheckpointError on every rank before any tensor is read."""
+    error = _fit_error(path, state)
+    keys = [k for k, _ in _flatten(state) if k.startswith("model.")]
+    everyone = coll.all_gather_object((error, keys)) if coll.active() else [(error, keys)]
+    errors = [e for e, _ in everyone if e is not None]
+    if not errors:
+        errors = [e for e in [_unexpected_error(path, {k for _, ks in everyone for k in ks})] if e]
+    if errors:
+        raise CheckpointError(errors[0])
     with _single_process_quiet():
         dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=not coll.active())
 
