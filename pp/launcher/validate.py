@@ -56,7 +56,7 @@ def resolve_schedule(name: str) -> str:
         return by_norm[_norm(name)]
     close = difflib.get_close_matches(_norm(name), list(by_norm), n=1, cutoff=0.4)
     hint = f" (did you mean {by_norm[close[0]]!r}?)" if close else ""
-    raise ConfigError(f"schedule.name={name!r} is not a schedule pp ships{hint}; choose one of {', '.join(names)}")
+    raise ConfigError(f"schedule.name={name!r} is not a schedule pp ships{hint}; choose one of {', '.join(names)}, or auto")
 
 
 def validate(cfg: JobConfig, world_size: int) -> Layout:
@@ -189,8 +189,9 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
     if p.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("parallel.device='cuda' but this machine has no CUDA device")
     if pp * p.dp * p.tp != world_size:
-        raise ConfigError(f"parallel.pp={pp} x dp={p.dp} x tp={p.tp} = {pp * p.dp * p.tp} ranks, but the world size "
-                          f"is {world_size}: start {pp * p.dp * p.tp} processes (torchrun --nproc-per-node) "
+        n = pp * p.dp * p.tp
+        raise ConfigError(f"parallel.pp={pp} x dp={p.dp} x tp={p.tp} = {n} rank{'s' * (n != 1)}, but the world "
+                          f"size is {world_size}: start {n} process{'es' * (n != 1)} (torchrun --nproc-per-node) "
                           f"or change parallel.pp")
     if p.zero not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero={p.zero!r}: expected 0, 1, 2 or 3 (DeepSpeed's ZeRO levels)")
