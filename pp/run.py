@@ -5,6 +5,7 @@ config ends every rank with exit code 2 and one line on stderr, printed by rank 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"pp.run: schedule.memory_budget_gib={cfg.schedule.memory_budget_gib:g} is used only by "
                       f"schedule.name auto (and pp.tune); {job.layout.schedule} runs without it", flush=True)
         stop = StopSignals(cfg.checkpoint.on_signal)  # from here on a stop signal is recorded, not fatal
+        created = _env_rank() == 0 and not os.path.exists(cfg.output.dir)
         check_usable(cfg.output.dir, _env_rank())
         if _env_rank() == 0:  # before any process-group work: a second job must touch nothing
             lock = OutputLock(cfg.output.dir).acquire()
@@ -118,11 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_CONFIG, f"bad config: {e}")
     except OutputDirError as e:
         return _fail(EXIT_CONFIG, str(e))
+    code = None
     try:
-        return _train(job, stop, lock, auto)
+        code = _train(job, stop, lock, auto)
+        return code
     finally:
         if lock is not None:
             lock.release()
+        if created and code != 0:   # a run that failed before writing anything leaves no empty output.dir
+            with contextlib.suppress(OSError):
+                os.rmdir(cfg.output.dir)
 
 
 def _train(job, stop, lock, auto=None) -> int:
