@@ -46,9 +46,16 @@ def _env_rank() -> int:
         return 0
 
 
+_ON_FAIL: list = []   # what rank 0 undoes before it reports a failure (an output.dir this run created)
+
+
 def _fail(code: int, message: str) -> int:
-    """Rank 0 prints the one line; the other ranks linger, then leave quietly with the same code."""
+    """Rank 0 undoes what `_ON_FAIL` lists and prints the one line; the other ranks linger, then leave
+    quietly with the same code."""
     if _env_rank() == 0:
+        for undo in _ON_FAIL:
+            with contextlib.suppress(OSError):
+                undo()
         print(f"pp.run: {message}", file=sys.stderr, flush=True)
     else:
         _wait_for_rank_0()
@@ -109,27 +116,24 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"pp.run: schedule.memory_budget_gib={cfg.schedule.memory_budget_gib:g} is used only by "
                       f"schedule.name auto (and pp.tune); {job.layout.schedule} runs without it", flush=True)
         stop = StopSignals(cfg.checkpoint.on_signal)  # from here on a stop signal is recorded, not fatal
-        created = _env_rank() == 0 and not os.path.exists(cfg.output.dir)
+        created = not os.path.exists(cfg.output.dir)
         check_usable(cfg.output.dir, _env_rank())
         if _env_rank() == 0:  # before any process-group work: a second job must touch nothing
             lock = OutputLock(cfg.output.dir).acquire()
             stop.before_exit.append(lock.release)
             if lock.note:
                 print(f"pp.run: {lock.note}", flush=True)
+            if created:   # a run that fails before writing anything leaves no empty output.dir behind
+                _ON_FAIL.append(lambda: (lock.release(), os.rmdir(cfg.output.dir)))
     except ConfigError as e:
         return _fail(EXIT_CONFIG, f"bad config: {e}")
     except OutputDirError as e:
         return _fail(EXIT_CONFIG, str(e))
-    code = None
     try:
-        code = _train(job, stop, lock, auto)
-        return code
+        return _train(job, stop, lock, auto)
     finally:
         if lock is not None:
             lock.release()
-        if created and code != 0:   # a run that failed before writing anything leaves no empty output.dir
-            with contextlib.suppress(OSError):
-                os.rmdir(cfg.output.dir)
 
 
 def _train(job, stop, lock, auto=None) -> int:
