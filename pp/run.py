@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"pp.run: schedule.memory_budget_gib={cfg.schedule.memory_budget_gib:g} is used only by "
                       f"schedule.name auto (and pp.tune); {job.layout.schedule} runs without it", flush=True)
         stop = StopSignals(cfg.checkpoint.on_signal)  # from here on a stop signal is recorded, not fatal
-        created = not os.path.exists(cfg.output.dir)
-        check_usable(cfg.output.dir, _env_rank())
+        created = not os.path.exists(cfg.output.dir)   # read by rank 0 only: it alone creates the directory
+        check_usable(cfg.output.dir, _env_rank(), create=_env_rank() == 0)
         if _env_rank() == 0:  # before any process-group work: a second job must touch nothing
             lock = OutputLock(cfg.output.dir).acquire()
             stop.before_exit.append(lock.release)

@@ -80,7 +80,7 @@ def test_auto_refusals_are_one_line_from_the_whole_job(tmp_path):
     proc = torchrun("pp.run", cfg)
     ours = [line for line in proc.log.splitlines() if line.startswith("pp.run:")]
     assert proc.returncode != 0 and len(ours) == 1 and "no configuration fits" in ours[0], proc.log[-3000:]
-    assert not (tmp_path / "run").exists(), "the failed run left its (empty) output.dir behind"
+    assert not (tmp_path / "run").exists(), f"the failed run left its output.dir behind: {list((tmp_path / 'run').iterdir())}"
     with pytest.raises(ConfigError, match=r"parallel\.tp=2: automatic schedule choice handles tp=1 only"):
         placeholder(load_config(cfg, ["--parallel.tp", "2"]))
 

@@ -24,12 +24,23 @@ class OutputDirError(RuntimeError):
     """The output directory cannot be used; the message is one line naming the path and the reason."""
 
 
-def check_usable(path: str, rank: int = 0) -> None:
-    """Create `path` if needed and prove it writable with a small probe file (removed again).
+def check_usable(path: str, rank: int = 0, create: bool = True) -> None:
+    """Create `path` if needed and prove it writable with a small probe file (removed again). With
+    `create=False` (every rank but 0, so that rank 0 alone knows whether this job made the directory) a
+    missing `path` is only checked to be creatable: its nearest existing ancestor a writable directory.
 
     Raises OutputDirError naming the path and the reason: a file where a directory must be, no
     permission, a read-only filesystem, a full disk.
     """
+    if not create and not os.path.exists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise OutputDirError(f"output.dir {path!r} cannot be used: {parent!r} is a file, not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputDirError(f"output.dir {path!r} cannot be used: permission denied ({parent})")
+        return
     try:
         os.makedirs(path, exist_ok=True)
         if not os.path.isdir(path):
