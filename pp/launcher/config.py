@@ -63,8 +63,9 @@ class ParallelConfig:
 @dataclass
 class ScheduleConfig:
     name: str = _opt("1F1B", "pipeline schedule, e.g. GPipe, 1F1B, Interleaved1F1B, LoopedBFS, "
-                             "InterleavedZeroBubble, ZBVZeroBubble, DualPipeV, ZBVHalf, ZBVMin; 'auto' measures the model at start "
-                             "and picks schedule, microbatches, stages per rank and split (as python -m pp.tune)")
+                             "InterleavedZeroBubble, ZBVZeroBubble, DualPipeV, ZBVHalf, ZBVMin; 'auto' measures "
+                             "the model at start and picks schedule, microbatches, stages per rank and split (as "
+                             "python -m pp.tune)")
     microbatches: int = _opt(4, "microbatches per step on each data-parallel replica; microbatches x "
                                 "parallel.dp must divide train.batch_size")
     stages_per_rank: typing.Optional[int] = _opt(None, "stages each rank holds; default: what the schedule needs "

@@ -56,7 +56,8 @@ def resolve_schedule(name: str) -> str:
         return by_norm[_norm(name)]
     close = difflib.get_close_matches(_norm(name), list(by_norm), n=1, cutoff=0.4)
     hint = f" (did you mean {by_norm[close[0]]!r}?)" if close else ""
-    raise ConfigError(f"schedule.name={name!r} is not a schedule pp ships{hint}; choose one of {', '.join(names)}, or auto")
+    raise ConfigError(f"schedule.name={name!r} is not a schedule pp ships{hint}; choose one of {', '.join(names)}, "
+                      f"or auto")
 
 
 def validate(cfg: JobConfig, world_size: int) -> Layout:
