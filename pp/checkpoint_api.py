@@ -1,6 +1,7 @@
 """`load_unsplit`: load a pp training checkpoint (any pp degree) into the plain, unsplit model."""
 from __future__ import annotations
 
+import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 
@@ -13,16 +14,45 @@ def load_unsplit(model: nn.Module, path: str, *, strict: bool = True) -> str:
     """Load the weights of checkpoint `path` into `model` in place, in this process alone; return the path used.
 
     `path` is a `step-<N>` directory, or an output/checkpoints directory (its newest complete checkpoint
-    is used). The checkpoint is checked against its manifest first; missing or differently shaped
-    parameters raise `CheckpointError` naming them, and so, with `strict` (as in
-    `nn.Module.load_state_dict`), do model tensors the checkpoint holds that `model` does not have (a
-    checkpoint of another model); `strict=False` loads the tensors `model` has and ignores the rest.
+    is used). The checkpoint is checked against its manifest first. With `strict` (as in
+    `nn.Module.load_state_dict`), `CheckpointError` names what does not fit, before any tensor is
+    loaded: a tensor of `model` that the checkpoint lacks or holds in another shape, a model tensor the
+    checkpoint holds that `model` does not have, or two tensors `model` ties (one parameter under two
+    names) that the checkpoint holds with different values (a checkpoint of an untied model).
+    `strict=False` loads the tensors both have and ignores the rest; other shapes are still refused.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_unsplit needs an nn.Module, got {type(model).__name__}")
     path = ckpt.resolve(str(path))
-    state = {"model": model.state_dict()}
-    ckpt.check_fits(path, state, strict=strict)
+    state = model.state_dict()
+    if not strict:
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        state = {n: t for n, t in state.items() if f"model.{n}" in saved}
+    ckpt.check_fits(path, {"model": state}, strict=strict)
+    if strict:
+        _check_ties(path, state)
     with ckpt._single_process_quiet():
-        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+        dcp.load({"model": state}, storage_reader=dcp.FileSystemReader(path), no_dist=True)
     return path
+
+
+def _check_ties(path: str, state: dict) -> None:
+    """CheckpointError if two names of one tensor of `state` hold different values in checkpoint `path`."""
+    first: dict = {}
+    pairs = []
+    for name, t in state.items():
+        if t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key in first:
+            pairs.append((first[key], name))
+        else:
+            first[key] = name
+    for a, b in pairs:
+        probe = {a: torch.empty_like(state[a]), b: torch.empty_like(state[b])}
+        with ckpt._single_process_quiet():
+            dcp.load({"model": probe}, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+        if not torch.equal(probe[a], probe[b]):
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} holds different tensors under {a!r} and {b!r}, which this model ties (one "
+                f"parameter): it was saved from a model that does not tie them")

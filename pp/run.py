@@ -81,6 +81,28 @@ def _single_process_env() -> None:
                        "MASTER_PORT": str(port)})
 
 
+def _first_missing(path: str) -> str | None:
+    """The outermost directory of `path` (itself or an ancestor) that does not exist yet, None if it does."""
+    path = os.path.abspath(path)
+    top = None
+    while not os.path.exists(path):
+        top, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return top
+
+
+def _remove_empty(path: str, top: str) -> None:
+    """Remove `path` and its parents up to `top` (the directories this run created) while they are empty."""
+    path = os.path.abspath(path)
+    while True:
+        os.rmdir(path)   # OSError (not empty) ends it, left to the caller
+        if path == top or os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m pp.run` and the `pp-run` console script; returns the exit code."""
     from pp.launcher.config import ConfigError, help_text, load_config
@@ -116,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"pp.run: schedule.memory_budget_gib={cfg.schedule.memory_budget_gib:g} is used only by "
                       f"schedule.name auto (and pp.tune); {job.layout.schedule} runs without it", flush=True)
         stop = StopSignals(cfg.checkpoint.on_signal)  # from here on a stop signal is recorded, not fatal
-        created = not os.path.exists(cfg.output.dir)   # read by rank 0 only: it alone creates the directory
+        created = _first_missing(cfg.output.dir)   # read by rank 0 only: it alone creates the directories
         check_usable(cfg.output.dir, _env_rank(), create=_env_rank() == 0)
         if _env_rank() == 0:  # before any process-group work: a second job must touch nothing
             lock = OutputLock(cfg.output.dir).acquire()
@@ -124,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             if lock.note:
                 print(f"pp.run: {lock.note}", flush=True)
             if created:   # a run that fails before writing anything leaves no empty output.dir behind
-                _ON_FAIL.append(lambda: (lock.release(), os.rmdir(cfg.output.dir)))
+                _ON_FAIL.append(lambda: (lock.release(), _remove_empty(cfg.output.dir, created)))
     except ConfigError as e:
         return _fail(EXIT_CONFIG, f"bad config: {e}")
     except OutputDirError as e:

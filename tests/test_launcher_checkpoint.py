@@ -49,6 +49,29 @@ def test_save_load_round_trip_and_load_unsplit(tmp_path):
         load_unsplit(fewer, path)   # a checkpoint of 4 blocks into a model of 3: refused, as load_state_dict does
     load_unsplit(fewer, path, strict=False)
     torch.testing.assert_close(fewer.blocks[2].mlp.fc.weight, src.blocks[2].mlp.fc.weight, rtol=0, atol=0)
+    more = GPT(vocab_size=256, d_model=16, n_layers=5, n_heads=2, seq_len=8, tie_weights=True)
+    load_unsplit(more, path, strict=False)   # as load_state_dict(strict=False): block 4 keeps its weights
+    torch.testing.assert_close(more.blocks[3].mlp.fc.weight, src.blocks[3].mlp.fc.weight, rtol=0, atol=0)
+    untied = GPT(vocab_size=256, d_model=16, n_layers=4, n_heads=2, seq_len=8)
+    untied_path = ckpt.save(str(tmp_path / "untied"), 1, {"model": untied.state_dict()}, {"pp": 1})
+    tied = _model(3)
+    before = tied.lm_head.weight.detach().clone()
+    with pytest.raises(ckpt.CheckpointError, match=r"holds different tensors under 'tok_emb\.weight' and "
+                                                   r"'lm_head\.weight', which this model ties"):
+        load_unsplit(tied, untied_path)    # one of the two would silently win
+    assert torch.equal(tied.lm_head.weight, before), "a refused load changed the model"
+
+
+def test_resuming_into_another_model_config_is_refused_by_name():
+    """Changes no tensor shape shows (n_heads, tie_weights) are found in the manifest's model section."""
+    saved = {"name": "gpt", "d_model": 32, "n_heads": 4, "tie_weights": False, "init_from": None, "args": {}}
+    ckpt.check_same_model("ck", saved, dict(saved, init_from="elsewhere"))   # init_from does not count
+    ckpt.check_same_model("ck", None, saved)                                 # an older manifest: nothing to compare
+    with pytest.raises(ckpt.CheckpointError, match=r"^checkpoint ck was saved for another model \(model\.n_heads=4 "
+                                                   r"there, 8 here; model\.tie_weights=False there, True here\)"):
+        ckpt.check_same_model("ck", saved, dict(saved, n_heads=8, tie_weights=True))
+    hf = {"name": "hf:LlamaForCausalLM", "seq_len": 128, "config": {"hidden_size": 64, "rope": [1, 2]}}
+    ckpt.check_same_model("ck", hf, dict(hf, seq_len=256, config={"hidden_size": 64, "rope": (1, 2)}))
 
 
 def test_partial_and_damaged_checkpoints_are_skipped_and_named(tmp_path):

@@ -266,6 +266,22 @@ def _unexpected_error(path: str, keys: set[str]) -> str | None:
             f"saved from a different model (compare the model section of its manifest.json with this config)")
 
 
+def check_same_model(path: str, saved: dict | None, current: dict) -> None:
+    """CheckpointError unless the model section `saved` with checkpoint `path` (its manifest's `model`)
+    describes the model of `current` (this run's model section): tensors alone do not tell every change
+    (`n_heads`, `tie_weights` keep every shape). `init_from` does not count, nor an hf model's `seq_len`
+    (the training length, not its architecture). Nothing is checked when the manifest has no model."""
+    if not isinstance(saved, dict):
+        return
+    current = json.loads(json.dumps(current, default=str))   # as the manifest holds it (tuples as lists)
+    skip = {"init_from"} | ({"seq_len"} if str(current.get("name", "")).startswith("hf:") else set())
+    diffs = [f"model.{k}={saved.get(k)!r} there, {current.get(k)!r} here" for k in sorted(set(saved) | set(current))
+             if k not in skip and saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was saved for another model ({'; '.join(diffs)}): resume it with "
+                              f"the model it was saved for")
+
+
 def load(path: str, state: dict) -> None:
     """Collective when distributed: fill the tensors of `state` (this rank's part of the model and
     optimizer) in place from checkpoint `path`. Every rank checks its part first and the ranks agree, so

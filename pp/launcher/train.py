@@ -119,6 +119,7 @@ class Trainer:
             self.log(f"no checkpoint in {self.ckpt_root}: starting fresh")
             return 0
         manifest = ckpt.read_manifest(path)
+        ckpt.check_same_model(path, manifest.get("model"), self.cfg.to_dict()["model"])  # same on every rank
         self.rs.load(path)
         saved = ", ".join(f"{k}={manifest[k]}" for k in ("pp", "dp", "tp") if k in manifest)
         self.log(f"resumed from {path} (step {manifest['step']}, saved with {saved or 'pp=?'})")
