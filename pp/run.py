@@ -49,13 +49,18 @@ def _env_rank() -> int:
 _ON_FAIL: list = []   # what rank 0 undoes before it reports a failure (an output.dir this run created)
 
 
+def _undo() -> None:
+    """Rank 0, when a run fails: undo what `_ON_FAIL` lists (each at most once)."""
+    while _ON_FAIL:
+        with contextlib.suppress(OSError):
+            _ON_FAIL.pop()()
+
+
 def _fail(code: int, message: str) -> int:
     """Rank 0 undoes what `_ON_FAIL` lists and prints the one line; the other ranks linger, then leave
     quietly with the same code."""
     if _env_rank() == 0:
-        for undo in _ON_FAIL:
-            with contextlib.suppress(OSError):
-                undo()
+        _undo()
         print(f"pp.run: {message}", file=sys.stderr, flush=True)
     else:
         _wait_for_rank_0()
@@ -189,6 +194,7 @@ def _train(job, stop, lock, auto=None) -> int:
         return _fail(EXIT_CONFIG, f"bad config: {e}")
     except DataError as e:  # found by the ranks that read data (first and last stages read the same windows)
         if rank == 0:       # rank 0 holds the first stage, so it always finds it too: one line, from it
+            _undo()
             print(f"pp.run: bad data: {e}", file=sys.stderr, flush=True)
             if lock is not None:
                 lock.release()
