@@ -10,13 +10,14 @@
 #   scripts/session_gpu_20261201.sh profiles OUT    recorded HF Llama steps, HF Llama with CUDA graphs, profiles of
 #                                                  the tiny 1F1B (pp, torch) and of pp.run at pp 2 (one call, ~6 min)
 #   scripts/session_gpu_20261201.sh trainer OUT     one GPU: pp.run's step layer by layer (scripts/trainer_cost.py, ~4 min)
+#   scripts/session_gpu_20261201.sh phases OUT      one GPU: pp.run's step timed part by part (scripts/trainer_phases.py)
 #   scripts/session_gpu_20261201.sh memory OUT      issue 17: checkpointing memory (bf16, activation-dominated),
 #                                                  bf16-mixed against bf16, the largest-GPT runs
 # REF holds ../shared/bench (hf_llama_bench.py, hf_traced_cost.py) copied into a git-ignored folder.
 set -uo pipefail
 . "$(dirname "$0")/gpu_env.sh"
-PART=${1:?usage: scripts/session_gpu_20261201.sh schedules|hf|memory|final|profiles|trainer OUT}
-OUT=${2:?usage: scripts/session_gpu_20261201.sh schedules|hf|memory|final|profiles|trainer OUT}
+PART=${1:?usage: scripts/session_gpu_20261201.sh schedules|hf|memory|final|profiles|trainer|phases OUT}
+OUT=${2:?usage: scripts/session_gpu_20261201.sh schedules|hf|memory|final|profiles|trainer|phases OUT}
 mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
 { nvidia-smi -L; "$PYTHON" -c "import torch; print('torch', torch.__version__)"; } > "$OUT/device.txt" 2>&1
 R="$PYTHON -m torch.distributed.run --standalone --nproc-per-node 2"
@@ -170,5 +171,10 @@ profiles)  # where time goes: recorded steps and torch.profiler traces (tar'd: t
 trainer)  # one GPU is enough: which layer of pp.run's step adds host time (bench/results/20261201-h200x1-trainer)
   timeout 400 $R1 scripts/trainer_cost.py --rounds 6 --out "$OUT/trainer_cost.jsonl" 2>&1 | quiet | tail -1
   ;;
-*) echo "unknown part $PART (schedules, hf, memory, final, profiles, trainer)"; exit 2;;
+phases)  # one GPU: pp.run at pp 1 on issue 20's GPT with each part of its step timed on the host
+  gpt_cfg "$OUT/gpt_pp1.yaml" 1F1B 16; sed -i 's/pp: 2/pp: 1/' "$OUT/gpt_pp1.yaml"
+  timeout 200 $R1 scripts/trainer_phases.py "$OUT/phases.jsonl" "$OUT/gpt_pp1.yaml" --output.dir /tmp/run_phases \
+      2>&1 | quiet | grep "tokens/s" | tail -1
+  ;;
+*) echo "unknown part $PART (schedules, hf, memory, final, profiles, trainer, phases)"; exit 2;;
 esac

@@ -12,6 +12,10 @@ Variants, each on its own copy of the model (same seed):
               a device sync at the start and the end of the step)
   trainer    the same plus what pp.run adds around a step: zero_grad, the per-step statistics gather
               (one device-to-host read), gradient clipping and fused AdamW
+  job        the model built as pp.run builds it (config -> `prepare` -> `make_model`: traced from the
+              meta device, materialised by `init_fn`, a one-rank mesh), stepped as `parallelize`
+  runstep    pp.run's own `Trainer.step` on that config (batches from its data, the statistics gather,
+              clipping, fused AdamW, the bubble meter): everything of pp.run's step but the loop around it
 Each round times `--per-round` steps of each variant (device synchronised around the round); the record
 has each variant's best and median step, and each one's device time for one step (the sum of its kernels,
 torch.profiler): a step much longer than its device time is host-bound.
@@ -61,7 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--per-round", type=int, default=3)
-    ap.add_argument("--variants", default="eager,manual,traced,parallelize,recorded,trainer")
+    ap.add_argument("--variants", default="eager,manual,traced,parallelize,recorded,trainer,job,runstep")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="on the CPU, 16 layers of width 16, seq 8: the times are then nearly all host work (the "
                          "operators' dispatch, autograd, pp's runtime), a proxy for the host side of a GPU step")
@@ -128,6 +132,30 @@ def main() -> None:
                 torch._foreach_mul_(pm.grads(), 1.0 / (norm + 1e-6))
             opt.step()
         steps[name] = trainer_step
+    if "job" in names or "runstep" in names:
+        from pp.launcher.config import load_config
+        from pp.launcher.job import prepare
+        from pp.launcher.rank import make_model
+        from pp.launcher.train import Trainer
+        import tempfile
+        cfg_path = os.path.join(tempfile.mkdtemp(), "gpt.yaml")
+        with open(cfg_path, "w") as f:   # issue 20's model as pp.run gets it (the smoke run: width 16)
+            f.write(f"model: {{name: gpt, vocab_size: {VOCAB if not a.smoke else 256}, d_model: "
+                    f"{16 if a.smoke else 2048}, n_layers: 16, n_heads: {2 if a.smoke else 16}, seq_len: {SEQ}}}\n"
+                    f"parallel: {{pp: 1}}\nschedule: {{name: 1F1B, microbatches: {M}}}\n"
+                    f"train: {{steps: 1000, batch_size: {M * MB}, precision: {'fp32' if a.smoke else 'bf16'}}}\n"
+                    f"checkpoint: {{every: 0}}\noutput: {{dir: {os.path.dirname(cfg_path)}}}\n")
+        if "job" in names:
+            jm = make_model(prepare(load_config(cfg_path, []), 1), dev)
+
+            def job_step(pm=jm):
+                pm.step(ids, target=tgt, losses=[])
+                pm.zero_grad(set_to_none=True)
+            steps["job"] = job_step
+        if "runstep" in names:
+            trainer = Trainer(prepare(load_config(cfg_path, []), 1), 0, dev)
+            count = iter(range(1, 10**6))
+            steps["runstep"] = lambda: trainer.step(next(count))
     for fn in steps.values():   # warm-up: shapes, kernels, allocator
         for _ in range(2):
             fn()

@@ -93,6 +93,12 @@ def test_partial_and_damaged_checkpoints_are_skipped_and_named(tmp_path):
     assert ckpt.remove_partial_saves(root) == [".tmp-step-8"]
     with pytest.raises(ckpt.CheckpointError, match="damaged"):
         load_unsplit(_model(), ckpt.step_dir(root, 6))
+    # keep counts complete checkpoints only: step-4 (no manifest now) and a stray step-12 never push out
+    # a good one (it once kept a damaged step-12 and deleted the last good step)
+    os.makedirs(ckpt.step_dir(root, 12))
+    ckpt.save(root, 8, state, {}, keep=2)
+    ckpt.save(root, 10, state, {}, keep=2)
+    assert ckpt.list_steps(root) == [12, 10, 8, 4]   # step-6 pruned: 10 and 8 are the two complete ones
 
 
 def _owner(name: str, world: int, n_layers: int = 4) -> set[int]:

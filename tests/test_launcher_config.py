@@ -127,6 +127,18 @@ def test_the_word_lists_of_the_config_are_those_of_the_code_that_takes_the_words
     assert CHOICES["schedule.compile_per"] == PER
 
 
+def test_a_word_in_another_case_is_the_word(cfg_file):
+    # as schedule.name ignores case, so do the one-of-a-few-words keys; an unknown word is still refused
+    from pp.launcher.validate import validate
+
+    cfg = load_config(cfg_file, ["--train.precision", "BF16-Mixed", "--train.activation_checkpointing", "Full",
+                                 "--split.policy", "COST"])
+    validate(cfg, 4)
+    assert (cfg.train.precision, cfg.train.activation_checkpointing, cfg.split.policy) == ("bf16-mixed", "full", "cost")
+    with pytest.raises(ConfigError, match="train.precision='BF17'"):
+        validate(load_config(cfg_file, ["--train.precision", "BF17"]), 4)
+
+
 def test_bad_config_is_silent_on_other_ranks(cfg_file, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")

@@ -228,3 +228,13 @@ def test_a_fresh_run_that_fails_in_its_first_step_leaves_the_earlier_runs_output
     assert "Traceback" not in second.stderr and "removed" not in second.stdout, second.stdout
     assert (out / "checkpoints" / "step-2").is_dir()
     assert sorted(losses(out)) == [1, 2]
+    # resume with every checkpoint damaged: one line, and they stay (starting fresh deleted them once)
+    data = next((out / "checkpoints" / "step-2").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:100])
+    third = subprocess.run([sys.executable, "-m", "pp.run", cfg, "--checkpoint.resume", "true"], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 2, third.stdout + third.stderr
+    err = third.stderr.strip().splitlines()
+    assert len(err) == 1 and "cannot resume: every checkpoint in" in err[0] and "(step-2;" in err[0], err
+    assert (out / "checkpoints" / "step-2").is_dir() and len(data.read_bytes()) == 100
+    assert sorted(losses(out)) == [1, 2]

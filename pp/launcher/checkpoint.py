@@ -91,8 +91,9 @@ def save(root: str, step: int, state: dict, meta: dict, *, verify: bool = True, 
                     "files": dict(sorted(files.items())), **meta}
         _write_json_durably(os.path.join(tmp, MANIFEST), manifest)
         _replace_dir(tmp, final)
-        if keep > 0:
-            for old in list_steps(root)[keep:]:
+        if keep > 0:   # the newest `keep` with a manifest: a damaged directory never counts as a kept one
+            complete = [s for s in list_steps(root) if os.path.isfile(os.path.join(step_dir(root, s), MANIFEST))]
+            for old in complete[keep:]:
                 shutil.rmtree(step_dir(root, old), ignore_errors=True)
     coll.barrier()
     return final

@@ -75,7 +75,8 @@ class ScheduleConfig:
                                     "parallel.tp > 1)")
     compile: bool = _opt(False, "run each stage's forward and backward through torch.compile (inductor); "
                                 "compiles at the first step, once per input shape; see docs/performance.md")
-    compile_per: str = _opt("block", "what one compiled region is: 'block' (each transformer block) or 'stage'")
+    compile_per: typing.Optional[str] = _opt(None, "what one compiled region is: 'block' (each transformer block) "
+                                                   "or 'stage'; default: stage, block with activation checkpointing")
     memory_budget_gib: typing.Optional[float] = _opt(None, "memory per rank the automatic choice (name: auto, "
                                                            "pp.tune) must fit in; default: the device's free "
                                                            "memory (host memory on cpu) less a margin")

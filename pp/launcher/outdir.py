@@ -32,16 +32,16 @@ def check_usable(path: str, rank: int = 0, create: bool = True) -> None:
     Raises OutputDirError naming the path and the reason: a file where a directory must be, no
     permission, a read-only filesystem, a full disk.
     """
-    if not create and not os.path.exists(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):
-            raise OutputDirError(f"output.dir {path!r} cannot be used: {parent!r} is a file, not a directory")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputDirError(f"output.dir {path!r} cannot be used: permission denied ({parent})")
-        return
     try:
+        if not create and not os.path.exists(path):
+            parent = os.path.dirname(os.path.abspath(path))
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", parent)
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "permission denied", parent)
+            return
         os.makedirs(path, exist_ok=True)
         if not os.path.isdir(path):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", path)

@@ -115,6 +115,12 @@ class Trainer:
         if restarts and not self.cfg.checkpoint.resume:
             self.log(f"torchrun restart {restarts}: resuming from the newest checkpoint")
         path = ckpt.find_latest(self.ckpt_root, log=self.log)
+        if path is None and ckpt.list_steps(self.ckpt_root):
+            # starting fresh would delete them after the first step: a resume must not cost the checkpoints
+            steps = ", ".join(f"step-{s}" for s in ckpt.list_steps(self.ckpt_root))
+            raise ckpt.CheckpointError(f"cannot resume: every checkpoint in {self.ckpt_root} is damaged ({steps}; "
+                                  f"the reasons are above); they are left as they are: repair or move them, or "
+                                  f"set checkpoint.resume: false to start fresh (which removes them)")
         if path is None:
             self.log(f"no checkpoint in {self.ckpt_root}: starting fresh")
             return 0

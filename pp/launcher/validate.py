@@ -5,7 +5,9 @@ with one line (printed by rank 0) instead of a hang or a traceback per rank.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass
 
@@ -60,8 +62,32 @@ def resolve_schedule(name: str) -> str:
                       f"or auto")
 
 
+def _lower_choices(cfg: JobConfig) -> None:
+    """A value of a one-of-a-few-words key written in another case (precision: BF16) becomes the word,
+    as schedule.name ignores case; anything else is left for the key's own check to name."""
+    for key, words in CHOICES.items():
+        section, name = key.split(".")
+        part = getattr(cfg, section)
+        value = getattr(part, name)
+        if isinstance(value, str) and value not in words and value.lower() in words:
+            setattr(part, name, value.lower())
+
+
+def _finite_numbers(cfg: JobConfig) -> None:
+    """No key takes nan or infinity (YAML's .nan/.inf, or "nan" on the command line): a learning rate or
+    weight decay of nan would only show as a non-finite loss steps later, a grad_clip of nan never clips."""
+    for section in dataclasses.fields(cfg):
+        part = getattr(cfg, section.name)
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section.name}.{f.name}={value!r}: expected a finite number")
+
+
 def validate(cfg: JobConfig, world_size: int) -> Layout:
     """Raise ConfigError for the first bad value; return the stage layout the config asks for."""
+    _lower_choices(cfg)
+    _finite_numbers(cfg)
     _check_model(cfg)
     _check_train(cfg)
     layout = _check_parallel(cfg, world_size)
@@ -228,7 +254,7 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
 
 
 def _check_compile(s: object, checkpointing: str) -> None:
-    if s.compile_per not in CHOICES["schedule.compile_per"]:
+    if s.compile_per is not None and s.compile_per not in CHOICES["schedule.compile_per"]:
         raise ConfigError(f"schedule.compile_per={s.compile_per!r}: expected 'block' or 'stage'")
     if s.compile and s.compile_per == "stage" and checkpointing != "none":
         raise ConfigError(f"schedule.compile_per='stage' with train.activation_checkpointing={checkpointing!r}: "

@@ -46,7 +46,7 @@ def parallelize(
     mesh: DeviceMesh | None = None,
     cuda_graphs: bool = False,
     compile: bool = False,
-    compile_per: str = "block",
+    compile_per: str | None = None,
     precision: str = "fp32",
     activation_checkpointing: str = "none",
     zero: int = 0,
@@ -63,7 +63,8 @@ def parallelize(
     cuda:LOCAL_RANK when CUDA is available, else cpu. `cuda_graphs=True` replays the stages as CUDA
     graphs from the second step on (`schedule.enable_cuda_graphs()`; not with tp > 1). `compile=True` runs
     each stage's forward and backward through torch.compile, per block or per stage (`compile_per`
-    "block" or "stage"; `schedule.compile()`); compiles happen at the first step, once per input shape.
+    "block" or "stage"; None: per stage, per block with activation checkpointing, the faster measured;
+    `schedule.compile()`); compiles happen at the first step, once per input shape.
 
     `precision`: "fp32", "bf16-mixed" (float32 parameters, gradients and optimizer state; each stage computes
     with bfloat16 copies of its matrices, refreshed once per step, under bfloat16 autocast; activations cross
@@ -114,7 +115,7 @@ def parallelize(
         raise ValueError(f"tp={tp} needs a tp_plan: {{module name: pp.tp.ColwiseParallel() or RowwiseParallel()}}")
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False, got {compile!r}")
-    if compile_per not in ("block", "stage"):
+    if compile_per is not None and compile_per not in ("block", "stage"):
         raise ValueError(f"compile_per={compile_per!r} is not a compile granularity; expected 'block' or 'stage'")
     precision = check_precision(precision)
     ac = check_mode(activation_checkpointing)

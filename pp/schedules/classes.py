@@ -173,11 +173,12 @@ class _PipelineSchedule:
             self._graphs[i] = s.graphs
         self._after = (None, {})
 
-    def compile(self, mode: str | None = None, per: str = "block", dynamic: bool | None = None,
+    def compile(self, mode: str | None = None, per: str | None = None, dynamic: bool | None = None,
                 backend: str = "inductor") -> None:
-        """Run each stage's forward and backward through `torch.compile`, per block (each child of the
-        repeated container the splitter cuts, as activation checkpointing finds them) or per stage
-        (`per="stage"`); traced and manual stages, every schedule. Compiles happen at first use, once
+        """Run each stage's forward and backward through `torch.compile`, per block (`per="block"`: each
+        child of the repeated container the splitter cuts, as activation checkpointing finds them) or per
+        stage (`per="stage"`; None, the default: per stage, per block where the stage is checkpointed,
+        the faster of the two measured); traced and manual stages, every schedule. Compiles happen at first use, once
         per new input shape (`compile_count`). `mode`: inductor's (None: default); `dynamic` as in
         torch.compile. In I/W-split schedules a compiled region's weight gradients are computed in I
         with its input gradients (one fused backward) and W does only the eager rest (pp.stage.compiled).
