@@ -98,6 +98,23 @@ def _first_missing(path: str) -> str | None:
     return top
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or ["(no message)"])[0]
+
+
+def _user_frame(e: BaseException) -> str:
+    """' (at file:line in function)' for the innermost frame of `e`'s traceback outside pp and torch: the
+    line of the user's model that raised; '' when every frame is pp's or torch's."""
+    import torch
+
+    inside = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, sys.modules["pp"]))
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not os.path.abspath(f.filename).startswith(inside)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (at {f.filename}:{f.lineno} in {f.name})"
+
+
 def _remove_empty(path: str, top: str) -> None:
     """Remove `path` and its parents up to `top` (the directories this run created) while they are empty."""
     path = os.path.abspath(path)
@@ -156,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_CONFIG, f"bad config: {e}")
     except OutputDirError as e:
         return _fail(EXIT_CONFIG, str(e))
+    except Exception as e:  # noqa: BLE001 - the model's own code raised while it was built or traced
+        return _fail(EXIT_CONFIG, f"cannot build model.name={cfg.model.name!r}: {type(e).__name__}: "
+                                  f"{_first_line(e)}{_user_frame(e)}")
     try:
         return _train(job, stop, lock, auto)
     finally:
@@ -204,6 +224,8 @@ def _train(job, stop, lock, auto=None) -> int:
     except TrainingError as e:
         return _fail(EXIT_TRAINING, str(e))
     except Exception as e:  # noqa: BLE001 - any other failure ends this rank with one line saying why
+        if rank == 0:
+            _undo()   # an output.dir this run created and left empty (rmdir: only while it is empty)
         if lock is not None:
             lock.release()
         _rank_failed(rank, getattr(trainer, "current_step", 0), e, p.timeout_s)

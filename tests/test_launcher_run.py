@@ -238,3 +238,54 @@ def test_a_fresh_run_that_fails_in_its_first_step_leaves_the_earlier_runs_output
     assert len(err) == 1 and "cannot resume: every checkpoint in" in err[0] and "(step-2;" in err[0], err
     assert (out / "checkpoints" / "step-2").is_dir() and len(data.read_bytes()) == 100
     assert sorted(losses(out)) == [1, 2]
+
+
+USER_MODELS = '''
+import torch.nn as nn
+
+
+class Boom(nn.Module):
+    def __init__(self, vocab_size=256, seq_len=32):
+        super().__init__()
+        raise RuntimeError("boom in the constructor")
+
+
+class Narrow(nn.Module):   # logits of 10 classes for a vocabulary of 256
+    def __init__(self, vocab_size=256, seq_len=32):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab_size, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.emb(x))
+
+
+class BadIndex(nn.Module):   # right shape, fails only on real tensors (in the first step)
+    def __init__(self, vocab_size=256, seq_len=32):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab_size, 16), nn.Linear(16, vocab_size)
+
+    def forward(self, x):
+        return self.head(self.emb(x))[:, :, [300] * 256]
+'''
+
+
+@pytest.mark.parametrize("name, code, expected", [
+    ("Boom", 2, "pp.run: cannot build model.name='usermods:Boom': RuntimeError: boom in the constructor (at "),
+    ("Narrow", 2, "returns (2, 32, 10) for a microbatch of token ids shaped (2, 32); pp.run trains a language "
+                  "model and needs one tensor of logits shaped (batch, seq_len, vocab_size) = (2, 32, 256)"),
+    ("BadIndex", 1, "pp.run: rank 0 failed at step 1: IndexError: index 300 is out of bounds"),
+])
+def test_a_user_model_that_fails_is_one_line_and_leaves_no_output_dir(tmp_path, name, code, expected):
+    (tmp_path / "usermods.py").write_text(USER_MODELS)
+    out = tmp_path / "runs" / "a"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: {{name: 'usermods:{name}', vocab_size: 256, seq_len: 32}}\nparallel: {{pp: 1}}\n"
+                   f"schedule: {{name: 1F1B, microbatches: 2}}\ntrain: {{steps: 2, batch_size: 4}}\n"
+                   f"output: {{dir: '{out}'}}\n")
+    proc = subprocess.run([sys.executable, "-m", "pp.run", str(cfg)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}, timeout=120)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert expected in proc.stderr.strip().splitlines()[-1], proc.stderr
+    if code == 2:   # found before training: one line, no traceback
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "runs").exists()   # the directories this run created are gone again
