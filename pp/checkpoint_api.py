@@ -19,10 +19,17 @@ def load_unsplit(model: nn.Module, path: str, *, strict: bool = True) -> str:
     loaded: a tensor of `model` that the checkpoint lacks or holds in another shape, a model tensor the
     checkpoint holds that `model` does not have, or two tensors `model` ties (one parameter under two
     names) that the checkpoint holds with different values (a checkpoint of an untied model).
-    `strict=False` loads the tensors both have and ignores the rest; other shapes are still refused.
+    `strict=False` loads the tensors both have and ignores the rest; other shapes are still refused, and of
+    two differing tensors under tied names the one `model.state_dict()` lists last wins (as in
+    `load_state_dict(strict=False)`). TypeError for a `model` that is not an nn.Module, ValueError for one
+    with tensors on the meta device (no storage to load into: `model.to_empty(device=...)` first).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_unsplit needs an nn.Module, got {type(model).__name__}")
+    on_meta = [n for n, t in model.state_dict().items() if t.device.type == "meta"]
+    if on_meta:
+        raise ValueError(f"load_unsplit: {len(on_meta)} tensor(s) of the model are on the meta device (first: "
+                         f"{on_meta[0]!r}) and cannot hold values: call model.to_empty(device='cpu') first")
     path = ckpt.resolve(str(path))
     state = model.state_dict()
     if not strict:

@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m pp.plot OUTPUT_DIR   (writes loss.png and timeline.png there)", file=sys.stderr)
         return 2
     out = args[0]
+    if not os.path.isdir(out):
+        print(f"pp.plot: {out!r} is not a directory (expected a run's output.dir, holding {METRICS})", file=sys.stderr)
+        return 2
+    if not os.path.isfile(os.path.join(out, METRICS)):
+        print(f"pp.plot: {out!r} holds no {METRICS} (expected a run's output.dir)", file=sys.stderr)
+        return 2
     records = read_metrics(os.path.join(out, METRICS))
     if not records:
         print(f"pp.plot: {os.path.join(out, METRICS)} has no records", file=sys.stderr)

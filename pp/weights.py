@@ -261,6 +261,21 @@ def _plan(target: _Target, shapes: Mapping[str, tuple], prefix: str | None, igno
     return reads, missing, misshaped
 
 
+def _tied_conflict(target: _Target, source: WeightSource, prefix: str | None) -> str | None:
+    """A line if `source` holds different values under two names of one tensor the model ties (a
+    checkpoint of a model that does not tie them: one of the two would silently win), else None."""
+    for group in target.groups:
+        keys = list(dict.fromkeys(k for n in group for k in _candidates(n, prefix) if k in source.shapes))
+        if len(keys) < 2:
+            continue
+        values = source.read(keys)
+        for k in keys[1:]:
+            if not torch.equal(values[keys[0]], values[k]):
+                return (f"{source.what} holds different tensors under {keys[0]!r} and {k!r}, which this model "
+                        f"ties (one parameter): it was saved from a model that does not tie them")
+    return None
+
+
 def _verdict(what: str, missing: list[str], unexpected: list[str], misshaped: list[str]) -> str | None:
     parts = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
@@ -311,6 +326,9 @@ def load_weights(model: "nn.Module | ParallelModel", source: str | WeightSource 
         raise WeightsError(message)
     if check_only:
         return
+    tied = gather(_tied_conflict(target, source, base_prefix))   # read both names: the values, not only shapes
+    if any(tied):
+        raise WeightsError(next(t for t in tied if t))
     keys = list(reads)
     for i in range(0, len(keys), _READ_BATCH):   # a bounded number of tensors in host memory at a time
         loaded = source.read(keys[i:i + _READ_BATCH])

@@ -60,6 +60,10 @@ def test_save_load_round_trip_and_load_unsplit(tmp_path):
                                                    r"'lm_head\.weight', which this model ties"):
         load_unsplit(tied, untied_path)    # one of the two would silently win
     assert torch.equal(tied.lm_head.weight, before), "a refused load changed the model"
+    with torch.device("meta"):
+        ghost = GPT(vocab_size=256, d_model=16, n_layers=4, n_heads=2, seq_len=8)
+    with pytest.raises(ValueError, match="on the meta device .* call model.to_empty"):
+        load_unsplit(ghost, path)   # once a DCP traceback about a missing process group
 
 
 def test_resuming_into_another_model_config_is_refused_by_name():
@@ -67,6 +71,7 @@ def test_resuming_into_another_model_config_is_refused_by_name():
     saved = {"name": "gpt", "d_model": 32, "n_heads": 4, "tie_weights": False, "init_from": None, "args": {}}
     ckpt.check_same_model("ck", saved, dict(saved, init_from="elsewhere"))   # init_from does not count
     ckpt.check_same_model("ck", None, saved)                                 # an older manifest: nothing to compare
+    ckpt.check_same_model("ck", dict(saved, d_ff=0), dict(saved, d_ff=128))  # 0 means 4 * d_model: the same model
     with pytest.raises(ckpt.CheckpointError, match=r"^checkpoint ck was saved for another model \(model\.n_heads=4 "
                                                    r"there, 8 here; model\.tie_weights=False there, True here\)"):
         ckpt.check_same_model("ck", saved, dict(saved, n_heads=8, tie_weights=True))

@@ -70,6 +70,19 @@ def test_gpt2_checkpoint_stores_the_tied_embedding_once_and_it_fills_the_lm_head
     assert fresh.lm_head.weight is fresh.transformer.wte.weight
 
 
+def test_weights_of_an_untied_model_are_refused_by_a_model_that_ties_them():
+    # model.init_from once took the untied checkpoint's embedding and dropped its lm_head without a word
+    # (load_unsplit refused the same pair); equal values under both names still load
+    untied, tied = GPT(256, 16, 2, 2, 16), GPT(256, 16, 2, 2, 16, tie_weights=True)
+    before = tied.tok_emb.weight.detach().clone()
+    with pytest.raises(WeightsError, match="different tensors under 'tok_emb.weight' and 'lm_head.weight'"):
+        load_weights(tied, untied.state_dict())
+    assert torch.equal(tied.tok_emb.weight, before)   # nothing copied
+    same = {**untied.state_dict(), "lm_head.weight": untied.tok_emb.weight.detach().clone()}
+    load_weights(tied, same)
+    assert torch.equal(tied.lm_head.weight, untied.tok_emb.weight) and tied.lm_head.weight is tied.tok_emb.weight
+
+
 def test_keys_of_the_base_model_load_into_the_model_with_a_head(tmp_path):
     saved = _llama(0)
     base = {k[len("model."):]: v for k, v in saved.state_dict().items() if k.startswith("model.")}

@@ -267,6 +267,13 @@ def _unexpected_error(path: str, keys: set[str]) -> str | None:
             f"saved from a different model (compare the model section of its manifest.json with this config)")
 
 
+def _resolved(model: dict) -> dict:
+    """The model section with a built-in model's `d_ff: 0` written as the width it means (4 * d_model)."""
+    if model.get("name") in ("gpt", "mlp") and model.get("d_ff") == 0 and isinstance(model.get("d_model"), int):
+        return {**model, "d_ff": 4 * model["d_model"]}
+    return model
+
+
 def check_same_model(path: str, saved: dict | None, current: dict) -> None:
     """CheckpointError unless the model section `saved` with checkpoint `path` (its manifest's `model`)
     describes the model of `current` (this run's model section): tensors alone do not tell every change
@@ -274,7 +281,8 @@ def check_same_model(path: str, saved: dict | None, current: dict) -> None:
     (the training length, not its architecture). Nothing is checked when the manifest has no model."""
     if not isinstance(saved, dict):
         return
-    current = json.loads(json.dumps(current, default=str))   # as the manifest holds it (tuples as lists)
+    current = _resolved(json.loads(json.dumps(current, default=str)))   # as the manifest holds it (lists)
+    saved = _resolved(saved)
     skip = {"init_from"} | ({"seq_len"} if str(current.get("name", "")).startswith("hf:") else set())
     diffs = [f"model.{k}={saved.get(k)!r} there, {current.get(k)!r} here" for k in sorted(set(saved) | set(current))
              if k not in skip and saved.get(k) != current.get(k)]

@@ -181,6 +181,27 @@ def is_custom_model(name: str) -> bool:
     return ":" in name and not is_hf_model(name)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key written twice in one mapping (a second `train:` section,
+    say) is an error instead of the last one silently replacing the first."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *anchor` merges, as safe_load does
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"{key!r} is written twice (the second would "
+                                                    f"replace the first)", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:
     """Read `path` (YAML), apply `--section.key value` overrides, and return the typed config."""
     raw: dict = {}
@@ -189,7 +210,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> JobConf
             raise ConfigError(f"config file {path!r} does not exist")
         try:
             with open(path) as f:
-                raw = yaml.safe_load(f) or {}
+                raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             at = f" at line {where.line + 1}" if where is not None else ""

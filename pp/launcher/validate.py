@@ -167,6 +167,9 @@ def _check_train(cfg: JobConfig) -> None:
         if not 0 <= getattr(t, key) < 1:
             raise ConfigError(f"train.{key}={getattr(t, key)}: expected a number in [0, 1)")
     _check_precision(cfg)
+    if t.warmup_steps is not None and t.warmup_steps > t.steps and int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"pp.run: note: train.warmup_steps={t.warmup_steps} is more than train.steps={t.steps}: the "
+              f"learning rate never reaches train.lr", flush=True)
     check_data(cfg)
     c = cfg.checkpoint
     _positive("checkpoint.every", c.every, allow_zero=True)
