@@ -239,7 +239,7 @@ def run_config(args, spec: str, device: torch.device) -> dict:
     batch = args.mb_size * args.microbatches * dp
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab, (batch, args.seq + 1), generator=g).to(device)
-    x, y = tokens[:, :-1], tokens[:, 1:]
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()   # torch checks input strides
     times = []
     for i in range(args.warmup + args.steps):
         dist.barrier()
