@@ -107,6 +107,19 @@ def remove_checkpoints(root: str) -> list[int]:
     return steps
 
 
+def set_aside_damaged(root: str) -> list[str]:
+    """Rename every `step-<N>` under `root` to `damaged-step-<N>` (never read, never removed by pp; a
+    name taken already gets a numbered suffix); return the new names."""
+    names = []
+    for step in list_steps(root):
+        new, i = f"damaged-step-{step}", 1
+        while os.path.exists(os.path.join(root, new)):
+            new, i = f"damaged-step-{step}.{i}", i + 1
+        os.rename(step_dir(root, step), os.path.join(root, new))
+        names.append(new)
+    return names
+
+
 def remove_partial_saves(root: str) -> list[str]:
     """Delete `.tmp-step-*` leftovers of saves that never finished; return their names."""
     if not os.path.isdir(root):

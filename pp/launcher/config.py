@@ -181,25 +181,36 @@ def is_custom_model(name: str) -> bool:
     return ":" in name and not is_hf_model(name)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, except that a key written twice in one mapping (a second `train:` section,
-    say) is an error instead of the last one silently replacing the first."""
+class _NotingLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader that also lists the keys written twice in one mapping (`twice`: (key, line)):
+    YAML lets the last one win, as it does here, and pp.run says so instead of staying silent."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self.twice: list[tuple[str, int]] = []
 
 
-def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+def _noting_mapping(loader: _NotingLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: set = set()
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *anchor` merges, as safe_load does
             continue
         key = loader.construct_object(key_node, deep=True)
         if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"{key!r} is written twice (the second would "
-                                                    f"replace the first)", key_node.start_mark)
+            loader.twice.append((str(key), key_node.start_mark.line + 1))
         seen.add(key)
     return loader.construct_mapping(node, deep)
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+_NotingLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _noting_mapping)
+
+
+def _read_yaml(f) -> tuple[Any, list[tuple[str, int]]]:
+    loader = _NotingLoader(f)
+    try:
+        return loader.get_single_data(), loader.twice
+    finally:
+        loader.dispose()
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:
@@ -210,13 +221,18 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> JobConf
             raise ConfigError(f"config file {path!r} does not exist")
         try:
             with open(path) as f:
-                raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+                raw, twice = _read_yaml(f)
+                raw = raw or {}
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             at = f" at line {where.line + 1}" if where is not None else ""
             raise ConfigError(f"config file {path!r} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(raw).__name__}")
+        if twice and int(os.environ.get("RANK", "0") or 0) == 0:
+            for key, line in twice:
+                print(f"pp.run: note: {path} writes {key!r} a second time at line {line}: the later one replaces "
+                      f"the earlier (YAML's rule), keys and all", flush=True)
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     cli = parse_overrides(overrides or [])
     for (section, key), text in cli.items():

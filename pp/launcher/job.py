@@ -48,10 +48,11 @@ def prepare(cfg: JobConfig, world_size: int) -> Job:
 
 
 def check_logits(pipe: Pipe, cfg: JobConfig) -> None:
-    """ConfigError unless the model returns one floating tensor of logits shaped (microbatch, seq_len,
-    vocab_size) for the traced microbatch: the loss reads a target id as an index into the last dimension,
-    so narrower logits fail in the first step (an IndexError) and wider ones train silently on the wrong
-    classes. Read from the traced graph (no forward runs); skipped where the graph holds no shapes."""
+    """ConfigError unless the model returns one floating tensor of logits shaped (microbatch, seq_len, V)
+    with V >= vocab_size for the traced microbatch (a vocabulary padded to a round size, as Megatron pads
+    it, is fine): the loss reads a target id as an index into the last dimension, so narrower logits
+    would fail in the first step (an IndexError) and logits of another shape would be misread. Read from
+    the traced graph (no forward runs); skipped where the graph holds no shapes."""
     gm = pipe.get_stage_module(pipe.num_stages - 1)
     graph = getattr(gm, "graph", None)
     if graph is None:
@@ -63,12 +64,14 @@ def check_logits(pipe: Pipe, cfg: JobConfig) -> None:
     mb = example_microbatch(cfg).shape[0]
     want = (mb, cfg.model.seq_len, cfg.model.vocab_size)
     got = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in vals]
-    if len(vals) == 1 and isinstance(vals[0], torch.Tensor) and vals[0].is_floating_point() and got[0] == want:
+    if (len(vals) == 1 and isinstance(vals[0], torch.Tensor) and vals[0].is_floating_point()
+            and len(got[0]) == 3 and got[0][:2] == want[:2] and got[0][2] >= want[2]):
         return
     shown = got[0] if len(got) == 1 else f"{len(got)} outputs {got}"
     raise ConfigError(f"model {cfg.model.name!r} returns {shown} for a microbatch of token ids shaped "
-                      f"{tuple(want[:2])}; pp.run trains a language model and needs one tensor of logits shaped "
-                      f"(batch, seq_len, vocab_size) = {want} (model.vocab_size={cfg.model.vocab_size})")
+                      f"{tuple(want[:2])}; pp.run trains a language model and needs one floating tensor of logits shaped "
+                      f"(batch, seq_len, vocab_size) = {want} (a last dimension of at least "
+                      f"model.vocab_size={cfg.model.vocab_size})")
 
 
 def will_resume(cfg: JobConfig) -> bool:

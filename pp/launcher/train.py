@@ -116,11 +116,13 @@ class Trainer:
             self.log(f"torchrun restart {restarts}: resuming from the newest checkpoint")
         path = ckpt.find_latest(self.ckpt_root, log=self.log)
         if path is None and ckpt.list_steps(self.ckpt_root):
-            # starting fresh would delete them after the first step: a resume must not cost the checkpoints
-            steps = ", ".join(f"step-{s}" for s in ckpt.list_steps(self.ckpt_root))
-            raise ckpt.CheckpointError(f"cannot resume: every checkpoint in {self.ckpt_root} is damaged ({steps}; "
-                                  f"the reasons are above); they are left as they are: repair or move them, or "
-                                  f"set checkpoint.resume: false to start fresh (which removes them)")
+            # every one is damaged: start fresh, but keep them under other names (a fresh run removes its
+            # output.dir's step-<N> checkpoints after its first step, and they may be repairable)
+            kept = ckpt.set_aside_damaged(self.ckpt_root) if self.rank == 0 else []
+            coll.barrier()
+            self.log(f"no usable checkpoint in {self.ckpt_root} (every one is damaged): starting fresh; kept "
+                     f"them as {', '.join(kept)}")
+            return 0
         if path is None:
             self.log(f"no checkpoint in {self.ckpt_root}: starting fresh")
             return 0
