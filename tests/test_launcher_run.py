@@ -286,13 +286,23 @@ class BadIndex(nn.Module):   # right shape, fails only on real tensors (in the f
     ("BadIndex", 1, "pp.run: rank 0 failed at step 1: IndexError: index 300 is out of bounds"),
     ("Padded", 0, None),
 ])
-def test_a_user_model_that_fails_is_one_line_and_leaves_no_output_dir(tmp_path, name, code, expected):
+def test_a_user_model_that_fails_is_one_line_and_leaves_no_output_dir(tmp_path, name, code, expected,
+                                                                       monkeypatch, capsys):
     (tmp_path / "usermods.py").write_text(USER_MODELS)
     out = tmp_path / "runs" / "a"
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"model: {{name: 'usermods:{name}', vocab_size: 256, seq_len: 32}}\nparallel: {{pp: 1}}\n"
                    f"schedule: {{name: 1F1B, microbatches: 2}}\ntrain: {{steps: 2, batch_size: 4}}\n"
                    f"output: {{dir: '{out}'}}\n")
+    if code == 2:   # refused before any process-group work: pp.run's main in this process
+        from pp.run import main
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.setenv("RANK", "0")
+        assert main([str(cfg)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err   # one line, no traceback
+        assert not (tmp_path / "runs").exists()
+        return
     proc = subprocess.run([sys.executable, "-m", "pp.run", str(cfg)], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}, timeout=120)
     assert proc.returncode == code, proc.stdout + proc.stderr
@@ -300,6 +310,4 @@ def test_a_user_model_that_fails_is_one_line_and_leaves_no_output_dir(tmp_path, 
         assert sorted(losses(out)) == [1, 2]
         return
     assert expected in proc.stderr.strip().splitlines()[-1], proc.stderr
-    if code == 2:   # found before training: one line, no traceback
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert not (tmp_path / "runs").exists()   # the directories this run created are gone again
+    assert not (tmp_path / "runs").exists()   # the directories this run created are gone again   # the directories this run created are gone again
