@@ -77,7 +77,10 @@ def plot_timeline(trace: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1 or args[0] in ("-h", "--help"):
+    if len(args) == 1 and args[0] in ("-h", "--help"):
+        print("usage: python -m pp.plot OUTPUT_DIR   (writes loss.png and timeline.png there)")
+        return 0
+    if len(args) != 1:
         print("usage: python -m pp.plot OUTPUT_DIR   (writes loss.png and timeline.png there)", file=sys.stderr)
         return 2
     out = args[0]
@@ -95,9 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     written = [os.path.join(out, "loss.png")]
     trace_path = os.path.join(out, "trace.json")
     if os.path.exists(trace_path):
-        with open(trace_path) as f:
-            plot_timeline(json.load(f), os.path.join(out, "timeline.png"))
-        written.append(os.path.join(out, "timeline.png"))
+        try:
+            with open(trace_path) as f:
+                plot_timeline(json.load(f), os.path.join(out, "timeline.png"))
+            written.append(os.path.join(out, "timeline.png"))
+        except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+            print(f"pp.plot: {trace_path} is not a Chrome trace pp.run wrote ({type(e).__name__}: {e}); "
+                  f"timeline skipped", file=sys.stderr)
     else:
         print(f"pp.plot: no {trace_path} (run with output.trace: true); timeline skipped", file=sys.stderr)
     print("wrote " + ", ".join(written))

@@ -132,9 +132,10 @@ def test_a_word_in_another_case_is_the_word(cfg_file):
     from pp.launcher.validate import validate
 
     cfg = load_config(cfg_file, ["--train.precision", "BF16-Mixed", "--train.activation_checkpointing", "Full",
-                                 "--split.policy", "COST"])
+                                 "--split.policy", "COST", "--parallel.device", "CPU"])
     validate(cfg, 4)
     assert (cfg.train.precision, cfg.train.activation_checkpointing, cfg.split.policy) == ("bf16-mixed", "full", "cost")
+    assert cfg.parallel.device == "cpu"
     with pytest.raises(ConfigError, match="train.precision='BF17'"):
         validate(load_config(cfg_file, ["--train.precision", "BF17"]), 4)
 

@@ -148,3 +148,16 @@ def test_summary_names_graph_replays_per_rank_only_where_there_were_any():
     lines = summary_lines(10, 40960, 2.0, 20480.0, ranks, "cuda")
     assert lines[-2] == "  rank 0: stages [0], bubble 25.0%, peak GPU memory 1.50 GiB, 352 forwards replayed as CUDA graphs"
     assert lines[-1] == "  rank 1: stages [1], bubble n/a, peak GPU memory 1.00 GiB"
+
+
+def test_plot_refuses_what_is_not_a_run_directory_in_one_line(tmp_path, capsys):
+    from pp.plot import main
+
+    assert main([str(tmp_path / "missing")]) == 2 and "is not a directory" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 2 and "holds no metrics.jsonl" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "usage" in capsys.readouterr().out
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "lr": 0.1, "tokens_per_s": 1.0,
+                                                        "step_time_s": 1.0}) + "\n")
+    (tmp_path / "trace.json").write_text("garbage")   # once a JSONDecodeError traceback
+    assert main([str(tmp_path)]) == 0 and (tmp_path / "loss.png").exists()
+    assert "trace.json is not a Chrome trace pp.run wrote" in capsys.readouterr().err

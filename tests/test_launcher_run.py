@@ -112,6 +112,9 @@ def test_resume_from_step_10_gives_the_same_losses_and_skips_a_damaged_checkpoin
     check_ok(proc)
     assert f"checkpoint {ck / 'step-15'} is damaged (file __2_0.distcp does not match its sha256 checksum)" in proc.stdout
     assert f"resumed from {ck / 'step-10'} (step 10" in proc.stdout and "removed .tmp-step-17" in proc.stdout
+    # set aside, so checkpoint.keep never counts it among the newest (it once kept it and deleted good ones)
+    assert "kept the damaged checkpoint(s) as damaged-step-15" in proc.stdout
+    assert (ck / "damaged-step-15" / "__2_0.distcp").is_file() and not (ck / "step-15").exists()
     assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == list(range(1, 21))
     assert losses(out) == losses(ref_out)  # bitwise: same data, RNG, optimizer and LR state
     assert "step 10/20" not in proc.stdout and "step 11/20" in proc.stdout
@@ -242,6 +245,7 @@ def test_a_fresh_run_that_fails_in_its_first_step_leaves_the_earlier_runs_output
 
 
 USER_MODELS = '''
+import torch
 import torch.nn as nn
 
 
@@ -258,6 +262,28 @@ class Narrow(nn.Module):   # logits of 10 classes for a vocabulary of 256
 
     def forward(self, x):
         return self.head(self.emb(x))
+
+
+class Tupled(Narrow):   # (logits,): a tuple, which the loss cannot read
+    def __init__(self, vocab_size=256, seq_len=32):
+        super().__init__()
+        self.head = nn.Linear(16, vocab_size)
+
+    def forward(self, x):
+        return (self.head(self.emb(x)),)
+
+
+class Integer(Tupled):
+    def forward(self, x):
+        return self.head(self.emb(x)).long()
+
+
+class Empty(nn.Module):
+    def __init__(self, vocab_size=256, seq_len=32):
+        super().__init__()
+
+    def forward(self, x):
+        return torch.zeros(*x.shape, 256)
 
 
 class Padded(nn.Module):   # a vocabulary padded to 320 logits: trains (ids stay below 256)
@@ -281,8 +307,11 @@ class BadIndex(nn.Module):   # right shape, fails only on real tensors (in the f
 
 @pytest.mark.parametrize("name, code, expected", [
     ("Boom", 2, "pp.run: cannot build model.name='usermods:Boom': RuntimeError: boom in the constructor (at "),
-    ("Narrow", 2, "returns (2, 32, 10) for a microbatch of token ids shaped (2, 32); pp.run trains a language "
+    ("Narrow", 2, "returns float32 (2, 32, 10) for a microbatch of token ids shaped (2, 32); pp.run trains a language "
                   "model and needs one floating tensor of logits shaped (batch, seq_len, vocab_size) = (2, 32, 256)"),
+    ("Tupled", 2, "returns a tuple of float32 (2, 32, 256) for a microbatch"),   # once crashed in step 1
+    ("Integer", 2, "returns int64 (2, 32, 256) for a microbatch"),
+    ("Empty", 2, "model.name='usermods:Empty' has no parameters: there is nothing to train"),
     ("BadIndex", 1, "pp.run: rank 0 failed at step 1: IndexError: index 300 is out of bounds"),
     ("Padded", 0, None),
 ])

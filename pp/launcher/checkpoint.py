@@ -107,11 +107,12 @@ def remove_checkpoints(root: str) -> list[int]:
     return steps
 
 
-def set_aside_damaged(root: str) -> list[str]:
-    """Rename every `step-<N>` under `root` to `damaged-step-<N>` (never read, never removed by pp; a
-    name taken already gets a numbered suffix); return the new names."""
+def set_aside_damaged(root: str, above: int = -1) -> list[str]:
+    """Rename every `step-<N>` under `root` with N > `above` to `damaged-step-<N>` (never read, never
+    counted by `keep`, never removed by pp; a name taken already gets a numbered suffix); return the new
+    names. Resume calls it for the checkpoints it found damaged: those newer than the one it loads."""
     names = []
-    for step in list_steps(root):
+    for step in [s for s in list_steps(root) if s > above]:
         new, i = f"damaged-step-{step}", 1
         while os.path.exists(os.path.join(root, new)):
             new, i = f"damaged-step-{step}.{i}", i + 1
@@ -182,7 +183,7 @@ def read_manifest(path: str) -> dict:
         with open(mpath) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} has an unreadable {MANIFEST}: {e}") from None
+        raise CheckpointError(f"checkpoint {path}: its {MANIFEST} cannot be read ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or "files" not in manifest:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is not a pp checkpoint manifest "
                               f"(format {FORMAT_VERSION})")

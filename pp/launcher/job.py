@@ -41,6 +41,8 @@ def prepare(cfg: JobConfig, world_size: int) -> Job:
     if cfg.model.init_from and not will_resume(cfg):
         check_init_from(model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
+    if n_params == 0:
+        raise ConfigError(f"model.name={cfg.model.name!r} has no parameters: there is nothing to train")
     tp_plan = tp_plan_for(model, cfg)
     pipe = split_model(model, cfg, layout)
     check_logits(pipe, cfg)
@@ -63,11 +65,13 @@ def check_logits(pipe: Pipe, cfg: JobConfig) -> None:
         return
     mb = example_microbatch(cfg).shape[0]
     want = (mb, cfg.model.seq_len, cfg.model.vocab_size)
-    got = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in vals]
-    if (len(vals) == 1 and isinstance(vals[0], torch.Tensor) and vals[0].is_floating_point()
-            and len(got[0]) == 3 and got[0][:2] == want[:2] and got[0][2] >= want[2]):
+    got = [f"{str(v.dtype).removeprefix('torch.')} {tuple(v.shape)}" if isinstance(v, torch.Tensor)
+           else type(v).__name__ for v in vals]
+    spec = pipe._info.out_spec   # a tensor, not a tuple, list or dict holding one
+    if (spec.is_leaf() and len(vals) == 1 and isinstance(vals[0], torch.Tensor) and vals[0].is_floating_point()
+            and vals[0].dim() == 3 and tuple(vals[0].shape[:2]) == want[:2] and vals[0].shape[2] >= want[2]):
         return
-    shown = got[0] if len(got) == 1 else f"{len(got)} outputs {got}"
+    shown = got[0] if len(got) == 1 and spec.is_leaf() else f"a {spec.type.__name__} of {', '.join(got)}"
     raise ConfigError(f"model {cfg.model.name!r} returns {shown} for a microbatch of token ids shaped "
                       f"{tuple(want[:2])}; pp.run trains a language model and needs one floating tensor of logits shaped "
                       f"(batch, seq_len, vocab_size) = {want} (a last dimension of at least "

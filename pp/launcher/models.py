@@ -192,7 +192,8 @@ def build_model(cfg: ModelConfig, seed: int, dtype: torch.dtype = torch.float32,
         try:
             model = cls(**constructor_args(cls, cfg.args))
         except TypeError as e:
-            raise ConfigError(f"model.name={cfg.name!r} rejected the arguments {sorted(cfg.args)}: {e}") from None
+            raise ConfigError(f"model.name={cfg.name!r} could not be built from the arguments {sorted(cfg.args)} "
+                              f"(the model section's other keys): {e}") from None
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model.name={cfg.name!r} built a {type(model).__name__}, not a torch.nn.Module")
     else:

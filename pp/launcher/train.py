@@ -127,6 +127,11 @@ class Trainer:
             self.log(f"no checkpoint in {self.ckpt_root}: starting fresh")
             return 0
         manifest = ckpt.read_manifest(path)
+        # the damaged ones newer than it: set aside, so that `keep` never counts them among the newest
+        kept = ckpt.set_aside_damaged(self.ckpt_root, int(manifest["step"])) if self.rank == 0 else []
+        coll.barrier()
+        if kept:
+            self.log(f"kept the damaged checkpoint(s) as {', '.join(kept)}")
         ckpt.check_same_model(path, manifest.get("model"), self.cfg.to_dict()["model"])  # same on every rank
         self.rs.load(path)
         saved = ", ".join(f"{k}={manifest[k]}" for k in ("pp", "dp", "tp") if k in manifest)

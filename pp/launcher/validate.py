@@ -65,7 +65,7 @@ def resolve_schedule(name: str) -> str:
 def _lower_choices(cfg: JobConfig) -> None:
     """A value of a one-of-a-few-words key written in another case (precision: BF16) becomes the word,
     as schedule.name ignores case; anything else is left for the key's own check to name."""
-    for key, words in CHOICES.items():
+    for key, words in {**CHOICES, "parallel.device": ("auto", "cpu", "cuda"), "train.dtype": tuple(DTYPES)}.items():
         section, name = key.split(".")
         part = getattr(cfg, section)
         value = getattr(part, name)

@@ -6,6 +6,7 @@ are averaged over its dp group during the step. See the README, "Pipeline × dat
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
@@ -156,7 +157,7 @@ def parallelize(
     if tp > 1:
         _check_plan(pipe, tp_plan)
     placement = spec.placement(n_stages, pp)
-    stages, shards = [], {}
+    stages, shards, regions = [], {}, 0
     for s in (s for s, r in enumerate(placement) if r == coords["pp"]):
         mod = pipe.get_stage_module(s)
         if is_meta(mod):  # only this rank's stages get storage, filled whole before any tp cut
@@ -171,10 +172,13 @@ def parallelize(
             shards.update(mod.tp_shards)
         stage = build_stage(mod, s, info, device, group=mesh.get_group("pp"))
         apply_precision(stage, precision)
-        apply_checkpointing(stage.submod, ac, once=spec.split_backward)
+        regions += len(apply_checkpointing(stage.submod, ac, once=spec.split_backward))
         stage.node_hooks = False  # nothing of pp's hooks AccumulateGrad nodes: W adds into .grad itself
 
         stages.append(stage)
+    if ac != "none" and regions == 0:
+        warnings.warn(f"activation_checkpointing={ac!r}: the stages of pipeline rank {coords['pp']} hold no "
+                      f"block to recompute (no module list of layers), so they keep their activations", stacklevel=2)
     cls = schedule_class(spec.name)
     target = stages[0] if issubclass(cls, PipelineScheduleSingle) else stages
     sched = cls(target, n_microbatches, loss_fn=loss_fn)
