@@ -125,7 +125,9 @@ def _multiuse(rank, world, traced):
     return done
 
 
-@pytest.mark.parametrize("traced", [True, False], ids=["traced", "manual"])
+# traced stages: slow (CI's time budget); a traced stage's parameter used twice (the tied embedding and
+# head of a 2-rank cut) is checked against the unsplit model by test_parallel and test_launcher_run
+@pytest.mark.parametrize("traced", [pytest.param(True, marks=pytest.mark.slow), False], ids=["traced", "manual"])
 def test_parameters_used_twice_in_a_stage_get_the_unsplit_gradients(traced):
     names = ["1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
     assert run_ranks(_multiuse, 4, traced, timeout_s=300) == [names] * 4
@@ -164,7 +166,7 @@ def _hooks(rank, world, traced):
     return True
 
 
-@pytest.mark.parametrize("traced", [True, False], ids=["traced", "manual"])
+@pytest.mark.parametrize("traced", [pytest.param(True, marks=pytest.mark.slow), False], ids=["traced", "manual"])
 def test_parameter_hooks_fire_once_per_microbatch_under_every_schedule(traced):
     assert all(run_ranks(_hooks, 2, traced, timeout_s=400))
 

@@ -25,6 +25,7 @@ def torch_pipelining_importable() -> bool:
         return False
 
 
+@pytest.mark.slow  # CI's time budget: test_bench_dp2_replicas_agree_and_match_dp1 runs bench.py by default
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 def test_bench_suite_both_impls_resume_trace_and_table(tmp_path):

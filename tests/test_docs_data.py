@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pp.launcher.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # CI's time budget: test_data runs the same prepare -> train -> resume steps by default
 def test_docs_data_flow_runs_as_written(tmp_path):
     text = (ROOT / "docs" / "data.md").read_text()
     python = re.findall(r"```python\n(.*?)```", text, re.S)[0]

@@ -116,7 +116,6 @@ def _check_trained(tmp: Path, steps: int) -> list[dict]:
     return recs
 
 
-@pytest.mark.slow  # the requeue test below runs the same sbatch path to the end (and checks the same lines)
 def test_sbatch_trains_tiny_on_cpu(cluster, tmp_path):
     steps = 12
     t0 = time.monotonic()
@@ -130,6 +129,8 @@ def test_sbatch_trains_tiny_on_cpu(cluster, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / f"step-{steps}").is_dir()
 
 
+@pytest.mark.slow  # CI's time budget (two launches): test_sbatch_trains_tiny_on_cpu runs the sbatch path, and
+# test_preemption the save-on-signal and exact resume the requeue relies on
 def test_requeued_job_resumes_without_losing_a_step(cluster, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@90 sends before the time limit): the workers save
     the step in flight, then the job requeues itself; the second run resumes from exactly that step (no
