@@ -262,8 +262,7 @@ def _rank_failed(rank: int, step: int, e: Exception, timeout_s: float) -> NoRetu
 
     at = f" at step {step}" if step else ""
     notes = "".join(f" ({note.removeprefix('pp: ')})" for note in getattr(e, "__notes__", ()))
-    text = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [""])[0])  # drop gloo's [file:line]
-    text = text or "(no message)"
+    text = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(e)) or "(no message)"  # drop gloo's [file:line]
     from pp.comms.abort import PeerTimeout, PipelineAborted
 
     aborted = isinstance(e, PipelineAborted)  # another rank failed and said so (pp.comms.abort)
