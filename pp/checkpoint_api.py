@@ -1,11 +1,11 @@
 """`load_unsplit`: load a pp training checkpoint (any pp degree) into the plain, unsplit model."""
 from __future__ import annotations
 
-import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 
 from .launcher import checkpoint as ckpt
+from .weights import _module_target, _pp_checkpoint, _tied_conflict
 
 __all__ = ["load_unsplit"]
 
@@ -37,29 +37,9 @@ def load_unsplit(model: nn.Module, path: str, *, strict: bool = True) -> str:
         state = {n: t for n, t in state.items() if f"model.{n}" in saved}
     ckpt.check_fits(path, {"model": state}, strict=strict)
     if strict:
-        _check_ties(path, state)
+        conflict = _tied_conflict(_module_target(model), _pp_checkpoint(path), None)
+        if conflict:
+            raise ckpt.CheckpointError(conflict)
     with ckpt._single_process_quiet():
         dcp.load({"model": state}, storage_reader=dcp.FileSystemReader(path), no_dist=True)
     return path
-
-
-def _check_ties(path: str, state: dict) -> None:
-    """CheckpointError if two names of one tensor of `state` hold different values in checkpoint `path`."""
-    first: dict = {}
-    pairs = []
-    for name, t in state.items():
-        if t.device.type == "meta":
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        if key in first:
-            pairs.append((first[key], name))
-        else:
-            first[key] = name
-    for a, b in pairs:
-        probe = {a: torch.empty_like(state[a]), b: torch.empty_like(state[b])}
-        with ckpt._single_process_quiet():
-            dcp.load({"model": probe}, storage_reader=dcp.FileSystemReader(path), no_dist=True)
-        if not torch.equal(probe[a], probe[b]):
-            raise ckpt.CheckpointError(
-                f"checkpoint {path} holds different tensors under {a!r} and {b!r}, which this model ties (one "
-                f"parameter): it was saved from a model that does not tie them")

@@ -377,7 +377,7 @@ _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str:
 CHOICES = {"train.precision": ("fp32", "bf16-mixed", "bf16"),
             "train.activation_checkpointing": ("none", "selective", "full"),
             "schedule.compile_per": ("block", "stage"), "split.policy": ("cost", "params"),
-            "train.data_dtype": ("uint16", "uint32")}
+            "train.data_dtype": ("uint16", "uint32"), "parallel.device": ("auto", "cpu", "cuda")}
 
 
 def _expected(key: str, base: type, value: Any) -> str:

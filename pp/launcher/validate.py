@@ -65,7 +65,7 @@ def resolve_schedule(name: str) -> str:
 def _lower_choices(cfg: JobConfig) -> None:
     """A value of a one-of-a-few-words key written in another case (precision: BF16) becomes the word,
     as schedule.name ignores case; anything else is left for the key's own check to name."""
-    for key, words in {**CHOICES, "parallel.device": ("auto", "cpu", "cuda"), "train.dtype": tuple(DTYPES)}.items():
+    for key, words in {**CHOICES, "train.dtype": tuple(DTYPES)}.items():
         section, name = key.split(".")
         part = getattr(cfg, section)
         value = getattr(part, name)
@@ -214,8 +214,8 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
     _positive("parallel.dp", p.dp)
     _positive("parallel.tp", p.tp)
     _positive("parallel.timeout_s", p.timeout_s)
-    if p.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"parallel.device={p.device!r}: expected 'auto', 'cpu' or 'cuda'")
+    if p.device not in CHOICES["parallel.device"]:
+        raise ConfigError(f"parallel.device={p.device!r}: expected one of {', '.join(CHOICES['parallel.device'])}")
     if p.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("parallel.device='cuda' but this machine has no CUDA device")
     if pp * p.dp * p.tp != world_size:
