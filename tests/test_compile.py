@@ -20,10 +20,11 @@ STEPS = 3
 # "traced-full": traced with activation_checkpointing="full" (fp32, the I/W split's once-per-microbatch
 # recompute inside compiled blocks: it crashed before its parameters were handed over as parameters)
 # (ZBVZeroBubble's traced stages run compiled by default with checkpointing, "traced-full"; without it they
-# are among the slow cases, for CI's time budget)
-CASES = [("1F1B", "block", "traced"), ("ZBVZeroBubble", "block", "manual"), ("ZBVZeroBubble", "block", "traced-full")]
-# the other I/W-split and interleaved schedules, and a whole stage as one region (deselected by default)
-SLOW_CASES = [("ZBVZeroBubble", "block", "traced"), ("ZBVZeroBubble", "stage", "traced"), ("Interleaved1F1B", "block", "traced"),
+# are among the slow cases, for CI's time budget). 1F1B runs the default granularity (one region per stage).
+CASES = [("1F1B", "stage", "traced"), ("ZBVZeroBubble", "block", "manual"), ("ZBVZeroBubble", "block", "traced-full")]
+# the other I/W-split and interleaved schedules, and the other granularities (deselected by default)
+SLOW_CASES = [("1F1B", "block", "traced"), ("ZBVZeroBubble", "block", "traced"), ("ZBVZeroBubble", "stage", "traced"),
+              ("Interleaved1F1B", "block", "traced"),
               ("InterleavedZeroBubble", "block", "traced"), ("DualPipeV", "block", "traced"),
               ("ZBVHalf", "block", "traced"), ("ZBVMin", "block", "traced")]
 
