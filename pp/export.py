@@ -12,7 +12,7 @@ import json
 import os
 import re
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -80,9 +80,11 @@ def _progress(total: int, enabled: bool) -> Iterator:
     return _Quiet()
 
 
-def export(source: str, out_dir: str, max_shard_size: int | str = DEFAULT_SHARD, progress: bool | None = None) -> str:
+def export(source: str, out_dir: str, max_shard_size: int | str = DEFAULT_SHARD, progress: bool | None = None,
+           log: Callable[[str], None] | None = None) -> str:
     """Write checkpoint `source` (a run directory, its checkpoints directory, or a step-<N> directory)
-    to `out_dir` as safetensors (+ config.json for hf: models); return the checkpoint path used.
+    to `out_dir` as safetensors (+ config.json for hf: models); return the checkpoint path used (the
+    newest undamaged one; each newer damaged one is named through `log`, if given).
 
     The progress bar shows when `progress` is True, or by default for exports above 1 GB.
     Raises ExportError (or CheckpointError) naming what is wrong.
@@ -96,7 +98,7 @@ def export(source: str, out_dir: str, max_shard_size: int | str = DEFAULT_SHARD,
     limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     if limit <= 0:
         raise ExportError(f"max_shard_size={max_shard_size!r}: expected a positive number of bytes")
-    path = ckpt.resolve(str(source))
+    path = ckpt.resolve(str(source), log)
     manifest = ckpt.read_manifest(path)
     section = manifest.get("model") or {}
     is_hf = str(section.get("name", "")).startswith("hf:")
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="show a progress bar (default: for exports above 1 GB)")
     args = p.parse_args(argv)
     try:
-        path = export(args.source, args.out, args.max_shard_size, args.progress)
+        path = export(args.source, args.out, args.max_shard_size, args.progress,
+                      log=lambda line: print(f"pp.export: {line}", file=sys.stderr))
     except (ExportError, CheckpointError, ValueError) as e:
         print(f"pp.export: {e}", file=sys.stderr)
         return 2

@@ -52,8 +52,10 @@ def _kind(name: str) -> str:
 
 
 def plot_timeline(trace: dict, path: str) -> None:
-    plt = _pyplot()
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    if not events:
+        raise ValueError("it holds no complete events (ph 'X')")
+    plt = _pyplot()
     ranks = sorted({e["tid"] for e in events})
     fig, ax = plt.subplots(figsize=(12, 0.6 * len(ranks) + 1.5))
     for e in events:

@@ -102,17 +102,34 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or ["(no message)"])[0]
 
 
-def _user_frame(e: BaseException) -> str:
-    """' (at file:line in function)' for the innermost frame of `e`'s traceback outside pp and torch: the
-    line of the user's model that raised; '' when every frame is pp's or torch's."""
-    import torch
+def _one_line_warnings() -> None:
+    """pp's own warnings (e.g. zero with dp 1) print as one 'pp.run: warning: ...' line, without the
+    file:line and source line Python adds; other libraries' warnings keep Python's form."""
+    import warnings
 
-    inside = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, sys.modules["pp"]))
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if not os.path.abspath(f.filename).startswith(inside)]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" (at {f.filename}:{f.lineno} in {f.name})"
+    if getattr(warnings.showwarning, "_pp_run", False):
+        return
+    default, here = warnings.showwarning, os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(here):
+            print(f"pp.run: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    show._pp_run = True
+    warnings.showwarning = show
+
+
+def _user_frame(e: BaseException) -> str:
+    """' (at file:line in function)' for the line of the user's model that raised (`model_frame`; for a
+    SyntaxError, the line it names); '' when there is none."""
+    from pp.stage.traced import model_frame
+
+    if isinstance(e, SyntaxError) and e.filename and e.lineno:
+        return f" (at {e.filename}:{e.lineno})"
+    f = model_frame(e)
+    return f" (at {f.filename}:{f.lineno} in {f.name})" if f is not None else ""
 
 
 def _remove_empty(path: str, top: str) -> None:
@@ -133,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE + help_text())
         return 0 if args else EXIT_CONFIG
+    _one_line_warnings()
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg = load_config(args[0], args[1:])
@@ -288,13 +306,15 @@ def _rank_failed(rank: int, step: int, e: Exception, timeout_s: float) -> NoRetu
 
 
 def _banner(job, world: int, device) -> None:
+    from pp.launcher.metrics import count
+
     cfg, layout = job.cfg, job.layout
     data = "this Python's standard library sources" if cfg.train.data == "stdlib" else cfg.train.data
     p = cfg.parallel
     mesh = f", pp={layout.pp} x dp={p.dp} x tp={p.tp}" if p.dp > 1 or p.tp > 1 else ""
-    print(f"pp.run: {cfg.model.name} with {job.n_params / 1e6:.2f}M parameters, {layout.n_stages} stages on "
-          f"{world} rank(s) ({device.type}{mesh}), schedule {layout.schedule} with {cfg.schedule.microbatches} "
-          f"microbatches, data: {data}", flush=True)
+    print(f"pp.run: {cfg.model.name} with {job.n_params / 1e6:.2f}M parameters, {count(layout.n_stages, 'stage')} "
+          f"on {count(world, 'rank')} ({device.type}{mesh}), schedule {layout.schedule} with "
+          f"{count(cfg.schedule.microbatches, 'microbatch')}, data: {data}", flush=True)
 
 
 def _interrupted() -> int:

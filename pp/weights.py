@@ -123,8 +123,9 @@ def _pp_checkpoint(path: str) -> WeightSource:
 
     from pp.launcher import checkpoint as ckpt
 
+    skipped: list[str] = []
     try:
-        path = ckpt.resolve(path)
+        path = ckpt.resolve(path, skipped.append)
     except ckpt.CheckpointError as e:
         raise WeightsError(str(e)) from None
     meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
@@ -137,7 +138,8 @@ def _pp_checkpoint(path: str) -> WeightSource:
             dcp.load({"model": state}, storage_reader=dcp.FileSystemReader(path), no_dist=True)
         return state
 
-    return WeightSource(f"pp checkpoint {path}", {k: tuple(m.size) for k, m in tensors.items()}, read)
+    note = f" ({'; '.join(skipped)})" if skipped else ""   # the newer damaged ones it passed over
+    return WeightSource(f"pp checkpoint {path}{note}", {k: tuple(m.size) for k, m in tensors.items()}, read)
 
 
 def _is_pp_checkpoint(path: str) -> bool:

@@ -106,6 +106,40 @@ def test_partial_and_damaged_checkpoints_are_skipped_and_named(tmp_path):
     assert ckpt.list_steps(root) == [12, 10, 8, 4]   # step-6 pruned: 10 and 8 are the two complete ones
 
 
+def test_a_copied_or_hand_edited_checkpoint_counts_as_damaged_and_resolve_names_what_it_skipped(tmp_path):
+    # field report: step-10 copied as step-30 was taken as the newest; resume then set aside every step
+    # above the manifest's 10, the good ones too, and crashed. A manifest whose files list left out a
+    # truncated shard passed the check and failed inside DCP's load with a traceback.
+    import json
+    import shutil
+
+    root = str(tmp_path)
+    state = _state(_model())
+    for step in (2, 4):
+        ckpt.save(root, step, state, {})
+    shutil.copytree(ckpt.step_dir(root, 2), ckpt.step_dir(root, 9))
+    logged: list[str] = []
+    assert ckpt.find_latest(root, log=logged.append) == ckpt.step_dir(root, 4)
+    assert logged == [f"checkpoint {ckpt.step_dir(root, 9)} is damaged (its manifest.json is of step 2, not 9 "
+                      f"(a copied or renamed checkpoint)); skipping it"]
+
+    def edit(which: int, **changes) -> None:
+        mpath = os.path.join(ckpt.step_dir(root, which), ckpt.MANIFEST)
+        manifest = {**json.load(open(mpath)), **changes}
+        json.dump({k: v for k, v in manifest.items() if v is not None}, open(mpath, "w"))
+
+    edit(9, step=None)
+    assert "gives no step (got None)" in ckpt.problem(ckpt.step_dir(root, 9))
+    edit(9, step=9, files=["x"])
+    assert "lists its files in an unknown form" in ckpt.problem(ckpt.step_dir(root, 9))
+    data = next(n for n in os.listdir(ckpt.step_dir(root, 9)) if n.endswith(".distcp"))
+    edit(9, files={".metadata": json.load(open(os.path.join(ckpt.step_dir(root, 2), ckpt.MANIFEST)))["files"][".metadata"]})
+    assert ckpt.problem(ckpt.step_dir(root, 9)) == f"file {data}, which its DCP metadata names, is not in its manifest.json"
+    skipped: list[str] = []
+    assert ckpt.resolve(root, skipped.append) == ckpt.step_dir(root, 4)
+    assert len(skipped) == 1 and skipped[0].startswith(f"checkpoint {ckpt.step_dir(root, 9)} is damaged (file {data}")
+
+
 def _owner(name: str, world: int, n_layers: int = 4) -> set[int]:
     """Ranks holding parameter `name` when the 4-block GPT is cut into `world` stages (the tied one on two)."""
     if name.startswith("blocks."):

@@ -138,6 +138,10 @@ def test_a_word_in_another_case_is_the_word(cfg_file):
     assert cfg.parallel.device == "cpu"
     with pytest.raises(ConfigError, match="train.precision='BF17'"):
         validate(load_config(cfg_file, ["--train.precision", "BF17"]), 4)
+    # YAML's null for a key whose word for nothing is none
+    assert load_config(cfg_file, ["--train.activation_checkpointing", "null"]).train.activation_checkpointing == "none"
+    with pytest.raises(ConfigError, match="train.precision='null'"):   # no word for nothing there
+        validate(load_config(cfg_file, ["--train.precision", "null"]), 4)
 
 
 def test_bad_config_is_silent_on_other_ranks(cfg_file, monkeypatch, capsys):
@@ -158,8 +162,10 @@ def test_bad_yaml_and_missing_config_file(tmp_path, monkeypatch, capsys):
     """))
     assert main([str(bad)]) == EXIT_CONFIG
     assert main([str(tmp_path / "missing.yaml")]) == EXIT_CONFIG
+    assert main([str(tmp_path)]) == EXIT_CONFIG
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "is not valid YAML" in err[0] and "does not exist" in err[1]
+    assert len(err) == 3 and "is not valid YAML" in err[0] and "does not exist" in err[1]
+    assert f"config file {str(tmp_path)!r} is a directory: expected a YAML file" in err[2]
     capsys.readouterr()
     twice = tmp_path / "twice.yaml"   # a second train: section replaces the first (YAML's rule), with a note
     twice.write_text("train: {steps: 3}\nschedule: {name: GPipe}\ntrain: {lr: 0.1}\n")

@@ -161,3 +161,6 @@ def test_plot_refuses_what_is_not_a_run_directory_in_one_line(tmp_path, capsys):
     (tmp_path / "trace.json").write_text("garbage")   # once a JSONDecodeError traceback
     assert main([str(tmp_path)]) == 0 and (tmp_path / "loss.png").exists()
     assert "trace.json is not a Chrome trace pp.run wrote" in capsys.readouterr().err
+    (tmp_path / "trace.json").write_text('{"traceEvents": []}')   # once a blank timeline.png without a word
+    assert main([str(tmp_path)]) == 0 and not (tmp_path / "timeline.png").exists()
+    assert "holds no complete events" in capsys.readouterr().err

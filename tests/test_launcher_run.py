@@ -85,7 +85,7 @@ def test_1f1b_on_4_ranks_trains_logs_and_checkpoints(straight):
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
     assert first > 5.0 and last < first - 0.8, (first, last)
     assert proc.stdout.count("pp.run: gpt with") == 1  # rank 0 alone talks
-    assert "4 stages on 4 rank(s) (cpu), schedule 1F1B with 4 microbatches" in proc.stdout
+    assert "4 stages on 4 ranks (cpu), schedule 1F1B with 4 microbatches" in proc.stdout
     assert "step 1/20 loss" in proc.stdout and "step 20/20 loss" in proc.stdout
     assert "bubble fraction (measured" in proc.stdout and "rank 3: stages [3]" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -104,6 +104,8 @@ def test_resume_from_step_10_gives_the_same_losses_and_skips_a_damaged_checkpoin
     ck = out / "checkpoints"
     shutil.copytree(ref_out / "checkpoints" / "step-10", ck / "step-10")
     shutil.copytree(ref_out / "checkpoints" / "step-10", ck / "step-15")   # newer, but damaged below
+    manifest = json.loads((ck / "step-15" / "manifest.json").read_text())
+    (ck / "step-15" / "manifest.json").write_text(json.dumps({**manifest, "step": 15}))  # a copy's own step
     with open(ck / "step-15" / "__2_0.distcp", "r+b") as f:
         f.write(b"\xff" * 16)
     os.makedirs(ck / ".tmp-step-17")                                       # a save killed mid-way
@@ -162,7 +164,7 @@ def test_two_rank_schedules_train(schedule, model, extra, tmp_path):
     got = losses(out)
     assert sorted(got) == list(range(1, 9))
     assert got[8] < got[1] - 0.3, got
-    assert "4 stages on 2 rank(s)" in proc.stdout or schedule == "GPipe"
+    assert "4 stages on 2 ranks" in proc.stdout or schedule == "GPipe"
     for rank in range(2):
         path = out / "profile" / f"rank{rank}.json"
         assert path.exists() == profile, path
@@ -208,7 +210,7 @@ def test_plain_python_runs_one_rank_and_stops_on_a_non_finite_loss(tmp_path):
     assert proc.returncode == 3, proc.stdout + proc.stderr
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pp.run: step ") and "microbatch 0 is not finite" in err[0], err
-    assert "1 stages on 1 rank(s)" in proc.stdout and "Traceback" not in proc.stderr
+    assert "1 stage on 1 rank" in proc.stdout and "Traceback" not in proc.stderr
 
 
 def test_a_fresh_run_that_fails_in_its_first_step_leaves_the_earlier_runs_output(tmp_path):
@@ -286,6 +288,18 @@ class Empty(nn.Module):
         return torch.zeros(*x.shape, 256)
 
 
+class Frozen(Narrow):   # every parameter frozen: nothing to train (it failed inside backward)
+    def __init__(self, vocab_size=256, seq_len=32):
+        super().__init__()
+        self.head = nn.Linear(16, vocab_size)
+        self.requires_grad_(False)
+
+
+class TwoInputs(Narrow):   # forward(x, y): pp.run calls forward(tokens) (the trace failed inside inspect)
+    def forward(self, x, y):
+        return self.head(self.emb(x))
+
+
 class Padded(nn.Module):   # a vocabulary padded to 320 logits: trains (ids stay below 256)
     def __init__(self, vocab_size=256, seq_len=32):
         super().__init__()
@@ -312,6 +326,8 @@ class BadIndex(nn.Module):   # right shape, fails only on real tensors (in the f
     ("Tupled", 2, "returns a tuple of float32 (2, 32, 256) for a microbatch"),   # once crashed in step 1
     ("Integer", 2, "returns int64 (2, 32, 256) for a microbatch"),
     ("Empty", 2, "model.name='usermods:Empty' has no parameters: there is nothing to train"),
+    ("TwoInputs", 2, "pp.run calls forward with one tensor of token ids, but TwoInputs.forward(x, y) cannot take it"),
+    ("Frozen", 2, "model.name='usermods:Frozen' has no trainable parameters (every one has requires_grad=False)"),
     ("BadIndex", 1, "pp.run: rank 0 failed at step 1: IndexError: index 300 is out of bounds"),
     ("Padded", 0, None),
 ])

@@ -65,8 +65,33 @@ def _run_cases(rank: int, world: int) -> dict:
                       "order": par.grad_sync.last_order if par.grad_sync else None,
                       "stages": [s.stage_index for s in par.stages]}
         par.zero_grad()  # the cases share the untouched parameters of `model`
+    seen["frozen"] = _frozen_first_stage(x, y)
     seen["example"] = _run_example("--tp", "2", "--steps", "4")  # last: it destroys the process group
     return seen
+
+
+FROZEN = ("tok_emb", "pos_emb", "blocks.0")   # all of stage 0 (a common fine-tuning setup)
+CLIP = 0.01                                   # below the norm: the clip scales every gradient
+
+
+def _frozen_model() -> GPT:
+    model = GPT(**{**MODEL, "tie_weights": False})
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(FROZEN))
+    return model
+
+
+def _frozen_first_stage(x: torch.Tensor, y: torch.Tensor) -> dict:
+    """pp 2 x dp 2 with stage 0 wholly frozen, clipped: once failed in the clip (no gradient to scale)."""
+    import pp
+
+    torch.manual_seed(0)
+    par = pp.parallelize(_frozen_model(), (torch.zeros(2, MODEL["seq_len"], dtype=torch.long),), loss_fn=lm_loss,
+                         pp=2, dp=2, n_microbatches=2, split_spec={"blocks.1": pp.SplitPoint.BEGINNING})
+    par.step(par.local_share(x), target=par.local_share(y))
+    norm = par.clip_grad_norm_(CLIP)
+    return {"norm": norm, "grads": {n: par.full_tensor(n, p.grad) for n, p in par.named_parameters()
+                                    if p.grad is not None}}
 
 
 def _run_example(*argv: str) -> str:
@@ -123,6 +148,22 @@ def test_gathered_gradients_equal_unsplit_model_on_every_rank(ranks_seen, refere
 def test_global_grad_norm_counts_each_parameter_once(ranks_seen, reference, case):
     for seen in ranks_seen:
         assert seen[case]["norm"] == pytest.approx(reference["norm"], rel=1e-5)
+
+
+def test_a_wholly_frozen_stage_trains_and_clips_like_the_unsplit_model(ranks_seen):
+    torch.manual_seed(0)
+    model = _frozen_model()
+    x, y = _batch()
+    torch.stack([lm_loss(model(a), b) for a, b in zip(x.chunk(4), y.chunk(4))]).mean().backward()
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP).item()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    got: dict = {}
+    for seen in ranks_seen:
+        assert seen["frozen"]["norm"] == pytest.approx(norm, rel=1e-5)
+        got.update(seen["frozen"]["grads"])
+    assert got.keys() == want.keys() and not any(n.startswith(FROZEN) for n in got)
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_tp_ranks_hold_local_heads_and_the_mesh_puts_tp_innermost(ranks_seen):
@@ -208,7 +249,7 @@ def test_launcher_pp2_dp2_losses_match_pp2(launched):
     assert sorted(got) == list(range(1, 7))
     for step in got:
         assert got[step] == pytest.approx(ref[step], rel=1e-5), step
-    assert "2 stages on 4 rank(s) (cpu, pp=2 x dp=2 x tp=1)" in launched["procs"]["dp"].stdout
+    assert "2 stages on 4 ranks (cpu, pp=2 x dp=2 x tp=1)" in launched["procs"]["dp"].stdout
 
 
 def test_launcher_pp2_tp2_resumes_the_dp_checkpoint_and_matches_pp2(launched):

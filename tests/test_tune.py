@@ -81,7 +81,7 @@ def test_auto_refusals_are_one_line_from_the_whole_job(tmp_path):
     ours = [line for line in proc.log.splitlines() if line.startswith("pp.run:")]
     assert proc.returncode != 0 and len(ours) == 1 and "no configuration fits" in ours[0], proc.log[-3000:]
     assert not (tmp_path / "new").exists(), "the failed run left the directories it created behind"
-    with pytest.raises(ConfigError, match=r"parallel\.tp=2: automatic schedule choice handles tp=1 only"):
+    with pytest.raises(ConfigError, match=r"parallel\.tp=2: automatic schedule choice \(pp\.tune, schedule\.name auto\) handles tp=1 only; name a schedule"):
         placeholder(load_config(cfg, ["--parallel.tp", "2"]))
 
 

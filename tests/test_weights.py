@@ -3,6 +3,8 @@ the model exactly, a tied tensor stored once fills every alias, and a bad source
 every offending key, raised on every rank before any weight is copied."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -117,6 +119,16 @@ def test_a_pp_checkpoint_run_directory_fills_the_model(tmp_path):
         fresh = _llama(1)
         load_weights(fresh, str(path))
         _same_weights(fresh, saved)
+    # a newer damaged checkpoint is passed over, and the source says so (it was passed over silently)
+    ckpt.save(str(tmp_path / "run" / "checkpoints"), 9, {"model": _llama(2).state_dict()}, {})
+    os.remove(tmp_path / "run" / "checkpoints" / "step-9" / ".metadata")
+    source = open_weights(str(tmp_path / "run"))
+    assert source.what == (f"pp checkpoint {tmp_path / 'run' / 'checkpoints' / 'step-5'} (checkpoint "
+                           f"{tmp_path / 'run' / 'checkpoints' / 'step-9'} is damaged (file .metadata is missing); "
+                           f"skipping it)")
+    fresh = _llama(1)
+    load_weights(fresh, source)
+    _same_weights(fresh, saved)
 
 
 def test_a_path_that_holds_no_weights_says_what_was_expected(tmp_path):

@@ -191,10 +191,23 @@ def read_manifest(path: str) -> dict:
 
 
 def problem(path: str, share: tuple[int, int] = (0, 1)) -> str | None:
-    """Why checkpoint `path` cannot be used, or None; checksums only of this rank's `share` (rank, world)."""
+    """Why checkpoint `path` cannot be used, or None; checksums only of this rank's `share` (rank, world).
+
+    Damaged: no readable manifest; a manifest whose step is not the directory's N (a copied or renamed
+    checkpoint would resume at the wrong step); a file the manifest lists missing, of another size or
+    checksum; DCP metadata that cannot be read, or that names a file the manifest does not list or
+    places data beyond a file's end."""
     try:
         manifest = read_manifest(path)
-        files = manifest["files"]
+        files, step = manifest["files"], manifest.get("step")
+        if not isinstance(files, dict) or not all(isinstance(r, dict) and isinstance(r.get("size"), int)
+                                                  for r in files.values()):
+            return f"its {MANIFEST} lists its files in an unknown form (expected name: {{size, sha256}})"
+        named = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            return f"its {MANIFEST} gives no step (got {step!r})"
+        if named and int(named.group(1)) != step:
+            return f"its {MANIFEST} is of step {step}, not {named.group(1)} (a copied or renamed checkpoint)"
         for i, (name, rec) in enumerate(sorted(files.items())):
             fpath = os.path.join(path, name)
             if not os.path.isfile(fpath):
@@ -203,7 +216,16 @@ def problem(path: str, share: tuple[int, int] = (0, 1)) -> str | None:
                 return f"file {name} has {os.path.getsize(fpath)} bytes, the manifest says {rec['size']}"
             if "sha256" in rec and i % share[1] == share[0] and _sha256(fpath) != rec["sha256"]:
                 return f"file {name} does not match its sha256 checksum"
-        dcp.FileSystemReader(path).read_metadata()
+        if ".metadata" not in files:
+            return f"its {MANIFEST} does not list DCP's .metadata"
+        ends: dict[str, int] = {}
+        for info in dcp.FileSystemReader(path).read_metadata().storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+        for name, end in sorted(ends.items()):
+            if name not in files:
+                return f"file {name}, which its DCP metadata names, is not in its {MANIFEST}"
+            if os.path.getsize(os.path.join(path, name)) < end:
+                return f"file {name} ends before the data its DCP metadata places in it"
     except CheckpointError as e:
         return str(e).split(": ", 1)[-1] if str(e).startswith(f"checkpoint {path}") else str(e)
     except Exception as e:  # noqa: BLE001 - any failure to read the metadata means "damaged"
@@ -227,9 +249,10 @@ def find_latest(root: str, log: Callable[[str], None] = print) -> str | None:
     return None
 
 
-def resolve(path: str) -> str:
+def resolve(path: str, log: Callable[[str], None] | None = None) -> str:
     """A checked checkpoint directory from `path`: itself, or the newest undamaged one under path or
-    path/checkpoints; CheckpointError saying why otherwise."""
+    path/checkpoints (each newer damaged one named through `log`, if given, as resume names them);
+    CheckpointError saying why otherwise."""
     if _STEP_DIR.match(os.path.basename(os.path.normpath(path))) or os.path.isfile(os.path.join(path, MANIFEST)):
         why = problem(path)
         if why is not None:
@@ -237,8 +260,11 @@ def resolve(path: str) -> str:
         return path
     for root in (path, os.path.join(path, "checkpoints")):
         for step in list_steps(root):
-            if problem(step_dir(root, step)) is None:
+            why = problem(step_dir(root, step))
+            if why is None:
                 return step_dir(root, step)
+            if log is not None:
+                log(f"checkpoint {step_dir(root, step)} is damaged ({why}); skipping it")
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint path {path} does not exist")
     raise CheckpointError(f"no complete checkpoint at {path} (expected step-<N>/{MANIFEST} there or under checkpoints/)")

@@ -217,6 +217,8 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> JobConf
     """Read `path` (YAML), apply `--section.key value` overrides, and return the typed config."""
     raw: dict = {}
     if path is not None:
+        if os.path.isdir(path):
+            raise ConfigError(f"config file {path!r} is a directory: expected a YAML file")
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist")
         try:
@@ -396,6 +398,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         return coerce(value, inner, key)
     base = typing.get_origin(tp) or tp
+    if "none" in CHOICES.get(key, ()) and (value is None or (isinstance(value, _FromCli) and value in ("null", "~"))):
+        return "none"   # YAML's null (or ~) for a key whose word for nothing is none
     if isinstance(value, _FromCli):
         value = _from_text(str(value), base)
     ok = _convert(value, base)

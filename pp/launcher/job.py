@@ -5,6 +5,7 @@ found here is found by all ranks at once and reported once, by rank 0.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from pp import Pipe, SplitPoint, pipeline, split_by_cost, split_into_equal_size
 from pp.tp.styles import normalize_plan
 
 from .config import ConfigError, JobConfig
+from .metrics import count
 from .models import build_model
 from .validate import Layout, check_split_points, validate
 
@@ -43,6 +45,9 @@ def prepare(cfg: JobConfig, world_size: int) -> Job:
     n_params = sum(p.numel() for p in model.parameters())
     if n_params == 0:
         raise ConfigError(f"model.name={cfg.model.name!r} has no parameters: there is nothing to train")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"model.name={cfg.model.name!r} has no trainable parameters (every one has "
+                          f"requires_grad=False): there is nothing to train")
     tp_plan = tp_plan_for(model, cfg)
     pipe = split_model(model, cfg, layout)
     check_logits(pipe, cfg)
@@ -146,7 +151,12 @@ def split_model(model: nn.Module, cfg: JobConfig, layout: Layout) -> Pipe:
     else:
         policy = split_by_cost if cfg.split.policy == "cost" else split_into_equal_size
         kwargs["split_policy"] = policy(layout.n_stages)
-        key = f"parallel.pp={layout.pp} ({layout.n_stages} stages)"
+        key = f"parallel.pp={layout.pp} ({count(layout.n_stages, 'stage')})"
+    try:   # pp.run calls forward(tokens): a forward that cannot take that is named before the trace fails
+        inspect.signature(model.forward).bind(None)
+    except TypeError as e:
+        raise ConfigError(f"model.name={cfg.model.name!r}: pp.run calls forward with one tensor of token ids, but "
+                          f"{type(model).__name__}.forward{inspect.signature(model.forward)} cannot take it ({e})") from None
     try:
         on_meta = any(p.is_meta for p in model.parameters())
         # every step and every evaluation runs this one microbatch shape: fixed sizes trace in half the time

@@ -144,7 +144,7 @@ def summary_lines(steps: int, tokens: int, seconds: float, tokens_per_s: float, 
                   device_type: str, steps_redone: int = 0) -> list[str]:
     """The end-of-run report: throughput, steps redone after restarts, bubble fraction and peak memory per rank."""
     mem = "peak GPU memory" if device_type == "cuda" else "peak RSS"
-    lines = [f"done: {steps} steps, {tokens:,} tokens in {seconds:.1f}s; throughput {format_rate(tokens_per_s)} tok/s "
+    lines = [f"done: {count(steps, 'step')}, {tokens:,} tokens in {seconds:.1f}s; throughput {format_rate(tokens_per_s)} tok/s "
              f"(steps after the first, checkpoint saves excluded)",
              f"steps redone after restarts: {steps_redone}"]
     bubbles = [r["bubble"] for r in per_rank if r.get("bubble") is not None]
@@ -158,6 +158,11 @@ def summary_lines(steps: int, tokens: int, seconds: float, tokens_per_s: float, 
         lines.append(f"  rank {r['rank']}: stages {r['stages']}, bubble {b}, {mem} {r['peak_mem_gib']:.2f} GiB"
                      f"{replayed}")
     return lines
+
+
+def count(n: int, noun: str) -> str:
+    """`n` and `noun`, plural unless n is 1: count(1, "step") -> "1 step", count(3, "batch") -> "3 batches"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith(('s', 'ch', 'sh', 'x')) else 's'}"
 
 
 def format_rate(x: float) -> str:

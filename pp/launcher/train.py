@@ -128,7 +128,8 @@ class Trainer:
             return 0
         manifest = ckpt.read_manifest(path)
         # the damaged ones newer than it: set aside, so that `keep` never counts them among the newest
-        kept = ckpt.set_aside_damaged(self.ckpt_root, int(manifest["step"])) if self.rank == 0 else []
+        loaded = int(os.path.basename(path).split("-")[1])   # its step (problem() checked the manifest agrees)
+        kept = ckpt.set_aside_damaged(self.ckpt_root, loaded) if self.rank == 0 else []
         coll.barrier()
         if kept:
             self.log(f"kept the damaged checkpoint(s) as {', '.join(kept)}")
@@ -137,7 +138,10 @@ class Trainer:
         saved = ", ".join(f"{k}={manifest[k]}" for k in ("pp", "dp", "tp") if k in manifest)
         self.log(f"resumed from {path} (step {manifest['step']}, saved with {saved or 'pp=?'})")
         then, now = manifest.get("lr_schedule"), self._lr_schedule()
-        if then is not None and then != now:
+        if manifest["step"] >= self.cfg.train.steps:
+            self.log(f"note: the checkpoint is at step {manifest['step']} and train.steps is {self.cfg.train.steps}: "
+                     f"nothing is left to train (raise train.steps to train on)")
+        elif then is not None and then != now:
             changed = ", ".join(f"train.{k} {then.get(k)} -> {now[k]}" for k in now if then.get(k) != now[k])
             self.log(f"note: the learning-rate schedule changed since step {manifest['step']} was saved "
                      f"({changed}): the steps after it follow the new one, not the run that saved it")
@@ -151,14 +155,15 @@ class Trainer:
     def init_weights(self, path: str) -> None:
         """Collective: fill this rank's stages from model.init_from (each rank reads its own tensors);
         WeightsError, raised on every rank before any copy, if they do not fit."""
-        from pp.weights import WeightsError, load_weights
+        from pp.weights import WeightsError, load_weights, open_weights
 
         t = time.perf_counter()
         try:
-            load_weights(self.rs.model, path, **init_options(self.cfg.model))
+            source = open_weights(path)
+            load_weights(self.rs.model, source, **init_options(self.cfg.model))
         except WeightsError as e:
             raise WeightsError(f"model.init_from={path!r}: {e}") from None
-        self.log(f"initialised the weights from {path} in {time.perf_counter() - t:.1f}s")
+        self.log(f"initialised the weights from {source.what} in {time.perf_counter() - t:.1f}s")
 
     # --- one step -------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
@@ -190,7 +195,7 @@ class Trainer:
             raise TrainingError(f"step {step}: the gradient norm is not finite ({grad_norm})")
         if cfg.train.grad_clip > 0 and grad_norm > cfg.train.grad_clip:
             scale = cfg.train.grad_clip / (grad_norm + 1e-6)
-            torch._foreach_mul_(rs.model.grads(), scale)
+            rs.model.scale_grads(scale)
         rs.optimizer.step()
         events = rs.schedule.trace_events() if hasattr(rs.schedule, "trace_events") else []
         self.bubble.add_step(events, sched_s)

@@ -164,8 +164,15 @@ class ParallelModel:
             raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
         norm = math.sqrt(all_reduce(self.grad_norm_sq(), "sum").item())
         if norm > max_norm:
-            torch._foreach_mul_(self.grads(), max_norm / (norm + 1e-6))
+            self.scale_grads(max_norm / (norm + 1e-6))
         return norm
+
+    def scale_grads(self, factor: float) -> None:
+        """Multiply this rank's gradients by `factor` in place (a rank whose parameters are all frozen,
+        or got no gradient this step, has none: nothing to do)."""
+        grads = self.grads()
+        if grads:
+            torch._foreach_mul_(grads, factor)
 
     def _norm_params(self) -> list[nn.Parameter]:
         if self.dp_rank != 0 and self.shards is None:       # replicas hold the same averaged gradients

@@ -104,7 +104,7 @@ def _export_with(module: nn.Module, args: tuple, kwargs: dict, shapes: dict | No
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal pytree notices
         with _quiet("torch._export.non_strict_utils"), _quiet("torch.fx.experimental.symbolic_shapes"), \
-                eager_attention_for_export(module):
+                _quiet("torch._subclasses.fake_tensor", logging.CRITICAL), eager_attention_for_export(module):
             with contextlib.redirect_stderr(held):
                 ep = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes)
             if held.getvalue():
@@ -113,12 +113,13 @@ def _export_with(module: nn.Module, args: tuple, kwargs: dict, shapes: dict | No
 
 
 @contextlib.contextmanager
-def _quiet(logger: str) -> Iterator[None]:
-    """Silence one torch logger's warnings (notes on specialised sizes) while exporting."""
+def _quiet(logger: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Silence one torch logger below `level` while exporting: its notes on specialised sizes, and the
+    traceback the fake-tensor logger prints for an op that fails (pp's one line names that error)."""
     log = logging.getLogger(logger)
-    level = log.level
-    log.setLevel(logging.ERROR)
+    before = log.level
+    log.setLevel(level)
     try:
         yield
     finally:
-        log.setLevel(level)
+        log.setLevel(before)

@@ -48,8 +48,9 @@ def check_tunable(cfg: JobConfig) -> None:
     which auto chooses itself."""
     check_memory_budget(cfg)
     if cfg.parallel.tp != 1:
-        raise ConfigError(f"parallel.tp={cfg.parallel.tp}: automatic schedule choice handles tp=1 only; "
-                          f"name a schedule instead of 'auto'")
+        way = "name a schedule instead of 'auto'" if is_auto(cfg) else "run pp.tune with parallel.tp 1"
+        raise ConfigError(f"parallel.tp={cfg.parallel.tp}: automatic schedule choice (pp.tune, schedule.name auto) "
+                          f"handles tp=1 only; {way}")
     if is_auto(cfg):  # what auto chooses itself is not also given (it would be dropped without a word)
         if cfg.split.points:
             raise ConfigError(f"split.points={cfg.split.points} with schedule.name auto: auto chooses the split "
