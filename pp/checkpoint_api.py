@@ -1,6 +1,8 @@
 """`load_unsplit`: load a pp training checkpoint (any pp degree) into the plain, unsplit model."""
 from __future__ import annotations
 
+import warnings
+
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 
@@ -14,7 +16,7 @@ def load_unsplit(model: nn.Module, path: str, *, strict: bool = True) -> str:
     """Load the weights of checkpoint `path` into `model` in place, in this process alone; return the path used.
 
     `path` is a `step-<N>` directory, or an output/checkpoints directory (its newest complete checkpoint
-    is used). The checkpoint is checked against its manifest first. With `strict` (as in
+    is used; a UserWarning names each newer damaged one passed over). The checkpoint is checked against its manifest first. With `strict` (as in
     `nn.Module.load_state_dict`), `CheckpointError` names what does not fit, before any tensor is
     loaded: a tensor of `model` that the checkpoint lacks or holds in another shape, a model tensor the
     checkpoint holds that `model` does not have, or two tensors `model` ties (one parameter under two
@@ -30,7 +32,7 @@ def load_unsplit(model: nn.Module, path: str, *, strict: bool = True) -> str:
     if on_meta:
         raise ValueError(f"load_unsplit: {len(on_meta)} tensor(s) of the model are on the meta device (first: "
                          f"{on_meta[0]!r}) and cannot hold values: call model.to_empty(device='cpu') first")
-    path = ckpt.resolve(str(path))
+    path = ckpt.resolve(str(path), lambda line: warnings.warn(line, stacklevel=4))   # names the ones passed over
     state = model.state_dict()
     if not strict:
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata

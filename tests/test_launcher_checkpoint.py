@@ -138,6 +138,9 @@ def test_a_copied_or_hand_edited_checkpoint_counts_as_damaged_and_resolve_names_
     skipped: list[str] = []
     assert ckpt.resolve(root, skipped.append) == ckpt.step_dir(root, 4)
     assert len(skipped) == 1 and skipped[0].startswith(f"checkpoint {ckpt.step_dir(root, 9)} is damaged (file {data}")
+    with pytest.warns(UserWarning, match=f"step-9 is damaged \\(file {data}") as caught:
+        assert load_unsplit(_model(), root) == ckpt.step_dir(root, 4)
+    assert caught[0].filename == __file__   # the caller's line
 
 
 def _owner(name: str, world: int, n_layers: int = 4) -> set[int]:
