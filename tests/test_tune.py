@@ -52,7 +52,8 @@ def test_pp_tune_prints_a_ranking_and_writes_a_config_that_pp_run_trains(tmp_pat
     assert len(tuned.split.points) == 2 * tuned.schedule.stages_per_rank - 1
     run = torchrun("pp.run", str(out))
     assert run.returncode == 0, run.log[-4000:]
-    assert f"schedule {tuned.schedule.name} with {tuned.schedule.microbatches} microbatches" in run.stdout
+    n = tuned.schedule.microbatches
+    assert f"schedule {tuned.schedule.name} with {n} microbatch{'es' * (n != 1)}" in run.stdout
     assert os.path.exists(tmp_path / "run" / "summary.json")
 
 
