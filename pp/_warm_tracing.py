@@ -6,9 +6,22 @@ this warm-up.
 
 Nothing stays behind that a rank could see: no process group, no model, no thread (tqdm's monitor
 thread, which torch.fx's interpreter would start, is kept from starting: a fork server forks from a
-single-threaded process).
+single-threaded process). On a machine with a CUDA device it does nothing: torch.export saves and
+restores the CUDA RNG state while tracing, which initialises CUDA, and no rank forked from a process
+that did can use its GPU ("Cannot re-initialize CUDA in forked subprocess").
 """
 from __future__ import annotations
+
+import glob
+import os
+
+
+def _cuda_visible() -> bool:
+    """Whether this machine shows a CUDA device, found without initialising CUDA (which even
+    `torch.cuda.is_available()` may do at the driver level)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 def _warm() -> None:
@@ -31,6 +44,7 @@ def _warm() -> None:
 
 
 try:
-    _warm()
+    if not _cuda_visible():
+        _warm()
 except Exception:  # noqa: BLE001 - only a head start: a rank traces as well without it
     pass

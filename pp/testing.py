@@ -4,7 +4,7 @@
 and always kills and reaps its children. Only the standard library is imported here.
 
 Children are forked from a fork server that imported torch and pp once and traced a tiny model
-(one-thread settings), so a call costs a fork instead of a fresh interpreter importing torch (about 2 s
+(one-thread settings; the trace is skipped on a machine with a CUDA device, which it would initialise), so a call costs a fork instead of a fresh interpreter importing torch (about 2 s
 per call on two cores) and a rank's first trace skips torch.export's one-time set-up (about 4 s).
 Each child still gets the caller's current environment, working directory, `sys.path`, stdout and
 stderr. `PP_TESTING_START_METHOD=spawn` starts fresh interpreters instead, as before.

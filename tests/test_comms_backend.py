@@ -28,6 +28,24 @@ def test_default_device_is_cpu_without_cuda() -> None:
     assert B.default_device() == torch.device("cpu")
 
 
+def test_more_processes_than_gpus_on_a_machine_are_named_not_an_invalid_device_ordinal(monkeypatch) -> None:
+    # found on a one-GPU machine: 2 ranks defaulted to cuda:1 and failed deep in module.to() (torch's
+    # "invalid device ordinal"); checked there by hand, here with the device count pinned to 1
+    from pp.launcher.config import ConfigError, load_config
+    from pp.launcher.validate import validate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1 would use cuda:1, but this machine shows 1 CUDA device"):
+        B.default_device()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"parallel.device='auto' gives each process one CUDA device, but 2 "
+                                          r"processes run on this machine, which shows 1"):
+        validate(load_config(None, ["--parallel.pp", "2"]), 2)
+    validate(load_config(None, ["--parallel.pp", "2", "--parallel.device", "cpu"]), 2)
+
+
 def test_missing_torchrun_variables_are_named_in_one_error(monkeypatch) -> None:
     for name in B.TORCHRUN_VARS:
         monkeypatch.delenv(name, raising=False)

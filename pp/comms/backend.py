@@ -45,10 +45,24 @@ def backend_for_device(device: torch.device | str) -> str:
 
 
 def default_device() -> torch.device:
-    """cuda:LOCAL_RANK when CUDA is available (LOCAL_RANK defaults to 0), else cpu."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """The device a rank's stages go to when none is named: the one `init_process_group_from_env` chose;
+    cpu for a process group made elsewhere without a CUDA backend (gloo alone: its ranks move CPU
+    tensors); else cuda:LOCAL_RANK (LOCAL_RANK defaults to 0) when CUDA is available, else cpu.
+    ValueError, naming the count, for a LOCAL_RANK this machine has no CUDA device for (more
+    processes per machine than GPUs)."""
+    if is_initialized():
+        if _device is not None:
+            return _device
+        if "nccl" not in str(dist.get_backend()):
+            return torch.device("cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank, n = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= n:
+        raise ValueError(f"LOCAL_RANK={local_rank} would use cuda:{local_rank}, but this machine shows {n} CUDA "
+                         f"device(s): start at most {n} process(es) per machine (torchrun --nproc-per-node), "
+                         f"or name the device")
+    return torch.device("cuda", local_rank)
 
 
 def init_process_group_from_env(

@@ -218,6 +218,12 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
         raise ConfigError(f"parallel.device={p.device!r}: expected one of {', '.join(CHOICES['parallel.device'])}")
     if p.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("parallel.device='cuda' but this machine has no CUDA device")
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if p.device != "cpu" and torch.cuda.is_available() and per_machine > torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"parallel.device={p.device!r} gives each process one CUDA device, but {per_machine} processes "
+                          f"run on this machine, which shows {n}: start at most {n} per machine "
+                          f"(torchrun --nproc-per-node {n}), or set parallel.device: cpu")
     if pp * p.dp * p.tp != world_size:
         n = pp * p.dp * p.tp
         raise ConfigError(f"parallel.pp={pp} x dp={p.dp} x tp={p.tp} = {n} rank{'s' * (n != 1)}, but the world "

@@ -61,7 +61,8 @@ def parallelize(
     the model's `pipe_split()` calls, or else `split_by_cost`. `tp_plan` maps module names to
     `pp.tp.ColwiseParallel`/`RowwiseParallel`. `pp` defaults to world / (dp * tp); `mesh`, if given,
     is a (pp, dp, tp) DeviceMesh (`pp.parallel.make_mesh`) whose sizes win. `device` defaults to
-    cuda:LOCAL_RANK when CUDA is available, else cpu. `cuda_graphs=True` replays the stages as CUDA
+    cuda:LOCAL_RANK when CUDA is available, else cpu, and to cpu under a process group with gloo alone
+    (`pp.comms.backend.default_device`). `cuda_graphs=True` replays the stages as CUDA
     graphs from the second step on (`schedule.enable_cuda_graphs()`; not with tp > 1). `compile=True` runs
     each stage's forward and backward through torch.compile, per block or per stage (`compile_per`
     "block" or "stage"; None: per stage, per block with activation checkpointing, the faster measured;
