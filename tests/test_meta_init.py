@@ -30,14 +30,18 @@ def _meta_cases(rank: int, world: int) -> dict:
     out = {}
     whole = build_model(CFG, seed=7).state_dict()
     for name, kw in (("init_fn", dict(init_fn=init_fn(CFG, 7))), ("state_dict", dict(state_dict=whole)),
-                     ("init_fn-tp2", dict(init_fn=init_fn(CFG, 7), tp=2, pp=1))):
+                     ("init_fn-tp2", dict(init_fn=init_fn(CFG, 7), tp=2, pp=1)),
+                     # rank 0 holds stages 0 and 3, so the tied embedding and head on one rank: they were
+                     # made two tensors there, trained apart without a word
+                     ("init_fn-zbv", dict(init_fn=init_fn(CFG, 7), schedule="ZBVZeroBubble"))):
         model = build_model(CFG, seed=7, device="meta")
         tp_plan = model.tp_plan() if "tp" in kw else None
         par = pp.parallelize(model, (x[:1],), n_microbatches=4, loss_fn=lm_loss, tp_plan=tp_plan, **kw)
         losses: list = []
         par.step(x, target=y, losses=losses)
         out[name] = {"state": par.state_dict(), "losses": [l.item() for l in losses] if par.owns_loss else [],
-                     "meta_left": any(p.is_meta for p in par.parameters())}
+                     "meta_left": any(p.is_meta for p in par.parameters()),
+                     "grads": {n: par.full_tensor(n, p.grad) for n, p in par.named_parameters()}}
     return out
 
 
@@ -46,18 +50,22 @@ def results():
     return run_ranks(_meta_cases, 2, timeout_s=300)
 
 
-@pytest.mark.parametrize("case", ["init_fn", "state_dict", "init_fn-tp2"])
+@pytest.mark.parametrize("case", ["init_fn", "state_dict", "init_fn-tp2", "init_fn-zbv"])
 def test_meta_model_fills_each_rank_like_the_unsplit_model(results, case):
     ref = build_model(CFG, seed=7)
     want = ref.state_dict()
     x, y = _batch()
-    ref_losses = [lm_loss(ref(xm), ym).item() for xm, ym in zip(x.chunk(4), y.chunk(4))]
+    ref_losses = [lm_loss(ref(xm), ym) for xm, ym in zip(x.chunk(4), y.chunk(4))]
+    torch.stack(ref_losses).mean().backward()
+    ref_losses = [l.item() for l in ref_losses]
     got_losses = []
     for rank_out in results:
         r = rank_out[case]
         assert not r["meta_left"]
         for n, t in r["state"].items():
             assert torch.equal(t, want[n]), (case, n)
+        for n, g in r["grads"].items():   # the tied weight's gradient holds both uses on every rank
+            torch.testing.assert_close(g, ref.get_parameter(n).grad, rtol=1e-5, atol=1e-6, msg=f"{case} {n}")
         got_losses += r["losses"]
     torch.testing.assert_close(torch.tensor(got_losses[:4]), torch.tensor(ref_losses))
 

@@ -65,7 +65,8 @@ def _run_cases(rank: int, world: int) -> dict:
                       "order": par.grad_sync.last_order if par.grad_sync else None,
                       "stages": [s.stage_index for s in par.stages]}
         par.zero_grad()  # the cases share the untouched parameters of `model`
-    seen["frozen"] = _frozen_first_stage(x, y)
+    seen["frozen"] = _frozen_first_stage(x, y, zero=0)
+    seen["frozen-zero3"] = _frozen_first_stage(x, y, zero=3)
     seen["example"] = _run_example("--tp", "2", "--steps", "4")  # last: it destroys the process group
     return seen
 
@@ -81,13 +82,15 @@ def _frozen_model() -> GPT:
     return model
 
 
-def _frozen_first_stage(x: torch.Tensor, y: torch.Tensor) -> dict:
-    """pp 2 x dp 2 with stage 0 wholly frozen, clipped: once failed in the clip (no gradient to scale)."""
+def _frozen_first_stage(x: torch.Tensor, y: torch.Tensor, zero: int) -> dict:
+    """pp 2 x dp 2 with stage 0 wholly frozen, clipped: once failed in the clip (no gradient to scale),
+    and at zero 2/3 in the norm (a frozen parameter has no master shard)."""
     import pp
 
     torch.manual_seed(0)
     par = pp.parallelize(_frozen_model(), (torch.zeros(2, MODEL["seq_len"], dtype=torch.long),), loss_fn=lm_loss,
-                         pp=2, dp=2, n_microbatches=2, split_spec={"blocks.1": pp.SplitPoint.BEGINNING})
+                         pp=2, dp=2, n_microbatches=2, split_spec={"blocks.1": pp.SplitPoint.BEGINNING}, zero=zero)
+    par.build_optimizer()
     par.step(par.local_share(x), target=par.local_share(y))
     norm = par.clip_grad_norm_(CLIP)
     return {"norm": norm, "grads": {n: par.full_tensor(n, p.grad) for n, p in par.named_parameters()
@@ -160,6 +163,7 @@ def test_a_wholly_frozen_stage_trains_and_clips_like_the_unsplit_model(ranks_see
     got: dict = {}
     for seen in ranks_seen:
         assert seen["frozen"]["norm"] == pytest.approx(norm, rel=1e-5)
+        assert seen["frozen-zero3"]["norm"] == pytest.approx(norm, rel=1e-5)   # gradients in the master shards
         got.update(seen["frozen"]["grads"])
     assert got.keys() == want.keys() and not any(n.startswith(FROZEN) for n in got)
     for n, g in want.items():

@@ -159,11 +159,13 @@ def parallelize(
         _check_plan(pipe, tp_plan)
     placement = spec.placement(n_stages, pp)
     stages, shards, regions = [], {}, 0
+    made: dict = {}     # meta tensor id -> its storage, shared by this rank's stages (tied weights stay one)
+    filled: set = set()
     for s in (s for s, r in enumerate(placement) if r == coords["pp"]):
         mod = pipe.get_stage_module(s)
         if is_meta(mod):  # only this rank's stages get storage, filled whole before any tp cut
-            materialize(mod, device)
-            fill(mod, init_fn, state_dict)
+            materialize(mod, device, made)
+            fill(mod, init_fn, state_dict, seen=filled)
         elif state_dict is not None:
             fill(mod, None, state_dict)
         if precision == "bf16":

@@ -33,13 +33,15 @@ def generator_for(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
 
 
-def materialize(module: nn.Module, device: torch.device) -> None:
+def materialize(module: nn.Module, device: torch.device, memo: dict[int, torch.Tensor] | None = None) -> None:
     """Give every meta parameter and buffer of `module` uninitialised storage on `device`, in place;
-    tensors registered under several names (tied weights) stay one tensor.
+    tensors registered under several names (tied weights) stay one tensor. Pass one `memo` dict to the
+    calls for several stage modules of a rank: a tensor they share (a tied embedding on stages 0 and
+    3 of a V schedule's rank) then stays one tensor across them too, as it is in the model.
 
     ValueError for a traced constant on the meta device (a tensor the forward created, which cannot
     be re-created): build such a model on a real device."""
-    new: dict[int, torch.Tensor] = {}
+    new: dict[int, torch.Tensor] = {} if memo is None else memo
     for prefix, mod in module.named_modules(remove_duplicate=False):
         for leaf, t in list(mod._parameters.items()):
             if t is not None and t.is_meta:
@@ -58,11 +60,12 @@ def materialize(module: nn.Module, device: torch.device) -> None:
 
 
 def fill(module: nn.Module, init_fn: InitFn | None = None, state_dict: Mapping[str, torch.Tensor] | None = None,
-         names: Mapping[str, str] | None = None) -> None:
+         names: Mapping[str, str] | None = None, seen: set[int] | None = None) -> None:
     """Fill the parameters and buffers of `module` (each tensor once, under its first name): copied from
     `state_dict` (whole tensors under the model's names), else `init_fn(name, tensor)` fills it in place.
+    `seen` (ids of tensors filled already, updated here) carries over between a rank's stage modules.
     KeyError naming the entry `state_dict` lacks."""
-    seen: set[int] = set()
+    seen = set() if seen is None else seen
     with torch.no_grad():
         for name, t in [*module.named_parameters(), *module.named_buffers()]:
             if id(t) in seen:

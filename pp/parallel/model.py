@@ -181,8 +181,8 @@ class ParallelModel:
         for stage in self.stages:
             for name, p in stage.submod.named_parameters():
                 owner = min(self._shared.get(name, [stage.stage_index]))
-                if owner != stage.stage_index or id(p) in seen:
-                    continue
+                if owner != stage.stage_index or id(p) in seen or not p.requires_grad:
+                    continue   # a frozen parameter has no gradient, and at zero 2/3 no master shard
                 if self.tp_rank == 0 or name in self.tp_shards:
                     seen.add(id(p))
                     out.append(p if self.shards is None else self.shards.master_of[id(p)])
