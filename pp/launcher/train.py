@@ -128,8 +128,8 @@ class Trainer:
             return 0
         manifest = ckpt.read_manifest(path)
         # the damaged ones newer than it: set aside, so that `keep` never counts them among the newest
-        loaded = int(os.path.basename(path).split("-")[1])   # its step (problem() checked the manifest agrees)
-        kept = ckpt.set_aside_damaged(self.ckpt_root, loaded) if self.rank == 0 else []
+        # problem() checked that the manifest's step is the directory's (a copied step-10 named step-30 is damaged)
+        kept = ckpt.set_aside_damaged(self.ckpt_root, int(manifest["step"])) if self.rank == 0 else []
         coll.barrier()
         if kept:
             self.log(f"kept the damaged checkpoint(s) as {', '.join(kept)}")

@@ -18,7 +18,7 @@ def model_frame(e: BaseException) -> traceback.FrameSummary | None:
     import sysconfig
 
     skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)),
-            os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep, "<")
+            os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep)
     frames = [f for f in traceback.extract_tb(e.__traceback__) if not os.path.abspath(f.filename).startswith(skip)
               and not f.filename.startswith("<")]
     own = [f for f in frames if "site-packages" not in f.filename and "dist-packages" not in f.filename]
