@@ -79,6 +79,24 @@ def test_npy_and_uint32_token_files(tmp_path):
         TokenBatches(open_stream(str(tmp_path / "ids.npy")), 2, 8, seed=0, vocab_size=VOCAB).tokens(1)
 
 
+def test_uint32_ids_read_as_uint16_are_refused_unless_a_sidecar_says_uint16(tmp_path):
+    small = _markov_tokens(3000).astype("<u4")     # ids < 1000 as uint32: every second uint16 is 0
+    small.tofile(tmp_path / "small.bin")
+    (_markov_tokens(3000).astype(np.int64) + 70000).astype("<u4").tofile(tmp_path / "big.bin")
+    for name in ("small.bin", "big.bin"):
+        with pytest.raises(DataError, match=f"{name}' looks like uint32 token ids .* set train.data_dtype: uint32"):
+            open_stream(str(tmp_path / name))
+    assert open_stream(str(tmp_path / "small.bin"), "uint32").window(3, 5).tolist() == small[3:8].tolist()
+    _markov_tokens(3000).tofile(tmp_path / "u16.bin")      # real uint16 ids, and tiny vocabularies, pass
+    (np.arange(4000, dtype=np.uint16) % 4).tofile(tmp_path / "dna.bin")
+    assert len(open_stream(str(tmp_path / "u16.bin"))) == 3000 and len(open_stream(str(tmp_path / "dna.bin"))) == 4000
+    from pp.data.__main__ import inspect
+    assert any("try --dtype uint32" in line for line in inspect(str(tmp_path / "small.bin"), None, None, 4))
+    assert not any("try --dtype" in line for line in inspect(str(tmp_path / "small.bin"), None, "uint32", 4))
+    (tmp_path / "small.bin.json").write_text('{"dtype": "uint16"}')   # the user's word overrides the guess
+    assert len(open_stream(str(tmp_path / "small.bin"))) == 6000
+
+
 # ------------------------------------------------------------------------------------ tokenizer, prepare
 def _tokenizer(tmp_path) -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders

@@ -58,9 +58,12 @@ def _run_cases(rank: int, world: int) -> dict:
         losses: list = []
         par.step(par.local_share(x), target=par.local_share(y), losses=losses)
         grads = {n: par.full_tensor(n, p.grad) for n, p in par.named_parameters()}
-        norm = par.clip_grad_norm_(1e9)
-        seen[name] = {"losses": [l.item() for l in losses] if par.owns_loss else [], "grads": grads,
-                      "norm": norm, "coords": (par.pp_rank, par.dp_rank, par.tp_rank),
+        norm = par.clip_grad_norm_(1e9)     # a float32 0-dim tensor, as torch's; 1e9 clips nothing
+        assert isinstance(norm, torch.Tensor) and norm.shape == () and norm.dtype == torch.float32
+        norms = {"norm": norm.item(), "norm_inf": par.clip_grad_norm_(1e9, norm_type=float("inf")).item(),
+                 "norm_1": par.clip_grad_norm_(1e9, norm_type=1).item()}
+        seen[name] = {**norms, "losses": [l.item() for l in losses] if par.owns_loss else [], "grads": grads,
+                      "coords": (par.pp_rank, par.dp_rank, par.tp_rank),
                       "local": {n: tuple(p.shape) for n, p in par.named_parameters()},
                       "order": par.grad_sync.last_order if par.grad_sync else None,
                       "stages": [s.stage_index for s in par.stages]}
@@ -92,7 +95,7 @@ def _frozen_first_stage(x: torch.Tensor, y: torch.Tensor, zero: int) -> dict:
                          pp=2, dp=2, n_microbatches=2, split_spec={"blocks.1": pp.SplitPoint.BEGINNING}, zero=zero)
     par.build_optimizer()
     par.step(par.local_share(x), target=par.local_share(y))
-    norm = par.clip_grad_norm_(CLIP)
+    norm = par.clip_grad_norm_(CLIP).item()
     return {"norm": norm, "grads": {n: par.full_tensor(n, p.grad) for n, p in par.named_parameters()
                                     if p.grad is not None}}
 
@@ -124,8 +127,11 @@ def reference() -> dict:
     losses = [lm_loss(model(a), b) for a, b in zip(x.chunk(4), y.chunk(4))]
     torch.stack(losses).mean().backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    norm = torch.stack([g.norm() for g in grads.values()]).norm().item()
-    return {"loss": torch.stack(losses).mean().item(), "grads": grads, "norm": norm}
+    params = list(model.parameters())
+    norms = {"norm_inf": torch.nn.utils.get_total_norm([p.grad for p in params], float("inf")).item(),
+             "norm_1": torch.nn.utils.get_total_norm([p.grad for p in params], 1).item()}
+    norm = torch.nn.utils.clip_grad_norm_(params, 1e9).item()
+    return {"loss": torch.stack(losses).mean().item(), "grads": grads, "norm": norm, **norms}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -150,7 +156,8 @@ def test_gathered_gradients_equal_unsplit_model_on_every_rank(ranks_seen, refere
 @pytest.mark.parametrize("case", list(CASES))
 def test_global_grad_norm_counts_each_parameter_once(ranks_seen, reference, case):
     for seen in ranks_seen:
-        assert seen[case]["norm"] == pytest.approx(reference["norm"], rel=1e-5)
+        for order in ("norm", "norm_inf", "norm_1"):   # norm_type 2, inf and 1, as torch's clip_grad_norm_
+            assert seen[case][order] == pytest.approx(reference[order], rel=1e-5), order
 
 
 def test_a_wholly_frozen_stage_trains_and_clips_like_the_unsplit_model(ranks_seen):

@@ -56,7 +56,7 @@ def _train(rank: int, world: int) -> dict:
             opt.zero_grad()
             mb: list = []
             par.step(par.local_share(x), target=par.local_share(y), losses=mb)
-            norms.append(par.clip_grad_norm_(0.05))     # small: clipping is exercised every step
+            norms.append(par.clip_grad_norm_(0.05).item())     # small: clipping is exercised every step
             opt.step()
             seen.append([l.item() for l in mb] if par.owns_loss else [])
         held = [c.untyped_storage().size() for s in par.stages if s.bf16_weights for c in s.bf16_weights.copies]

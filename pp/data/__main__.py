@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from .prepare import prepare
-from .stream import DTYPES, DataError
+from .stream import DTYPES, DataError, looks_like_uint32
 from .tokenize import load_tokenizer
 
 
@@ -38,6 +38,8 @@ def inspect(path: str, tokenizer: str | None, dtype: str | None, sample: int) ->
             raise DataError(f"{path!r} has {os.path.getsize(path)} bytes, not a whole number of {dtype} ids")
         ids = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
     lines = [f"{path}: {os.path.getsize(path):,} bytes, {ids.size:,} tokens of {dtype}"]
+    if dtype == "uint16" and not meta.get("dtype") and looks_like_uint32(path):
+        lines.append("warning: every second id is 0-3, as uint32 ids read as uint16 look: try --dtype uint32")
     if ids.size:
         top = max(int(ids[i:i + (1 << 24)].max()) for i in range(0, ids.size, 1 << 24))
         lines.append(f"largest id: {top}" + (f" (vocabulary {meta['vocab_size']})" if "vocab_size" in meta else ""))

@@ -99,7 +99,8 @@ def _token_shard(path: str, dtype: str) -> np.ndarray:
     if size % itemsize:
         raise DataError(f"{path!r} has {size} bytes, not a whole number of {dtype} token ids "
                         f"(train.data_dtype={dtype}: is the dtype right?)")
-    _check_meta(path, dtype)
+    if not _check_meta(path, dtype) and dtype == "uint16":
+        _refuse_uint32_as_uint16(path)
     if size == 0:
         return np.zeros(0, dtype=DTYPES[dtype])
     return np.memmap(path, dtype=np.dtype(DTYPES[dtype]).newbyteorder("<"), mode="r")
@@ -129,8 +130,9 @@ def recorded_vocab(source: str) -> tuple[str, int] | None:
     return best
 
 
-def _check_meta(path: str, dtype: str) -> None:
-    """`pp.data prepare` writes `<file>.json` with the dtype it chose: a different train.data_dtype is an error."""
+def _check_meta(path: str, dtype: str) -> bool:
+    """`pp.data prepare` writes `<file>.json` with the dtype it chose: a different train.data_dtype is an
+    error. True when the sidecar records the dtype (and it is `dtype`)."""
     import json
 
     meta = path + ".json"
@@ -139,9 +141,32 @@ def _check_meta(path: str, dtype: str) -> None:
             with open(meta) as f:
                 saved = json.load(f).get("dtype")
         except (OSError, ValueError, AttributeError):
-            return
+            return False
         if saved and saved != dtype:
             raise DataError(f"{path!r} holds {saved} token ids (see {meta}), but train.data_dtype is {dtype}")
+        return bool(saved)
+    return False
+
+
+def looks_like_uint32(path: str, sample_bytes: int = 1 << 16) -> bool:
+    """Whether `.bin` file `path` looks like uint32 ids: read as uint16, the ids' high halves sit at every
+    odd position, all 0 while the vocabulary is below 65,536 and at most 3 below 262,144, while the low
+    halves go higher. Natural uint16 token text never looks like that (reads at most `sample_bytes`)."""
+    size = os.path.getsize(path)
+    if size % 4 or size < 64:
+        return False
+    with open(path, "rb") as f:
+        head = np.frombuffer(f.read(min(size, sample_bytes)), dtype="<u2")
+    return int(head[1::2].max()) <= 3 < int(head[0::2].max())
+
+
+def _refuse_uint32_as_uint16(path: str) -> None:
+    """Refuse a file that looks like uint32 ids under train.data_dtype uint16: it would train on garbage
+    ids without a word. A `<file>.json` sidecar recording the dtype (as `pp.data prepare` writes) skips it."""
+    if looks_like_uint32(path):
+        raise DataError(f"{path!r} looks like uint32 token ids (every second uint16 is 0-3) but "
+                        f"train.data_dtype is uint16: set train.data_dtype: uint32, or if the file really "
+                        f"holds uint16 ids, record it in {path + '.json'} as {{\"dtype\": \"uint16\"}}")
 
 
 def open_stream(source: str, dtype: str = "uint16", tokenizer: str | None = None,

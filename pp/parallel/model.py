@@ -157,15 +157,39 @@ class ParallelModel:
             return torch.zeros((), dtype=torch.float32, device=self.stages[0].device)
         return torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).square().sum()
 
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """Scale every gradient so that the global norm is at most `max_norm`; return the norm before.
-        Collective over all ranks."""
-        if not max_norm > 0:
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """Scale every gradient so that the global norm is at most `max_norm`, as
+        `torch.nn.utils.clip_grad_norm_` does for the unsplit model: the norm is over every parameter of
+        every stage, replica and tp shard once (collective over all ranks), and each gradient is
+        multiplied by min(1, max_norm / (norm + 1e-6)).
+
+        Returns the total norm before clipping: a float32 0-dim tensor on this rank's device, the same on
+        every rank (`.item()` it to log). No host sync, unless `error_if_nonfinite`. `norm_type` is any
+        p > 0 or `inf`. Raises ValueError for a `max_norm` or `norm_type` that is not a positive number,
+        and RuntimeError (torch's) for a NaN or infinite norm when `error_if_nonfinite`."""
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
             raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
-        norm = math.sqrt(all_reduce(self.grad_norm_sq(), "sum").item())
-        if norm > max_norm:
-            self.scale_grads(max_norm / (norm + 1e-6))
-        return norm
+        if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or not norm_type > 0:
+            raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}")
+        p = float(norm_type)
+        grads = [g.grad for g in self._norm_params() if g.grad is not None]
+        share = torch.zeros((), dtype=torch.float32, device=self.stages[0].device)
+        if grads:
+            norms = torch.stack([n.float().to(share.device) for n in torch._foreach_norm(grads, p)])
+            share = norms.max() if math.isinf(p) else norms.pow(p).sum()
+        total = all_reduce(share, "max") if math.isinf(p) else all_reduce(share, "sum").pow(1.0 / p)
+        if error_if_nonfinite and not torch.isfinite(total).item():
+            raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is "
+                               f"non-finite, so it cannot be clipped. To disable this error and scale the "
+                               f"gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in self.grads():
+            by_device.setdefault(g.device, []).append(g)
+        for device, gs in by_device.items():
+            torch._foreach_mul_(gs, coef.to(device))
+        return total
 
     def scale_grads(self, factor: float) -> None:
         """Multiply this rank's gradients by `factor` in place (a rank whose parameters are all frozen,
