@@ -4,6 +4,7 @@ gradients summed over the ranks holding it, the same values after every optimize
 model, on every schedule, by hand-built stages and through `pp.parallelize`, and in checkpoints."""
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -95,16 +96,19 @@ def _check_step(where: str, named, want: dict[str, torch.Tensor], losses: list, 
         torch.testing.assert_close(torch.stack(losses), want_losses, msg=lambda m: f"{where} losses: {m}")
 
 
-def _train_stages(rank: int, world: int, name: str, pipes: dict[int, pp.Pipe]) -> None:
+def _train_stages(rank: int, world: int, name: str, pipes: dict[int, pp.Pipe], copies: bool = False) -> None:
     """`pipeline` + `build_stage` + the schedule class, SGD over this rank's parameters, from the
-    model's initial values (one traced pipe per stage count, reset before each schedule)."""
+    model's initial values (one traced pipe per stage count, reset before each schedule). `copies`:
+    each stage from a deep copy of its module, so two stages of one rank hold two tensors of the
+    shared parameter."""
     spec = get_spec(name)
     n_stages = spec.n_stages(world)
     want_losses, want_states = _reference(n_stages)
     pipe = pipes[n_stages]
     assert pipe.info().shared_params == {"shared.weight": sorted({0, n_stages // 2, n_stages - 1})}
     placement = spec.placement(n_stages, world)
-    stages = [pipe.build_stage(s, "cpu") for s in range(n_stages) if placement[s] == rank]
+    stages = [pp.build_stage(copy.deepcopy(pipe.get_stage_module(s)), s, pipe.info(), "cpu") if copies
+              else pipe.build_stage(s, "cpu") for s in range(n_stages) if placement[s] == rank]
     initial = _model(n_stages).state_dict()
     with torch.no_grad():
         for s in stages:
@@ -134,6 +138,47 @@ def _every_schedule(rank: int, world: int) -> list[str]:
 
 def test_t5_layout_embedding_trains_as_one_parameter_on_every_schedule():
     assert run_ranks(_every_schedule, 2, timeout_s=300)[0] == ALL
+
+
+MULTI = [n for n in ALL if get_spec(n).n_stages(2) > 2]
+
+
+def _copied_stages(rank: int, world: int) -> list[str]:
+    example = (_data(0)[0][: BATCH // N_MB],)
+    pipe = pp.pipeline(_model(2 * world), example)
+    for name in MULTI:
+        _train_stages(rank, world, name, {2 * world: pipe}, copies=True)
+    return MULTI
+
+
+def _unequal_copies(rank: int, world: int, where: str) -> str:
+    """Interleaved1F1B, 4 stages on 2 ranks, copies of `shared.weight` on stages 0, 2 (rank 0) and 3
+    (rank 1); one copy made different: on rank 1 (`across`), or stage 2's deep copy on rank 0 (`within`)."""
+    pipe = pp.pipeline(_model(4), (_data(0)[0][: BATCH // N_MB],))
+    stages = [pp.build_stage(copy.deepcopy(pipe.get_stage_module(s)), s, pipe.info(), "cpu")
+              for s in (rank, rank + 2)]
+    if (where == "across" and rank == 1) or (where == "within" and rank == 0):
+        with torch.no_grad():
+            stages[1].submod.get_parameter("shared.weight").add_(0.5)
+    sched = schedule_class("Interleaved1F1B")(stages, N_MB, loss_fn=lm_loss)
+    x, y = _data(0)
+    try:
+        sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
+    except Exception as e:   # every rank must raise (none may wait for the other)
+        return str(e)
+    return "trained"
+
+
+@pytest.mark.parametrize("where", ["across", "within"])
+def test_copies_of_a_shared_parameter_that_differ_are_refused_on_every_rank(where):
+    for msg in run_ranks(_unequal_copies, 2, where, timeout_s=120):
+        assert "'shared.weight'" in msg and "different values" in msg, msg
+
+
+def test_stages_of_one_rank_built_from_deep_copies_train_the_shared_parameter_as_one():
+    """Two stages of one rank holding two tensors of the shared embedding (built from deep-copied
+    modules) once trained them apart without a word; their gradients are summed on the rank now."""
+    assert MULTI and run_ranks(_copied_stages, 2, timeout_s=300)[0] == MULTI
 
 
 def _parallelize_and_checkpoint(rank: int, world: int, name: str, root: str) -> list[str]:

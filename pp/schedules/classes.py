@@ -91,6 +91,7 @@ class _PipelineSchedule:
         self._executor = Executor(self._stages, self._graph, self.group, self.rank)
         self._executor.abort = self._abort = AbortChannel(self.group, self.rank, first.device)
         p2p.warm_up(self.group, first.device)
+        self._shared_checked = False   # shared parameters' copies are checked equal at the first step
         self._signatures: dict[tuple, Any] = {}   # (training, grad enabled) -> input shapes last sent so
         self.record_trace = False
         # Called with a stage index right after that stage's last backward (B or W) of a training step
@@ -313,7 +314,13 @@ class _PipelineSchedule:
         if wrapped is not None:   # DDP / FSDP2 averages complete before shared parameters are summed
             wrapped.end(ok=True)
         if training:
-            sync_shared_grads(self._stages.values(), self.stage_to_rank, self.group, self._executor.device)
+            try:
+                sync_shared_grads(self._stages.values(), self.stage_to_rank, self.group, self._executor.device,
+                                  check_values=not self._shared_checked)
+            except BaseException as e:
+                self._abort.post(e)   # copies of one rank alone can differ: the others must not wait
+                raise
+            self._shared_checked = True
             for g in self._graphs.values():
                 g.capture_pending()
         if outputs is not None:
