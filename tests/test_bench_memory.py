@@ -21,7 +21,7 @@ def test_bench_memory_smoke_records_every_configuration(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            os.path.join(REPO, "scripts", "bench_memory.py"), "--smoke", "--configs", ",".join(CONFIGS),
            "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     recs = [json.loads(line) for line in out.read_text().splitlines()]

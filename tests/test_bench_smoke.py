@@ -32,7 +32,7 @@ def test_bench_suite_both_impls_resume_trace_and_table(tmp_path):
     out = tmp_path / "run"
     suite = "pp:1F1B:4,torch:1F1B:4,pp:ZBVZeroBubble:4:cost,torch:ZBVZeroBubble:4:cost,pp:Interleaved1F1B:4"
     env = {**os.environ, "NPROC": "2", "WARMUP": "1", "STEPS": "2", "SUITE": suite, "BUDGET_S": "100",
-           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PP_BENCH_DIE_ON": "torch/ZBVZeroBubble"}  # rank 1 dies there: the script must resume after it
     proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "bench_all.sh"), str(out), *TINY], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=110)
@@ -83,7 +83,7 @@ def test_bench_dp2_replicas_agree_and_match_dp1(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
            os.path.join(REPO, "scripts", "bench.py"), "--suite", "pp:1F1B:2::dp2,pp:1F1B:4", *TINY,
            "--warmup", "0", "--steps", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, capture_output=True,
                           text=True, timeout=55)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     dp2, dp1 = map(json.loads, out.read_text().splitlines())
@@ -109,7 +109,7 @@ def test_bench_hf_llama_traced_by_pp_gives_the_unsplit_loss(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(REPO, "scripts", "bench.py"), "--model", "hf-llama", "--suite",
            "pp:1F1B:2,pp:1F1B:2:cost,torch:1F1B:2", *tiny, "--warmup", "0", "--steps", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO},
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": ""},
                           capture_output=True, text=True, timeout=290)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     even, cost, other = map(json.loads, out.read_text().splitlines())

@@ -20,7 +20,7 @@ def test_docs_data_flow_runs_as_written(tmp_path):
     text = (ROOT / "docs" / "data.md").read_text()
     python = re.findall(r"```python\n(.*?)```", text, re.S)[0]
     commands = re.findall(r"```bash\n(.*?)```", text, re.S)[0].strip().splitlines()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([sys.executable, "-c", python], cwd=tmp_path, env=env, check=True, timeout=300)
     outputs = []
     for line in commands:

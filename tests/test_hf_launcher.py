@@ -41,7 +41,7 @@ def write(path, out, model: dict, *, pp: int = 2, steps: int = STEPS, lr: float 
 
 def run_single(cfg: str, *overrides: str, timeout: float = 200) -> subprocess.CompletedProcess:
     """`python -m pp.run` in one process (parallel.pp 1)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": ""}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     proc = subprocess.run([sys.executable, "-m", "pp.run", cfg, *overrides], cwd=REPO, env=env,

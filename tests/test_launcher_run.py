@@ -42,7 +42,9 @@ def write_config(path, out_dir, *, pp=4, schedule="1F1B", steps=20, every=10, mo
 def torchrun(nproc: int, cfg: str, *overrides: str, timeout: float = 200) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "pp.run", cfg, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    # CPU ranks over gloo, as every launcher test expects: on a machine with fewer GPUs than ranks,
+    # parallel.device auto would (rightly) refuse to start
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     proc.log = proc.stdout + proc.stderr  # type: ignore[attr-defined]
     return proc

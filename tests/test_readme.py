@@ -26,7 +26,7 @@ def test_readme_two_rank_example_is_the_example_file_and_trains():
         if line.startswith("import torch, torch.nn as nn"):
             continue  # the README folds three imports into one line
         assert line.strip() in source, f"README line not in examples/two_ranks.py: {line}"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           str(ROOT / "examples" / "two_ranks.py")], capture_output=True, text=True,
                          env=env, timeout=180, cwd=ROOT)

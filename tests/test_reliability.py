@@ -36,7 +36,8 @@ class Job:
                  env: dict | None = None):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                f"--max-restarts={restarts}", "-m", "pp.run", cfg, *overrides]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, REPO])),
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+               "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, REPO])),
                **(env or {})}
         self.lines: list[tuple[float, str]] = []
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

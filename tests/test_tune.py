@@ -34,7 +34,7 @@ def write_config(path, out_dir, schedule="auto", extra="") -> str:
 
 def torchrun(module: str, *args: str, timeout: float = 200) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", module, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     proc.log = proc.stdout + proc.stderr  # type: ignore[attr-defined]
     return proc

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils._pytree import tree_map
 
 from .contract import expr_of, is_symbolic, shape_guards
 from .marker import SplitPoint
@@ -24,6 +25,21 @@ from .segments import model_segments
 from .trace import PipelineTraceError, cuts_by_module, export_model
 from .stage_params import attr_name, canonical_names, install, named_tensors, order_like, place_unused, shared_params
 from .traced import cache_in_output, drop_identity_views, drop_metadata_asserts, views_as_reshapes, way_out
+
+
+def _on_model_device(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example inputs on the model's device where all its weights share one (not meta): they only
+    give shapes and dtypes, and a model on the CPU traced with inputs on a GPU (or the reverse) would
+    fail inside torch.export on mixed devices."""
+    devices = {t.device for t in (*module.parameters(), *module.buffers())}
+    if len(devices) != 1 or next(iter(devices)).type == "meta":
+        return args, kwargs
+    device = next(iter(devices))
+
+    def move(t):
+        return t.to(device) if isinstance(t, torch.Tensor) and t.device != device and t.device.type != "meta" else t
+
+    return tree_map(move, args), tree_map(move, kwargs)
 
 
 def pipeline(
@@ -61,6 +77,7 @@ def pipeline(
         raise TypeError(f"pipeline(dynamic=...) takes True or False, got {dynamic!r}")
     if split_spec is not None and split_policy is not None:
         raise ValueError("pass either split_spec or split_policy to pipeline(), not both")
+    mb_args, mb_kwargs = _on_model_device(module, tuple(mb_args), mb_kwargs)
     with cuts_by_module(module, split_spec or {}) as calls:
         ep = export_model(module, tuple(mb_args), mb_kwargs, restart=lambda: calls.update(dict.fromkeys(calls, 0)),
                           dynamic=dynamic)
