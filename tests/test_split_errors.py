@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.nn as nn
 
 import pp
@@ -31,6 +32,24 @@ class _MutatesItsInput(nn.Module):
         pipe_split()
         x.add_(1.0)  # the caller's tensor: the stages cannot write it back, so this is refused
         return self.lin1(y) + x
+
+
+class _SharedCounter(nn.Module):
+    """A step counter read before and after the cut and advanced in forward: stage 0's copy would never
+    see the update (once silently wrong from the second microbatch on)."""
+
+    def __init__(self, read_after_cut: bool = True):
+        super().__init__()
+        self.lin0, self.lin1 = nn.Linear(D, D), nn.Linear(D, D)
+        self.register_buffer("n", torch.zeros(()))
+        self.read_after_cut = read_after_cut
+
+    def forward(self, x):
+        h = self.lin0(x) + self.n
+        pipe_split()
+        out = self.lin1(h) * (1 + self.n) if self.read_after_cut else self.lin1(h)
+        self.n.add_(1)
+        return out
 
 
 class _CallsOneModuleTwice(nn.Module):
@@ -100,6 +119,14 @@ def test_model_export_cannot_trace_raises_trace_error_naming_the_line_and_pipeli
 def test_model_that_mutates_its_own_input_is_a_trace_error_naming_it():
     with pytest.raises(pp.PipelineTraceError, match=r"mutates one of its inputs in place.*: x\)"):
         pp.pipeline(_MutatesItsInput(), (example(BATCH, D),))
+
+
+@pytest.mark.parametrize("read_after_cut", [True, False])
+def test_a_buffer_updated_in_forward_and_read_on_another_stage_is_refused_for_a_schedule(read_after_cut):
+    pipe = pp.pipeline(_SharedCounter(read_after_cut), (example(BATCH, D),))
+    for stage in range(2):   # the Pipe called in one process shares the buffer: right; a stage is not
+        with pytest.raises(ValueError, match=r"buffer 'n' is updated in forward on stage 1 and read on stages \[0"):
+            pipe.build_stage(stage, "cpu")
 
 
 def test_more_stages_than_layers_says_so():

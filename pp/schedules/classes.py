@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..comms import p2p
-from ..comms.abort import AbortChannel
+from ..comms.abort import AbortChannel, PipelineAborted
 from ..microbatch import loss_scales, merge_chunks, split_args_kwargs_into_chunks
 from ..parallel.wrapped import StepSync
 from ..stage.graphs import StageGraphs
@@ -92,6 +92,9 @@ class _PipelineSchedule:
         self._executor.abort = self._abort = AbortChannel(self.group, self.rank, first.device)
         p2p.warm_up(self.group, first.device)
         self._shared_checked = False   # shared parameters' copies are checked equal at the first step
+        self._broken = ""   # why a step failed mid-way (another one could meet its pending transfers)
+        self._broken_own = False   # ... by this rank's own error, not by stopping to wait for another's
+        self._grad_flags: dict[tuple, tuple] = {}   # mode -> requires_grad of this rank's parameters
         self._signatures: dict[tuple, Any] = {}   # (training, grad enabled) -> input shapes last sent so
         self.record_trace = False
         # Called with a stage index right after that stage's last backward (B or W) of a training step
@@ -260,17 +263,31 @@ class _PipelineSchedule:
         # Metadata is cached per mode (train / eval, grad on or off: what requires grad differs) and
         # exchanged again when the shapes sent in that mode change.
         mode = (training, torch.is_grad_enabled())
-        changed = mode not in self._signatures or (
+        # What requires grad decides what the stages send back: a stage frozen or unfrozen between
+        # steps changes it, so every rank exchanges metadata afresh then, as for new shapes.
+        grad_flags = tuple(p.requires_grad for st in self._stages.values() for p in st.submod.parameters())
+        changed = mode not in self._signatures or grad_flags != self._grad_flags.get(mode) or (
             prepared is not None and prepared[3] is not None and prepared[3] != self._signatures[mode])
+        # a rank whose own error failed the step outranks those that only stopped waiting for it
+        broken = 0 if not self._broken else self.rank + 1 + (self.n_ranks if self._broken_own else 0)
         if self.n_ranks > 1:
-            status = p2p.max_all_reduce([self.rank + 1 if error else 0, int(changed)], self.group)
+            status = p2p.max_all_reduce([self.rank + 1 if error else 0, int(changed), broken], self.group)
         else:
-            status = [1 if error else 0, int(changed)]
+            status = [1 if error else 0, int(changed), broken]
+        if status[2]:
+            who = (status[2] - 1) % self.n_ranks
+            why = f" ({self._broken})" if who == self.rank and self._broken else ""
+            raise RuntimeError(f"this pipeline cannot run another step: an earlier step failed mid-way on rank "
+                               f"{who}{why}, and transfers "
+                               f"that step started may still be pending, so a new step's messages could be "
+                               f"taken by them (a hang or wrong data); restart the processes (pp.run resumes "
+                               f"from the newest checkpoint)")
         if error is not None:
             raise error
         if status[0]:
             raise RuntimeError(f"pipeline step aborted: rank {status[0] - 1} rejected its inputs (its own "
                                f"error says why); no rank started the step")
+        self._grad_flags[mode] = grad_flags
         self._abort.begin_step()
         mb_args, mb_kwargs, targets, signature = prepared
         self._signatures[mode] = signature
@@ -299,6 +316,9 @@ class _PipelineSchedule:
                                record=self.record_trace, after=after)
         except BaseException as e:
             self._abort.post(e)  # the other ranks stop waiting for this one (pp.comms.abort)
+            if self.n_ranks > 1:   # transfers of this step may still be pending: no further step
+                self._broken = (str(e).strip().splitlines() or [type(e).__name__])[0][:200] or type(e).__name__
+                self._broken_own = not isinstance(e, PipelineAborted)
             for g in self._graphs.values():
                 g.discard()
             if wrapped is not None:

@@ -45,6 +45,9 @@ class PipeInfo:
     has_loss_and_backward: bool = False
     # conditions on the traced input sizes (sympy relations; see stage/contract.py), empty if all fixed
     shape_guards: list = field(default_factory=list)
+    # buffer updated in forward -> (stages reading it, stage updating it), where some reader is another
+    # stage: right when the Pipe is called in one process (the stages share the tensor), wrong pipelined
+    stale_buffers: dict[str, tuple[list[int], int]] = field(default_factory=dict)
 
     @property
     def edges(self) -> dict[int, list[int]]:

@@ -89,6 +89,8 @@ class PipelineStage(StageInputChecks):
             raise ValueError(f"num_stages must be a positive integer, got {num_stages!r}")
         if not isinstance(stage_index, int) or not 0 <= stage_index < num_stages:
             raise ValueError(f"stage_index {stage_index!r} is out of range for {num_stages} stages")
+        if pipe_info is not None:
+            _refuse_stale_buffers(pipe_info)
         if not is_initialized():
             raise RuntimeError("PipelineStage needs torch.distributed initialised first "
                                "(e.g. pp.comms.backend.init_process_group_from_env())")
@@ -367,6 +369,18 @@ class PipelineStage(StageInputChecks):
     def __repr__(self) -> str:
         kind = "traced" if self.pipe_info is not None else "manual"
         return f"PipelineStage({kind}, stage {self.stage_index} of {self.num_stages}, {self.device})"
+
+
+def _refuse_stale_buffers(info: PipeInfo) -> None:
+    """A buffer updated in forward and read by another stage than the one updating it cannot be
+    pipelined: each stage's copy is its own (on its own rank), so readers would use a stale value and,
+    with microbatches in flight, the update order differs from the model's anyway."""
+    for fqn, (readers, updater) in sorted(info.stale_buffers.items()):
+        raise ValueError(
+            f"buffer {fqn!r} is updated in forward on stage {updater} and read on stages {readers}: a stage's "
+            f"copy is its own, so stages other than {updater} would read a stale value (wrong results, no "
+            f"error); cut the model so that every read and the update of {fqn!r} fall in one stage "
+            f"(split_spec or pipe_split), or update it outside forward")
 
 
 def build_stage(stage_module: nn.Module, stage_index: int, pipe_info: PipeInfo,

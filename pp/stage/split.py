@@ -163,10 +163,13 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
     mutated = {fqn for fqn, _ in buffer_updates}
     # A buffer update runs on the last stage that reads the buffer, so earlier readers see the old value.
     update_stage = {}
+    stale_buffers: dict[str, tuple[list[int], int]] = {}
     for fqn, value in buffer_updates:
         readers = [stage_of[u] for n, (k, f) in attr_of.items() if f == fqn for u in placeholders[n].users
                    if u in stage_of]
         update_stage[fqn] = max([stage_of.get(value, 0)] + readers)
+        if any(r != update_stage[fqn] for r in readers):   # fine in one process (one tensor), not pipelined
+            stale_buffers[fqn] = (sorted(set(readers)), update_stage[fqn])
 
     # Values each stage needs from earlier stages, in order of first use; sizes (SymInts) are found
     # later, from the stage's own inputs where one of them has that size.
@@ -233,7 +236,8 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
     info = PipeInfo(num_stages=num_stages, stage_io=stage_io, input_binder=binder,
                     out_spec=ep.call_spec.out_spec, shared_params=shared,
                     param_meta={n: metas[n] for n in shared},
-                    shape_guards=shape_guards(ep, [n.meta.get("val") for n in user_inputs]))
+                    shape_guards=shape_guards(ep, [n.meta.get("val") for n in user_inputs]),
+                    stale_buffers=stale_buffers)
     return Pipe(stage_modules, info)
 
 
