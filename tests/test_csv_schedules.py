@@ -49,7 +49,7 @@ def _file_cells(name: str, compute_only: bool) -> list[list[str]]:
     return rows
 
 
-def _run_csv(rank: int, world: int, name: str, placement: list[int], n_mb: int) -> bool:
+def _run_csv(rank: int, world: int, name: str, placement: list[int], n_mb: int, via: str = "actions") -> bool:
     """Train one step from a torch CSV; gradients and losses against the unsplit model."""
     torch.manual_seed(0)
     n_stages = len(placement)
@@ -59,7 +59,15 @@ def _run_csv(rank: int, world: int, name: str, placement: list[int], n_mb: int) 
     mine = [s for s in range(n_stages) if placement[s] == rank]
     stages = [pp.PipelineStage(manual_stage_module(copy.deepcopy(model), s, n_stages), s, n_stages, "cpu")
               for s in mine]
-    sched = pp.schedule_from_actions(stages, n_mb, str(DATA / name), loss_fn=F.mse_loss)
+    if via == "actions":
+        sched = pp.schedule_from_actions(stages, n_mb, str(DATA / name), loss_fn=F.mse_loss)
+    else:   # torch's own tests: the runtime class, then its private _load_csv
+        from pp.schedules import _PipelineScheduleRuntime
+
+        sched = _PipelineScheduleRuntime(stages, n_mb, loss_fn=F.mse_loss)
+        with pytest.raises(RuntimeError, match="_load_csv"):
+            sched.step(torch.zeros(1))
+        sched._load_csv(str(DATA / name), format="compute_comms" if "comms" in name else "compute_only")
     assert sched.stage_to_rank == placement
     comms = "comms" in name
     assert _cells(sched.pipeline_order) == _file_cells(name, compute_only=comms)
@@ -81,6 +89,10 @@ def _run_csv(rank: int, world: int, name: str, placement: list[int], n_mb: int) 
 @pytest.mark.parametrize("name", ["zb1p_2rank_2stagep_compute.csv", "zb1p_2rank_2stagep_comms.csv"])
 def test_torch_zero_bubble_csv_trains_as_the_unsplit_model(name):
     assert run_ranks(_run_csv, 2, name, [0, 1, 0, 1], 8) == [True, True]
+
+
+def test_torch_csv_through_the_runtime_class_and_load_csv_as_torch_tests_do():
+    assert run_ranks(_run_csv, 2, "zb1p_2rank_2stagep_compute.csv", [0, 1, 0, 1], 8, "load_csv") == [True, True]
 
 
 def test_torch_dualpipev_csv_with_overlapped_cells_trains_as_the_unsplit_model():

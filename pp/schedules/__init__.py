@@ -1,0 +1,18 @@
+"""Schedules as data (pp.schedules.actions), their generators and validator, and the runtime classes.
+
+`pp.schedules` also answers for the names code written for `torch.distributed.pipelining.schedules`
+imports from there (the schedule classes, `_PipelineScheduleRuntime`), loaded on first use."""
+from __future__ import annotations
+
+_FROM_CLASSES = ("_PipelineScheduleRuntime", "PipelineScheduleSingle", "PipelineScheduleMulti", "ScheduleGPipe",
+                 "Schedule1F1B", "ScheduleInterleaved1F1B", "ScheduleLoopedBFS", "ScheduleInterleavedZeroBubble",
+                 "ScheduleZBVZeroBubble", "ScheduleDualPipeV", "ScheduleZBVHalf", "ScheduleZBVMin",
+                 "schedule_from_actions")
+
+
+def __getattr__(name: str):
+    if name in _FROM_CLASSES:
+        from . import classes
+
+        return getattr(classes, name)
+    raise AttributeError(f"module 'pp.schedules' has no attribute {name!r}")

@@ -37,6 +37,8 @@ class _PipelineSchedule:
                  actions: Mapping[int, Sequence[Action]] | None = None,
                  rows: Mapping[int, Sequence[Any]] | None = None):
         stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
+        self._init_args = (stages, n_microbatches, loss_fn, args_chunk_spec, kwargs_chunk_spec,
+                           output_merge_spec, scale_grads)   # for _load_csv
         if not stages or not all(isinstance(s, PipelineStage) for s in stages):
             raise TypeError(f"{type(self).__name__} needs PipelineStage objects, got {stages!r}")
         if not isinstance(n_microbatches, int) or isinstance(n_microbatches, bool) or n_microbatches < 1:
@@ -55,6 +57,10 @@ class _PipelineSchedule:
         info = first.pipe_info
         edges = info.edges if info is not None else {s: [s + 1] for s in range(self.n_stages - 1)}
 
+        if actions is None and not self._name:   # a base class, as torch's: actions come from _load_csv
+            self._awaiting_actions = True
+            return
+        self._awaiting_actions = False
         if actions is None:
             spec = get_spec(self._name)
             if spec.stages_per_rank is not None and self.n_stages != spec.stages_per_rank * self.n_ranks:
@@ -254,7 +260,23 @@ class _PipelineSchedule:
                 targets = [t[0] for t in split_args_kwargs_into_chunks((target,), {}, n)[0]]
         return mb_args, mb_kwargs, targets, signature
 
+    def _load_csv(self, filename: str, format: str = "compute_only") -> None:
+        """Replace this schedule's action lists by those of a torch.distributed.pipelining CSV file (one
+        row per rank), as torch's private `_load_csv` does, for code moving over; `schedule_from_actions`
+        is pp's public way. `format` is torch's word ("compute_only" or "compute_comms"): pp tells the
+        two apart itself (compute-only lists get their sends and receives added). Every rank calls it,
+        before the first step. Raises ValueError for an unknown `format` or a bad file (naming the cell)."""
+        if format not in ("compute_only", "compute_comms"):
+            raise ValueError(f"format must be 'compute_only' or 'compute_comms', got {format!r}")
+        from .csvio import flatten, read_rows
+
+        rows = read_rows(filename)
+        _PipelineSchedule.__init__(self, *self._init_args, actions=flatten(rows), rows=rows)
+
     def _run(self, args, kwargs, target, losses, training, return_outputs=True, loss_kwargs=None):
+        if self._awaiting_actions:
+            raise RuntimeError(f"{type(self).__name__} has no schedule of its own: load one with "
+                               f"_load_csv(path) first, or use pp.schedule_from_actions or a schedule class")
         error, prepared = None, None
         try:
             prepared = self._check_inputs(args, kwargs, target, losses, training, return_outputs, loss_kwargs)
@@ -391,6 +413,11 @@ class PipelineScheduleMulti(_PipelineSchedule):
             stages = [stages]
         super().__init__(list(stages), n_microbatches, loss_fn, args_chunk_spec, kwargs_chunk_spec,
                          output_merge_spec, scale_grads)
+
+
+class _PipelineScheduleRuntime(PipelineScheduleMulti):
+    """torch's runtime for action lists loaded with `_load_csv` (private there too): the same as
+    `PipelineScheduleMulti` followed by `_load_csv`."""
 
 
 class ScheduleGPipe(PipelineScheduleSingle):
