@@ -64,3 +64,34 @@ def test_a_rank_failing_mid_step_stops_the_others_promptly(traced, bad):
         else:        # a forward failed mid-step
             assert after.startswith("this pipeline cannot run another step: an earlier step failed mid-way on "
                                     f"rank {failed[0]}"), results
+
+
+def _disagreeing_ranks(rank: int, world: int) -> list[str]:
+    """Ranks that build other schedules or call other methods: once each waited on the other forever."""
+    torch.manual_seed(0)
+    model = DeepMLP(n_layers=4)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    stage = pp.PipelineStage(manual_stage_module(copy.deepcopy(model), rank, world), rank, world, "cpu")
+    first, last = rank == 0, rank == world - 1
+    cases = {"step-vs-eval": (pp.Schedule1F1B, 4, "step" if first else "eval"),
+             "gpipe-vs-1f1b": (pp.ScheduleGPipe if first else pp.Schedule1F1B, 4, "step"),
+             "microbatches": (pp.Schedule1F1B, 2 if first else 4, "step")}
+    out = []
+    for case, (cls, n_mb, method) in cases.items():
+        sched = cls(stage, n_mb, loss_fn=F.mse_loss)
+        try:
+            getattr(sched, method)(*((x,) if first else ()), target=y if last else None)
+        except ValueError as e:
+            out.append(str(e))
+        else:
+            out.append(f"{case}: no error")
+    return out
+
+
+def test_ranks_that_disagree_on_the_schedule_or_method_are_refused_on_every_rank():
+    for messages in run_ranks(_disagreeing_ranks, 2, timeout_s=60):
+        for m in messages:
+            assert m.startswith("the ranks disagree on the pipeline") and "rank 0 calls" in m and "rank 1 calls" in m, m
+        assert "rank 0 calls step of" in messages[0] and "rank 1 calls eval of" in messages[0], messages[0]
+        assert "rank 0 calls step of ScheduleGPipe" in messages[1] and "rank 1 calls step of Schedule1F1B" in messages[1]
+        assert "with 2 microbatches" in messages[2] and "with 4 microbatches" in messages[2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -93,6 +94,12 @@ class _PipelineSchedule:
         self.pipeline_order = pipeline_order(compute, rows, self.stage_to_rank, edges)
         fwd = {r: [a for a in acts if a.kind == Kind.F] for r, acts in compute.items()}
         self._eval_actions = self._prepare(fwd, edges, None, forward_only=True)
+        # What every rank must agree on, as one number checked at each step (ranks built with other
+        # schedules, microbatch counts or stage counts would otherwise wait on each other forever)
+        self._plan = (f"{type(self).__name__} with {n_microbatches} microbatches over {self.n_stages} stages "
+                      f"placed {self.stage_to_rank}")
+        self._plan_hash = zlib.crc32(repr((n_microbatches, self.n_stages, self.stage_to_rank, sorted(
+            (r, [str(a) for a in acts]) for r, acts in compute.items()))).encode())
         self._graph = stage_graph(self.stage_to_rank, edges)
         self._executor = Executor(self._stages, self._graph, self.group, self.rank)
         self._executor.abort = self._abort = AbortChannel(self.group, self.rank, first.device)
@@ -260,6 +267,15 @@ class _PipelineSchedule:
                 targets = [t[0] for t in split_args_kwargs_into_chunks((target,), {}, n)[0]]
         return mb_args, mb_kwargs, targets, signature
 
+    def _refuse_other_plans(self, training: bool) -> None:
+        import torch.distributed as dist
+
+        plans = [None] * self.n_ranks
+        dist.all_gather_object(plans, f"{'step' if training else 'eval'} of {self._plan}", group=self.group)
+        raise ValueError("the ranks disagree on the pipeline, so they would wait on each other forever: "
+                         + "; ".join(f"rank {r} calls {p}" for r, p in enumerate(plans))
+                         + " (every rank must build the same schedule and call the same method)")
+
     def _load_csv(self, filename: str, format: str = "compute_only") -> None:
         """Replace this schedule's action lists by those of a torch.distributed.pipelining CSV file (one
         row per rank), as torch's private `_load_csv` does, for code moving over; `schedule_from_actions`
@@ -292,8 +308,12 @@ class _PipelineSchedule:
             prepared is not None and prepared[3] is not None and prepared[3] != self._signatures[mode])
         # a rank whose own error failed the step outranks those that only stopped waiting for it
         broken = 0 if not self._broken else self.rank + 1 + (self.n_ranks if self._broken_own else 0)
+        plan = 2 * self._plan_hash + int(training)
         if self.n_ranks > 1:
-            status = p2p.max_all_reduce([self.rank + 1 if error else 0, int(changed), broken], self.group)
+            status = p2p.max_all_reduce([self.rank + 1 if error else 0, int(changed), broken, plan, -plan],
+                                        self.group)
+            if status[3] != -status[4]:   # the same on every rank: all of them raise here
+                self._refuse_other_plans(training)
         else:
             status = [1 if error else 0, int(changed), broken]
         if status[2]:
