@@ -62,6 +62,15 @@ def _run_cases(rank: int, world: int) -> dict:
         assert isinstance(norm, torch.Tensor) and norm.shape == () and norm.dtype == torch.float32
         norms = {"norm": norm.item(), "norm_inf": par.clip_grad_norm_(1e9, norm_type=float("inf")).item(),
                  "norm_1": par.clip_grad_norm_(1e9, norm_type=1).item()}
+        if name == "pp2-dp2":   # one rank's infinite gradient makes every rank refuse, as torch's check does
+            p = next(q for q in par.parameters() if q.grad is not None)
+            kept, p.grad = p.grad, torch.full_like(p.grad, float("inf")) if par.dp_rank == 0 else p.grad
+            try:
+                par.clip_grad_norm_(1.0, error_if_nonfinite=True)
+                norms["nonfinite"] = "no error"
+            except RuntimeError as e:
+                norms["nonfinite"] = str(e)
+            p.grad = kept
         seen[name] = {**norms, "losses": [l.item() for l in losses] if par.owns_loss else [], "grads": grads,
                       "coords": (par.pp_rank, par.dp_rank, par.tp_rank),
                       "local": {n: tuple(p.shape) for n, p in par.named_parameters()},
@@ -158,6 +167,8 @@ def test_global_grad_norm_counts_each_parameter_once(ranks_seen, reference, case
     for seen in ranks_seen:
         for order in ("norm", "norm_inf", "norm_1"):   # norm_type 2, inf and 1, as torch's clip_grad_norm_
             assert seen[case][order] == pytest.approx(reference[order], rel=1e-5), order
+        if case == "pp2-dp2":
+            assert seen[case]["nonfinite"].startswith("The total norm of order 2.0 for gradients"), seen[case]
 
 
 def test_a_wholly_frozen_stage_trains_and_clips_like_the_unsplit_model(ranks_seen):

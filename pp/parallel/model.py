@@ -152,10 +152,16 @@ class ParallelModel:
     def grad_norm_sq(self) -> torch.Tensor:
         """This rank's share of the squared global gradient norm (float32): summed over all ranks it
         counts every parameter once, tp shards once each, replicas and shared copies once."""
-        grads = [p.grad for p in self._norm_params() if p.grad is not None]
+        return self._norm_share(2.0)
+
+    def _norm_share(self, p: float) -> torch.Tensor:
+        """This rank's share of the global gradient norm of order `p` (float32): the sum of |g|^p over
+        the parameters it counts (see `_norm_params`), or their max for p = inf."""
+        grads = [q.grad for q in self._norm_params() if q.grad is not None]
         if not grads:
             return torch.zeros((), dtype=torch.float32, device=self.stages[0].device)
-        return torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).square().sum()
+        norms = torch.stack([n.float() for n in torch._foreach_norm(grads, p)])
+        return norms.max() if math.isinf(p) else norms.pow(p).sum()
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
                         error_if_nonfinite: bool = False) -> torch.Tensor:
@@ -173,11 +179,7 @@ class ParallelModel:
         if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or not norm_type > 0:
             raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}")
         p = float(norm_type)
-        grads = [g.grad for g in self._norm_params() if g.grad is not None]
-        share = torch.zeros((), dtype=torch.float32, device=self.stages[0].device)
-        if grads:
-            norms = torch.stack([n.float().to(share.device) for n in torch._foreach_norm(grads, p)])
-            share = norms.max() if math.isinf(p) else norms.pow(p).sum()
+        share = self._norm_share(p)
         total = all_reduce(share, "max") if math.isinf(p) else all_reduce(share, "sum").pow(1.0 / p)
         if error_if_nonfinite and not torch.isfinite(total).item():
             raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is "
