@@ -60,7 +60,7 @@ def _run_cases(rank: int, world: int) -> dict:
         grads = {n: par.full_tensor(n, p.grad) for n, p in par.named_parameters()}
         norm = par.clip_grad_norm_(1e9)     # a float32 0-dim tensor, as torch's; 1e9 clips nothing
         assert isinstance(norm, torch.Tensor) and norm.shape == () and norm.dtype == torch.float32
-        norms = {"norm": norm.item(), "norm_inf": par.clip_grad_norm_(1e9, norm_type=float("inf")).item(),
+        norms = {"norm": norm.item(), "norm_inf": par.clip_grad_norm_(torch.tensor(1e9), norm_type="inf").item(),
                  "norm_1": par.clip_grad_norm_(1e9, norm_type=1).item()}
         if name == "pp2-dp2":   # one rank's infinite gradient makes every rank refuse, as torch's check does
             p = next(q for q in par.parameters() if q.grad is not None)
@@ -71,6 +71,10 @@ def _run_cases(rank: int, world: int) -> dict:
             except RuntimeError as e:
                 norms["nonfinite"] = str(e)
             p.grad = kept
+            saved = [g.clone() for g in par.grads()]
+            par.clip_grad_norm_(0.0)   # torch's max_norm=0 zeroes every gradient
+            norms["zeroed"] = all(not g.any() for g in par.grads())
+            torch._foreach_copy_(par.grads(), saved)
         seen[name] = {**norms, "losses": [l.item() for l in losses] if par.owns_loss else [], "grads": grads,
                       "coords": (par.pp_rank, par.dp_rank, par.tp_rank),
                       "local": {n: tuple(p.shape) for n, p in par.named_parameters()},
@@ -169,6 +173,7 @@ def test_global_grad_norm_counts_each_parameter_once(ranks_seen, reference, case
             assert seen[case][order] == pytest.approx(reference[order], rel=1e-5), order
         if case == "pp2-dp2":
             assert seen[case]["nonfinite"].startswith("The total norm of order 2.0 for gradients"), seen[case]
+            assert seen[case]["zeroed"]
 
 
 def test_a_wholly_frozen_stage_trains_and_clips_like_the_unsplit_model(ranks_seen):

@@ -163,28 +163,40 @@ class ParallelModel:
         norms = torch.stack([n.float() for n in torch._foreach_norm(grads, p)])
         return norms.max() if math.isinf(p) else norms.pow(p).sum()
 
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+    def clip_grad_norm_(self, max_norm: float | torch.Tensor, norm_type: float | str = 2.0,
                         error_if_nonfinite: bool = False) -> torch.Tensor:
         """Scale every gradient so that the global norm is at most `max_norm`, as
         `torch.nn.utils.clip_grad_norm_` does for the unsplit model: the norm is over every parameter of
         every stage, replica and tp shard once (collective over all ranks), and each gradient is
         multiplied by min(1, max_norm / (norm + 1e-6)).
 
+        `max_norm` is a number ≥ 0 or a one-element tensor (as torch's; a tensor is not read on the host);
+        `norm_type` any p > 0 or `inf`, as a number or a string such as "inf" (torch's `float(norm_type)`).
         Returns the total norm before clipping: a float32 0-dim tensor on this rank's device, the same on
-        every rank (`.item()` it to log). No host sync, unless `error_if_nonfinite`. `norm_type` is any
-        p > 0 or `inf`. Raises ValueError for a `max_norm` or `norm_type` that is not a positive number,
-        and RuntimeError (torch's) for a NaN or infinite norm when `error_if_nonfinite`."""
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
-            raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
-        if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or not norm_type > 0:
+        every rank (`.item()` it to log). No host sync, unless `error_if_nonfinite`. Raises ValueError for
+        a negative or non-numeric `max_norm` or a `norm_type` that is not a positive number, and
+        RuntimeError (torch's) for a NaN or infinite norm when `error_if_nonfinite`."""
+        if isinstance(max_norm, torch.Tensor):
+            if max_norm.numel() != 1 or max_norm.is_complex() or max_norm.dtype == torch.bool:
+                raise ValueError(f"max_norm must be a number or a one-element real tensor, got a {max_norm.dtype} "
+                                 f"tensor of shape {tuple(max_norm.shape)}")
+            max_norm = max_norm.reshape(()).float()
+        elif isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm >= 0:
+            raise ValueError(f"max_norm must be a number ≥ 0 or a one-element tensor, got {max_norm!r}")
+        try:
+            p = float(norm_type) if not isinstance(norm_type, bool) else math.nan
+        except (TypeError, ValueError):
+            p = math.nan
+        if not p > 0:
             raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}")
-        p = float(norm_type)
         share = self._norm_share(p)
         total = all_reduce(share, "max") if math.isinf(p) else all_reduce(share, "sum").pow(1.0 / p)
         if error_if_nonfinite and not torch.isfinite(total).item():
             raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is "
                                f"non-finite, so it cannot be clipped. To disable this error and scale the "
                                f"gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
+        if isinstance(max_norm, torch.Tensor):
+            max_norm = max_norm.to(total.device)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in self.grads():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 import zlib
 from typing import Any, Callable, Mapping, Sequence
 
@@ -36,10 +37,20 @@ class _PipelineSchedule:
                  loss_fn: Callable | None = None, args_chunk_spec: Any = None, kwargs_chunk_spec: Any = None,
                  output_merge_spec: Any = None, scale_grads: bool = True,
                  actions: Mapping[int, Sequence[Action]] | None = None,
-                 rows: Mapping[int, Sequence[Any]] | None = None):
+                 rows: Mapping[int, Sequence[Any]] | None = None, backward_requires_autograd: bool = True,
+                 defer_pp_recv: bool = False):
         stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
         self._init_args = (stages, n_microbatches, loss_fn, args_chunk_spec, kwargs_chunk_spec,
                            output_merge_spec, scale_grads)   # for _load_csv
+        for name, flag in (("scale_grads", scale_grads), ("backward_requires_autograd", backward_requires_autograd),
+                           ("defer_pp_recv", defer_pp_recv)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        # torch's knobs, kept for code moving over: pp's backward always runs through autograd (so
+        # step() needs gradients enabled either way), and pp posts receives where its plan puts them.
+        self._backward_requires_autograd, self._defer_pp_recv = backward_requires_autograd, defer_pp_recv
+        self._init_kwargs = {"backward_requires_autograd": backward_requires_autograd,
+                             "defer_pp_recv": defer_pp_recv}
         if not stages or not all(isinstance(s, PipelineStage) for s in stages):
             raise TypeError(f"{type(self).__name__} needs PipelineStage objects, got {stages!r}")
         if not isinstance(n_microbatches, int) or isinstance(n_microbatches, bool) or n_microbatches < 1:
@@ -287,7 +298,7 @@ class _PipelineSchedule:
         from .csvio import flatten, read_rows
 
         rows = read_rows(filename)
-        _PipelineSchedule.__init__(self, *self._init_args, actions=flatten(rows), rows=rows)
+        _PipelineSchedule.__init__(self, *self._init_args, actions=flatten(rows), rows=rows, **self._init_kwargs)
 
     def _run(self, args, kwargs, target, losses, training, return_outputs=True, loss_kwargs=None):
         if self._awaiting_actions:
@@ -424,20 +435,43 @@ class PipelineScheduleSingle(_PipelineSchedule):
 
 
 class PipelineScheduleMulti(_PipelineSchedule):
-    """A schedule with several stages per rank (a list of this rank's stages)."""
+    """A schedule with several stages per rank (a list of this rank's stages). The base class takes its
+    action lists from `_load_csv`; its parameters are torch's, `use_full_backward` included (ignored
+    with a warning, as there)."""
 
     def __init__(self, stages: Sequence[PipelineStage], n_microbatches: int, loss_fn: Callable | None = None,
                  args_chunk_spec: Any = None, kwargs_chunk_spec: Any = None, output_merge_spec: Any = None,
-                 scale_grads: bool = True):
+                 use_full_backward: bool | None = None, scale_grads: bool = True,
+                 backward_requires_autograd: bool = True, defer_pp_recv: bool = False):
+        if use_full_backward is not None:
+            warnings.warn("use_full_backward is no longer supported (nor in torch.distributed.pipelining): "
+                          "stop passing it", FutureWarning, stacklevel=2)
+        self._multi_init(stages, n_microbatches, loss_fn, args_chunk_spec, kwargs_chunk_spec, output_merge_spec,
+                         scale_grads, backward_requires_autograd, defer_pp_recv)
+
+    def _multi_init(self, stages, n_microbatches, loss_fn, args_chunk_spec, kwargs_chunk_spec, output_merge_spec,
+                    scale_grads, backward_requires_autograd, defer_pp_recv) -> None:
         if isinstance(stages, PipelineStage):
             stages = [stages]
-        super().__init__(list(stages), n_microbatches, loss_fn, args_chunk_spec, kwargs_chunk_spec,
-                         output_merge_spec, scale_grads)
+        _PipelineSchedule.__init__(self, list(stages), n_microbatches, loss_fn, args_chunk_spec,
+                                   kwargs_chunk_spec, output_merge_spec, scale_grads,
+                                   backward_requires_autograd=backward_requires_autograd,
+                                   defer_pp_recv=defer_pp_recv)
 
 
 class _PipelineScheduleRuntime(PipelineScheduleMulti):
     """torch's runtime for action lists loaded with `_load_csv` (private there too): the same as
     `PipelineScheduleMulti` followed by `_load_csv`."""
+
+
+class _NamedMulti(PipelineScheduleMulti):
+    """A multi-stage schedule that generates its own action lists; torch's parameters, in its order."""
+
+    def __init__(self, stages: Sequence[PipelineStage], n_microbatches: int, loss_fn: Callable | None = None,
+                 args_chunk_spec: Any = None, kwargs_chunk_spec: Any = None, output_merge_spec: Any = None,
+                 scale_grads: bool = True, backward_requires_autograd: bool = True, defer_pp_recv: bool = False):
+        self._multi_init(stages, n_microbatches, loss_fn, args_chunk_spec, kwargs_chunk_spec, output_merge_spec,
+                         scale_grads, backward_requires_autograd, defer_pp_recv)
 
 
 class ScheduleGPipe(PipelineScheduleSingle):
@@ -448,31 +482,38 @@ class Schedule1F1B(PipelineScheduleSingle):
     _name = "1F1B"
 
 
-class ScheduleInterleaved1F1B(PipelineScheduleMulti):
+class ScheduleInterleaved1F1B(_NamedMulti):
     _name = "Interleaved1F1B"
 
 
 class ScheduleLoopedBFS(PipelineScheduleMulti):
+    """torch's positional order: its fourth parameter is `output_merge_spec` (chunk specs by keyword)."""
     _name = "LoopedBFS"
 
+    def __init__(self, stages: Sequence[PipelineStage], n_microbatches: int, loss_fn: Callable | None = None,
+                 output_merge_spec: Any = None, scale_grads: bool = True, backward_requires_autograd: bool = True,
+                 defer_pp_recv: bool = False, *, args_chunk_spec: Any = None, kwargs_chunk_spec: Any = None):
+        self._multi_init(stages, n_microbatches, loss_fn, args_chunk_spec, kwargs_chunk_spec, output_merge_spec,
+                         scale_grads, backward_requires_autograd, defer_pp_recv)
 
-class ScheduleInterleavedZeroBubble(PipelineScheduleMulti):
+
+class ScheduleInterleavedZeroBubble(_NamedMulti):
     _name = "InterleavedZeroBubble"
 
 
-class ScheduleZBVZeroBubble(PipelineScheduleMulti):
+class ScheduleZBVZeroBubble(_NamedMulti):
     _name = "ZBVZeroBubble"
 
 
-class ScheduleDualPipeV(PipelineScheduleMulti):
+class ScheduleDualPipeV(_NamedMulti):
     _name = "DualPipeV"
 
 
-class ScheduleZBVHalf(PipelineScheduleMulti):
+class ScheduleZBVHalf(_NamedMulti):
     _name = "ZBVHalf"
 
 
-class ScheduleZBVMin(PipelineScheduleMulti):
+class ScheduleZBVMin(_NamedMulti):
     _name = "ZBVMin"
 
 

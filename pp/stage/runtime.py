@@ -57,6 +57,13 @@ class PipelineStage(StageInputChecks):
     stage i then takes the outputs of stage i-1 as positional inputs, and shapes are learnt at the first
     step. Traced form: `Pipe.build_stage(i, device)` / `pp.build_stage(...)`, wired by the splitter.
 
+    The parameters are torch.distributed.pipelining's, in its order; its older positional order
+    (`..., output_args, group, dw_builder`) is read too. `input_args` (one microbatch of inputs, for
+    stages after the first) sets the shapes and dtypes received tensors are checked against;
+    `output_args`, `output_grads`, `input_grads` and `get_mesh` are taken for code moving over and not
+    needed: shapes and gradient layouts come from the first step. Raises TypeError for values of the
+    wrong kind.
+
     The module may be wrapped by torch DDP or sharded by FSDP2 (`fully_shard`) over a data-parallel
     group: its gradients are then averaged over that group once per step, after the stage's last
     backward, for every schedule (pp/parallel/wrapped.py).
@@ -78,8 +85,25 @@ class PipelineStage(StageInputChecks):
 
     def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int,
                  device: torch.device | str | int, input_args: Any = None, output_args: Any = None,
-                 group: ProcessGroup | None = None, dw_builder: Callable[[], Callable[..., Any]] | None = None,
+                 output_grads: Any = None, input_grads: Any = None, group: ProcessGroup | None = None,
+                 dw_builder: Callable[[], Callable[..., Any]] | None = None, get_mesh: Callable | None = None,
                  *, pipe_info: PipeInfo | None = None):
+        # torch < 2.12 took (..., output_args, group, dw_builder) positionally: a process group (or a
+        # builder) in the gradient-example slots is that order, read as torch read it.
+        if isinstance(output_grads, torch.distributed.ProcessGroup) or (
+                output_grads is None and callable(input_grads) and not isinstance(input_grads, torch.Tensor)):
+            if group is not None or dw_builder is not None:
+                raise TypeError("PipelineStage got group/dw_builder both by position (torch's older order) and "
+                                "by keyword")
+            group, dw_builder, output_grads, input_grads = output_grads, input_grads, None, None
+        for name, value in (("output_args", output_args), ("output_grads", output_grads),
+                            ("input_grads", input_grads)):
+            if value is not None and not isinstance(value, torch.Tensor) and not (
+                    isinstance(value, (tuple, list)) and all(v is None or isinstance(v, torch.Tensor) for v in value)):
+                raise TypeError(f"{name} must be a tensor or a tuple of tensors (an example for one microbatch "
+                                f"of stage {stage_index}), got {type(value).__name__}")
+        if get_mesh is not None and not callable(get_mesh):
+            raise TypeError(f"get_mesh must be a callable returning a DeviceMesh, got {type(get_mesh).__name__}")
         if not isinstance(submodule, nn.Module):
             raise TypeError(f"PipelineStage needs an nn.Module, got {type(submodule).__name__}")
         if dw_builder is not None and not callable(dw_builder):
@@ -103,6 +127,9 @@ class PipelineStage(StageInputChecks):
         self.group_size = group_size(group)
         self.pipe_info = pipe_info
         self.input_args, self.output_args = input_args, output_args
+        # torch's static metadata, kept for code moving over: pp learns shapes and gradient layouts from
+        # the first microbatch of a step and checks received tensors against them itself.
+        self.output_grads, self.input_grads, self.get_mesh = output_grads, input_grads, get_mesh
         if input_args is not None and not isinstance(input_args, torch.Tensor) and not (
                 isinstance(input_args, (tuple, list)) and all(isinstance(a, torch.Tensor) for a in input_args)):
             raise TypeError(f"input_args must be a tensor or a tuple of tensors (one microbatch of stage "
