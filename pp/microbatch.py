@@ -5,6 +5,8 @@ Names and signatures follow `torch.distributed.pipelining.microbatch`. Tensors a
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import torch
@@ -177,7 +179,20 @@ def _split_leaves(named_leaves: list, specs: list, chunks: int) -> list[list]:
     return [[col[c] for col in columns] for c in range(chunks)]
 
 
-def loss_scales(targets: list | None, n_microbatches: int) -> float | list[float]:
+def loss_reduction(loss_fn: Any) -> str | None:
+    """The `reduction` a loss function states ("mean", "sum", ...): an `nn.Module` loss's attribute, or a
+    `functools.partial`'s keyword (the outermost one that names it); None when it states none (a plain
+    function, which pp takes for a mean over rows)."""
+    while isinstance(loss_fn, functools.partial):
+        if "reduction" in loss_fn.keywords:
+            r = loss_fn.keywords["reduction"]
+            return r if isinstance(r, str) else None
+        loss_fn = loss_fn.func
+    r = getattr(loss_fn, "reduction", None)
+    return r if isinstance(r, str) else None
+
+
+def loss_scales(targets: list | None, n_microbatches: int, reduction: str | None = None) -> float | list[float]:
     """The factor each microbatch's loss gradient is seeded with (a schedule's `scale_grads`).
 
     1 / n_microbatches when the microbatches are of one size, torch.distributed.pipelining's scaling.
@@ -185,9 +200,13 @@ def loss_scales(targets: list | None, n_microbatches: int) -> float | list[float
     2), each microbatch's share of the batch's rows (0.3, 0.3, 0.2, 0.2): a loss that is a mean over
     rows (cross-entropy or MSE with reduction "mean" over rows of one length) then gets the gradient of
     the whole batch's mean, as the unsplit model does, not of the mean of unequal microbatch means.
+    A loss that states `reduction="sum"` (see `loss_reduction`) keeps 1 / n_microbatches: the whole
+    batch's summed gradient over n_microbatches, as torch gives for any split.
     `targets`: the microbatches' targets, split along dim 0; the rows are read from each one's first
     tensor (a 0-dim or missing tensor falls back to 1 / n_microbatches).
     """
+    if reduction == "sum":
+        return 1.0 / n_microbatches
     rows = []
     for t in targets or ():
         leaf = next((x for x in pytree.tree_leaves(t) if isinstance(x, torch.Tensor)), None)

@@ -13,7 +13,7 @@ import torch
 
 from ..comms import p2p
 from ..comms.abort import AbortChannel, PipelineAborted
-from ..microbatch import loss_scales, merge_chunks, split_args_kwargs_into_chunks
+from ..microbatch import loss_reduction, loss_scales, merge_chunks, split_args_kwargs_into_chunks
 from ..parallel.wrapped import StepSync
 from ..stage.graphs import StageGraphs
 from ..stage.runtime import PipelineStage
@@ -352,7 +352,7 @@ class _PipelineSchedule:
         if loss_fn is not None and loss_kwargs:
             loss_fn = functools.partial(loss_fn, **loss_kwargs)
         outputs: list | None = [] if is_last and return_outputs else None
-        scale = loss_scales(targets, self.n_microbatches) if self.scale_grads else 1.0
+        scale = loss_scales(targets, self.n_microbatches, loss_reduction(loss_fn)) if self.scale_grads else 1.0
         actions = self._train_actions if training else self._eval_actions
         after = self._after_hooks() if training else None
         for g in self._graphs.values():
