@@ -308,7 +308,9 @@ class Executor:
         for i in stage.output_indices_for(msg.src, mb):
             out = st.outputs[i]
             if isinstance(out, torch.Tensor) and out.requires_grad and out.is_floating_point():
-                buf = torch.empty_like(out)
+                # contiguous, as the consumer sends it: empty_like would keep a transposed or
+                # channels_last output's strides (gloo refuses such a buffer; NCCL fills it in the wrong order)
+                buf = torch.empty(out.shape, dtype=out.dtype, device=out.device)
                 self._grad_bufs[(msg.dst, mb)].append((i, buf))
                 ops.append((buf, peer))
         return ops
