@@ -343,3 +343,48 @@ def test_calling_a_pipe_checks_its_inputs_like_step():
         tokens(torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(TypeError, match=r"pipeline\(dynamic=\.\.\.\) takes True or False, got 'no'"):
         pp.pipeline(model, (x, y), dynamic="no")
+
+
+class _MaskByTime(nn.Module):
+    """Takes a (T, B) mask: one microbatch of it, sliced along dim 1, is a strided view."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x, tmask):
+        h = torch.tanh(self.a(x)) * tmask.t().unsqueeze(-1)
+        pp.pipe_split()
+        return self.c(h)
+
+
+def test_a_strided_example_still_traces_with_variable_sizes():
+    """A strided example (tmask[:, :2]) made torch.export's variable-size trace fail inside torch; pp fell
+    back to fixed sizes without a word and then refused batch 4 saying the model fixes that size."""
+    torch.manual_seed(0)
+    model = _MaskByTime()
+    x, tmask = torch.randn(8, 6, 8), torch.rand(6, 8)
+    pipe = pp.pipeline(model, (x[:2],), {"tmask": tmask[:, :2]})
+    torch.testing.assert_close(pipe(x[:4], tmask=tmask[:, :4])[0], model(x[:4], tmask=tmask[:, :4]))
+
+
+class _ConcreteSizesOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        if not isinstance(x.shape[0], int):
+            raise RuntimeError("this model needs concrete sizes")
+        h = self.a(x)
+        pp.pipe_split()
+        return self.b(h)
+
+
+def test_a_model_traced_at_fixed_sizes_says_why():
+    with pytest.warns(UserWarning, match=r"torch.export could not trace _ConcreteSizesOnly with variable sizes "
+                                         r"\(RuntimeError: this model needs concrete sizes\), so it was traced at "
+                                         r"the example's sizes: its stages take exactly those shapes"):
+        pipe = pp.pipeline(_ConcreteSizesOnly(), (torch.randn(2, 4),))
+    with pytest.raises(ValueError, match="dimension 0 must be 2"):
+        pipe(torch.randn(3, 4))

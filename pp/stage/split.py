@@ -42,6 +42,18 @@ def _on_model_device(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
     return tree_map(move, args), tree_map(move, kwargs)
 
 
+def _dense_examples(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Example tensors in a dense layout: only shapes and dtypes are traced, and a strided view (one
+    microbatch sliced out along dim 1) makes torch.export's variable-size trace fail inside torch."""
+    def dense(t):
+        if not isinstance(t, torch.Tensor) or t.is_contiguous() or (
+                t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+            return t
+        return t.contiguous()
+
+    return tree_map(dense, args), tree_map(dense, kwargs)
+
+
 def pipeline(
     module: nn.Module,
     mb_args: tuple,
@@ -77,7 +89,7 @@ def pipeline(
         raise TypeError(f"pipeline(dynamic=...) takes True or False, got {dynamic!r}")
     if split_spec is not None and split_policy is not None:
         raise ValueError("pass either split_spec or split_policy to pipeline(), not both")
-    mb_args, mb_kwargs = _on_model_device(module, tuple(mb_args), mb_kwargs)
+    mb_args, mb_kwargs = _dense_examples(*_on_model_device(module, tuple(mb_args), mb_kwargs))
     with cuts_by_module(module, split_spec or {}) as calls:
         ep = export_model(module, tuple(mb_args), mb_kwargs, restart=lambda: calls.update(dict.fromkeys(calls, 0)),
                           dynamic=dynamic)

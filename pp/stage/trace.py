@@ -12,6 +12,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from .contract import dynamic_shapes
 from .hf_attention import eager_attention_for_export
@@ -81,13 +82,20 @@ def export_model(module: nn.Module, args: tuple, kwargs: dict, restart=lambda: N
     its stages then take exactly the example's shapes (the input checks say so). `dynamic=False`:
     fixed sizes only."""
     shapes = dynamic_shapes(module.forward, args, kwargs) if dynamic else None
+    fixed_because = None
     if shapes is not None:
         try:
             return _export_with(module, args, kwargs, shapes)
-        except Exception:  # retried with fixed sizes below; that attempt's error is the one reported
+        except Exception as e:  # retried with fixed sizes below; that attempt's error is the one reported
+            fixed_because = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
             restart()
     try:
-        return _export_with(module, args, kwargs, None)
+        ep = _export_with(module, args, kwargs, None)
+        if fixed_because is not None:
+            warnings.warn(f"torch.export could not trace {type(module).__name__} with variable sizes "
+                          f"({fixed_because[:300]}), so it was traced at the example's sizes: its stages take "
+                          f"exactly those shapes", stacklevel=3)
+        return ep
     except Exception as e:  # export raises many types; all mean "cannot trace"
         where = user_frame(e)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -97,7 +105,17 @@ def export_model(module: nn.Module, args: tuple, kwargs: dict, restart=lambda: N
         ) from e
 
 
+def _fresh(x: Any) -> Any:
+    """A copy of an example tensor: torch.export marks the dimensions it made symbolic on the tensors it
+    is given, and keeps those marks after it fails, so a later fixed-size export of the same tensors
+    would still trace them symbolically."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    return x.detach().clone().requires_grad_(x.requires_grad and x.is_leaf)
+
+
 def _export_with(module: nn.Module, args: tuple, kwargs: dict, shapes: dict | None) -> torch.export.ExportedProgram:
+    args, kwargs = pytree.tree_map(_fresh, (args, kwargs))
     # torch.export prints the partial graph of a model it cannot trace straight to stderr (dozens of
     # lines before pp's one-line reason): what it writes there is kept back, and passed on if it succeeds
     held = io.StringIO()
