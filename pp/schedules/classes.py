@@ -119,7 +119,7 @@ class _PipelineSchedule:
         self._broken = ""   # why a step failed mid-way (another one could meet its pending transfers)
         self._broken_own = False   # ... by this rank's own error, not by stopping to wait for another's
         self._grad_flags: dict[tuple, tuple] = {}   # mode -> requires_grad of this rank's parameters
-        self._signatures: dict[tuple, Any] = {}   # (training, grad enabled) -> input shapes last sent so
+        self._signatures: dict[tuple, Any] = {}   # (training, grad enabled, stage modes) -> input shapes last sent so
         self.record_trace = False
         # Called with a stage index right after that stage's last backward (B or W) of a training step
         # has run on this rank, e.g. to start its data-parallel gradient sync while others still work.
@@ -255,6 +255,8 @@ class _PipelineSchedule:
             raise RuntimeError("step() runs backward and needs gradients enabled; it was called under "
                                "torch.no_grad(): call eval() instead")
         check_model_keywords(self._stages, kwargs)
+        for stage in self._stages.values():   # a traced graph holds the train/eval mode it was traced in
+            stage.sync_mode()
         if 0 in self._stages:
             if not args and not kwargs:
                 raise ValueError(f"rank {self.rank} holds the first stage: pass the batch to step()/eval()")
@@ -311,7 +313,7 @@ class _PipelineSchedule:
             error = e
         # Metadata is cached per mode (train / eval, grad on or off: what requires grad differs) and
         # exchanged again when the shapes sent in that mode change.
-        mode = (training, torch.is_grad_enabled())
+        mode = (training, torch.is_grad_enabled(), tuple(st.submod.training for st in self._stages.values()))
         # What requires grad decides what the stages send back: a stage frozen or unfrozen between
         # steps changes it, so every rank exchanges metadata afresh then, as for new shapes.
         grad_flags = tuple(p.requires_grad for st in self._stages.values() for p in st.submod.parameters())

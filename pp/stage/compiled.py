@@ -67,7 +67,7 @@ class _CompiledRegion(nn.Module):
         return self.run(*args)
 
 
-def _inner(module: nn.Module) -> nn.Module:
+def inner_module(module: nn.Module) -> nn.Module:
     """The user's module inside a torch DDP wrapper (its forward is what gets compiled)."""
     return module.module if type(module).__name__ == "DistributedDataParallel" else module
 
@@ -97,7 +97,7 @@ def compile_stage(module: nn.Module, counter: CompileCounter, per: str | None = 
     checkpointed = regions(module)
     if per is None:
         per = "block" if checkpointed else "stage"
-    target = _inner(module)
+    target = inner_module(module)
     if per == "stage":
         if checkpointed:
             raise ValueError("per='stage' with activation checkpointing: the recompute is not traced into "

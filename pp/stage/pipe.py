@@ -10,6 +10,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from .modes import call_with_forward, mode_forward
+
 # Source of a stage input: (stage, index of that stage's output), or (MODEL_INPUT, i) for stage 0.
 MODEL_INPUT = -1
 
@@ -48,6 +50,8 @@ class PipeInfo:
     # buffer updated in forward -> (stages reading it, stage updating it), where some reader is another
     # stage: right when the Pipe is called in one process (the stages share the tensor), wrong pipelined
     stale_buffers: dict[str, tuple[list[int], int]] = field(default_factory=dict)
+    # the mode the model was traced in and how to trace it in the other (pp.stage.modes), None if unknown
+    mode_traces: Any = None
 
     @property
     def edges(self) -> dict[int, list[int]]:
@@ -141,6 +145,7 @@ class Pipe(nn.Module):
         self._info = info
         self._specs: dict[int, list] = {}   # stage -> its inputs' InputSpecs (read from its graph once)
         self._call_guards: list | None = None   # the shape conditions a direct call checks (see forward)
+        self._mode_forwards: dict[tuple[int, bool], Any] = {}   # (stage, mode) -> forward for it, or None
 
     @property
     def num_stages(self) -> int:
@@ -171,7 +176,13 @@ class Pipe(nn.Module):
         for s, io in enumerate(self._info.stage_io):
             inputs = [flat[i] if src == MODEL_INPUT else outputs[src][i] for src, i in io.input_sources]
             self._check_inputs(s, inputs)
-            out = self.stage_modules[s](*inputs)
+            module = self.stage_modules[s]
+            key = (s, module.training)   # a traced graph holds the mode it was traced in (pp.stage.modes)
+            if key not in self._mode_forwards:
+                device = next((t.device for t in module.parameters()), torch.device("cpu"))
+                self._mode_forwards[key] = mode_forward(self._info, s, module, device)
+            fwd = self._mode_forwards[key]
+            out = module(*inputs) if fwd is None else call_with_forward(module, module, fwd, inputs)
             outputs.append(tuple(out))
         result = pytree.tree_unflatten(list(outputs[-1]), self._info.out_spec)
         return tuple(result) if isinstance(result, (tuple, list)) else (result,)

@@ -19,7 +19,9 @@ from ..comms.backend import is_initialized
 from ..comms.p2p import group_rank, group_size
 from .pipe import MODEL_INPUT, PipeInfo
 from .backward import input_grads, run_backward, weight_grads
+from .compiled import inner_module
 from .graphs import StageGraphs
+from .modes import call_with_forward, mode_forward, retarget_devices
 from .input_checks import StageInputChecks
 
 if TYPE_CHECKING:
@@ -157,6 +159,8 @@ class PipelineStage(StageInputChecks):
             self._send_outputs = {} if self.is_last else {stage_index + 1: None}
             self.n_inputs = None
         self._mb: dict[int, _Microbatch] = {}
+        self._mode_forwards: dict[bool, Callable | None] = {}   # module mode -> forward for it (sync_mode)
+        self._mode_forward: Callable | None = None
         self._params = [p for p in self.submod.parameters() if p.requires_grad]
         self._expected: list | None = None  # see check_received
         self._accepted: set = set()         # input shapes check_model_inputs let through
@@ -243,9 +247,23 @@ class PipelineStage(StageInputChecks):
         out = self._replay(m, st) if self.graphs is not None else None
         if out is None and self.is_first and self.pipe_info is None:
             out = self.submod(*st.args, **st.kwargs)
+        elif out is None and self._mode_forward is not None:
+            out = call_with_forward(self.submod, inner_module(self.submod), self._mode_forward, st.inputs)
         elif out is None:
             out = self.submod(*st.inputs)
         return out
+
+    def sync_mode(self) -> None:
+        """Pick the graph for the stage module's current train/eval mode, before a step: a traced graph
+        holds the mode it was traced in (pp.stage.modes). ValueError where the mode cannot be switched."""
+        if self.pipe_info is None:
+            return
+        training = self.submod.training
+        if training not in self._mode_forwards:
+            self._mode_forwards[training] = mode_forward(self.pipe_info, self.stage_index, inner_module(self.submod),
+                                                          self.device)
+        self._mode_forward = self._mode_forwards[training]
+
 
     def _replay(self, m: int, st: _Microbatch) -> Any:
         """The stage's outputs from a CUDA-graph replay, or None where it runs eagerly (eval, no grad,
@@ -440,12 +458,5 @@ def _move(module: nn.Module, device: torch.device) -> nn.Module:
     """Move a stage module to `device`; traced graphs also get their baked-in device arguments rewritten."""
     module = module.to(device)
     if isinstance(module, fx.GraphModule):
-        changed = False
-        for node in module.graph.nodes:
-            dev = node.kwargs.get("device") if node.op == "call_function" else None
-            if isinstance(dev, torch.device) and dev != device:
-                node.update_kwarg("device", device)
-                changed = True
-        if changed:
-            module.recompile()
+        retarget_devices(module, device)
     return module

@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_map
 
 from .contract import expr_of, is_symbolic, shape_guards
 from .marker import SplitPoint
+from .modes import ModeTraces, graph_code
 from .pipe import MODEL_INPUT, InputBinder, Pipe, PipeInfo, StageIO
 from .policies import SplitPolicy
 from .segments import insert_cuts as _insert_cuts
@@ -90,6 +91,39 @@ def pipeline(
     if split_spec is not None and split_policy is not None:
         raise ValueError("pass either split_spec or split_policy to pipeline(), not both")
     mb_args, mb_kwargs = _dense_examples(*_on_model_device(module, tuple(mb_args), mb_kwargs))
+    cuts: list = []   # the policy's cuts (segment count, starts), kept so a retrace cuts alike
+    pipe = _trace_and_cut(module, tuple(mb_args), mb_kwargs, split_spec, split_policy, dynamic, cuts)
+
+    def retrace(model: nn.Module, training: bool) -> tuple[list, list]:
+        on_meta = any(t.is_meta for t in model.parameters())   # a meta copy (pp.stage.modes) takes meta examples
+        args, kwargs = tree_map(lambda t: t.to("meta") if on_meta and isinstance(t, torch.Tensor) else t,
+                                (tuple(mb_args), mb_kwargs))
+        again = _trace_and_cut(model, args, kwargs, split_spec, _same_cuts(cuts[0], training) if cuts else None,
+                               dynamic, [])
+        return list(again.stage_modules), again.info().stage_io
+
+    pipe.info().mode_traces = ModeTraces(module, retrace, [graph_code(gm) for gm in pipe.stage_modules],
+                                         module.training)
+    for gm in pipe.stage_modules:   # the stage modules start in the model's mode, as traced
+        gm.train(module.training)
+    return pipe
+
+
+def _same_cuts(first: tuple[int, list], training: bool) -> SplitPolicy:
+    n_segments, starts = first
+
+    def policy(segments: list) -> list:
+        if len(segments) != n_segments:
+            raise ValueError(f"the model has {len(segments)} layers to cut between in "
+                             f"{'train' if training else 'eval'} mode but {n_segments} in the mode it was traced "
+                             f"in, so its stages cannot be cut alike in both")
+        return starts
+    return policy
+
+
+def _trace_and_cut(module: nn.Module, mb_args: tuple, mb_kwargs: dict, split_spec, split_policy, dynamic: bool,
+                   cuts: list) -> Pipe:
+    """Export `module`, cut it (appending (segment count, starts) of a policy's cut to `cuts`), build the pipe."""
     with cuts_by_module(module, split_spec or {}) as calls:
         ep = export_model(module, tuple(mb_args), mb_kwargs, restart=lambda: calls.update(dict.fromkeys(calls, 0)),
                           dynamic=dynamic)
@@ -110,6 +144,7 @@ def pipeline(
                              "Remove the pipe_split() calls or drop split_policy")
         segments = model_segments(module, graph)
         starts = split_policy(segments)
+        cuts.append((len(segments), list(starts)))
         _insert_cuts(graph, segments, starts)
     return _build_pipe(module, ep, tuple(mb_args), mb_kwargs)
 

@@ -1,0 +1,153 @@
+"""Train and eval mode for traced stages.
+
+torch.export bakes the model's mode into the graph: dropout draws masks or not, batch norm uses the
+batch's statistics and updates its running ones or reads them. `stage.submod.eval()` cannot change a
+traced graph, so a stage traced in train mode and run after `.eval()` would keep dropping activations
+(silently: torch.distributed.pipelining does so). pp records the mode each pipe was traced in; when a
+stage's module is switched to eval mode, the model is traced once more in eval mode with the same cuts
+and the stage runs that graph (on its own parameters and buffers, read by name) for as long as its module
+stays in eval mode. Where the two traces give the same stage graph nothing changes. A stage traced in
+eval mode and switched to train mode is refused: training wants the graph that recomputation, compiling
+and CUDA graphs were set up on.
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+
+class ModeTraces:
+    """How to trace the pipe's model again in the other mode, and that trace once made.
+
+    `retrace(model, training)` returns the stage modules and stage wiring of `model` traced in that
+    mode with the cuts of the first trace. What is kept for it is a copy of the model on the meta device
+    (its structure, no weights: tracing reads shapes only), so that the real model may be dropped once
+    its stages are built; a model that cannot be copied is held weakly instead."""
+
+    def __init__(self, module: nn.Module, retrace: Callable[[nn.Module, bool], Any], codes: list[str],
+                 training: bool) -> None:
+        copied = _meta_copy(module)
+        self._module: Callable[[], nn.Module | None] = (
+            (lambda m=copied: m) if copied is not None else weakref.ref(module))
+        self._name = type(module).__name__
+        self._retrace = retrace
+        self.codes = codes             # each stage graph's code as first traced, before any rewriting
+        self.training = training       # the mode of the first trace
+        self._other: Any = None        # (stage modules, stage io) of the other mode, made on first use
+
+    def other(self) -> Any:
+        if self._other is None:
+            module = self._module()
+            if module is None:
+                raise RuntimeError(f"the {self._name} these stages were traced from is gone, so they cannot be "
+                                   f"traced in {'train' if not self.training else 'eval'} mode; keep the model "
+                                   f"alive while switching the stages' mode")
+            before = module.training
+            module.train(not self.training)
+            try:
+                self._other = self._retrace(module, not self.training)
+            finally:
+                module.train(before)
+        return self._other
+
+
+def _meta_copy(module: nn.Module) -> nn.Module | None:
+    """`module` with every parameter and buffer on the meta device (no data copied), or None where it
+    cannot be deep-copied."""
+    tensors = [t for t in (*module.parameters(), *module.buffers())]
+    if all(t.is_meta for t in tensors):
+        return module
+    memo: dict[int, Any] = {}
+    for t in tensors:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    try:
+        return copy.deepcopy(module, memo)
+    except Exception:   # a module holding something that cannot be copied (a lock, a handle)
+        return None
+
+
+def mode_forward(info: Any, i: int, module: nn.Module, device: torch.device) -> Callable | None:
+    """The forward stage `i` of a pipe (`info`: its PipeInfo) runs in its module's current mode: None
+    where that is the graph it was built with (the mode it was traced in, or a mode both traces agree
+    on), else the other mode's graph bound to `module` (the stage's GraphModule) so that it reads its
+    parameters and buffers by name, its factory ops on `device` (the stage's). Raises ValueError where
+    the modes cannot be switched (see the module docstring)."""
+    traces: ModeTraces | None = getattr(info, "mode_traces", None)
+    if traces is None or module.training == traces.training:
+        return None
+    modules, stage_io = traces.other()
+    other = modules[i]
+    if graph_code(other) == traces.codes[i]:
+        return None
+    what = "train" if module.training else "eval"
+    if module.training:
+        raise ValueError(f"stage {i} was traced from a model in eval mode, and its graph differs in train mode "
+                         f"(dropout, batch norm, or code that reads self.training): stage.submod.train() cannot "
+                         f"change a traced graph; call model.train() before pp.pipeline to train it")
+    if getattr(module, "tp_shards", None):
+        raise ValueError(f"stage {i} is tensor-parallel and its graph differs in {what} mode (dropout, batch "
+                         f"norm): its tensor-parallel rewrite is not redone for the {what}-mode graph; trace the "
+                         f"model in {what} mode for this")
+    mine = info.stage_io[i]
+    if (stage_io[i].input_sources, stage_io[i].output_consumers) != (mine.input_sources, mine.output_consumers):
+        raise ValueError(f"stage {i} takes or sends other values in {what} mode than in the mode it was traced "
+                         f"in, so it cannot switch: trace the model in {what} mode for this")
+    for node in other.graph.nodes:
+        if node.op == "get_attr" and not _has_attr(module, node.target):
+            raise ValueError(f"stage {i}'s {what}-mode graph reads {node.target!r}, which the stage does not "
+                             f"hold; trace the model in {what} mode for this")
+    retarget_devices(other, device)
+    code = type(other).forward
+    return lambda *args: code(module, *args)
+
+
+def retarget_devices(gm: fx.GraphModule, device: torch.device) -> None:
+    """Rewrite the devices a traced graph baked into its factory ops (arange, full, ...: the device it
+    was traced on, meta for a meta model) to `device`."""
+    changed = False
+    for node in gm.graph.nodes:
+        dev = node.kwargs.get("device") if node.op == "call_function" else None
+        if isinstance(dev, torch.device) and dev != device:
+            node.update_kwarg("device", device)
+            changed = True
+    if changed:
+        gm.recompile()
+
+
+def call_with_forward(outer: nn.Module, inner: nn.Module, forward: Callable, inputs: list) -> Any:
+    """Call `outer` (the stage module, or a wrapper of it such as DDP, so that its hooks run: FSDP's
+    unsharding among them) with `forward` standing in for `inner`'s own forward."""
+    had = inner.__dict__.get("forward")
+    inner.forward = forward
+    try:
+        return outer(*inputs)
+    finally:
+        if had is None:
+            del inner.forward
+        else:
+            inner.forward = had
+
+
+def _has_attr(module: nn.Module, target: str) -> bool:
+    obj: Any = module
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def graph_code(gm: nn.Module) -> str:
+    """A stage graph's nodes as text, devices left out (a meta copy traces on meta); "" for a module
+    that is not a graph."""
+    if not isinstance(gm, fx.GraphModule):
+        return ""
+    return "\n".join(f"{n.op} {n.name} {n.target} {n.args} "
+                     f"{ {k: ('device' if k == 'device' else v) for k, v in n.kwargs.items()} }"
+                     for n in gm.graph.nodes)
