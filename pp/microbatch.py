@@ -165,6 +165,9 @@ def _split_leaves(named_leaves: list, specs: list, chunks: int) -> list[list]:
     torch does), everything else replicated."""
     columns = []
     for (path, value), spec in zip(named_leaves, specs):
+        if type(value).__name__ == "BlockMask" and not (spec is _Replicate or isinstance(spec, _Replicate)):
+            columns.append(split_block_mask(value, chunks, path))
+            continue
         if not isinstance(value, torch.Tensor) or spec is _Replicate or isinstance(spec, _Replicate):
             columns.append([value] * chunks)
             continue
@@ -177,6 +180,35 @@ def _split_leaves(named_leaves: list, specs: list, chunks: int) -> list[list]:
                              f"({path} has shape {tuple(value.shape)})")
         columns.append(value.tensor_split(chunks, dim=dim))
     return [[col[c] for col in columns] for c in range(chunks)]
+
+
+def split_block_mask(mask: Any, chunks: int, path: str = "block_mask") -> list:
+    """A flex-attention `BlockMask` split along its batch dimension as `torch.tensor_split` splits the
+    batch (so each microbatch gets its own rows' blocks), each part's `mask_mod` reading batch index
+    b + the part's first row. A mask of batch 1 broadcasts over the batch and is given to every
+    microbatch whole. ValueError where the batch has fewer rows than `chunks`."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    rows = mask.kv_num_blocks.size(0)
+    if rows == 1:
+        return [mask] * chunks
+    if rows < chunks:
+        raise ValueError(f"batch of {rows} cannot be split into {chunks} microbatches ({path} is a BlockMask "
+                         f"of batch {rows})")
+    parts, start = [], 0
+    for n in [len(r) for r in torch.arange(rows).tensor_split(chunks)]:
+        part = slice(start, start + n)
+
+        def mask_mod(b, h, q_idx, kv_idx, offset=start, inner=mask.mask_mod):
+            return inner(b + offset, h, q_idx, kv_idx)
+
+        parts.append(BlockMask.from_kv_blocks(
+            mask.kv_num_blocks[part], mask.kv_indices[part],
+            None if mask.full_kv_num_blocks is None else mask.full_kv_num_blocks[part],
+            None if mask.full_kv_indices is None else mask.full_kv_indices[part],
+            BLOCK_SIZE=mask.BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=mask.seq_lengths))
+        start += n
+    return parts
 
 
 def loss_reduction(loss_fn: Any) -> str | None:

@@ -128,3 +128,35 @@ def test_tensor_chunk_spec_repr_and_equality() -> None:
     assert repr(TensorChunkSpec(1)) == "pp.microbatch.TensorChunkSpec(1)"
     assert str(TensorChunkSpec(1)) == "TensorChunkSpec(1)"
     assert TensorChunkSpec.from_dict({"a": 2}) == {"a": TensorChunkSpec(2)}
+
+
+def _block_mask_case(rows: int = 5, seq: int = 256):
+    """A document-causal flex-attention mask that differs per row (found in the field: every
+    microbatch got the whole batch's mask, and the outputs were silently wrong)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    torch.manual_seed(0)
+    doc = torch.arange(rows * seq).reshape(rows, seq) // torch.arange(20, 20 + rows).unsqueeze(1)
+
+    def same_doc_causal(b, h, q_idx, kv_idx):
+        return (doc[b, q_idx] == doc[b, kv_idx]) & (q_idx >= kv_idx)
+
+    mask = create_block_mask(same_doc_causal, B=rows, H=1, Q_LEN=seq, KV_LEN=seq, device="cpu")
+    q, k, v = (torch.randn(rows, 1, seq, 16) for _ in range(3))
+    return q, k, v, mask
+
+
+def test_a_block_mask_is_split_with_the_batch():
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    warnings.filterwarnings("ignore")
+    q, k, v, mask = _block_mask_case()
+    want = flex_attention(q, k, v, block_mask=mask)
+    chunks, kw_chunks = split_args_kwargs_into_chunks((q, k, v), {"block_mask": mask}, 2)   # 3 + 2 rows
+    got = torch.cat([flex_attention(*a, block_mask=kw["block_mask"]) for a, kw in zip(chunks, kw_chunks)])
+    assert [kw["block_mask"].kv_num_blocks.shape[0] for kw in kw_chunks] == [3, 2]
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match=r"batch of 5 cannot be split into 6 microbatches \(kwargs\['block_mask'\]"):
+        split_args_kwargs_into_chunks((), {"block_mask": mask}, 6)
