@@ -149,3 +149,45 @@ def test_pipeline_stage_takes_torchs_older_and_newer_positional_orders():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert run_ranks(_stage_orders, 2) == [True, True]
+
+
+def test_get_schedule_class_names_as_torch():
+    assert pps.get_schedule_class("1f1b") is pp.Schedule1F1B
+    assert pps.get_schedule_class("ZBVZeroBubble") is pp.ScheduleZBVZeroBubble
+    assert pps.get_schedule_class("PipelineScheduleSingle") is pps.PipelineScheduleSingle
+    assert pps.get_schedule_class("pipelineschedulemulti") is pps.PipelineScheduleMulti
+    with pytest.raises(ValueError, match=r"unknown schedule name 'Foo': expected one of GPipe, 1F1B"):
+        pps.get_schedule_class("Foo")
+
+
+def _runtime_states(rank: int, world: int) -> bool:
+    """torch's stage attributes after a step: no forward kept for backward, the last stage's outputs
+    per microbatch, and clear_runtime_states(); and a manual first stage's input_args checked before
+    any transfer (an int32 batch is refused on every rank, the schedule stays usable)."""
+    torch.manual_seed(0)
+    model = DeepMLP(n_layers=4)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    example = torch.randn(2, 4) if rank == 0 else torch.randn(2, 12)
+    stage = pp.PipelineStage(manual_stage_module(copy.deepcopy(model), rank, world), rank, world, "cpu",
+                             input_args=example)
+    assert stage.output_chunks == [] and stage.fwd_cache == {}
+    sched = pp.ScheduleGPipe(stage, 4, loss_fn=F.mse_loss)
+    inputs, target = ((x,) if rank == 0 else ()), (y if rank == world - 1 else None)
+    sched.step(*inputs, target=target)
+    assert stage.fwd_cache == {}
+    assert len(stage.output_chunks) == (4 if rank == world - 1 else 0)
+    stage.clear_runtime_states()
+    assert stage.output_chunks == []
+    if rank == 0:
+        with pytest.raises(ValueError, match=r"stage 0 input 0: expected a float32 tensor of shape \(\*, 4\) "
+                                             r"\(its input_args\), got an int32 tensor of shape \(2, 4\)"):
+            sched.step(x.to(torch.int32), target=target)
+    else:
+        with pytest.raises(RuntimeError, match="rank 0 rejected its inputs"):
+            sched.step(*inputs, target=target)
+    sched.step(*inputs, target=target)
+    return True
+
+
+def test_stage_runtime_states_and_manual_input_checks_as_torch():
+    assert run_ranks(_runtime_states, 2) == [True, True]

@@ -7,7 +7,7 @@ from __future__ import annotations
 _FROM_CLASSES = ("_PipelineScheduleRuntime", "PipelineScheduleSingle", "PipelineScheduleMulti", "ScheduleGPipe",
                  "Schedule1F1B", "ScheduleInterleaved1F1B", "ScheduleLoopedBFS", "ScheduleInterleavedZeroBubble",
                  "ScheduleZBVZeroBubble", "ScheduleDualPipeV", "ScheduleZBVHalf", "ScheduleZBVMin",
-                 "schedule_from_actions")
+                 "schedule_from_actions", "get_schedule_class")
 
 
 def __getattr__(name: str):

@@ -268,6 +268,9 @@ class _PipelineSchedule:
             signature = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x)
                               for chunk in zip(mb_args, mb_kwargs)
                               for x in torch.utils._pytree.tree_leaves(chunk))
+            if stage0.pipe_info is None and stage0.input_args is not None:
+                for a in mb_args:
+                    stage0.check_manual_inputs(tuple(a))
             if stage0.pipe_info is not None and signature not in self._signatures.values():
                 for a, k in zip(mb_args, mb_kwargs):  # before any rank sends: shapes the graph cannot take
                     stage0.check_model_inputs(stage0.pipe_info.input_binder.flatten(a, k))
@@ -363,6 +366,8 @@ class _PipelineSchedule:
         if wrapped is not None:
             wrapped.begin(training)
         try:
+            for s in self._stages.values():
+                s.output_chunks = []   # the last step's outputs are not held through this one
             if 0 in self._stages:
                 for m in range(self.n_microbatches):
                     self._stages[0].set_model_inputs(m, mb_args[m], mb_kwargs[m])
@@ -383,6 +388,8 @@ class _PipelineSchedule:
         finally:
             for s in self._stages.values():
                 s.clear()
+                if s.is_last:
+                    s.output_chunks = outputs if outputs is not None else []
         if training:
             for g in self._graphs.values():
                 g.flush()
@@ -527,6 +534,22 @@ SCHEDULE_CLASSES = {cls._name: cls for cls in (
 def schedule_class(name: str) -> type:
     """The schedule class for a registry name (case-insensitive), e.g. "1F1B" -> Schedule1F1B."""
     return SCHEDULE_CLASSES[get_spec(name).name]
+
+
+def get_schedule_class(schedule_name: str) -> type:
+    """The schedule class for a name, case-insensitive, as torch.distributed.pipelining's function of the
+    name: a registry name ("1F1B", "ZBVZeroBubble", pp's "ZBVHalf", ...) or one of the two base classes
+    ("PipelineScheduleSingle", "PipelineScheduleMulti"). ValueError naming the valid ones otherwise."""
+    bases = {"PipelineScheduleSingle": PipelineScheduleSingle, "PipelineScheduleMulti": PipelineScheduleMulti}
+    if isinstance(schedule_name, str):
+        for name, cls in bases.items():
+            if name.lower() == schedule_name.strip().lower():
+                return cls
+    try:
+        return schedule_class(schedule_name)
+    except ValueError:
+        raise ValueError(f"unknown schedule name {schedule_name!r}: expected one of "
+                         f"{', '.join([*SCHEDULE_CLASSES, *bases])}") from None
 
 
 def schedule_from_actions(stages: PipelineStage | Sequence[PipelineStage], n_microbatches: int,

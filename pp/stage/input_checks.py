@@ -75,6 +75,25 @@ class StageInputChecks:
             self._accepted.clear()
         self._accepted.add(key)
 
+    def check_manual_inputs(self, args: tuple) -> None:
+        """ValueError if a manual first stage given `input_args` gets positional inputs for one microbatch
+        of another count, dtype or size past the batch dimension (as torch checks them, but before any
+        rank sends anything, so the schedule stays usable). Without `input_args` nothing is checked."""
+        if self.pipe_info is not None or self.input_args is None or not self.is_first:
+            return
+        want = (self.input_args,) if isinstance(self.input_args, torch.Tensor) else tuple(self.input_args)
+        if len(args) != len(want):
+            raise ValueError(f"stage {self.stage_index} expects {len(want)} positional input(s) (its input_args), "
+                             f"got {len(args)}")
+        autocast = autocast_dtype(self.device)
+        for i, (a, w) in enumerate(zip(args, want)):
+            ok = isinstance(a, torch.Tensor) and (self._dtype_ok(a.dtype, w.dtype) or (
+                a.dtype == autocast and w.dtype.is_floating_point)) and a.dim() == w.dim() and a.shape[1:] == w.shape[1:]
+            if not ok:
+                got = _describe(a.dtype, tuple(a.shape)) if isinstance(a, torch.Tensor) else f"a {type(a).__name__}"
+                raise ValueError(f"stage {self.stage_index} input {i}: expected "
+                                 f"{_describe(w.dtype, ('*',) + tuple(w.shape[1:]))} (its input_args), got {got}")
+
     def _dtype_ok(self, got: torch.dtype, want: torch.dtype) -> bool:
         # A stage traced in float32 that trains in bf16 (mixed or pure) receives bfloat16 activations.
         return got == want or (got == self.activation_dtype and want.is_floating_point)

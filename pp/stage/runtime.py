@@ -159,6 +159,9 @@ class PipelineStage(StageInputChecks):
             self._send_outputs = {} if self.is_last else {stage_index + 1: None}
             self.n_inputs = None
         self._mb: dict[int, _Microbatch] = {}
+        # The last stage's outputs of the last step, one per microbatch, when the step returned them
+        # (torch's name; kept until the next step or clear_runtime_states)
+        self.output_chunks: list = []
         self._mode_forwards: dict[bool, Callable | None] = {}   # module mode -> forward for it (sync_mode)
         self._mode_forward: Callable | None = None
         self._params = [p for p in self.submod.parameters() if p.requires_grad]
@@ -195,6 +198,17 @@ class PipelineStage(StageInputChecks):
         return list(range(count)) if slots is None else slots
 
     # ------------------------------------------------------------------------------- per step
+    @property
+    def fwd_cache(self) -> dict[int, tuple]:
+        """{microbatch: (outputs, inputs)} of the forwards whose backward has not run yet (torch's name);
+        empty between steps."""
+        return {m: (st.outputs, st.inputs) for m, st in self._mb.items() if st.outputs}
+
+    def clear_runtime_states(self) -> None:
+        """Drop what the last step left on this stage, `output_chunks` included (torch's name)."""
+        self.clear()
+        self.output_chunks = []
+
     def clear(self) -> None:
         self._mb.clear()
         if self.bf16_weights is not None:
