@@ -195,18 +195,19 @@ def split_block_mask(mask: Any, chunks: int, path: str = "block_mask") -> list:
     if rows < chunks:
         raise ValueError(f"batch of {rows} cannot be split into {chunks} microbatches ({path} is a BlockMask "
                          f"of batch {rows})")
+    def offset_by(offset: int):   # exactly four parameters: flex attention reads mask_mod's signature
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask.mask_mod(b + offset, h, q_idx, kv_idx)
+        return mask_mod
+
     parts, start = [], 0
     for n in [len(r) for r in torch.arange(rows).tensor_split(chunks)]:
         part = slice(start, start + n)
-
-        def mask_mod(b, h, q_idx, kv_idx, offset=start, inner=mask.mask_mod):
-            return inner(b + offset, h, q_idx, kv_idx)
-
         parts.append(BlockMask.from_kv_blocks(
             mask.kv_num_blocks[part], mask.kv_indices[part],
             None if mask.full_kv_num_blocks is None else mask.full_kv_num_blocks[part],
             None if mask.full_kv_indices is None else mask.full_kv_indices[part],
-            BLOCK_SIZE=mask.BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=mask.seq_lengths))
+            BLOCK_SIZE=mask.BLOCK_SIZE, mask_mod=offset_by(start), seq_lengths=mask.seq_lengths))
         start += n
     return parts
 
