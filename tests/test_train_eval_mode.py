@@ -138,3 +138,32 @@ def _gpt2(rank: int, world: int) -> list | None:
 
 def test_gpt2_with_dropout_evaluates_as_the_unsplit_model_in_eval_mode():
     assert run_ranks(_gpt2, 2, timeout_s=300)[1] is not None
+
+
+class _TrainOnly(nn.Module):
+    """Cannot be traced in eval mode."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.a, self.b, self.drop = nn.Linear(4, 4), nn.Linear(4, 2), nn.Dropout(p)
+
+    def forward(self, x):
+        if not self.training:
+            raise RuntimeError("this model has no eval mode")
+        h = self.drop(self.a(x))
+        pp.pipe_split()
+        return self.b(h)
+
+
+def test_a_model_that_cannot_be_traced_in_eval_mode():
+    x = torch.randn(4, 4)
+    plain = pp.pipeline(_TrainOnly(0.0), (x[:2],))   # dropout 0: no mode-dependent op in the graph
+    plain.eval()
+    with pytest.warns(UserWarning, match=r"stage 0 runs in eval mode, but the model could not be traced in that "
+                                         r"mode \(.*this model has no eval mode\); its graph has no dropout"):
+        plain(x)
+    dropping = pp.pipeline(_TrainOnly(0.5), (x[:2],))
+    dropping.eval()
+    with pytest.raises(ValueError, match=r"stage 0 runs in eval mode, but the model could not be traced in that "
+                                         r"mode .* has ops that depend on the mode"):
+        dropping(x)

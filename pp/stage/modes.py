@@ -13,6 +13,7 @@ and CUDA graphs were set up on.
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 from typing import Any, Callable
 
@@ -41,6 +42,8 @@ class ModeTraces:
         self._other: Any = None        # (stage modules, stage io) of the other mode, made on first use
 
     def other(self) -> Any:
+        if isinstance(self._other, Exception):   # tried once already: tracing again would fail alike
+            raise self._other
         if self._other is None:
             module = self._module()
             if module is None:
@@ -51,6 +54,9 @@ class ModeTraces:
             module.train(not self.training)
             try:
                 self._other = self._retrace(module, not self.training)
+            except Exception as e:
+                self._other = e
+                raise
             finally:
                 module.train(before)
         return self._other
@@ -81,16 +87,31 @@ def mode_forward(info: Any, i: int, module: nn.Module, device: torch.device) -> 
     traces: ModeTraces | None = getattr(info, "mode_traces", None)
     if traces is None or module.training == traces.training:
         return None
-    modules, stage_io = traces.other()
+    what = "train" if module.training else "eval"
+    try:
+        modules, stage_io = traces.other()
+    except Exception as e:   # a model that traced once may still fail as a meta copy or in the other mode
+        root = e
+        while root.__cause__ is not None:   # torch's own error, not pp's advice for a first trace
+            root = root.__cause__
+        why = f"{type(root).__name__}: {(str(root).strip().splitlines() or [''])[0][:300]}"
+        if module.training or mode_dependent(module):
+            raise ValueError(f"stage {i} runs in {what} mode, but the model could not be traced in that mode "
+                             f"({why}), and its graph has ops that depend on the mode (dropout, batch norm): "
+                             f"trace the model in {what} mode for this") from None
+        warnings.warn(f"stage {i} runs in {what} mode, but the model could not be traced in that mode ({why}); "
+                      f"its graph has no dropout or batch-norm op, so it runs as traced", stacklevel=2)
+        return None
     other = modules[i]
     if graph_code(other) == traces.codes[i]:
         return None
-    what = "train" if module.training else "eval"
     if module.training:
         raise ValueError(f"stage {i} was traced from a model in eval mode, and its graph differs in train mode "
                          f"(dropout, batch norm, or code that reads self.training): stage.submod.train() cannot "
                          f"change a traced graph; call model.train() before pp.pipeline to train it")
     if getattr(module, "tp_shards", None):
+        if not mode_dependent(module):   # the traces differ in layout only (a meta copy decides strides alike)
+            return None
         raise ValueError(f"stage {i} is tensor-parallel and its graph differs in {what} mode (dropout, batch "
                          f"norm): its tensor-parallel rewrite is not redone for the {what}-mode graph; trace the "
                          f"model in {what} mode for this")
@@ -141,6 +162,24 @@ def _has_attr(module: nn.Module, target: str) -> bool:
             return False
         obj = getattr(obj, part)
     return True
+
+
+def mode_dependent(module: nn.Module) -> bool:
+    """Whether a traced stage (regions of it included) has an op whose result depends on train/eval mode
+    as traced in train mode: dropout (or the random draw it lowers to) or batch norm on batch statistics."""
+    for gm in module.modules():
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            name = str(node.target)
+            if "dropout" in name or "bernoulli" in name or "batch_norm_legit_functional" in name or (
+                    "native_batch_norm" in name and "no_training" not in name):
+                return True
+            if "scaled_dot_product" in name and len(node.args) > 4 and node.args[4]:
+                return True
+    return False
 
 
 def graph_code(gm: nn.Module) -> str:
