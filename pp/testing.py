@@ -137,9 +137,26 @@ def _collect(procs: list, conns: list, deadline: float, timeout_s: float, fn: An
             else:
                 errors[rank] = (when, RankError(rank, *body))
         if errors:
-            first = min(errors.values(), key=lambda item: item[0])[1]
-            raise first
+            if pending and all(_consequence(e) for _, e in errors.values()):
+                # a rank that stopped because another failed may report first: give the one that failed
+                # a moment to say why
+                grace = min(5.0, max(0.0, deadline - time.monotonic()))
+                for c in multiprocessing.connection.wait([conns[r] for r in pending], timeout=grace):
+                    rank = conns.index(c)
+                    try:
+                        kind, when, body = c.recv()
+                    except (EOFError, OSError):
+                        continue
+                    if kind != "ok":
+                        errors[rank] = (when, RankError(rank, *body))
+            causes = [item for item in errors.values() if not _consequence(item[1])] or list(errors.values())
+            raise min(causes, key=lambda item: item[0])[1]
     return [results[r] for r in range(world_size)]
+
+
+def _consequence(error: RankError) -> bool:
+    """Whether a rank's error only reports that another rank failed (pp's step agreement or abort)."""
+    return error.exc_type == "PipelineAborted" or error.exc_message.startswith("pipeline step aborted:")
 
 
 def _join_all(procs: list, grace_s: float) -> None:

@@ -78,6 +78,22 @@ def test_earliest_failure_wins_when_reports_arrive_together() -> None:
         _collect([None, None], [r for r, _ in pipes], time.monotonic() + 5, 5, _returns_rank)
 
 
+def test_a_rank_stopped_by_another_does_not_hide_the_cause() -> None:
+    # Rank 1 reports first that it stopped because rank 0 failed; rank 0's own reason comes 0.3 s later.
+    pipes = [multiprocessing.Pipe(duplex=False) for _ in range(2)]
+    now = time.time()
+    pipes[1][1].send(("err", now, ("RuntimeError", "pipeline step aborted: rank 0 rejected its inputs", "tb1")))
+
+    def later() -> None:
+        time.sleep(0.3)
+        pipes[0][1].send(("err", now + 0.3, ("ValueError", "stage 0 input 0: expected int64", "tb0")))
+
+    import threading
+    threading.Thread(target=later).start()
+    with pytest.raises(RankError, match=r"^rank 0 raised ValueError: stage 0 input 0"):
+        _collect([None, None], [r for r, _ in pipes], time.monotonic() + 10, 10, _returns_rank)
+
+
 def test_hanging_rank_times_out_naming_it_and_leaves_no_child() -> None:
     start = time.monotonic()
     # Under heavy load the timeout can fire before every rank has started: then all are named.
