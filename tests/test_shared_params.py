@@ -185,6 +185,40 @@ def test_stages_of_one_rank_built_from_deep_copies_train_the_shared_parameter_as
     assert MULTI and run_ranks(_copied_stages, 2, timeout_s=300)[0] == MULTI
 
 
+def _accumulated(rank: int, world: int) -> list[str]:
+    """Two steps with no zero_grad between them (torch's and torchtitan's gradient accumulation): the
+    shared parameter's gradient is the sum of both steps', as in the unsplit model. Summing every copy's
+    whole gradient after each step once counted the first step twice (found in the field)."""
+    done = []
+    for name, copies in (("1F1B", False), ("Interleaved1F1B", True)):
+        spec = get_spec(name)
+        n_stages = spec.n_stages(world)
+        ref = _model(n_stages)
+        for step in range(2):
+            x, y = _data(step)
+            mb = [lm_loss(ref(xc), yc) for xc, yc in zip(x.tensor_split(N_MB), y.tensor_split(N_MB))]
+            (sum(mb) / N_MB).backward()
+        want = {n: p.grad for n, p in ref.named_parameters(remove_duplicate=False)}
+        pipe = pp.pipeline(_model(n_stages), (_data(0)[0][: BATCH // N_MB],))
+        placement = spec.placement(n_stages, world)
+        stages = [pp.build_stage(copy.deepcopy(pipe.get_stage_module(s)), s, pipe.info(), "cpu") if copies
+                  else pipe.build_stage(s, "cpu") for s in range(n_stages) if placement[s] == rank]
+        sched = schedule_class(name)(stages[0] if spec.stages_per_rank == 1 else stages, N_MB, loss_fn=lm_loss)
+        held = {s.stage_index for s in stages}
+        for step in range(2):
+            x, y = _data(step)
+            sched.step(*((x,) if 0 in held else ()), target=y if n_stages - 1 in held else None)
+        for s in stages:
+            for n, p in s.submod.named_parameters(remove_duplicate=False):
+                torch.testing.assert_close(p.grad, want[n], msg=lambda m: f"{name} stage {s.stage_index} {n}: {m}")
+        done.append(name)
+    return done
+
+
+def test_a_shared_parameter_accumulates_over_steps_as_the_unsplit_model():
+    assert run_ranks(_accumulated, 2, timeout_s=300)[0] == ["1F1B", "Interleaved1F1B"]
+
+
 def _parallelize_and_checkpoint(rank: int, world: int, name: str, root: str) -> list[str]:
     """`pp.parallelize` trains as the unsplit model; its state dict speaks every alias; a state dict
     holding only the first name loads; a checkpoint saved from it loads into the unsplit model."""

@@ -24,7 +24,7 @@ from .compat import check_model_keywords, pipeline_order
 from .lower import lower
 from .simulate import DEFAULT_COSTS
 from .registry import get_spec
-from .shared_grads import sync_shared_grads
+from .shared_grads import keep_one_accumulated, sync_shared_grads
 from .validate import stage_graph, validate
 
 
@@ -368,6 +368,8 @@ class _PipelineSchedule:
         try:
             for s in self._stages.values():
                 s.output_chunks = []   # the last step's outputs are not held through this one
+            if training:   # shared parameters: this step's gradients are summed over their copies, once
+                keep_one_accumulated(self._stages.values())
             if 0 in self._stages:
                 for m in range(self.n_microbatches):
                     self._stages[0].set_model_inputs(m, mb_args[m], mb_kwargs[m])

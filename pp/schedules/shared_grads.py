@@ -64,6 +64,27 @@ def sync_shared_grads(stages: Iterable[PipelineStage], stage_to_rank: Mapping[in
                 p.grad.copy_(sums[name])
 
 
+def keep_one_accumulated(stages: Iterable[PipelineStage]) -> None:
+    """Before a training step: of the copies of each shared parameter, only the one of its first stage
+    keeps the gradient accumulated so far; the others' are zeroed. After the step
+    `sync_shared_grads` sums the copies, so steps that accumulate (no `zero_grad` between them) add
+    this step's gradient once: summing whole gradients again would count every earlier step once per
+    copy. Local only (no communication); nothing to do where no copy holds a gradient."""
+    stages = list(stages)
+    info = stages[0].pipe_info
+    if info is None or not info.shared_params:
+        return
+    for name, users in info.shared_params.items():
+        owner = None
+        for stage in stages:
+            if stage.stage_index == min(users):
+                owner = dict(unwrap(stage.submod).named_parameters(remove_duplicate=False)).get(name)
+        for stage in stages:
+            for n, p in unwrap(stage.submod).named_parameters(remove_duplicate=False):
+                if n == name and p is not owner and p.grad is not None:
+                    p.grad.zero_()
+
+
 def _local_sum(params: list[torch.nn.Parameter], meta, device: torch.device) -> torch.Tensor:
     """The sum of this rank's gradients of one shared parameter (zeros, of the model's shape and dtype,
     where none has one)."""
