@@ -24,6 +24,7 @@ from .compat import check_model_keywords, pipeline_order
 from .lower import lower
 from .simulate import DEFAULT_COSTS
 from .registry import get_spec
+from .rng import rank_streams
 from .shared_grads import keep_one_accumulated, sync_shared_grads
 from .validate import stage_graph, validate
 
@@ -373,9 +374,12 @@ class _PipelineSchedule:
             if 0 in self._stages:
                 for m in range(self.n_microbatches):
                     self._stages[0].set_model_inputs(m, mb_args[m], mb_kwargs[m])
-            self._executor.run(actions, meta_mode=meta_mode, meta_key=mode, loss_fn=loss_fn,
-                               targets=targets, losses=losses, loss_scale=scale, outputs=outputs,
-                               record=self.record_trace, after=after)
+            # stages on different ranks draw apart (not under CUDA-graph replay: its captured random
+            # ops keep the generator state they were captured with)
+            with rank_streams(self.rank, 1 if self._graphs else self.n_ranks, self._executor.device):
+                self._executor.run(actions, meta_mode=meta_mode, meta_key=mode, loss_fn=loss_fn,
+                                   targets=targets, losses=losses, loss_scale=scale, outputs=outputs,
+                                   record=self.record_trace, after=after)
         except BaseException as e:
             self._abort.post(e)  # the other ranks stop waiting for this one (pp.comms.abort)
             if self.n_ranks > 1:   # transfers of this step may still be pending: no further step
