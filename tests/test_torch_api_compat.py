@@ -287,3 +287,30 @@ def _summed_losses(rank: int, world: int) -> bool:
 
 def test_a_summed_loss_on_uneven_microbatches_gets_the_summed_gradient():
     assert run_ranks(_summed_losses, 2) == [True, True]
+
+
+def _token_mean(rank: int, world: int) -> bool:
+    """docs/splitter.md's recipe for a mean over the tokens that are not ignored (-100), spread unevenly
+    over the microbatches: a summed loss over the batch's token count with scale_grads=False gives the
+    unsplit model's gradient of the batch's token mean."""
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(10, 8), nn.Linear(8, 10)
+    model = nn.Sequential(emb, nn.Tanh(), head)
+    x = torch.randint(0, 10, (8, 5))
+    y = torch.randint(0, 10, (8, 5))
+    y[:2, 1:] = -100   # the first microbatch has far fewer tokens
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x).flatten(0, 1), y.flatten()).backward()
+    n = (y != -100).sum()
+    part = copy.deepcopy(model)[:2] if rank == 0 else copy.deepcopy(model)[2:]
+    sched = pp.Schedule1F1B(pp.PipelineStage(part, rank, world, "cpu"), 4, scale_grads=False,
+                            loss_fn=lambda out, t: F.cross_entropy(out.flatten(0, 1), t.flatten(), reduction="sum") / n)
+    sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
+    want = dict(ref.named_parameters())   # a slice of a Sequential keeps its children's names
+    for name, p in part.named_parameters():
+        torch.testing.assert_close(p.grad, want[name].grad, msg=name)
+    return True
+
+
+def test_a_token_mean_with_ignored_tokens_as_the_docs_show():
+    assert run_ranks(_token_mean, 2) == [True, True]
