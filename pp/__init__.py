@@ -37,10 +37,16 @@ __all__ = [
 ]
 
 
+_SUBMODULES = ("schedules", "microbatch", "stage", "comms", "parallel", "data", "losses", "testing", "tune",
+               "launcher", "weights")
+
+
 def __getattr__(name: str):
     # Runtime, schedules and checkpoint code load on first use: `import pp` stays light.
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:   # `import pp; pp.schedules.get_schedule_class(...)`, as torch's subpackages
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'pp' has no attribute {name!r}")

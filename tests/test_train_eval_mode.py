@@ -167,3 +167,60 @@ def test_a_model_that_cannot_be_traced_in_eval_mode():
     with pytest.raises(ValueError, match=r"stage 0 runs in eval mode, but the model could not be traced in that "
                                          r"mode .* has ops that depend on the mode"):
         dropping(x)
+
+
+class _EvalRowLoop(nn.Module):
+    """Eval-only code that loops over rows: its eval-mode graph fixes the batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.drop = nn.Linear(4, 4), nn.Linear(4, 4), nn.Dropout(0.5)
+        self.scale = torch.tensor([1.0, 2.0, 3.0, 4.0])   # a plain tensor attribute, not a buffer
+
+    def forward(self, x):
+        h = self.drop(self.a(x)) * self.scale
+        if not self.training:
+            h = torch.stack([h[i] / (1 + i) for i in range(h.shape[0])])
+        pp.pipe_split()
+        return self.b(h)
+
+
+def test_the_other_modes_graph_checks_its_own_input_shapes():
+    """Found by a helper: the eval graph fixed the batch size, but inputs were checked against the train
+    graph only, and a batch of 8 came back with 2 rows."""
+    torch.manual_seed(0)
+    model = _EvalRowLoop()
+    x = torch.randn(8, 4)
+    pipe = pp.pipeline(model, (x[:2],))
+    pipe.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pipe(x[:2])[0], copy.deepcopy(model).eval()(x[:2]))
+        with pytest.raises(ValueError, match="dimension 0 must be 2"):
+            pipe(x)
+
+
+class _Attn(nn.Module):
+    """No dropout, batch norm or self.training code: both modes give one graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj, self.out = nn.Linear(16, 48), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, 4, 4).transpose(1, 2) for z in self.qkv(x).split(16, dim=-1))
+        y = self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c))
+        pp.pipe_split()
+        return self.out(y)
+
+
+def test_a_model_traced_in_eval_mode_without_mode_ops_trains():
+    """Found by a helper: traced in eval mode (as from_pretrained leaves a model) and the model object
+    dropped, its meta copy's train-mode trace differed in layout only, and .train() was refused."""
+    torch.manual_seed(0)
+    model = _Attn().eval()
+    want = copy.deepcopy(model).train()
+    x = torch.randn(2, 8, 16)
+    pipe = pp.pipeline(copy.deepcopy(model), (x,))   # the traced object is gone after this line
+    pipe.train()
+    torch.testing.assert_close(pipe(x)[0], want(x))

@@ -241,6 +241,11 @@ class _PipelineSchedule:
             json.dump({"traceEvents": self.trace_events()}, f)
 
     # ----------------------------------------------------------------------------- internal
+    def _mode_key(self, training: bool) -> tuple:
+        """What metadata and checked input shapes are kept per: step or eval, grad on or off, and the
+        stages' train/eval modes (a graph traced in the other mode may take other shapes)."""
+        return training, torch.is_grad_enabled(), tuple(st.submod.training for st in self._stages.values())
+
     def _check_inputs(self, args, kwargs, target, losses, training, return_outputs, loss_kwargs):
         n = self.n_microbatches
         mb_args = mb_kwargs = targets = None
@@ -272,7 +277,7 @@ class _PipelineSchedule:
             if stage0.pipe_info is None and stage0.input_args is not None:
                 for a in mb_args:
                     stage0.check_manual_inputs(tuple(a))
-            if stage0.pipe_info is not None and signature not in self._signatures.values():
+            if stage0.pipe_info is not None and signature != self._signatures.get(self._mode_key(training)):
                 for a, k in zip(mb_args, mb_kwargs):  # before any rank sends: shapes the graph cannot take
                     stage0.check_model_inputs(stage0.pipe_info.input_binder.flatten(a, k))
         last = self.n_stages - 1
@@ -317,7 +322,7 @@ class _PipelineSchedule:
             error = e
         # Metadata is cached per mode (train / eval, grad on or off: what requires grad differs) and
         # exchanged again when the shapes sent in that mode change.
-        mode = (training, torch.is_grad_enabled(), tuple(st.submod.training for st in self._stages.values()))
+        mode = self._mode_key(training)
         # What requires grad decides what the stages send back: a stage frozen or unfrozen between
         # steps changes it, so every rank exchanges metadata afresh then, as for new shapes.
         grad_flags = tuple(p.requires_grad for st in self._stages.values() for p in st.submod.parameters())

@@ -40,7 +40,7 @@ class StageInputChecks:
             slots = self.input_slots_from(producer, len(meta))
             specs = [expected[slot] if slot < len(expected) else None for slot in slots]
             values = [(e[1], e[2]) if e[0] == "t" else e[1] for e in meta]
-            check_shapes(self.stage_index, specs, values, self.pipe_info.shape_guards,
+            check_shapes(self.stage_index, specs, values, self._shape_guards(),
                          f" (from stage {producer})", autocast)
             return
         if self.pipe_info is None and len(meta) != len(expected):
@@ -69,7 +69,7 @@ class StageInputChecks:
         key = (autocast, tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x in flat))
         if key in self._accepted:
             return
-        check_shapes(self.stage_index, self._expected_inputs(), flat, self.pipe_info.shape_guards,
+        check_shapes(self.stage_index, self._expected_inputs(), flat, self._shape_guards(),
                      autocast_dtype=autocast)
         if len(self._accepted) > 64:
             self._accepted.clear()
@@ -94,6 +94,10 @@ class StageInputChecks:
                 raise ValueError(f"stage {self.stage_index} input {i}: expected "
                                  f"{_describe(w.dtype, ('*',) + tuple(w.shape[1:]))} (its input_args), got {got}")
 
+    def _shape_guards(self) -> list:
+        graph = getattr(self, "_mode_graph", None)
+        return graph.guards if graph is not None else self.pipe_info.shape_guards
+
     def _dtype_ok(self, got: torch.dtype, want: torch.dtype) -> bool:
         # A stage traced in float32 that trains in bf16 (mixed or pure) receives bfloat16 activations.
         return got == want or (got == self.activation_dtype and want.is_floating_point)
@@ -102,7 +106,10 @@ class StageInputChecks:
         """Per input slot what this stage expects, None where it does not say: an InputSpec for a
         traced stage, (name, dtype, shape) for a manual stage with input_args."""
         if self._expected is None:
-            if self.pipe_info is not None and isinstance(self.submod, fx.GraphModule):
+            graph = getattr(self, "_mode_graph", None)   # the other mode's graph (pp.stage.modes)
+            if graph is not None:
+                self._expected = graph.specs
+            elif self.pipe_info is not None and isinstance(self.submod, fx.GraphModule):
                 self._expected = graph_input_specs(self.submod)
             elif self.input_args is not None and not self.is_first:
                 args = (self.input_args,) if isinstance(self.input_args, torch.Tensor) else tuple(self.input_args)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -25,46 +26,57 @@ import torch.nn as nn
 class ModeTraces:
     """How to trace the pipe's model again in the other mode, and that trace once made.
 
-    `retrace(model, training)` returns the stage modules and stage wiring of `model` traced in that
-    mode with the cuts of the first trace. What is kept for it is a copy of the model on the meta device
-    (its structure, no weights: tracing reads shapes only), so that the real model may be dropped once
-    its stages are built; a model that cannot be copied is held weakly instead."""
+    `retrace(model, training)` returns the stage modules, stage wiring and shape conditions of `model`
+    traced in that mode with the cuts of the first trace. The model is traced again as it is while the
+    caller still holds it (it is held weakly: its stages may outlive it), else a copy of its structure on
+    the meta device made now (no weights: tracing reads shapes only)."""
 
     def __init__(self, module: nn.Module, retrace: Callable[[nn.Module, bool], Any], codes: list[str],
                  training: bool) -> None:
-        copied = _meta_copy(module)
-        self._module: Callable[[], nn.Module | None] = (
-            (lambda m=copied: m) if copied is not None else weakref.ref(module))
+        self._real = weakref.ref(module)    # traced again as it is while the caller keeps it
+        self._copy = _meta_copy(module)     # else its structure on the meta device
+        # a trace of the copy matches the first trace node for node only where the copy is the model
+        # itself (a model on the meta device already, as pp.run builds them)
+        self._copy_is_model = self._copy is module
         self._name = type(module).__name__
         self._retrace = retrace
         self.codes = codes             # each stage graph's code as first traced, before any rewriting
         self.training = training       # the mode of the first trace
-        self._other: Any = None        # (stage modules, stage io) of the other mode, made on first use
+        self._other: Any = None   # (stage modules, stage io, shape guards, exact) of the other mode, once made
 
     def other(self) -> Any:
         if isinstance(self._other, Exception):   # tried once already: tracing again would fail alike
             raise self._other
         if self._other is None:
-            module = self._module()
+            real = self._real()
+            module = real if real is not None else self._copy
+            exact = real is not None or self._copy_is_model
             if module is None:
-                raise RuntimeError(f"the {self._name} these stages were traced from is gone, so they cannot be "
-                                   f"traced in {'train' if not self.training else 'eval'} mode; keep the model "
-                                   f"alive while switching the stages' mode")
-            before = module.training
+                self._other = _Gone(f"the {self._name} these stages were traced from is gone, and it could not "
+                                    f"be copied, so they cannot be traced in "
+                                    f"{'train' if not self.training else 'eval'} mode; keep the model alive "
+                                    f"while switching the stages' mode")
+                raise self._other
+            modes = {m: m.training for m in module.modules()}   # the caller's, submodules' included
             module.train(not self.training)
             try:
-                self._other = self._retrace(module, not self.training)
+                self._other = (*self._retrace(module, not self.training), exact)
             except Exception as e:
                 self._other = e
                 raise
             finally:
-                module.train(before)
+                for m, training in modes.items():
+                    m.training = training
         return self._other
 
 
+class _Gone(RuntimeError):
+    """The model to trace again is gone (nothing else to suggest)."""
+
+
 def _meta_copy(module: nn.Module) -> nn.Module | None:
-    """`module` with every parameter and buffer on the meta device (no data copied), or None where it
-    cannot be deep-copied."""
+    """`module` with every parameter, buffer and tensor attribute on the meta device (no data copied),
+    or None where it cannot be deep-copied."""
     tensors = [t for t in (*module.parameters(), *module.buffers())]
     if all(t.is_meta for t in tensors):
         return module
@@ -72,13 +84,17 @@ def _meta_copy(module: nn.Module) -> nn.Module | None:
     for t in tensors:
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    for m in module.modules():   # plain tensor attributes too, or the copy would mix devices
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor) and id(value) not in memo:
+                memo[id(value)] = torch.empty_like(value, device="meta")
     try:
         return copy.deepcopy(module, memo)
     except Exception:   # a module holding something that cannot be copied (a lock, a handle)
         return None
 
 
-def mode_forward(info: Any, i: int, module: nn.Module, device: torch.device) -> Callable | None:
+def mode_forward(info: Any, i: int, module: nn.Module, device: torch.device) -> ModeGraph | None:
     """The forward stage `i` of a pipe (`info`: its PipeInfo) runs in its module's current mode: None
     where that is the graph it was built with (the mode it was traced in, or a mode both traces agree
     on), else the other mode's graph bound to `module` (the stage's GraphModule) so that it reads its
@@ -89,7 +105,9 @@ def mode_forward(info: Any, i: int, module: nn.Module, device: torch.device) -> 
         return None
     what = "train" if module.training else "eval"
     try:
-        modules, stage_io = traces.other()
+        modules, stage_io, guards, exact = traces.other()
+    except _Gone:
+        raise
     except Exception as e:   # a model that traced once may still fail as a meta copy or in the other mode
         root = e
         while root.__cause__ is not None:   # torch's own error, not pp's advice for a first trace
@@ -103,7 +121,11 @@ def mode_forward(info: Any, i: int, module: nn.Module, device: torch.device) -> 
                       f"its graph has no dropout or batch-norm op, so it runs as traced", stacklevel=2)
         return None
     other = modules[i]
-    if graph_code(other) == traces.codes[i]:
+    differs = graph_code(other) != traces.codes[i]
+    if differs and not exact:   # a meta copy's trace differs in layout (strides, clones) from a real one's:
+        # only ops that depend on the mode tell the modes apart then
+        differs = mode_dependent(other if module.training else module)
+    if not differs:
         return None
     if module.training:
         raise ValueError(f"stage {i} was traced from a model in eval mode, and its graph differs in train mode "
@@ -125,7 +147,19 @@ def mode_forward(info: Any, i: int, module: nn.Module, device: torch.device) -> 
                              f"hold; trace the model in {what} mode for this")
     retarget_devices(other, device)
     code = type(other).forward
-    return lambda *args: code(module, *args)
+    from .contract import graph_input_specs
+    return ModeGraph(lambda *args: code(module, *args), graph_input_specs(other), guards)
+
+
+@dataclass
+class ModeGraph:
+    """A stage's graph for the mode other than the traced one: its forward (bound to the stage module),
+    the InputSpecs of its inputs and its shape conditions (a graph traced in another mode may fix sizes
+    the first left free), which the stage checks its inputs against while in that mode."""
+
+    forward: Callable
+    specs: list
+    guards: list
 
 
 def retarget_devices(gm: fx.GraphModule, device: torch.device) -> None:

@@ -145,7 +145,7 @@ class Pipe(nn.Module):
         self._info = info
         self._specs: dict[int, list] = {}   # stage -> its inputs' InputSpecs (read from its graph once)
         self._call_guards: list | None = None   # the shape conditions a direct call checks (see forward)
-        self._mode_forwards: dict[tuple[int, bool], Any] = {}   # (stage, mode) -> forward for it, or None
+        self._mode_graphs: dict[tuple[int, bool], Any] = {}   # (stage, mode) -> its ModeGraph, or None
 
     @property
     def num_stages(self) -> int:
@@ -175,19 +175,20 @@ class Pipe(nn.Module):
         outputs: list[tuple] = []
         for s, io in enumerate(self._info.stage_io):
             inputs = [flat[i] if src == MODEL_INPUT else outputs[src][i] for src, i in io.input_sources]
-            self._check_inputs(s, inputs)
             module = self.stage_modules[s]
             key = (s, module.training)   # a traced graph holds the mode it was traced in (pp.stage.modes)
-            if key not in self._mode_forwards:
+            if key not in self._mode_graphs:
                 device = next((t.device for t in module.parameters()), torch.device("cpu"))
-                self._mode_forwards[key] = mode_forward(self._info, s, module, device)
-            fwd = self._mode_forwards[key]
-            out = module(*inputs) if fwd is None else call_with_forward(module, module, fwd, inputs)
+                self._mode_graphs[key] = mode_forward(self._info, s, module, device)
+            graph = self._mode_graphs[key]
+            self._check_inputs(s, inputs, graph)
+            out = module(*inputs) if graph is None else call_with_forward(module, module, graph.forward, inputs)
             outputs.append(tuple(out))
         result = pytree.tree_unflatten(list(outputs[-1]), self._info.out_spec)
         return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
-    def _check_inputs(self, s: int, inputs: list) -> None:
+    def _check_inputs(self, s: int, inputs: list, graph: Any = None) -> None:
+        """`graph`: the other mode's ModeGraph the stage runs now (its own specs and conditions), or None."""
         from .contract import check_shapes, graph_input_specs
 
         module = self.stage_modules[s]
@@ -198,16 +199,15 @@ class Pipe(nn.Module):
             specs[s] = graph_input_specs(module)
         device = next((x.device.type for x in inputs if isinstance(x, torch.Tensor)), "cpu")
         autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        check_shapes(s, specs[s], inputs, self._guards(), autocast_dtype=autocast)
+        if graph is not None:
+            check_shapes(s, graph.specs, inputs, _floors_dropped(graph.guards), autocast_dtype=autocast)
+        else:
+            check_shapes(s, specs[s], inputs, self._guards(), autocast_dtype=autocast)
 
     def _guards(self) -> list:
         """The traced graph's shape conditions less the bare floors `s >= 2` of single sizes."""
         if self._call_guards is None:
-            import sympy
-
-            self._call_guards = [g for g in self._info.shape_guards
-                                 if not (isinstance(g, sympy.GreaterThan) and isinstance(g.lhs, sympy.Symbol)
-                                         and g.rhs == 2)]
+            self._call_guards = _floors_dropped(self._info.shape_guards)
         return self._call_guards
 
     def build_stage(self, stage_index: int, device: torch.device | str, group=None):
@@ -218,3 +218,11 @@ class Pipe(nn.Module):
 
     def __repr__(self) -> str:
         return f"Pipe(num_stages={self.num_stages})"
+
+
+def _floors_dropped(guards: list) -> list:
+    """Shape conditions less the bare floors `s >= 2` torch.export puts on single sizes."""
+    import sympy
+
+    return [g for g in guards
+            if not (isinstance(g, sympy.GreaterThan) and isinstance(g.lhs, sympy.Symbol) and g.rhs == 2)]

@@ -162,8 +162,8 @@ class PipelineStage(StageInputChecks):
         # The last stage's outputs of the last step, one per microbatch, when the step returned them
         # (torch's name; kept until the next step or clear_runtime_states)
         self.output_chunks: list = []
-        self._mode_forwards: dict[bool, Callable | None] = {}   # module mode -> forward for it (sync_mode)
-        self._mode_forward: Callable | None = None
+        self._mode_graphs: dict[bool, Any] = {}   # module mode -> its ModeGraph, None: the traced graph
+        self._mode_graph: Any = None             # the one in use (sync_mode)
         self._params = [p for p in self.submod.parameters() if p.requires_grad]
         self._expected: list | None = None  # see check_received
         self._accepted: set = set()         # input shapes check_model_inputs let through
@@ -261,8 +261,8 @@ class PipelineStage(StageInputChecks):
         out = self._replay(m, st) if self.graphs is not None else None
         if out is None and self.is_first and self.pipe_info is None:
             out = self.submod(*st.args, **st.kwargs)
-        elif out is None and self._mode_forward is not None:
-            out = call_with_forward(self.submod, inner_module(self.submod), self._mode_forward, st.inputs)
+        elif out is None and self._mode_graph is not None:
+            out = call_with_forward(self.submod, inner_module(self.submod), self._mode_graph.forward, st.inputs)
         elif out is None:
             out = self.submod(*st.inputs)
         return out
@@ -273,10 +273,13 @@ class PipelineStage(StageInputChecks):
         if self.pipe_info is None:
             return
         training = self.submod.training
-        if training not in self._mode_forwards:
-            self._mode_forwards[training] = mode_forward(self.pipe_info, self.stage_index, inner_module(self.submod),
-                                                          self.device)
-        self._mode_forward = self._mode_forwards[training]
+        if training not in self._mode_graphs:
+            self._mode_graphs[training] = mode_forward(self.pipe_info, self.stage_index, inner_module(self.submod),
+                                                       self.device)
+        graph = self._mode_graphs[training]
+        if graph is not self._mode_graph:   # the inputs are checked against the graph in use
+            self._mode_graph, self._expected = graph, None
+            self._accepted.clear()
 
 
     def _replay(self, m: int, st: _Microbatch) -> Any:

@@ -94,13 +94,13 @@ def pipeline(
     cuts: list = []   # the policy's cuts (segment count, starts), kept so a retrace cuts alike
     pipe = _trace_and_cut(module, tuple(mb_args), mb_kwargs, split_spec, split_policy, dynamic, cuts)
 
-    def retrace(model: nn.Module, training: bool) -> tuple[list, list]:
+    def retrace(model: nn.Module, training: bool) -> tuple[list, list, list]:
         on_meta = any(t.is_meta for t in model.parameters())   # a meta copy (pp.stage.modes) takes meta examples
         args, kwargs = tree_map(lambda t: t.to("meta") if on_meta and isinstance(t, torch.Tensor) else t,
                                 (tuple(mb_args), mb_kwargs))
         again = _trace_and_cut(model, args, kwargs, split_spec, _same_cuts(cuts[0], training) if cuts else None,
                                dynamic, [])
-        return list(again.stage_modules), again.info().stage_io
+        return list(again.stage_modules), again.info().stage_io, again.info().shape_guards
 
     pipe.info().mode_traces = ModeTraces(module, retrace, [graph_code(gm) for gm in pipe.stage_modules],
                                          module.training)
