@@ -182,6 +182,35 @@ def _split_leaves(named_leaves: list, specs: list, chunks: int) -> list[list]:
     return [[col[c] for col in columns] for c in range(chunks)]
 
 
+def split_rows(args: tuple, kwargs: dict, args_chunk_spec: Any = None, kwargs_chunk_spec: Any = None) -> int:
+    """The rows a batch is split by: the size of its first split tensor (positional before keyword)
+    along the dimension it is split on; 0 where no tensor is split."""
+    for tree, spec, name in ((tuple(args), args_chunk_spec, "args"), (dict(kwargs), kwargs_chunk_spec, "kwargs")):
+        named, _, specs = _flatten_with_specs(tree, spec, name)
+        for (_, value), leaf_spec in zip(named, specs):
+            if not isinstance(value, torch.Tensor) or value.dim() == 0 or leaf_spec is _Replicate \
+                    or isinstance(leaf_spec, _Replicate):
+                continue
+            dim = leaf_spec.split_dim if isinstance(leaf_spec, TensorChunkSpec) else DEFAULT_CHUNK_DIM
+            return value.size(dim) if -value.dim() <= dim < value.dim() else 0
+    return 0
+
+
+def check_rows_follow(batch_rows: int, target_rows: int, chunks: int) -> None:
+    """ValueError unless each microbatch of the target holds the rows of its microbatch of the batch:
+    both split as `torch.tensor_split` splits them, microbatch m's target rows t_m and batch rows b_m
+    must keep t_m / b_m = target_rows / batch_rows (a target with one row per token of a row, flattened,
+    passes; 7 target rows for 8 batch rows would pair rows of different samples). 0 rows: unknown, passes."""
+    if not batch_rows or not target_rows or batch_rows < chunks or target_rows < chunks:
+        return
+    b = [len(r) for r in torch.arange(batch_rows).tensor_split(chunks)]
+    t = [len(r) for r in torch.arange(target_rows).tensor_split(chunks)]
+    if any(tm * batch_rows != bm * target_rows for bm, tm in zip(b, t)):
+        raise ValueError(f"the target's {target_rows} rows do not follow the batch's {batch_rows} into {chunks} "
+                         f"microbatches ({', '.join(map(str, t))} target rows against {', '.join(map(str, b))} "
+                         f"batch rows): each microbatch's target must be its own samples'")
+
+
 def split_block_mask(mask: Any, chunks: int, path: str = "block_mask") -> list:
     """A flex-attention `BlockMask` split along its batch dimension as `torch.tensor_split` splits the
     batch (so each microbatch gets its own rows' blocks), each part's `mask_mod` reading batch index

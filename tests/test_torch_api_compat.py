@@ -314,3 +314,35 @@ def _token_mean(rank: int, world: int) -> bool:
 
 def test_a_token_mean_with_ignored_tokens_as_the_docs_show():
     assert run_ranks(_token_mean, 2) == [True, True]
+
+
+def _target_rows(rank: int, world: int) -> list:
+    """A target whose rows cannot follow the batch's into the microbatches (7 target rows for 8 samples)
+    is refused on every rank before anything is sent (it trained silently on broadcast losses; found by
+    a fresh-user check); a target flattened to one row per token of each sample still trains."""
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(10, 8), nn.Linear(8, 10)
+    model = nn.Sequential(emb, nn.Tanh(), head)
+    x, y = torch.randint(0, 10, (8, 5)), torch.randint(0, 10, (8, 5))
+    part = copy.deepcopy(model)[:2] if rank == 0 else copy.deepcopy(model)[2:]
+    sched = pp.Schedule1F1B(pp.PipelineStage(part, rank, world, "cpu"), 4,
+                            loss_fn=lambda out, t: F.cross_entropy(out.flatten(0, 1), t))
+    seen = []
+    try:
+        sched.step(*((x,) if rank == 0 else ()), target=y.flatten()[:35] if rank == 1 else None)
+    except ValueError as e:
+        seen.append(str(e))
+    sched.step(*((x,) if rank == 0 else ()), target=y.flatten() if rank == 1 else None)   # 40 = 8 x 5: fine
+    ref = copy.deepcopy(model)
+    torch.stack([F.cross_entropy(ref(a).flatten(0, 1), b.flatten()) for a, b in zip(x.chunk(4), y.chunk(4))]
+                ).mean().backward()
+    want = dict(ref.named_parameters())
+    for name, p in part.named_parameters():
+        torch.testing.assert_close(p.grad, want[name].grad, msg=name)
+    return seen
+
+
+def test_a_target_whose_rows_cannot_follow_the_batch_is_refused_on_every_rank():
+    for seen in run_ranks(_target_rows, 2):
+        assert seen == ["the target's 35 rows do not follow the batch's 8 into 4 microbatches (9, 9, 9, 8 target "
+                        "rows against 2, 2, 2, 2 batch rows): each microbatch's target must be its own samples'"]

@@ -13,7 +13,8 @@ import torch
 
 from ..comms import p2p
 from ..comms.abort import AbortChannel, PipelineAborted
-from ..microbatch import loss_reduction, loss_scales, merge_chunks, split_args_kwargs_into_chunks
+from ..microbatch import (check_rows_follow, loss_reduction, loss_scales, merge_chunks,
+                          split_args_kwargs_into_chunks, split_rows)
 from ..parallel.wrapped import StepSync
 from ..stage.graphs import StageGraphs
 from ..stage.runtime import PipelineStage
@@ -271,6 +272,7 @@ class _PipelineSchedule:
                 args, kwargs = stage0.pipe_info.input_binder.normalise(args, kwargs)
             mb_args, mb_kwargs = split_args_kwargs_into_chunks(
                 tuple(args), dict(kwargs), n, self._args_chunk_spec, self._kwargs_chunk_spec)
+            self._rows[0] = split_rows(args, kwargs, self._args_chunk_spec, self._kwargs_chunk_spec)
             signature = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x)
                               for chunk in zip(mb_args, mb_kwargs)
                               for x in torch.utils._pytree.tree_leaves(chunk))
@@ -287,6 +289,7 @@ class _PipelineSchedule:
                                  f"pass target= to {'step' if training else 'eval'}()")
             if target is not None:
                 targets = [t[0] for t in split_args_kwargs_into_chunks((target,), {}, n)[0]]
+                self._rows[1] = split_rows((target,), {})
         return mb_args, mb_kwargs, targets, signature
 
     def _refuse_other_plans(self, training: bool) -> None:
@@ -316,6 +319,7 @@ class _PipelineSchedule:
             raise RuntimeError(f"{type(self).__name__} has no schedule of its own: load one with "
                                f"_load_csv(path) first, or use pp.schedule_from_actions or a schedule class")
         error, prepared = None, None
+        self._rows = [0, 0]   # the batch's and the target's rows, from the ranks holding them
         try:
             prepared = self._check_inputs(args, kwargs, target, losses, training, return_outputs, loss_kwargs)
         except Exception as e:  # reported to every rank below, so that no peer waits for us
@@ -332,12 +336,12 @@ class _PipelineSchedule:
         broken = 0 if not self._broken else self.rank + 1 + (self.n_ranks if self._broken_own else 0)
         plan = 2 * self._plan_hash + int(training)
         if self.n_ranks > 1:
-            status = p2p.max_all_reduce([self.rank + 1 if error else 0, int(changed), broken, plan, -plan],
-                                        self.group)
+            status = p2p.max_all_reduce([self.rank + 1 if error else 0, int(changed), broken, plan, -plan,
+                                         *self._rows], self.group)
             if status[3] != -status[4]:   # the same on every rank: all of them raise here
                 self._refuse_other_plans(training)
         else:
-            status = [1 if error else 0, int(changed), broken]
+            status = [1 if error else 0, int(changed), broken, plan, -plan, *self._rows]
         if status[2]:
             who = (status[2] - 1) % self.n_ranks
             why = f" ({self._broken})" if who == self.rank and self._broken else ""
@@ -348,6 +352,7 @@ class _PipelineSchedule:
                                f"from the newest checkpoint)")
         if error is not None:
             raise error
+        check_rows_follow(int(status[5]), int(status[6]), self.n_microbatches)   # every rank alike
         if status[0]:
             raise RuntimeError(f"pipeline step aborted: rank {status[0] - 1} rejected its inputs (its own "
                                f"error says why); no rank started the step")
