@@ -50,3 +50,8 @@ def __getattr__(name: str):
     if name in _SUBMODULES:   # `import pp; pp.schedules.get_schedule_class(...)`, as torch's subpackages
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'pp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """Every public name, those loaded on first use included (tab completion, help(pp))."""
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

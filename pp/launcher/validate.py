@@ -47,7 +47,8 @@ def schedule_names() -> list[str]:
 
 def _norm(name: str) -> str:
     name = name.lower().replace("_", "").replace("-", "")
-    return name[len("schedule"):] if name.startswith("schedule") else name
+    name = name[len("schedule"):] if name.startswith("schedule") else name
+    return name.replace("one", "1")   # "OneFOneB" is 1F1B spelled out
 
 
 def resolve_schedule(name: str) -> str:

@@ -288,7 +288,10 @@ class _PipelineSchedule:
                 raise ValueError(f"rank {self.rank} holds the last stage and the schedule has a loss_fn: "
                                  f"pass target= to {'step' if training else 'eval'}()")
             if target is not None:
-                targets = [t[0] for t in split_args_kwargs_into_chunks((target,), {}, n)[0]]
+                try:
+                    targets = [t[0] for t in split_args_kwargs_into_chunks((target,), {}, n)[0]]
+                except ValueError as e:   # named as the caller passed it
+                    raise ValueError(str(e).replace("args[0]", "target")) from None
                 self._rows[1] = split_rows((target,), {})
         return mb_args, mb_kwargs, targets, signature
 

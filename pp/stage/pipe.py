@@ -108,10 +108,9 @@ class InputBinder:
         pos, kw = self._normalise(tuple(args), dict(kwargs or {}))
         flat, spec = pytree.tree_flatten((pos, kw))
         if spec != self.in_spec:
-            raise ValueError(
-                f"pipeline inputs have a different structure from the example traced: got {spec}, "
-                f"expected {self.in_spec}"
-            )
+            traced = pytree.tree_unflatten([None] * self.in_spec.num_leaves, self.in_spec)
+            raise ValueError(f"the inputs are {_outline(pos)} and {_outline(kw)}, but the model was traced with "
+                             f"{_outline(traced[0])} and {_outline(traced[1])}: pass them as in the example")
         for i, value in self.traced_constants.items():
             if not _same_constant(flat[i], value):
                 raise ValueError(
@@ -226,3 +225,14 @@ def _floors_dropped(guards: list) -> list:
 
     return [g for g in guards
             if not (isinstance(g, sympy.GreaterThan) and isinstance(g.lhs, sympy.Symbol) and g.rhs == 2)]
+
+
+def _outline(value: Any) -> str:
+    """A value's structure in one line: (Tensor, [Tensor, int]), {'mask': Tensor}."""
+    if isinstance(value, tuple):
+        return "(" + ", ".join(map(_outline, value)) + ("," if len(value) == 1 else "") + ")"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_outline, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_outline(v)}" for k, v in value.items()) + "}"
+    return "Tensor" if isinstance(value, torch.Tensor) or value is None else type(value).__name__
