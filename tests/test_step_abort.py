@@ -95,3 +95,43 @@ def test_ranks_that_disagree_on_the_schedule_or_method_are_refused_on_every_rank
         assert "rank 0 calls step of" in messages[0] and "rank 1 calls eval of" in messages[0], messages[0]
         assert "rank 0 calls step of ScheduleGPipe" in messages[1] and "rank 1 calls step of Schedule1F1B" in messages[1]
         assert "with 2 microbatches" in messages[2] and "with 4 microbatches" in messages[2]
+
+
+SCRIPT = """
+import os, torch, torch.nn as nn, torch.nn.functional as F, pp
+from pp.comms.backend import init_process_group_from_env
+init_process_group_from_env()
+rank = int(os.environ["RANK"])
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+x, y = torch.randn(8, 16), torch.randn(8, {target_cols})
+st = pp.PipelineStage(model[:2] if rank == 0 else model[2:], rank, 2, "cpu", input_args={input_args})
+sch = pp.Schedule1F1B(st, 4, F.mse_loss)
+sch.step(*((x{cast},) if rank == 0 else ()), target=y if rank == 1 else None)
+"""
+
+
+@pytest.mark.parametrize("case", ["refused", "mid_step"])
+def test_a_script_that_fails_a_step_exits_with_code_1_not_an_abort(tmp_path, case):
+    """Under torchrun an uncaught step error ended a rank with SIGABRT ("terminate called without an
+    active exception", exit code -6) in most runs, found by a fresh-user check: gloo's threads outlived
+    the interpreter's shutdown. A refused step (no transfer started) and a loss failing mid-step."""
+    import os
+    import subprocess
+    import sys
+
+    from pp.testing import _free_port
+
+    script = tmp_path / "fail.py"
+    script.write_text(SCRIPT.format(
+        target_cols=4 if case == "refused" else 5,
+        input_args="(x[:2],) if rank == 0 else (torch.randn(2, 32),)" if case == "refused" else "None",
+        cast=".double()" if case == "refused" else ""))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              "--master-port", str(_free_port()), str(script)],
+                             capture_output=True, text=True, timeout=120, env=env)
+        out = run.stdout + run.stderr
+        assert "terminate called" not in out and "exitcode  : -6" not in out, out[-3000:]
+        assert run.returncode == 1, out[-3000:]

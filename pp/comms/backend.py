@@ -5,6 +5,8 @@ environment itself, so a group made by torchrun and one made by `pp.testing.run_
 """
 from __future__ import annotations
 
+import atexit
+
 import os
 import sys
 from datetime import timedelta
@@ -195,6 +197,47 @@ def _device_of_current_group() -> torch.device:
     if "nccl" in str(dist.get_backend()) and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+_at_exit = {"registered": False, "pending": False}
+
+
+def close_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, if it is a gloo one still up and
+    no pipeline step left transfers pending (a failed step: see `transfers_may_be_pending`). Left to the
+    interpreter's finalization, a gloo worker thread may free a transfer's tensor after the shutdown
+    began and abort the process ("terminate called without an active exception", exit code -6) even
+    after a clean one-line error; destroying the group first joins those threads. Registered once."""
+    if not _at_exit["registered"]:
+        _at_exit["registered"] = True
+        atexit.register(_close_default_group)
+
+
+def transfers_may_be_pending() -> None:
+    """A step failed mid-way: its transfers may never complete, so the group is left alone at exit
+    (destroying it could wait on them forever), and an exception nobody catches ends the process with
+    exit code 1 once its traceback is printed, skipping the finalization that would abort it."""
+    if _at_exit["pending"]:
+        return
+    _at_exit["pending"] = True
+    previous = sys.excepthook
+
+    def hook(kind, value, tb) -> None:
+        previous(kind, value, tb)
+        exit_process(1)
+
+    sys.excepthook = hook
+
+
+def _close_default_group() -> None:
+    if _at_exit["pending"] or not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() != "gloo":
+            return
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
 
 
 def exit_process(code: int) -> NoReturn:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..comms import p2p
+from ..comms.backend import close_at_exit, transfers_may_be_pending
 from ..comms.abort import AbortChannel, PipelineAborted
 from ..microbatch import (check_rows_follow, loss_reduction, loss_scales, merge_chunks,
                           split_args_kwargs_into_chunks, split_rows)
@@ -117,6 +118,7 @@ class _PipelineSchedule:
         self._executor = Executor(self._stages, self._graph, self.group, self.rank)
         self._executor.abort = self._abort = AbortChannel(self.group, self.rank, first.device)
         p2p.warm_up(self.group, first.device)
+        close_at_exit()
         self._shared_checked = False   # shared parameters' copies are checked equal at the first step
         self._broken = ""   # why a step failed mid-way (another one could meet its pending transfers)
         self._broken_own = False   # ... by this rank's own error, not by stopping to wait for another's
@@ -397,6 +399,7 @@ class _PipelineSchedule:
             self._abort.post(e)  # the other ranks stop waiting for this one (pp.comms.abort)
             if self.n_ranks > 1:   # transfers of this step may still be pending: no further step
                 self._broken = (str(e).strip().splitlines() or [type(e).__name__])[0][:200] or type(e).__name__
+                transfers_may_be_pending()
                 self._broken_own = not isinstance(e, PipelineAborted)
             for g in self._graphs.values():
                 g.discard()
