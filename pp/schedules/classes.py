@@ -49,9 +49,9 @@ class _PipelineSchedule:
                            ("defer_pp_recv", defer_pp_recv)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
-        # torch's knobs, kept for code moving over: pp's backward always runs through autograd (so
-        # step() needs gradients enabled either way), and pp posts receives where its plan puts them.
-        self._backward_requires_autograd, self._defer_pp_recv = backward_requires_autograd, defer_pp_recv
+        # torch's knobs, taken for code moving over (and passed on by _load_csv): pp's backward always runs
+        # through autograd (step() needs gradients enabled either way), and pp posts receives where its
+        # plan puts them.
         self._init_kwargs = {"backward_requires_autograd": backward_requires_autograd,
                              "defer_pp_recv": defer_pp_recv}
         if not stages or not all(isinstance(s, PipelineStage) for s in stages):
@@ -253,6 +253,7 @@ class _PipelineSchedule:
         n = self.n_microbatches
         mb_args = mb_kwargs = targets = None
         signature = None
+        rows = [0, 0]   # the batch's and the target's rows, where this rank holds them
         if not isinstance(return_outputs, bool):
             raise TypeError(f"return_outputs must be True or False, got {return_outputs!r}")
         if loss_kwargs is not None and not isinstance(loss_kwargs, dict):
@@ -274,7 +275,7 @@ class _PipelineSchedule:
                 args, kwargs = stage0.pipe_info.input_binder.normalise(args, kwargs)
             mb_args, mb_kwargs = split_args_kwargs_into_chunks(
                 tuple(args), dict(kwargs), n, self._args_chunk_spec, self._kwargs_chunk_spec)
-            self._rows[0] = split_rows(args, kwargs, self._args_chunk_spec, self._kwargs_chunk_spec)
+            rows[0] = split_rows(args, kwargs, self._args_chunk_spec, self._kwargs_chunk_spec)
             signature = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x)
                               for chunk in zip(mb_args, mb_kwargs)
                               for x in torch.utils._pytree.tree_leaves(chunk))
@@ -294,8 +295,8 @@ class _PipelineSchedule:
                     targets = [t[0] for t in split_args_kwargs_into_chunks((target,), {}, n)[0]]
                 except ValueError as e:   # named as the caller passed it
                     raise ValueError(str(e).replace("args[0]", "target")) from None
-                self._rows[1] = split_rows((target,), {})
-        return mb_args, mb_kwargs, targets, signature
+                rows[1] = split_rows((target,), {})
+        return mb_args, mb_kwargs, targets, signature, rows
 
     def _refuse_other_plans(self, training: bool) -> None:
         import torch.distributed as dist
@@ -324,7 +325,6 @@ class _PipelineSchedule:
             raise RuntimeError(f"{type(self).__name__} has no schedule of its own: load one with "
                                f"_load_csv(path) first, or use pp.schedule_from_actions or a schedule class")
         error, prepared = None, None
-        self._rows = [0, 0]   # the batch's and the target's rows, from the ranks holding them
         try:
             prepared = self._check_inputs(args, kwargs, target, losses, training, return_outputs, loss_kwargs)
         except Exception as e:  # reported to every rank below, so that no peer waits for us
@@ -340,13 +340,14 @@ class _PipelineSchedule:
         # a rank whose own error failed the step outranks those that only stopped waiting for it
         broken = 0 if not self._broken else self.rank + 1 + (self.n_ranks if self._broken_own else 0)
         plan = 2 * self._plan_hash + int(training)
+        rows = prepared[4] if prepared is not None else [0, 0]
         if self.n_ranks > 1:
             status = p2p.max_all_reduce([self.rank + 1 if error else 0, int(changed), broken, plan, -plan,
-                                         *self._rows], self.group)
+                                         *rows], self.group)
             if status[3] != -status[4]:   # the same on every rank: all of them raise here
                 self._refuse_other_plans(training)
         else:
-            status = [1 if error else 0, int(changed), broken, plan, -plan, *self._rows]
+            status = [1 if error else 0, int(changed), broken, plan, -plan, *rows]
         if status[2]:
             who = (status[2] - 1) % self.n_ranks
             why = f" ({self._broken})" if who == self.rank and self._broken else ""
@@ -363,7 +364,7 @@ class _PipelineSchedule:
                                f"error says why); no rank started the step")
         self._grad_flags[mode] = grad_flags
         self._abort.begin_step()
-        mb_args, mb_kwargs, targets, signature = prepared
+        mb_args, mb_kwargs, targets, signature, _ = prepared
         self._signatures[mode] = signature
         meta_mode = bool(status[1])
         is_last = (self.n_stages - 1) in self._stages

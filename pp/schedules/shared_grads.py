@@ -74,15 +74,15 @@ def keep_one_accumulated(stages: Iterable[PipelineStage]) -> None:
     info = stages[0].pipe_info
     if info is None or not info.shared_params:
         return
-    for name, users in info.shared_params.items():
-        owner = None
-        for stage in stages:
-            if stage.stage_index == min(users):
-                owner = dict(unwrap(stage.submod).named_parameters(remove_duplicate=False)).get(name)
-        for stage in stages:
-            for n, p in unwrap(stage.submod).named_parameters(remove_duplicate=False):
-                if n == name and p is not owner and p.grad is not None:
-                    p.grad.zero_()
+    owners = {}   # name -> the first stage's tensor, where that stage is on this rank
+    for stage in stages:
+        for name, p in unwrap(stage.submod).named_parameters(remove_duplicate=False):
+            if stage.stage_index == min(info.shared_params.get(name, [-1])):
+                owners[name] = p
+    for stage in stages:
+        for name, p in unwrap(stage.submod).named_parameters(remove_duplicate=False):
+            if name in info.shared_params and p is not owners.get(name) and p.grad is not None:
+                p.grad.zero_()
 
 
 def _local_sum(params: list[torch.nn.Parameter], meta, device: torch.device) -> torch.Tensor:

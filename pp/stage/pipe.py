@@ -108,7 +108,7 @@ class InputBinder:
         pos, kw = self._normalise(tuple(args), dict(kwargs or {}))
         flat, spec = pytree.tree_flatten((pos, kw))
         if spec != self.in_spec:
-            traced = pytree.tree_unflatten([None] * self.in_spec.num_leaves, self.in_spec)
+            traced = pytree.tree_unflatten([_TRACED] * self.in_spec.num_leaves, self.in_spec)
             raise ValueError(f"the inputs are {_outline(pos)} and {_outline(kw)}, but the model was traced with "
                              f"{_outline(traced[0])} and {_outline(traced[1])}: pass them as in the example")
         for i, value in self.traced_constants.items():
@@ -235,4 +235,7 @@ def _outline(value: Any) -> str:
         return "[" + ", ".join(map(_outline, value)) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k!r}: {_outline(v)}" for k, v in value.items()) + "}"
-    return "Tensor" if isinstance(value, torch.Tensor) or value is None else type(value).__name__
+    return "Tensor" if isinstance(value, torch.Tensor) or value is _TRACED else type(value).__name__
+
+
+_TRACED = object()   # a leaf of the traced example in _outline (tensors, as pp.pipeline traces them)
