@@ -198,17 +198,19 @@ def split_rows(args: tuple, kwargs: dict, args_chunk_spec: Any = None, kwargs_ch
 
 def check_rows_follow(batch_rows: int, target_rows: int, chunks: int) -> None:
     """ValueError unless each microbatch of the target holds the rows of its microbatch of the batch:
-    both split as `torch.tensor_split` splits them, microbatch m's target rows t_m and batch rows b_m
-    must keep t_m / b_m = target_rows / batch_rows (a target with one row per token of a row, flattened,
-    passes; 7 target rows for 8 batch rows would pair rows of different samples). 0 rows: unknown, passes."""
+    both split as `torch.tensor_split` splits them, the target must hold a whole number k of rows per
+    sample and microbatch m's target rows t_m = k × its batch rows b_m (a target with one row per token of
+    a row, flattened, passes; 7 or 4 target rows for 8 samples would pair rows of different samples).
+    0 rows: unknown, passes."""
     if not batch_rows or not target_rows or batch_rows < chunks or target_rows < chunks:
         return
     b = [len(r) for r in torch.arange(batch_rows).tensor_split(chunks)]
     t = [len(r) for r in torch.arange(target_rows).tensor_split(chunks)]
-    if any(tm * batch_rows != bm * target_rows for bm, tm in zip(b, t)):
+    if target_rows % batch_rows or any(tm * batch_rows != bm * target_rows for bm, tm in zip(b, t)):
         raise ValueError(f"the target's {target_rows} rows do not follow the batch's {batch_rows} into {chunks} "
                          f"microbatches ({', '.join(map(str, t))} target rows against {', '.join(map(str, b))} "
-                         f"batch rows): each microbatch's target must be its own samples'")
+                         f"batch rows): each microbatch's target must hold the same whole number of rows for "
+                         f"each of its samples")
 
 
 def split_block_mask(mask: Any, chunks: int, path: str = "block_mask") -> list:

@@ -328,10 +328,11 @@ def _target_rows(rank: int, world: int) -> list:
     sched = pp.Schedule1F1B(pp.PipelineStage(part, rank, world, "cpu"), 4,
                             loss_fn=lambda out, t: F.cross_entropy(out.flatten(0, 1), t))
     seen = []
-    try:
-        sched.step(*((x,) if rank == 0 else ()), target=y.flatten()[:35] if rank == 1 else None)
-    except ValueError as e:
-        seen.append(str(e))
+    for rows in (35, 4):   # 4 rows for 8 samples splits proportionally (1 per 2) but is half a row each
+        try:
+            sched.step(*((x,) if rank == 0 else ()), target=y.flatten()[:rows] if rank == 1 else None)
+        except ValueError as e:
+            seen.append(str(e))
     sched.step(*((x,) if rank == 0 else ()), target=y.flatten() if rank == 1 else None)   # 40 = 8 x 5: fine
     ref = copy.deepcopy(model)
     torch.stack([F.cross_entropy(ref(a).flatten(0, 1), b.flatten()) for a, b in zip(x.chunk(4), y.chunk(4))]
@@ -344,5 +345,8 @@ def _target_rows(rank: int, world: int) -> list:
 
 def test_a_target_whose_rows_cannot_follow_the_batch_is_refused_on_every_rank():
     for seen in run_ranks(_target_rows, 2):
-        assert seen == ["the target's 35 rows do not follow the batch's 8 into 4 microbatches (9, 9, 9, 8 target "
-                        "rows against 2, 2, 2, 2 batch rows): each microbatch's target must be its own samples'"]
+        rule = "each microbatch's target must hold the same whole number of rows for each of its samples"
+        assert seen == [f"the target's 35 rows do not follow the batch's 8 into 4 microbatches (9, 9, 9, 8 target "
+                        f"rows against 2, 2, 2, 2 batch rows): {rule}",
+                        f"the target's 4 rows do not follow the batch's 8 into 4 microbatches (1, 1, 1, 1 target "
+                        f"rows against 2, 2, 2, 2 batch rows): {rule}"]
