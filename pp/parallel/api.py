@@ -77,7 +77,9 @@ def parallelize(
     sharded over dp), 2 (also gradients), 3 (also parameters between steps); build the optimizer with
     `ParallelModel.build_optimizer`. A `module` on the meta device is traced there and each rank fills
     only its own stages' tensors: from `state_dict` (whole tensors under the model's names) or with
-    `init_fn(name, tensor)` (e.g. seeded by `pp.parallel.meta.generator_for(seed, name)`).
+    `init_fn(name, tensor)` (e.g. seeded by `pp.parallel.meta.generator_for(seed, name)`), the state dict
+    first where both are given; tensors that were real (buffers of a model whose parameters alone were on
+    meta) keep their values unless the state dict holds them (`pp.parallel.meta.fill`).
     ValueError for an unknown precision, checkpointing mode or ZeRO level. Tensor hooks and
     post-accumulate-grad hooks on the parameters run once per microbatch; hooks put on their
     AccumulateGrad nodes run only with `stage.node_hooks = True` on the stages (`ParallelModel.stages`).
@@ -165,9 +167,9 @@ def parallelize(
         mod = pipe.get_stage_module(s)
         if is_meta(mod):  # only this rank's stages get storage, filled whole before any tp cut
             materialize(mod, device, made)
-            fill(mod, init_fn, state_dict, seen=filled)
+            fill(mod, init_fn, state_dict, seen=filled, fresh={id(t) for t in made.values()})
         elif state_dict is not None:
-            fill(mod, None, state_dict)
+            fill(mod, None, state_dict, fresh=set())
         if precision == "bf16":
             cast_module(mod, precision)
         if tp > 1 and _plan_covers(mod, tp_plan):

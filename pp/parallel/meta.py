@@ -6,6 +6,7 @@ do not depend on how the model is cut or sharded (pp, dp, tp).
 """
 from __future__ import annotations
 
+import warnings
 import zlib
 from typing import Any, Callable, Mapping
 
@@ -60,24 +61,61 @@ def materialize(module: nn.Module, device: torch.device, memo: dict[int, torch.T
 
 
 def fill(module: nn.Module, init_fn: InitFn | None = None, state_dict: Mapping[str, torch.Tensor] | None = None,
-         names: Mapping[str, str] | None = None, seen: set[int] | None = None) -> None:
+         names: Mapping[str, str] | None = None, seen: set[int] | None = None,
+         fresh: set[int] | None = None) -> None:
     """Fill the parameters and buffers of `module` (each tensor once, under its first name): copied from
-    `state_dict` (whole tensors under the model's names), else `init_fn(name, tensor)` fills it in place.
-    `seen` (ids of tensors filled already, updated here) carries over between a rank's stage modules.
-    KeyError naming the entry `state_dict` lacks."""
+    `state_dict` (whole tensors under the model's names) where it holds the name, else
+    `init_fn(name, tensor)` fills it in place. `seen` (ids of tensors filled already, updated here)
+    carries over between a rank's stage modules. `fresh`: ids of the tensors `materialize` gave storage
+    (`{id(t) for t in memo.values()}`); a tensor outside it was real before (a buffer of a model whose
+    parameters alone were on the meta device, as `accelerate.init_empty_weights()` builds it) and keeps
+    its values unless `state_dict` holds it. None: every tensor is fresh.
+
+    Raises KeyError, when there is no `init_fn`, naming a parameter or persistent buffer that
+    `state_dict` lacks; ValueError for an entry of another shape and, without `init_fn`, for a fresh
+    non-persistent buffer (which no state dict holds; the message says how to build the model instead). Warns (once per call, naming them) when `init_fn` fills
+    non-persistent buffers: they are computed by the model's constructor (rotary frequencies, masks),
+    which a generic init function does not reproduce."""
     seen = set() if seen is None else seen
+    guessed: list[str] = []
     with torch.no_grad():
-        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        for name, t, persistent in _tensors(module):
             if id(t) in seen:
                 continue
             seen.add(id(t))
-            if state_dict is not None:
-                if name not in state_dict:
-                    raise KeyError(f"state_dict has no entry {name!r}, which this rank's stage needs")
+            is_fresh = fresh is None or id(t) in fresh
+            if state_dict is not None and name in state_dict:
                 src = state_dict[name]
                 if tuple(src.shape) != tuple(t.shape):
                     raise ValueError(f"state_dict[{name!r}] has shape {tuple(src.shape)}, the model "
                                      f"{tuple(t.shape)}")
                 t.copy_(src)
+            elif persistent and state_dict is not None and init_fn is None:
+                raise KeyError(f"state_dict has no entry {name!r}, which this rank's stage needs")
+            elif not is_fresh:
+                continue   # real before: its values are the model's
             elif init_fn is not None:
                 init_fn(name, t)
+                if not persistent:
+                    guessed.append(name)
+            else:
+                raise ValueError(f"{name!r} is a non-persistent buffer (computed by the model's constructor, "
+                               f"so no state dict holds it) and was built on the meta device: build the model "
+                               f"with its buffers on a real device (parameters alone on meta, e.g. under "
+                               f"accelerate.init_empty_weights()), or pass init_fn to compute it")
+    if guessed:
+        warnings.warn(f"init_fn filled the non-persistent buffer(s) {', '.join(map(repr, guessed))} of a "
+                      f"meta-device model: the model's constructor computes such buffers (rotary frequencies, "
+                      f"masks) and no checkpoint holds them, so init_fn must compute them exactly; or build "
+                      f"the model with its buffers on a real device (parameters alone on meta, e.g. under "
+                      f"accelerate.init_empty_weights()), which pp then keeps", stacklevel=3)
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
+    """(name, tensor, persistent) for every parameter and buffer of `module`, duplicates included."""
+    out = [(name, p, True) for name, p in module.named_parameters(remove_duplicate=False)]
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        for leaf, b in mod._buffers.items():
+            if b is not None:
+                out.append((f"{prefix}.{leaf}" if prefix else leaf, b, leaf not in mod._non_persistent_buffers_set))
+    return out
