@@ -197,20 +197,40 @@ def split_rows(args: tuple, kwargs: dict, args_chunk_spec: Any = None, kwargs_ch
 
 
 def check_rows_follow(batch_rows: int, target_rows: int, chunks: int) -> None:
-    """ValueError unless each microbatch of the target holds the rows of its microbatch of the batch:
-    both split as `torch.tensor_split` splits them, the target must hold a whole number k of rows per
-    sample and microbatch m's target rows t_m = k × its batch rows b_m (a target with one row per token of
-    a row, flattened, passes; 7 or 4 target rows for 8 samples would pair rows of different samples).
-    0 rows: unknown, passes."""
+    """ValueError unless the target holds a whole number k of rows per sample of the batch, so that each
+    microbatch's target can hold the rows of its microbatch of the batch (`split_target_like` splits it
+    so: k × each microbatch's batch rows). A target with one row per token of a row, flattened, passes;
+    7 or 4 target rows for 8 samples would pair rows of different samples. 0 rows: unknown, passes."""
     if not batch_rows or not target_rows or batch_rows < chunks or target_rows < chunks:
         return
-    b = [len(r) for r in torch.arange(batch_rows).tensor_split(chunks)]
-    t = [len(r) for r in torch.arange(target_rows).tensor_split(chunks)]
-    if target_rows % batch_rows or any(tm * batch_rows != bm * target_rows for bm, tm in zip(b, t)):
+    if target_rows % batch_rows:
+        b = [len(r) for r in torch.arange(batch_rows).tensor_split(chunks)]
+        t = [len(r) for r in torch.arange(target_rows).tensor_split(chunks)]
         raise ValueError(f"the target's {target_rows} rows do not follow the batch's {batch_rows} into {chunks} "
                          f"microbatches ({', '.join(map(str, t))} target rows against {', '.join(map(str, b))} "
                          f"batch rows): each microbatch's target must hold the same whole number of rows for "
                          f"each of its samples")
+
+
+def split_target_like(target: Any, batch_rows: int, target_rows: int, chunks: int) -> list | None:
+    """`target` split so that microbatch m holds k × b_m rows, where the batch's `batch_rows` split into
+    b_m (`torch.tensor_split`) and the target holds k = target_rows / batch_rows rows per sample (a
+    target flattened to one row per token): 10 samples of 8 tokens in 4 microbatches give 24, 24, 16,
+    16 target rows, where splitting the 80 rows alone would give 20 each and pair rows of other
+    samples. Each tensor leaf of `target` with `target_rows` rows is split so; other leaves as
+    `split_args_kwargs_into_chunks` splits them. None where splitting the target alone already
+    follows the batch (k = 1, or an even split)."""
+    if not batch_rows or not target_rows or target_rows % batch_rows or batch_rows < chunks:
+        return None
+    k = target_rows // batch_rows
+    sizes = [k * len(r) for r in torch.arange(batch_rows).tensor_split(chunks)]
+    if sizes == [len(r) for r in torch.arange(target_rows).tensor_split(chunks)]:
+        return None
+    leaves, spec = pytree.tree_flatten(target)
+    alone = [pytree.tree_flatten(t)[0] for t in split_args_kwargs_into_chunks((target,), {}, chunks)[0]]
+    parts = [leaf.split(sizes) if isinstance(leaf, torch.Tensor) and leaf.dim() and leaf.size(0) == target_rows
+             else [alone[m][i] for m in range(chunks)] for i, leaf in enumerate(leaves)]
+    return [pytree.tree_unflatten([p[m] for p in parts], spec) for m in range(chunks)]
 
 
 def split_block_mask(mask: Any, chunks: int, path: str = "block_mask") -> list:

@@ -350,3 +350,28 @@ def test_a_target_whose_rows_cannot_follow_the_batch_is_refused_on_every_rank():
                         f"rows against 2, 2, 2, 2 batch rows): {rule}",
                         f"the target's 4 rows do not follow the batch's 8 into 4 microbatches (1, 1, 1, 1 target "
                         f"rows against 2, 2, 2, 2 batch rows): {rule}"]
+
+
+def _flattened_uneven(rank: int, world: int) -> bool:
+    """A target flattened to one row per token (50 rows for 10 samples of 5) over uneven microbatches (3,
+    3, 2, 2 samples): each microbatch's target holds its own samples' 15, 15, 10, 10 tokens, not 50 rows
+    split alone into 13, 13, 12, 12 (refused before; pairing tokens of other samples would be silently
+    wrong). Gradients equal the unsplit model's token mean; a target tuple splits alike."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Tanh(), nn.Linear(8, 10))
+    x, y = torch.randint(0, 10, (10, 5)), torch.randint(0, 10, (10, 5))
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x).flatten(0, 1), y.flatten()).backward()
+    want = dict(ref.named_parameters())
+    for target, loss_fn in ((y.flatten(), lambda out, t: F.cross_entropy(out.flatten(0, 1), t)),
+                            ((y.flatten(), 7), lambda out, t: F.cross_entropy(out.flatten(0, 1), t[0]))):
+        part = copy.deepcopy(model)[:2] if rank == 0 else copy.deepcopy(model)[2:]
+        sched = pp.Schedule1F1B(pp.PipelineStage(part, rank, world, "cpu"), 4, loss_fn=loss_fn)
+        sched.step(*((x,) if rank == 0 else ()), target=target if rank == 1 else None)
+        for name, p in part.named_parameters():
+            torch.testing.assert_close(p.grad, want[name].grad, msg=name)
+    return True
+
+
+def test_a_target_flattened_per_token_follows_uneven_microbatches():
+    assert run_ranks(_flattened_uneven, 2) == [True, True]

@@ -15,7 +15,7 @@ from ..comms import p2p
 from ..comms.backend import close_at_exit, transfers_may_be_pending
 from ..comms.abort import AbortChannel, PipelineAborted
 from ..microbatch import (check_rows_follow, loss_reduction, loss_scales, merge_chunks,
-                          split_args_kwargs_into_chunks, split_rows)
+                          split_args_kwargs_into_chunks, split_rows, split_target_like)
 from ..parallel.wrapped import StepSync
 from ..stage.graphs import StageGraphs
 from ..stage.runtime import PipelineStage
@@ -365,6 +365,8 @@ class _PipelineSchedule:
         self._grad_flags[mode] = grad_flags
         self._abort.begin_step()
         mb_args, mb_kwargs, targets, signature, _ = prepared
+        if targets is not None:   # a target of k rows per sample (flattened per token) follows the batch
+            targets = split_target_like(target, int(status[5]), int(status[6]), self.n_microbatches) or targets
         self._signatures[mode] = signature
         meta_mode = bool(status[1])
         is_last = (self.n_stages - 1) in self._stages
