@@ -135,3 +135,54 @@ def test_a_script_that_fails_a_step_exits_with_code_1_not_an_abort(tmp_path, cas
         out = run.stdout + run.stderr
         assert "terminate called" not in out and "exitcode  : -6" not in out, out[-3000:]
         assert run.returncode == 1, out[-3000:]
+
+
+DYING = """
+import os, torch, torch.nn as nn, torch.nn.functional as F, pp
+from pp.comms.backend import init_process_group_from_env
+init_process_group_from_env()
+rank = int(os.environ["RANK"])
+torch.manual_seed(0)
+
+class Dies(nn.Module):
+    calls = 0
+    def forward(self, x):
+        Dies.calls += 1
+        if Dies.calls == {call}:
+            os._exit(3)   # killed, crashed: no error is reported
+        return x
+
+model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), Dies(), nn.Linear(32, 4))
+x, y = torch.randn(8, 16), torch.randn(8, 4)
+sch = pp.Schedule1F1B(pp.PipelineStage(model[:2] if rank == 0 else model[2:], rank, 2, "cpu"), 4, F.mse_loss)
+try:
+    for _ in range(2):
+        sch.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
+except Exception as e:
+    print(f"rank {{rank}}: {{type(e).__name__}}: {{e}}", flush=True)
+    os._exit(1)
+"""
+
+
+@pytest.mark.parametrize("call", [3, 6])   # in the first step (metadata) and in the second
+def test_a_peer_that_dies_without_a_word_is_named_as_such(tmp_path, call):
+    """A rank whose process ends mid-step without reporting (killed, crashed) left its peers with gloo's
+    raw "Connection reset by peer ... GLHF!" line; they now raise PipelineAborted saying a peer closed its
+    connection and where they waited."""
+    import os
+    import subprocess
+    import sys
+
+    from pp.testing import _free_port
+
+    script = tmp_path / "dying.py"
+    script.write_text(DYING.format(call=call))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [1, 3], outs
+    assert ("rank 0: PipelineAborted: a peer rank closed its connection (its process ended or was killed without "
+            "reporting an error) while rank 0 waited in ") in outs[0], outs[0]
+    assert "GLHF" not in outs[0], outs[0]

@@ -78,6 +78,12 @@ class _WaitThread:
 _thread: _WaitThread | None = None
 
 
+def _connection_lost(error: BaseException) -> bool:
+    """Whether a transfer failed because its peer's connection went away (gloo's words for it)."""
+    text = str(error).lower()
+    return any(w in text for w in ("connection closed by peer", "connection reset by peer", "broken pipe"))
+
+
 class AbortChannel:
     """Per schedule: `begin_step()` at the start of each step (on every rank), `post(error)` from a rank
     that fails, `wait(works, what)` for transfers, which raises PipelineAborted or TimeoutError."""
@@ -144,6 +150,10 @@ class AbortChannel:
                 raise
         if done.error is not None:  # e.g. the connection closed: say why, if the peer left a line
             self.check(what)
+            if _connection_lost(done.error):
+                raise PipelineAborted(f"a peer rank closed its connection (its process ended or was killed "
+                                      f"without reporting an error) while rank {self.rank} waited in "
+                                      f"{what()}") from done.error
             raise done.error
 
     # ------------------------------------------------------------- small objects (tensor metadata)
