@@ -4,7 +4,9 @@ The names mirror torch.distributed.pipelining, so code written for it moves here
 """
 from __future__ import annotations
 
+import atexit
 import importlib
+import sys
 
 from .stage.marker import SplitPoint, pipe_split
 from .stage.pipe import Pipe, PipeInfo
@@ -55,3 +57,14 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     """Every public name, those loaded on first use included (tab completion, help(pp))."""
     return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+
+
+def _at_exit() -> None:
+    # Registered at import so that it runs after the handlers registered since (atexit runs them last
+    # first): the process-group teardown a pipeline needs (pp.comms.backend.at_interpreter_exit).
+    backend = sys.modules.get("pp.comms.backend")
+    if backend is not None:
+        backend.at_interpreter_exit()
+
+
+atexit.register(_at_exit)

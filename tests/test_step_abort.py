@@ -186,3 +186,45 @@ def test_a_peer_that_dies_without_a_word_is_named_as_such(tmp_path, call):
     assert ("rank 0: PipelineAborted: a peer rank closed its connection (its process ended or was killed without "
             "reporting an error) while rank 0 waited in ") in outs[0], outs[0]
     assert "GLHF" not in outs[0], outs[0]
+
+
+CAUGHT = """
+import os, sys, torch, torch.nn as nn, torch.nn.functional as F, pp
+from pp.comms.backend import init_process_group_from_env
+init_process_group_from_env()
+rank = int(os.environ["RANK"])
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+x, y = torch.randn(8, 16), torch.randn(8, 5)   # the loss fails mid-step on rank 1
+sch = pp.Schedule1F1B(pp.PipelineStage(model[:2] if rank == 0 else model[2:], rank, 2, "cpu"), 4, F.mse_loss)
+try:
+    sch.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
+except Exception as e:
+    print(f"rank {{rank}} caught {{type(e).__name__}}", flush=True)
+    {leave}
+"""
+
+
+@pytest.mark.parametrize("leave,code", [("pass", 0), ("sys.exit(3)", 3)])
+def test_a_script_that_catches_a_failed_step_ends_with_its_own_exit_code(tmp_path, leave, code):
+    """A script that caught a mid-step failure and ended (or called sys.exit) was aborted at exit on the
+    rank that had been waiting (SIGABRT, exit code -6; its pending transfer's thread woke during the
+    interpreter's shutdown). Every rank now ends with the script's own code."""
+    import os
+    import subprocess
+    import sys
+
+    from pp.testing import _free_port
+
+    script = tmp_path / "caught.py"
+    script.write_text(CAUGHT.format(leave=leave))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), str(script)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    out = run.stdout + run.stderr
+    assert "rank 0 caught PipelineAborted" in out and "rank 1 caught RuntimeError" in out, out[-3000:]
+    assert "terminate called" not in out and "exitcode  : -6" not in out, out[-3000:]
+    assert run.returncode == (1 if code else 0), out[-3000:]
+    if code:
+        assert f"exitcode  : {code}" in out, out[-3000:]

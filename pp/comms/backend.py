@@ -5,7 +5,7 @@ environment itself, so a group made by torchrun and one made by `pp.testing.run_
 """
 from __future__ import annotations
 
-import atexit
+import logging
 
 import os
 import sys
@@ -199,7 +199,7 @@ def _device_of_current_group() -> torch.device:
     return torch.device("cpu")
 
 
-_at_exit = {"registered": False, "pending": False}
+_at_exit: dict[str, Any] = {"registered": False, "pending": False, "code": None}
 
 
 def close_at_exit() -> None:
@@ -207,30 +207,49 @@ def close_at_exit() -> None:
     no pipeline step left transfers pending (a failed step: see `transfers_may_be_pending`). Left to the
     interpreter's finalization, a gloo worker thread may free a transfer's tensor after the shutdown
     began and abort the process ("terminate called without an active exception", exit code -6) even
-    after a clean one-line error; destroying the group first joins those threads. Registered once."""
-    if not _at_exit["registered"]:
-        _at_exit["registered"] = True
-        atexit.register(_close_default_group)
+    after a clean one-line error; destroying the group first joins those threads. It happens in the
+    `atexit` handler `import pp` registers, so after the handlers registered since."""
+    _at_exit["registered"] = True
 
 
 def transfers_may_be_pending() -> None:
     """A step failed mid-way: its transfers may never complete, so the group is left alone at exit
-    (destroying it could wait on them forever), and an exception nobody catches ends the process with
-    exit code 1 once its traceback is printed, skipping the finalization that would abort it."""
+    (destroying it could wait on them forever) and the process ends without the finalization that
+    would abort it (a waiting thread wakes when its peer's connection closes and cannot take the GIL):
+    an exception nobody catches ends it with exit code 1 once its traceback is printed; a script that
+    caught the error and ends, or calls `sys.exit(code)`, ends with its code once the `atexit` handlers
+    registered since `import pp` have run."""
     if _at_exit["pending"]:
         return
     _at_exit["pending"] = True
-    previous = sys.excepthook
+    previous, real_exit = sys.excepthook, sys.exit
 
     def hook(kind, value, tb) -> None:
         previous(kind, value, tb)
         exit_process(1)
 
-    sys.excepthook = hook
+    def exit(code: Any = None) -> NoReturn:
+        _at_exit["code"] = code
+        real_exit(code)
+
+    sys.excepthook, sys.exit = hook, exit
+
+
+def at_interpreter_exit() -> None:
+    """pp's `atexit` work (registered by `import pp`): see `close_at_exit`, `transfers_may_be_pending`."""
+    if _at_exit["pending"]:
+        code = _at_exit["code"]
+        if code is not None and not isinstance(code, int):   # as Python treats sys.exit("message")
+            print(code, file=sys.stderr)
+            code = 1
+        logging.shutdown()
+        exit_process(code or 0)
+    if _at_exit["registered"]:
+        _close_default_group()
 
 
 def _close_default_group() -> None:
-    if _at_exit["pending"] or not dist.is_initialized():
+    if not dist.is_initialized():
         return
     try:
         if dist.get_backend() != "gloo":
