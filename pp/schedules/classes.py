@@ -245,9 +245,13 @@ class _PipelineSchedule:
 
     # ----------------------------------------------------------------------------- internal
     def _mode_key(self, training: bool) -> tuple:
-        """What metadata and checked input shapes are kept per: step or eval, grad on or off, and the
-        stages' train/eval modes (a graph traced in the other mode may take other shapes)."""
-        return training, torch.is_grad_enabled(), tuple(st.submod.training for st in self._stages.values())
+        """What metadata and checked input shapes are kept per: step or eval, grad on or off, the
+        stages' train/eval modes (a graph traced in the other mode may take other shapes), and the
+        caller's autocast (it changes the dtypes stages send)."""
+        kind = self._executor.device.type
+        cast = tuple((torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in {"cpu", kind})
+        return (training, torch.is_grad_enabled(), tuple(st.submod.training for st in self._stages.values()),
+                cast)
 
     def _check_inputs(self, args, kwargs, target, losses, training, return_outputs, loss_kwargs):
         n = self.n_microbatches

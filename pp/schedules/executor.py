@@ -16,7 +16,7 @@ import torch.utils._pytree as pytree
 
 from ..comms import p2p
 from ..comms.abort import AbortChannel
-from ..stage.runtime import PipelineStage, _meta_of
+from ..stage.runtime import PipelineStage, _meta_of, differentiable
 from .actions import Action, Kind
 from .groups import split_batch
 from .validate import Message, StageGraph
@@ -307,7 +307,7 @@ class Executor:
         ops = []
         for i in stage.output_indices_for(msg.src, mb):
             out = st.outputs[i]
-            if isinstance(out, torch.Tensor) and out.requires_grad and out.is_floating_point():
+            if differentiable(out):
                 # contiguous, as the consumer sends it: empty_like would keep a transposed or
                 # channels_last output's strides (gloo refuses such a buffer; NCCL fills it in the wrong order)
                 buf = torch.empty(out.shape, dtype=out.dtype, device=out.device)
