@@ -28,7 +28,9 @@ split node is such a node, I frees the rest of the graph at once and W makes no 
 accumulating one. Other split nodes go through the engine in W: one call that runs only that node where
 its weight-side children hear from nothing else, otherwise a direct call of the node (its input-side
 gradient is computed again and dropped). A Python-defined autograd Function in that last position
-cannot be called alone: that microbatch's I then runs the whole backward and its W does nothing.
+cannot be called alone: that microbatch's I then runs the whole backward and its W does nothing; so
+does a graph holding a `torch.utils.checkpoint(use_reentrant=True)` region, whose backward torch runs
+only under a plain `backward()`.
 
 A region compiled by `torch.compile` (`pp.stage.compiled`) is one backward node whose fused code computes
 input and weight gradients together: I runs it once, takes its weight-side gradients at its edges in the
@@ -77,6 +79,9 @@ _ACCUMULATE = torch._C._functions.AccumulateGrad
 # Backward nodes of torch.compile'd regions (AOTAutograd): one fused kernel set for input and weight
 # gradients, which W cannot run for the weights alone without doing all of it again.
 _COMPILED = ("CompiledFunctionBackward",)
+# torch.utils.checkpoint's use_reentrant=True region: its backward runs the recomputed forward's own
+# backward and refuses to run under torch.autograd.grad or backward(inputs=...), so I runs all of it.
+_REENTRANT = "CheckpointFunctionBackward"
 
 
 def _walk(root_nodes: list, input_nodes: set) -> tuple[dict, dict, Counter]:
@@ -144,6 +149,8 @@ def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tenso
     root_nodes = [r.grad_fn for r in roots]
     input_nodes = {get_gradient_edge(x).node for x in inputs}
     kids, on_path, indeg = _walk([n for n in root_nodes if n is not None], input_nodes)
+    if any(type(n).__name__ == _REENTRANT for n in kids):   # torch refuses it under an engine call for inputs
+        return _whole_backward(roots, grads, inputs), None
     plain = _never if (NODE_HOOKS if node_hooks is None else node_hooks) else _plain
     param_ids = {id(p) for p in params}
 

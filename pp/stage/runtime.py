@@ -448,7 +448,9 @@ class PipelineStage(StageInputChecks):
         runner()
 
     def _split_backward_weight(self, m: int) -> None:
-        st = self._mb[m]
+        st = self._mb.get(m)
+        if st is None:   # I ran the whole backward (pp.stage.backward) and the gradients were handed over
+            return
         pending, st.pending_weight = st.pending_weight, None
         if pending is _REPLAYED:
             self.graphs.backward_weight(m)
