@@ -285,3 +285,37 @@ def test_tp_plan_naming_an_alias_of_a_shared_parameter_is_refused():
     with pytest.raises(ValueError, match=r"tp_plan shards 'head.weight' \(the same tensor as 'shared.weight'\)"):
         _check_plan(pipe, {"head": pp.tp.ColwiseParallel()})
 
+
+
+def _frozen_shared(rank: int, world: int) -> dict:
+    """A frozen shared parameter (a tied embedding with requires_grad=False) keeps `.grad` None on every
+    copy, as in the unsplit model: the step summing the copies' gradients gave each frozen copy zeros,
+    so AdamW's weight decay and moments moved it (found replaying a frozen tied Llama embedding)."""
+    model = _model(4)
+    model.shared.weight.requires_grad_(False)
+    par = pp.parallelize(model, (_data(0)[0][: BATCH // N_MB],), n_microbatches=N_MB, loss_fn=lm_loss,
+                         schedule="Interleaved1F1B")
+    opt = par.build_optimizer(torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    for step in range(2):
+        x, y = _data(step)
+        par.zero_grad()
+        par.step(x, target=y)
+        opt.step()
+    return {"grads": [n for n, p in par.named_parameters() if not p.requires_grad and p.grad is not None],
+            "state": {k: v.clone() for k, v in par.state_dict().items()}}
+
+
+def test_a_frozen_shared_parameter_stays_frozen():
+    ref = _model(4)
+    ref.shared.weight.requires_grad_(False)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(2):
+        x, y = _data(step)
+        opt.zero_grad()
+        torch.stack([lm_loss(ref(a), b) for a, b in zip(x.chunk(N_MB), y.chunk(N_MB))]).mean().backward()
+        opt.step()
+    want = ref.state_dict()
+    for got in run_ranks(_frozen_shared, 2, timeout_s=300):
+        assert got["grads"] == []
+        for name, t in got["state"].items():
+            torch.testing.assert_close(t, want[name], msg=name)

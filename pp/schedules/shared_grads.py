@@ -58,6 +58,8 @@ def sync_shared_grads(stages: Iterable[PipelineStage], stage_to_rank: Mapping[in
             offset += n
     for name in across + within:
         for p in copies.get(name, []):
+            if not p.requires_grad:   # frozen: its .grad stays None, as in the unsplit model (AdamW would
+                continue              # otherwise decay it and move its moments)
             if p.grad is None:
                 p.grad = sums[name].clone()
             else:
