@@ -100,9 +100,10 @@ def merge_chunks(chunks: list, chunk_spec: Any) -> Any:
     `chunk_spec` is a pytree matching (a prefix of) one chunk, or None for the default everywhere.
     Non-tensor leaves, and leaves whose spec is `_Replicate`, take the first chunk's value.
     0-dim tensors (a loss a model returns next to its logits, e.g. `ModelOutput(loss=, logits=)`) cannot
-    be concatenated: floating-point ones are averaged over the chunks (the mean of the per-microbatch
-    values, which is the batch's mean loss when the microbatches are equal in size), others (counts,
-    flags) are stacked into a 1-dim tensor with one value per chunk.
+    be concatenated: floating-point ones are averaged over the chunks, each weighted by its chunk's rows
+    (read off the chunk's first tensor that is split) where the chunks differ in rows, as `step()`
+    weights the gradients: the batch's mean for a loss that is a mean over rows; others (counts, flags)
+    are stacked into a 1-dim tensor with one value per chunk.
     """
     if not isinstance(chunks, (list, tuple)) or len(chunks) == 0:
         raise ValueError(f"merge_chunks needs a non-empty list of chunks, got {chunks!r}")
@@ -116,6 +117,7 @@ def merge_chunks(chunks: list, chunk_spec: Any) -> Any:
         per_chunk.append(leaves)
 
     paths = _leaf_paths(chunks[0], "output")
+    rows = _chunk_rows(per_chunk, specs)
     merged = []
     for j, spec in enumerate(specs):
         values = [leaves[j] for leaves in per_chunk]
@@ -128,7 +130,13 @@ def merge_chunks(chunks: list, chunk_spec: Any) -> Any:
                 raise ValueError(f"{paths[j]} is a 0-dim tensor in chunk 0 but not in every chunk: "
                                  f"shapes {[tuple(v.shape) for v in values]}")
             stacked = torch.stack(values)
-            merged.append(stacked.mean() if first.is_floating_point() or first.is_complex() else stacked)
+            if not (first.is_floating_point() or first.is_complex()):
+                merged.append(stacked)
+            elif rows is None:
+                merged.append(stacked.mean())
+            else:
+                weights = torch.tensor(rows, dtype=stacked.real.dtype, device=stacked.device) / sum(rows)
+                merged.append((stacked * weights).sum())
             continue
         dim = spec.split_dim if isinstance(spec, TensorChunkSpec) else DEFAULT_CHUNK_DIM
         merged.append(torch.cat(values, dim=dim))
@@ -180,6 +188,21 @@ def _split_leaves(named_leaves: list, specs: list, chunks: int) -> list[list]:
                              f"({path} has shape {tuple(value.shape)})")
         columns.append(value.tensor_split(chunks, dim=dim))
     return [[col[c] for col in columns] for c in range(chunks)]
+
+
+def _chunk_rows(per_chunk: list[list], specs: list) -> list[int] | None:
+    """Each chunk's rows along its first split tensor's dim; None where they are all equal or unknown."""
+    for j, spec in enumerate(specs):
+        first = per_chunk[0][j]
+        if isinstance(first, torch.Tensor) and first.dim() > 0 and not (
+                spec is _Replicate or isinstance(spec, _Replicate)):
+            dim = spec.split_dim if isinstance(spec, TensorChunkSpec) else DEFAULT_CHUNK_DIM
+            try:
+                rows = [leaves[j].size(dim) for leaves in per_chunk]
+            except IndexError:
+                return None
+            return rows if len(set(rows)) > 1 else None
+    return None
 
 
 def split_rows(args: tuple, kwargs: dict, args_chunk_spec: Any = None, kwargs_chunk_spec: Any = None) -> int:

@@ -118,9 +118,14 @@ def test_merge_averages_float_scalars_and_stacks_integer_ones() -> None:
     chunks = [{"loss": torch.tensor(1.0), "n": torch.tensor(3), "logits": torch.ones(2, 3)},
               {"loss": torch.tensor(2.0), "n": torch.tensor(4), "logits": torch.zeros(1, 3)}]
     merged = merge_chunks(chunks, None)
-    assert_close(merged["loss"], torch.tensor(1.5))
+    # weighted by each chunk's rows (2 and 1, from the logits): the batch's mean of a mean over rows, as
+    # step() weights gradients (a plain mean, 1.5, disagreed with the unsplit model's eval loss)
+    assert_close(merged["loss"], torch.tensor((1.0 * 2 + 2.0 * 1) / 3))
     assert merged["n"].tolist() == [3, 4]
     assert merged["logits"].shape == (3, 3)
+    even = merge_chunks([{"loss": torch.tensor(1.0), "logits": torch.ones(2, 3)},
+                         {"loss": torch.tensor(2.0), "logits": torch.ones(2, 3)}], None)
+    assert_close(even["loss"], torch.tensor(1.5))
 
 
 def test_tensor_chunk_spec_repr_and_equality() -> None:
