@@ -238,6 +238,23 @@ def test_the_model_s_shape_conditions_are_checked_and_named():
         check_shapes(0, specs, [x, torch.ones(4)], guards)
 
 
+def test_a_size_of_one_that_the_trace_cannot_cover_says_what_to_send():
+    """A microbatch of 1 row (6 rows in 4 microbatches) fails the traced condition x.shape[0] >= 2; the
+    message told the user to trace with an example of that size, which torch.export cannot do."""
+    from pp.stage.contract import check_shapes, spec_of
+
+    pipe = pp.pipeline(nn.Sequential(nn.Linear(4, 4)), (torch.randn(4, 4),))
+    nodes = [n for n in pipe.get_stage_module(0).graph.nodes if n.op == "placeholder"]
+    specs = [spec_of(f"input {i} ({n.name!r})", n.meta["val"], n.name) for i, n in enumerate(nodes)]
+    guards = pipe.info().shape_guards
+    if not guards:
+        pytest.skip("this torch keeps no lower bound for the traced batch size")
+    with pytest.raises(ValueError, match=r"send sizes of at least 2 there \(.*shape\[0\]; torch.export traces a "
+                                         r"size of 0 or 1 only as a fixed size.*at least 2 rows, or fewer "
+                                         r"microbatches\)$"):
+        check_shapes(0, specs, [torch.randn(1, 4)], guards)
+
+
 # --- eval() and step() in any order on one schedule ------------------------------------------------------
 
 def _eval_and_step(rank, world):

@@ -166,10 +166,14 @@ def check_shapes(stage: int, specs: Sequence[InputSpec | None], values: Sequence
         if not holds:
             sizes = ", ".join(f"{named[s]} = {bound[s]}" for s in sorted(guard.free_symbols, key=str))
             traced = "; ".join(f"{spec.name} traced as {_describe(spec)}" for spec in specs if spec is not None)
+            small = sorted(named[s] for s in guard.free_symbols if bound[s] < 2)
+            way = (f"send sizes of at least 2 there ({', '.join(small)}; torch.export traces a size of 0 or 1 "
+                   f"only as a fixed size, so no example covers it together with larger ones; for the batch "
+                   f"dimension: a batch that gives each microbatch at least 2 rows, or fewer microbatches)"
+                   if small else "send such sizes, or trace pipeline() with an example of the sizes you will send")
             raise ValueError(f"stage {stage} inputs{source} do not meet the traced model's shape condition "
                              f"{_readable(guard, named)} (here {sizes}; {traced}); the traced graph is only "
-                             f"valid for sizes that meet it: send such sizes, or trace pipeline() with an "
-                             f"example of the sizes you will send")
+                             f"valid for sizes that meet it: {way}")
 
 
 def _shape_dtype(value: Any) -> tuple:
