@@ -224,3 +224,44 @@ def test_a_model_traced_in_eval_mode_without_mode_ops_trains():
     pipe = pp.pipeline(copy.deepcopy(model), (x,))   # the traced object is gone after this line
     pipe.train()
     torch.testing.assert_close(pipe(x)[0], want(x))
+
+
+class _TrainingBranch(nn.Module):
+    """Its modes differ in Python code only (no dropout or batch-norm op), and it picks an op by the device
+    its tensors are on (as Mixtral's router picks histc's dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.training:
+            h = h * 0.5
+        if h.device.type == "meta":
+            h = h + 1.0   # a branch the trace on the real device never takes
+        pp.pipe_split()
+        return self.b(h) * (3.0 if self.training else 1.0)
+
+
+def test_a_dropped_model_whose_modes_differ_in_python_code_evaluates_in_eval_mode():
+    """Found by a fresh-user run of pp.run: with the model gone after tracing (pp.run keeps only its
+    stages) the eval-mode graph came from a meta copy, whose trace differs from the real one in layout,
+    so only dropout and batch-norm ops were taken to tell the modes apart: a `self.training` branch (or
+    Mixtral's router jitter, a uniform draw) ran in train mode during validation, silently. The copy is
+    now traced in both modes, on the device the model was traced on."""
+    import gc
+
+    torch.manual_seed(0)
+    model = _TrainingBranch()
+    x = torch.randn(8, 8)
+    want_eval = copy.deepcopy(model).eval()(x)
+    want_train = model(x)
+    pipe = pp.pipeline(model, (x[:4],))
+    del model
+    gc.collect()
+    with torch.no_grad():
+        pipe.eval()
+        torch.testing.assert_close(pipe(x)[0], want_eval)
+        pipe.train()
+        torch.testing.assert_close(pipe(x)[0], want_train)

@@ -35,6 +35,8 @@ class ModeTraces:
                  training: bool) -> None:
         self._real = weakref.ref(module)    # traced again as it is while the caller keeps it
         self._copy = _meta_copy(module)     # else its structure on the meta device
+        # the device the model was traced on: a copy traced there takes the same device-dependent branches
+        self._device = next((t.device for t in (*module.parameters(), *module.buffers()) if not t.is_meta), None)
         # a trace of the copy matches the first trace node for node only where the copy is the model
         # itself (a model on the meta device already, as pp.run builds them)
         self._copy_is_model = self._copy is module
@@ -45,6 +47,10 @@ class ModeTraces:
         self._other: Any = None   # (stage modules, stage io, shape guards, exact) of the other mode, once made
 
     def other(self) -> Any:
+        """(stage modules, stage io, shape guards, codes to compare with) of the other mode's trace. The
+        codes are the first trace's where the model itself was traced again; for a meta copy they are
+        the copy's own trace in the first mode (its layout, strides and clones, may differ from the real
+        model's, so only a trace of the copy in both modes tells what the mode changes)."""
         if isinstance(self._other, Exception):   # tried once already: tracing again would fail alike
             raise self._other
         if self._other is None:
@@ -57,10 +63,19 @@ class ModeTraces:
                                     f"{'train' if not self.training else 'eval'} mode; keep the model alive "
                                     f"while switching the stages' mode")
                 raise self._other
+            if not exact and self._device is not None:
+                # on the device the model was traced on, not meta: models choose ops by device type
+                # (Mixtral's histc takes float on cpu, int elsewhere); storage for the length of a trace
+                module = _empty_copy(module, self._device)
             modes = {m: m.training for m in module.modules()}   # the caller's, submodules' included
-            module.train(not self.training)
             try:
-                self._other = (*self._retrace(module, not self.training), exact)
+                module.train(not self.training)
+                other = self._retrace(module, not self.training)
+                codes = self.codes
+                if not exact:
+                    module.train(self.training)
+                    codes = [graph_code(gm) for gm in self._retrace(module, self.training)[0]]
+                self._other = (*other, codes)
             except Exception as e:
                 self._other = e
                 raise
@@ -94,6 +109,20 @@ def _meta_copy(module: nn.Module) -> nn.Module | None:
         return None
 
 
+def _empty_copy(module: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of a meta copy with uninitialised storage on `device` for every tensor (tracing reads
+    shapes, dtypes and devices only)."""
+    memo: dict[int, Any] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        empty = torch.empty_like(t, device=device)
+        memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    for m in module.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor) and id(value) not in memo:
+                memo[id(value)] = torch.empty_like(value, device=device)
+    return copy.deepcopy(module, memo)
+
+
 def mode_forward(info: Any, i: int, module: nn.Module, device: torch.device) -> ModeGraph | None:
     """The forward stage `i` of a pipe (`info`: its PipeInfo) runs in its module's current mode: None
     where that is the graph it was built with (the mode it was traced in, or a mode both traces agree
@@ -105,7 +134,7 @@ def mode_forward(info: Any, i: int, module: nn.Module, device: torch.device) -> 
         return None
     what = "train" if module.training else "eval"
     try:
-        modules, stage_io, guards, exact = traces.other()
+        modules, stage_io, guards, codes = traces.other()
     except _Gone:
         raise
     except Exception as e:   # a model that traced once may still fail as a meta copy or in the other mode
@@ -121,22 +150,16 @@ def mode_forward(info: Any, i: int, module: nn.Module, device: torch.device) -> 
                       f"its graph has no dropout or batch-norm op, so it runs as traced", stacklevel=2)
         return None
     other = modules[i]
-    differs = graph_code(other) != traces.codes[i]
-    if differs and not exact:   # a meta copy's trace differs in layout (strides, clones) from a real one's:
-        # only ops that depend on the mode tell the modes apart then
-        differs = mode_dependent(other if module.training else module)
-    if not differs:
+    if graph_code(other) == codes[i]:
         return None
     if module.training:
         raise ValueError(f"stage {i} was traced from a model in eval mode, and its graph differs in train mode "
                          f"(dropout, batch norm, or code that reads self.training): stage.submod.train() cannot "
                          f"change a traced graph; call model.train() before pp.pipeline to train it")
     if getattr(module, "tp_shards", None):
-        if not mode_dependent(module):   # the traces differ in layout only (a meta copy decides strides alike)
-            return None
         raise ValueError(f"stage {i} is tensor-parallel and its graph differs in {what} mode (dropout, batch "
-                         f"norm): its tensor-parallel rewrite is not redone for the {what}-mode graph; trace the "
-                         f"model in {what} mode for this")
+                         f"norm, or code that reads self.training): its tensor-parallel rewrite is not redone for "
+                         f"the {what}-mode graph; trace the model in {what} mode for this")
     mine = info.stage_io[i]
     if (stage_io[i].input_sources, stage_io[i].output_consumers) != (mine.input_sources, mine.output_consumers):
         raise ValueError(f"stage {i} takes or sends other values in {what} mode than in the mode it was traced "
@@ -198,9 +221,13 @@ def _has_attr(module: nn.Module, target: str) -> bool:
     return True
 
 
+# random draws: dropout and what it lowers to, and noise models add in training only (a router's jitter)
+_RANDOM = ("dropout", "bernoulli", "uniform", "normal", "rand", "rrelu", "multinomial", "exponential")
+
+
 def mode_dependent(module: nn.Module) -> bool:
     """Whether a traced stage (regions of it included) has an op whose result depends on train/eval mode
-    as traced in train mode: dropout (or the random draw it lowers to) or batch norm on batch statistics."""
+    as traced in train mode: a random draw (dropout, noise) or batch norm on batch statistics."""
     for gm in module.modules():
         if not isinstance(gm, fx.GraphModule):
             continue
@@ -208,7 +235,7 @@ def mode_dependent(module: nn.Module) -> bool:
             if node.op != "call_function":
                 continue
             name = str(node.target)
-            if "dropout" in name or "bernoulli" in name or "batch_norm_legit_functional" in name or (
+            if any(w in name for w in _RANDOM) or "batch_norm_legit_functional" in name or (
                     "native_batch_norm" in name and "no_training" not in name):
                 return True
             if "scaled_dot_product" in name and len(node.args) > 4 and node.args[4]:
