@@ -12,6 +12,8 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from pp.launcher.models import GPT
 from pp.launcher.train import lm_loss
@@ -306,3 +308,46 @@ def test_checkpoints_hold_whole_tensors_whatever_the_layout(launched):
             outputs[name] = model(x)
     torch.testing.assert_close(outputs["tp"], outputs["ref"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(outputs["dp"], outputs["ref"], rtol=1e-4, atol=1e-4)
+
+
+class _Normed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.bn(self.a(x))))
+
+
+def _replica_buffers(rank: int, world: int) -> dict:
+    import pp
+
+    torch.manual_seed(0)
+    model = _Normed()
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.randn(8, 2)
+    par = pp.parallelize(model, (x[:2],), n_microbatches=2, loss_fn=F.mse_loss, pp=1, dp=2)
+    half = slice(4 * rank, 4 * rank + 4)
+    par.step(x[half], target=y[half])
+    return {k: v.clone() for k, v in par.state_dict().items() if "bn." in k}
+
+
+def test_buffers_the_forward_updates_are_averaged_over_the_replicas():
+    """Batch norm's running statistics under dp 2: each replica updated them from its own share of the
+    batch and kept them, so replicas evaluated differently and the checkpoint (replica 0's) gave another
+    validation loss than the run reported (found by a fresh-user run of pp.run; resume was not exact).
+    They are averaged over the replicas after every step: both replicas hold the mean of what each
+    would hold alone."""
+    got = run_ranks(_replica_buffers, 2, timeout_s=120)
+    alone = []
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    for rank in range(2):
+        torch.manual_seed(0)
+        model = _Normed()
+        for part in x[4 * rank:4 * rank + 4].chunk(2):   # its two microbatches
+            model(part)
+        alone.append(model.bn)
+    for name in ("running_mean", "running_var"):
+        want = (getattr(alone[0], name) + getattr(alone[1], name)) / 2
+        for replica in got:
+            torch.testing.assert_close(replica[f"bn.{name}"], want, msg=name)
+    assert torch.equal(got[0]["bn.num_batches_tracked"], got[1]["bn.num_batches_tracked"])

@@ -11,6 +11,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from pp.comms.collectives import all_reduce
+from pp.comms.collectives import all_reduce_
 from pp.parallel.data_parallel import GradSync
 from pp.parallel.mesh import mesh_coords
 from pp.parallel.zero import ShardedParams, zero_optimizer
@@ -44,6 +45,17 @@ class ParallelModel:
         ids = [s.stage_index for s in stages]
         self.has_first_stage, self.has_last_stage = 0 in ids, n_stages - 1 in ids
         self._optimizer_built = False
+        # floating buffers the forward updates (batch norm's running statistics): each replica updates
+        # them from its own share of the batch; averaged after every step so that the replicas, their
+        # evaluation and the checkpoint (replica 0's) agree
+        info, seen = stages[0].pipe_info, set()
+        mutated = set(info.mutated_buffers) if info is not None and self.dp > 1 else set()
+        self._replica_buffers = []
+        for st in stages:
+            for name, b in st.submod.named_buffers():
+                if name in mutated and b.is_floating_point() and id(b) not in seen:
+                    seen.add(id(b))
+                    self._replica_buffers.append(b)
 
     # ------------------------------------------------------------------------------- training
     def step(self, *args: Any, target: Any = None, losses: list | None = None, **kwargs: Any) -> None:
@@ -69,6 +81,9 @@ class ParallelModel:
         if self.shards is not None:
             self.shards.reduce_grads()
             self._release_whole_weights()
+        if self._replica_buffers:
+            for handle in all_reduce_(self._replica_buffers, self.mesh.get_group("dp"), op="avg"):
+                handle.wait()
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:
         """Forward only; the merged output on the ranks of the last stage, None elsewhere."""

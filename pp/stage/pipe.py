@@ -50,6 +50,9 @@ class PipeInfo:
     # buffer updated in forward -> (stages reading it, stage updating it), where some reader is another
     # stage: right when the Pipe is called in one process (the stages share the tensor), wrong pipelined
     stale_buffers: dict[str, tuple[list[int], int]] = field(default_factory=dict)
+    # buffers the forward updates (batch norm's running statistics), by the model's names: replicas of
+    # a stage keep them equal by averaging them once per step (pp.parallelize with dp > 1)
+    mutated_buffers: list[str] = field(default_factory=list)
     # the mode the model was traced in and how to trace it in the other (pp.stage.modes), None if unknown
     mode_traces: Any = None
 

@@ -284,7 +284,7 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
                     out_spec=ep.call_spec.out_spec, shared_params=shared,
                     param_meta={n: metas[n] for n in shared},
                     shape_guards=shape_guards(ep, [n.meta.get("val") for n in user_inputs]),
-                    stale_buffers=stale_buffers)
+                    stale_buffers=stale_buffers, mutated_buffers=sorted({fqn for fqn, _ in buffer_updates}))
     return Pipe(stage_modules, info)
 
 
