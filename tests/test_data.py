@@ -156,6 +156,18 @@ def test_text_with_a_tokenizer_is_tokenized_once_and_cached_next_to_the_data(tmp
     stamp = os.path.getmtime(tmp_path / cache[0])
     again = open_stream(str(tmp_path / "corpus.jsonl"), tokenizer=tok_path)
     assert os.path.getmtime(tmp_path / cache[0]) == stamp and len(again) == len(first) > 100
+    # A corpus replaced by another file with an older time (cp -p, tar x, rsync -t) was read from the old
+    # cache, silently (found by a fresh-user check): the cache records the file's size and time.
+    with open(tmp_path / "new.jsonl", "w") as f:
+        f.write(json.dumps({"text": DOCS[1]}) + "\n")
+    os.utime(tmp_path / "new.jsonl", (1_500_000_000, 1_500_000_000))
+    os.replace(tmp_path / "new.jsonl", tmp_path / "corpus.jsonl")
+    replaced = open_stream(str(tmp_path / "corpus.jsonl"), tokenizer=tok_path)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tok_path)
+    want = tok.encode(DOCS[1], add_special_tokens=False).ids + [tok.token_to_id("<|endoftext|>")]
+    assert replaced.window(0, len(want)).tolist() == want and len(replaced) == len(want)
 
 
 # ------------------------------------------------------------------------------------- pp.run on tokens

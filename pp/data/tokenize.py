@@ -134,22 +134,36 @@ def tokenize_file(path: str, tokenizer_path: str, eot: int, progress=None) -> tu
 
 def cached_tokens(path: str, tokenizer_path: str) -> np.ndarray:
     """The ids of text/jsonl file `path` under `tokenizer_path`, tokenized once and cached next to it as
-    `<path>.<tokenizer sha256[:12]>.bin` (+ `.json`); concurrent ranks wait for the first to finish."""
+    `<path>.<tokenizer sha256[:12]>.bin` (+ `.json`); concurrent ranks wait for the first to finish. The
+    cache is used while `path` has the size and modification time (ns) recorded with it: a file replaced
+    by another, even one with an older time (`cp -p`, `tar x`, `rsync -t`), is tokenized again."""
     tok = load_tokenizer(tokenizer_path)
     key = file_sha256(tokenizer_path)[:12]
     cache = f"{path}.{key}.bin"
     dtype = dtype_for(tok.get_vocab_size())
     with open(cache + ".lock", "w") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)
-        fresh = os.path.exists(cache) and os.path.getmtime(cache) >= os.path.getmtime(path)
-        if not fresh:
+        st = os.stat(path)
+        source = {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
+        if not (os.path.exists(cache) and _recorded(cache, source)):
             ids, docs = tokenize_file(path, tokenizer_path, eot_id(tok))
             write_tokens(cache, ids, dtype, {"documents": docs, "tokenizer": os.path.abspath(tokenizer_path),
                                              "tokenizer_sha256": file_sha256(tokenizer_path),
-                                             "vocab_size": tok.get_vocab_size(), "source": os.path.abspath(path)})
+                                             "vocab_size": tok.get_vocab_size(), "source": os.path.abspath(path),
+                                             **source})
     if os.path.getsize(cache) == 0:
         return np.zeros(0, dtype=np.dtype(dtype))
     return np.memmap(cache, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
+
+
+def _recorded(cache: str, source: dict) -> bool:
+    """Whether `cache`'s description records `source` (its text file's size and modification time)."""
+    try:
+        with open(cache + ".json") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return all(meta.get(k) == v for k, v in source.items())
 
 
 def write_tokens(path: str, ids: np.ndarray, dtype: str, meta: dict) -> None:
