@@ -78,10 +78,14 @@ class _WaitThread:
 _thread: _WaitThread | None = None
 
 
-def _connection_lost(error: BaseException) -> bool:
-    """Whether a transfer failed because its peer's connection went away (gloo's words for it)."""
+def peer_lost(error: BaseException, rank: int, what: Callable[[], str]) -> PipelineAborted | None:
+    """The PipelineAborted to raise for a transfer (posted or waited on) that failed because its peer's
+    connection went away (gloo's words for it), None for another error."""
     text = str(error).lower()
-    return any(w in text for w in ("connection closed by peer", "connection reset by peer", "broken pipe"))
+    if not any(w in text for w in ("connection closed by peer", "connection reset by peer", "broken pipe")):
+        return None
+    return PipelineAborted(f"a peer rank closed its connection (its process ended or was killed without "
+                           f"reporting an error) while rank {rank} waited in {what()}")
 
 
 class AbortChannel:
@@ -150,10 +154,9 @@ class AbortChannel:
                 raise
         if done.error is not None:  # e.g. the connection closed: say why, if the peer left a line
             self.check(what)
-            if _connection_lost(done.error):
-                raise PipelineAborted(f"a peer rank closed its connection (its process ended or was killed "
-                                      f"without reporting an error) while rank {self.rank} waited in "
-                                      f"{what()}") from done.error
+            lost = peer_lost(done.error, self.rank, what)
+            if lost is not None:
+                raise lost from done.error
             raise done.error
 
     # ------------------------------------------------------------- small objects (tensor metadata)

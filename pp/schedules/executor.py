@@ -15,7 +15,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..comms import p2p
-from ..comms.abort import AbortChannel
+from ..comms.abort import AbortChannel, peer_lost
 from ..stage.runtime import PipelineStage, _meta_of, differentiable
 from .actions import Action, Kind
 from .groups import split_batch
@@ -227,6 +227,9 @@ class Executor:
                             keys.append((msg.dst, msg.microbatch, "F" if action.kind == Kind.RECV_F else "B"))
                 self._issue(sends, recvs, keys, group)
         except Exception as e:
+            lost = peer_lost(e, self.rank, self._what(batch))
+            if lost is not None:   # gloo may fail the posting itself once the peer is gone
+                raise lost from e
             if hasattr(e, "add_note"):
                 e.add_note(f"pp: while posting {' '.join(map(str, batch))} on pipeline rank {self.rank}")
             raise
