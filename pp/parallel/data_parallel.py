@@ -39,7 +39,7 @@ class GradSync:
         for stage in sorted(stage_params):
             mine = []
             for name, p in stage_params[stage]:
-                if id(p) in seen or not p.requires_grad:
+                if id(p) in seen:   # frozen ones too: thawed between steps they have gradients to average
                     continue
                 seen.add(id(p))
                 (self._deferred if name in deferred else mine).append(p)

@@ -128,9 +128,11 @@ class Bf16Weights:
         """The copies from the masters' current values (in place; one fused copy), their storage
         allocated again first if `release` freed it."""
         with torch.no_grad():
-            for c in self.copies:
+            for c, p in zip(self.copies, self.masters):
                 if c.untyped_storage().size() == 0:
                     c.untyped_storage().resize_(c.numel() * c.element_size())
+                if c.requires_grad != p.requires_grad:   # a master frozen (or thawed) between steps
+                    c.requires_grad_(p.requires_grad)
             torch._foreach_copy_(self.copies, [p.detach() for p in self.masters])
         self.stale = False
 
@@ -167,7 +169,7 @@ def _to_master(master: nn.Parameter, copy: torch.Tensor) -> None:
     `.grad`; the master's tensor hooks see it first and its post-accumulate hooks run after, as they would
     had autograd reached the master itself."""
     g, copy.grad = copy.grad, None
-    if g is None:
+    if g is None or not master.requires_grad:
         return
     hooks = master._backward_hooks
     if hooks:

@@ -81,9 +81,7 @@ class ShardedParams:
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
         self.masters: list[nn.Parameter] = []
-        for name, p in params:
-            if not p.requires_grad:
-                continue
+        for name, p in params:   # frozen ones too: they may be thawed between steps (and ZeRO 3 frees them)
             if free and not _owns_storage(p):   # release/gather resize the storage: it must be p's alone
                 p.data = p.detach().clone(memory_format=torch.contiguous_format)
             chunk = math.ceil(p.numel() / dp)
@@ -109,14 +107,20 @@ class ShardedParams:
         self.gathered = True
 
     def reduce_grads(self) -> None:
-        """Each master's `.grad`: its shard of the dp average of its parameter's gradient; the whole
-        gradients are let go (collective over the dp group)."""
+        """Each master's `.grad`: its shard of the dp average of its parameter's gradient, added to what
+        it holds (None after zero_grad; frozen parameters' stay None); the whole gradients are let go
+        (collective over the dp group)."""
         for p, m in zip(self.params, self.masters):
+            if not p.requires_grad:   # frozen (at the build or since): no gradient, as in the unsplit model
+                p.grad = None
+                continue
             g = p.grad
             flat = torch.zeros(m.numel() * self.dp, dtype=m.dtype, device=m.device)
             if g is not None:
                 flat[:p.numel()] = g.reshape(-1)
-            m.grad = reduce_scatter(flat, 0, "avg", self.group)
+            shard = reduce_scatter(flat, 0, "avg", self.group)
+            # steps without zero_grad between them accumulate, as .grad does (zero_grad clears the masters)
+            m.grad = shard if m.grad is None else m.grad.add_(shard)
             p.grad = None
 
     def release(self) -> None:
