@@ -78,12 +78,17 @@ def fill(module: nn.Module, init_fn: InitFn | None = None, state_dict: Mapping[s
     which a generic init function does not reproduce."""
     seen = set() if seen is None else seen
     guessed: list[str] = []
+    names: dict[int, list[str]] = {}   # each tensor's names (tied weights have several), first name first
+    for name, t, _ in _tensors(module):
+        names.setdefault(id(t), []).append(name)
     with torch.no_grad():
         for name, t, persistent in _tensors(module):
             if id(t) in seen:
                 continue
             seen.add(id(t))
             is_fresh = fresh is None or id(t) in fresh
+            if state_dict is not None:   # a tied weight fills from whichever of its names the dict holds
+                name = next((n for n in names[id(t)] if n in state_dict), name)
             if state_dict is not None and name in state_dict:
                 src = state_dict[name]
                 if tuple(src.shape) != tuple(t.shape):
