@@ -7,6 +7,8 @@ unsplit model:
   nested tensors were not detached, so the consumer's backward ran into the producer's graph (wrong
   gradients) or W failed. They now travel as leaves and the next stage gets the same structure back;
 - a complex output that requires grad (an FFT at the cut) got no gradient back;
+- one tensor sent twice (`(h, h)`, h straight out of a Linear) gave that Linear a wrong weight gradient
+  under the zero-bubble schedules (the I/W split counted the repeated root once);
 - a step under the caller's `torch.autocast` after one without it (same shapes) failed mid-way as an
   output "whose shape depends on the data" and left the pipeline unusable.
 """
@@ -47,6 +49,9 @@ class NestOut(nn.Module):
         a = torch.tanh(self.l(h))
         if self.kind == "dict":
             return {"a": a, "b": (h, h * 2), "n": 3}
+        if self.kind == "twice":   # one tensor, straight out of a Linear, sent twice
+            a = self.l(h)
+            return a, a
         if self.kind == "rotary":
             pos = torch.arange(D, dtype=h.dtype)
             return a, (pos.cos().expand_as(h), pos.sin().expand_as(h))
@@ -62,6 +67,9 @@ class NestIn(nn.Module):
         if self.kind == "dict":
             a, (b, c), n = o[0]["a"], o[0]["b"], o[0]["n"]
             return torch.tanh(self.l(a)) + b * c * n
+        if self.kind == "twice":
+            a, b = o
+            return torch.tanh(self.l(a)) + 0.5 * b
         a, (b, c) = o
         return torch.tanh(self.l(a)) * b + c
 
@@ -152,7 +160,7 @@ class _Tail(nn.Module):
         return self.head(self.first(*o))
 
 
-@pytest.mark.parametrize("kind", ["dict", "tuple", "rotary", "complex"])
+@pytest.mark.parametrize("kind", ["dict", "tuple", "rotary", "complex", "twice"])
 @pytest.mark.parametrize("schedule", ["Schedule1F1B", "ScheduleZBVZeroBubble"])
 def test_structured_and_complex_outputs_get_the_unsplit_models_gradients(kind, schedule):
     want = _reference(kind)

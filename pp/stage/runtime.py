@@ -354,10 +354,15 @@ class PipelineStage(StageInputChecks):
             if st.loss.numel() != 1:
                 raise ValueError(f"loss_fn must return a single-element loss, got shape {tuple(st.loss.shape)}")
             return [st.loss], [torch.full_like(st.loss, loss_scale)]  # the seed scales: no extra multiply
-        roots, grads = [], []
+        roots, grads, at = [], [], {}
         for i, out in enumerate(st.outputs):
             g = st.out_grads.get(i)
             if isinstance(out, torch.Tensor) and out.requires_grad and g is not None:
+                j = at.get(id(out))
+                if j is not None:   # one tensor sent twice ((h, h)): one root with the summed gradient
+                    grads[j] = grads[j] + g      # (the I/W split counts a repeated root's node once)
+                    continue
+                at[id(out)] = len(roots)
                 roots.append(out)
                 grads.append(g)
         return roots, grads
