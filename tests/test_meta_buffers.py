@@ -121,3 +121,53 @@ def test_a_real_tensor_keeps_its_values_and_a_missing_parameter_is_still_refused
     partial = {k: v for k, v in _reference().state_dict().items() if k != "lm_head.weight"}
     with pytest.raises(KeyError, match="state_dict has no entry 'lm_head.weight'"):
         fill(_parameters_on_meta(_reference()), state_dict=partial, fresh=set())
+
+
+class _Normed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8)
+        self.register_buffer("shift", torch.linspace(-1, 1, 8), persistent=False)
+
+    def forward(self, x):
+        h = self.bn(self.a(x)) + self.shift
+        import pp
+
+        pp.pipe_split()
+        return self.b(h)
+
+
+def _normed(rank: int, world: int) -> dict:
+    import pp
+
+    torch.manual_seed(0)
+    whole = _Normed()
+    with torch.no_grad():
+        whole.bn.running_mean.fill_(0.5)      # a pretrained model's statistics, held by the state dict
+    model = _parameters_on_meta(_Normed())
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+    par = pp.parallelize(model, (x[:2],), n_microbatches=4, loss_fn=nn.functional.mse_loss,
+                         state_dict=whole.state_dict())
+    par.step(x, target=y)
+    return {"state": {k: v.clone() for k, v in par.state_dict().items()},
+            "grads": {n: p.grad.clone() for n, p in par.named_parameters()}}
+
+
+def test_real_buffers_used_with_activations_trace_with_meta_parameters():
+    """A batch norm's statistics and a non-persistent buffer added to the activations: the trace mixed the
+    meta activations with the real buffers (FakeTensorDeviceMismatchError: meta and cpu, found by the
+    fresh-user check); the model is traced as a copy wholly on meta and the buffers fill it."""
+    torch.manual_seed(0)
+    ref = _Normed()
+    with torch.no_grad():
+        ref.bn.running_mean.fill_(0.5)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+    torch.stack([nn.functional.mse_loss(ref(a), b) for a, b in zip(x.chunk(4), y.chunk(4))]).mean().backward()
+    want = ref.state_dict()
+    for part in run_ranks(_normed, 2, timeout_s=120):
+        for name, t in part["state"].items():
+            torch.testing.assert_close(t, want[name], msg=name)
+        for name, g in part["grads"].items():
+            torch.testing.assert_close(g, ref.get_parameter(name).grad, msg=name)

@@ -16,10 +16,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from pp.parallel.checkpointing import apply_checkpointing, check_mode
 from pp.parallel.data_parallel import GradSync
 from pp.parallel.mesh import check_mesh, make_mesh, mesh_coords
-from pp.parallel.meta import fill, is_meta, materialize, to_meta
+from pp.parallel.meta import fill, is_meta, materialize, real_tensors, to_meta
 from pp.parallel.precision import apply_precision, cast_module, check_precision
 from pp.parallel.zero import ShardedParams, check_zero
 from pp.stage.marker import SplitPoint
+from pp.stage.modes import meta_copy
 from pp.stage.pipe import Pipe
 from pp.stage.policies import SplitPolicy, split_by_cost
 from pp.stage.split import pipeline
@@ -147,8 +148,12 @@ def parallelize(
 
     if isinstance(module, Pipe) and (split_spec is not None or split_policy is not None):
         raise ValueError("module is a Pipe, already cut: drop split_spec/split_policy")
+    kept: dict = {}
     if on_meta and not isinstance(module, Pipe):
         mb_args, mb_kwargs = to_meta(tuple(mb_args)), to_meta(mb_kwargs)
+        kept = real_tensors(module)
+        if kept:   # parameters alone on meta: traced as a copy wholly on meta, the values kept to fill it
+            module = meta_copy(module) or module
     if precision == "bf16" and not on_meta and not isinstance(module, Pipe):
         cast_module(module, precision)
     pipe = module if isinstance(module, Pipe) else _split(module, mb_args, mb_kwargs, n_stages,
@@ -167,7 +172,7 @@ def parallelize(
         mod = pipe.get_stage_module(s)
         if is_meta(mod):  # only this rank's stages get storage, filled whole before any tp cut
             materialize(mod, device, made)
-            fill(mod, init_fn, state_dict, seen=filled, fresh={id(t) for t in made.values()})
+            fill(mod, init_fn, state_dict, seen=filled, fresh={id(t) for t in made.values()}, kept=kept)
         elif state_dict is not None:
             fill(mod, None, state_dict, fresh=set())
         if precision == "bf16":

@@ -60,16 +60,24 @@ def materialize(module: nn.Module, device: torch.device, memo: dict[int, torch.T
                 mod._buffers[leaf] = new[id(t)]
 
 
+def real_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: tensor} of the parameters and buffers of a model on the meta device that hold values (the
+    buffers of a model whose parameters alone are on meta, as `accelerate.init_empty_weights()` builds
+    it), under each of their names."""
+    return {name: t for name, t, _ in _tensors(module) if not t.is_meta}
+
+
 def fill(module: nn.Module, init_fn: InitFn | None = None, state_dict: Mapping[str, torch.Tensor] | None = None,
          names: Mapping[str, str] | None = None, seen: set[int] | None = None,
-         fresh: set[int] | None = None) -> None:
+         fresh: set[int] | None = None, kept: Mapping[str, torch.Tensor] | None = None) -> None:
     """Fill the parameters and buffers of `module` (each tensor once, under its first name): copied from
     `state_dict` (whole tensors under the model's names) where it holds the name, else
     `init_fn(name, tensor)` fills it in place. `seen` (ids of tensors filled already, updated here)
     carries over between a rank's stage modules. `fresh`: ids of the tensors `materialize` gave storage
     (`{id(t) for t in memo.values()}`); a tensor outside it was real before (a buffer of a model whose
     parameters alone were on the meta device, as `accelerate.init_empty_weights()` builds it) and keeps
-    its values unless `state_dict` holds it. None: every tensor is fresh.
+    its values unless `state_dict` holds it. None: every tensor is fresh. `kept` (`real_tensors` of the
+    model before it was traced on the meta device): values for what `state_dict` lacks.
 
     Raises KeyError, when there is no `init_fn`, naming a parameter or persistent buffer that
     `state_dict` lacks; ValueError for an entry of another shape and, without `init_fn`, for a fresh
@@ -87,10 +95,13 @@ def fill(module: nn.Module, init_fn: InitFn | None = None, state_dict: Mapping[s
                 continue
             seen.add(id(t))
             is_fresh = fresh is None or id(t) in fresh
-            if state_dict is not None:   # a tied weight fills from whichever of its names the dict holds
-                name = next((n for n in names[id(t)] if n in state_dict), name)
-            if state_dict is not None and name in state_dict:
-                src = state_dict[name]
+            src = None
+            for source in (state_dict, kept):   # a tied weight fills from whichever of its names one holds
+                hit = next((n for n in names[id(t)] if n in source), None) if source is not None else None
+                if hit is not None:
+                    name, src = hit, source[hit]
+                    break
+            if src is not None:
                 if tuple(src.shape) != tuple(t.shape):
                     raise ValueError(f"state_dict[{name!r}] has shape {tuple(src.shape)}, the model "
                                      f"{tuple(t.shape)}")
@@ -105,9 +116,9 @@ def fill(module: nn.Module, init_fn: InitFn | None = None, state_dict: Mapping[s
                     guessed.append(name)
             else:
                 raise ValueError(f"{name!r} is a non-persistent buffer (computed by the model's constructor, "
-                               f"so no state dict holds it) and was built on the meta device: build the model "
-                               f"with its buffers on a real device (parameters alone on meta, e.g. under "
-                               f"accelerate.init_empty_weights()), or pass init_fn to compute it")
+                                 f"so no state dict holds it) and was built on the meta device: build the model "
+                                 f"with its buffers on a real device (parameters alone on meta, e.g. under "
+                                 f"accelerate.init_empty_weights()), or pass init_fn to compute it")
     if guessed:
         warnings.warn(f"init_fn filled the non-persistent buffer(s) {', '.join(map(repr, guessed))} of a "
                       f"meta-device model: the model's constructor computes such buffers (rotary frequencies, "

@@ -34,7 +34,7 @@ class ModeTraces:
     def __init__(self, module: nn.Module, retrace: Callable[[nn.Module, bool], Any], codes: list[str],
                  training: bool) -> None:
         self._real = weakref.ref(module)    # traced again as it is while the caller keeps it
-        self._copy = _meta_copy(module)     # else its structure on the meta device
+        self._copy = meta_copy(module)     # else its structure on the meta device
         # the device the model was traced on: a copy traced there takes the same device-dependent branches
         self._device = next((t.device for t in (*module.parameters(), *module.buffers()) if not t.is_meta), None)
         # a trace of the copy matches the first trace node for node only where the copy is the model
@@ -89,7 +89,7 @@ class _Gone(RuntimeError):
     """The model to trace again is gone (nothing else to suggest)."""
 
 
-def _meta_copy(module: nn.Module) -> nn.Module | None:
+def meta_copy(module: nn.Module) -> nn.Module | None:
     """`module` with every parameter, buffer and tensor attribute on the meta device (no data copied),
     or None where it cannot be deep-copied."""
     tensors = [t for t in (*module.parameters(), *module.buffers())]
