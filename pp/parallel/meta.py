@@ -81,9 +81,10 @@ def fill(module: nn.Module, init_fn: InitFn | None = None, state_dict: Mapping[s
 
     Raises KeyError, when there is no `init_fn`, naming a parameter or persistent buffer that
     `state_dict` lacks; ValueError for an entry of another shape and, without `init_fn`, for a fresh
-    non-persistent buffer (which no state dict holds; the message says how to build the model instead). Warns (once per call, naming them) when `init_fn` fills
-    non-persistent buffers: they are computed by the model's constructor (rotary frequencies, masks),
-    which a generic init function does not reproduce."""
+    non-persistent buffer (which no state dict holds; the message says how to build the model
+    instead). Warns (once per call, naming them) when `init_fn` fills non-persistent buffers: they are
+    computed by the model's constructor (rotary frequencies, masks), which a generic init function does
+    not reproduce."""
     seen = set() if seen is None else seen
     guessed: list[str] = []
     names: dict[int, list[str]] = {}   # each tensor's names (tied weights have several), first name first

@@ -16,7 +16,8 @@ import torch.utils._pytree as pytree
 
 from ..comms import p2p
 from ..comms.abort import AbortChannel, peer_lost
-from ..stage.runtime import PipelineStage, _meta_of, differentiable
+from ..stage.outputs import differentiable
+from ..stage.runtime import PipelineStage, _meta_of
 from .actions import Action, Kind
 from .groups import split_batch
 from .validate import Message, StageGraph

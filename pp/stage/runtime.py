@@ -23,6 +23,7 @@ from .compiled import inner_module
 from .graphs import StageGraphs
 from .modes import call_with_forward, mode_forward, retarget_devices
 from .input_checks import StageInputChecks
+from .outputs import differentiable, flat_outputs, positional
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -50,55 +51,6 @@ def _meta_of(value: Any) -> tuple:
     if isinstance(value, torch.Tensor):
         return ("t", tuple(value.shape), value.dtype, differentiable(value))
     return ("v", value)
-
-
-def differentiable(value: Any) -> bool:
-    """Whether a stage output carries a gradient back: a floating or complex tensor that requires grad."""
-    return isinstance(value, torch.Tensor) and value.requires_grad and (
-        value.is_floating_point() or value.is_complex())
-
-
-class Nested:
-    """The structure of a manual stage's outputs that nest (a dict, a tuple inside the tuple: Llama's
-    `(h, (cos, sin))`): the stage sends their leaves, each tensor on its own with its gradient coming
-    back, and this last value, from which the next stage rebuilds its positional inputs."""
-
-    __slots__ = ("spec",)
-
-    def __init__(self, spec: pytree.TreeSpec):
-        self.spec = spec
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Nested) and other.spec == self.spec
-
-    def __hash__(self) -> int:
-        return hash(str(self.spec))
-
-    def __getstate__(self):   # sent as the containers with 0 for each leaf (a TreeSpec pickles noisily)
-        return pytree.tree_unflatten([0] * self.spec.num_leaves, self.spec)
-
-    def __setstate__(self, skeleton):
-        self.spec = pytree.tree_flatten(skeleton)[1]
-
-    def __repr__(self) -> str:
-        return f"Nested({self.spec})"
-
-
-def _flat_outputs(out: Any) -> tuple:
-    """A manual stage's outputs as the values it sends: the top-level ones, or where any of them is a
-    container, their leaves and then their `Nested` structure."""
-    top = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-    if not any(isinstance(v, (tuple, list, dict)) for v in top):
-        return top
-    leaves, spec = pytree.tree_flatten(top)
-    return (*leaves, Nested(spec))
-
-
-def _positional(inputs: list) -> list:
-    """A manual stage's received inputs as its forward takes them (`Nested` outputs rebuilt)."""
-    if inputs and isinstance(inputs[-1], Nested):
-        return list(pytree.tree_unflatten(list(inputs[:-1]), inputs[-1].spec))
-    return inputs
 
 
 class PipelineStage(StageInputChecks):
@@ -304,7 +256,7 @@ class PipelineStage(StageInputChecks):
             else:
                 st.final = out
         if self.pipe_info is None and not self.is_last:
-            st.outputs = _flat_outputs(out)
+            st.outputs = flat_outputs(out)
         else:
             st.outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         return st.outputs
@@ -316,7 +268,7 @@ class PipelineStage(StageInputChecks):
         elif out is None and self._mode_graph is not None:
             out = call_with_forward(self.submod, inner_module(self.submod), self._mode_graph.forward, st.inputs)
         elif out is None:
-            out = self.submod(*(st.inputs if self.pipe_info is not None else _positional(st.inputs)))
+            out = self.submod(*(st.inputs if self.pipe_info is not None else positional(st.inputs)))
         return out
 
     def sync_mode(self) -> None:
