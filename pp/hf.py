@@ -203,3 +203,39 @@ def build_hf_model(cls: type, config: Any) -> nn.Module:
 def original_class(model: nn.Module) -> type:
     """The transformers class of a model built by `build_hf_model` (the class itself otherwise)."""
     return getattr(type(model), "_pp_hf_class", type(model))
+
+
+_converted: dict[tuple[str, str], dict | None] = {}   # (class name, directory) -> its state dict, once per process
+
+
+def converted_weights(name: str, config: Mapping[str, Any], path: str) -> dict[str, torch.Tensor] | None:
+    """The state dict transformers' own `from_pretrained` makes of the model directory `path` for model
+    `name` ('hf:ClassName') built from `config`: float32, on the CPU. transformers converts checkpoint
+    layouts older than its classes as it loads them (its `save_pretrained` writes Mixtral's experts as
+    per-expert `w1`/`w2`/`w3`, which its class holds fused), so a directory whose names do not fit the
+    class as they are may still be that model. None where transformers cannot load it either, or finds
+    keys missing, unexpected or mis-shaped (it would initialise those afresh). Kept for
+    the process (the check before training and the load reuse it); `forget_converted` lets it go."""
+    key = (name, os.path.abspath(path))
+    if key not in _converted:
+        cls = hf_class(name)
+        bars = _transformers().utils.logging
+        shown = bars.is_progress_bar_enabled()
+        bars.disable_progress_bar()   # one bar per rank is noise
+        try:
+            model, info = cls.from_pretrained(path, config=cls.config_class.from_dict(dict(config)),
+                                              dtype=torch.float32, output_loading_info=True)
+            # a directory that fits only in part (transformers initialises the rest) is not this model
+            fits = not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"))
+            _converted[key] = {k: v.detach() for k, v in model.state_dict().items()} if fits else None
+        except Exception:  # noqa: BLE001 - transformers refuses it too: the caller reports its own finding
+            _converted[key] = None
+        finally:
+            if shown:
+                bars.enable_progress_bar()
+    return _converted[key]
+
+
+def forget_converted() -> None:
+    """Drop the state dicts `converted_weights` keeps."""
+    _converted.clear()

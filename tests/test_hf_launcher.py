@@ -125,6 +125,27 @@ def test_init_from_a_save_pretrained_directory_with_lr_0_keeps_the_weights_and_r
         assert torch.equal(model.state_dict()[k], v), k
 
 
+def test_init_from_a_mixtral_directory_in_transformers_saved_layout(tmp_path):
+    """transformers' save_pretrained writes Mixtral's experts as per-expert w1/w2/w3 tensors, which its
+    class holds fused and converts as it loads; init_from refused such a directory ("does not fit the
+    model"; found by a fresh-user check). It now loads as from_pretrained converts it."""
+    config = dict(vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=16)
+    torch.manual_seed(3)
+    saved = transformers.MixtralForCausalLM(transformers.MixtralConfig(**config))
+    saved.save_pretrained(tmp_path / "pretrained")
+    out = tmp_path / "out"
+    cfg = write(tmp_path / "cfg.yaml", out, {"name": "hf:MixtralForCausalLM",
+                                             "init_from": str(tmp_path / "pretrained")}, pp=1, steps=1, lr=0.0)
+    proc = run_single(cfg)
+    check_ok(proc)
+    assert "(as transformers' from_pretrained converts it)" in proc.stdout, proc.stdout
+    model = build_model(load_config(cfg).model, 1)
+    load_unsplit(model, str(out))
+    for k, v in saved.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
 def test_init_from_weights_of_another_shape_ends_the_job_with_one_line_listing_them(tmp_path):
     torch.manual_seed(3)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA, "num_hidden_layers": 2})).save_pretrained(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -17,7 +18,7 @@ from pp.tp.styles import normalize_plan
 
 from .config import ConfigError, JobConfig
 from .metrics import count
-from .models import build_model
+from .models import build_model, is_hf_model
 from .validate import Layout, check_split_points, validate
 
 
@@ -105,7 +106,24 @@ def check_init_from(model: nn.Module, cfg: JobConfig) -> None:
     try:
         load_weights(model, cfg.model.init_from, check_only=True, **init_options(cfg.model))
     except WeightsError as e:
+        converted = converted_init_from(cfg.model)
+        if converted is not None:   # a layout transformers converts as it loads (Mixtral's experts)
+            try:
+                load_weights(model, converted, check_only=True, **init_options(cfg.model))
+                return
+            except WeightsError:
+                pass
         raise ConfigError(f"model.init_from={cfg.model.init_from!r}: {e}") from None
+
+
+def converted_init_from(model_cfg: Any) -> dict | None:
+    """model.init_from as transformers' `from_pretrained` loads it (converting older checkpoint layouts),
+    for an hf model whose directory's names do not fit as they are; None otherwise."""
+    if not (is_hf_model(model_cfg.name) and os.path.isdir(model_cfg.init_from)):
+        return None
+    from pp import hf
+
+    return hf.converted_weights(model_cfg.name, model_cfg.config, model_cfg.init_from)
 
 
 def tp_plan_for(model: nn.Module, cfg: JobConfig) -> dict | None:

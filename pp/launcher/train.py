@@ -157,13 +157,24 @@ class Trainer:
         WeightsError, raised on every rank before any copy, if they do not fit."""
         from pp.weights import WeightsError, load_weights, open_weights
 
+        from .job import converted_init_from
+
         t = time.perf_counter()
         try:
             source = open_weights(path)
+            what = source.what
             load_weights(self.rs.model, source, **init_options(self.cfg.model))
         except WeightsError as e:
-            raise WeightsError(f"model.init_from={path!r}: {e}") from None
-        self.log(f"initialised the weights from {source.what} in {time.perf_counter() - t:.1f}s")
+            converted = converted_init_from(self.cfg.model)   # checked by prepare (job.check_init_from)
+            if converted is None:
+                raise WeightsError(f"model.init_from={path!r}: {e}") from None
+            load_weights(self.rs.model, converted, **init_options(self.cfg.model))
+            what = f"{path} (as transformers' from_pretrained converts it)"
+        finally:
+            from pp.hf import forget_converted
+
+            forget_converted()
+        self.log(f"initialised the weights from {what} in {time.perf_counter() - t:.1f}s")
 
     # --- one step -------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
