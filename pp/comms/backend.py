@@ -6,7 +6,6 @@ environment itself, so a group made by torchrun and one made by `pp.testing.run_
 from __future__ import annotations
 
 import logging
-
 import os
 import sys
 from datetime import timedelta
