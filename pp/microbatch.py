@@ -134,9 +134,8 @@ def merge_chunks(chunks: list, chunk_spec: Any) -> Any:
                 merged.append(stacked)
             elif rows is None:
                 merged.append(stacked.mean())
-            else:
-                weights = torch.tensor(rows, dtype=stacked.real.dtype, device=stacked.device) / sum(rows)
-                merged.append((stacked * weights).sum())
+            else:   # Python weights: no host-to-device copy
+                merged.append(sum(v * (r / sum(rows)) for v, r in zip(values, rows)))
             continue
         dim = spec.split_dim if isinstance(spec, TensorChunkSpec) else DEFAULT_CHUNK_DIM
         merged.append(torch.cat(values, dim=dim))
@@ -190,6 +189,12 @@ def _split_leaves(named_leaves: list, specs: list, chunks: int) -> list[list]:
     return [[col[c] for col in columns] for c in range(chunks)]
 
 
+def split_sizes(rows: int, chunks: int) -> list[int]:
+    """The sizes `torch.tensor_split` cuts `rows` into (10 into 4: 3, 3, 2, 2), without a tensor."""
+    q, r = divmod(rows, chunks)
+    return [q + 1] * r + [q] * (chunks - r)
+
+
 def _chunk_rows(per_chunk: list[list], specs: list) -> list[int] | None:
     """Each chunk's rows along its first split tensor's dim; None where they are all equal or unknown."""
     for j, spec in enumerate(specs):
@@ -227,8 +232,7 @@ def check_rows_follow(batch_rows: int, target_rows: int, chunks: int) -> None:
     if not batch_rows or not target_rows or batch_rows < chunks or target_rows < chunks:
         return
     if target_rows % batch_rows:
-        b = [len(r) for r in torch.arange(batch_rows).tensor_split(chunks)]
-        t = [len(r) for r in torch.arange(target_rows).tensor_split(chunks)]
+        b, t = split_sizes(batch_rows, chunks), split_sizes(target_rows, chunks)
         raise ValueError(f"the target's {target_rows} rows do not follow the batch's {batch_rows} into {chunks} "
                          f"microbatches ({', '.join(map(str, t))} target rows against {', '.join(map(str, b))} "
                          f"batch rows): each microbatch's target must hold the same whole number of rows for "
@@ -246,8 +250,8 @@ def split_target_like(target: Any, batch_rows: int, target_rows: int, chunks: in
     if not batch_rows or not target_rows or target_rows % batch_rows or batch_rows < chunks:
         return None
     k = target_rows // batch_rows
-    sizes = [k * len(r) for r in torch.arange(batch_rows).tensor_split(chunks)]
-    if sizes == [len(r) for r in torch.arange(target_rows).tensor_split(chunks)]:
+    sizes = [k * b for b in split_sizes(batch_rows, chunks)]
+    if sizes == split_sizes(target_rows, chunks):
         return None
     leaves, spec = pytree.tree_flatten(target)
     alone = [pytree.tree_flatten(t)[0] for t in split_args_kwargs_into_chunks((target,), {}, chunks)[0]]
@@ -275,7 +279,7 @@ def split_block_mask(mask: Any, chunks: int, path: str = "block_mask") -> list:
         return mask_mod
 
     parts, start = [], 0
-    for n in [len(r) for r in torch.arange(rows).tensor_split(chunks)]:
+    for n in split_sizes(rows, chunks):
         part = slice(start, start + n)
         parts.append(BlockMask.from_kv_blocks(
             mask.kv_num_blocks[part], mask.kv_indices[part],

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 import pp
 from pp.testing import run_ranks
+from test_backward_multiuse import _Scale   # x * w as a Python autograd Function
 
 
 class Reentrant(nn.Module):
@@ -28,18 +29,6 @@ class Reentrant(nn.Module):
 
     def forward(self, h):
         return checkpoint(lambda t: torch.tanh(self.l(t)), h, use_reentrant=True)
-
-
-class _Scale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        return x * w
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        return g * w, (g * x).sum(0)
 
 
 class ScaledTwice(nn.Module):

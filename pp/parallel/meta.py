@@ -68,8 +68,8 @@ def real_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fill(module: nn.Module, init_fn: InitFn | None = None, state_dict: Mapping[str, torch.Tensor] | None = None,
-         names: Mapping[str, str] | None = None, seen: set[int] | None = None,
-         fresh: set[int] | None = None, kept: Mapping[str, torch.Tensor] | None = None) -> None:
+         seen: set[int] | None = None, fresh: set[int] | None = None,
+         kept: Mapping[str, torch.Tensor] | None = None) -> None:
     """Fill the parameters and buffers of `module` (each tensor once, under its first name): copied from
     `state_dict` (whole tensors under the model's names) where it holds the name, else
     `init_fn(name, tensor)` fills it in place. `seen` (ids of tensors filled already, updated here)
@@ -87,9 +87,9 @@ def fill(module: nn.Module, init_fn: InitFn | None = None, state_dict: Mapping[s
     not reproduce."""
     seen = set() if seen is None else seen
     guessed: list[str] = []
-    names: dict[int, list[str]] = {}   # each tensor's names (tied weights have several), first name first
+    aliases: dict[int, list[str]] = {}   # each tensor's names (tied weights have several), first name first
     for name, t, _ in _tensors(module):
-        names.setdefault(id(t), []).append(name)
+        aliases.setdefault(id(t), []).append(name)
     with torch.no_grad():
         for name, t, persistent in _tensors(module):
             if id(t) in seen:
@@ -98,7 +98,7 @@ def fill(module: nn.Module, init_fn: InitFn | None = None, state_dict: Mapping[s
             is_fresh = fresh is None or id(t) in fresh
             src = None
             for source in (state_dict, kept):   # a tied weight fills from whichever of its names one holds
-                hit = next((n for n in names[id(t)] if n in source), None) if source is not None else None
+                hit = next((n for n in aliases[id(t)] if n in source), None) if source is not None else None
                 if hit is not None:
                     name, src = hit, source[hit]
                     break

@@ -91,19 +91,28 @@ class ShardedParams:
             self.params.append(p)
             self.masters.append(nn.Parameter(flat[dp_rank * chunk:(dp_rank + 1) * chunk].clone()))
         self.master_of = {id(p): m for p, m in zip(self.params, self.masters)}
+        # per parameter: its master's version when it was last gathered while frozen (None: trainable then)
+        self._frozen_at: list[int | None] = [None] * len(self.params)
         self.gathered = True    # whether the whole parameters hold storage (not after `release`)
         if free:
             self.release()
 
     # ------------------------------------------------------------------------- per step
     def gather(self) -> None:
-        """Whole parameters from the master shards (collective over the dp group)."""
-        for p, m in zip(self.params, self.masters):
+        """Whole parameters from the master shards (collective over the dp group). A frozen parameter
+        that was frozen at the last gather too, whose master has not been written since (`load_whole`)
+        and whose storage is held (ZeRO 2) is left as it is: no optimizer step touched it (it had no
+        gradient), so a frozen base is not sent every step. The same parameters on every replica."""
+        for i, (p, m) in enumerate(zip(self.params, self.masters)):
+            freed = p.untyped_storage().size() == 0
+            if not (freed or p.requires_grad) and self._frozen_at[i] == m._version:
+                continue
             whole = all_gather(m.detach(), 0, self.group)[:p.numel()].view(p.shape)
             with torch.no_grad():
-                if p.untyped_storage().size() == 0:
+                if freed:
                     p.untyped_storage().resize_(p.numel() * p.element_size())
                 p.copy_(whole)
+            self._frozen_at[i] = None if p.requires_grad else m._version
         self.gathered = True
 
     def reduce_grads(self) -> None:

@@ -44,7 +44,7 @@ class ModeTraces:
         self._retrace = retrace
         self.codes = codes             # each stage graph's code as first traced, before any rewriting
         self.training = training       # the mode of the first trace
-        self._other: Any = None   # (stage modules, stage io, shape guards, exact) of the other mode, once made
+        self._other: Any = None   # (stage modules, stage io, shape guards, codes) of the other mode, once made
 
     def other(self) -> Any:
         """(stage modules, stage io, shape guards, codes to compare with) of the other mode's trace. The
@@ -66,7 +66,7 @@ class ModeTraces:
             if not exact and self._device is not None:
                 # on the device the model was traced on, not meta: models choose ops by device type
                 # (Mixtral's histc takes float on cpu, int elsewhere); storage for the length of a trace
-                module = _empty_copy(module, self._device)
+                module = _copy_on(module, self._device)
             modes = {m: m.training for m in module.modules()}   # the caller's, submodules' included
             try:
                 module.train(not self.training)
@@ -92,31 +92,22 @@ class _Gone(RuntimeError):
 def meta_copy(module: nn.Module) -> nn.Module | None:
     """`module` with every parameter, buffer and tensor attribute on the meta device (no data copied),
     or None where it cannot be deep-copied."""
-    tensors = [t for t in (*module.parameters(), *module.buffers())]
-    if all(t.is_meta for t in tensors):
+    if all(t.is_meta for t in (*module.parameters(), *module.buffers())):
         return module
-    memo: dict[int, Any] = {}
-    for t in tensors:
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    for m in module.modules():   # plain tensor attributes too, or the copy would mix devices
-        for value in vars(m).values():
-            if isinstance(value, torch.Tensor) and id(value) not in memo:
-                memo[id(value)] = torch.empty_like(value, device="meta")
     try:
-        return copy.deepcopy(module, memo)
+        return _copy_on(module, torch.device("meta"))
     except Exception:   # a module holding something that cannot be copied (a lock, a handle)
         return None
 
 
-def _empty_copy(module: nn.Module, device: torch.device) -> nn.Module:
-    """A copy of a meta copy with uninitialised storage on `device` for every tensor (tracing reads
-    shapes, dtypes and devices only)."""
+def _copy_on(module: nn.Module, device: torch.device) -> nn.Module:
+    """A deep copy of `module` whose parameters, buffers and tensor attributes are new, uninitialised
+    tensors on `device` (meta: no storage; tracing reads shapes, dtypes and devices only)."""
     memo: dict[int, Any] = {}
     for t in (*module.parameters(), *module.buffers()):
         empty = torch.empty_like(t, device=device)
         memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
-    for m in module.modules():
+    for m in module.modules():   # plain tensor attributes too, or the copy would mix devices
         for value in vars(m).values():
             if isinstance(value, torch.Tensor) and id(value) not in memo:
                 memo[id(value)] = torch.empty_like(value, device=device)
