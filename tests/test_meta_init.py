@@ -127,3 +127,23 @@ def test_at_pp_4_each_rank_peaks_well_under_one_copy_of_the_model():
     for r in got:
         assert r["mine"] < 0.4 * r["model"]
         assert r["peak"] < 0.5 * r["model"], f"peaks {peaks} MiB, model {r['model'] / 2**20:.0f} MiB"
+
+
+def test_state_dict_entries_that_fill_nothing_are_refused():
+    """A checkpoint saved with DDP's `module.` prefix, passed with init_fn, filled nothing and trained from
+    init_fn's values without a word (found by a fresh-user check); an extra key alone was ignored too."""
+    import pp
+
+    whole = build_model(CFG, seed=7).state_dict()
+    x = _batch()[0][:1]
+    for bad, message in (({f"module.{k}": v for k, v in whole.items()},
+                          r"state_dict has \d+ entries that the model does not have: 'module\..*each starts with "
+                          r"'module'"),
+                         ({**whole, "zzz.weight": torch.zeros(1)},
+                          r"state_dict has 1 entry that the model does not have: 'zzz.weight'$")):
+        with torch.device("meta"):
+            model = GPT(vocab_size=CFG.vocab_size, d_model=CFG.d_model, n_layers=CFG.n_layers, n_heads=CFG.n_heads,
+                        seq_len=CFG.seq_len, tie_weights=True)
+        with pytest.raises(ValueError, match=message):
+            pp.parallelize(model, (x,), n_microbatches=1, loss_fn=lm_loss, pp=1, state_dict=bad,
+                           init_fn=init_fn(CFG, 7))

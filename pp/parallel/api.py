@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from pp.parallel.checkpointing import apply_checkpointing, check_mode
 from pp.parallel.data_parallel import GradSync
 from pp.parallel.mesh import check_mesh, make_mesh, mesh_coords
-from pp.parallel.meta import fill, is_meta, materialize, real_tensors, to_meta
+from pp.parallel.meta import check_keys, fill, is_meta, materialize, real_tensors, to_meta
 from pp.parallel.precision import apply_precision, cast_module, check_precision
 from pp.parallel.zero import ShardedParams, check_zero
 from pp.stage.marker import SplitPoint
@@ -135,6 +135,8 @@ def parallelize(
         raise TypeError(f"init_fn must be callable (name, tensor) -> None, got {type(init_fn).__name__}")
     if state_dict is not None and not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must map parameter names to tensors, got {type(state_dict).__name__}")
+    if state_dict is not None and isinstance(module, nn.Module) and not isinstance(module, Pipe):
+        check_keys(module, state_dict)   # before any work: entries that fill nothing are a wrong checkpoint
     on_meta = is_meta(module)
     if on_meta and init_fn is None and state_dict is None:
         raise ValueError("the model is on the meta device: pass init_fn=(name, tensor) -> None or a state_dict "

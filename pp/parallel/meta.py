@@ -67,6 +67,21 @@ def real_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t, _ in _tensors(module) if not t.is_meta}
 
 
+def check_keys(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """ValueError naming the entries of `state_dict` that are none of `module`'s parameter or buffer
+    names (aliases of tied weights included): they would fill nothing, silently (a checkpoint saved with
+    a `module.` prefix by DDP, another model's)."""
+    known = {name for name, _, _ in _tensors(module)}
+    extra = sorted(k for k in state_dict if k not in known)
+    if extra:
+        shown = ", ".join(map(repr, extra[:5])) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        prefix = {k.split(".", 1)[0] for k in extra if "." in k}
+        hint = (f" (each starts with {next(iter(prefix))!r}: a prefix the model's names lack?)"
+                if len(prefix) == 1 and len(extra) == len(state_dict) else "")
+        raise ValueError(f"state_dict has {len(extra)} entr{'y' if len(extra) == 1 else 'ies'} that the model does "
+                         f"not have: {shown}{hint}")
+
+
 def fill(module: nn.Module, init_fn: InitFn | None = None, state_dict: Mapping[str, torch.Tensor] | None = None,
          seen: set[int] | None = None, fresh: set[int] | None = None,
          kept: Mapping[str, torch.Tensor] | None = None) -> None:
