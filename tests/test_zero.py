@@ -226,3 +226,56 @@ def test_checkpoint_saved_at_zero_3_resumes_at_zero_0_and_loads_unsplit(tmp_path
     model = GPT(vocab_size=256, d_model=32, n_layers=2, n_heads=4, seq_len=64)
     pp.load_unsplit(model, str(path))
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
+
+
+def _read_between_steps(rank: int, world: int) -> dict:
+    """Zero 3 at pp 1 x dp 2: what reading a whole parameter between steps does."""
+    import copy
+
+    import pp
+
+    warnings.simplefilter("ignore")
+    mb = (_batch(0)[0][:2],)
+    par = pp.parallelize(fresh_pipe("gpt", _model, mb, 1), mb, n_microbatches=2, loss_fn=lm_loss, pp=1, dp=2,
+                         zero=3)
+    opt = par.build_optimizer(torch.optim.AdamW, lr=1e-2)
+    out: dict = {}
+    for step in range(2):
+        x, y = _batch(step)
+        opt.zero_grad()
+        losses_: list = []
+        par.step(par.local_share(x), target=par.local_share(y), losses=losses_)
+        opt.step()
+        out.setdefault("losses", []).append([l.item() for l in losses_])
+        name, p = next(iter(par.named_parameters()))
+        errors = []
+        for read in (lambda: p.sum(), lambda: p.detach().numpy(), lambda: p * 2,
+                     lambda: torch.nn.utils.parameters_to_vector([p]), lambda: copy.deepcopy(p)):
+            try:
+                read()
+                errors.append("no error")
+            except RuntimeError as e:
+                errors.append(str(e))
+        out["errors"] = errors
+        out["meta"] = (tuple(p.shape), p.dtype, p.requires_grad, p.numel(), p.grad is None, name)
+        out["repr"] = repr(p)
+        out["state"] = par.state_dict()[name]       # the whole values, from the master shards
+    return out
+
+
+def test_reading_a_whole_parameter_between_steps_at_zero_3_says_where_the_values_are():
+    """The whole parameters' storage is freed between steps: reading one read freed memory (a segfault,
+    or garbage through numpy). It raises one sentence naming the parameter and where its values are;
+    metadata stays readable, and the steps after it train as before."""
+    got = run_ranks(_read_between_steps, 2, timeout_s=240)
+    for r in got:
+        name = r["meta"][5]
+        assert r["meta"][:5] == (tuple(_model().get_parameter(name).shape), torch.float32, True,
+                                 _model().get_parameter(name).numel(), True)
+        assert len(r["errors"]) == 5
+        for e in r["errors"]:
+            assert f"parameter {name!r}: at zero 3 the whole parameters hold no values between steps" in e, e
+        assert "released between steps at zero 3" in r["repr"]
+        assert torch.isfinite(r["state"]).all()
+        assert all(torch.isfinite(torch.tensor(l)).all() for l in r["losses"])
+    torch.testing.assert_close(got[0]["state"], got[1]["state"])

@@ -67,7 +67,7 @@ class RankState:
     def load(self, path: str) -> None:
         """Fill the model and optimizer from checkpoint `path`, whatever layout saved it (collective)."""
         m = self.model
-        local = {n: t for stage in m.stages for n, t in stage.submod.state_dict().items()}
+        local = {n: t for stage in m.stages for n, t in stage.submod.state_dict(keep_vars=True).items()}
         model = {n: torch.empty(self._whole_shape(n, t.shape), dtype=t.dtype) for n, t in local.items()}
         entries = self._optim_entries()
         optim = {f: {k: torch.empty(self._whole_shape(f, p.shape), dtype=v.dtype) if self._sharded(o, v) else v

@@ -259,9 +259,10 @@ class ParallelModel:
         out: dict[str, torch.Tensor] = {}
         sharded = self._sharded_names()
         for stage in self.stages:
-            for name, t in stage.submod.state_dict().items():
+            for name, t in stage.submod.state_dict(keep_vars=True).items():
                 if name in sharded:  # ZeRO 2/3: the master shards hold the values (collective over dp)
                     t = self.shards.whole(sharded[name], self.shards.master(sharded[name])).to(t.dtype)
+                t = t.detach()
                 out[name] = self.full_tensor(name, t)
         return out
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pp.comms.collectives import all_gather, reduce_scatter
+from pp.parallel.released import release_class, restore_class
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -104,6 +105,7 @@ class ShardedParams:
         and whose storage is held (ZeRO 2) is left as it is: no optimizer step touched it (it had no
         gradient), so a frozen base is not sent every step. The same parameters on every replica."""
         for i, (p, m) in enumerate(zip(self.params, self.masters)):
+            restore_class(p)
             freed = p.untyped_storage().size() == 0
             if not (freed or p.requires_grad) and self._frozen_at[i] == m._version:
                 continue
@@ -133,10 +135,12 @@ class ShardedParams:
             p.grad = None
 
     def release(self) -> None:
-        """ZeRO 3: free the whole parameters' storage (shapes stay)."""
+        """ZeRO 3: free the whole parameters' storage (shapes stay); until `gather`, reading their values
+        raises a RuntimeError that says where they are (`pp.parallel.released`)."""
         if self.free:
-            for p in self.params:
+            for name, p in zip(self.names, self.params):
                 p.untyped_storage().resize_(0)
+                release_class(p, name)
             self.gathered = False
 
     # ------------------------------------------------------------------ whole tensors

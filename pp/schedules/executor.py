@@ -138,8 +138,7 @@ class Executor:
             if action.kind == Kind.F:
                 self._forward(stage, mb)
             elif action.kind in (Kind.B, Kind.I):
-                for idx, buf in self._grad_bufs.pop((s, mb), ()):
-                    stage.add_output_grad(mb, idx, buf)
+                self._take_grads(stage, mb)
                 if action.kind == Kind.B:
                     stage.backward_one(mb, self._scale_of(mb))
                 else:
@@ -294,13 +293,37 @@ class Executor:
         return ops
 
     def _send_backward(self, msg: Message) -> list:
+        """The gradients of the consumer's inputs from `msg.dst`, for the producer. An input the consumer
+        did not use has none (its producer's parameters that only feed it keep `.grad` None, as in the
+        unsplit model): a metadata step sends zeros for it and a flag per gradient saying which exist;
+        later steps send only those."""
         stage = self.stages[msg.src]          # the consumer, sending grads of its inputs back
-        meta = self._meta[Message(False, msg.dst, msg.src, msg.microbatch)]
+        fwd = self._meta[Message(False, msg.dst, msg.src, msg.microbatch)]
         peer = self.rank_of(msg.dst)
-        out = []
-        for slot, entry in zip(stage.input_slots_from(msg.dst, len(meta)), meta):
+        grads, entries = [], []
+        for slot, entry in zip(stage.input_slots_from(msg.dst, len(fwd)), fwd):
             if entry[0] == "t" and entry[3]:
-                out.append((stage.input_grad(msg.microbatch, slot).contiguous(), peer))
+                grads.append(stage.input_grad(msg.microbatch, slot))
+                entries.append((slot, entry))
+        if self._meta_mode:
+            used = [g is not None for g in grads]
+            self._meta[msg] = used
+            out = [(g.contiguous() if g is not None else _zeros(e, stage.device), peer)
+                   for g, (_, e) in zip(grads, entries)]
+            if out:
+                out.append((torch.tensor(used, dtype=torch.uint8, device=stage.device), peer))
+            return out
+        used = self._meta.get(msg) or [True] * len(grads)
+        out = []
+        for g, (slot, entry), u in zip(grads, entries, used):
+            if u:   # used then, not now (a data-dependent use): zeros, as the producer waits for them
+                out.append((g.contiguous() if g is not None else _zeros(entry, stage.device), peer))
+            elif g is not None:
+                raise RuntimeError(
+                    f"stage {msg.src} used its input {slot} from stage {msg.dst} (microbatch {msg.microbatch}) "
+                    f"this step but not in the step that set the pipeline's metadata, so its producer does "
+                    f"not wait for a gradient of it (the gradient would be lost): inputs whose use depends "
+                    f"on the data are not supported; use every input in every step (e.g. add 0 * x.sum())")
         return out
 
     def _recv_backward(self, msg: Message) -> list:
@@ -308,13 +331,39 @@ class Executor:
         mb = msg.microbatch
         st = stage.state(mb)
         peer = self.rank_of(msg.src)
-        ops = []
+        used = None if self._meta_mode else self._meta.get(msg)
+        pairs = []
         for i in stage.output_indices_for(msg.src, mb):
             out = st.outputs[i]
             if differentiable(out):
                 # contiguous, as the consumer sends it: empty_like would keep a transposed or
                 # channels_last output's strides (gloo refuses such a buffer; NCCL fills it in the wrong order)
                 buf = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-                self._grad_bufs[(msg.dst, mb)].append((i, buf))
-                ops.append((buf, peer))
+                pairs.append((i, buf))
+        if used is not None:   # the consumer sends only the gradients it has (see _send_backward)
+            pairs = [p for p, u in zip(pairs, used) if u]
+        ops = [(buf, peer) for _, buf in pairs]
+        flags = None
+        if self._meta_mode and pairs:
+            flags = torch.empty(len(pairs), dtype=torch.uint8, device=stage.device)
+            ops.append((flags, peer))
+        if pairs:
+            self._grad_bufs[(msg.dst, mb)].append((msg, pairs, flags))
         return ops
+
+    def _take_grads(self, stage: PipelineStage, mb: int) -> None:
+        """Hand microbatch `mb`'s received output gradients to the producer `stage`; in a metadata step
+        the consumer's flags say which exist (kept for later steps, which receive only those)."""
+        for msg, pairs, flags in self._grad_bufs.pop((stage.stage_index, mb), ()):
+            if flags is not None:
+                used = [bool(u) for u in flags.tolist()]
+                self._meta[msg] = used
+                pairs = [p for p, u in zip(pairs, used) if u]
+            for idx, buf in pairs:
+                stage.add_output_grad(mb, idx, buf)
+
+
+def _zeros(entry: tuple, device: torch.device) -> torch.Tensor:
+    """Zeros shaped as the tensor a forward metadata `entry` describes."""
+    _, shape, dtype, _ = entry
+    return torch.zeros(shape, dtype=dtype, device=device)

@@ -416,10 +416,9 @@ class PipelineStage(StageInputChecks):
         self._maybe_drop(m)
 
     def _keep_input_grads(self, st: _Microbatch, grads: list) -> None:
-        # An input the graph did not use still owes its producer a gradient: zero.
-        st.in_grads = [None if self.is_first else (
-            g if g is not None or not (isinstance(x, torch.Tensor) and x.requires_grad) else torch.zeros_like(x))
-            for x, g in zip(st.inputs, grads)]
+        # An input the graph did not use keeps None: its producer gets no gradient for that output (the
+        # executor tells a remote producer so), as in the unsplit model.
+        st.in_grads = [None] * len(st.inputs) if self.is_first else list(grads)
         st.inputs, st.args, st.kwargs = [], (), {}
         st.outputs, st.out_grads, st.loss, st.final = (), {}, None, None
 
