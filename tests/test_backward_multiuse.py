@@ -222,7 +222,7 @@ def _split_vs_plain(fn, params: list, x: torch.Tensor):
         xr = x.clone().requires_grad_(True)
         y = fn(xr)
         if split:
-            got, pending = backward.input_grads([y], [g], [xr], params)
+            got, pending = backward.input_grads([y], [g], [xr])
             backward.weight_grads(pending)
             gx = got[0]
         else:

@@ -40,12 +40,11 @@ def _grads(model, x, g, split: bool, direct: bool = True, hook: bool = False, ed
     x = x.clone().requires_grad_(True)
     out, const = model(x)
     roots, seeds = [out, const], [g, torch.ones_like(const)]
-    params = list(model.parameters())
     handle = model.a.weight.register_hook(lambda t: t * 2) if hook else None
     try:
         if split:
             backward.DIRECT, backward.CAPTURE_EDGES = direct, edges
-            got, pending = backward.input_grads(roots, seeds, [x], params)
+            got, pending = backward.input_grads(roots, seeds, [x])
             backward.weight_grads(pending)
             gx = got[0]
         else:
@@ -83,7 +82,7 @@ def test_weight_grads_accumulate_into_existing_grads():
     x = x.clone().requires_grad_(True)
     for _ in range(2):
         out, const = model(x)
-        _, pending = backward.input_grads([out, const], [g, torch.ones_like(const)], [x], list(model.parameters()))
+        _, pending = backward.input_grads([out, const], [g, torch.ones_like(const)], [x])
         backward.weight_grads(pending)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 2 * once[name], msg=name)
@@ -94,7 +93,7 @@ def test_first_stage_defers_the_whole_backward_to_w():
     model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 4))
     tokens, g = torch.randint(10, (2, 3)), torch.randn(2, 3, 4)
     out = model(tokens)
-    got, pending = backward.input_grads([out], [g], [], list(model.parameters()))
+    got, pending = backward.input_grads([out], [g], [])
     assert got == [] and all(p.grad is None for p in model.parameters())
     backward.weight_grads(pending)
     have = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -131,7 +130,7 @@ def test_input_grads_free_what_only_the_input_side_needed():
     xs = x.clone().requires_grad_(True)
     out = model(xs)
     handle.remove()
-    got, pending = backward.input_grads([out], [g], [xs], list(model.parameters()))
+    got, pending = backward.input_grads([out], [g], [xs])
     del out
     assert pending.groups and all(kind == "plan" and node is None for kind, node, *_ in pending.groups)
     assert not pending.keeps_graph

@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pp
-from pp.schedules.classes import schedule_class
 from pp.schedules.registry import SCHEDULES, get_spec
 from pp.testing import run_ranks
+from pipes import placed, schedule_for
 
 N_MB = 4
 D = 8
@@ -93,9 +93,7 @@ def _reference(n_stages: int) -> tuple[dict, dict]:
 
 
 def _run(rank: int, world: int, name: str, traced: bool) -> tuple[dict, dict]:
-    spec = get_spec(name)
-    n_stages = world * (spec.stages_per_rank or 2)
-    mine = [s for s in range(n_stages) if spec.placement(n_stages, world)[s] == rank]
+    n_stages, mine = placed(name, world, rank)
     torch.manual_seed(0)
     model = Net(n_stages)
     x, y = _batch()
@@ -105,7 +103,7 @@ def _run(rank: int, world: int, name: str, traced: bool) -> tuple[dict, dict]:
     else:
         stages = [pp.PipelineStage(copy.deepcopy(model.blocks[s]), s, n_stages, "cpu") for s in mine]
         names = [{n: f"blocks.{s}.{n}" for n, _ in st.submod.named_parameters()} for s, st in zip(mine, stages)]
-    sched = schedule_class(name)(stages[0] if spec.stages_per_rank == 1 else stages, N_MB, loss_fn=F.mse_loss)
+    sched = schedule_for(name, stages, N_MB, F.mse_loss)
     opt = _optimizer([p for st in stages for p in st.submod.parameters()])
     grads = {}
     for _ in range(2):   # the second step runs on the metadata the first one set

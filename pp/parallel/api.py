@@ -81,7 +81,9 @@ def parallelize(
     `init_fn(name, tensor)` (e.g. seeded by `pp.parallel.meta.generator_for(seed, name)`), the state dict
     first where both are given; tensors that were real (buffers of a model whose parameters alone were on
     meta) keep their values unless the state dict holds them (`pp.parallel.meta.fill`).
-    ValueError for an unknown precision, checkpointing mode or ZeRO level. Tensor hooks and
+    ValueError for an unknown precision, checkpointing mode or ZeRO level, and for a `loss_fn` module
+    with trainable parameters at dp > 1 (not the model's: nothing would average them over replicas; at
+    dp 1 they train like the model's under every schedule, in the caller's optimizer and clipping). Tensor hooks and
     post-accumulate-grad hooks on the parameters run once per microbatch; hooks put on their
     AccumulateGrad nodes run only with `stage.node_hooks = True` on the stages (`ParallelModel.stages`).
     """
@@ -128,6 +130,14 @@ def parallelize(
         raise ValueError(f"compile_per='stage' with activation_checkpointing={ac!r}: the recompute is not "
                          f"traced into a compiled stage; use compile_per='block'")
     zero = check_zero(zero, dp)
+    loss_params = [n for n, p in loss_fn.named_parameters() if p.requires_grad] \
+        if isinstance(loss_fn, nn.Module) else []
+    if loss_params and dp > 1:
+        raise ValueError(
+            f"loss_fn ({type(loss_fn).__name__}) has trainable parameters ({', '.join(loss_params[:3])}"
+            f"{', ...' if len(loss_params) > 3 else ''}) and dp={dp}: they are not the model's, so their "
+            f"gradients would not be averaged over the replicas (nor sharded, clipped or checkpointed); "
+            f"make them part of the model (its last layer) or freeze them")
     if cuda_graphs and zero == 3:
         raise ValueError("cuda_graphs=True with zero=3: ZeRO 3 frees the whole parameters between steps, and "
                          "a replayed graph reads them where it was captured; use zero=1 or 2, or cuda_graphs=False")

@@ -64,9 +64,6 @@ class DDPStage:
         self._sync_wanted = bool(self.module.require_backward_grad_sync)
         self.module.require_backward_grad_sync = False
 
-    def weights(self) -> list[torch.Tensor]:
-        return self.params
-
     def backward_done(self) -> None:
         """Start averaging the stage's gradients over DDP's process group (waited for in `end`)."""
         if not self._sync_wanted:
@@ -98,7 +95,6 @@ class FSDPStage:
     def __init__(self, module: nn.Module, fsdp_modules: list[nn.Module]):
         self.module = module
         self.fsdp_modules = fsdp_modules
-        self._weights: list[torch.Tensor] = []
 
     def begin(self, training: bool) -> None:
         """Before a training step: unshard, and keep backward from reducing or resharding until the end."""
@@ -109,12 +105,6 @@ class FSDPStage:
             m.set_reshard_after_backward(False, recurse=False)
             m.set_requires_gradient_sync(False, recurse=False)
             m.unshard()
-        # Unsharded, the module holds the parameters autograd will accumulate into (kept across steps).
-        self._weights = [p for p in self.module.parameters() if p.requires_grad]
-
-    def weights(self) -> list[torch.Tensor]:
-        """The parameters the step's forwards use (the unsharded ones), for the split backward."""
-        return self._weights
 
     def backward_done(self) -> None:
         """Reduce-scatter the stage's accumulated gradients into the sharded `.grad`, and reshard."""

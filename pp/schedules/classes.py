@@ -20,6 +20,7 @@ from ..parallel.wrapped import StepSync
 from ..stage.graphs import StageGraphs
 from ..stage.runtime import PipelineStage
 from .actions import Action, Kind, in_flight_peak, last_backward_actions
+from .caller_graph import backward_into_caller, cut_caller_graph
 from .executor import Executor
 from .groups import RankActions, check_groups, peer_batches
 from .compat import check_model_keywords, pipeline_order
@@ -257,6 +258,7 @@ class _PipelineSchedule:
         n = self.n_microbatches
         mb_args = mb_kwargs = targets = None
         signature = None
+        caller_graph: list = []   # inputs that carry the caller's graph: (original, leaf)
         rows = [0, 0]   # the batch's and the target's rows, where this rank holds them
         if not isinstance(return_outputs, bool):
             raise TypeError(f"return_outputs must be True or False, got {return_outputs!r}")
@@ -275,12 +277,16 @@ class _PipelineSchedule:
             if not args and not kwargs:
                 raise ValueError(f"rank {self.rank} holds the first stage: pass the batch to step()/eval()")
             stage0 = self._stages[0]
+            if training:
+                args, kwargs, caller_graph = cut_caller_graph(args, kwargs)
             if stage0.pipe_info is not None:
                 args, kwargs = stage0.pipe_info.input_binder.normalise(args, kwargs)
             mb_args, mb_kwargs = split_args_kwargs_into_chunks(
                 tuple(args), dict(kwargs), n, self._args_chunk_spec, self._kwargs_chunk_spec)
             rows[0] = split_rows(args, kwargs, self._args_chunk_spec, self._kwargs_chunk_spec)
-            signature = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x)
+            # whether an input requires grad changes what the stages send on (a skip connection of it, a
+            # frozen first stage): part of the signature, so a change exchanges metadata afresh
+            signature = tuple((tuple(x.shape), x.dtype, x.requires_grad) if isinstance(x, torch.Tensor) else repr(x)
                               for chunk in zip(mb_args, mb_kwargs)
                               for x in torch.utils._pytree.tree_leaves(chunk))
             if stage0.pipe_info is None and stage0.input_args is not None:
@@ -300,7 +306,7 @@ class _PipelineSchedule:
                 except ValueError as e:   # named as the caller passed it
                     raise ValueError(str(e).replace("args[0]", "target")) from None
                 rows[1] = split_rows((target,), {})
-        return mb_args, mb_kwargs, targets, signature, rows
+        return mb_args, mb_kwargs, targets, signature, rows, caller_graph
 
     def _refuse_other_plans(self, training: bool) -> None:
         import torch.distributed as dist
@@ -368,7 +374,7 @@ class _PipelineSchedule:
                                f"error says why); no rank started the step")
         self._grad_flags[mode] = grad_flags
         self._abort.begin_step()
-        mb_args, mb_kwargs, targets, signature, _ = prepared
+        mb_args, mb_kwargs, targets, signature, _, caller_graph = prepared
         if targets is not None:   # a target of k rows per sample (flattened per token) follows the batch
             targets = split_target_like(target, int(status[5]), int(status[6]), self.n_microbatches) or targets
         self._signatures[mode] = signature
@@ -422,6 +428,7 @@ class _PipelineSchedule:
         if training:
             for g in self._graphs.values():
                 g.flush()
+            backward_into_caller(caller_graph)
         if wrapped is not None:   # DDP / FSDP2 averages complete before shared parameters are summed
             wrapped.end(ok=True)
         if training:

@@ -103,14 +103,17 @@ def _walk(root_nodes: list, input_nodes: set) -> tuple[dict, dict, Counter]:
     return kids, on_path, Counter(chain.from_iterable(kids.values()))
 
 
-def _reaches_weights(nodes: list, kids: dict, param_ids: set) -> bool:
+def _reaches_weights(nodes: list, kids: dict) -> bool:
+    """Whether any of `nodes` (off the input path) leads to a leaf that accumulates a gradient: the
+    stage's parameters, and any other leaf the graph holds (a `loss_fn` module's own parameters, a
+    tensor a closure uses), whose gradient would otherwise be dropped."""
     stack, seen = list(nodes), set()
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        if type(n) is _ACCUMULATE and id(n.variable) in param_ids:
+        if type(n) is _ACCUMULATE:
             return True
         stack.extend(kids[n])
     return False
@@ -127,9 +130,11 @@ class Pending:
         self.groups, self.off_roots, self.early, self.keeps_graph = groups, off_roots, early, keeps_graph
 
 
-def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tensor],
-                params: list[torch.Tensor], *, node_hooks: bool | None = None) -> tuple[list, Pending | None]:
+def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tensor], *,
+                node_hooks: bool | None = None) -> tuple[list, Pending | None]:
     """Gradients of `roots` (seeded with `grads`, no None) for `inputs`; returns them and W's state.
+    W accumulates the gradient of every other leaf the graph reaches: the stage's parameters and any
+    other (a `loss_fn` module's own parameters, a tensor a closure uses).
 
     `node_hooks` (default: the module's `NODE_HOOKS`) False lets W write `.grad` itself where no tensor
     or post-accumulate hook asks otherwise (see the module docstring): for a caller that knows nothing
@@ -152,7 +157,7 @@ def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tenso
     if any(type(n).__name__ == _REENTRANT for n in kids):   # torch refuses it under an engine call for inputs
         return _whole_backward(roots, grads, inputs), None
     plain = _never if (NODE_HOOKS if node_hooks is None else node_hooks) else _plain
-    param_ids = {id(p) for p in params}
+    input_ids = {id(x) for x in inputs}
 
     # Split nodes: on the input path, with a child off it that leads to weights.
     groups: list[list] = []
@@ -169,7 +174,7 @@ def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tenso
                     stack.append(c)
             else:
                 off.append(c)
-        if off and _reaches_weights(off, kids, param_ids):
+        if off and _reaches_weights(off, kids):
             slots = tuple(i for i, (c, _) in enumerate(n.next_functions) if c is not None and not on_path[c])
             if type(n).__name__ in _COMPILED:   # one fused backward: its weight side comes out in I
                 compiled_edges.extend(n.next_functions[s] for s in slots)
@@ -182,10 +187,10 @@ def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tenso
     # Roots off the input path keep their seeds for W.
     off_roots = [(get_gradient_edge(r), g) for r, n, g in zip(roots, root_nodes, grads)
                  if n is not None and not on_path[n]]
-    if off_roots and not _reaches_weights([e.node for e, _ in off_roots], kids, param_ids):
+    if off_roots and not _reaches_weights([e.node for e, _ in off_roots], kids):
         off_roots = []
     off_roots += [(get_gradient_edge(r), g) for r, n, g in zip(roots, root_nodes, grads)
-                  if n is None and id(r) in param_ids]   # a parameter returned as it is
+                  if n is None and r.requires_grad and id(r) not in input_ids]   # a parameter returned as it is
     del kids, on_path, seen
 
     # A compiled region's weight-side gradients are captured at its edges and accumulated now; only

@@ -106,11 +106,11 @@ class _Slot:
         same graph adds to the stage's sums."""
         inputs = [self.inputs[i] for i in self.grad_input_idx]
         if not inputs:   # nothing to hand back (first stage): no I graph, W is the whole backward
-            got, pending = input_grads(roots, list(self.grad_outputs), inputs, aliases)
+            got, pending = input_grads(roots, list(self.grad_outputs), inputs)
         else:
             self.bwd = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.bwd, pool=self.pool, capture_error_mode="thread_local"):
-                got, pending = input_grads(roots, list(self.grad_outputs), inputs, aliases)
+                got, pending = input_grads(roots, list(self.grad_outputs), inputs)
         for i, g in zip(self.grad_input_idx, got):
             self.grad_inputs[i] = g
         if not aliases:

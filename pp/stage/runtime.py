@@ -361,8 +361,8 @@ class PipelineStage(StageInputChecks):
             run_backward(roots, grads, accumulate=True, keep_graph=False)
         if self.graphs is not None:
             self.graphs.release(m)
-        self._keep_input_grads(st, [x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None
-                                    for x in st.inputs])
+        self._keep_input_grads(st, [x.grad if isinstance(x, torch.Tensor) and x.requires_grad and not self.is_first
+                                    else None for x in st.inputs])   # the first stage's: the caller's views
         self._maybe_drop(m)
 
     def backward_input(self, m: int, loss_scale: float = 1.0) -> None:
@@ -388,8 +388,7 @@ class PipelineStage(StageInputChecks):
             return
         roots, grads = self._roots(st, loss_scale)
         inputs = [] if self.is_first else self._grad_inputs(st)
-        params = self._params if self.dp_wrapper is None else self.dp_wrapper.weights()
-        got, st.pending_weight = input_grads(roots, grads, inputs, params, node_hooks=self.node_hooks)
+        got, st.pending_weight = input_grads(roots, grads, inputs, node_hooks=self.node_hooks)
         it = iter(got)
         self._keep_input_grads(st, [next(it) if isinstance(x, torch.Tensor) and x.requires_grad and not self.is_first
                                     else None for x in st.inputs])

@@ -385,7 +385,12 @@ def _stage_module(stage: int, graph: fx.Graph, stage_of, remat, attr_of, inputs,
         kind = next(k for k, f in attr_of.values() if f == fqn)  # "buffer" or "buffer_np"
         used_attrs.setdefault(fqn, kind)
         buf = g.get_attr(attr_name(fqn, kind))
-        g.call_function(torch.ops.aten.copy_.default, (buf, fx.node.map_arg(value, value_of)))
+        # the value written back is state for later forwards, not part of this one's graph (as eager's
+        # update under no_grad): undetached, each microbatch's graph would chain to the one before
+        new = fx.node.map_arg(value, value_of)
+        if isinstance(new, fx.Node):
+            new = g.call_function(torch.ops.aten.detach.default, (new,))
+        g.call_function(torch.ops.aten.copy_.default, (buf, new))
     g.output(tuple(fx.node.map_arg(o, value_of) if isinstance(o, fx.Node) else o for o in outputs))
 
     root = nn.Module()

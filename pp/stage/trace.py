@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import io
 import logging
+import operator
 import sys
 import warnings
 from typing import Any, Iterator, Mapping
@@ -127,7 +128,34 @@ def _export_with(module: nn.Module, args: tuple, kwargs: dict, shapes: dict | No
                 ep = torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes)
             if held.getvalue():
                 sys.stderr.write(held.getvalue())
+            _detach_no_grad_regions(ep)
             return ep.run_decompositions({})
+
+
+def _detach_no_grad_regions(ep: torch.export.ExportedProgram) -> None:
+    """Make what the model computes under `torch.no_grad()` a constant for autograd, as in eager.
+
+    torch.export keeps such a block as one `wrap_with_set_grad_enabled(False, ...)` node, but
+    `run_decompositions` inlines its ops as ordinary ones, so the stages' backward would send gradients
+    through values that eager treats as constants (a stop-gradient normaliser: wrong gradients, no
+    error), and a buffer updated from them (spectral_norm's power iteration, a running mean) would chain
+    each microbatch's graph to the one before. Each of the block's results gets an `aten.detach` that
+    survives the decomposition. Edits `ep`'s graph in place."""
+    hop = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    graph, changed = ep.graph_module.graph, False
+    for node in list(graph.nodes):
+        if hop is None or node.target is not hop or node.args[0] is not False:
+            continue
+        for use in list(node.users):
+            if use.target is not operator.getitem:
+                continue
+            with graph.inserting_after(use):
+                const = graph.call_function(torch.ops.aten.detach.default, (use,))
+            const.meta.update(use.meta)
+            use.replace_all_uses_with(const, delete_user_cb=lambda u: u is not const and u.op != "output")
+            changed = True
+    if changed:
+        ep.graph_module.recompile()
 
 
 @contextlib.contextmanager

@@ -208,7 +208,7 @@ def _measure_one(mod, raw, params, is_last, target, loss_fn, autocast, act_dtype
         sd = seeds(roots)
         _sync(device)
         t0 = time.perf_counter()
-        grads, pending = input_grads(roots, sd, grad_inputs, params) if roots else ([], None)
+        grads, pending = input_grads(roots, sd, grad_inputs) if roots else ([], None)
         _sync(device)
         t1 = time.perf_counter()
         weight_grads(pending)
@@ -242,7 +242,7 @@ def _activation_bytes(forward, seeds, grad_inputs, params, device) -> tuple[int,
         base = torch.cuda.memory_allocated(device)
         out, roots = forward()
         held = torch.cuda.memory_allocated(device) - base
-        grads, pending = input_grads(roots, seeds(roots), grad_inputs, params) if roots else ([], None)
+        grads, pending = input_grads(roots, seeds(roots), grad_inputs) if roots else ([], None)
         del out, roots, grads
         after_i = torch.cuda.memory_allocated(device) - base
         weight_grads(pending)
