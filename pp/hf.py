@@ -186,13 +186,19 @@ def build_hf_model(cls: type, config: Any) -> nn.Module:
     """`cls(config)` with the settings tracing needs (no cache, a return object), whose forward takes
     `input_ids` and returns the logits; parameter names are the class's own (`model.layers.0...`).
 
-    Raises ValueError for an encoder-decoder class (its forward needs decoder inputs too).
+    Raises ValueError for an encoder-decoder class (its forward needs decoder inputs too) and for a config
+    with `output_router_logits` (the logits alone would drop the router's auxiliary loss).
     """
     config = cls.config_class.from_dict(config_dict(config))  # a copy: the caller's config stays as it was
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"model.name='hf:{cls.__name__}' is an encoder-decoder model, whose forward needs "
                          f"decoder inputs too; pp.run trains models that map input_ids to logits (decoder-only); "
                          f"pipeline it with pp.pipeline and your own inputs instead")
+    if getattr(config, "output_router_logits", False):
+        raise ValueError(
+            f"model.config output_router_logits=True ({cls.__name__}): pp.run trains on the logits alone, so the "
+            f"router's load-balancing loss would be dropped without a word; set it to false, or add the loss "
+            f"yourself with the Python API (docs/models.md, 'Mixture-of-experts auxiliary loss')")
     config.use_cache = False
     config.return_dict = True
     model = cls(config)

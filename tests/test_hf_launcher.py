@@ -177,8 +177,13 @@ def test_init_from_weights_of_another_shape_ends_the_job_with_one_line_listing_t
      "(rms_norm_eps='1e-5' is text: YAML reads a number like 1e-5 as a string; write 1.0e-5)"),
     ({"name": "hf:LlamaForCausalLM", "init_from": "/no/such/dir"},
      "model.init_from='/no/such/dir' does not exist"),
+    ({"name": "hf:MixtralForCausalLM", "config": dict(vocab_size=256, hidden_size=16, intermediate_size=32,
+      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+      max_position_embeddings=16, output_router_logits=True)},
+     "model.config output_router_logits=True (MixtralForCausalLM): pp.run trains on the logits alone"),
 ], ids=["class", "config-key", "config-path", "no-config", "section-key", "vocab", "positions", "init-from",
-        "encoder-decoder", "config-on-gpt", "config-value", "config-number-as-text", "init-from-no-config"])
+        "encoder-decoder", "config-on-gpt", "config-value", "config-number-as-text", "init-from-no-config",
+        "router-aux-loss"])
 def test_bad_hf_input_is_one_config_error_naming_it(tmp_path, model, message):
     cfg = write(tmp_path / "cfg.yaml", tmp_path / "out", model, pp=1)
     with pytest.raises(ConfigError) as err:

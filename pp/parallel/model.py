@@ -73,7 +73,7 @@ class ParallelModel:
                 + ("an optimizer over parameters() would not shard its state" if self.zero == 1 else
                    "the parameters are kept as master shards that only that optimizer updates, so an "
                    "optimizer over parameters() would not train"))
-        if self.shards is not None:   # the whole parameters from the shards the optimizer updated
+        if self.shards is not None and self.shards.stale():   # the whole parameters from the shards
             self.shards.gather()
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         if self.grad_sync is not None:
@@ -87,7 +87,7 @@ class ParallelModel:
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:
         """Forward only; the merged output on the ranks of the last stage, None elsewhere."""
-        if self.shards is not None:
+        if self.shards is not None and self.shards.stale():
             self.shards.gather()
         try:
             return self.schedule.eval(*args, **kwargs)
@@ -117,7 +117,12 @@ class ParallelModel:
         self._optimizer_built = True
         if self.zero == 1:
             return zero_optimizer(groups, optimizer_class, self.mesh.get_group("dp"), **defaults)
-        return optimizer_class(groups, **defaults)
+        optimizer = optimizer_class(groups, **defaults)
+        if self.shards is not None and not self.shards.free:
+            # ZeRO 2 keeps the whole parameters between steps: gathered right after each optimizer step
+            # (as DeepSpeed does), so the module, parameters() and a save of it hold the new values
+            optimizer.register_step_post_hook(lambda *_: self.shards.gather())
+        return optimizer
 
     def optimizer_params(self) -> list[tuple[str, nn.Parameter]]:
         """(name, tensor the optimizer updates) for each parameter: the parameter itself, or its master

@@ -2,8 +2,9 @@
 runtime stages of `pp.parallelize`.
 
 `bf16-mixed` keeps parameters, gradients and AdamW state in float32. Each matrix parameter (a floating
-parameter of two or more dimensions: linear, embedding and convolution weights) of a traced stage gets a
-bfloat16 copy that the stage's graph reads instead (`Bf16Weights`): the copies are refreshed in place
+parameter of two or more dimensions: linear, embedding and convolution weights) of a traced stage that
+only ops autocast casts read gets a bfloat16 copy that the stage's graph reads instead (`Bf16Weights`;
+a weight another op reads, such as Mixtral's grouped expert matmul, stays float32 and is cast per op): the copies are refreshed in place
 from the float32 masters once per step (the stage's first forward after a step), not cast again for
 every microbatch. Each microbatch's bfloat16 weight gradient is added into the float32 master's `.grad`
 right as it arrives (the master's tensor and post-accumulate hooks then run, once per microbatch), so
@@ -19,6 +20,7 @@ hooks do); `WEIGHT_COPIES = False` restores the per-microbatch casts.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,8 +76,6 @@ def apply_precision(stage: PipelineStage, precision: str) -> None:
         weights = Bf16Weights(stage.submod)
         if weights.copies:
             stage.bf16_weights = weights
-            # the I/W split finds weights by identity: the graph differentiates the copies now
-            stage._params = [*stage._params, *weights.copies]
 
 
 def master_of(t: torch.Tensor) -> torch.Tensor | None:
@@ -100,11 +100,14 @@ class Bf16Weights:
         self.names: list[str] = []      # each copy's attribute path in `gm` (what its graph reads)
         holder = nn.Module()
         names: dict[int, str] = {}
-        for node in gm.graph.nodes:
-            if node.op != "get_attr":
-                continue
-            p = _attr(gm, node.target)
+        reads = [(node, _attr(gm, node.target)) for node in gm.graph.nodes if node.op == "get_attr"]
+        # a parameter any of whose reads meets an op autocast does not cast (Mixtral's grouped expert
+        # matmul with its input cast to float32 when traced; a weight scaled before use) stays float32
+        fp32_only = {id(p) for node, p in reads if not _autocast_reads(node)}
+        for node, p in reads:
             if not (isinstance(p, nn.Parameter) and p.requires_grad and p.dtype == torch.float32 and p.dim() >= 2):
+                continue
+            if id(p) in fp32_only:
                 continue
             name = names.get(id(p))
             if name is None:
@@ -142,6 +145,39 @@ class Bf16Weights:
         for c in self.copies:
             c.untyped_storage().resize_(0)
         self.stale = True
+
+
+# What takes a bfloat16 copy in a float32 parameter's place with the same result under autocast: the ops
+# autocast runs in bfloat16 (it casts every input to it; `embedding` takes indices), reached through views.
+_AUTOCAST_OPS = frozenset({
+    "linear", "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "mv", "addmv", "addr", "einsum",
+    "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "conv_tbc", "prelu", "embedding", "chain_matmul", "linalg_multi_dot",
+    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention"})
+_VIEW_OPS = frozenset({
+    "t", "transpose", "permute", "view", "_unsafe_view", "reshape", "expand", "unsqueeze", "squeeze",
+    "slice", "select", "alias", "detach", "split", "split_with_sizes", "chunk", "unbind", "narrow",
+    "contiguous", "numpy_T", "mT"})
+
+
+def _autocast_reads(node: fx.Node) -> bool:
+    """Whether every use of `node`'s value (through views) is an op in `_AUTOCAST_OPS`."""
+    stack, seen = list(node.users), set()
+    while stack:
+        use = stack.pop()
+        if use in seen:
+            continue
+        seen.add(use)
+        if use.op != "call_function":
+            return False
+        name = "getitem" if use.target is operator.getitem else getattr(use.target, "_opname", None)
+        if name in _VIEW_OPS or name == "getitem":
+            stack.extend(use.users)
+        elif name not in _AUTOCAST_OPS:
+            return False
+    return True
 
 
 def _drop_copies(gm: fx.GraphModule) -> None:

@@ -95,6 +95,7 @@ class ShardedParams:
         # per parameter: its master's version when it was last gathered while frozen (None: trainable then)
         self._frozen_at: list[int | None] = [None] * len(self.params)
         self.gathered = True    # whether the whole parameters hold storage (not after `release`)
+        self._versions: list[int] = []   # the masters' versions at the last gather (see `stale`)
         if free:
             self.release()
 
@@ -116,6 +117,12 @@ class ShardedParams:
                 p.copy_(whole)
             self._frozen_at[i] = None if p.requires_grad else m._version
         self.gathered = True
+        self._versions = [m._version for m in self.masters]
+
+    def stale(self) -> bool:
+        """Whether the whole parameters lag the master shards: released (ZeRO 3), or a shard written
+        since the last `gather` (an optimizer step)."""
+        return not self.gathered or any(m._version != v for m, v in zip(self.masters, self._versions))
 
     def reduce_grads(self) -> None:
         """Each master's `.grad`: its shard of the dp average of its parameter's gradient, added to what

@@ -165,7 +165,6 @@ class PipelineStage(StageInputChecks):
         self.output_chunks: list = []
         self._mode_graphs: dict[bool, Any] = {}   # module mode -> its ModeGraph, None: the traced graph
         self._mode_graph: Any = None             # the one in use (sync_mode)
-        self._params = [p for p in self.submod.parameters() if p.requires_grad]
         self._expected: list | None = None  # see check_received
         self._accepted: set = set()         # input shapes check_model_inputs let through
         self.graphs: StageGraphs | None = None      # set by the schedule's enable_cuda_graphs()
