@@ -5,9 +5,11 @@ optimizer state with torch's `ZeroRedundancyOptimizer` (each replica updates the
 broadcasts them). `zero: 2` and `3` keep, per parameter, a flat master shard of 1/dp on each replica
 (`ShardedParams`), in the parameter's dtype (float32 under fp32 and bf16-mixed, bfloat16 under bf16):
 gradients are reduce-scattered into the shards after the schedule's step and the optimizer updates only
-the shards; the whole parameters are all-gathered at the start of each step
+the shards; the whole parameters are all-gathered at the start of each step where the shards changed
 (as FSDP2 does with `reshard_after_forward=False`, the setting torchtitan uses under pipelining, where
-microbatches interleave), and at `3` their storage is freed again after the step.
+microbatches interleave), and at `3` their storage is freed again after the step. At `2` they are
+gathered right after each step of the optimizer `build_optimizer` made (as DeepSpeed does), so between
+steps they hold the updated values.
 ZeroRedundancyOptimizer talks to torch.distributed itself; the shards use pp.comms collectives.
 """
 from __future__ import annotations
