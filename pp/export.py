@@ -113,7 +113,10 @@ def export(source: str, out_dir: str, max_shard_size: int | str = DEFAULT_SHARD,
     sizes = {k: m.properties.dtype.itemsize * int(torch.Size(m.size).numel()) for k, m in tensors.items()}
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ExportError(f"output {out_dir!r} exists and is not a directory")
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:   # a parent that is a file, no permission
+        raise ExportError(f"output {out_dir!r} cannot be created: {e.strerror or e}") from None
     groups = _shards(sizes, limit)
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
@@ -166,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                       log=lambda line: print(f"pp.export: {line}", file=sys.stderr))
     except (ExportError, CheckpointError, ValueError) as e:
         print(f"pp.export: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # writing the files (disk full, permissions)
+        print(f"pp.export: cannot write to {args.out!r}: {e.strerror or e}", file=sys.stderr)
         return 2
     except ImportError as e:
         print(f"pp.export: needs safetensors (pip install 'pp[hf]'): {e}", file=sys.stderr)

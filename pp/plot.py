@@ -96,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"pp.plot: {os.path.join(out, METRICS)} has no records", file=sys.stderr)
         return 1
-    plot_loss(records, os.path.join(out, "loss.png"))
+    try:
+        plot_loss(records, os.path.join(out, "loss.png"))
+    except OSError as e:   # loss.png is a directory, out is read-only
+        print(f"pp.plot: cannot write {os.path.join(out, 'loss.png')}: {e.strerror or e}", file=sys.stderr)
+        return 2
     written = [os.path.join(out, "loss.png")]
     trace_path = os.path.join(out, "trace.json")
     if os.path.exists(trace_path):

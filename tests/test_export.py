@@ -81,6 +81,10 @@ def test_built_in_model_exports_a_state_dict_that_load_state_dict_takes(tmp_path
                                     "n_heads": 2, "seq_len": 8})
     export(str(run / "checkpoints" / "step-3"), str(tmp_path / "out"))
     assert sorted(os.listdir(tmp_path / "out")) == ["model.safetensors"]
+    from pp.export import main   # an output under a file: one line, exit 2 (was a NotADirectoryError traceback)
+
+    under_file = str(tmp_path / "out" / "model.safetensors" / "again")
+    assert main([str(run), "-o", under_file]) == 2
     fresh = build_model(load_config(str(tmp_path / "cfg.yaml")).model, seed=1)
     fresh.load_state_dict(safetensors_torch.load_file(str(tmp_path / "out" / "model.safetensors")))
     for k, v in net.state_dict().items():

@@ -73,6 +73,8 @@ def test_help_lists_every_key_with_default():
      "parallel.tp=4 does not divide model.n_heads=2"),
     (["--split.points", "blocks.1,blocks.9,blocks.3"], 4, "split.points: the model has no module 'blocks.9'"),
     (["--split.points", "blocks.1"], 4, "split.points has 1 entries but 4 stages need 3"),
+    (["--split.points", "tok_emb,blocks.1,blocks.2"], 4,
+     "split.points=['tok_emb', 'blocks.1', 'blocks.2'] leaves stage 0 without trainable parameters"),
     (["--schedule.name", "ZBVZeroBubble", "--schedule.stages_per_rank", "3"], 4, "schedule.stages_per_rank=3"),
     (["--model.name", "nosuchpkg.mod:Model"], 4, "cannot import module 'nosuchpkg.mod'"),
     (["--model.n_layers", "1"], 4, "model.n_layers=1 is too few for 4 stages"),
@@ -196,3 +198,23 @@ def test_shipped_configs_are_valid():
         cfg.parallel.device = "auto"  # the GPU config is checked here on CPU
         layout = validate(cfg, cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.tp)
         assert layout.n_stages >= cfg.parallel.pp, path
+
+
+@pytest.mark.parametrize("name, make", [("checkpoints", "file"), ("tensorboard", "file"), ("metrics.jsonl", "dir"),
+                                        ("summary.json", "dir"), (".pp.lock", "dir")])
+def test_an_output_entry_of_the_wrong_kind_is_refused_before_training(cfg_file, tmp_path, name, make, monkeypatch,
+                                                                     capsys):
+    """A file where pp.run writes its checkpoints directory (or a directory where it writes a file) failed
+    with a traceback after the first step had trained, or at the end of the run; a `.pp.lock` directory
+    was blamed on the model."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).mkdir() if make == "dir" else (out / name).write_text("x")
+    assert main([cfg_file]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"pp.run: bad config: output.dir={str(out)!r} holds {name!r} as a "
+                                        f"{'directory' if make == 'dir' else 'file'}, where pp.run writes its "
+                                        f"{'file' if make == 'dir' else 'directory'} of that name; move it away"]
+    assert sorted(p.name for p in out.iterdir()) == [name]

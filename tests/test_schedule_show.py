@@ -88,3 +88,16 @@ def test_draw_timeline_is_importable_and_writes_png(tmp_path):
               TimelineEvent(1, Action.parse("1W0"), 2.0, 3.0), TimelineEvent(0, Action.parse("0B0"), 2.0, 4.0)]
     draw_timeline(events, tmp_path / "t.png", "hand-made")
     assert (tmp_path / "t.png").read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize("output, message", [
+    ("x.txt", "expected a file ending in .png, .pdf, .svg"),
+    (".", "is a directory; expected an image file such as"),
+])
+def test_an_output_it_cannot_draw_to_exits_2_before_drawing(output, message, capsys, tmp_path):
+    """`-o x.txt` failed in matplotlib with a traceback; `-o DIR` wrote DIR.png and said nothing."""
+    target = str(tmp_path / output)
+    assert main(["1F1B", "-o", target]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and target in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -78,7 +78,12 @@ def save(root: str, step: int, state: dict, meta: dict, *, verify: bool = True, 
         os.makedirs(tmp)
     coll.barrier()
     with _single_process_quiet():
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not coll.active())
+        try:
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not coll.active())
+        except BaseException as e:   # Ctrl-C while writing: DCP wraps it (in a BaseException); pp.run ends on it as on any Ctrl-C
+            if any(isinstance(f, KeyboardInterrupt) for f in (getattr(e, "failures", None) or {}).values()):
+                raise KeyboardInterrupt from None
+            raise
     coll.barrier()
     names = sorted(n for n in os.listdir(tmp) if not n.startswith("."))
     names.append(".metadata")

@@ -165,7 +165,7 @@ def split_model(model: nn.Module, cfg: JobConfig, layout: Layout) -> Pipe:
     if cfg.split.points:
         check_split_points(cfg.split.points, model)
         kwargs["split_spec"] = {p: SplitPoint.BEGINNING for p in cfg.split.points}
-        key = "split.points"
+        key = f"split.points={list(cfg.split.points)}"
     else:
         policy = split_by_cost if cfg.split.policy == "cost" else split_into_equal_size
         kwargs["split_policy"] = policy(layout.n_stages)
@@ -186,4 +186,9 @@ def split_model(model: nn.Module, cfg: JobConfig, layout: Layout) -> Pipe:
     if pipe.num_stages != layout.n_stages:
         raise ConfigError(f"split.points={cfg.split.points} cut the model into {pipe.num_stages} stages, "
                           f"but {layout.n_stages} are needed")
+    for i in range(pipe.num_stages):   # each rank's optimizer needs something to train
+        if not any(p.requires_grad for p in pipe.get_stage_module(i).parameters()):
+            raise ConfigError(f"{key} leaves stage {i} without trainable parameters (a cut "
+                              f"{'before the first' if i == 0 else 'right after another cut or after the last'} "
+                              f"module that holds any); move the cut")
     return pipe

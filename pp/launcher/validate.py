@@ -380,12 +380,22 @@ def check_split_points(points: list[str], model: torch.nn.Module) -> None:
             raise ConfigError(f"split.points: the model has no module {p!r}{hint}")
 
 
+# what pp.run writes in output.dir: (name, whether it is a directory)
+_OUTPUT_ENTRIES = (("checkpoints", True), ("tensorboard", True), ("profile", True), ("metrics.jsonl", False),
+                   ("summary.json", False), ("trace.json", False), (".pp.lock", False))
+
+
 def _check_output(cfg: JobConfig) -> None:
     d = cfg.output.dir
     if not d:
         raise ConfigError("output.dir is empty: name a directory for metrics.jsonl and checkpoints")
     if os.path.exists(d) and not os.path.isdir(d):
         raise ConfigError(f"output.dir={d!r} exists and is not a directory")
+    for name, want_dir in _OUTPUT_ENTRIES:   # found now, not when the run first writes there
+        path = os.path.join(d, name)
+        if os.path.exists(path) and os.path.isdir(path) != want_dir:
+            raise ConfigError(f"output.dir={d!r} holds {name!r} as a {'file' if want_dir else 'directory'}, where "
+                              f"pp.run writes its {'directory' if want_dir else 'file'} of that name; move it away")
     ps = cfg.output.profile_step
     if isinstance(ps, bool) or not isinstance(ps, int) or not 0 <= ps <= cfg.train.steps:
         raise ConfigError(f"output.profile_step={ps!r}: expected 0 (never) or a step number from 1 to "

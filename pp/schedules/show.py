@@ -6,6 +6,7 @@ with one row per rank, and prints one line with the bubble fraction.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -120,6 +121,20 @@ def _events(args: argparse.Namespace) -> tuple[list[TimelineEvent], int, int, st
     return simulate(lists, placement), args.ranks, args.microbatches, "time (F=1, B=2, I=W=1)"
 
 
+_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def _bad_output(path: str | None) -> str | None:
+    """Why the timeline cannot be written to `path` (None when it can, or when no path was given)."""
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        return f"is a directory; expected an image file such as {os.path.join(path, 'timeline.png')}"
+    if os.path.splitext(path)[1].lower() not in _FORMATS:
+        return f"expected a file ending in {', '.join(_FORMATS)}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry: draw the timeline, print `NAME ranks=R microbatches=M bubble=X`; exit 2 on bad input."""
     parser = _Parser(prog="python -m pp.schedules.show", description=__doc__)
@@ -134,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.trace or args.csv:
         args.ranks = args.microbatches = None
+    bad_output = _bad_output(args.output)
+    if bad_output:
+        print(f"{parser.prog}: -o {args.output}: {bad_output}", file=sys.stderr)
+        return 2
     try:
         events, n_ranks, n_mb, xlabel = _events(args)
     except ValueError as err:  # ScheduleError included

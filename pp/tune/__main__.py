@@ -21,9 +21,21 @@ def _rank() -> int:
         return 0
 
 
-def _say(text: str, err: bool = False) -> None:
+def _say(text: str) -> None:
     if _rank() == 0:
-        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+        print(text, flush=True)
+
+
+def _fail(message: str) -> int:
+    """Rank 0 prints the one line; the other ranks wait for it before leaving (torchrun stops every rank
+    once one exits, and rank 0 could be stopped before its line is out), as `pp.run` does."""
+    if _rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+    else:
+        from pp.run import _wait_for_rank_0
+
+        _wait_for_rank_0()
+    return EXIT_CONFIG
 
 
 def _unwritable(path: str) -> str | None:
@@ -53,14 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("--out", "--iters"):
             if not eq:
                 if i + 1 >= len(args):
-                    _say(f"pp.tune: {name} needs a value", err=True)
-                    return EXIT_CONFIG
+                    return _fail(f"pp.tune: {name} needs a value")
                 value, i = args[i + 1], i + 1
             if name == "--out":
                 out_path = value
             elif not value.isdigit() or int(value) < 1:
-                _say(f"pp.tune: --iters={value!r}: expected a positive integer", err=True)
-                return EXIT_CONFIG
+                return _fail(f"pp.tune: --iters={value!r}: expected a positive integer")
             else:
                 iters = int(value)
         else:
@@ -77,13 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args[0], rest)
         layout = validate(placeholder(cfg), world)
     except ConfigError as e:
-        _say(f"pp.tune: bad config: {e}", err=True)
-        return EXIT_CONFIG
+        return _fail(f"pp.tune: bad config: {e}")
     path = out_path or os.path.join(cfg.output.dir, "tuned.yaml")
     why = _unwritable(path)
     if why is not None:
-        _say(f"pp.tune: {'--out' if out_path else 'output.dir'}: {path} {why}", err=True)
-        return EXIT_CONFIG
+        return _fail(f"pp.tune: {'--out' if out_path else 'output.dir'}: {path} {why}")
     _single_process_env()
     from pp.comms.backend import destroy, init_process_group_from_env
 
@@ -94,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = tune(cfg, dev, layout.pp, iters=iters)
     except ConfigError as e:
-        _say(f"pp.tune: bad config: {e}", err=True)
-        return EXIT_CONFIG
+        return _fail(f"pp.tune: bad config: {e}")
     finally:
         destroy()
     from .plan import ranking_table
