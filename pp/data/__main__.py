@@ -15,35 +15,42 @@ import sys
 import numpy as np
 
 from .prepare import prepare
-from .stream import DTYPES, DataError, looks_like_uint32
+from .stream import DTYPES, DataError, load_npy, looks_like_uint32
 from .tokenize import load_tokenizer
 
 
 def inspect(path: str, tokenizer: str | None, dtype: str | None, sample: int) -> list[str]:
     """Lines describing token file `path`: size, tokens, dtype, largest id, a decoded sample."""
+    if sample < 0:
+        raise DataError(f"--sample {sample}: expected 0 or more ids to show")
+    if os.path.isdir(path):
+        raise DataError(f"{path!r} is a directory; expected a .bin or .npy token file")
     if not os.path.isfile(path):
         raise DataError(f"{path!r}: no such file")
-    meta = {}
-    if os.path.exists(path + ".json"):
-        with open(path + ".json") as f:
-            meta = json.load(f)
+    meta = _sidecar(path)
     if path.endswith(".npy"):
-        ids = np.load(path, mmap_mode="r")
+        ids = load_npy(path)
         dtype = str(ids.dtype)
     else:
-        dtype = dtype or meta.get("dtype") or "uint16"
+        if dtype is None and meta.get("dtype") is not None:
+            dtype = meta["dtype"]
+            if dtype not in DTYPES:
+                raise DataError(f"{path + '.json'!r} records dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        dtype = dtype or "uint16"
         if dtype not in DTYPES:
             raise DataError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         if os.path.getsize(path) % np.dtype(dtype).itemsize:
             raise DataError(f"{path!r} has {os.path.getsize(path)} bytes, not a whole number of {dtype} ids")
-        ids = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
+        ids = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r") if os.path.getsize(path) else None
+    if ids is None or not ids.size:
+        raise DataError(f"{path!r} is empty; expected a file of token ids")
     lines = [f"{path}: {os.path.getsize(path):,} bytes, {ids.size:,} tokens of {dtype}"]
     if dtype == "uint16" and not meta.get("dtype") and looks_like_uint32(path):
         lines.append("warning: every second id is 0-3, as uint32 ids read as uint16 look: try --dtype uint32")
-    if ids.size:
-        top = max(int(ids[i:i + (1 << 24)].max()) for i in range(0, ids.size, 1 << 24))
-        lines.append(f"largest id: {top}" + (f" (vocabulary {meta['vocab_size']})" if "vocab_size" in meta else ""))
-    if "documents" in meta:
+    top = max(int(ids[i:i + (1 << 24)].max()) for i in range(0, ids.size, 1 << 24))
+    vocab = meta.get("vocab_size")
+    lines.append(f"largest id: {top}" + (f" (vocabulary {vocab})" if isinstance(vocab, int) else ""))
+    if isinstance(meta.get("documents"), int):
         lines.append(f"documents: {meta['documents']:,}")
     head = [int(i) for i in ids[:sample]]
     lines.append(f"first {len(head)} ids: {head}")
@@ -51,6 +58,30 @@ def inspect(path: str, tokenizer: str | None, dtype: str | None, sample: int) ->
         tok = load_tokenizer(tokenizer)
         lines.append("decoded: " + repr(tok.decode(head, skip_special_tokens=False)))
     return lines
+
+
+def _sidecar(path: str) -> dict:
+    """The JSON object `pp.data prepare` writes beside token file `path` (`<path>.json`), {} when there is
+    none; DataError naming it when it is not a JSON object."""
+    meta_path = path + ".json"
+    if not os.path.exists(meta_path):
+        return {}
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{meta_path!r} is not readable JSON ({e}); expected the description pp.data prepare "
+                        f"writes beside {path!r}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path!r} holds a JSON {type(meta).__name__}; expected the object pp.data prepare "
+                        f"writes beside {path!r}")
+    return meta
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OSError while reading or writing files: the file and the reason."""
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"cannot use {e.filename!r}: {reason}" if e.filename else reason
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
     except DataError as e:
         print(f"pp.data: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # a file that cannot be read or written: permissions, disk full
+        print(f"pp.data: {_os_error(e)}", file=sys.stderr)
         return 2
     return 0
 

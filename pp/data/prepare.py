@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from .stream import DataError
-from .tokenize import dtype_for, eot_id, load_tokenizer, tokenize_file, write_tokens
+from .tokenize import dtype_for, eot_id, load_tokenizer, tokenize_file, write_tokens, written_paths
 
 _queue = None
 
@@ -29,11 +29,12 @@ def _work(args: tuple[str, str, int]) -> tuple[str, np.ndarray, int]:
 
 
 def prepare(inputs: list[str], tokenizer: str, out: str, eot: str | None, workers: int) -> dict:
-    """Tokenize `inputs` into `out`; returns the summary (documents, tokens, dtype, seconds)."""
-    for path in inputs:
-        if not os.path.isfile(path):
-            raise DataError(f"input {path!r}: no such file")
+    """Tokenize `inputs` into `out`; returns the summary (documents, tokens, dtype, seconds). Bad inputs and
+    an `out` that cannot be written, or would overwrite an input or the tokenizer, are refused (DataError)
+    before anything is tokenized or written."""
+    check_inputs(inputs)
     tok = load_tokenizer(tokenizer)
+    check_output(out, inputs, tokenizer)
     eot_token = eot_id(tok, eot)
     dtype = dtype_for(tok.get_vocab_size())
     total = sum(os.path.getsize(p) for p in inputs)
@@ -71,6 +72,9 @@ def prepare(inputs: list[str], tokenizer: str, out: str, eot: str | None, worker
             results[path] = tokenize_file(path, tokenizer, eot_token, progress=progress)
     if bar is not None:
         bar.close()
+    for path in inputs:
+        if not results[path][1]:
+            raise DataError(f"input {path!r} has no documents (expected lines of JSON objects with a 'text' field)")
     ids = np.concatenate([results[p][0] for p in inputs]) if inputs else np.zeros(0, np.int64)
     docs = sum(results[p][1] for p in inputs)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -78,6 +82,51 @@ def prepare(inputs: list[str], tokenizer: str, out: str, eot: str | None, worker
                                    "tokenizer": os.path.abspath(tokenizer), "inputs": [os.path.abspath(p) for p in inputs]})
     return {"documents": docs, "tokens": int(ids.size), "dtype": dtype, "bytes_in": total,
             "seconds": time.perf_counter() - t0}
+
+
+def check_inputs(inputs: list[str]) -> None:
+    """Refuse an input that is missing, not a file, or empty (it would be one empty document: only an
+    end-of-text token)."""
+    for path in inputs:
+        if os.path.isdir(path):
+            raise DataError(f"input {path!r} is a directory; expected a text or .jsonl file")
+        if not os.path.isfile(path):
+            raise DataError(f"input {path!r}: no such file")
+        if os.path.getsize(path) == 0:
+            raise DataError(f"input {path!r} is empty; expected a text or .jsonl file with documents")
+
+
+def check_output(out: str, inputs: list[str], tokenizer: str) -> None:
+    """Refuse an `out` that is a directory, lies under a file or an unwritable directory, or whose ids,
+    sidecar or temp files (`written_paths`) are an input or the tokenizer."""
+    if not os.path.basename(out) or os.path.isdir(out):
+        raise DataError(f"-o {out!r} names a directory; expected a token file name such as data/train.bin")
+    sources = [("input", p) for p in inputs] + [("tokenizer", tokenizer)]
+    for path in written_paths(out):
+        for what, source in sources:
+            if _same_file(path, source):
+                via = "" if path == out else f" with the {path[len(out):]} file it writes beside the ids"
+                raise DataError(f"-o {out!r} would overwrite the {what} {source!r}{via}; expected a new token file "
+                                f"such as data/train.bin")
+        if os.path.isdir(path):
+            raise DataError(f"-o {out!r} would write {path!r}, which is a directory; expected another file name")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise DataError(f"-o {out!r} lies under {parent!r}, which is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"-o {out!r} cannot be written: no permission to write in {parent!r}")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths `a` and `b` name one file: the same real path, or a hard link."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _bar(total: int):

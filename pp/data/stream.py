@@ -84,16 +84,21 @@ def _expand(source: str, key: str = "train.data") -> list[str]:
     return [source]
 
 
+def load_npy(path: str) -> np.ndarray:
+    """`.npy` file `path` memory-mapped; DataError unless it is a readable 1-D array of integer token ids."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path!r} is not a readable .npy array ({e})") from None
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise DataError(f"{path!r} holds a {arr.dtype} array of shape {tuple(arr.shape)}; expected a 1-D "
+                        f"array of integer token ids")
+    return arr
+
+
 def _token_shard(path: str, dtype: str) -> np.ndarray:
     if path.endswith(".npy"):
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except (ValueError, OSError) as e:
-            raise DataError(f"{path!r} is not a readable .npy array ({e})") from None
-        if arr.ndim != 1 or arr.dtype.kind not in "iu":
-            raise DataError(f"{path!r} holds a {arr.dtype} array of shape {tuple(arr.shape)}; expected a 1-D "
-                            f"array of integer token ids")
-        return arr
+        return load_npy(path)
     size = os.path.getsize(path)
     itemsize = np.dtype(DTYPES[dtype]).itemsize
     if size % itemsize:

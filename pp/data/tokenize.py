@@ -5,6 +5,7 @@ tokenizes once and caches the ids next to the data, keyed by the tokenizer's has
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -62,8 +63,12 @@ def documents(path: str) -> Iterator[str]:
     """A `.jsonl` file's `text` fields, one document per line; any other file is one document, in chunks
     of whole lines (so a large file is never read whole)."""
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{n} is not UTF-8 text") from None
                 if not line.strip():
                     continue
                 try:
@@ -141,8 +146,7 @@ def cached_tokens(path: str, tokenizer_path: str) -> np.ndarray:
     key = file_sha256(tokenizer_path)[:12]
     cache = f"{path}.{key}.bin"
     dtype = dtype_for(tok.get_vocab_size())
-    with open(cache + ".lock", "w") as lockf:
-        fcntl.flock(lockf, fcntl.LOCK_EX)
+    with _locked(cache + ".lock"):
         st = os.stat(path)
         source = {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
         if not (os.path.exists(cache) and _recorded(cache, source)):
@@ -156,6 +160,29 @@ def cached_tokens(path: str, tokenizer_path: str) -> np.ndarray:
     return np.memmap(cache, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
 
 
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """Hold an exclusive lock on file `path` (made if missing) across processes, and remove the file when
+    done, while still holding it. A process that waited on a lock file removed meanwhile locks again, on the
+    file now at `path`, so two processes never both hold the lock and no `.lock` file is left behind."""
+    while True:
+        f = open(path, "a")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            st, held = os.stat(path), os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        f.close()
+
+
 def _recorded(cache: str, source: dict) -> bool:
     """Whether `cache`'s description records `source` (its text file's size and modification time)."""
     try:
@@ -166,11 +193,22 @@ def _recorded(cache: str, source: dict) -> bool:
     return all(meta.get(k) == v for k, v in source.items())
 
 
+def written_paths(path: str) -> list[str]:
+    """Every file `write_tokens(path, ...)` writes: the ids, their `.json` description and both temp files."""
+    return [path, path + ".json", path + ".tmp", path + ".json.tmp"]
+
+
 def write_tokens(path: str, ids: np.ndarray, dtype: str, meta: dict) -> None:
-    """Write ids little-endian as `dtype` to `path` atomically, with `<path>.json` describing them."""
-    tmp = path + ".tmp"
-    ids.astype(np.dtype(dtype).newbyteorder("<")).tofile(tmp)
-    with open(path + ".json.tmp", "w") as f:
-        json.dump({"dtype": dtype, "tokens": int(ids.size), **meta}, f, indent=1)
-    os.replace(tmp, path)
-    os.replace(path + ".json.tmp", path + ".json")
+    """Write ids little-endian as `dtype` to `path` atomically, with `<path>.json` describing them; the temp
+    files are removed whatever happens (an OSError, disk full or a bad path, is left to the caller)."""
+    _, _, tmp, meta_tmp = written_paths(path)
+    try:
+        ids.astype(np.dtype(dtype).newbyteorder("<")).tofile(tmp)
+        with open(meta_tmp, "w") as f:
+            json.dump({"dtype": dtype, "tokens": int(ids.size), **meta}, f, indent=1)
+        os.replace(tmp, path)
+        os.replace(meta_tmp, path + ".json")
+    finally:
+        for leftover in (tmp, meta_tmp):
+            with contextlib.suppress(OSError):
+                os.remove(leftover)
