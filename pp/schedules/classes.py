@@ -93,6 +93,9 @@ class _PipelineSchedule:
             placement = [None] * self.n_stages
             for r, acts in actions.items():
                 for a in acts:
+                    if not 0 <= a.stage < self.n_stages:
+                        raise ValueError(f"rank {r}'s action {a} names stage {a.stage}, but the pipeline has "
+                                         f"stages 0..{self.n_stages - 1}")
                     placement[a.stage] = r
             if None in placement:
                 missing = [s for s, r in enumerate(placement) if r is None]

@@ -75,8 +75,11 @@ class Executor:
         self._send_works: list = []
         self._meta_mode = meta_mode
         self._peer_batch = getattr(actions, "peer_batch", None)
-        self._loss_fn, self._targets, self._losses = loss_fn, targets, losses
-        self._loss_scale, self._outputs = loss_scale, outputs
+        self._loss_fn, self._targets = loss_fn, targets
+        # (microbatch, value) as the last stage makes them; handed over in microbatch order at the end
+        self._losses = None if losses is None else []
+        self._outputs = None if outputs is None else []
+        self._loss_scale = loss_scale
         self._record = record
         self.trace = []
         events = []
@@ -98,6 +101,10 @@ class Executor:
         for work in self._send_works:
             work.wait()
         self._send_works = []
+        # in microbatch order, whatever order the last stage ran them in (an action list of the caller's)
+        for got, out in ((self._losses, losses), (self._outputs, outputs)):
+            if out is not None:
+                out.extend(value for _, value in sorted(got, key=lambda pair: pair[0]))
         if record:
             self.trace = self._resolve(events)
 
@@ -172,12 +179,12 @@ class Executor:
                 loss = self._loss_fn(st.final, self._targets[mb])
                 st.loss = loss
                 if self._losses is not None:
-                    self._losses.append(loss.detach())
+                    self._losses.append((mb, loss.detach()))
             if self._outputs is not None:
                 final = st.final
                 if torch.is_grad_enabled():  # kept for the caller only: no autograd graph held by it
                     final = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, final)
-                self._outputs.append(final)
+                self._outputs.append((mb, final))
         for c in stage.consumers:
             if self.rank_of(c) != self.rank:
                 continue
