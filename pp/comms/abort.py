@@ -160,17 +160,21 @@ class AbortChannel:
             raise done.error
 
     # ------------------------------------------------------------- small objects (tensor metadata)
-    def send_object(self, obj: Any, peer: int, what: Callable[[], str]) -> None:
-        """`p2p.send_object`, stopped like `wait` on CPU."""
+    def send_object(self, obj: Any, peer: int, what: Callable[[], str], wait: bool = True) -> list | None:
+        """`p2p.send_object`, stopped like `wait` on CPU. With `wait=False` (CPU only) the send is left in
+        flight and its (works, tensors) returned: the caller waits for them later and keeps them till then."""
         if not self.blocking or p2p.is_strict():  # strict matching posts objects its own way
             p2p.send_object(obj, peer, self.group, what)
-            return
+            return None
         data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
         size = torch.tensor([data.numel()], dtype=torch.int64)
         dst = global_rank(self.group, peer)
         works = dist.batch_isend_irecv([dist.P2POp(dist.isend, size, dst, self.group),
                                         dist.P2POp(dist.isend, data, dst, self.group)])
+        if not wait:
+            return [works, (size, data)]
         self.wait(works, what)
+        return None
 
     def recv_object(self, peer: int, what: Callable[[], str]) -> Any:
         """`p2p.recv_object`, stopped like `wait` on CPU."""

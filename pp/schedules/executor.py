@@ -73,6 +73,7 @@ class Executor:
         self._waits: dict[tuple, list] = defaultdict(list)
         self._grad_bufs: dict[tuple, list] = defaultdict(list)
         self._send_works: list = []
+        self._kept: list = []   # tensors of metadata sends in flight
         self._meta_mode = meta_mode
         self._peer_batch = getattr(actions, "peer_batch", None)
         self._loss_fn, self._targets = loss_fn, targets
@@ -100,7 +101,7 @@ class Executor:
             self._post(batch)
         for work in self._send_works:
             work.wait()
-        self._send_works = []
+        self._send_works, self._kept = [], []
         # in microbatch order, whatever order the last stage ran them in (an action list of the caller's)
         for got, out in ((self._losses, losses), (self._outputs, outputs)):
             if out is not None:
@@ -221,18 +222,12 @@ class Executor:
             groups = self._groups[key] = split_batch(batch, self.graph, self.rank_of, self._peer_batch)
         try:
             for group in groups:
-                sends, recvs, keys = [], [], []
-                for action, msg in group:
-                    if action.kind == Kind.SEND_F:
-                        sends += self._send_forward(msg)
-                    elif action.kind == Kind.SEND_B:
-                        sends += self._send_backward(msg)
-                    else:
-                        got = self._recv_forward(msg) if action.kind == Kind.RECV_F else self._recv_backward(msg)
-                        recvs += got
-                        if got:
-                            keys.append((msg.dst, msg.microbatch, "F" if action.kind == Kind.RECV_F else "B"))
-                self._issue(sends, recvs, keys, group)
+                if self._meta_mode and self._sends_first_ok():
+                    early = self._sends_first(group)
+                    if early:
+                        self._post_group(early, early=True)
+                        group = [x for x in group if x not in early]
+                self._post_group(group)
         except Exception as e:
             lost = peer_lost(e, self.rank, self._what(batch))
             if lost is not None:   # gloo may fail the posting itself once the peer is gone
@@ -240,6 +235,40 @@ class Executor:
             if hasattr(e, "add_note"):
                 e.add_note(f"pp: while posting {' '.join(map(str, batch))} on pipeline rank {self.rank}")
             raise
+
+    def _post_group(self, group: list, early: bool = False) -> None:
+        """Post one group's transfers; `early` (a metadata step's sends posted first, `_sends_first`): their
+        metadata is left in flight, waited for at the end of the step."""
+        sends, recvs, keys = [], [], []
+        for action, msg in group:
+            if action.kind == Kind.SEND_F:
+                sends += self._send_forward(msg, early)
+            elif action.kind == Kind.SEND_B:
+                sends += self._send_backward(msg)
+            else:
+                got = self._recv_forward(msg) if action.kind == Kind.RECV_F else self._recv_backward(msg)
+                recvs += got
+                if got:
+                    keys.append((msg.dst, msg.microbatch, "F" if action.kind == Kind.RECV_F else "B"))
+        self._issue(sends, recvs, keys, group)
+
+    def _sends_first_ok(self) -> bool:
+        """Whether a metadata step may post a group's sends before its receives, their metadata left in
+        flight: on CPU (gloo), with pp's stop channel and without strict matching. (NCCL keeps each group
+        whole; not measured on three GPUs or more.)"""
+        return self.abort is not None and self.abort.blocking and not p2p.is_strict()
+
+    def _sends_first(self, group: list) -> list:
+        """In a metadata step, the group's sends to peers it receives nothing from: they go out (metadata
+        and data) before the group's blocking metadata receives. Otherwise, with three ranks or more, a
+        rank waiting for one peer's metadata held back the data another peer needs before that first peer
+        can send (a ring: 0 -> 1 -> 2 -> 0; found with loop schedules of fewer microbatches than ranks and
+        with torch's CSV files), and the step hung. Sends to a peer the group also receives from stay in
+        it; with two ranks nothing changes."""
+        recv_peers = {self.rank_of(m.src) for a, m in group if a.kind in (Kind.RECV_F, Kind.RECV_B)}
+        early = [(a, m) for a, m in group
+                 if a.kind in (Kind.SEND_F, Kind.SEND_B) and self.rank_of(m.dst) not in recv_peers]
+        return early if recv_peers and early else []
 
     def _what(self, actions: list[Action], note: str = "") -> Callable[[], str]:
         """A label for the watchdog and the abort line: the actions, read only when a wait goes wrong."""
@@ -257,7 +286,7 @@ class Executor:
         if sends:
             self._send_works.append(handle)  # keeps sent tensors alive until the step ends
 
-    def _send_forward(self, msg: Message) -> list:
+    def _send_forward(self, msg: Message, early: bool = False) -> list:
         stage = self.stages[msg.src]
         st = stage.state(msg.microbatch)
         values = [st.outputs[i] for i in stage.output_indices_for(msg.dst, msg.microbatch)]
@@ -266,7 +295,10 @@ class Executor:
         if self._meta_mode:
             what = self._what([Action(msg.src, Kind.SEND_F, msg.microbatch)], " (its metadata)")
             if self.abort is not None:
-                self.abort.send_object(meta, peer, what)
+                pending = self.abort.send_object(meta, peer, what, wait=not early)
+                if pending is not None:   # waited for at the end of the step, with the data sends
+                    self._send_works.append(_Posted(pending[0], self.abort, what))
+                    self._kept.append(pending[1])
             else:
                 p2p.send_object(meta, peer, self.group, what)
             self._meta[msg] = meta
