@@ -215,7 +215,8 @@ class Executor:
         """Post a run of comm actions as the groups `split_batch` cuts it into (each the mirror image of
         one group of each peer, as NCCL needs). In a metadata step each group's forward messages first
         exchange their metadata, in the group's canonical order (the peer's order too), then its data
-        goes out as one group, before the next group's blocking metadata receive can hold it back."""
+        goes out as one group, before the next group's blocking metadata receive can hold it back; on CPU
+        the group's sends to peers it receives nothing from go first (`_sends_first`)."""
         key = (tuple(batch), id(self._peer_batch))
         groups = self._groups.get(key)
         if groups is None:   # the same batches come every step: cut each once
