@@ -154,3 +154,18 @@ def test_losses_and_outputs_come_in_microbatch_order_whatever_order_the_last_sta
     torch.testing.assert_close(losses, want)
     torch.testing.assert_close(out, whole)
     torch.testing.assert_close(evaluated, whole)
+
+
+def _stage_out_of_range(rank: int, world: int) -> str:
+    stage = pp.PipelineStage(nn.Linear(4, 4), rank, 2, "cpu")
+    try:
+        pp.schedule_from_actions(stage, 1, {0: ["0F0", "0B0"], 1: ["2F0", "1F0", "1B0"]}, loss_fn=F.mse_loss)
+    except ValueError as e:
+        return str(e)
+    return "accepted"
+
+
+def test_an_action_naming_a_stage_past_the_pipeline_is_refused_naming_rank_and_cell():
+    """It was a bare IndexError from building the placement."""
+    for msg in run_ranks(_stage_out_of_range, 2, timeout_s=60):
+        assert msg == "rank 1's action 2F0 names stage 2, but the pipeline has stages 0..1", msg

@@ -142,6 +142,17 @@ def test_plot_writes_loss_and_timeline_pngs(tmp_path):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_says_in_one_line_when_it_cannot_write_the_loss_png(tmp_path, capsys):
+    """A directory where loss.png goes gave an IsADirectoryError traceback."""
+    from pp.plot import main as plot_main
+
+    (tmp_path / METRICS).write_text(json.dumps({"step": 1, "loss": 5.0, "lr": 1e-3}) + "\n")
+    (tmp_path / "loss.png").mkdir()
+    assert plot_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pp.plot: cannot write {tmp_path / 'loss.png'}: Is a directory"], err
+
+
 def test_summary_names_graph_replays_per_rank_only_where_there_were_any():
     ranks = [{"rank": 0, "stages": [0], "bubble": 0.25, "peak_mem_gib": 1.5, "graph_replays": 352},
              {"rank": 1, "stages": [1], "bubble": None, "peak_mem_gib": 1.0}]
