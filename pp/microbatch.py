@@ -135,7 +135,8 @@ def merge_chunks(chunks: list, chunk_spec: Any) -> Any:
             elif rows is None:
                 merged.append(stacked.mean())
             else:   # Python weights: no host-to-device copy
-                merged.append(sum(v * (r / sum(rows)) for v, r in zip(values, rows)))
+                total = sum(rows)
+                merged.append(sum(v * (r / total) for v, r in zip(values, rows)))
             continue
         dim = spec.split_dim if isinstance(spec, TensorChunkSpec) else DEFAULT_CHUNK_DIM
         merged.append(torch.cat(values, dim=dim))

@@ -121,7 +121,7 @@ class ParallelModel:
         if self.shards is not None and not self.shards.free:
             # ZeRO 2 keeps the whole parameters between steps: gathered right after each optimizer step
             # (as DeepSpeed does), so the module, parameters() and a save of it hold the new values
-            optimizer.register_step_post_hook(lambda *_: self.shards.gather())
+            optimizer.register_step_post_hook(lambda *_: self.shards.gather() if self.shards.stale() else None)
         return optimizer
 
     def optimizer_params(self) -> list[tuple[str, nn.Parameter]]:

@@ -20,7 +20,7 @@ _ALLOWED = frozenset({
     "requires_grad_", "is_leaf", "grad", "grad_fn", "_version", "is_cuda", "is_cpu", "is_meta",
     "is_floating_point", "is_complex", "is_sparse", "element_size", "itemsize", "names", "stride",
     "is_contiguous", "storage_offset", "register_hook", "register_post_accumulate_grad_hook", "_backward_hooks",
-    "_post_accumulate_grad_hooks", "__hash__", "retains_grad", "_is_view", "name", "__class__",
+    "_post_accumulate_grad_hooks", "__hash__", "retains_grad", "_is_view",
     "untyped_storage",   # its size is 0 while released: how tests and users see that it is
 })
 

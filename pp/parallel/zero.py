@@ -97,7 +97,8 @@ class ShardedParams:
         # per parameter: its master's version when it was last gathered while frozen (None: trainable then)
         self._frozen_at: list[int | None] = [None] * len(self.params)
         self.gathered = True    # whether the whole parameters hold storage (not after `release`)
-        self._versions: list[int] = []   # the masters' versions at the last gather (see `stale`)
+        # the masters' versions when the whole parameters last matched them (see `stale`): now, as built
+        self._versions: list[int] = [m._version for m in self.masters]
         if free:
             self.release()
 
