@@ -59,7 +59,7 @@ class _Slot:
 
     def __init__(self, sig: Signature, module: nn.Module, sample: list[torch.Tensor], names: list[str],
                  params: list[nn.Parameter], acc: list[torch.Tensor], split: bool,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, touched: set[int] | None = None):
         self.pool = torch.cuda.graph_pool_handle()   # private: slots must never share activation memory
         self.sig = sig
         self.split = split
@@ -78,6 +78,10 @@ class _Slot:
         self.grad_input_idx = [i for i, x in enumerate(self.inputs) if x.requires_grad]
         self.grad_inputs: list = [None] * len(self.inputs)
         self.used_params: list[int] = []
+        self.touched = touched if touched is not None else set()
+        self.reach = _reach([flat[i] for i in self.diff], aliases, self.inputs)
+        self._live: dict[tuple, tuple[frozenset, frozenset]] = {}
+        self.live_inputs: frozenset = frozenset()
         self.bwd = self.bwd_w = None
         if not self.diff:
             return
@@ -125,18 +129,57 @@ class _Slot:
             a.grad = None
 
     def load_grad_outputs(self, grads: list) -> None:
-        """Copy the gradients of the outputs (by output index; None: zero) into the static ones."""
+        """Copy the gradients of the outputs (by output index; None: zero) into the static ones, and
+        note which parameters and inputs the outputs that got one reach: the replay computes the others
+        from zeros, where eager autograd gives them no gradient at all."""
+        present = tuple(grads[i] is not None for i in self.diff)
         for static, i in zip(self.grad_outputs, self.diff):
             g = grads[i]
             if g is None:
                 static.zero_()
             else:
                 static.copy_(g)
+        live = self._live.get(present)
+        if live is None:
+            params = frozenset().union(*[r[0] for r, p in zip(self.reach, present) if p])
+            inputs = frozenset().union(*[r[1] for r, p in zip(self.reach, present) if p])
+            live = self._live[present] = (params, inputs)
+        self.touched.update(live[0])
+        self.live_inputs = live[1]
 
     def fresh_grad_inputs(self) -> list:
         """The input gradients of the last replay as new tensors (the static ones are overwritten by the
-        next, and a transfer may still be reading these)."""
-        return [None if g is None else g.clone() for g in self.grad_inputs]
+        next, and a transfer may still be reading these); None for an input that no output with a
+        gradient reaches, as in eager."""
+        return [None if g is None or i not in self.live_inputs else g.clone()
+                for i, g in enumerate(self.grad_inputs)]
+
+
+def _reach(roots: list[torch.Tensor], params: list[torch.Tensor],
+           inputs: list[torch.Tensor]) -> list[tuple[frozenset, frozenset]]:
+    """For each root, the indices of the `params` and of the `inputs` its autograd graph reaches: the
+    leaves eager autograd gives a gradient from that root alone. Walked once per root at capture."""
+    where = {id(t): ("p", k) for k, t in enumerate(params)}
+    where.update({id(t): ("x", i) for i, t in enumerate(inputs) if t.requires_grad})
+    out = []
+    for r in roots:
+        found: dict[str, set] = {"p": set(), "x": set()}
+        if r.grad_fn is None:       # a leaf returned as it is
+            if id(r) in where:
+                found[where[id(r)][0]].add(where[id(r)][1])
+        else:
+            stack, seen = [r.grad_fn], {r.grad_fn}
+            while stack:
+                node = stack.pop()
+                var = getattr(node, "variable", None)
+                if var is not None and id(var) in where:
+                    found[where[id(var)][0]].add(where[id(var)][1])
+                for nxt, _ in node.next_functions:
+                    if nxt is not None and nxt not in seen:
+                        seen.add(nxt)
+                        stack.append(nxt)
+        out.append((frozenset(found["p"]), frozenset(found["x"])))
+    return out
 
 
 def _aliases(params: list[nn.Parameter]) -> list[torch.Tensor]:
@@ -168,6 +211,7 @@ class _Replay(torch.autograd.Function):
                 static.copy_(x)
         slot.fwd.replay()
         ctx.slot = slot
+        ctx.set_materialize_grads(False)   # an output with no gradient arrives as None, not zeros
         # A non-differentiable output (a mask, say) is copied: no backward orders its next overwrite
         # after the consumer has read it.
         outs = tuple(o.detach() if d else o.clone() for o, d in zip(slot.outputs, slot.is_diff))
@@ -227,6 +271,7 @@ class StageGraphs:
         # whose backward replays the graph that computes its weight gradients.
         self._anchor = torch.zeros((), device=device, requires_grad=True)
         self._used: list[int] = []     # indices of the parameters the captured backwards reach, sorted
+        self._touched: set[int] = set()   # those this step's replays reached from outputs with a gradient
         self._dirty = False
         self._graphs: dict[Signature, list[_Slot]] = {}
         self._free: dict[Signature, list[_Slot]] = {}
@@ -308,6 +353,7 @@ class StageGraphs:
         if self._dirty:
             torch._foreach_zero_(self._acc)
             self._dirty = False
+        self._touched.clear()
 
     def flush(self) -> None:
         """Add the weight gradients summed by the replayed backwards into `.grad`, and clear the sums."""
@@ -315,6 +361,8 @@ class StageGraphs:
             return
         new, new_src, old, old_src = [], [], [], []
         for k in self._used:
+            if k not in self._touched:   # reached only from outputs that got no gradient: stays None
+                continue
             p, a = self.grad_of[k], self._acc[k]
             if p.grad is None:
                 p.grad = torch.empty_like(a)
@@ -329,6 +377,7 @@ class StageGraphs:
             torch._foreach_add_(old, old_src)
         torch._foreach_zero_(self._acc)
         self._dirty = False
+        self._touched.clear()
 
     # ---------------------------------------------------------------------------- capture
     def capture_pending(self) -> None:
@@ -368,7 +417,7 @@ class StageGraphs:
                 b.detach().copy_(buffers[name])
         torch.cuda.synchronize()
         slots = [_Slot(sig, self.module, sample, self.names, self.params, self._acc, self.split,
-                       self.autocast_dtype) for _ in range(self.slots)]
+                       self.autocast_dtype, self._touched) for _ in range(self.slots)]
         self._used = sorted(set(self._used) | set(slots[0].used_params))
         self._graphs[sig] = slots
         self._free[sig] = list(slots)
