@@ -54,6 +54,23 @@ def test_stdlib_batches_are_those_of_the_byte_corpus():
         assert torch.equal(new.tokens(step), old.tokens(step)) and torch.equal(new.targets(step), old.targets(step))
 
 
+def test_windows_reach_the_last_token_of_the_region(tmp_path):
+    """Found in the field: window starts stopped one short, so the region's last token was never read and a
+    file of exactly seq_len + 1 tokens (one whole window) was refused."""
+    np.arange(20, dtype=np.uint16).tofile(tmp_path / "ids.bin")
+    stream = open_stream(str(tmp_path / "ids.bin"))
+    batches = TokenBatches(stream, batch_size=16, seq_len=8, seed=0)
+    starts = {int(s) for step in range(1, 40) for s in batches.starts(step)}
+    assert starts == set(range(12)), sorted(starts)        # every window of 9 tokens in 20
+    assert max(int(t.max()) for t in (batches.targets(s) for s in range(1, 40))) == 19
+    one = TokenBatches(stream, batch_size=2, seq_len=19, seed=0)
+    assert one.tokens(1).tolist() == [list(range(19))] * 2 and one.targets(1).tolist() == [list(range(1, 20))] * 2
+    with pytest.raises(DataError, match="fewer than seq_len \\+ 1 = 21"):
+        TokenBatches(stream, batch_size=2, seq_len=20, seed=0)
+    corpus = torch.arange(20, dtype=torch.uint8)
+    assert {int(s) for step in range(1, 40) for s in ByteBatches(corpus, 16, 8, 0).starts(step)} == set(range(12))
+
+
 def test_glob_of_two_shards_reads_as_the_one_file_stream(tmp_path):
     ids = _markov_tokens(5000)
     ids.tofile(tmp_path / "all.bin")
@@ -216,6 +233,29 @@ def test_resume_on_tokens_is_exact_and_tensorboard_keeps_one_point_per_step(bin_
     assert steps == list(range(1, 11)), steps
     assert [e.step for e in acc.Scalars("train/val_loss")] == [5, 10]
     assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s", "train/bubble"} <= set(acc.Tags()["scalars"])
+
+
+def test_a_fresh_run_into_the_same_dir_replaces_the_earlier_runs_tensorboard_curves(bin_run, tmp_path):
+    """Found in the field: a fresh run (checkpoint.resume false) kept the earlier run's event files, so
+    every curve had two points per step and steps the new run never trained. The earlier files go when
+    the new run logs its first step (a run that fails before that leaves them)."""
+    from pp.launcher.sinks import ScalarSinks
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp, cfg, _ = bin_run
+    out = tmp / "out"
+    proc = torchrun(2, cfg, "--train.steps", "3", "--train.lr", "0.001")
+    assert proc.returncode == 0, proc.log[-4000:]
+    files = list((out / "tensorboard").glob("*tfevents*"))
+    assert len(files) == 1, files
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(list(losses(out).values()), rel=1e-6)
+    # opened but no step logged (a start that failed): the earlier run's events stay
+    sinks = ScalarSinks(str(out), 0, True, False, {})
+    sinks.close()
+    assert files[0].exists()
 
 
 # ------------------------------------------------------------------------------------------ bad input

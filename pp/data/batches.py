@@ -14,7 +14,8 @@ from .stream import DataError, TokenStream
 class TokenBatches:
     """`tokens(step)`, `targets(step)`: (batch_size, seq_len) int64 tensors, targets shifted by one token.
 
-    Windows start in [lo, hi - seq_len - 1) of the stream (a region: the training part, or a held-out
+    Windows of seq_len + 1 tokens start in [lo, hi - seq_len] of the stream (the last one ends at
+    the region's last token) (a region: the training part, or a held-out
     tail for evaluation). `salt` separates the draws of two uses of one seed (training, evaluation).
     With `vocab_size`, an id outside [0, vocab_size) raises DataError naming its file.
     """
@@ -22,9 +23,9 @@ class TokenBatches:
     def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, seed: int, *, lo: int = 0,
                  hi: int | None = None, vocab_size: int | None = None, salt: int = 0):
         hi = len(stream) if hi is None else hi
-        if hi - lo < seq_len + 2:
-            raise DataError(f"the data region [{lo}, {hi}) has {hi - lo} tokens, fewer than seq_len + 2 = "
-                            f"{seq_len + 2}")
+        if hi - lo < seq_len + 1:
+            raise DataError(f"the data region [{lo}, {hi}) has {hi - lo} tokens, fewer than seq_len + 1 = "
+                            f"{seq_len + 1}")
         self.stream, self.batch_size, self.seq_len, self.seed = stream, batch_size, seq_len, seed
         self.lo, self.hi, self.vocab_size, self.salt = lo, hi, vocab_size, salt
         self._cache: tuple[int, torch.Tensor] | None = None
@@ -32,7 +33,7 @@ class TokenBatches:
     def starts(self, step: int) -> torch.Tensor:
         """Window start offsets of `step`, from a generator seeded by (seed, step, salt) alone."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step + self.salt * 7_919_000_003)
-        return torch.randint(self.lo, self.hi - self.seq_len - 1, (self.batch_size,), generator=g)
+        return torch.randint(self.lo, self.hi - self.seq_len, (self.batch_size,), generator=g)
 
     def _windows(self, step: int) -> torch.Tensor:
         if self._cache is not None and self._cache[0] == step:

@@ -208,7 +208,7 @@ def open_stream(source: str, dtype: str = "uint16", tokenizer: str | None = None
                 raise DataError(f"{key}={source!r} is .jsonl: name a tokenizer.json in train.tokenizer")
             stream = TokenStream([np.memmap(f, dtype=np.uint8, mode="r") if os.path.getsize(f) else
                                   np.zeros(0, np.uint8) for f in files], files)
-    if seq_len is not None and len(stream) < seq_len + 2:
-        raise DataError(f"{key}={source!r} has {len(stream)} tokens, fewer than model.seq_len + 2 = "
-                        f"{seq_len + 2}")
+    if seq_len is not None and len(stream) < seq_len + 1:
+        raise DataError(f"{key}={source!r} has {len(stream)} tokens, fewer than model.seq_len + 1 = "
+                        f"{seq_len + 1}")
     return stream

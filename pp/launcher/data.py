@@ -40,8 +40,8 @@ class ByteBatches:
     """Random windows of the corpus: `batch(step)` gives (tokens, targets), targets shifted by one byte."""
 
     def __init__(self, corpus: torch.Tensor, batch_size: int, seq_len: int, seed: int):
-        if corpus.numel() < seq_len + 2:
-            raise ValueError(f"the corpus has {corpus.numel()} bytes, fewer than seq_len + 2 = {seq_len + 2}")
+        if corpus.numel() < seq_len + 1:
+            raise ValueError(f"the corpus has {corpus.numel()} bytes, fewer than seq_len + 1 = {seq_len + 1}")
         self.corpus = corpus
         self.batch_size = batch_size
         self.seq_len = seq_len
@@ -50,7 +50,7 @@ class ByteBatches:
     def starts(self, step: int) -> torch.Tensor:
         """Window start offsets of `step`, from a generator seeded by (seed, step) alone."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        return torch.randint(0, self.corpus.numel() - self.seq_len - 1, (self.batch_size,), generator=g)
+        return torch.randint(0, self.corpus.numel() - self.seq_len, (self.batch_size,), generator=g)
 
     def _windows(self, step: int, shift: int) -> torch.Tensor:
         idx = self.starts(step)[:, None] + torch.arange(self.seq_len)[None, :] + shift
