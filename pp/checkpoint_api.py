@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch
+
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 
@@ -10,6 +12,13 @@ from .launcher import checkpoint as ckpt
 from .weights import _module_target, _pp_checkpoint, _tied_conflict
 
 __all__ = ["load_unsplit"]
+
+
+def _view_key(t: torch.Tensor) -> tuple:
+    """What makes two state-dict entries one tensor: the same memory seen the same way."""
+    if t.numel() == 0:          # empty tensors share no memory to speak of
+        return (id(t),)
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
 def load_unsplit(model: nn.Module, path: str, *, strict: bool = True) -> str:
@@ -37,6 +46,9 @@ def load_unsplit(model: nn.Module, path: str, *, strict: bool = True) -> str:
     if not strict:
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         state = {n: t for n, t in state.items() if f"model.{n}" in saved}
+        # tied names: only the last listed is read (DCP reads in file order, not in the order listed)
+        last = {_view_key(t): n for n, t in state.items()}
+        state = {n: t for n, t in state.items() if last[_view_key(t)] == n}
     ckpt.check_fits(path, {"model": state}, strict=strict)
     if strict:
         conflict = _tied_conflict(_module_target(model), _pp_checkpoint(path), None)

@@ -216,3 +216,40 @@ def test_checkpoint_saved_at_pp2_loads_at_pp4_and_unsplit(tmp_path):
     assert more[0] == more[1] and "has no entry 'model.blocks.4" in more[0], more
     fewer = run_ranks(_load_other_model, 2, root, 2, timeout_s=120)
     assert fewer[0] == fewer[1] and "holds 24 model tensor(s) this model does not have ('blocks.2" in fewer[0], fewer
+
+
+class _NormFirst(torch.nn.Module):
+    """state_dict order: norm, emb, head; `tie` shares the head with the embedding."""
+
+    def __init__(self, tie: bool = False):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+        self.emb = torch.nn.Embedding(16, 8)
+        self.head = torch.nn.Linear(8, 16, bias=False)
+        if tie:
+            self.head.weight = self.emb.weight
+
+
+def _save_untied_halves(rank: int, world: int, root: str) -> None:
+    torch.manual_seed(0)
+    state = _NormFirst().state_dict()
+    mine = {n: t for n, t in state.items() if (n == "emb.weight") == (rank == 0)}   # rank 1: norm and head
+    ckpt.save(root, 1, {"model": mine}, {"pp": world})
+
+
+def test_strict_false_into_tied_names_takes_the_last_listed_whatever_file_holds_it(tmp_path):
+    """Found in the field: of an untied checkpoint's two tensors under names the model ties, the one read
+    last won, and DCP reads file by file (here rank 1's, holding `norm` and `head`, first): the winner
+    followed the pp layout that saved it, not `state_dict()`'s order as documented and as in
+    `load_state_dict(strict=False)`."""
+    root = str(tmp_path / "ck")
+    run_ranks(_save_untied_halves, 2, root, timeout_s=120)
+    torch.manual_seed(0)
+    untied = _NormFirst()
+    tied = _NormFirst(tie=True)
+    load_unsplit(tied, ckpt.step_dir(root, 1), strict=False)
+    want = _NormFirst(tie=True)
+    want.load_state_dict(untied.state_dict(), strict=False)
+    assert torch.equal(want.head.weight, untied.head.weight)
+    assert torch.equal(tied.head.weight, untied.head.weight) and tied.head.weight is tied.emb.weight
+    assert torch.equal(tied.norm.weight, untied.norm.weight)

@@ -65,6 +65,8 @@ def test_help_lists_every_key_with_default():
     (["--parallel.pp", "3"], 4, "parallel.pp=3 x dp=1 x tp=1 = 3 ranks, but the world size is 4"),
     (["--train.data", "/no/such/file.txt"], 4, "train.data='/no/such/file.txt': no such file"),
     (["--train.steps", "many"], 4, "train.steps: expected an integer, got 'many'"),
+    (["--train.seed", "4600000000"], 4, "train.seed=4600000000: expected an integer from 0 to 2**32 - 1"),
+    (["--train.seed", "-1"], 4, "train.seed=-1: expected an integer from 0 to 2**32 - 1"),
     (["--train.nan_check", "maybe"], 4, "train.nan_check: expected true or false, got 'maybe'"),
     (["--model.n_heads", "5"], 4, "model.n_heads=5 does not divide model.d_model=32"),
     (["--parallel.pp", "2", "--parallel.dp", "2", "--schedule.microbatches", "8"], 4,

@@ -162,6 +162,8 @@ def _check_train(cfg: JobConfig) -> None:
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
     if t.warmup_steps is not None:
         _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    if not 0 <= t.seed < 2**32:   # every RNG seed pp derives from it must fit torch's 64 bits
+        raise ConfigError(f"train.seed={t.seed}: expected an integer from 0 to 2**32 - 1")
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio}: expected a number in [0, 1]")
     for key in ("beta1", "beta2"):
@@ -352,9 +354,9 @@ def check_data(cfg: JobConfig) -> None:
             open_stream(e.data, t.data_dtype, t.tokenizer, cfg.model.seq_len, key="eval.data")
         elif e.every > 0:
             held = int(len(stream) * e.split)
-            if held < cfg.model.seq_len + 2 or len(stream) - held < cfg.model.seq_len + 2:
+            if held < cfg.model.seq_len + 1 or len(stream) - held < cfg.model.seq_len + 1:
                 raise ConfigError(f"eval.split={e.split} of train.data's {len(stream)} tokens leaves too few "
-                                  f"for training or evaluation windows of model.seq_len + 2 = {cfg.model.seq_len + 2}; "
+                                  f"for training or evaluation windows of model.seq_len + 1 = {cfg.model.seq_len + 1}; "
                                   f"set eval.data or a larger eval.split")
     except DataError as err:
         raise ConfigError(str(err)) from None
