@@ -160,6 +160,14 @@ def test_prepare_round_trips_the_text_with_an_end_of_text_token_between_document
     assert shown.returncode == 0, shown.stderr
     assert f"{ids.size:,} tokens of uint16" in shown.stdout and "documents: 3" in shown.stdout
     assert "decoded: 'the first stage" in shown.stdout
+    # -o x.npy writes a real .npy (it wrote raw ids, which pp.run then could not read as .npy)
+    npy = tmp_path / "data" / "train.npy"
+    proc = subprocess.run([sys.executable, "-m", "pp.data", "prepare", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"),
+                           "--tokenizer", tok_path, "-o", str(npy)], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(npy).tolist() == ids.tolist()
+    assert open_stream(str(npy)).window(0, ids.size).tolist() == ids.tolist()
 
 
 def test_text_with_a_tokenizer_is_tokenized_once_and_cached_next_to_the_data(tmp_path):

@@ -70,6 +70,9 @@ CASES: dict[str, tuple[Callable[[Path], None] | None, list[str], str]] = {
     "out-is-dir": (_mkdir("somedir"), _prepare("-o", "somedir"), "pp.data: -o 'somedir' names a directory"),
     "out-under-file": (_write("afile", b"x"), _prepare("-o", "afile/x.bin"),
                        "pp.data: -o 'afile/x.bin' lies under '{d}/afile', which is a file, not a directory"),
+    # -o without .bin/.npy: pp.run read the ids as text bytes; -o x.npy wrote raw ids pp.run could not read
+    "out-no-suffix": (None, _prepare("-o", "data/train"),
+                      "pp.data: -o 'data/train': expected a token file name ending in .bin or .npy"),
     "sidecar-is-dir": (_mkdir("x.bin.json"), _prepare("-o", "x.bin"),
                        "pp.data: -o 'x.bin' would write 'x.bin.json', which is a directory"),
     # prepare inputs: an empty file wrote a 1-token (or 0-token) dataset, non-UTF-8 .jsonl was a traceback
@@ -146,7 +149,7 @@ def test_prepare_refuses_an_output_that_would_overwrite_an_input_or_the_tokenize
     _check(runs[case])
 
 
-@pytest.mark.parametrize("case", ["out-is-dir/", "out-is-dir", "out-under-file", "sidecar-is-dir"])
+@pytest.mark.parametrize("case", ["out-is-dir/", "out-is-dir", "out-under-file", "sidecar-is-dir", "out-no-suffix"])
 def test_prepare_refuses_an_output_that_cannot_be_written_and_leaves_no_temp_files(runs, case):
     _check(runs[case])
 

@@ -117,6 +117,9 @@ def check_output(out: str, inputs: list[str], tokenizer: str) -> None:
         raise DataError(f"-o {out!r} lies under {parent!r}, which is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise DataError(f"-o {out!r} cannot be written: no permission to write in {parent!r}")
+    if not out.endswith((".bin", ".npy")):
+        raise DataError(f"-o {out!r}: expected a token file name ending in .bin or .npy, such as data/train.bin "
+                        f"(train.data reads a file of another name as text)")
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -203,7 +203,12 @@ def write_tokens(path: str, ids: np.ndarray, dtype: str, meta: dict) -> None:
     files are removed whatever happens (an OSError, disk full or a bad path, is left to the caller)."""
     _, _, tmp, meta_tmp = written_paths(path)
     try:
-        ids.astype(np.dtype(dtype).newbyteorder("<")).tofile(tmp)
+        little = ids.astype(np.dtype(dtype).newbyteorder("<"))
+        if path.endswith(".npy"):        # a real .npy (its header gives the dtype), as pp.run reads one
+            with open(tmp, "wb") as f:
+                np.save(f, little)
+        else:
+            little.tofile(tmp)
         with open(meta_tmp, "w") as f:
             json.dump({"dtype": dtype, "tokens": int(ids.size), **meta}, f, indent=1)
         os.replace(tmp, path)
