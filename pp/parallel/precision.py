@@ -11,7 +11,7 @@ right as it arrives (the master's tensor and post-accumulate hooks then run, onc
 gradients accumulate in float32 across microbatches and data-parallel reductions and the gradient norm
 stay in float32. The forward still runs under `torch.autocast(device_type, dtype=torch.bfloat16)`, which
 now finds the matrices in bfloat16 already (its cast is a no-op) and still computes norms, softmax and the
-loss in float32 (1-D parameters, norm scales and biases, stay float32 and autocast casts them as before).
+loss in float32 (`loss_fn` runs under the last stage's autocast too, as in the unsplit loop; 1-D parameters, norm scales and biases, stay float32 and autocast casts them as before).
 The activations a stage sends (and the gradients coming back) are bfloat16. Autograd never reaches a
 copied master's AccumulateGrad node, so hooks put on that node do not run (its tensor and post-accumulate
 hooks do); `WEIGHT_COPIES = False` restores the per-microbatch casts.
@@ -129,7 +129,11 @@ class Bf16Weights:
 
     def refresh(self) -> None:
         """The copies from the masters' current values (in place; one fused copy), their storage
-        allocated again first if `release` freed it."""
+        allocated again first if `release` freed it. A stage with no copy (all frozen, or only
+        1-D parameters) has nothing to do."""
+        if not self.copies:
+            self.stale = False
+            return
         with torch.no_grad():
             for c, p in zip(self.copies, self.masters):
                 if c.untyped_storage().size() == 0:

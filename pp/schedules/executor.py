@@ -177,7 +177,7 @@ class Executor:
         outputs = stage.forward_one(mb)
         if stage.is_last:
             if self._loss_fn is not None and self._targets is not None:
-                loss = self._loss_fn(st.final, self._targets[mb])
+                loss = _call_loss(stage, self._loss_fn, st.final, self._targets[mb])
                 st.loss = loss
                 if self._losses is not None:
                     self._losses.append((mb, loss.detach()))
@@ -407,3 +407,18 @@ def _zeros(entry: tuple, device: torch.device) -> torch.Tensor:
     """Zeros shaped as the tensor a forward metadata `entry` describes."""
     _, shape, dtype, _ = entry
     return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _call_loss(stage: PipelineStage, loss_fn: Callable, output: Any, target: Any) -> torch.Tensor:
+    """`loss_fn(output, target)` under the autocast the stage's forward ran in (bf16-mixed), as in the
+    usual unsplit loop `with autocast: loss = loss_fn(model(x), y)`. TypeError where it is not one
+    tensor (a dict or tuple of losses: return their weighted sum, and log the parts yourself)."""
+    if stage.autocast:
+        with torch.autocast(stage.device.type, dtype=stage.activation_dtype):
+            loss = loss_fn(output, target)
+    else:
+        loss = loss_fn(output, target)
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn must return a single-element tensor (the loss to backpropagate), got "
+                        f"{type(loss).__name__}; return one tensor, e.g. the weighted sum of the parts")
+    return loss

@@ -48,7 +48,10 @@ def sync_shared_grads(stages: Iterable[PipelineStage], stage_to_rank: Mapping[in
         _check_equal(copies, across, within, ranks_of, info.shared_params, group, device)
     sums = {name: _local_sum(copies.get(name, []), info.param_meta[name], device) for name in across + within}
     if across:
-        buf = torch.cat([sums[name].reshape(-1) for name in across])
+        # one dtype on every rank, whatever each holds: a rank with no copy knows only the traced dtype,
+        # while the copies may since have been cast (train.precision bf16); sums are float32 or wider
+        wide = torch.float64 if any(info.param_meta[n][1] == torch.float64 for n in across) else torch.float32
+        buf = torch.cat([sums[name].reshape(-1).to(wide) for name in across])
         p2p.sum_all_reduce_(buf, group)
         offset = 0
         for name in across:
@@ -61,7 +64,7 @@ def sync_shared_grads(stages: Iterable[PipelineStage], stage_to_rank: Mapping[in
             if not p.requires_grad:   # frozen: its .grad stays None, as in the unsplit model (AdamW would
                 continue              # otherwise decay it and move its moments)
             if p.grad is None:
-                p.grad = sums[name].clone()
+                p.grad = sums[name].to(p.dtype, copy=True)
             else:
                 p.grad.copy_(sums[name])
 

@@ -1,0 +1,171 @@
+"""Mixed precision on the models users bring: a stage with nothing to cast (frozen, or only 1-D
+parameters) trains; the loss runs under the forward's autocast as in the unsplit `with autocast:` loop;
+tied weights under pure bfloat16 on three ranks train as one; a loss_fn that returns several losses is
+refused in one sentence. Right values come from the unsplit model."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pp.launcher.models import GPT
+from pp.launcher.train import lm_loss
+from pp.testing import RankError, run_ranks
+
+MODEL = dict(vocab_size=64, d_model=32, n_layers=4, n_heads=4, seq_len=16)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, MODEL["vocab_size"], (8, MODEL["seq_len"] + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _frozen_front(model: GPT) -> GPT:
+    for name, p in model.named_parameters():
+        if not name.startswith(("blocks.3", "ln_f", "lm_head")):
+            p.requires_grad_(False)
+    return model
+
+
+def _unsplit_bf16_mixed(model: nn.Module, x, y, n_mb: int, loss_fn=lm_loss) -> tuple[list[float], dict]:
+    """The unsplit model's per-microbatch losses and summed gradients under bf16 autocast, the loss
+    inside it (the usual loop)."""
+    losses = []
+    for a, b in zip(x.chunk(n_mb), y.chunk(n_mb)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(model(a), b)
+        (loss / n_mb).backward()
+        losses.append(loss.item())
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _frozen_stage(rank: int, world: int) -> dict:
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, y = _batch()
+    torch.manual_seed(0)
+    par = pp.parallelize(_frozen_front(GPT(**MODEL)), (x[:2],), n_microbatches=4, loss_fn=lm_loss,
+                         schedule="1F1B", precision="bf16-mixed")
+    mb: list = []
+    par.step(x, target=y, losses=mb)
+    return {"losses": [l.item() for l in mb],
+            "grads": {n: p.grad.clone() for n, p in par.named_parameters() if p.grad is not None},
+            "frozen_grads": [n for n, p in par.named_parameters() if not p.requires_grad and p.grad is not None]}
+
+
+def test_bf16_mixed_trains_a_stage_whose_parameters_are_all_frozen():
+    """bf16-mixed crashed in its weight-copy set-up ("Tensor list must have at least one tensor") on a
+    stage with no trainable matrix: frozen layers in fine-tuning, a stage of norms only."""
+    got = run_ranks(_frozen_stage, 2, timeout_s=300)
+    x, y = _batch()
+    torch.manual_seed(0)
+    want_losses, want_grads = _unsplit_bf16_mixed(_frozen_front(GPT(**MODEL)), x, y, 4)
+    last = next(r for r in got if r["losses"])
+    torch.testing.assert_close(torch.tensor(last["losses"]), torch.tensor(want_losses), rtol=2e-2, atol=2e-2)
+    grads = {n: g for r in got for n, g in r["grads"].items()}
+    assert sorted(grads) == sorted(want_grads)
+    for n, g in want_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=5e-2, atol=5e-3, msg=n)
+    assert all(not r["frozen_grads"] for r in got)
+
+
+def plain_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy as users write it: no cast of its own (autocast runs it in float32)."""
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+
+def _loss_under_autocast(rank: int, world: int) -> list[float]:
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, y = _batch()
+    torch.manual_seed(0)
+    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=4, loss_fn=plain_ce, schedule="GPipe",
+                         precision="bf16-mixed")
+    mb: list = []
+    par.step(x, target=y, losses=mb)
+    return [l.item() for l in mb]
+
+
+def test_bf16_mixed_loss_runs_under_the_forwards_autocast_as_in_the_unsplit_loop():
+    """The loss ran outside autocast: a loss_fn that autocast would run in float32 met bfloat16 logits
+    and computed in bfloat16, about 1% off the unsplit `with autocast: loss = loss_fn(model(x), y)`."""
+    got = next(r for r in run_ranks(_loss_under_autocast, 2, timeout_s=300) if r)
+    x, y = _batch()
+    torch.manual_seed(0)
+    want, _ = _unsplit_bf16_mixed(GPT(**MODEL), x, y, 4, plain_ce)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-3, atol=2e-3)
+
+
+def _tied_bf16(rank: int, world: int) -> dict:
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, y = _batch()
+    torch.manual_seed(0)
+    weights = GPT(**MODEL, tie_weights=True).state_dict()
+    with torch.device("meta"):   # as pp.run builds it: traced in float32 on meta, each stage cast after
+        model = GPT(**MODEL, tie_weights=True)
+    par = pp.parallelize(model, (x[:2],), n_microbatches=4, loss_fn=lm_loss, schedule="1F1B", precision="bf16",
+                         state_dict=weights)
+    mb: list = []
+    par.step(x, target=y, losses=mb)
+    grads = {n: p.grad.float() for n, p in par.named_parameters() if p.grad is not None}
+    return {"losses": [l.float().item() for l in mb], "grads": grads,
+            "dtypes": sorted({str(p.grad.dtype) for p in par.parameters() if p.grad is not None})}
+
+
+def test_tied_weights_in_pure_bf16_on_three_ranks_get_the_unsplit_gradient():
+    """Tied embedding and head under train.precision bf16 on 3 ranks: the middle rank, which holds no
+    copy, sent float32 zeros to the ends' bfloat16 gradients (a size mismatch in the all-reduce)."""
+    got = run_ranks(_tied_bf16, 3, timeout_s=300)
+    x, y = _batch()
+    torch.manual_seed(0)
+    model = GPT(**MODEL, tie_weights=True).to(torch.bfloat16)
+    for a, b in zip(x.chunk(4), y.chunk(4)):
+        (lm_loss(model(a), b) / 4).backward()
+    want = model.tok_emb.weight.grad.float()
+    tied = [r["grads"][n] for r in got for n in r["grads"] if n in ("tok_emb.weight", "lm_head.weight")]
+    assert len(tied) == 2      # one copy on the first rank, one on the last
+    for g in tied:
+        torch.testing.assert_close(g, want, rtol=5e-2, atol=2e-3)
+    assert all(r["dtypes"] == ["torch.bfloat16"] for r in got if r["dtypes"])
+
+
+def _dict_loss(rank: int, world: int) -> str:
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, y = _batch()
+    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=2, schedule="GPipe",
+                         loss_fn=lambda out, t: {"lm": lm_loss(out, t), "z": out.float().logsumexp(-1).mean()})
+    try:
+        par.step(x, target=y)
+    except TypeError as e:
+        return str(e)
+    return "" if par.has_last_stage else "not last"
+
+
+def test_a_loss_fn_returning_several_losses_is_refused_in_one_sentence():
+    got = run_ranks(_dict_loss, 1, timeout_s=120)[0]
+    assert "loss_fn must return a single-element tensor" in got and "dict" in got
+
+
+def test_a_loss_fn_returning_several_losses_on_two_ranks_raises_on_the_last_and_stops_the_other():
+    with pytest.raises(RankError, match="loss_fn must return a single-element tensor"):
+        run_ranks(_dict_loss_raising, 2, timeout_s=120)
+
+
+def _dict_loss_raising(rank: int, world: int) -> None:
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, y = _batch()
+    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=2, schedule="1F1B",
+                         loss_fn=lambda out, t: (lm_loss(out, t), F.mse_loss(out, out)))
+    par.step(x, target=y)
