@@ -63,6 +63,8 @@ def test_help_lists_every_key_with_default():
     (["--schedule.microbatches", "3"], 4, "schedule.microbatches=3 does not divide train.batch_size=8"),
     ([], 2, "parallel.pp=4 x dp=1 x tp=1 = 4 ranks, but the world size is 2"),
     (["--parallel.pp", "3"], 4, "parallel.pp=3 x dp=1 x tp=1 = 3 ranks, but the world size is 4"),
+    (["--parallel.pp", "null", "--parallel.dp", "2"], 3,
+     "parallel.pp is unset and the world size 3 is not a multiple of dp=2 x tp=1"),
     (["--train.data", "/no/such/file.txt"], 4, "train.data='/no/such/file.txt': no such file"),
     (["--train.steps", "many"], 4, "train.steps: expected an integer, got 'many'"),
     (["--train.seed", "4600000000"], 4, "train.seed=4600000000: expected an integer from 0 to 2**32 - 1"),
@@ -220,3 +222,14 @@ def test_an_output_entry_of_the_wrong_kind_is_refused_before_training(cfg_file, 
                                         f"{'directory' if make == 'dir' else 'file'}, where pp.run writes its "
                                         f"{'file' if make == 'dir' else 'directory'} of that name; move it away"]
     assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_unset_pp_is_the_world_over_dp_times_tp(cfg_file):
+    """parallel.pp: null means world / (dp x tp), as --help and the docs say (it took the world size,
+    and so refused every dp > 1 or tp > 1 run that left pp unset)."""
+    from pp.launcher.validate import validate
+
+    cfg = load_config(cfg_file, ["--parallel.pp", "null", "--parallel.dp", "2", "--schedule.microbatches", "2"])
+    assert validate(cfg, 4).pp == 2
+    cfg = load_config(cfg_file, ["--parallel.pp", "null"])
+    assert validate(cfg, 4).pp == 4

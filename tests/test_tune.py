@@ -117,6 +117,46 @@ def test_tuned_config_yaml_reads_back_to_the_same_config(tmp_path):
     assert load_config(str(path)) == cfg
 
 
+def _auto_config(tmp_path, n_layers: int = 4, batch: int = 6, schedule: str = "{name: auto}") -> str:
+    path = tmp_path / "auto.yaml"
+    path.write_text(f"model: {{name: gpt, vocab_size: 256, d_model: 16, n_layers: {n_layers}, n_heads: 2, seq_len: 8}}\n"
+                    f"parallel: {{pp: 2, device: cpu}}\nschedule: {schedule}\n"
+                    f"train: {{steps: 1, batch_size: {batch}}}\noutput: {{dir: '{tmp_path / 'run'}'}}\n")
+    return str(path)
+
+
+def test_auto_chooses_the_microbatches_when_none_are_given(tmp_path):
+    """The default schedule.microbatches (4) was checked against the batch before auto chose its own:
+    batch 6 was refused, though auto would pick 1, 2, 3 or 6."""
+    cfg = load_config(_auto_config(tmp_path))
+    validate(placeholder(cfg), 2)
+    result = tune(cfg, torch.device("cpu"), 2, iters=1)
+    assert 6 % result.chosen.microbatches == 0
+    assert len({p.microbatches for p in result.plans}) > 1
+
+
+def test_auto_keeps_the_microbatches_given(tmp_path):
+    """A given schedule.microbatches was silently replaced by auto's choice; now auto chooses the rest."""
+    cfg = load_config(_auto_config(tmp_path), ["--schedule.microbatches", "3"])
+    result = tune(cfg, torch.device("cpu"), 2, iters=1)
+    assert {p.microbatches for p in result.plans} == {3} and result.cfg.schedule.microbatches == 3
+    with pytest.raises(ConfigError, match="schedule.microbatches=4 does not divide train.batch_size=6"):
+        validate(placeholder(load_config(_auto_config(tmp_path), ["--schedule.microbatches", "4"])), 2)
+
+
+def test_every_plan_tuning_ranks_is_one_pp_run_takes(tmp_path):
+    """With one layer, tuning ranked and could choose plans pp.run then refused (DualPipeV's 4 stages on 2
+    ranks, stages with nothing to train): every ranked plan now passes pp.run's checks."""
+    from pp.tune.auto import with_plan
+
+    cfg = load_config(_auto_config(tmp_path, n_layers=1, batch=4))
+    result = tune(cfg, torch.device("cpu"), 2, iters=1)
+    assert result.plans
+    for plan in result.plans:
+        validate(with_plan(cfg, plan), 2)
+    assert all(p.stages_per_rank == 1 for p in result.plans)
+
+
 # --- synthetic costs ------------------------------------------------------------------------------
 
 def layers(n_blocks: int = 8, act_gib: float = 1.0) -> list[LayerCost]:

@@ -49,7 +49,7 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    pp: typing.Optional[int] = _opt(None, "pipeline-parallel degree (ranks in the pipeline); default: the world size")
+    pp: typing.Optional[int] = _opt(None, "pipeline-parallel degree (ranks in the pipeline); default: world size / (dp x tp)")
     dp: int = _opt(1, "data-parallel degree: replicas of the pipeline, each training on its share of "
                       "train.batch_size; gradients are averaged over them every step")
     tp: int = _opt(1, "tensor-parallel degree: each stage's attention and MLP linears are sharded over tp "
@@ -67,7 +67,8 @@ class ScheduleConfig:
                              "the model at start and picks schedule, microbatches, stages per rank and split (as "
                              "python -m pp.tune)")
     microbatches: int = _opt(4, "microbatches per step on each data-parallel replica; microbatches x "
-                                "parallel.dp must divide train.batch_size")
+                                "parallel.dp must divide train.batch_size (with name auto: left out, auto "
+                                "chooses it)")
     stages_per_rank: typing.Optional[int] = _opt(None, "stages each rank holds; default: what the schedule needs "
                                                        "(1, or 2 for interleaved and V-shaped schedules)")
     cuda_graphs: bool = _opt(False, "replay each stage's forward and backward as CUDA graphs from step 2 on: "
@@ -314,7 +315,14 @@ def _build(raw: dict) -> JobConfig:
         if section == "train":
             _check_dtype_and_precision(kwargs)
         setattr(cfg, section, cls(**kwargs))
+    cfg._given = frozenset(f"{section}.{key}" for section, values in sections.items() for key in values)
     return cfg
+
+
+def is_given(cfg: JobConfig, key: str) -> bool:
+    """Whether the config file or the command line wrote `key` ("section.key"), as opposed to its
+    default taken (what `schedule.name: auto` chooses itself unless told)."""
+    return key in getattr(cfg, "_given", ())
 
 
 def _check_dtype_and_precision(given: dict) -> None:

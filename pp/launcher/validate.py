@@ -92,7 +92,6 @@ def validate(cfg: JobConfig, world_size: int) -> Layout:
     _check_model(cfg)
     _check_train(cfg)
     layout = _check_parallel(cfg, world_size)
-    _check_split(cfg, layout)
     _check_output(cfg)
     check_memory_budget(cfg)
     return layout
@@ -211,11 +210,14 @@ def _check_precision(cfg: JobConfig) -> None:
 
 
 def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
-    p, s = cfg.parallel, cfg.schedule
-    pp = world_size if p.pp is None else p.pp
-    _positive("parallel.pp", pp)
+    p = cfg.parallel
     _positive("parallel.dp", p.dp)
     _positive("parallel.tp", p.tp)
+    if p.pp is None and world_size % (p.dp * p.tp):
+        raise ConfigError(f"parallel.pp is unset and the world size {world_size} is not a multiple of dp={p.dp} x "
+                          f"tp={p.tp}: start a multiple of {p.dp * p.tp} processes or set parallel.pp")
+    pp = world_size // (p.dp * p.tp) if p.pp is None else p.pp
+    _positive("parallel.pp", pp)
     _positive("parallel.timeout_s", p.timeout_s)
     if p.device not in CHOICES["parallel.device"]:
         raise ConfigError(f"parallel.device={p.device!r}: expected one of {', '.join(CHOICES['parallel.device'])}")
@@ -237,6 +239,14 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
     if p.zero and p.dp == 1 and int(os.environ.get("RANK", "0") or 0) == 0:
         print(f"pp.run: parallel.zero={p.zero} with parallel.dp=1 is a no-op: there are no replicas to "
               f"shard over", flush=True)
+    return check_schedule(cfg, pp)
+
+
+def check_schedule(cfg: JobConfig, pp: int) -> Layout:
+    """The schedule keys against `pp` pipeline ranks (name, microbatches, stages per rank, CUDA graphs,
+    compile): ConfigError for the first bad one, else the layout they give. Prints nothing, so `pp.tune`
+    can ask it of every plan it ranks."""
+    p, s = cfg.parallel, cfg.schedule
     name = resolve_schedule(s.name)
     _positive("schedule.microbatches", s.microbatches)
     if cfg.train.batch_size % (s.microbatches * p.dp):
@@ -262,7 +272,9 @@ def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
     if s.cuda_graphs:
         _check_cuda_graphs(p.tp, p.zero if p.dp > 1 else 0)
     _check_compile(s, cfg.train.activation_checkpointing)
-    return Layout(name, pp, n_stages // pp, tuple(placement))
+    layout = Layout(name, pp, n_stages // pp, tuple(placement))
+    _check_split(cfg, layout)
+    return layout
 
 
 def _check_compile(s: object, checkpointing: str) -> None:

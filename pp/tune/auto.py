@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from pp.launcher.config import _GPT_ONLY, _HF_KEYS, ConfigError, JobConfig, is_custom_model, is_hf_model
-from pp.launcher.validate import check_memory_budget
+from pp.launcher.config import (_GPT_ONLY, _HF_KEYS, ConfigError, JobConfig, is_custom_model, is_given,
+                                is_hf_model)
+from pp.launcher.validate import check_memory_budget, check_schedule
 
 from .measure import LayerCost, measure_layers
 from .plan import GIB, Plan, choose, divisors, rank_plans
@@ -66,6 +67,8 @@ def placeholder(cfg: JobConfig) -> JobConfig:
     check_tunable(cfg)
     out = copy.deepcopy(cfg)
     out.schedule.name, out.schedule.stages_per_rank, out.split.points = "1F1B", None, []
+    if not is_given(cfg, "schedule.microbatches"):   # auto chooses it: the default 4 need not divide the batch
+        out.schedule.microbatches = 1
     return out
 
 
@@ -122,7 +125,8 @@ def tune(cfg: JobConfig, device: torch.device, n_ranks: int, iters: int = 3) -> 
     else:
         mine = default_budget(device)
         budget = min(coll.all_gather_object(mine)) if coll.active() else mine
-    sizes = [per_replica // m for m in divisors(per_replica)]
+    counts = [cfg.schedule.microbatches] if is_given(cfg, "schedule.microbatches") else divisors(per_replica)
+    sizes = [per_replica // m for m in counts]
     try:
         profile = agree(measure_layers(cfg, device, sizes, iters=iters))
     except (ValueError, TypeError, RuntimeError) as e:
@@ -130,11 +134,22 @@ def tune(cfg: JobConfig, device: torch.device, n_ranks: int, iters: int = 3) -> 
         raise ConfigError(f"cannot measure model {cfg.model.name!r} for tuning: {first}") from None
     plans = rank_plans(profile, n_ranks, per_replica, budget, precision=cfg.train.precision,
                        zero=cfg.parallel.zero, dp=cfg.parallel.dp, device_type=device.type)
+    plans = [p for p in plans if runnable(cfg, p, n_ranks)]
     try:
         chosen = choose(plans, budget)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return Tuning(plans, chosen, budget, with_plan(cfg, chosen))
+
+
+def runnable(cfg: JobConfig, plan: Plan, n_ranks: int) -> bool:
+    """Whether `pp.run` takes `cfg` with `plan` on `n_ranks` pipeline ranks (its schedule and split
+    checks): a plan it would refuse is never ranked, chosen or written."""
+    try:
+        check_schedule(with_plan(cfg, plan), n_ranks)
+    except ConfigError:
+        return False
+    return True
 
 
 def with_plan(cfg: JobConfig, plan: Plan) -> JobConfig:

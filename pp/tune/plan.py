@@ -107,6 +107,9 @@ def simulate_plan(name: str, layers: Sequence[LayerCost], n_ranks: int, microbat
     placement, lists = build_lists(spec.name, n_ranks, microbatches, stages_per_rank)
     bounds = starts + [len(layers)]
     groups = [layers[bounds[k]:bounds[k + 1]] for k in range(n_stages)]
+    empty = [s for s, g in enumerate(groups) if not sum(c.params for c in g)]
+    if empty:   # pp.run refuses a stage its optimizer would have nothing to train in
+        raise ValueError(f"stage {empty[0]} of this split holds no trainable parameter")
     costs = {s: {Kind.F: sum(c.forward_s for c in g), Kind.B: sum(c.backward_s for c in g),
                  Kind.I: sum(c.input_grad_s for c in g), Kind.W: sum(c.weight_grad_s for c in g)}
              for s, g in enumerate(groups)}
