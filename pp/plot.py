@@ -55,13 +55,16 @@ def plot_timeline(trace: dict, path: str) -> None:
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     if not events:
         raise ValueError("it holds no complete events (ph 'X')")
+    from pp.schedules.simulate import rank_field
+
     plt = _pyplot()
-    ranks = sorted({e["tid"] for e in events})
+    key = rank_field(events)
+    ranks = sorted({e[key] for e in events})
     fig, ax = plt.subplots(figsize=(12, 0.6 * len(ranks) + 1.5))
     for e in events:
         kind = _kind(e["name"])
         compute = kind in COLOURS
-        y = ranks.index(e["tid"])
+        y = ranks.index(e[key])
         h = 0.8 if compute else 0.25
         ax.barh(y, e["dur"] / 1e3, left=e["ts"] / 1e3, height=h, color=COLOURS.get(kind, COMM_COLOUR),
                 edgecolor="white" if compute else "none", linewidth=0.5)

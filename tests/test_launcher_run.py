@@ -358,3 +358,18 @@ def test_a_user_model_that_fails_is_one_line_and_leaves_no_output_dir(tmp_path, 
         return
     assert expected in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert not (tmp_path / "runs").exists()   # the directories this run created are gone again   # the directories this run created are gone again
+
+
+def test_a_one_step_run_reports_the_steps_own_throughput_not_the_wall_time(tmp_path):
+    """With no step after the first, throughput fell back to the whole run's wall time (evaluation and
+    checkpoint saves included) while still labelled "steps after the first": now it is the step's own
+    time, and says it is the first step alone."""
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", out, pp=1, steps=1, every=1, extra="eval: {every: 1, steps: 20}\n")
+    proc = torchrun(1, cfg)
+    check_ok(proc)
+    (rec,) = read_metrics(str(out / "metrics.jsonl"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["throughput_over"].startswith("the first step alone")
+    assert summary["tokens_per_s"] == pytest.approx(BATCH * MODEL["seq_len"] / rec["step_time_s"], rel=1e-6)
+    assert "(the first step alone, warm-up included: no later step ran)" in proc.stdout

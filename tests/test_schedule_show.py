@@ -83,6 +83,17 @@ def test_trace_is_drawn_with_its_own_bubble(tmp_path, capsys):
     assert capsys.readouterr().out == "run ranks=2 microbatches=1 bubble=0.500\n"
 
 
+def test_pp_runs_trace_with_a_row_per_rank_reads_the_same(tmp_path, capsys):
+    """pp.run's trace.json holds one process with a row (tid) per rank; --trace read the rank from the
+    pid, so every action landed on rank 0 (a wrong bubble, or a refusal)."""
+    events = [{"name": n, "ph": "X", "ts": ts, "dur": d, "pid": 0, "tid": tid} for n, ts, d, tid in
+              [("0F0", 0, 10, 0), ("1F0", 10, 10, 1), ("1B0", 20, 20, 1), ("0B0", 40, 20, 0)]]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert main(["run", "--trace", str(path), "-o", str(tmp_path / "t.png")]) == 0
+    assert capsys.readouterr().out == "run ranks=2 microbatches=1 bubble=0.500\n"
+
+
 def test_draw_timeline_is_importable_and_writes_png(tmp_path):
     events = [TimelineEvent(0, Action.parse("0F0"), 0.0, 1.0), TimelineEvent(1, Action.parse("1I0"), 1.0, 2.0),
               TimelineEvent(1, Action.parse("1W0"), 2.0, 3.0), TimelineEvent(0, Action.parse("0B0"), 2.0, 4.0)]

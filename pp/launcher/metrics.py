@@ -141,11 +141,13 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def summary_lines(steps: int, tokens: int, seconds: float, tokens_per_s: float, per_rank: list[dict],
-                  device_type: str, steps_redone: int = 0) -> list[str]:
-    """The end-of-run report: throughput, steps redone after restarts, bubble fraction and peak memory per rank."""
+                  device_type: str, steps_redone: int = 0,
+                  measured_over: str = "steps after the first, checkpoint saves excluded") -> list[str]:
+    """The end-of-run report: throughput (over `measured_over`), steps redone after restarts, bubble
+    fraction and peak memory per rank."""
     mem = "peak GPU memory" if device_type == "cuda" else "peak RSS"
     lines = [f"done: {count(steps, 'step')}, {tokens:,} tokens in {seconds:.1f}s; throughput {format_rate(tokens_per_s)} tok/s "
-             f"(steps after the first, checkpoint saves excluded)",
+             f"({measured_over})",
              f"steps redone after restarts: {steps_redone}"]
     bubbles = [r["bubble"] for r in per_rank if r.get("bubble") is not None]
     if bubbles:

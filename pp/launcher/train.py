@@ -272,7 +272,7 @@ class Trainer:
                  if self.rank == 0 and (cfg.output.tensorboard or cfg.output.wandb) else None)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        t_start, steps_run, steady_s, steady_n = time.perf_counter(), 0, 0.0, 0
+        t_start, steps_run, steady_s, steady_n, timed_s = time.perf_counter(), 0, 0.0, 0, 0.0
         stopped: Stopped | None = None
         try:
             for step in range(done + 1, cfg.train.steps + 1):
@@ -284,6 +284,7 @@ class Trainer:
                 if self.stop_signal:  # every rank agreed to stop after this step: no watchdog needed
                     self.stop.stand_down()
                 steps_run += 1
+                timed_s += rec["step_time_s"]
                 # the first step also learns shapes and warms up kernels; a profiled step runs slower
                 if steps_run > 1 and step != cfg.output.profile_step:
                     steady_s += rec["step_time_s"]
@@ -317,7 +318,7 @@ class Trainer:
                 sinks.close()
             if own_stop:
                 self.stop.uninstall()
-        summary = self.finish(steps_run, time.perf_counter() - t_start, steady_s, steady_n)
+        summary = self.finish(steps_run, time.perf_counter() - t_start, steady_s, steady_n, timed_s)
         if stopped is not None:
             raise stopped
         return summary
@@ -342,11 +343,12 @@ class Trainer:
                          keep=self.cfg.checkpoint.keep)
         self.log(f"saved checkpoint {path} in {time.perf_counter() - t:.1f}s")
 
-    def finish(self, steps_run: int, seconds: float, steady_s: float, steady_n: int) -> dict:
+    def finish(self, steps_run: int, seconds: float, steady_s: float, steady_n: int, timed_s: float = 0.0) -> dict:
         """Gather per-rank figures; rank 0 prints the summary and writes summary.json and trace.json.
 
         `steady_s` is the time of the `steady_n` steady steps of this run (steps 2.., without the profiled
-        step and checkpoint saves).
+        step and checkpoint saves); `timed_s` that of all `steps_run` steps (evaluation and saves excluded),
+        what throughput falls back to when no steady step ran (a 1-step run, a resume one step from the end).
         """
         mine = {"rank": self.rank, "stages": self.rs.stage_ids, "bubble": self.bubble.fraction(),
                 "peak_mem_gib": peak_memory_gib(self.device), "events": self.bubble.last_events}
@@ -358,13 +360,20 @@ class Trainer:
         per_rank = coll.all_gather_object(mine)
         tokens = steps_run * self.cfg.train.batch_size * self.cfg.model.seq_len
         per_step = self.cfg.train.batch_size * self.cfg.model.seq_len
-        steady = per_step * steady_n / steady_s if steady_s > 0 else tokens / max(seconds, 1e-9)
+        if steady_n > 0 and steady_s > 0:
+            step_s, measured_over = steady_s / steady_n, "steps after the first, checkpoint saves excluded"
+        elif steps_run > 0 and timed_s > 0:
+            step_s, measured_over = timed_s / steps_run, "the first step alone, warm-up included: no later step ran"
+        else:
+            step_s, measured_over = 0.0, "no step ran"
+        steady = per_step / step_s if step_s > 0 else 0.0
         summary = {"steps": steps_run, "tokens": tokens, "seconds": seconds, "tokens_per_s": steady,
+                   "throughput_over": measured_over,
                    "steps_redone": self.steps_redone,
                    "ranks": [{k: v for k, v in r.items() if k != "events"} for r in per_rank]}
         tuned = self.job.tuned
         if tuned:  # schedule.name auto: the simulator's prediction beside the steady-state step time
-            measured = steady_s / steady_n if steady_n > 0 else seconds / max(steps_run, 1)
+            measured = step_s
             summary.update(tuned=tuned, predicted_step_s=tuned["predicted_step_s"], measured_step_s=measured,
                            step_time_ratio=measured / max(tuned["predicted_step_s"], 1e-12))
         if self.rank == 0:
@@ -373,7 +382,7 @@ class Trainer:
                          f"ms, measured {summary['measured_step_s'] * 1e3:.2f} ms (measured / predicted "
                          f"{summary['step_time_ratio']:.2f})")
             for line in summary_lines(steps_run, tokens, seconds, steady, summary["ranks"], self.device.type,
-                                      steps_redone=self.steps_redone):
+                                      steps_redone=self.steps_redone, measured_over=measured_over):
                 self.log(line)
             out = self.cfg.output.dir
             with open(os.path.join(out, "summary.json"), "w") as f:

@@ -93,7 +93,8 @@ def bubble_fraction(events: Iterable[TimelineEvent], n_ranks: int | None = None)
 
 def from_chrome_trace(path: str | Path) -> list[TimelineEvent]:
     """Read the complete ("X") events of a Chrome trace whose names are actions (``2F5``); the rank is the
-    event's pid, times are µs from the first such event. Other events are ignored."""
+    event's pid, or its tid where all share one pid (`rank_field`); times are µs from the first such
+    event. Other events are ignored."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
@@ -102,12 +103,13 @@ def from_chrome_trace(path: str | Path) -> list[TimelineEvent]:
     if not isinstance(raw, list):
         raise ValueError(f"Chrome trace {str(path)!r} has no 'traceEvents' list")
     found = []
+    key = rank_field([ev for ev in raw if isinstance(ev, dict) and ev.get("ph") == "X"])
     for ev in raw:
         if not isinstance(ev, dict) or ev.get("ph") != "X":
             continue
         try:
             action = Action.parse(ev.get("name", ""))
-            rank, start, dur = int(ev["pid"]), float(ev["ts"]), float(ev.get("dur", 0.0))
+            rank, start, dur = int(ev[key]), float(ev["ts"]), float(ev.get("dur", 0.0))
         except (ValueError, KeyError, TypeError):
             continue
         found.append((rank, action, start, start + dur))
@@ -115,3 +117,11 @@ def from_chrome_trace(path: str | Path) -> list[TimelineEvent]:
         return []
     origin = min(f[2] for f in found)
     return sorted((TimelineEvent(r, a, s - origin, e - origin) for r, a, s, e in found), key=lambda e: (e.rank, e.start))
+
+
+def rank_field(events: list[dict]) -> str:
+    """Which field of a Chrome trace's events holds the rank: "pid" (a process per rank, as
+    `schedule.write_trace` writes), or "tid" where every event shares one pid and the tids differ
+    (pp.run's trace.json: one process, a row per rank)."""
+    pids, tids = {ev.get("pid") for ev in events}, {ev.get("tid") for ev in events}
+    return "tid" if len(pids) == 1 and len(tids) > 1 else "pid"
