@@ -166,7 +166,11 @@ def test_init_from_weights_of_another_shape_ends_the_job_with_one_line_listing_t
     ({"name": "hf:LlamaForCausalLM"}, "needs model.config"),
     ({"name": "hf:LlamaForCausalLM", "config": LLAMA, "d_model": 32}, "unknown key model.d_model"),
     ({"name": "hf:LlamaForCausalLM", "config": {**LLAMA, "vocab_size": 100}}, "model.vocab_size=100 (from model.config): byte-level data (train.data='stdlib') needs at least 256"),
-    ({"name": "hf:GPT2LMHeadModel", "config": GPT2, "seq_len": 64}, "model.seq_len=64 is longer than the 16 positions"),
+    ({"name": "hf:GPT2LMHeadModel", "config": GPT2, "seq_len": 64}, "model.seq_len=64 is longer than the 16 learned positions"),
+    ({"name": "hf:BertForMaskedLM", "config": dict(vocab_size=256, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+      intermediate_size=32, max_position_embeddings=16), "seq_len": 32}, "model.seq_len=32 is longer than the 16 learned positions"),
+    ({"name": "hf:RobertaForMaskedLM", "config": dict(vocab_size=256, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+      intermediate_size=32, max_position_embeddings=18, pad_token_id=1), "seq_len": 17}, "model.seq_len=17 is longer than the 16 learned positions"),
     ({"name": "hf:LlamaForCausalLM", "config": LLAMA, "init_from": "/no/weights"}, "model.init_from='/no/weights': weights path '/no/weights' does not exist"),
     ({"name": "hf:T5ForConditionalGeneration", "config": {"vocab_size": 256, "d_model": 32, "num_layers": 1}, "seq_len": 16},
      "is an encoder-decoder model"),
@@ -181,7 +185,8 @@ def test_init_from_weights_of_another_shape_ends_the_job_with_one_line_listing_t
       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
       max_position_embeddings=16, output_router_logits=True)},
      "model.config output_router_logits=True (MixtralForCausalLM): pp.run trains on the logits alone"),
-], ids=["class", "config-key", "config-path", "no-config", "section-key", "vocab", "positions", "init-from",
+], ids=["class", "config-key", "config-path", "no-config", "section-key", "vocab", "positions", "bert-positions",
+        "roberta-positions", "init-from",
         "encoder-decoder", "config-on-gpt", "config-value", "config-number-as-text", "init-from-no-config",
         "router-aux-loss"])
 def test_bad_hf_input_is_one_config_error_naming_it(tmp_path, model, message):

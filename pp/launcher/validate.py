@@ -145,10 +145,26 @@ def _check_hf_sizes(m) -> None:
         raise ConfigError(f"model.config has vocab_size={sizes['vocab_size']}, fewer than the "
                           f"{m.vocab_size} token ids of the data (model.vocab_size); the byte-level data needs "
                           f"at least 256")
-    learned = getattr(config, "position_embedding_type", "absolute") == "absolute" and hasattr(config, "n_positions")
-    if learned and sizes["seq_len"] is not None and m.seq_len > sizes["seq_len"]:
-        raise ConfigError(f"model.seq_len={m.seq_len} is longer than the {sizes['seq_len']} positions of "
-                          f"model.config")
+    # learned absolute positions (a table of max_position_embeddings rows): BERT's and GPT-2's families;
+    # rotary and relative positions have no table to run past
+    kind = getattr(config, "position_embedding_type", None)
+    learned = kind == "absolute" or (kind is None and (hasattr(config, "n_positions")
+                                                       or getattr(config, "model_type", "") in _LEARNED_POSITIONS))
+    limit = sizes["seq_len"]
+    if learned and limit is not None and getattr(config, "model_type", "") in _POSITIONS_AFTER_PADDING:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1   # RoBERTa counts positions from pad + 1
+    if learned and limit is not None and m.seq_len > limit:
+        raise ConfigError(f"model.seq_len={m.seq_len} is longer than the {limit} learned positions of "
+                          f"model.config; set model.seq_len to at most {limit}")
+
+
+# model types with a learned table of absolute positions (transformers 5 dropped position_embedding_type)
+_LEARNED_POSITIONS = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "data2vec-text", "electra",
+                                "albert", "distilbert", "megatron-bert", "ernie", "roberta-prelayernorm", "xmod",
+                                "gpt2", "gpt_neo", "opt", "biogpt", "longformer"})
+# model types whose position ids start after the padding index (so max_position_embeddings - pad - 1 usable)
+_POSITIONS_AFTER_PADDING = frozenset({"roberta", "xlm-roberta", "camembert", "data2vec-text", "longformer",
+                                      "roberta-prelayernorm", "xmod"})
 
 
 def _check_train(cfg: JobConfig) -> None:
