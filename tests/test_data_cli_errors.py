@@ -73,6 +73,8 @@ CASES: dict[str, tuple[Callable[[Path], None] | None, list[str], str]] = {
     # -o without .bin/.npy: pp.run read the ids as text bytes; -o x.npy wrote raw ids pp.run could not read
     "out-no-suffix": (None, _prepare("-o", "data/train"),
                       "pp.data: -o 'data/train': expected a token file name ending in .bin or .npy"),
+    # a write that fails after the directories for -o were made: they were left behind
+    "out-name-too-long": (None, _prepare("-o", "new/sub/" + "x" * 300 + ".bin"), "pp.data: cannot use 'new/sub/xxx"),
     "sidecar-is-dir": (_mkdir("x.bin.json"), _prepare("-o", "x.bin"),
                        "pp.data: -o 'x.bin' would write 'x.bin.json', which is a directory"),
     # prepare inputs: an empty file wrote a 1-token (or 0-token) dataset, non-UTF-8 .jsonl was a traceback
@@ -149,7 +151,8 @@ def test_prepare_refuses_an_output_that_would_overwrite_an_input_or_the_tokenize
     _check(runs[case])
 
 
-@pytest.mark.parametrize("case", ["out-is-dir/", "out-is-dir", "out-under-file", "sidecar-is-dir", "out-no-suffix"])
+@pytest.mark.parametrize("case", ["out-is-dir/", "out-is-dir", "out-under-file", "sidecar-is-dir", "out-no-suffix",
+                                  "out-name-too-long"])
 def test_prepare_refuses_an_output_that_cannot_be_written_and_leaves_no_temp_files(runs, case):
     _check(runs[case])
 

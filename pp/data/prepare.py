@@ -77,9 +77,23 @@ def prepare(inputs: list[str], tokenizer: str, out: str, eot: str | None, worker
             raise DataError(f"input {path!r} has no documents (expected lines of JSON objects with a 'text' field)")
     ids = np.concatenate([results[p][0] for p in inputs]) if inputs else np.zeros(0, np.int64)
     docs = sum(results[p][1] for p in inputs)
+    parent = os.path.dirname(os.path.abspath(out))
+    created = []   # the directories made for `out`, deepest last: removed again if writing fails
+    while not os.path.exists(parent):
+        created.insert(0, parent)
+        parent = os.path.dirname(parent)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_tokens(out, ids, dtype, {"documents": docs, "vocab_size": tok.get_vocab_size(), "eot_id": eot_token,
-                                   "tokenizer": os.path.abspath(tokenizer), "inputs": [os.path.abspath(p) for p in inputs]})
+    try:
+        write_tokens(out, ids, dtype, {"documents": docs, "vocab_size": tok.get_vocab_size(), "eot_id": eot_token,
+                                       "tokenizer": os.path.abspath(tokenizer),
+                                       "inputs": [os.path.abspath(p) for p in inputs]})
+    except BaseException:
+        for d in reversed(created):
+            try:
+                os.rmdir(d)       # only while empty: nothing another process put there is touched
+            except OSError:
+                break
+        raise
     return {"documents": docs, "tokens": int(ids.size), "dtype": dtype, "bytes_in": total,
             "seconds": time.perf_counter() - t0}
 
