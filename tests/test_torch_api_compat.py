@@ -289,6 +289,51 @@ def test_a_summed_loss_on_uneven_microbatches_gets_the_summed_gradient():
     assert run_ranks(_summed_losses, 2) == [True, True]
 
 
+def _plain_sum(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return ((out - t) ** 2).sum()
+
+
+def _plain_summed_loss(rank: int, world: int) -> dict:
+    """A plain function that sums, on 10 rows in 4 microbatches: weighted by rows without a word before;
+    now a warning names the assumption, and `fn.reduction = "sum"` gives the summed gradient."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = DeepMLP(n_layers=4)
+    x, y = torch.randn(10, 4), torch.randn(10, 3)
+    ref = copy.deepcopy(model)
+    _plain_sum(ref(x), y).backward()
+    want = {n: p.grad / 4 for n, p in ref.named_parameters()}
+    out = {}
+    for stated in (False, True):
+        def loss_fn(o, t):
+            return _plain_sum(o, t)
+        if stated:
+            loss_fn.reduction = "sum"
+        sched, stage = _pp_schedule(model, rank, world, 4, cls=pp.Schedule1F1B, loss_fn=loss_fn)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                for p in stage.submod.parameters():
+                    p.grad = None
+                sched.step(*((x,) if rank == 0 else ()), target=y if rank == world - 1 else None)
+        out[stated] = [str(w.message) for w in caught if "states no reduction" in str(w.message)]
+        if stated:
+            per = 4 // world
+            for n, g in ((n, p.grad) for n, p in stage.submod.named_parameters()):
+                parts = n.split(".")
+                if parts[0] == "blocks":
+                    n = ".".join(["layers", str(rank * per + int(parts[1]))] + parts[2:])
+                torch.testing.assert_close(g, want[n], msg=lambda m: f"{n}: {m}")
+    return out
+
+
+def test_a_plain_summing_loss_on_uneven_microbatches_is_warned_about_and_can_state_its_reduction():
+    first, last = run_ranks(_plain_summed_loss, 2)
+    assert len(last[False]) == 1 and "loss_fn 'loss_fn' states no reduction" in last[False][0]   # once, not per step
+    assert last[True] == [] and first[False] == first[True] == []   # the loss's rank alone weights it
+
+
 def _token_mean(rank: int, world: int) -> bool:
     """docs/splitter.md's recipe for a mean over the tokens that are not ignored (-100), spread unevenly
     over the microbatches: a summed loss over the batch's token count with scale_grads=False gives the

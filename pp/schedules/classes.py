@@ -390,6 +390,8 @@ class _PipelineSchedule:
             loss_fn = functools.partial(loss_fn, **loss_kwargs)
         outputs: list | None = [] if is_last and return_outputs else None
         scale = loss_scales(targets, self.n_microbatches, loss_reduction(loss_fn)) if self.scale_grads else 1.0
+        if isinstance(scale, list) and loss_reduction(loss_fn) is None:
+            _warn_unstated_reduction(loss_fn, scale)
         actions = self._train_actions if training else self._eval_actions
         after = self._after_hooks() if training else None
         for g in self._graphs.values():
@@ -605,3 +607,22 @@ def schedule_from_actions(stages: PipelineStage | Sequence[PipelineStage], n_mic
 
     rows = read_rows(actions)
     return _PipelineSchedule(stages, n_microbatches, loss_fn, actions=flatten(rows), rows=rows, **kwargs)
+
+
+_WARNED_REDUCTION: set[int] = set()
+
+
+def _warn_unstated_reduction(loss_fn: Callable, shares: list[float]) -> None:
+    """Once per loss function: an uneven split weights microbatches by their rows, right only for a loss
+    that is a mean over rows; a plain function does not say whether it is."""
+    while isinstance(loss_fn, functools.partial):   # step's loss_kwargs wrap it anew each step
+        loss_fn = loss_fn.func
+    if id(loss_fn) in _WARNED_REDUCTION:
+        return
+    _WARNED_REDUCTION.add(id(loss_fn))
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    warnings.warn(f"the batch splits into microbatches of unequal rows, so their gradients are weighted by rows "
+                  f"({', '.join(f'{w:.3g}' for w in shares)}): right for a loss that is a mean over rows, wrong "
+                  f"for a sum. loss_fn {name!r} states no reduction; if it sums, give it one: "
+                  f"functools.partial(F.mse_loss, reduction='sum'), or set loss_fn.reduction = 'sum' "
+                  f"(or 'mean' to silence this)", stacklevel=3)
