@@ -275,14 +275,19 @@ def _summed_losses(rank: int, world: int) -> bool:
         sched, stage = _pp_schedule(model, rank, world, 4, cls=pp.Schedule1F1B, loss_fn=loss_fn)
         sched.step(*((x,) if rank == 0 else ()), target=y if rank == world - 1 else None, loss_kwargs=loss_kwargs)
         got[name] = {n: p.grad for n, p in stage.submod.named_parameters()}
-    per = 4 // world
     for name, grads in got.items():
-        for n, g in grads.items():
-            parts = n.split(".")
-            if parts[0] == "blocks":
-                n = ".".join(["layers", str(rank * per + int(parts[1]))] + parts[2:])
-            torch.testing.assert_close(g, want[n], msg=lambda m: f"{name} {n}: {m}")
+        _check_stage_grads(grads, want, rank, 4 // world, name)
     return True
+
+
+def _check_stage_grads(grads: dict, want: dict, rank: int, per: int, what: str = "") -> None:
+    """A DeepMLP stage's gradients (`blocks.i...`, `per` blocks per rank) against the unsplit model's
+    (`layers.j...`)."""
+    for n, g in grads.items():
+        parts = n.split(".")
+        if parts[0] == "blocks":
+            n = ".".join(["layers", str(rank * per + int(parts[1]))] + parts[2:])
+        torch.testing.assert_close(g, want[n], msg=lambda m: f"{what} {n}: {m}")
 
 
 def test_a_summed_loss_on_uneven_microbatches_gets_the_summed_gradient():
@@ -319,12 +324,7 @@ def _plain_summed_loss(rank: int, world: int) -> dict:
                 sched.step(*((x,) if rank == 0 else ()), target=y if rank == world - 1 else None)
         out[stated] = [str(w.message) for w in caught if "states no reduction" in str(w.message)]
         if stated:
-            per = 4 // world
-            for n, g in ((n, p.grad) for n, p in stage.submod.named_parameters()):
-                parts = n.split(".")
-                if parts[0] == "blocks":
-                    n = ".".join(["layers", str(rank * per + int(parts[1]))] + parts[2:])
-                torch.testing.assert_close(g, want[n], msg=lambda m: f"{n}: {m}")
+            _check_stage_grads({n: p.grad for n, p in stage.submod.named_parameters()}, want, rank, 4 // world)
     return out
 
 
