@@ -54,6 +54,7 @@ def parallelize(
     zero: int = 0,
     init_fn: Callable[[str, torch.Tensor], None] | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    scale_grads: bool = True,
 ) -> ParallelModel:
     """Build this rank's part of `module` trained with pp × dp × tp parallelism; collective.
 
@@ -67,7 +68,9 @@ def parallelize(
     graphs from the second step on (`schedule.enable_cuda_graphs()`; not with tp > 1). `compile=True` runs
     each stage's forward and backward through torch.compile, per block or per stage (`compile_per`
     "block" or "stage"; None: per stage, per block with activation checkpointing, the faster measured;
-    `schedule.compile()`); compiles happen at the first step, once per input shape.
+    `schedule.compile()`); compiles happen at the first step, once per input shape. `scale_grads=False`
+    seeds each microbatch's loss gradient with 1 instead of its share of the batch (for a loss that does
+    its own scaling, such as a sum over the batch's token count: docs/splitter.md).
 
     `precision`: "fp32", "bf16-mixed" (float32 parameters, gradients and optimizer state; each stage computes
     with bfloat16 copies of its matrices, refreshed once per step, under bfloat16 autocast; activations cross
@@ -160,6 +163,7 @@ def parallelize(
 
     if isinstance(module, Pipe) and (split_spec is not None or split_policy is not None):
         raise ValueError("module is a Pipe, already cut: drop split_spec/split_policy")
+    user = module if isinstance(module, nn.Module) and not isinstance(module, Pipe) else None
     kept: dict = {}
     if on_meta and not isinstance(module, Pipe):
         mb_args, mb_kwargs = to_meta(tuple(mb_args)), to_meta(mb_kwargs)
@@ -168,8 +172,8 @@ def parallelize(
             module = meta_copy(module) or module
     if precision == "bf16" and not on_meta and not isinstance(module, Pipe):
         cast_module(module, precision)
-    pipe = module if isinstance(module, Pipe) else _split(module, mb_args, mb_kwargs, n_stages,
-                                                          split_spec, split_policy)
+    pipe = module if isinstance(module, Pipe) else _split_for_training(module, mb_args, mb_kwargs, n_stages,
+                                                                       split_spec, split_policy)
     if pipe.num_stages != n_stages:
         raise ValueError(f"the model is cut into {pipe.num_stages} stages, but schedule {spec.name} with "
                          f"pp={pp} needs {n_stages}")
@@ -203,7 +207,7 @@ def parallelize(
                       f"block to recompute (no module list of layers), so they keep their activations", stacklevel=2)
     cls = schedule_class(spec.name)
     target = stages[0] if issubclass(cls, PipelineScheduleSingle) else stages
-    sched = cls(target, n_microbatches, loss_fn=loss_fn)
+    sched = cls(target, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     if compile:
         sched.compile(per=compile_per)
     if cuda_graphs:
@@ -222,7 +226,25 @@ def parallelize(
                     named.append((name, p))
         zshards = ShardedParams(named, mesh.get_group("dp"), dp, coords["dp"], free=zero == 3)
     return ParallelModel(mesh, stages, sched, sync, shards, info.shared_params, precision=precision,
-                         activation_checkpointing=ac, zero=zero, shards=zshards)
+                         activation_checkpointing=ac, zero=zero, shards=zshards, module=user)
+
+
+def _split_for_training(module: nn.Module, mb_args: tuple, mb_kwargs: dict | None, n_stages: int,
+                        split_spec: Mapping[str, SplitPoint] | None, split_policy: SplitPolicy | None) -> Pipe:
+    """`_split`, traced in train mode where the whole model is in eval mode (`from_pretrained` returns it
+    so): the stages' training graph is the one checkpointing, bf16 weight copies, compiling and CUDA
+    graphs are set up on, and ParallelModel follows the model's mode from the first step on (an eval-mode
+    model then runs its eval-mode graph, as it would unsplit). The model's own flags are restored; a
+    model with some submodules in eval mode (frozen batch norm) is traced as it is."""
+    if any(m.training for m in module.modules()):
+        return _split(module, mb_args, mb_kwargs, n_stages, split_spec, split_policy)
+    modes = {m: m.training for m in module.modules()}
+    module.train()
+    try:
+        return _split(module, mb_args, mb_kwargs, n_stages, split_spec, split_policy)
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def _split(module: nn.Module, mb_args: tuple, mb_kwargs: dict | None, n_stages: int,

@@ -32,8 +32,12 @@ class ParallelModel:
     def __init__(self, mesh: DeviceMesh, stages: list, schedule: Any, grad_sync: GradSync | None,
                  tp_shards: dict[str, ParamShard], shared_params: Mapping[str, list[int]], *,
                  precision: str = "fp32", activation_checkpointing: str = "none", zero: int = 0,
-                 shards: ShardedParams | None = None) -> None:
+                 shards: ShardedParams | None = None, module: nn.Module | None = None) -> None:
         self.mesh, self.stages, self.schedule, self.grad_sync = mesh, stages, schedule, grad_sync
+        # the model given to pp.parallelize: its train/eval mode (model.train(), model.eval()) is followed
+        # by the stages at the next step or eval whenever it changes, as a wrapper such as DDP follows it
+        self._module = module
+        self._mode = stages[0].submod.training
         self.precision, self.activation_checkpointing, self.zero = precision, activation_checkpointing, zero
         self.shards = shards    # ZeRO 2/3: the master shards the optimizer updates
         self.tp_shards = dict(tp_shards)
@@ -73,6 +77,7 @@ class ParallelModel:
                 + ("an optimizer over parameters() would not shard its state" if self.zero == 1 else
                    "the parameters are kept as master shards that only that optimizer updates, so an "
                    "optimizer over parameters() would not train"))
+        self._follow_mode()
         if self.shards is not None and self.shards.stale():   # the whole parameters from the shards
             self.shards.gather()
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
@@ -86,7 +91,9 @@ class ParallelModel:
                 handle.wait()
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:
-        """Forward only; the merged output on the ranks of the last stage, None elsewhere."""
+        """Forward only; the merged output on the ranks of the last stage, None elsewhere. In the
+        model's mode: call `model.eval()` first for dropout off and batch norm's running statistics."""
+        self._follow_mode()
         if self.shards is not None and self.shards.stale():
             self.shards.gather()
         try:
@@ -94,6 +101,16 @@ class ParallelModel:
         finally:
             if self.shards is not None:
                 self._release_whole_weights()
+
+    def _follow_mode(self) -> None:
+        """Switch the stages to the model's mode where `model.train()`/`model.eval()` changed it since
+        the last step (a stage switched by hand, `stage.submod.eval()`, stays so until the model's mode
+        changes). ValueError from the stage where it cannot switch (see pp.stage.modes)."""
+        if self._module is None or self._module.training == self._mode:
+            return
+        self._mode = self._module.training
+        for st in self.stages:
+            st.submod.train(self._mode)
 
     def _release_whole_weights(self) -> None:
         """ZeRO 3: free the whole parameters between steps, and their bfloat16 copies (bf16-mixed)."""

@@ -146,7 +146,8 @@ def mode_forward(info: Any, i: int, module: nn.Module, device: torch.device) -> 
     if module.training:
         raise ValueError(f"stage {i} was traced from a model in eval mode, and its graph differs in train mode "
                          f"(dropout, batch norm, or code that reads self.training): stage.submod.train() cannot "
-                         f"change a traced graph; call model.train() before pp.pipeline to train it")
+                         f"change a traced graph; call model.train() before pp.pipeline (or pp.parallelize) to "
+                         f"train it")
     if getattr(module, "tp_shards", None):
         raise ValueError(f"stage {i} is tensor-parallel and its graph differs in {what} mode (dropout, batch "
                          f"norm, or code that reads self.training): its tensor-parallel rewrite is not redone for "

@@ -1,0 +1,117 @@
+"""`pp.parallelize` follows the model's train/eval mode: `model.eval()` / `model.train()` on the module
+given to it take effect at the next step or eval (they were ignored: a model switched to eval kept batch
+statistics and dropout on, and `from_pretrained`'s eval-mode model trained in eval mode after
+`model.train()`). Right values from the unsplit model, per microbatch, in the same mode."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pp.testing import run_ranks
+
+N_MB = 2
+
+
+class Net(nn.Module):
+    """Batch norm makes the mode visible without randomness: batch statistics in train mode (and running
+    statistics updated), running statistics in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.norm(self.inp(x))))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 6, generator=g) * 3 + 1, torch.randn(8, 3, generator=g)
+
+
+def _model(eval_mode: bool) -> Net:
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.norm.running_mean.fill_(0.5)
+        net.norm.running_var.fill_(2.0)
+    return net.eval() if eval_mode else net
+
+
+def _unsplit(net: Net, x, y, training: bool) -> list[float]:
+    net = copy.deepcopy(net).train(training)
+    return [F.mse_loss(net(a), b).item() for a, b in zip(x.chunk(N_MB), y.chunk(N_MB))]
+
+
+def _run(rank: int, world: int, start_eval: bool) -> dict:
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, y = _data()
+    net = _model(start_eval)
+    par = pp.parallelize(net, (x[:4],), n_microbatches=N_MB, loss_fn=F.mse_loss, schedule="1F1B",
+                         split_spec={"norm": pp.SplitPoint.BEGINNING})
+    out: dict = {"modes": {}}
+    for mode in ("as given", "train", "eval"):
+        if mode == "train":
+            net.train()
+        elif mode == "eval":
+            net.eval()
+        mb: list = []
+        par.step(x, target=y, losses=mb)   # no optimizer step: only the mode changes the losses
+        out[mode] = [l.item() for l in mb]
+        out["modes"][mode] = [st.submod.training for st in par.stages]
+    out["eval"] = [par.eval(x), par.eval(x)]   # every rank calls it; the last gets the outputs
+    return out
+
+
+def _check(start_eval: bool) -> None:
+    first, last = run_ranks(_run, 2, start_eval, timeout_s=300)
+    x, y = _data()
+    net = _model(start_eval)
+    close = dict(rtol=1e-5, atol=1e-6)    # eval and train differ by far more (checked below)
+    torch.testing.assert_close(last["as given"], _unsplit(net, x, y, training=not start_eval), **close)
+    torch.testing.assert_close(last["train"], _unsplit(net, x, y, training=True), **close)
+    other = _unsplit(net, x, y, training=False)
+    assert max(abs(a - b) for a, b in zip(last["train"], other)) > 1e-2
+    # eval-mode losses: running statistics (the train steps above updated them: compare outputs instead)
+    a, b = last["eval"]
+    assert torch.equal(a, b), "eval mode still used batch statistics"
+    for r in (first, last):
+        assert r["modes"] == {"as given": [not start_eval], "train": [True], "eval": [False]}
+
+
+def test_model_eval_and_train_after_parallelize_switch_the_stages():
+    _check(start_eval=False)
+
+
+def test_a_model_given_in_eval_mode_trains_in_train_mode_after_model_train():
+    """`from_pretrained` returns the model in eval mode; `model.train()` after parallelize trained it in
+    eval mode without a word (the stages had been traced in eval mode)."""
+    _check(start_eval=True)
+
+
+def _eval_outputs(rank: int, world: int) -> torch.Tensor | None:
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, _ = _data()
+    net = _model(False)
+    par = pp.parallelize(net, (x[:4],), n_microbatches=N_MB, loss_fn=F.mse_loss, schedule="GPipe",
+                         split_spec={"norm": pp.SplitPoint.BEGINNING})
+    net.eval()
+    return par.eval(x)
+
+
+def test_par_eval_after_model_eval_gives_the_unsplit_eval_outputs():
+    got = run_ranks(_eval_outputs, 2, timeout_s=300)[1]
+    x, _ = _data()
+    with torch.no_grad():
+        want = _model(False).eval()(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
