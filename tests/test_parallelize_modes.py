@@ -115,3 +115,18 @@ def test_par_eval_after_model_eval_gives_the_unsplit_eval_outputs():
     with torch.no_grad():
         want = _model(False).eval()(x)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_batch_norm_in_train_mode_is_named_when_traced():
+    """Batch norm is the one layer whose microbatched step differs from the whole batch's (its
+    statistics are the microbatch's): losses differed from the unsplit model's without a word."""
+    import pytest
+
+    import pp
+
+    with pytest.warns(UserWarning, match=r"Net has batch norm in train mode \(norm\): each microbatch is "
+                                         r"normalised with its own statistics"):
+        pp.pipeline(_model(False), (torch.randn(4, 6),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pp.pipeline(_model(True), (torch.randn(4, 6),))    # eval mode: running statistics, nothing to say

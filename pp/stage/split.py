@@ -7,6 +7,7 @@ copy, and stage modules hold the user's parameters and buffers under their origi
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -102,6 +103,13 @@ def pipeline(
                                dynamic, [])
         return list(again.stage_modules), again.info().stage_io, again.info().shape_guards
 
+    norms = [n for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if norms:   # the one way a microbatched step differs from the whole batch's: say so, not silently
+        warnings.warn(f"{type(module).__name__} has batch norm in train mode ({', '.join(norms[:3])}"
+                      f"{', ...' if len(norms) > 3 else ''}): each microbatch is normalised with its own "
+                      f"statistics, so losses and gradients are the unsplit model's on microbatch-sized "
+                      f"batches, not on the whole batch (as in every pipeline and gradient accumulation)",
+                      stacklevel=2)
     pipe.info().mode_traces = ModeTraces(module, retrace, [graph_code(gm) for gm in pipe.stage_modules],
                                          module.training)
     for gm in pipe.stage_modules:   # the stage modules start in the model's mode, as traced
