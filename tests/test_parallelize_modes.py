@@ -67,7 +67,9 @@ def _run(rank: int, world: int, start_eval: bool) -> dict:
         par.step(x, target=y, losses=mb)   # no optimizer step: only the mode changes the losses
         out[mode] = [l.item() for l in mb]
         out["modes"][mode] = [st.submod.training for st in par.stages]
-    out["eval"] = [par.eval(x), par.eval(x)]   # every rank calls it; the last gets the outputs
+    out["eval"] = par.eval(x)   # every rank calls it; the last gets the outputs
+    # the running statistics the train-mode steps left (the norm is on the last stage)
+    out["stats"] = {n: b.clone() for st in par.stages for n, b in st.submod.named_buffers() if "running" in n}
     return out
 
 
@@ -80,9 +82,15 @@ def _check(start_eval: bool) -> None:
     torch.testing.assert_close(last["train"], _unsplit(net, x, y, training=True), **close)
     other = _unsplit(net, x, y, training=False)
     assert max(abs(a - b) for a, b in zip(last["train"], other)) > 1e-2
-    # eval-mode losses: running statistics (the train steps above updated them: compare outputs instead)
-    a, b = last["eval"]
-    assert torch.equal(a, b), "eval mode still used batch statistics"
+    # eval outputs: the unsplit model in eval mode with the running statistics the steps above left
+    # (batch statistics, as in train mode, would give other values)
+    assert set(last["stats"]) == {"norm.running_mean", "norm.running_var"}
+    assert not torch.allclose(last["stats"]["norm.running_var"], net.norm.running_var)   # the train step moved them
+    ref = copy.deepcopy(net)
+    ref.load_state_dict(last["stats"], strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(last["eval"], ref.eval()(x), **close)
+        assert not torch.allclose(last["eval"], ref.train()(x), atol=1e-3)
     for r in (first, last):
         assert r["modes"] == {"as given": [not start_eval], "train": [True], "eval": [False]}
 

@@ -69,6 +69,7 @@ class _PipelineSchedule:
         self._args_chunk_spec, self._kwargs_chunk_spec = args_chunk_spec, kwargs_chunk_spec
         self._output_merge_spec = output_merge_spec
         self.scale_grads = scale_grads
+        self._warned_reduction = False   # an uneven split met a loss_fn that states no reduction (warned once)
         self._stages = {s.stage_index: s for s in stages}
         info = first.pipe_info
         edges = info.edges if info is not None else {s: [s + 1] for s in range(self.n_stages - 1)}
@@ -389,8 +390,10 @@ class _PipelineSchedule:
         if loss_fn is not None and loss_kwargs:
             loss_fn = functools.partial(loss_fn, **loss_kwargs)
         outputs: list | None = [] if is_last and return_outputs else None
-        scale = loss_scales(targets, self.n_microbatches, loss_reduction(loss_fn)) if self.scale_grads else 1.0
-        if isinstance(scale, list) and loss_reduction(loss_fn) is None:
+        reduction = loss_reduction(loss_fn)
+        scale = loss_scales(targets, self.n_microbatches, reduction) if self.scale_grads else 1.0
+        if isinstance(scale, list) and reduction is None and not self._warned_reduction:
+            self._warned_reduction = True    # once per schedule (its loss_fn), not per step
             _warn_unstated_reduction(loss_fn, scale)
         actions = self._train_actions if training else self._eval_actions
         after = self._after_hooks() if training else None
@@ -609,17 +612,11 @@ def schedule_from_actions(stages: PipelineStage | Sequence[PipelineStage], n_mic
     return _PipelineSchedule(stages, n_microbatches, loss_fn, actions=flatten(rows), rows=rows, **kwargs)
 
 
-_WARNED_REDUCTION: set[int] = set()
-
-
 def _warn_unstated_reduction(loss_fn: Callable, shares: list[float]) -> None:
-    """Once per loss function: an uneven split weights microbatches by their rows, right only for a loss
-    that is a mean over rows; a plain function does not say whether it is."""
-    while isinstance(loss_fn, functools.partial):   # step's loss_kwargs wrap it anew each step
+    """An uneven split weights microbatches by their rows, right only for a loss that is a mean over rows;
+    a plain function does not say whether it is."""
+    while isinstance(loss_fn, functools.partial):   # step's loss_kwargs wrap it: name the function itself
         loss_fn = loss_fn.func
-    if id(loss_fn) in _WARNED_REDUCTION:
-        return
-    _WARNED_REDUCTION.add(id(loss_fn))
     name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
     warnings.warn(f"the batch splits into microbatches of unequal rows, so their gradients are weighted by rows "
                   f"({', '.join(f'{w:.3g}' for w in shares)}): right for a loss that is a mean over rows, wrong "
