@@ -6,6 +6,7 @@ Names and signatures follow `torch.distributed.pipelining.microbatch`. Tensors a
 from __future__ import annotations
 
 import functools
+import inspect
 
 from typing import Any
 
@@ -293,14 +294,21 @@ def split_block_mask(mask: Any, chunks: int, path: str = "block_mask") -> list:
 
 def loss_reduction(loss_fn: Any) -> str | None:
     """The `reduction` a loss function states ("mean", "sum", ...): an `nn.Module` loss's attribute, or a
-    `functools.partial`'s keyword (the outermost one that names it); None when it states none (a plain
-    function, which pp takes for a mean over rows)."""
+    `functools.partial`'s keyword (the outermost one that names it), or the default of a function's
+    `reduction` parameter (`F.cross_entropy`); None when it states none (a plain function, which pp takes
+    for a mean over rows)."""
     while isinstance(loss_fn, functools.partial):
         if "reduction" in loss_fn.keywords:
             r = loss_fn.keywords["reduction"]
             return r if isinstance(r, str) else None
         loss_fn = loss_fn.func
     r = getattr(loss_fn, "reduction", None)
+    if r is None and callable(loss_fn):   # a function with a reduction parameter: its default (F.mse_loss: "mean")
+        try:
+            param = inspect.signature(loss_fn).parameters.get("reduction")
+        except (TypeError, ValueError):
+            param = None
+        r = param.default if param is not None else None
     return r if isinstance(r, str) else None
 
 

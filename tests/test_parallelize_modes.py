@@ -138,3 +138,41 @@ def test_batch_norm_in_train_mode_is_named_when_traced():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pp.pipeline(_model(True), (torch.randn(4, 6),))    # eval mode: running statistics, nothing to say
+
+
+def _frozen_norm(rank: int, world: int) -> dict:
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, y = _data()
+    net = _model(False)
+    net.norm.eval()       # frozen batch norm, set before parallelize: traced so, and kept
+    par = pp.parallelize(net, (x[:4],), n_microbatches=N_MB, loss_fn=F.mse_loss, schedule="1F1B",
+                         split_spec={"norm": pp.SplitPoint.BEGINNING})
+    out: dict = {}
+    for step in range(2):
+        net.train()
+        net.norm.eval()   # the usual loop re-freezes it each epoch: the same mix as traced
+        mb: list = []
+        par.step(x, target=y, losses=mb)
+        out[step] = [l.item() for l in mb]
+    net.out.eval()        # one more submodule switched after parallelize: no graph runs that mix
+    try:
+        par.step(x, target=y)
+    except ValueError as e:
+        out["error"] = str(e)
+    return out
+
+
+def test_submodule_modes_set_before_parallelize_are_kept_and_one_switched_after_is_refused():
+    """A submodule switched to eval after parallelize (the frozen-batch-norm pattern) ran in its traced
+    mode without a word; now the modes traced are kept and another mix is one ValueError."""
+    first, last = run_ranks(_frozen_norm, 2, timeout_s=300)
+    x, y = _data()
+    net = _model(False)
+    net.norm.eval()
+    want = [F.mse_loss(net(a), b).item() for a, b in zip(x.chunk(N_MB), y.chunk(N_MB))]
+    torch.testing.assert_close(last[0], want, rtol=1e-5, atol=1e-6)
+    assert last[1] == last[0]
+    for r in (first, last):
+        assert "submodule 'out' of the model is in eval mode, but pp.parallelize traced it in train mode" in r["error"]

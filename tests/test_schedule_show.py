@@ -92,6 +92,9 @@ def test_pp_runs_trace_with_a_row_per_rank_reads_the_same(tmp_path, capsys):
     path.write_text(json.dumps({"traceEvents": events}))
     assert main(["run", "--trace", str(path), "-o", str(tmp_path / "t.png")]) == 0
     assert capsys.readouterr().out == "run ranks=2 microbatches=1 bubble=0.500\n"
+    # no label needed (it was a required positional): the run directory's name and the file's
+    assert main(["--trace", str(path), "-o", str(tmp_path / "u.png")]) == 0
+    assert capsys.readouterr().out == f"{tmp_path.name}-trace ranks=2 microbatches=1 bubble=0.500\n"
 
 
 def test_draw_timeline_is_importable_and_writes_png(tmp_path):

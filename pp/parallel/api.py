@@ -241,7 +241,9 @@ def _split_for_training(module: nn.Module, mb_args: tuple, mb_kwargs: dict | Non
     modes = {m: m.training for m in module.modules()}
     module.train()
     try:
-        return _split(module, mb_args, mb_kwargs, n_stages, split_spec, split_policy)
+        with warnings.catch_warnings():   # its batch norm runs on running statistics until model.train()
+            warnings.filterwarnings("ignore", message=".* has batch norm in train mode")
+            return _split(module, mb_args, mb_kwargs, n_stages, split_spec, split_policy)
     finally:
         for m, training in modes.items():
             m.training = training

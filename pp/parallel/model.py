@@ -37,7 +37,11 @@ class ParallelModel:
         # the model given to pp.parallelize: its train/eval mode (model.train(), model.eval()) is followed
         # by the stages at the next step or eval whenever it changes, as a wrapper such as DDP follows it
         self._module = module
-        self._mode = stages[0].submod.training
+        if module is not None:
+            flags = tuple(m.training for m in module.modules())
+            # the submodule modes the traced graph holds (a wholly eval-mode model is traced in train mode),
+            # which the stages start in
+            self._traced_modes = self._modes = flags if any(flags) else (True,) * len(flags)
         self.precision, self.activation_checkpointing, self.zero = precision, activation_checkpointing, zero
         self.shards = shards    # ZeRO 2/3: the master shards the optimizer updates
         self.tp_shards = dict(tp_shards)
@@ -105,12 +109,36 @@ class ParallelModel:
     def _follow_mode(self) -> None:
         """Switch the stages to the model's mode where `model.train()`/`model.eval()` changed it since
         the last step (a stage switched by hand, `stage.submod.eval()`, stays so until the model's mode
-        changes). ValueError from the stage where it cannot switch (see pp.stage.modes)."""
-        if self._module is None or self._module.training == self._mode:
+        changes). A traced stage runs one of two graphs: the submodule modes it was traced with, or the
+        whole model in the other mode; any other mix (one submodule switched after parallelize) cannot be
+        run, and is a ValueError naming the submodule, as is a stage that cannot switch (pp.stage.modes)."""
+        if self._module is None:
             return
-        self._mode = self._module.training
+        modes = tuple(m.training for m in self._module.modules())
+        if modes == self._modes:
+            return
+        traced = self._traced_modes
+        if len(modes) != len(traced):
+            raise ValueError("the model given to pp.parallelize gained or lost submodules since; rebuild it "
+                             "with pp.parallelize")
+        if modes == traced:
+            mode = traced[0]
+        elif modes == (not traced[0],) * len(modes):
+            mode = not traced[0]
+        else:
+            off = next(i for i, (a, b) in enumerate(zip(modes, traced)) if a != b)
+            names = [n for n, _ in self._module.named_modules()]
+            def what(flag: bool) -> str:
+                return "train" if flag else "eval"
+            raise ValueError(
+                f"submodule {names[off] or type(self._module).__name__!r} of the model is in "
+                f"{what(modes[off])} mode, but pp.parallelize traced it in {what(traced[off])} mode, and a "
+                f"traced stage runs only the modes it was traced with or the whole model in the other mode: set "
+                f"submodule modes (a frozen batch norm's .eval()) before pp.parallelize, and switch the whole "
+                f"model with model.train()/model.eval() after")
+        self._modes = modes
         for st in self.stages:
-            st.submod.train(self._mode)
+            st.submod.train(mode)
 
     def _release_whole_weights(self) -> None:
         """ZeRO 3: free the whole parameters between steps, and their bfloat16 copies (bf16-mixed)."""

@@ -138,7 +138,9 @@ def _bad_output(path: str | None) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry: draw the timeline, print `NAME ranks=R microbatches=M bubble=X`; exit 2 on bad input."""
     parser = _Parser(prog="python -m pp.schedules.show", description=__doc__)
-    parser.add_argument("name", help="schedule name (GPipe, 1F1B, Interleaved1F1B, ...), or a label with --trace/--csv")
+    parser.add_argument("name", nargs="?", default=None,
+                        help="schedule name (GPipe, 1F1B, Interleaved1F1B, ...), or a label with --trace/--csv "
+                             "(default there: the file's name)")
     parser.add_argument("--ranks", type=_positive, default=4, help="pipeline ranks (default 4)")
     parser.add_argument("--microbatches", type=_positive, default=8, help="microbatches per step (default 8)")
     parser.add_argument("--stages-per-rank", type=_positive, default=None, help="stages per rank for looped schedules (default 2)")
@@ -149,6 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.trace or args.csv:
         args.ranks = args.microbatches = None
+        if args.name is None:   # pp.run's runs/X/trace.json: labelled X-trace
+            path = os.path.abspath(args.trace or args.csv)
+            stem = os.path.splitext(os.path.basename(path))[0]
+            args.name = f"{os.path.basename(os.path.dirname(path))}-{stem}" if args.trace else stem
+    elif args.name is None:
+        parser.error("the following arguments are required: name (a schedule, or --trace/--csv FILE)")
     bad_output = _bad_output(args.output)
     if bad_output:
         print(f"{parser.prog}: -o {args.output}: {bad_output}", file=sys.stderr)
