@@ -292,23 +292,40 @@ def split_block_mask(mask: Any, chunks: int, path: str = "block_mask") -> list:
     return parts
 
 
+IGNORE_INDEX = -100   # the target class id cross-entropy skips by default (torch, Hugging Face)
+
+
+def _stated(loss_fn: Any, key: str) -> Any:
+    """What a loss function states for parameter `key`: the outermost `functools.partial` keyword that
+    names it, else an `nn.Module` loss's attribute, else the default of the function's parameter; None."""
+    while isinstance(loss_fn, functools.partial):
+        if key in loss_fn.keywords:
+            return loss_fn.keywords[key]
+        loss_fn = loss_fn.func
+    r = getattr(loss_fn, key, None)
+    if r is None and callable(loss_fn):   # a function with that parameter: its default (F.mse_loss: "mean")
+        try:
+            param = inspect.signature(loss_fn).parameters.get(key)
+        except (TypeError, ValueError):
+            param = None
+        r = param.default if param is not None and param.default is not inspect.Parameter.empty else None
+    return r
+
+
+def loss_ignore_index(loss_fn: Any) -> int:
+    """The target value a loss function skips (`ignore_index`): stated as `loss_reduction` reads a
+    reduction (an `nn.CrossEntropyLoss`'s attribute, a partial's keyword, a function's default, or an
+    attribute set on a plain function), -100 (torch's and Hugging Face's) when it states none."""
+    r = _stated(loss_fn, "ignore_index")
+    return r if isinstance(r, int) and not isinstance(r, bool) else IGNORE_INDEX
+
+
 def loss_reduction(loss_fn: Any) -> str | None:
     """The `reduction` a loss function states ("mean", "sum", ...): an `nn.Module` loss's attribute, or a
     `functools.partial`'s keyword (the outermost one that names it), or the default of a function's
     `reduction` parameter (`F.cross_entropy`); None when it states none (a plain function, which pp takes
     for a mean over rows)."""
-    while isinstance(loss_fn, functools.partial):
-        if "reduction" in loss_fn.keywords:
-            r = loss_fn.keywords["reduction"]
-            return r if isinstance(r, str) else None
-        loss_fn = loss_fn.func
-    r = getattr(loss_fn, "reduction", None)
-    if r is None and callable(loss_fn):   # a function with a reduction parameter: its default (F.mse_loss: "mean")
-        try:
-            param = inspect.signature(loss_fn).parameters.get("reduction")
-        except (TypeError, ValueError):
-            param = None
-        r = param.default if param is not None else None
+    r = _stated(loss_fn, "reduction")
     return r if isinstance(r, str) else None
 
 
@@ -337,3 +354,22 @@ def loss_scales(targets: list | None, n_microbatches: int, reduction: str | None
         total = sum(rows)
         return [r / total for r in rows]
     return 1.0 / n_microbatches
+
+
+def target_counts(targets: list | None, ignore_index: int, device: torch.device | None = None
+                  ) -> torch.Tensor | None:
+    """How many targets each microbatch counts in a token mean: a float32 tensor (n_microbatches,) of the
+    entries of each microbatch's target (its first tensor) that are not `ignore_index`, on `device` (the
+    targets' own where None); no host-device sync. None where a target is not an integer tensor of at
+    least one dimension (float regression targets, class ids of no row dimension)."""
+    leaves = []
+    for t in targets or ():
+        leaf = next((x for x in pytree.tree_leaves(t) if isinstance(x, torch.Tensor)), None)
+        if (leaf is None or leaf.dim() == 0 or leaf.is_floating_point() or leaf.is_complex()
+                or leaf.dtype == torch.bool):
+            return None
+        leaves.append(leaf)
+    if not leaves:
+        return None
+    counts = torch.stack([(x != ignore_index).sum() for x in leaves]).float()
+    return counts if device is None else counts.to(device, non_blocking=True)

@@ -53,6 +53,8 @@ class ParallelModel:
         ids = [s.stage_index for s in stages]
         self.has_first_stage, self.has_last_stage = 0 in ids, n_stages - 1 in ids
         self._optimizer_built = False
+        if self.dp > 1:   # a token mean (ignored targets) counts every replica's targets: the global batch's mean
+            schedule._count_group = mesh.get_group("dp")
         # floating buffers the forward updates (batch norm's running statistics): each replica updates
         # them from its own share of the batch; averaged after every step so that the replicas, their
         # evaluation and the checkpoint (replica 0's) agree

@@ -10,12 +10,13 @@ import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 
 from ..comms import p2p
 from ..comms.backend import close_at_exit, transfers_may_be_pending
 from ..comms.abort import AbortChannel, PipelineAborted
-from ..microbatch import (check_rows_follow, loss_reduction, loss_scales, merge_chunks,
-                          split_args_kwargs_into_chunks, split_rows, split_target_like)
+from ..microbatch import (check_rows_follow, loss_ignore_index, loss_reduction, loss_scales, merge_chunks,
+                          split_args_kwargs_into_chunks, split_rows, split_target_like, target_counts)
 from ..parallel.wrapped import StepSync
 from ..stage.graphs import StageGraphs
 from ..stage.runtime import PipelineStage
@@ -70,6 +71,7 @@ class _PipelineSchedule:
         self._output_merge_spec = output_merge_spec
         self.scale_grads = scale_grads
         self._warned_reduction = False   # an uneven split met a loss_fn that states no reduction (warned once)
+        self._count_group = None   # pp.parallelize at dp > 1: the replicas whose counted targets a token mean spans
         self._stages = {s.stage_index: s for s in stages}
         info = first.pipe_info
         edges = info.edges if info is not None else {s: [s + 1] for s in range(self.n_stages - 1)}
@@ -395,6 +397,8 @@ class _PipelineSchedule:
         if isinstance(scale, list) and reduction is None and not self._warned_reduction:
             self._warned_reduction = True    # once per schedule (its loss_fn), not per step
             _warn_unstated_reduction(loss_fn, scale)
+        if is_last and training and self.scale_grads and reduction in (None, "mean") and loss_fn is not None:
+            scale = self._token_shares(targets, loss_fn, scale)
         actions = self._train_actions if training else self._eval_actions
         after = self._after_hooks() if training else None
         for g in self._graphs.values():
@@ -452,6 +456,23 @@ class _PipelineSchedule:
         if outputs is not None:
             return merge_chunks(outputs, self._output_merge_spec)
         return None
+
+    def _token_shares(self, targets: list, loss_fn: Callable, scale: float | list) -> float | list:
+        """Each microbatch's share of the batch's counted targets (n_m / N, 0-dim float32 tensors on this
+        rank's device) where the targets are class ids: a mean over the targets that are not ignored
+        (-100: padding, prompt tokens) is then the unsplit model's token mean, however unevenly the
+        ignored ones fall over the microbatches (a mean of microbatch means is not; transformers#34191).
+        Equal to the rows' shares where none is ignored. Under `pp.parallelize` with dp > 1, N counts
+        every replica's targets (`_count_group`, an all-reduce) and the shares are × dp, as the replicas'
+        gradients are averaged. No host-device sync."""
+        counts = target_counts(targets, loss_ignore_index(loss_fn), self._executor.device)
+        if counts is None:
+            return scale
+        total = counts.sum()
+        if self._count_group is not None:
+            dist.all_reduce(total, group=self._count_group)
+            counts = counts * dist.get_world_size(self._count_group)
+        return list((counts / total.clamp_min(1)).unbind())
 
     def _after_hooks(self) -> dict | None:
         """{last backward action of a stage: what runs right after it}: add the stage's graph-summed

@@ -60,7 +60,7 @@ class Executor:
 
     # --------------------------------------------------------------------------------- step
     def run(self, actions: list[Action], *, meta_mode: bool, loss_fn: Callable | None, targets: list | None,
-            losses: list | None, loss_scale: float | Sequence[float], outputs: list | None, record: bool,
+            losses: list | None, loss_scale: float | Sequence[float | torch.Tensor], outputs: list | None, record: bool,
             after: dict[Action, Callable[[], None]] | None = None, meta_key: Any = None) -> None:
         """Run `actions`; `after[a]()` is called right after compute action `a` (e.g. start a stage's
         data-parallel gradient sync once its last backward of the step is done). Metadata is cached
@@ -161,8 +161,9 @@ class Executor:
                 e.add_note(f"pp: while running {action} (stage {s}, microbatch {mb}) on pipeline rank {self.rank}")
             raise
 
-    def _scale_of(self, mb: int) -> float:
-        """The factor microbatch `mb`'s loss gradient is seeded with (one for all, or one per microbatch)."""
+    def _scale_of(self, mb: int) -> float | torch.Tensor:
+        """The factor microbatch `mb`'s loss gradient is seeded with (one for all, or one per microbatch:
+        a number, or a 0-dim tensor on this rank's device)."""
         scale = self._loss_scale
         return scale if isinstance(scale, float) else scale[mb]
 

@@ -300,11 +300,13 @@ class PipelineStage(StageInputChecks):
         grads = self.state(m).out_grads
         grads[out_idx] = grad if out_idx not in grads else grads[out_idx] + grad
 
-    def _roots(self, st: _Microbatch, loss_scale: float) -> tuple[list, list]:
+    def _roots(self, st: _Microbatch, loss_scale: float | torch.Tensor) -> tuple[list, list]:
         if self.is_last and st.loss is not None:
             if st.loss.numel() != 1:
                 raise ValueError(f"loss_fn must return a single-element loss, got shape {tuple(st.loss.shape)}")
-            return [st.loss], [torch.full_like(st.loss, loss_scale)]  # the seed scales: no extra multiply
+            seed = (loss_scale.to(st.loss.dtype).reshape(st.loss.shape) if isinstance(loss_scale, torch.Tensor)
+                    else torch.full_like(st.loss, loss_scale))   # the seed scales: no extra multiply
+            return [st.loss], [seed]
         roots, grads, at = [], [], {}
         for i, out in enumerate(st.outputs):
             g = st.out_grads.get(i)

@@ -1,0 +1,119 @@
+"""A mean over the targets that are not ignored (-100: padding, prompt tokens in fine-tuning), spread
+unevenly over the microbatches, trains as the unsplit model does: each microbatch's loss gradient is
+weighted by its share of the counted targets, not by 1 / n_microbatches (a mean of microbatch means,
+silently wrong: the fault transformers#34191 mended in Hugging Face's trainers, and torch's schedules
+have). The right values come from the unsplit model on the whole batch."""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pp.launcher.models import GPT
+from pp.microbatch import loss_ignore_index, target_counts
+from pp.testing import run_ranks
+
+MODEL = dict(vocab_size=32, d_model=16, n_layers=4, n_heads=2, seq_len=8)
+PAD = 0
+
+
+def _batch(rows: int = 8, ignore: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 32, (rows, 8), generator=g)
+    y = torch.randint(1, 32, (rows, 8), generator=g)
+    y[0, 1:] = ignore        # the first microbatches hold far fewer counted tokens than the last
+    y[1, 3:] = ignore
+    y[2, :6] = ignore
+    return x, y
+
+
+def mean_ce(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy as users write it for a causal LM: a plain function, torch's default mean over the
+    targets that are not -100."""
+    return F.cross_entropy(out.flatten(0, 1), t.flatten())
+
+
+def _unsplit(loss_fn, x, y) -> tuple[float, dict]:
+    torch.manual_seed(0)
+    model = GPT(**MODEL)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _train(rank: int, world: int, schedule: str, loss: str, dp: int, rows: int) -> dict:
+    import pp
+
+    warnings.simplefilter("ignore")
+    ignore = PAD if loss == "module_pad" else -100
+    x, y = _batch(rows, ignore)
+    loss_fn = {"plain": mean_ce, "module_pad": nn.CrossEntropyLoss(ignore_index=PAD),
+               "partial": functools.partial(F.cross_entropy, reduction="mean")}[loss]
+    if loss != "plain":
+        def loss_fn(out, t, _f=loss_fn):   # the module / partial on the flattened logits
+            return _f(out.flatten(0, 1), t.flatten())
+        loss_fn.ignore_index = ignore
+    torch.manual_seed(0)
+    par = pp.parallelize(GPT(**MODEL), (x[:rows // dp // 4],), n_microbatches=4, loss_fn=loss_fn,
+                         schedule=schedule, dp=dp)
+    share = slice(par.dp_rank * rows // dp, (par.dp_rank + 1) * rows // dp)
+    par.step(x[share], target=y[share])
+    return {n: p.grad for n, p in par.named_parameters() if par.dp_rank == 0}
+
+
+@pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV"])
+def test_ignored_targets_spread_unevenly_give_the_unsplit_gradient(schedule):
+    got = {k: v for r in run_ranks(_train, 2, schedule, "plain", 1, 8, timeout_s=300) for k, v in r.items()}
+    x, y = _batch()
+    _, want = _unsplit(mean_ce, x, y)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_stated_ignore_index_and_data_parallel_replicas_count_the_global_batch():
+    """pp 2 x dp 2: the token count spans both replicas (their gradients are averaged), and a loss that
+    states its ignore_index (a padding id, not -100) is counted by it."""
+    got = {k: v for r in run_ranks(_train, 4, "1F1B", "module_pad", 2, 16, timeout_s=300) for k, v in r.items()}
+    x, y = _batch(16, PAD)
+    _, want = _unsplit(lambda out, t: F.cross_entropy(out.flatten(0, 1), t.flatten(), ignore_index=PAD), x, y)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_counts_follow_the_loss_and_skip_targets_that_are_not_class_ids():
+    ce = nn.CrossEntropyLoss(ignore_index=3)
+    assert loss_ignore_index(ce) == 3
+    assert loss_ignore_index(functools.partial(F.cross_entropy, ignore_index=5)) == 5
+    assert loss_ignore_index(F.nll_loss) == -100 and loss_ignore_index(lambda o, t: o) == -100
+    y = torch.tensor([[1, -100, 2], [-100, -100, 4]])
+    assert target_counts(list(y.split(1)), -100).tolist() == [2.0, 1.0]
+    assert target_counts(list(y.float().split(1)), -100) is None        # regression targets: rows count
+    assert target_counts([torch.tensor(1), torch.tensor(2)], -100) is None
+
+
+def test_a_microbatch_whose_targets_are_all_ignored_adds_nothing_and_no_nan():
+    """A microbatch of padding only: its own mean is 0/0 (a NaN loss, no gradient), its share 0; the
+    step's gradient is the unsplit model's, finite (1 / n weighting gave the other three a quarter each)."""
+    got = {k: v for r in run_ranks(_all_ignored, 2, timeout_s=300) for k, v in r.items()}
+    x, y = _batch()
+    y[:2] = -100
+    _, want = _unsplit(mean_ce, x, y)
+    for name, g in want.items():
+        assert torch.isfinite(got[name]).all(), name
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _all_ignored(rank: int, world: int) -> dict:
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, y = _batch()
+    y[:2] = -100
+    torch.manual_seed(0)
+    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=4, loss_fn=mean_ce, schedule="1F1B")
+    par.step(x, target=y)
+    return {n: p.grad for n, p in par.named_parameters()}
