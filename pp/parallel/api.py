@@ -55,6 +55,9 @@ def parallelize(
     init_fn: Callable[[str, torch.Tensor], None] | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
     scale_grads: bool = True,
+    args_chunk_spec: tuple | None = None,
+    kwargs_chunk_spec: dict | None = None,
+    output_merge_spec: Any = None,
 ) -> ParallelModel:
     """Build this rank's part of `module` trained with pp × dp × tp parallelism; collective.
 
@@ -70,7 +73,11 @@ def parallelize(
     "block" or "stage"; None: per stage, per block with activation checkpointing, the faster measured;
     `schedule.compile()`); compiles happen at the first step, once per input shape. `scale_grads=False`
     seeds each microbatch's loss gradient with 1 instead of its share of the batch (for a loss that does
-    its own scaling, such as a sum over the batch's token count: docs/splitter.md).
+    its own scaling; by default the share is of the counted targets for class-id targets with ignored
+    ones, over every replica, else of the rows: docs/splitter.md). `args_chunk_spec`, `kwargs_chunk_spec`
+    and `output_merge_spec` say how `step`/`eval` split the inputs into microbatches and merge the last
+    stage's outputs, as for torch's schedules (`pp.microbatch.TensorChunkSpec(dim)`, or `_Replicate`
+    for an input every microbatch takes whole, such as a mask of batch 1).
 
     `precision`: "fp32", "bf16-mixed" (float32 parameters, gradients and optimizer state; each stage computes
     with bfloat16 copies of its matrices, refreshed once per step, under bfloat16 autocast; activations cross
@@ -207,7 +214,8 @@ def parallelize(
                       f"block to recompute (no module list of layers), so they keep their activations", stacklevel=2)
     cls = schedule_class(spec.name)
     target = stages[0] if issubclass(cls, PipelineScheduleSingle) else stages
-    sched = cls(target, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
+    sched = cls(target, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads, args_chunk_spec=args_chunk_spec,
+                kwargs_chunk_spec=kwargs_chunk_spec, output_merge_spec=output_merge_spec)
     if compile:
         sched.compile(per=compile_per)
     if cuda_graphs:
