@@ -4,6 +4,7 @@ clipping and whole-tensor state dicts."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -53,6 +54,7 @@ class ParallelModel:
         ids = [s.stage_index for s in stages]
         self.has_first_stage, self.has_last_stage = 0 in ids, n_stages - 1 in ids
         self._optimizer_built = False
+        self._warned_eval_training = False
         if self.dp > 1:   # a token mean (ignored targets) counts every replica's targets: the global batch's mean
             schedule._count_group = mesh.get_group("dp")
         # floating buffers the forward updates (batch norm's running statistics): each replica updates
@@ -87,6 +89,8 @@ class ParallelModel:
         if self.shards is not None and self.shards.stale():   # the whole parameters from the shards
             self.shards.gather()
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+        if not self._warned_eval_training:
+            self._warn_eval_training()
         if self.grad_sync is not None:
             self.grad_sync.finish()
         if self.shards is not None:
@@ -95,6 +99,27 @@ class ParallelModel:
         if self._replica_buffers:
             for handle in all_reduce_(self._replica_buffers, self.mesh.get_group("dp"), op="avg"):
                 handle.wait()
+
+    def _warn_eval_training(self) -> None:
+        """Once: a training step ran a stage on its eval-mode graph (the model is in eval mode, as
+        `from_pretrained` returns it, and has dropout or batch norm), which runs eagerly, without what was
+        set up on the training graph. It trains as the unsplit model in eval mode would (dropout off), but
+        maybe not in the memory or time the user planned for."""
+        stages = [st for st in self.stages if st.runs_other_mode and st.submod.training is False]
+        if not stages:
+            return
+        self._warned_eval_training = True
+        lost = [what for what, on in (
+            (f"activation checkpointing ({self.activation_checkpointing!r})", self.activation_checkpointing != "none"),
+            ("compiled stages", any(st.compiled is not None for st in stages)),
+            ("CUDA graphs", any(st.graphs is not None for st in stages)),
+            ("bfloat16 weight copies", any(st.bf16_weights is not None for st in stages))) if on]
+        warnings.warn(
+            f"pipeline rank {self.pp_rank} trains stage(s) {[st.stage_index for st in stages]} in eval mode (the "
+            f"model given to pp.parallelize is in eval mode, as from_pretrained returns it): dropout is off, as "
+            f"unsplit, and they run their eval-mode graph eagerly"
+            + (f", without {', '.join(lost)}" if lost else "")
+            + "; call model.train() before training", stacklevel=3)
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:
         """Forward only; the merged output on the ranks of the last stage, None elsewhere. In the

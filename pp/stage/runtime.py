@@ -197,6 +197,12 @@ class PipelineStage(StageInputChecks):
         slots = self._recv_slots[producer]
         return list(range(count)) if slots is None else slots
 
+    @property
+    def runs_other_mode(self) -> bool:
+        """Whether the stage runs the graph of the mode it was not traced in (its module switched to eval
+        or train since, and the two traces differ: pp.stage.modes), as of the last `sync_mode`."""
+        return self._mode_graph is not None
+
     # ------------------------------------------------------------------------------- per step
     @property
     def fwd_cache(self) -> dict[int, tuple]:
