@@ -295,28 +295,37 @@ def split_block_mask(mask: Any, chunks: int, path: str = "block_mask") -> list:
 IGNORE_INDEX = -100   # the target class id cross-entropy skips by default (torch, Hugging Face)
 
 
+_ABSENT = object()
+
+
 def _stated(loss_fn: Any, key: str) -> Any:
     """What a loss function states for parameter `key`: the outermost `functools.partial` keyword that
-    names it, else an `nn.Module` loss's attribute, else the default of the function's parameter; None."""
+    names it, else an attribute (an `nn.Module` loss's, or one set on a plain function), else the default
+    of the function's parameter; `_ABSENT` where it states nothing."""
     while isinstance(loss_fn, functools.partial):
         if key in loss_fn.keywords:
             return loss_fn.keywords[key]
         loss_fn = loss_fn.func
-    r = getattr(loss_fn, key, None)
-    if r is None and callable(loss_fn):   # a function with that parameter: its default (F.mse_loss: "mean")
+    r = getattr(loss_fn, key, _ABSENT)
+    if r is _ABSENT and callable(loss_fn):   # a function with that parameter: its default (F.mse_loss: "mean")
         try:
             param = inspect.signature(loss_fn).parameters.get(key)
         except (TypeError, ValueError):
             param = None
-        r = param.default if param is not None and param.default is not inspect.Parameter.empty else None
+        if param is not None and param.default is not inspect.Parameter.empty:
+            r = param.default
     return r
 
 
-def loss_ignore_index(loss_fn: Any) -> int:
-    """The target value a loss function skips (`ignore_index`): stated as `loss_reduction` reads a
-    reduction (an `nn.CrossEntropyLoss`'s attribute, a partial's keyword, a function's default, or an
-    attribute set on a plain function), -100 (torch's and Hugging Face's) when it states none."""
+def loss_ignore_index(loss_fn: Any) -> int | None:
+    """The target value a loss function skips (`ignore_index`), read as `loss_reduction` reads a reduction
+    (an `nn.CrossEntropyLoss`'s attribute, a partial's keyword, a function's default, or an attribute set
+    on a plain function); -100 (torch's and Hugging Face's) when it states none. None where it states
+    `ignore_index = None`: nothing is ignored, or the loss is no token mean (a mean over rows of per-row
+    means), so microbatches are weighted by rows."""
     r = _stated(loss_fn, "ignore_index")
+    if r is None:
+        return None
     return r if isinstance(r, int) and not isinstance(r, bool) else IGNORE_INDEX
 
 

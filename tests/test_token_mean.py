@@ -37,6 +37,17 @@ def mean_ce(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.flatten(0, 1), t.flatten())
 
 
+def row_mean_ce(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A mean over rows of each row's token mean (a sequence-level loss): it states ignore_index None,
+    so microbatches are weighted by rows, which is right for it, not by counted tokens."""
+    per_token = F.cross_entropy(out.flatten(0, 1), t.flatten(), reduction="none").view(t.shape)
+    counted = (t != -100).sum(1).clamp_min(1)
+    return (per_token.sum(1) / counted).mean()
+
+
+row_mean_ce.ignore_index = None
+
+
 def _unsplit(loss_fn, x, y) -> tuple[float, dict]:
     torch.manual_seed(0)
     model = GPT(**MODEL)
@@ -52,8 +63,8 @@ def _train(rank: int, world: int, schedule: str, loss: str, dp: int, rows: int) 
     ignore = PAD if loss == "module_pad" else -100
     x, y = _batch(rows, ignore)
     loss_fn = {"plain": mean_ce, "module_pad": nn.CrossEntropyLoss(ignore_index=PAD),
-               "partial": functools.partial(F.cross_entropy, reduction="mean")}[loss]
-    if loss != "plain":
+               "partial": functools.partial(F.cross_entropy, reduction="mean"), "rows": row_mean_ce}[loss]
+    if loss not in ("plain", "rows"):
         def loss_fn(out, t, _f=loss_fn):   # the module / partial on the flattened logits
             return _f(out.flatten(0, 1), t.flatten())
         loss_fn.ignore_index = ignore
@@ -84,11 +95,21 @@ def test_a_stated_ignore_index_and_data_parallel_replicas_count_the_global_batch
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_loss_stating_ignore_index_none_is_weighted_by_rows():
+    got = {k: v for r in run_ranks(_train, 2, "1F1B", "rows", 1, 8, timeout_s=300) for k, v in r.items()}
+    x, y = _batch()
+    _, want = _unsplit(row_mean_ce, x, y)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_counts_follow_the_loss_and_skip_targets_that_are_not_class_ids():
     ce = nn.CrossEntropyLoss(ignore_index=3)
     assert loss_ignore_index(ce) == 3
     assert loss_ignore_index(functools.partial(F.cross_entropy, ignore_index=5)) == 5
     assert loss_ignore_index(F.nll_loss) == -100 and loss_ignore_index(lambda o, t: o) == -100
+    assert loss_ignore_index(row_mean_ce) is None
+    assert loss_ignore_index(functools.partial(F.cross_entropy, ignore_index=None)) is None
     y = torch.tensor([[1, -100, 2], [-100, -100, 4]])
     assert target_counts(list(y.split(1)), -100).tolist() == [2.0, 1.0]
     assert target_counts(list(y.float().split(1)), -100) is None        # regression targets: rows count

@@ -465,7 +465,8 @@ class _PipelineSchedule:
         Equal to the rows' shares where none is ignored. Under `pp.parallelize` with dp > 1, N counts
         every replica's targets (`_count_group`, an all-reduce) and the shares are × dp, as the replicas'
         gradients are averaged. No host-device sync."""
-        counts = target_counts(targets, loss_ignore_index(loss_fn), self._executor.device)
+        ignore_index = loss_ignore_index(loss_fn)
+        counts = None if ignore_index is None else target_counts(targets, ignore_index, self._executor.device)
         if counts is None:
             return scale
         total = counts.sum()
