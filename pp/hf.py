@@ -162,47 +162,56 @@ def sizes_from_config(config: Any) -> dict[str, int | None]:
     return {"seq_len": seq, "vocab_size": vocab if isinstance(vocab, int) else None}
 
 
-_LOGITS_CLASSES: dict[type, type] = {}
+_LOGITS_CLASSES: dict[tuple[type, bool], type] = {}
 
 
-def _logits_class(cls: type) -> type:
-    """A subclass of `cls` whose forward(input_ids) returns the logits tensor alone."""
-    if cls not in _LOGITS_CLASSES:
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+def _logits_class(cls: type, aux: bool = False) -> type:
+    """A subclass of `cls` whose forward(input_ids) returns the logits tensor alone, or with `aux` the pair
+    (logits, router_aux_loss_coef x aux_loss): a mixture-of-experts model's load-balancing loss, scaled
+    as its own `out.loss` adds it, for `pp.launcher.rank.lm_loss` to add to the next-token loss."""
+    if (cls, aux) not in _LOGITS_CLASSES:
+        def forward(self, input_ids: torch.Tensor) -> Any:
             out = cls.forward(self, input_ids=input_ids)
             logits = getattr(out, "logits", None)
             if not isinstance(logits, torch.Tensor):
                 raise TypeError(f"{cls.__name__}.forward returned {type(out).__name__} without a logits tensor; "
                                 f"pp.run trains models that map input_ids to logits (e.g. a ...ForCausalLM class)")
-            return logits
+            if not aux:
+                return logits
+            loss = getattr(out, "aux_loss", None)
+            if not isinstance(loss, torch.Tensor):
+                raise TypeError(f"{cls.__name__} has output_router_logits=True but returned no aux_loss tensor; "
+                                f"set output_router_logits to false")
+            return logits, loss * self.config.router_aux_loss_coef
 
-        forward.__doc__ = f"{cls.__name__}.forward(input_ids).logits: (batch, seq) ids -> (batch, seq, vocab)."
-        _LOGITS_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__,
-                                                           "_pp_hf_class": cls})
-    return _LOGITS_CLASSES[cls]
+        what = "(logits, router_aux_loss_coef * aux_loss)" if aux else "logits"
+        forward.__doc__ = f"{cls.__name__}.forward(input_ids) -> {what}: logits (batch, seq) ids -> (batch, seq, vocab)."
+        _LOGITS_CLASSES[cls, aux] = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__,
+                                                                "_pp_hf_class": cls})
+    return _LOGITS_CLASSES[cls, aux]
 
 
 def build_hf_model(cls: type, config: Any) -> nn.Module:
     """`cls(config)` with the settings tracing needs (no cache, a return object), whose forward takes
-    `input_ids` and returns the logits; parameter names are the class's own (`model.layers.0...`).
+    `input_ids` and returns the logits; parameter names are the class's own (`model.layers.0...`). With
+    `output_router_logits` (Mixtral, Qwen2-MoE) it returns (logits, router_aux_loss_coef x aux_loss), and
+    pp.run's loss adds the router's load-balancing loss as the model's own `out.loss` does.
 
-    Raises ValueError for an encoder-decoder class (its forward needs decoder inputs too) and for a config
-    with `output_router_logits` (the logits alone would drop the router's auxiliary loss).
+    Raises ValueError for an encoder-decoder class (its forward needs decoder inputs too).
     """
     config = cls.config_class.from_dict(config_dict(config))  # a copy: the caller's config stays as it was
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"model.name='hf:{cls.__name__}' is an encoder-decoder model, whose forward needs "
                          f"decoder inputs too; pp.run trains models that map input_ids to logits (decoder-only); "
                          f"pipeline it with pp.pipeline and your own inputs instead")
-    if getattr(config, "output_router_logits", False):
-        raise ValueError(
-            f"model.config output_router_logits=True ({cls.__name__}): pp.run trains on the logits alone, so the "
-            f"router's load-balancing loss would be dropped without a word; set it to false, or add the loss "
-            f"yourself with the Python API (docs/models.md, 'Mixture-of-experts auxiliary loss')")
+    aux = bool(getattr(config, "output_router_logits", False))
+    if aux and not isinstance(getattr(config, "router_aux_loss_coef", None), (int, float)):
+        raise ValueError(f"model.config output_router_logits=True ({cls.__name__}) needs a numeric "
+                         f"router_aux_loss_coef, got {getattr(config, 'router_aux_loss_coef', None)!r}")
     config.use_cache = False
     config.return_dict = True
     model = cls(config)
-    model.__class__ = _logits_class(cls)
+    model.__class__ = _logits_class(cls, aux)
     return model
 
 

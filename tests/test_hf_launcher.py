@@ -26,6 +26,9 @@ LLAMA = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_la
              num_key_value_heads=2, max_position_embeddings=16)
 GPT2 = dict(vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
             attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+MIXTRAL = dict(vocab_size=256, hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=16,
+               output_router_logits=True, router_aux_loss_coef=0.05)
 STEPS = 4
 
 
@@ -97,6 +100,36 @@ def test_hf_model_on_2_ranks_trains_step_for_step_like_the_unsplit_model(tmp_pat
     load_unsplit(model, str(out))   # one tensor per tied pair after training: the shared copies agree
     if name == "hf:GPT2LMHeadModel":
         assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_mixtral_with_router_logits_trains_on_the_load_balancing_loss_too(tmp_path):
+    """output_router_logits: true (it was refused): the training loss is the next-token loss plus
+    router_aux_loss_coef x the router's load-balancing loss, as transformers adds it to `out.loss`, step
+    for step like the unsplit model; val_loss is the next-token loss alone."""
+    out = tmp_path / "out"
+    cfg = write(tmp_path / "cfg.yaml", out, {"name": "hf:MixtralForCausalLM", "config": MIXTRAL},
+                extra="split: {points: [model.layers.2]}\n")
+    proc = torchrun(2, cfg)
+    check_ok(proc)
+    got = losses(out)
+    ref = unsplit_losses(cfg, STEPS)
+    for step, loss in enumerate(ref, 1):
+        assert got[step] == pytest.approx(loss, rel=2e-4), (step, got, ref)
+    assert got[STEPS] < got[1] - 0.1, got
+    # step 1 by transformers itself: its own aux_loss on each microbatch, its own coefficient
+    c = load_config(cfg)
+    torch.manual_seed(0)
+    model = build_model(c.model, c.train.seed)
+    plain = transformers.MixtralForCausalLM(model.config)
+    plain.load_state_dict(model.state_dict())
+    data = ByteBatches(load_corpus(c.train.data), c.train.batch_size, c.model.seq_len, c.train.seed)
+    parts = []
+    for x, y in zip(data.tokens(1).chunk(2), data.targets(1).chunk(2)):
+        o = plain(input_ids=x)
+        ce = torch.nn.functional.cross_entropy(o.logits.flatten(0, 1).float(), y.flatten())
+        parts.append((ce + MIXTRAL["router_aux_loss_coef"] * o.aux_loss).item())
+        assert o.aux_loss.item() > 0.5    # the aux term is not negligible in the comparison
+    assert got[1] == pytest.approx(sum(parts) / 2, rel=2e-4), (got[1], parts)
 
 
 def test_init_from_a_save_pretrained_directory_with_lr_0_keeps_the_weights_and_resume_ignores_it(tmp_path):
@@ -181,14 +214,12 @@ def test_init_from_weights_of_another_shape_ends_the_job_with_one_line_listing_t
      "(rms_norm_eps='1e-5' is text: YAML reads a number like 1e-5 as a string; write 1.0e-5)"),
     ({"name": "hf:LlamaForCausalLM", "init_from": "/no/such/dir"},
      "model.init_from='/no/such/dir' does not exist"),
-    ({"name": "hf:MixtralForCausalLM", "config": dict(vocab_size=256, hidden_size=16, intermediate_size=32,
-      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
-      max_position_embeddings=16, output_router_logits=True)},
-     "model.config output_router_logits=True (MixtralForCausalLM): pp.run trains on the logits alone"),
+    ({"name": "hf:MixtralForCausalLM", "config": {**MIXTRAL, "router_aux_loss_coef": "0.02"}},
+     "(router_aux_loss_coef='0.02' is text: YAML reads a number like 1e-5 as a string"),
 ], ids=["class", "config-key", "config-path", "no-config", "section-key", "vocab", "positions", "bert-positions",
         "roberta-positions", "init-from",
         "encoder-decoder", "config-on-gpt", "config-value", "config-number-as-text", "init-from-no-config",
-        "router-aux-loss"])
+        "router-aux-coef"])
 def test_bad_hf_input_is_one_config_error_naming_it(tmp_path, model, message):
     cfg = write(tmp_path / "cfg.yaml", tmp_path / "out", model, pp=1)
     with pytest.raises(ConfigError) as err:

@@ -311,6 +311,12 @@ class Padded(nn.Module):   # a vocabulary padded to 320 logits: trains (ids stay
         return self.head(self.emb(x))
 
 
+class WithAux(Padded):   # (logits, 0-dim auxiliary loss): the training loss adds it
+    def forward(self, x):
+        logits = self.head(self.emb(x))
+        return logits, 0.01 * logits.float().pow(2).mean()
+
+
 class BadIndex(nn.Module):   # right shape, fails only on real tensors (in the first step)
     def __init__(self, vocab_size=256, seq_len=32):
         super().__init__()
@@ -332,6 +338,7 @@ class BadIndex(nn.Module):   # right shape, fails only on real tensors (in the f
     ("Frozen", 2, "model.name='usermods:Frozen' has no trainable parameters (every one has requires_grad=False)"),
     ("BadIndex", 1, "pp.run: rank 0 failed at step 1: IndexError: index 300 is out of bounds"),
     ("Padded", 0, None),
+    ("WithAux", 0, None),
 ])
 def test_a_user_model_that_fails_is_one_line_and_leaves_no_output_dir(tmp_path, name, code, expected,
                                                                        monkeypatch, capsys):

@@ -57,6 +57,7 @@ def prepare(cfg: JobConfig, world_size: int) -> Job:
 
 def check_logits(pipe: Pipe, cfg: JobConfig) -> None:
     """ConfigError unless the model returns one floating tensor of logits shaped (microbatch, seq_len, V)
+    (or a tuple of it and a 0-dim floating auxiliary loss, which the training loss adds)
     with V >= vocab_size for the traced microbatch (a vocabulary padded to a round size, as Megatron pads
     it, is fine): the loss reads a target id as an index into the last dimension, so narrower logits
     would fail in the first step (an IndexError) and logits of another shape would be misread. Read from
@@ -73,15 +74,18 @@ def check_logits(pipe: Pipe, cfg: JobConfig) -> None:
     want = (mb, cfg.model.seq_len, cfg.model.vocab_size)
     got = [f"{str(v.dtype).removeprefix('torch.')} {tuple(v.shape)}" if isinstance(v, torch.Tensor)
            else type(v).__name__ for v in vals]
-    spec = pipe._info.out_spec   # a tensor, not a tuple, list or dict holding one
-    if (spec.is_leaf() and len(vals) == 1 and isinstance(vals[0], torch.Tensor) and vals[0].is_floating_point()
-            and vals[0].dim() == 3 and tuple(vals[0].shape[:2]) == want[:2] and vals[0].shape[2] >= want[2]):
+    spec = pipe._info.out_spec   # a tensor, or a tuple (logits, aux_loss): not a list or dict holding one
+    pair = (spec.type is tuple and len(vals) == 2 and isinstance(vals[1], torch.Tensor)
+            and vals[1].is_floating_point() and vals[1].dim() == 0)
+    logits = vals[0] if len(vals) == 1 and spec.is_leaf() or pair else None
+    if (isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.dim() == 3
+            and tuple(logits.shape[:2]) == want[:2] and logits.shape[2] >= want[2]):
         return
     shown = got[0] if len(got) == 1 and spec.is_leaf() else f"a {spec.type.__name__} of {', '.join(got)}"
     raise ConfigError(f"model {cfg.model.name!r} returns {shown} for a microbatch of token ids shaped "
                       f"{tuple(want[:2])}; pp.run trains a language model and needs one floating tensor of logits shaped "
                       f"(batch, seq_len, vocab_size) = {want} (a last dimension of at least "
-                      f"model.vocab_size={cfg.model.vocab_size})")
+                      f"model.vocab_size={cfg.model.vocab_size}), or a tuple of it and a 0-dim auxiliary loss")
 
 
 def will_resume(cfg: JobConfig) -> bool:

@@ -19,11 +19,20 @@ from .job import Job
 from .models import init_fn
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over a microbatch, computed in float32; large logits in row chunks
     recomputed in backward (`pp.losses.chunked_cross_entropy`), so the last stage's peak memory is not
-    set by float32 copies of them."""
+    set by float32 copies of them. A model that returns (logits, aux_loss), aux_loss a 0-dim tensor (a
+    mixture-of-experts load-balancing loss, already scaled by its coefficient), has it added."""
+    if isinstance(logits, (tuple, list)):
+        logits, aux = logits
+        return chunked_cross_entropy(logits, targets) + aux.float()
     return chunked_cross_entropy(logits, targets)
+
+
+def next_token_loss(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """`lm_loss` without an auxiliary loss: the validation loss (its perplexity means next-token prediction)."""
+    return chunked_cross_entropy(out[0] if isinstance(out, (tuple, list)) else out, targets)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from . import collectives as coll
 from .config import JobConfig
 from pp.data import TokenBatches, open_stream
 from .job import Job
-from .rank import build_rank, lm_loss  # noqa: F401 - lm_loss is public here too
+from .rank import build_rank, lm_loss, next_token_loss  # noqa: F401 - lm_loss is public here too
 from .metrics import BubbleMeter, MetricsWriter, chrome_trace, peak_memory_gib, summary_lines
 from .models import init_options
 from .profiling import profiled
@@ -92,7 +92,7 @@ class Trainer:
                 out = m.eval(*args)
                 if m.owns_loss:
                     target = m.local_share(self.eval_batches.targets(k)).to(dev)
-                    total += float(lm_loss(out, target)) * target.numel()
+                    total += float(next_token_loss(out, target)) * target.numel()
                     count += target.numel()
         finally:
             for stage in m.stages:
