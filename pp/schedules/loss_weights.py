@@ -1,0 +1,48 @@
+"""How each microbatch's loss gradient is weighted so that a step's gradient is the unsplit model's on the
+whole batch: its share of the rows (`pp.microbatch.loss_scales`), or, for class-id targets of a token
+mean, its share of the targets that are counted (not ignored), over every replica at dp > 1."""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ..microbatch import loss_ignore_index, target_counts
+
+
+def token_shares(targets: list, loss_fn: Callable, scale: Any, device: torch.device,
+                 count_group: Any = None) -> Any:
+    """Each microbatch's share of the batch's counted targets (n_m / N, 0-dim float32 tensors on `device`)
+    where the targets are class ids: a mean over the targets that are not ignored (-100: padding, prompt
+    tokens; or the loss's `ignore_index`) is then the unsplit model's token mean, however unevenly the
+    ignored ones fall over the microbatches (a mean of microbatch means is not; transformers#34191).
+    Equal to the rows' shares where none is ignored. With `count_group` (the dp replicas of
+    `pp.parallelize`), N counts every replica's targets (an all-reduce) and the shares are x its size, as
+    the replicas' gradients are averaged. `scale` (the rows' shares) where the targets are not class ids
+    or the loss states `ignore_index = None`. No host-device sync."""
+    ignore_index = loss_ignore_index(loss_fn)
+    counts = None if ignore_index is None else target_counts(targets, ignore_index, device)
+    if counts is None:
+        return scale
+    total = counts.sum()
+    if count_group is not None:
+        dist.all_reduce(total, group=count_group)
+        counts = counts * dist.get_world_size(count_group)
+    return list((counts / total.clamp_min(1)).unbind())
+
+
+def warn_unstated_reduction(loss_fn: Callable, shares: list[float]) -> None:
+    """An uneven split weights microbatches by their rows (or counted targets), right only for a loss that
+    is a mean over them; a plain function does not say whether it is (once per schedule: its caller's)."""
+    while isinstance(loss_fn, functools.partial):   # step's loss_kwargs wrap it: name the function itself
+        loss_fn = loss_fn.func
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    warnings.warn(f"the batch splits into microbatches of unequal rows, so their gradients are weighted by rows "
+                  f"({', '.join(f'{w:.3g}' for w in shares)}; by counted targets for class ids): right for a loss "
+                  f"that is a mean over them, wrong "
+                  f"for a sum. loss_fn {name!r} states no reduction; if it sums, give it one: "
+                  f"functools.partial(F.mse_loss, reduction='sum'), or set loss_fn.reduction = 'sum' "
+                  f"(or 'mean' to silence this)", stacklevel=3)
