@@ -14,9 +14,10 @@ from pp.testing import run_ranks
 
 
 class DropoutMLP(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dropout_layers: int = 4) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3)) for _ in range(4))
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3 if i < dropout_layers else 0.0))
+                                    for i in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -29,12 +30,12 @@ def _data():
     return torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
 
 
-def _run(rank: int, world: int) -> dict:
+def _run(rank: int, world: int, dropout_layers: int = 4) -> dict:
     import pp
 
     x, y = _data()
     torch.manual_seed(0)
-    model = DropoutMLP().eval()
+    model = DropoutMLP(dropout_layers).eval()
     par = pp.parallelize(model, (x[:2],), n_microbatches=4, loss_fn=F.mse_loss, activation_checkpointing="full",
                          split_spec={"layers.2": pp.SplitPoint.BEGINNING})
     with warnings.catch_warnings(record=True) as first:
@@ -64,3 +65,12 @@ def test_training_in_eval_mode_matches_unsplit_eval_and_warns_once():
         assert len(r["first"]) == 1, r["first"]
         assert "activation checkpointing ('full')" in r["first"][0] and "model.train()" in r["first"][0]
         assert r["trained"] == []
+
+
+def test_a_stage_without_dropout_keeps_its_training_graph():
+    """Dropout only in stage 0's layers: stage 1's eval-mode trace differs from its training trace only
+    in the names tracing gave its values (its input was `getitem`, then `clone`), so it keeps the training
+    graph with its activation checkpointing, and only stage 0's rank warns."""
+    got = run_ranks(_run, 2, 2, timeout_s=300)
+    assert len(got[0]["first"]) == 1 and "stage(s) [0]" in got[0]["first"][0]
+    assert got[1]["first"] == []

@@ -236,10 +236,17 @@ def mode_dependent(module: nn.Module) -> bool:
 
 
 def graph_code(gm: nn.Module) -> str:
-    """A stage graph's nodes as text, devices left out (a meta copy traces on meta); "" for a module
-    that is not a graph."""
+    """A stage graph's nodes as text, devices left out (a meta copy traces on meta) and values named by
+    position (`v3`), not by the names tracing gave them: those number ops over the whole model, so a
+    dropout dropped in eval mode renames the inputs of every later stage (`getitem` and `clone` for one
+    tensor) though their graphs are the same. "" for a module that is not a graph."""
     if not isinstance(gm, fx.GraphModule):
         return ""
-    return "\n".join(f"{n.op} {n.name} {n.target} {n.args} "
-                     f"{ {k: ('device' if k == 'device' else v) for k, v in n.kwargs.items()} }"
-                     for n in gm.graph.nodes)
+    names = {n: f"v{i}" for i, n in enumerate(gm.graph.nodes)}
+    lines = []
+    for n in gm.graph.nodes:
+        target = names[n] if n.op == "placeholder" else n.target
+        args = fx.node.map_arg(n.args, names.__getitem__)
+        kwargs = {k: ("device" if k == "device" else v) for k, v in fx.node.map_arg(n.kwargs, names.__getitem__).items()}
+        lines.append(f"{n.op} {names[n]} {target} {args} {kwargs}")
+    return "\n".join(lines)
