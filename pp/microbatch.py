@@ -95,7 +95,7 @@ def split_args_kwargs_into_chunks(
     return args_split, kwargs_split
 
 
-def merge_chunks(chunks: list, chunk_spec: Any) -> Any:
+def merge_chunks(chunks: list, chunk_spec: Any, *, spec_name: str = "chunk_spec") -> Any:
     """Merge per-microbatch values into one: tensors are concatenated along their spec's dim (default 0).
 
     `chunk_spec` is a pytree matching (a prefix of) one chunk, or None for the default everywhere.
@@ -109,7 +109,8 @@ def merge_chunks(chunks: list, chunk_spec: Any) -> Any:
     if not isinstance(chunks, (list, tuple)) or len(chunks) == 0:
         raise ValueError(f"merge_chunks needs a non-empty list of chunks, got {chunks!r}")
     first_leaves, tree = pytree.tree_flatten(chunks[0])
-    specs = _broadcast_spec(chunk_spec, tree, "chunk_spec", "the first chunk")
+    check_merge_spec(chunk_spec, chunks[0], spec_name)
+    specs = _broadcast_spec(chunk_spec, tree, spec_name, "the output")
     per_chunk = [first_leaves]
     for i, chunk in enumerate(chunks[1:], start=1):
         leaves, other_tree = pytree.tree_flatten(chunk)
@@ -158,11 +159,54 @@ def _broadcast_spec(spec: Any, treespec: pytree.TreeSpec, spec_name: str, tree_n
         return [None] * treespec.num_leaves
     specs = pytree._broadcast_to_and_flatten(spec, treespec, is_leaf=_is_spec_leaf)
     if specs is None:
-        raise ValueError(f"{spec_name} {spec!r} does not match the structure of {tree_name} ({treespec})")
+        tree = pytree.tree_unflatten([torch.empty(0)] * treespec.num_leaves, treespec)
+        where, spec_part, tree_part = _first_mismatch(spec, tree, tree_name) or (tree_name, spec, tree)
+        raise ValueError(f"{spec_name} {spec!r} does not match {tree_name}: at {where} the spec is "
+                         f"{_shape_words(spec_part)} and {where} is {_shape_words(tree_part)}; give one spec per "
+                         f"entry (None for the default), or one spec for all")
     for s in specs:
         if not _is_spec_leaf(s):
             raise TypeError(f"{spec_name} leaves must be TensorChunkSpec, _Replicate or None, got {s!r}")
     return specs
+
+
+def _shape_words(tree: Any) -> str:
+    """A pytree's top level in words: "a tuple of 2", "a dict with keys ['mask']", "a tensor"."""
+    if isinstance(tree, dict):
+        return f"a dict with keys {sorted(tree, key=str)}"
+    if isinstance(tree, (tuple, list)):
+        return f"a {type(tree).__name__} of {len(tree)}"
+    if isinstance(tree, torch.Tensor):
+        return "a tensor"
+    return "one spec" if _is_spec_leaf(tree) else type(tree).__name__
+
+
+def _first_mismatch(spec: Any, tree: Any, path: str) -> tuple[str, Any, Any] | None:
+    """Where a spec first departs from the tree it should match (a prefix of): (path, spec part, tree
+    part); None where this walk finds none (dicts, tuples and lists only)."""
+    if _is_spec_leaf(spec):
+        return None
+    if isinstance(tree, dict) and isinstance(spec, dict) and set(spec) == set(tree):
+        parts = [(spec[k], tree[k], f"{path}[{k!r}]") for k in tree]
+    elif isinstance(tree, (tuple, list)) and type(spec) is type(tree) and len(spec) == len(tree):
+        parts = [(a, b, f"{path}[{i}]") for i, (a, b) in enumerate(zip(spec, tree))]
+    else:
+        return path, spec, tree
+    return next((m for m in (_first_mismatch(*p) for p in parts) if m is not None), None)
+
+
+def check_merge_spec(spec: Any, example: Any, spec_name: str = "output_merge_spec") -> None:
+    """ValueError where `spec` cannot merge outputs shaped as `example` (one microbatch's output: tensors,
+    or anything with a `.dim()`, such as the traced graph's fake tensors): its structure does not match,
+    or it names a dim a tensor does not have. One sentence naming the spec, the output and the dim."""
+    leaves, treespec = pytree.tree_flatten(example)
+    specs = _broadcast_spec(spec, treespec, spec_name, "the output")
+    for path, value, s in zip(_leaf_paths(example, "output"), leaves, specs):
+        if isinstance(s, TensorChunkSpec) and hasattr(value, "dim") and value.dim() > 0:
+            if not -value.dim() <= s.split_dim < value.dim():
+                shape = ", ".join(str(d) if isinstance(d, int) else "*" for d in value.shape)
+                raise ValueError(f"{spec_name} merges {path} along dim {s.split_dim}, but it has "
+                                 f"{value.dim()} dimensions (shape ({shape}))")
 
 
 def _leaf_paths(tree: Any, name: str) -> list[str]:

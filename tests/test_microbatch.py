@@ -97,12 +97,27 @@ def test_each_tensor_is_split_on_its_own_size() -> None:
 
 
 def test_bad_specs_are_rejected_with_their_names() -> None:
-    with pytest.raises(ValueError, match="args_chunk_spec .* does not match"):
+    with pytest.raises(ValueError, match="args_chunk_spec .* does not match args: at args the spec is a tuple of "
+                                         "1 and args is a tuple of 2; give one spec per entry") as err:
         split_args_kwargs_into_chunks((torch.ones(4), torch.ones(4)), None, 2, (TensorChunkSpec(0),))
+    assert "\n" not in str(err.value) and "TreeSpec" not in str(err.value)
+    with pytest.raises(ValueError, match=r"does not match kwargs: at kwargs\['mask'\] the spec is a tuple of 1 "
+                                         r"and kwargs\['mask'\] is a tensor;"):
+        split_args_kwargs_into_chunks((torch.ones(4),), {"mask": torch.ones(4)}, 2, None,
+                                      {"mask": (TensorChunkSpec(0),)})
     with pytest.raises(ValueError, match=r"kwargs_chunk_spec names \['nope'\]"):
         split_args_kwargs_into_chunks((torch.ones(4),), {}, 2, None, {"nope": TensorChunkSpec(0)})
     with pytest.raises(ValueError, match=r"args\[0\] has shape \(4,\), which has no dim 1"):
         split_args_kwargs_into_chunks((torch.ones(4),), None, 2, (TensorChunkSpec(1),))
+
+
+def test_merge_spec_naming_a_dim_the_output_lacks_is_one_sentence() -> None:
+    with pytest.raises(ValueError, match=r"output_merge_spec merges output\[0\] along dim 7, but it has 2 "
+                                         r"dimensions \(shape \(2, 3\)\)"):
+        merge_chunks([(torch.ones(2, 3),), (torch.ones(2, 3),)], (TensorChunkSpec(7),), spec_name="output_merge_spec")
+    with pytest.raises(ValueError, match="chunk_spec .* does not match the output: at the output the spec is a "
+                                         "tuple of 2 and the output is a tuple of 1"):
+        merge_chunks([(torch.ones(2, 3),)], (TensorChunkSpec(0), TensorChunkSpec(1)))
 
 
 def test_merge_rejects_mismatched_chunks_and_scalars() -> None:

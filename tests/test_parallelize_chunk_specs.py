@@ -67,3 +67,30 @@ def test_a_replicated_kwarg_and_a_merge_dim_give_the_unsplit_model():
     out = next(r["out"] for r in got if r["out"] is not None)
     assert out.shape == (6, 8)
     torch.testing.assert_close(out, want_out.detach())
+
+
+def _bad_merge(rank: int, world: int) -> dict:
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, bias, y = _data()
+    par = pp.parallelize(Shifted(), (x[:2],), {"bias": bias}, n_microbatches=4, loss_fn=transposed_mse,
+                         kwargs_chunk_spec={"bias": _Replicate}, output_merge_spec=TensorChunkSpec(7),
+                         split_spec={"layers.2": pp.SplitPoint.BEGINNING})
+    try:
+        par.eval(x, bias=bias)
+        return {"error": None}
+    except (ValueError, RuntimeError) as e:
+        return {"error": f"{type(e).__name__}: {e}",
+                "grads": [n for n, p in par.named_parameters() if p.grad is not None]}
+
+
+def test_a_merge_dim_the_output_lacks_is_refused_on_every_rank_before_anything_runs():
+    """TensorChunkSpec(7) for a 2-dim output: an IndexError from torch.cat on the last rank alone, after
+    the forward (and, from step(), the backward) had run; now one sentence before any rank sends."""
+    got = run_ranks(_bad_merge, 2, timeout_s=300)
+    last = got[-1]["error"]
+    assert last == ("ValueError: output_merge_spec merges output along dim 7, but it has 2 dimensions "
+                    "(shape (6, *))"), last
+    assert got[0]["error"].startswith("RuntimeError: pipeline step aborted: rank 1 rejected its inputs")
+    assert all(r["grads"] == [] for r in got)

@@ -14,7 +14,7 @@ import torch
 from ..comms import p2p
 from ..comms.backend import close_at_exit, transfers_may_be_pending
 from ..comms.abort import AbortChannel, PipelineAborted
-from ..microbatch import (check_rows_follow, loss_reduction, loss_scales, merge_chunks,
+from ..microbatch import (check_merge_spec, check_rows_follow, loss_reduction, loss_scales, merge_chunks,
                           split_args_kwargs_into_chunks, split_rows, split_target_like)
 from ..parallel.wrapped import StepSync
 from ..stage.graphs import StageGraphs
@@ -71,6 +71,7 @@ class _PipelineSchedule:
         self._output_merge_spec = output_merge_spec
         self.scale_grads = scale_grads
         self._warned_reduction = False   # an uneven split met a loss_fn that states no reduction (warned once)
+        self._merge_checked = False   # output_merge_spec checked against the traced output (once)
         self._count_group = None   # pp.parallelize at dp > 1: the replicas whose counted targets a token mean spans
         self._stages = {s.stage_index: s for s in stages}
         info = first.pipe_info
@@ -302,6 +303,11 @@ class _PipelineSchedule:
                 for a, k in zip(mb_args, mb_kwargs):  # before any rank sends: shapes the graph cannot take
                     stage0.check_model_inputs(stage0.pipe_info.input_binder.flatten(a, k))
         last = self.n_stages - 1
+        if last in self._stages and return_outputs and self._output_merge_spec is not None and not self._merge_checked:
+            example = self._stages[last].output_example()   # before any rank sends: a spec that cannot merge
+            if example is not None:
+                check_merge_spec(self._output_merge_spec, example)
+                self._merge_checked = True
         if last in self._stages and self._loss_fn is not None:
             if target is None and (training or losses is not None):
                 raise ValueError(f"rank {self.rank} holds the last stage and the schedule has a loss_fn: "
@@ -454,7 +460,7 @@ class _PipelineSchedule:
             for g in self._graphs.values():
                 g.capture_pending()
         if outputs is not None:
-            return merge_chunks(outputs, self._output_merge_spec)
+            return merge_chunks(outputs, self._output_merge_spec, spec_name="output_merge_spec")
         return None
 
     def _after_hooks(self) -> dict | None:

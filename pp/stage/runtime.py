@@ -197,6 +197,19 @@ class PipelineStage(StageInputChecks):
         slots = self._recv_slots[producer]
         return list(range(count)) if slots is None else slots
 
+    def output_example(self) -> Any:
+        """The last stage's output as the model returns it, with the traced graph's fake tensors (shapes,
+        dtypes) for values; None where unknown (a stage cut by hand, or a graph that holds no shapes)."""
+        gm = inner_module(self.submod)
+        if self.pipe_info is None or not isinstance(gm, fx.GraphModule):
+            return None
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        vals = [getattr(a, "meta", {}).get("val") if isinstance(a, fx.Node) else a
+                for a in (out if isinstance(out, (tuple, list)) else [out])]
+        if any(v is None for v in vals) or len(vals) != self.pipe_info.out_spec.num_leaves:
+            return None
+        return pytree.tree_unflatten(vals, self.pipe_info.out_spec)
+
     @property
     def runs_other_mode(self) -> bool:
         """Whether the stage runs the graph of the mode it was not traced in (its module switched to eval
