@@ -409,12 +409,21 @@ def loss_scales(targets: list | None, n_microbatches: int, reduction: str | None
     return 1.0 / n_microbatches
 
 
-def target_counts(targets: list | None, ignore_index: int, device: torch.device | None = None
-                  ) -> torch.Tensor | None:
+def loss_class_weights(loss_fn: Any) -> torch.Tensor | None:
+    """The per-class `weight` a loss function states (`nn.CrossEntropyLoss(weight=w)`, a partial's keyword,
+    or an attribute set on a plain function): its mean divides by the summed weights of the counted
+    targets, not by their number. None where it states none."""
+    w = _stated(loss_fn, "weight")
+    return w if isinstance(w, torch.Tensor) and w.dim() == 1 else None
+
+
+def target_counts(targets: list | None, ignore_index: int, device: torch.device | None = None,
+                  weight: torch.Tensor | None = None) -> torch.Tensor | None:
     """How many targets each microbatch counts in a token mean: a float32 tensor (n_microbatches,) of the
-    entries of each microbatch's target (its first tensor) that are not `ignore_index`, on `device` (the
-    targets' own where None); no host-device sync. None where a target is not an integer tensor of at
-    least one dimension (float regression targets, class ids of no row dimension)."""
+    entries of each microbatch's target (its first tensor) that are not `ignore_index` (with a class
+    `weight` (C,), the sum of their classes' weights, the denominator of a weighted mean), on `device`
+    (the targets' own where None); no host-device sync. None where a target is not an integer tensor of
+    at least one dimension (float regression targets, class ids of no row dimension)."""
     leaves = []
     for t in targets or ():
         leaf = next((x for x in pytree.tree_leaves(t) if isinstance(x, torch.Tensor)), None)
@@ -424,5 +433,10 @@ def target_counts(targets: list | None, ignore_index: int, device: torch.device 
         leaves.append(leaf)
     if not leaves:
         return None
-    counts = torch.stack([(x != ignore_index).sum() for x in leaves]).float()
+    if weight is None:
+        counts = torch.stack([(x != ignore_index).sum() for x in leaves]).float()
+    else:
+        w = weight.detach().float().to(leaves[0].device)
+        counts = torch.stack([torch.where(x != ignore_index, w[x.clamp(0, w.numel() - 1)], 0.0).sum()
+                              for x in leaves])
     return counts if device is None else counts.to(device, non_blocking=True)

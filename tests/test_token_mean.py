@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pp.launcher.models import GPT
-from pp.microbatch import loss_ignore_index, target_counts
+from pp.microbatch import loss_class_weights, loss_ignore_index, target_counts
 from pp.testing import run_ranks
 
 MODEL = dict(vocab_size=32, d_model=16, n_layers=4, n_heads=2, seq_len=8)
@@ -103,6 +103,34 @@ def test_a_loss_stating_ignore_index_none_is_weighted_by_rows():
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _class_weighted(rank: int, world: int) -> dict:
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, y = _batch()
+    weight = torch.linspace(0.2, 3.0, MODEL["vocab_size"])
+    ce = nn.CrossEntropyLoss(weight=weight)
+
+    def loss_fn(out, t):
+        return ce(out.flatten(0, 1), t.flatten())
+    loss_fn.weight = weight    # stated, as the module inside cannot be seen
+    torch.manual_seed(0)
+    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=4, loss_fn=loss_fn, schedule="1F1B")
+    par.step(x, target=y)
+    return {n: p.grad for n, p in par.named_parameters()}
+
+
+def test_a_class_weighted_mean_is_counted_by_its_weights():
+    """nn.CrossEntropyLoss(weight=w) divides by the summed weights of the counted targets: each microbatch
+    is weighted by its share of those (by counts alone its gradient was off even on an even split)."""
+    got = {k: v for r in run_ranks(_class_weighted, 2, timeout_s=300) for k, v in r.items()}
+    x, y = _batch()
+    weight = torch.linspace(0.2, 3.0, MODEL["vocab_size"])
+    _, want = _unsplit(lambda out, t: F.cross_entropy(out.flatten(0, 1), t.flatten(), weight=weight), x, y)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_counts_follow_the_loss_and_skip_targets_that_are_not_class_ids():
     ce = nn.CrossEntropyLoss(ignore_index=3)
     assert loss_ignore_index(ce) == 3
@@ -114,6 +142,11 @@ def test_counts_follow_the_loss_and_skip_targets_that_are_not_class_ids():
     assert target_counts(list(y.split(1)), -100).tolist() == [2.0, 1.0]
     assert target_counts(list(y.float().split(1)), -100) is None        # regression targets: rows count
     assert target_counts([torch.tensor(1), torch.tensor(2)], -100) is None
+    w = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0])
+    assert target_counts(list(y.split(1)), -100, weight=w).tolist() == [3.0, 8.0]   # w[1] + w[2], w[4]
+    assert loss_class_weights(nn.CrossEntropyLoss(weight=w)) is not None
+    assert loss_class_weights(functools.partial(F.cross_entropy, weight=w)) is w
+    assert loss_class_weights(F.cross_entropy) is None
 
 
 def test_a_microbatch_whose_targets_are_all_ignored_adds_nothing_and_no_nan():
