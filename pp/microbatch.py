@@ -410,10 +410,24 @@ def loss_scales(targets: list | None, n_microbatches: int, reduction: str | None
 
 
 def loss_class_weights(loss_fn: Any) -> torch.Tensor | None:
-    """The per-class `weight` a loss function states (`nn.CrossEntropyLoss(weight=w)`, a partial's keyword,
-    or an attribute set on a plain function): its mean divides by the summed weights of the counted
-    targets, not by their number. None where it states none."""
-    w = _stated(loss_fn, "weight")
+    """The per-class `weight` a class-weighted mean states: `nn.CrossEntropyLoss(weight=w)` or
+    `nn.NLLLoss(weight=w)`, a `functools.partial` of `F.cross_entropy` / `F.nll_loss` with `weight=w`,
+    or an attribute set on a plain function (`my_loss.weight = w`); its mean divides by the summed weights
+    of the counted targets, not by their number. None otherwise (another module's `weight` is its own
+    business: a learned parameter, not class weights)."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    probe = loss_fn
+    while isinstance(probe, functools.partial):
+        probe = probe.func
+    if isinstance(probe, nn.Module):
+        known = isinstance(probe, (nn.CrossEntropyLoss, nn.NLLLoss))
+    elif probe in (F.cross_entropy, F.nll_loss):
+        known = isinstance(loss_fn, functools.partial)
+    else:
+        known = "weight" in getattr(probe, "__dict__", {})   # set on the function by its author
+    w = _stated(loss_fn, "weight") if known else None
     return w if isinstance(w, torch.Tensor) and w.dim() == 1 else None
 
 

@@ -148,6 +148,12 @@ def test_counts_follow_the_loss_and_skip_targets_that_are_not_class_ids():
     assert loss_class_weights(functools.partial(F.cross_entropy, weight=w)) is w
     assert loss_class_weights(F.cross_entropy) is None
 
+    class Learned(nn.Module):   # a loss module whose own `weight` is a parameter, not class weights
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(5))
+    assert loss_class_weights(Learned()) is None
+
 
 def test_a_microbatch_whose_targets_are_all_ignored_adds_nothing_and_no_nan():
     """A microbatch of padding only: its own mean is 0/0 (a NaN loss, no gradient), its share 0; the
