@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -114,6 +115,9 @@ def hf_config(cls: type, config: Mapping[str, Any] | str | None, init_from: str 
         raise ValueError(f"model.config has {unknown[0]!r}{hint}, which is not a field of "
                          f"{config_class.__name__}")
     fields = dict(config)
+    for key, value in fields.items():   # YAML's .nan / .inf: transformers would carry them as {'__float__': ...}
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"model.config {key}={value}: expected a finite number")
     if fields.get("model_type", config_class.model_type) != config_class.model_type:
         raise ValueError(f"model.config has model_type={fields['model_type']!r}, but {name} needs "
                          f"{config_class.model_type!r}")

@@ -99,7 +99,10 @@ def _first_missing(path: str) -> str | None:
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or ["(no message)"])[0]
+    """The exception's first line, joined with the next where it ends in a colon (a heading whose
+    substance follows, as transformers' validation errors put it)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or ["(no message)"]
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def _one_line_warnings() -> None:

@@ -227,6 +227,18 @@ def test_bad_hf_input_is_one_config_error_naming_it(tmp_path, model, message):
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize("value", [".nan", ".inf"])
+def test_a_non_finite_config_number_is_one_line_naming_it(tmp_path, value):
+    """YAML's .nan reached transformers as {'__float__': 'NaN'} and came back as an empty message."""
+    fields = ", ".join(f"{k}: {json.dumps(v)}" for k, v in MIXTRAL.items() if k != "router_aux_loss_coef")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: {{name: 'hf:MixtralForCausalLM', config: {{{fields}, router_aux_loss_coef: {value}}}}}\n"
+                   f"parallel: {{pp: 1}}\noutput: {{dir: '{tmp_path / 'out'}'}}\n")
+    with pytest.raises(ConfigError) as err:
+        prepare(load_config(str(cfg)), 1)
+    assert str(err.value) == f"model.config router_aux_loss_coef={value[1:]}: expected a finite number", str(err.value)
+
+
 def test_config_json_path_gives_the_architecture_and_sizes(tmp_path):
     transformers.GPT2Config(**GPT2).to_json_file(tmp_path / "config.json")
     cfg = load_config(write(tmp_path / "cfg.yaml", tmp_path / "out",

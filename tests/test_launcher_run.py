@@ -317,6 +317,17 @@ class WithAux(Padded):   # (logits, 0-dim auxiliary loss): the training loss add
         return logits, 0.01 * logits.float().pow(2).mean()
 
 
+class NoneAux(Padded):   # (logits, None): passed the check, then failed inside the loss in step 1
+    def forward(self, x):
+        return self.head(self.emb(x)), None
+
+
+class NestedAux(Padded):   # (logits, (aux,)): its flat outputs looked like the pair
+    def forward(self, x):
+        logits = self.head(self.emb(x))
+        return logits, (logits.float().pow(2).mean(),)
+
+
 class BadIndex(nn.Module):   # right shape, fails only on real tensors (in the first step)
     def __init__(self, vocab_size=256, seq_len=32):
         super().__init__()
@@ -339,6 +350,8 @@ class BadIndex(nn.Module):   # right shape, fails only on real tensors (in the f
     ("BadIndex", 1, "pp.run: rank 0 failed at step 1: IndexError: index 300 is out of bounds"),
     ("Padded", 0, None),
     ("WithAux", 0, None),
+    ("NoneAux", 2, "returns a tuple of float32 (2, 32, 320), NoneType for a microbatch"),
+    ("NestedAux", 2, "returns a tuple of float32 (2, 32, 320), float32 () for a microbatch"),
 ])
 def test_a_user_model_that_fails_is_one_line_and_leaves_no_output_dir(tmp_path, name, code, expected,
                                                                        monkeypatch, capsys):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 import torch.nn as nn
 
 from pp import Pipe, SplitPoint, pipeline, split_by_cost, split_into_equal_size
@@ -67,16 +68,17 @@ def check_logits(pipe: Pipe, cfg: JobConfig) -> None:
     if graph is None:
         return
     out = next(n for n in graph.nodes if n.op == "output").args[0]
-    vals = [getattr(a, "meta", {}).get("val") for a in (out if isinstance(out, (tuple, list)) else [out])]
-    if any(v is None for v in vals):
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in outs]   # a constant as itself
+    if any(v is None and isinstance(a, torch.fx.Node) for v, a in zip(vals, outs)):
         return
     mb = example_microbatch(cfg).shape[0]
     want = (mb, cfg.model.seq_len, cfg.model.vocab_size)
     got = [f"{str(v.dtype).removeprefix('torch.')} {tuple(v.shape)}" if isinstance(v, torch.Tensor)
            else type(v).__name__ for v in vals]
     spec = pipe._info.out_spec   # a tensor, or a tuple (logits, aux_loss): not a list or dict holding one
-    pair = (spec.type is tuple and len(vals) == 2 and isinstance(vals[1], torch.Tensor)
-            and vals[1].is_floating_point() and vals[1].dim() == 0)
+    pair = (spec == pytree.tree_flatten((0, 0))[1] and len(vals) == 2 and isinstance(vals[1], torch.Tensor)
+            and vals[1].is_floating_point() and vals[1].dim() == 0)   # exactly (logits, aux): not nested
     logits = vals[0] if len(vals) == 1 and spec.is_leaf() or pair else None
     if (isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.dim() == 3
             and tuple(logits.shape[:2]) == want[:2] and logits.shape[2] >= want[2]):
