@@ -157,6 +157,29 @@ def test_every_plan_tuning_ranks_is_one_pp_run_takes(tmp_path):
     assert all(p.stages_per_rank == 1 for p in result.plans)
 
 
+def test_a_stage_may_begin_at_a_nested_models_final_norm(tmp_path):
+    """An HF model's glue after the layers (model.norm, lm_head) was offered as a cut at 'model', the whole
+    body, so auto chose a split pp.run refused (stage 0 empty): the cut is the outermost module that
+    begins there, and a plan of 4 stages over 3 layers cuts and trains."""
+    pytest.importorskip("transformers")
+    from pp.launcher.job import prepare
+    from pp.tune.auto import with_plan
+    from pp.tune.measure import layer_pipe
+    from pp.tune.plan import Plan
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model: {name: 'hf:LlamaForCausalLM', config: {vocab_size: 256, hidden_size: 32, "
+                    "intermediate_size: 32, num_hidden_layers: 3, num_attention_heads: 4, num_key_value_heads: 2, "
+                    "max_position_embeddings: 32}}\n"
+                    f"parallel: {{pp: 2}}\noutput: {{dir: '{tmp_path / 'out'}'}}\n")
+    cfg = load_config(str(path))
+    _, cuts, names = layer_pipe(cfg, 2)
+    assert names[-1] == "<after>" and cuts[-1] == "model.norm", cuts
+    plan = Plan("Interleaved1F1B", 2, 2, ("model.layers.1", "model.layers.2", "model.norm"), 0.0, 0.0, (0, 0))
+    job = prepare(with_plan(cfg, plan), 2)
+    assert job.pipe.num_stages == 4
+
+
 # --- synthetic costs ------------------------------------------------------------------------------
 
 def layers(n_blocks: int = 8, act_gib: float = 1.0) -> list[LayerCost]:

@@ -9,6 +9,7 @@ the device here only (never in training).
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -53,16 +54,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cut_name(seg, modules: dict) -> str | None:
-    """The module name a `split.points` entry uses to begin a stage at segment `seg`, if it has one."""
+def _module_paths(seg) -> set[str]:
+    """The module names the nodes of segment `seg` ran inside (each enclosing module, outermost first)."""
+    return {fqn for node in seg.nodes for fqn, _ in (node.meta.get("nn_module_stack") or {}).values() if fqn}
+
+
+def _cut_name(seg, modules: dict, earlier: set[str]) -> str | None:
+    """The module name a `split.points` entry uses to begin a stage at segment `seg`, if it has one: the
+    segment's own name, or for glue code (`<after>`: the final norm and head) the outermost module that
+    begins in it, one no earlier segment ran inside (`model.norm`, not `model`, which began before)."""
     if not seg.name.startswith("<"):
         return seg.name
     for node in seg.nodes:
         stack = node.meta.get("nn_module_stack") or {}
-        paths = [fqn for fqn, _ in stack.values() if fqn]
+        paths = sorted((fqn for fqn, _ in stack.values() if fqn), key=len)
         if paths:
-            top = min(paths, key=len).split(".")[0]
-            return top if top in modules else None
+            return next((p for p in paths if p not in earlier and p in modules), None)
     return None
 
 
@@ -82,7 +89,11 @@ def layer_pipe(cfg, trace_mb: int):
     tokens = torch.zeros((trace_mb, cfg.model.seq_len), dtype=torch.long, device="meta")
     pipe = pipeline(model, mb_args=(tokens,), split_policy=every_layer)
     modules = dict(model.named_modules())
-    return pipe, [_cut_name(s, modules) for s in found], [s.name for s in found]
+    cuts, earlier = [], set()
+    for seg in found:
+        cuts.append(_cut_name(seg, modules, earlier))
+        earlier |= _module_paths(seg)
+    return pipe, cuts, [s.name for s in found]
 
 
 def _init(name: str, t: torch.Tensor) -> None:
@@ -135,7 +146,9 @@ def measure_layers(cfg, device: torch.device, microbatch_sizes: Sequence[int], i
     for s, io in enumerate(info.stage_io):
         mod = pipe.get_stage_module(s)
         materialize(mod, device)
-        fill(mod, init_fn(cfg.model, cfg.train.seed) or _init)
+        with warnings.catch_warnings():   # values only need to be plausible for timing: the warning that a
+            warnings.simplefilter("ignore")   # non-persistent buffer (rotary frequencies) was guessed is not the user's
+            fill(mod, init_fn(cfg.model, cfg.train.seed) or _init)
         if precision == "bf16":
             cast_module(mod, precision)
         apply_checkpointing(mod, ac, once=True)  # I and W both run: recompute once per microbatch
