@@ -209,9 +209,10 @@ def build_hf_model(cls: type, config: Any) -> nn.Module:
                          f"decoder inputs too; pp.run trains models that map input_ids to logits (decoder-only); "
                          f"pipeline it with pp.pipeline and your own inputs instead")
     aux = bool(getattr(config, "output_router_logits", False))
-    if aux and not isinstance(getattr(config, "router_aux_loss_coef", None), (int, float)):
-        raise ValueError(f"model.config output_router_logits=True ({cls.__name__}) needs a numeric "
-                         f"router_aux_loss_coef, got {getattr(config, 'router_aux_loss_coef', None)!r}")
+    coef = getattr(config, "router_aux_loss_coef", None)
+    if aux and (not isinstance(coef, (int, float)) or isinstance(coef, bool) or not coef >= 0):
+        raise ValueError(f"model.config output_router_logits=True ({cls.__name__}) needs a router_aux_loss_coef "
+                         f">= 0 (a negative one rewards routing every token to the same experts), got {coef!r}")
     config.use_cache = False
     config.return_dict = True
     model = cls(config)

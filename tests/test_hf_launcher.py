@@ -216,10 +216,12 @@ def test_init_from_weights_of_another_shape_ends_the_job_with_one_line_listing_t
      "model.init_from='/no/such/dir' does not exist"),
     ({"name": "hf:MixtralForCausalLM", "config": {**MIXTRAL, "router_aux_loss_coef": "0.02"}},
      "(router_aux_loss_coef='0.02' is text: YAML reads a number like 1e-5 as a string"),
+    ({"name": "hf:MixtralForCausalLM", "config": {**MIXTRAL, "router_aux_loss_coef": -0.01}},
+     "model.config output_router_logits=True (MixtralForCausalLM) needs a router_aux_loss_coef >= 0"),
 ], ids=["class", "config-key", "config-path", "no-config", "section-key", "vocab", "positions", "bert-positions",
         "roberta-positions", "init-from",
         "encoder-decoder", "config-on-gpt", "config-value", "config-number-as-text", "init-from-no-config",
-        "router-aux-coef"])
+        "router-aux-coef", "router-aux-coef-negative"])
 def test_bad_hf_input_is_one_config_error_naming_it(tmp_path, model, message):
     cfg = write(tmp_path / "cfg.yaml", tmp_path / "out", model, pp=1)
     with pytest.raises(ConfigError) as err:
