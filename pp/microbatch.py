@@ -432,12 +432,14 @@ def loss_class_weights(loss_fn: Any) -> torch.Tensor | None:
 
 
 def target_counts(targets: list | None, ignore_index: int, device: torch.device | None = None,
-                  weight: torch.Tensor | None = None) -> torch.Tensor | None:
+                  weight: torch.Tensor | None = None, whole: Any = None) -> torch.Tensor | None:
     """How many targets each microbatch counts in a token mean: a float32 tensor (n_microbatches,) of the
     entries of each microbatch's target (its first tensor) that are not `ignore_index` (with a class
     `weight` (C,), the sum of their classes' weights, the denominator of a weighted mean), on `device`
     (the targets' own where None); no host-device sync. None where a target is not an integer tensor of
-    at least one dimension (float regression targets, class ids of no row dimension)."""
+    at least one dimension (float regression targets, class ids of no row dimension). `whole`: the batch's
+    target the microbatches' were split from (dim 0); where they are equal blocks of it, all are counted
+    in one pass over it rather than one per microbatch."""
     leaves = []
     for t in targets or ():
         leaf = next((x for x in pytree.tree_leaves(t) if isinstance(x, torch.Tensor)), None)
@@ -447,10 +449,17 @@ def target_counts(targets: list | None, ignore_index: int, device: torch.device 
         leaves.append(leaf)
     if not leaves:
         return None
-    if weight is None:
-        counts = torch.stack([(x != ignore_index).sum() for x in leaves]).float()
+    def counted(x: torch.Tensor) -> torch.Tensor:   # 1 per counted target, or its class's weight
+        if weight is None:
+            return x != ignore_index
+        w = weight.detach().float().to(x.device)
+        return torch.where(x != ignore_index, w[x.clamp(0, w.numel() - 1)], 0.0)
+
+    first = next((x for x in pytree.tree_leaves(whole) if isinstance(x, torch.Tensor)), None)
+    n = len(leaves)
+    if (first is not None and first.dtype == leaves[0].dtype and first.dim() == leaves[0].dim()
+            and first.shape[0] == n * leaves[0].shape[0] and all(x.shape == leaves[0].shape for x in leaves)):
+        counts = counted(first).reshape(n, -1).sum(1, dtype=torch.float32)   # equal row blocks: one pass
     else:
-        w = weight.detach().float().to(leaves[0].device)
-        counts = torch.stack([torch.where(x != ignore_index, w[x.clamp(0, w.numel() - 1)], 0.0).sum()
-                              for x in leaves])
+        counts = torch.stack([counted(x).sum(dtype=torch.float32) for x in leaves])
     return counts if device is None else counts.to(device, non_blocking=True)

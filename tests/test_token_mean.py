@@ -142,6 +142,11 @@ def test_counts_follow_the_loss_and_skip_targets_that_are_not_class_ids():
     assert target_counts(list(y.split(1)), -100).tolist() == [2.0, 1.0]
     assert target_counts(list(y.float().split(1)), -100) is None        # regression targets: rows count
     assert target_counts([torch.tensor(1), torch.tensor(2)], -100) is None
+    big = torch.randint(-1, 5, (8, 6)).masked_fill_(torch.rand(8, 6) < 0.4, -100)
+    for parts in (list(big.split(2)), list(big.tensor_split(3))):   # one pass (equal blocks), one per part
+        want = [float((p != -100).sum()) for p in parts]
+        assert target_counts(parts, -100, whole=big).tolist() == want
+        assert target_counts(parts, -100, whole=(big,), weight=torch.ones(5)).tolist() == want
     w = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0])
     assert target_counts(list(y.split(1)), -100, weight=w).tolist() == [3.0, 8.0]   # w[1] + w[2], w[4]
     assert loss_class_weights(nn.CrossEntropyLoss(weight=w)) is not None

@@ -30,6 +30,16 @@ def lm_loss(logits: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: t
     return chunked_cross_entropy(logits, targets)
 
 
+def _data_loss(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """`lm_loss` as pp.run's schedules call it."""
+    return lm_loss(out, targets)
+
+
+# pp.run's targets are token ids read from its data, never -100: no target is ignored, so the microbatches'
+# row shares are exact and the step counts none (no count kernels, no all-reduce over the replicas)
+_data_loss.ignore_index = None
+
+
 def next_token_loss(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
     """`lm_loss` without an auxiliary loss: the validation loss (its perplexity means next-token prediction)."""
     return chunked_cross_entropy(out[0] if isinstance(out, (tuple, list)) else out, targets)
@@ -128,7 +138,7 @@ def make_model(job: Job, device: torch.device) -> ParallelModel:
     cfg, layout = job.cfg, job.layout
     mesh = make_mesh(layout.pp, cfg.parallel.dp, cfg.parallel.tp, device.type)
     t = cfg.train
-    model = pp.parallelize(job.pipe, n_microbatches=cfg.schedule.microbatches, loss_fn=lm_loss,
+    model = pp.parallelize(job.pipe, n_microbatches=cfg.schedule.microbatches, loss_fn=_data_loss,
                            schedule=layout.schedule, stages_per_rank=layout.stages_per_rank,
                            tp_plan=job.tp_plan, device=device, mesh=mesh,
                            cuda_graphs=cfg.schedule.cuda_graphs and device.type == "cuda",

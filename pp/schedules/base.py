@@ -404,7 +404,7 @@ class _PipelineSchedule:
             self._warned_reduction = True    # once per schedule (its loss_fn), not per step
             warn_unstated_reduction(loss_fn, scale)
         if is_last and training and self.scale_grads and reduction in (None, "mean") and loss_fn is not None:
-            scale = token_shares(targets, loss_fn, scale, self._executor.device, self._count_group)
+            scale = token_shares(targets, loss_fn, scale, self._executor.device, self._count_group, target)
         actions = self._train_actions if training else self._eval_actions
         after = self._after_hooks() if training else None
         for g in self._graphs.values():

@@ -14,7 +14,7 @@ from ..microbatch import loss_class_weights, loss_ignore_index, target_counts
 
 
 def token_shares(targets: list, loss_fn: Callable, scale: Any, device: torch.device,
-                 count_group: Any = None) -> Any:
+                 count_group: Any = None, whole: Any = None) -> Any:
     """Each microbatch's share of the batch's counted targets (n_m / N, 0-dim float32 tensors on `device`)
     where the targets are class ids: a mean over the targets that are not ignored (-100: padding, prompt
     tokens; or the loss's `ignore_index`; counted by their classes' `weight` where the loss states one) is
@@ -23,10 +23,11 @@ def token_shares(targets: list, loss_fn: Callable, scale: Any, device: torch.dev
     Equal to the rows' shares where none is ignored. With `count_group` (the dp replicas of
     `pp.parallelize`), N counts every replica's targets (an all-reduce) and the shares are x its size, as
     the replicas' gradients are averaged. `scale` (the rows' shares) where the targets are not class ids
-    or the loss states `ignore_index = None`. No host-device sync."""
+    or the loss states `ignore_index = None`. `whole`: the batch's target (counted in one pass where the
+    microbatches are equal blocks of it). No host-device sync."""
     ignore_index = loss_ignore_index(loss_fn)
     counts = (None if ignore_index is None else
-              target_counts(targets, ignore_index, device, loss_class_weights(loss_fn)))
+              target_counts(targets, ignore_index, device, loss_class_weights(loss_fn), whole))
     if counts is None:
         return scale
     total = counts.sum()
