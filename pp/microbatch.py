@@ -431,31 +431,46 @@ def loss_class_weights(loss_fn: Any) -> torch.Tensor | None:
     return w if isinstance(w, torch.Tensor) and w.dim() == 1 else None
 
 
+def is_class_ids(x: Any) -> bool:
+    return (isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool))
+
+
+def class_id_tensors(target: Any) -> list[torch.Tensor]:
+    """The integer tensors of a target (a tensor, or a tuple/dict holding some): candidates for the class
+    ids a token mean counts. Bool masks and float weights are not."""
+    return [x for x in pytree.tree_leaves(target) if is_class_ids(x)]
+
+
 def target_counts(targets: list | None, ignore_index: int, device: torch.device | None = None,
                   weight: torch.Tensor | None = None, whole: Any = None) -> torch.Tensor | None:
     """How many targets each microbatch counts in a token mean: a float32 tensor (n_microbatches,) of the
-    entries of each microbatch's target (its first tensor) that are not `ignore_index` (with a class
-    `weight` (C,), the sum of their classes' weights, the denominator of a weighted mean), on `device`
-    (the targets' own where None); no host-device sync. None where a target is not an integer tensor of
-    at least one dimension (float regression targets, class ids of no row dimension). `whole`: the batch's
-    target the microbatches' were split from (dim 0); where they are equal blocks of it, all are counted
-    in one pass over it rather than one per microbatch."""
+    entries of each microbatch's class ids that are not `ignore_index` (with a class `weight` (C,), the sum
+    of their classes' weights, the denominator of a weighted mean), on `device` (the targets' own where
+    None); no host-device sync. The class ids are the target's one integer tensor (`class_id_tensors`);
+    None where it has none or several (which one the loss reads cannot be told) or it has no row
+    dimension. An `ignore_index` the dtype cannot hold (-100 in uint8) ignores nothing. `whole`: the
+    batch's target the microbatches' were split from (dim 0); where they are equal blocks of it, all are
+    counted in one pass over it rather than one per microbatch."""
     leaves = []
     for t in targets or ():
-        leaf = next((x for x in pytree.tree_leaves(t) if isinstance(x, torch.Tensor)), None)
-        if (leaf is None or leaf.dim() == 0 or leaf.is_floating_point() or leaf.is_complex()
-                or leaf.dtype == torch.bool):
+        ids = class_id_tensors(t)
+        if len(ids) != 1 or ids[0].dim() == 0:
             return None
-        leaves.append(leaf)
+        leaves.append(ids[0])
     if not leaves:
         return None
-    def counted(x: torch.Tensor) -> torch.Tensor:   # 1 per counted target, or its class's weight
-        if weight is None:
-            return x != ignore_index
-        w = weight.detach().float().to(x.device)
-        return torch.where(x != ignore_index, w[x.clamp(0, w.numel() - 1)], 0.0)
+    info = torch.iinfo(leaves[0].dtype)
+    representable = info.min <= ignore_index <= info.max
 
-    first = next((x for x in pytree.tree_leaves(whole) if isinstance(x, torch.Tensor)), None)
+    def counted(x: torch.Tensor) -> torch.Tensor:   # 1 per counted target, or its class's weight
+        kept = x != ignore_index if representable else torch.ones_like(x, dtype=torch.bool)
+        if weight is None:
+            return kept
+        w = weight.detach().float().to(x.device)
+        return torch.where(kept, w[x.clamp(0, w.numel() - 1)], 0.0)
+
+    first = class_id_tensors(whole)
+    first = first[0] if len(first) == 1 else None
     n = len(leaves)
     if (first is not None and first.dtype == leaves[0].dtype and first.dim() == leaves[0].dim()
             and first.shape[0] == n * leaves[0].shape[0] and all(x.shape == leaves[0].shape for x in leaves)):

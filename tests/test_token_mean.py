@@ -131,6 +131,40 @@ def test_a_class_weighted_mean_is_counted_by_its_weights():
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _dict_target(rank: int, world: int, mask_dtype: str) -> dict:
+    import pp
+
+    x, y = _batch()
+    mask = (y != -100).to(getattr(torch, mask_dtype))
+
+    def loss_fn(out, t):   # the class ids under "labels"; the mask rides along (first, in the dict)
+        return F.cross_entropy(out.flatten(0, 1), t["labels"].flatten())
+    torch.manual_seed(0)
+    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=4, loss_fn=loss_fn, schedule="1F1B")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        par.step(x, target={"mask": mask, "labels": y})
+    return {"grads": {n: p.grad for n, p in par.named_parameters()},
+            "warned": [str(w.message) for w in caught if "several integer tensors" in str(w.message)]}
+
+
+def test_a_dict_target_counts_its_one_integer_tensor_and_warns_where_it_has_several():
+    """{"mask": m, "labels": y}: the first tensor used to be counted, so a bool mask fell back to rows and
+    an int mask counted every entry (wrong gradients, no word). The class ids are the one integer tensor
+    (exact with a bool mask); with two integer tensors which one the loss reads cannot be told: rows, and
+    a warning naming both."""
+    x, y = _batch()
+    _, want = _unsplit(mean_ce, x, y)
+    got = run_ranks(_dict_target, 2, "bool", timeout_s=300)
+    grads = {k: v for r in got for k, v in r["grads"].items()}
+    for name, g in want.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(r["warned"] == [] for r in got)
+    got = run_ranks(_dict_target, 2, "int64", timeout_s=300)
+    last = got[-1]["warned"]
+    assert len(last) == 1 and "target['mask'], target['labels']" in last[0], last
+
+
 def test_counts_follow_the_loss_and_skip_targets_that_are_not_class_ids():
     ce = nn.CrossEntropyLoss(ignore_index=3)
     assert loss_ignore_index(ce) == 3
@@ -142,6 +176,10 @@ def test_counts_follow_the_loss_and_skip_targets_that_are_not_class_ids():
     assert target_counts(list(y.split(1)), -100).tolist() == [2.0, 1.0]
     assert target_counts(list(y.float().split(1)), -100) is None        # regression targets: rows count
     assert target_counts([torch.tensor(1), torch.tensor(2)], -100) is None
+    byte = torch.tensor([[156, 3], [156, 156]], dtype=torch.uint8)   # -100 is no uint8 value: nothing ignored
+    assert target_counts(list(byte.split(1)), -100).tolist() == [2.0, 2.0]
+    assert target_counts([{"mask": m, "y": t} for m, t in zip(byte.bool().split(1), y.split(1))], -100).tolist() == [2.0, 1.0]
+    assert target_counts([(t, t) for t in y.split(1)], -100) is None    # two integer tensors: cannot tell
     big = torch.randint(-1, 5, (8, 6)).masked_fill_(torch.rand(8, 6) < 0.4, -100)
     for parts in (list(big.split(2)), list(big.tensor_split(3))):   # one pass (equal blocks), one per part
         want = [float((p != -100).sum()) for p in parts]

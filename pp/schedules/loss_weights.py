@@ -9,8 +9,9 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.utils import _pytree as pytree
 
-from ..microbatch import loss_class_weights, loss_ignore_index, target_counts
+from ..microbatch import is_class_ids, class_id_tensors, loss_class_weights, loss_ignore_index, target_counts
 
 
 def token_shares(targets: list, loss_fn: Callable, scale: Any, device: torch.device,
@@ -23,7 +24,7 @@ def token_shares(targets: list, loss_fn: Callable, scale: Any, device: torch.dev
     Equal to the rows' shares where none is ignored. With `count_group` (the dp replicas of
     `pp.parallelize`), N counts every replica's targets (an all-reduce) and the shares are x its size, as
     the replicas' gradients are averaged. `scale` (the rows' shares) where the targets are not class ids
-    or the loss states `ignore_index = None`. `whole`: the batch's target (counted in one pass where the
+    (or hold several integer tensors: `warn_ambiguous_class_ids`) or the loss states `ignore_index = None`. `whole`: the batch's target (counted in one pass where the
     microbatches are equal blocks of it). No host-device sync."""
     ignore_index = loss_ignore_index(loss_fn)
     counts = (None if ignore_index is None else
@@ -49,3 +50,19 @@ def warn_unstated_reduction(loss_fn: Callable, shares: list[float]) -> None:
                   f"for a sum. loss_fn {name!r} states no reduction; if it sums, give it one: "
                   f"functools.partial(F.mse_loss, reduction='sum'), or set loss_fn.reduction = 'sum' "
                   f"(or 'mean' to silence this)", stacklevel=3)
+
+
+def warn_ambiguous_class_ids(target: Any, loss_fn: Callable) -> bool:
+    """Warn where a structured target holds several integer tensors and the loss may skip ignored class
+    ids: which one it reads cannot be told, so the microbatches are weighted by rows, exact only where
+    none is ignored (once per schedule: its caller's). Whether it warned."""
+    if loss_ignore_index(loss_fn) is None or len(class_id_tensors(target)) < 2:
+        return False
+    paths = [pytree.keystr(p) for p, x in pytree.tree_flatten_with_path(target)[0] if is_class_ids(x)]
+    warnings.warn(f"the target holds several integer tensors ({', '.join(f'target{p}' for p in paths)}), so pp "
+                  f"cannot tell which holds the class ids whose ignored entries (-100, or the loss's ignore_index) "
+                  f"a token mean skips: microbatches are weighted by rows, not by counted targets, which is exact "
+                  f"only where none is ignored; make the class ids the target's only integer tensor (a mask as "
+                  f"bool, weights as float), or set loss_fn.ignore_index = None if nothing is ignored",
+                  stacklevel=4)
+    return True
