@@ -56,7 +56,7 @@ def warn_ambiguous_class_ids(target: Any, loss_fn: Callable) -> bool:
     """Warn where a structured target holds several integer tensors and the loss may skip ignored class
     ids: which one it reads cannot be told, so the microbatches are weighted by rows, exact only where
     none is ignored (once per schedule: its caller's). Whether it warned."""
-    if loss_ignore_index(loss_fn) is None or len(class_id_tensors(target)) < 2:
+    if len(class_id_tensors(target)) < 2 or loss_ignore_index(loss_fn) is None:   # the cheap test first
         return False
     paths = [pytree.keystr(p) for p, x in pytree.tree_flatten_with_path(target)[0] if is_class_ids(x)]
     warnings.warn(f"the target holds several integer tensors ({', '.join(f'target{p}' for p in paths)}), so pp "
