@@ -25,7 +25,7 @@ from .executor import Executor
 from .groups import RankActions, check_groups, peer_batches
 from .compat import check_model_keywords, pipeline_order
 from .lower import lower
-from .loss_weights import token_shares, warn_ambiguous_class_ids, warn_unstated_reduction
+from .loss_weights import token_shares, warn_ambiguous_class_ids, warn_labels_mean, warn_unstated_reduction
 from .simulate import DEFAULT_COSTS
 from .registry import get_spec
 from .rng import rank_streams
@@ -72,6 +72,7 @@ class _PipelineSchedule:
         self.scale_grads = scale_grads
         self._warned_reduction = False   # an uneven split met a loss_fn that states no reduction (warned once)
         self._warned_class_ids = False   # a target of several integer tensors: weighted by rows (warned once)
+        self._labels_checks = 3   # steps left in which labels= passed to the model is checked (warn_labels_mean)
         self._merge_checked = False   # output_merge_spec checked against the traced output (once)
         self._count_group = None   # pp.parallelize at dp > 1: the replicas whose counted targets a token mean spans
         self._stages = {s.stage_index: s for s in stages}
@@ -408,6 +409,10 @@ class _PipelineSchedule:
             scale = token_shares(targets, loss_fn, scale, self._executor.device, self._count_group, target)
             if not self._warned_class_ids:   # once per schedule, as the reduction warning
                 self._warned_class_ids = warn_ambiguous_class_ids(target, loss_fn)
+        if training and self.scale_grads and self._labels_checks and 0 in self._stages \
+                and self._loss_fn is not None and kwargs and "labels" in kwargs:
+            checked = warn_labels_mean(mb_kwargs)   # a host sync: the first few steps with labels only
+            self._labels_checks = 0 if checked else self._labels_checks - 1
         actions = self._train_actions if training else self._eval_actions
         after = self._after_hooks() if training else None
         for g in self._graphs.values():

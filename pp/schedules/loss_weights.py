@@ -66,3 +66,32 @@ def warn_ambiguous_class_ids(target: Any, loss_fn: Callable) -> bool:
                   f"bool, weights as float), or set loss_fn.ignore_index = None if nothing is ignored",
                   stacklevel=4)
     return True
+
+
+def warn_labels_mean(mb_kwargs: list[dict], ignore_index: int = -100) -> bool | None:
+    """Warn where the model is given `labels=` whose ignored entries (-100) fall unevenly over the
+    microbatches: a model's own loss (Hugging Face's `out.loss`) is each microbatch's mean over its counted
+    labels, which pp cannot see, so weighting microbatches by rows is not the unsplit model's token mean
+    (transformers#34191). Counted both as given and shifted by one (a causal LM's `labels[:, 1:]`).
+    True where it warned, False where labels with ignored entries fall evenly, None where there are none
+    to check (no `labels` tensor of integers, or none ignored). One host sync: the caller checks a few
+    steps only."""
+    labels = [k.get("labels") for k in mb_kwargs]
+    if not labels or not all(isinstance(x, torch.Tensor) and is_class_ids(x) and x.dim() >= 1 for x in labels):
+        return None
+    rows = torch.tensor([float(x.shape[0]) for x in labels])
+    counts = torch.stack([torch.stack([(x != ignore_index).sum(), (x[..., 1:] != ignore_index).sum()])
+                          for x in labels]).float().cpu()   # (microbatches, 2): as given, shifted
+    full = torch.tensor([float(x.numel()) for x in labels])
+    if bool((counts[:, 0] == full).all()):
+        return None   # nothing ignored: rows are right
+    shares = counts / counts.sum(0).clamp_min(1)
+    if torch.allclose(shares, (rows / rows.sum()).unsqueeze(1).expand_as(shares), rtol=1e-3, atol=1e-6):
+        return False
+    warnings.warn("step() passes labels= whose ignored entries (-100) fall unevenly over the microbatches "
+                  f"(counted labels per microbatch: {', '.join(str(int(c)) for c in counts[:, 1])}); if loss_fn "
+                  "returns the model's own loss (out.loss: each microbatch's mean over its counted labels), "
+                  "weighting the microbatches by rows differs from the unsplit model's token mean. Compute the "
+                  "loss from the logits against target= (pp then weights by counted targets), or sum it and "
+                  "divide by the batch's count with scale_grads=False (docs/splitter.md)", stacklevel=4)
+    return True
