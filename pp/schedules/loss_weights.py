@@ -80,7 +80,8 @@ def warn_labels_mean(mb_kwargs: list[dict], ignore_index: int = -100) -> bool | 
     if not labels or not all(isinstance(x, torch.Tensor) and is_class_ids(x) and x.dim() >= 1 for x in labels):
         return None
     rows = torch.tensor([float(x.shape[0]) for x in labels])
-    counts = torch.stack([torch.stack([(x != ignore_index).sum(), (x[..., 1:] != ignore_index).sum()])
+    counts = torch.stack([torch.stack([(x != ignore_index).sum(), (x[..., 1:] != ignore_index).sum()
+                                       if x.dim() > 1 else (x != ignore_index).sum()])   # (B,): one per row
                           for x in labels]).float().cpu()   # (microbatches, 2): as given, shifted
     full = torch.tensor([float(x.numel()) for x in labels])
     if bool((counts[:, 0] == full).all()):
