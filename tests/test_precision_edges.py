@@ -169,3 +169,22 @@ def _dict_loss_raising(rank: int, world: int) -> None:
     par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=2, schedule="1F1B",
                          loss_fn=lambda out, t: (lm_loss(out, t), F.mse_loss(out, out)))
     par.step(x, target=y)
+
+
+def _detached_loss(rank: int, world: int) -> str:
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, y = _batch()
+    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=2, schedule="GPipe",
+                         loss_fn=lambda out, t: torch.tensor(lm_loss(out, t).item()))   # the graph cut
+    try:
+        par.step(x, target=y)
+    except RuntimeError as e:
+        return str(e)
+    return "trained"
+
+
+def test_a_loss_fn_that_cuts_the_graph_is_named_not_torchs_bare_backward_error():
+    got = run_ranks(_detached_loss, 1, timeout_s=120)[0]
+    assert "loss_fn returned a loss that does not require grad" in got, got
