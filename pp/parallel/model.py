@@ -8,6 +8,7 @@ import warnings
 from typing import Any, Iterator, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -57,6 +58,11 @@ class ParallelModel:
         self._warned_eval_training = False
         if self.dp > 1:   # a token mean (ignored targets) counts every replica's targets: the global batch's mean
             schedule._count_group = mesh.get_group("dp")
+        if self.dp * self.tp > 1 and mesh.size() == dist.get_world_size():
+            # every pipeline agrees on each training step: a replica refusing its batch (the caller may skip
+            # it and go on) stops the others before their dp or tp collectives, which would otherwise pair
+            # with the next step's (gradients of different steps averaged, then a hang at the last)
+            schedule._agree = (dist.group.WORLD, self.dp_rank * self.tp + self.tp_rank, self.dp * self.tp)
         # floating buffers the forward updates (batch norm's running statistics): each replica updates
         # them from its own share of the batch; averaged after every step so that the replicas, their
         # evaluation and the checkpoint (replica 0's) agree

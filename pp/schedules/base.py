@@ -10,6 +10,7 @@ import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 
 from ..comms import p2p
 from ..comms.backend import close_at_exit, transfers_may_be_pending
@@ -75,6 +76,9 @@ class _PipelineSchedule:
         self._labels_checks = 3   # steps left in which labels= passed to the model is checked (warn_labels_mean)
         self._merge_checked = False   # output_merge_spec checked against the traced output (once)
         self._count_group = None   # pp.parallelize at dp > 1: the replicas whose counted targets a token mean spans
+        # pp.parallelize at dp x tp > 1: (group of every rank, this pipeline's index, pipelines): all pipelines
+        # agree on each training step, so that one refusing its batch stops the others before their collectives
+        self._agree: tuple | None = None
         self._stages = {s.stage_index: s for s in stages}
         info = first.pipe_info
         edges = info.edges if info is not None else {s: [s + 1] for s in range(self.n_stages - 1)}
@@ -322,11 +326,9 @@ class _PipelineSchedule:
                 rows[1] = split_rows((target,), {})
         return mb_args, mb_kwargs, targets, signature, rows, caller_graph
 
-    def _refuse_other_plans(self, training: bool) -> None:
-        import torch.distributed as dist
-
-        plans = [None] * self.n_ranks
-        dist.all_gather_object(plans, f"{'step' if training else 'eval'} of {self._plan}", group=self.group)
+    def _refuse_other_plans(self, training: bool, group: Any) -> None:
+        plans = [None] * dist.get_world_size(group)
+        dist.all_gather_object(plans, f"{'step' if training else 'eval'} of {self._plan}", group=group)
         raise ValueError("the ranks disagree on the pipeline, so they would wait on each other forever: "
                          + "; ".join(f"rank {r} calls {p}" for r, p in enumerate(plans))
                          + " (every rank must build the same schedule and call the same method)")
@@ -361,20 +363,28 @@ class _PipelineSchedule:
         grad_flags = tuple(p.requires_grad for st in self._stages.values() for p in st.submod.parameters())
         changed = mode not in self._signatures or grad_flags != self._grad_flags.get(mode) or (
             prepared is not None and prepared[3] is not None and prepared[3] != self._signatures[mode])
+        agree = self._agree if training else None   # eval runs no collective over the replicas
+        me, world = (dist.get_rank(), dist.get_world_size()) if agree else (self.rank, self.n_ranks)
         # a rank whose own error failed the step outranks those that only stopped waiting for it
-        broken = 0 if not self._broken else self.rank + 1 + (self.n_ranks if self._broken_own else 0)
+        broken = 0 if not self._broken else me + 1 + (world if self._broken_own else 0)
         plan = 2 * self._plan_hash + int(training)
         rows = prepared[4] if prepared is not None else [0, 0]
-        if self.n_ranks > 1:
-            status = p2p.max_all_reduce([self.rank + 1 if error else 0, int(changed), broken, plan, -plan,
+        if agree:   # shared fields, then each pipeline's own (changed, rows): one collective over every rank
+            group, slot, slots = agree
+            own = [0] * (3 * slots)
+            own[3 * slot:3 * slot + 3] = [int(changed), *rows]
+            got = p2p.max_all_reduce([me + 1 if error else 0, broken, plan, -plan, *own], group)
+            status = [got[0], got[4 + 3 * slot], got[1], got[2], got[3], *got[5 + 3 * slot:7 + 3 * slot]]
+        elif self.n_ranks > 1:
+            status = p2p.max_all_reduce([me + 1 if error else 0, int(changed), broken, plan, -plan,
                                          *rows], self.group)
-            if status[3] != -status[4]:   # the same on every rank: all of them raise here
-                self._refuse_other_plans(training)
         else:
             status = [1 if error else 0, int(changed), broken, plan, -plan, *rows]
+        if status[3] != -status[4]:   # the same on every rank: all of them raise here
+            self._refuse_other_plans(training, agree[0] if agree else self.group)
         if status[2]:
-            who = (status[2] - 1) % self.n_ranks
-            why = f" ({self._broken})" if who == self.rank and self._broken else ""
+            who = (status[2] - 1) % world
+            why = f" ({self._broken})" if who == me and self._broken else ""
             raise RuntimeError(f"this pipeline cannot run another step: an earlier step failed mid-way on rank "
                                f"{who}{why}, and transfers "
                                f"that step started may still be pending, so a new step's messages could be "
@@ -385,7 +395,8 @@ class _PipelineSchedule:
         check_rows_follow(int(status[5]), int(status[6]), self.n_microbatches)   # every rank alike
         if status[0]:
             raise RuntimeError(f"pipeline step aborted: rank {status[0] - 1} rejected its inputs (its own "
-                               f"error says why); no rank started the step")
+                               f"error says why); no rank started the step"
+                               + (" (every data- and tensor-parallel replica stops with it)" if agree else ""))
         self._grad_flags[mode] = grad_flags
         self._abort.begin_step()
         mb_args, mb_kwargs, targets, signature, _, caller_graph = prepared

@@ -1,0 +1,65 @@
+"""A data- or tensor-parallel replica that refuses its batch (a wrong dtype on one replica's loader) stops
+every replica, not just its own pipeline: a caller that skips the bad batch and goes on otherwise ran the
+other replicas' step alone, whose gradient all-reduce then paired with the refusing replica's *next*
+step (gradients of different steps averaged, without a word) and the last step hung. The right gradient
+after the skipped batch comes from the unsplit model on the next step's whole batch."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pp.launcher.models import GPT
+from pp.testing import run_ranks
+
+MODEL = dict(vocab_size=32, d_model=16, n_layers=4, n_heads=2, seq_len=8)
+
+
+def _lm(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.flatten(0, 1), t.flatten())
+
+
+def _batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 32, (8, 8), generator=g) for _ in range(2)]
+
+
+def _train(rank: int, world: int, dp: int, tp: int, bad_replica: int) -> dict:
+    import pp
+
+    warnings.simplefilter("ignore")
+    xs = _batches()
+    torch.manual_seed(0)
+    model = GPT(**MODEL)
+    par = pp.parallelize(model, (xs[0][:8 // dp // 2],), n_microbatches=2, loss_fn=_lm, dp=dp, tp=tp,
+                         tp_plan=model.tp_plan() if tp > 1 else None, schedule="1F1B")
+    rows = slice(par.dp_rank * 8 // dp, (par.dp_rank + 1) * 8 // dp)
+    said = []
+    for step, x in enumerate(xs):
+        x = x[rows]
+        if step == 0 and (par.dp_rank if dp > 1 else par.tp_rank) == bad_replica:
+            x = x.float()   # this replica's loader went wrong: the caller skips the batch
+        try:
+            par.step(x, target=x)
+        except (ValueError, RuntimeError) as e:
+            said.append(str(e))
+    grads = {n: par.full_tensor(n, p.grad) for n, p in par.named_parameters()}   # collective over tp
+    return {"said": said, "grads": grads if par.dp_rank == 0 and par.tp_rank == 0 else {}}
+
+
+@pytest.mark.parametrize("dp, tp, world", [(2, 1, 4), (1, 2, 2)])
+def test_a_replica_refusing_its_batch_stops_every_replica_and_the_next_step_is_right(dp, tp, world):
+    got = run_ranks(_train, world, dp, tp, 1, timeout_s=240)
+    assert all(len(r["said"]) == 1 for r in got), [r["said"] for r in got]   # step 0, on every rank
+    assert any("expected an int64 tensor" in r["said"][0] for r in got)
+    assert all("rejected its inputs" in r["said"][0] for r in got if "expected an int64" not in r["said"][0])
+    torch.manual_seed(0)
+    model = GPT(**MODEL)
+    x = _batches()[1]
+    _lm(model(x), x).backward()
+    grads = {n: g for r in got for n, g in r["grads"].items()}
+    assert grads
+    for n, g in grads.items():
+        torch.testing.assert_close(g, dict(model.named_parameters())[n].grad, rtol=1e-4, atol=1e-5, msg=n)
