@@ -273,3 +273,21 @@ def test_init_from_inside_the_runs_own_output_dir_is_refused(tmp_path):
                                                           "init_from": str(tmp_path / "out" / "checkpoints")}, pp=1)
     with pytest.raises(ConfigError, match=r"lies in output.dir=.*copy them elsewhere, or set checkpoint.resume: true"):
         prepare(load_config(cfg), 1)
+
+
+def test_pure_bf16_llama_trains_with_the_unsplit_bf16_models_loss(tmp_path):
+    """`train.precision: bf16` traces the model in bf16, as `model.to(torch.bfloat16)` runs unsplit: traced
+    in float32, the rotary table's `.to(x.dtype)` stayed float32 and attention got float32 queries and
+    bfloat16 values (a crash at step 1)."""
+    out = tmp_path / "out"
+    cfg = write(tmp_path / "cfg.yaml", out, {"name": "hf:LlamaForCausalLM", "config": LLAMA}, pp=1, steps=1,
+                extra="")
+    proc = run_single(cfg, "--train.precision", "bf16")
+    assert proc.returncode == 0, proc.log[-2000:]
+    c = load_config(cfg)
+    model = build_model(c.model, c.train.seed).to(torch.bfloat16)
+    data = ByteBatches(load_corpus(c.train.data), c.train.batch_size, c.model.seq_len, c.train.seed)
+    m = c.schedule.microbatches
+    with torch.no_grad():
+        want = torch.stack([lm_loss(model(x), y) for x, y in zip(data.tokens(1).chunk(m), data.targets(1).chunk(m))])
+    assert losses(out)[1] == pytest.approx(want.float().mean().item(), rel=2e-3)

@@ -188,3 +188,43 @@ def _detached_loss(rank: int, world: int) -> str:
 def test_a_loss_fn_that_cuts_the_graph_is_named_not_torchs_bare_backward_error():
     got = run_ranks(_detached_loss, 1, timeout_s=120)[0]
     assert "loss_fn returned a loss that does not require grad" in got, got
+
+
+HF_LLAMA = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, max_position_embeddings=16, use_cache=False)
+
+
+def _logits_loss(out, t: torch.Tensor) -> torch.Tensor:
+    out = out["logits"] if isinstance(out, dict) else (out[0] if isinstance(out, tuple) else out)
+    return F.cross_entropy(out.float().flatten(0, 1), t.flatten())
+
+
+def _meta_llama_in_bf16(rank: int, world: int) -> tuple[list, list]:
+    import copy
+
+    import pp
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    real = LlamaForCausalLM(LlamaConfig(**HF_LLAMA))
+    meta = copy.deepcopy(real)   # parameters on meta, buffers (the rotary table) real
+    for m in meta.modules():
+        for n, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[n] = torch.nn.Parameter(p.to("meta"))
+    x = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(1))
+    par = pp.parallelize(meta, (x[:2],), n_microbatches=2, loss_fn=_logits_loss, precision="bf16",
+                         state_dict=real.state_dict(), schedule="GPipe")
+    losses: list = []
+    par.step(x, target=x, losses=losses)
+    unsplit = real.to(torch.bfloat16)
+    return [v.item() for v in losses], [_logits_loss(unsplit(c).logits, c).item() for c in x.chunk(2)]
+
+
+def test_a_meta_device_hf_llama_in_pure_bf16_is_traced_in_bf16_and_matches_the_unsplit_bf16_model():
+    """Traced in float32 and cast after, the rotary table's `.to(x.dtype)` stayed float32 in the graph:
+    attention got float32 queries and bfloat16 values (a crash at the first forward)."""
+    pytest.importorskip("transformers")
+    got, want = run_ranks(_meta_llama_in_bf16, 1, timeout_s=120)[0]
+    assert got == want

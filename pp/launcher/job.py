@@ -15,6 +15,7 @@ import torch.utils._pytree as pytree
 import torch.nn as nn
 
 from pp import Pipe, SplitPoint, pipeline, split_by_cost, split_into_equal_size
+from pp.parallel.precision import cast_module
 from pp.tp.styles import normalize_plan
 
 from .config import ConfigError, JobConfig
@@ -51,6 +52,8 @@ def prepare(cfg: JobConfig, world_size: int) -> Job:
         raise ConfigError(f"model.name={cfg.model.name!r} has no trainable parameters (every one has "
                           f"requires_grad=False): there is nothing to train")
     tp_plan = tp_plan_for(model, cfg)
+    if cfg.train.precision == "bf16":   # traced in bf16, as the unsplit model.to(torch.bfloat16) runs: the
+        cast_module(model, "bf16")      # graph's own dtype casts (a rotary table's .to(x.dtype)) are bf16 then
     pipe = split_model(model, cfg, layout)
     check_logits(pipe, cfg)
     return Job(cfg, layout, pipe, n_params, tp_plan)

@@ -177,7 +177,7 @@ def parallelize(
         kept = real_tensors(module)
         if kept:   # parameters alone on meta: traced as a copy wholly on meta, the values kept to fill it
             module = meta_copy(module) or module
-    if precision == "bf16" and not on_meta and not isinstance(module, Pipe):
+    if precision == "bf16" and not isinstance(module, Pipe):   # traced in bf16: dtype casts in the graph are bf16
         cast_module(module, precision)
     pipe = module if isinstance(module, Pipe) else _split_for_training(module, mb_args, mb_kwargs, n_stages,
                                                                        split_spec, split_policy)
