@@ -79,7 +79,11 @@ def layer_pipe(cfg, trace_mb: int):
     from pp import pipeline
     from pp.launcher.models import build_model
 
+    from pp.parallel.precision import cast_module
+
     model = build_model(cfg.model, cfg.train.seed, device="meta")
+    if cfg.train.precision == "bf16":   # traced in bf16, as pp.run traces it (its graph's dtype casts)
+        cast_module(model, "bf16")
     found: list = []
 
     def every_layer(segments):
