@@ -173,6 +173,17 @@ def test_bad_yaml_and_missing_config_file(tmp_path, monkeypatch, capsys):
     assert len(err) == 3 and "is not valid YAML" in err[0] and "does not exist" in err[1]
     assert f"config file {str(tmp_path)!r} is a directory: expected a YAML file" in err[2]
     capsys.readouterr()
+    binary = tmp_path / "binary.yaml"   # not text at all: one line, not a UnicodeDecodeError traceback
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    assert main([str(binary)]) == EXIT_CONFIG
+    good = tmp_path / "good.yaml"   # a model section's YAML value on the command line, cut short
+    good.write_text("model: {name: 'tests.models:Anything'}\n")
+    assert main([str(good), "--model.width", "{a: 1"]) == EXIT_CONFIG
+    assert main([str(good), "--model.name", "hf:LlamaForCausalLM", "--model.config", "{hidden_size: 32"]) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "is not UTF-8 text" in err[0], err
+    assert "--model.width '{a: 1' is not valid YAML" in err[1], err
+    assert "--model.config '{hidden_size: 32' is not valid YAML" in err[2], err
     twice = tmp_path / "twice.yaml"   # a second train: section replaces the first (YAML's rule), with a note
     twice.write_text("train: {steps: 3}\nschedule: {name: GPipe}\ntrain: {lr: 0.1}\n")
     cfg = load_config(str(twice))

@@ -223,9 +223,11 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> JobConf
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 raw, twice = _read_yaml(f)
                 raw = raw or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {e.start}): expected a YAML file") from None
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             at = f" at line {where.line + 1}" if where is not None else ""
@@ -337,10 +339,18 @@ def _check_dtype_and_precision(given: dict) -> None:
                           f"train.dtype (deprecated; it means precision {meant})")
 
 
+def _cli_yaml(key: str, text: str) -> Any:
+    """A command-line value read as YAML (a mapping, a list, a number), or ConfigError naming the key."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--{key} {text!r} is not valid YAML: {getattr(e, 'problem', None) or e}") from None
+
+
 def _custom_model(values: dict) -> ModelConfig:
     """A user model: every key but `name` is a constructor argument; seq_len/vocab_size also feed the data."""
     hints = typing.get_type_hints(ModelConfig)
-    args = {k: (yaml.safe_load(v) if isinstance(v, _FromCli) else v) for k, v in values.items()
+    args = {k: (_cli_yaml(f"model.{k}", v) if isinstance(v, _FromCli) else v) for k, v in values.items()
             if k not in ("name", "init_from")}
     init_from = coerce(values["init_from"], hints["init_from"], "model.init_from") if "init_from" in values else None
     cfg = ModelConfig(name=str(values["name"]), args=args, init_from=init_from)
@@ -358,7 +368,8 @@ def _hf_model(values: dict) -> ModelConfig:
         raise ConfigError(f"unknown key model.{unknown[0]}{_suggest(unknown[0], _HF_KEYS, 'model.')}; an hf: "
                           f"model's section has {', '.join(sorted(_HF_KEYS))} (its architecture goes in model.config)")
     hints = typing.get_type_hints(ModelConfig)
-    given = {k: (yaml.safe_load(v) if isinstance(v, _FromCli) and k != "init_from" else v) for k, v in values.items()}
+    given = {k: (_cli_yaml(f"model.{k}", v) if isinstance(v, _FromCli) and k != "init_from" else v)
+             for k, v in values.items()}
     init_from = coerce(given["init_from"], hints["init_from"], "model.init_from") if "init_from" in given else None
     from pp import hf
 
