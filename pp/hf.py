@@ -240,8 +240,9 @@ def converted_weights(name: str, config: Mapping[str, Any], path: str) -> dict[s
     if key not in _converted:
         cls = hf_class(name)
         bars = _transformers().utils.logging
-        shown = bars.is_progress_bar_enabled()
+        shown, verbosity = bars.is_progress_bar_enabled(), bars.get_verbosity()
         bars.disable_progress_bar()   # one bar per rank is noise
+        bars.set_verbosity_error()    # its load report on weights that do not fit: pp names them in one line
         try:
             model, info = cls.from_pretrained(path, config=cls.config_class.from_dict(dict(config)),
                                               dtype=torch.float32, output_loading_info=True)
@@ -251,6 +252,7 @@ def converted_weights(name: str, config: Mapping[str, Any], path: str) -> dict[s
         except Exception:  # noqa: BLE001 - transformers refuses it too: the caller reports its own finding
             _converted[key] = None
         finally:
+            bars.set_verbosity(verbosity)
             if shown:
                 bars.enable_progress_bar()
     return _converted[key]
