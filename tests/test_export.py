@@ -93,9 +93,10 @@ def test_built_in_model_exports_a_state_dict_that_load_state_dict_takes(tmp_path
 
 @pytest.mark.parametrize("args, message", [
     (["{tmp}/nothing", "-o", "{tmp}/out"], "checkpoint path {tmp}/nothing does not exist"),
+    (["{tmp}/step-99", "-o", "{tmp}/out"], "checkpoint path {tmp}/step-99 does not exist"),   # not "damaged"
     (["{tmp}", "-o", "{tmp}/out"], "no complete checkpoint at {tmp}"),
     (["{tmp}", "-o", "{tmp}/out", "--max-shard-size", "lots"], "--max-shard-size 'lots': expected a positive size"),
-], ids=["missing", "no-checkpoint", "shard-size"])
+], ids=["missing", "missing-step", "no-checkpoint", "shard-size"])
 def test_bad_export_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, message):
     from pp.export import main
 

@@ -77,6 +77,16 @@ def test_resuming_into_another_model_config_is_refused_by_name():
         ckpt.check_same_model("ck", saved, dict(saved, n_heads=8, tie_weights=True))
     hf = {"name": "hf:LlamaForCausalLM", "seq_len": 128, "config": {"hidden_size": 64, "rope": [1, 2]}}
     ckpt.check_same_model("ck", hf, dict(hf, seq_len=256, config={"hidden_size": 64, "rope": (1, 2)}))
+    # another architecture: the config keys that differ, not both whole configs (once a 2,000-character line)
+    qwen = dict(hf, name="hf:Qwen2ForCausalLM", config={**{f"k{i}": i for i in range(40)}, "model_type": "qwen2",
+                                                        "hidden_size": 64, "use_sliding_window": False})
+    llama = dict(hf, config={**{f"k{i}": i for i in range(40)}, "model_type": "llama", "hidden_size": 64})
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.check_same_model("ck", qwen, llama)
+    assert str(e.value) == ("checkpoint ck was saved for another model (model.config.model_type='qwen2' there, "
+                            "'llama' here; model.config.use_sliding_window=False there, None here; "
+                            "model.name='hf:Qwen2ForCausalLM' there, 'hf:LlamaForCausalLM' here): resume it with "
+                            "the model it was saved for")
 
 
 def test_partial_and_damaged_checkpoints_are_skipped_and_named(tmp_path):

@@ -201,6 +201,10 @@ def test_resume_with_another_schedule_length_says_the_learning_rate_schedule_cha
     assert "resumed from" in longer
     assert ("note: the learning-rate schedule changed since step 4 was saved (train.steps 4 -> 6): the steps "
             "after it follow the new one, not the run that saved it") in longer, longer
+    assert "the batches (and dropout)" not in longer   # the same seed, data and batch size
+    reseeded = run("--checkpoint.resume", "true", "--train.steps", "8", "--train.seed", "5")
+    assert ("note: train.seed 0 -> 5 since step 6 was saved: the batches (and dropout) of the steps after it are "
+            "not those the run that saved it would have drawn") in reseeded, reseeded
 
 
 def test_plain_python_runs_one_rank_and_stops_on_a_non_finite_loss(tmp_path):

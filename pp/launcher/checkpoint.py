@@ -259,6 +259,10 @@ def resolve(path: str, log: Callable[[str], None] | None = None) -> str:
     path/checkpoints (each newer damaged one named through `log`, if given, as resume names them);
     CheckpointError saying why otherwise."""
     if _STEP_DIR.match(os.path.basename(os.path.normpath(path))) or os.path.isfile(os.path.join(path, MANIFEST)):
+        if not os.path.exists(path):
+            there = [f"step-{s}" for s in list_steps(os.path.dirname(os.path.normpath(path)))]
+            raise CheckpointError(f"checkpoint path {path} does not exist" + (
+                f" (there: {', '.join(there[:5])}{', ...' if len(there) > 5 else ''})" if there else ""))
         why = problem(path)
         if why is not None:
             raise CheckpointError(f"checkpoint {path} is damaged: {why}")
@@ -329,11 +333,27 @@ def check_same_model(path: str, saved: dict | None, current: dict) -> None:
     current = _resolved(json.loads(json.dumps(current, default=str)))   # as the manifest holds it (lists)
     saved = _resolved(saved)
     skip = {"init_from"} | ({"seq_len"} if str(current.get("name", "")).startswith("hf:") else set())
-    diffs = [f"model.{k}={saved.get(k)!r} there, {current.get(k)!r} here" for k in sorted(set(saved) | set(current))
-             if k not in skip and saved.get(k) != current.get(k)]
+    diffs = _differences("model", {k: v for k, v in saved.items() if k not in skip},
+                         {k: v for k, v in current.items() if k not in skip})
     if diffs:
-        raise CheckpointError(f"checkpoint {path} was saved for another model ({'; '.join(diffs)}): resume it with "
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise CheckpointError(f"checkpoint {path} was saved for another model ({shown}): resume it with "
                               f"the model it was saved for")
+
+
+def _differences(prefix: str, saved: Any, current: Any) -> list[str]:
+    """'key=saved there, current here' for each leaf where two config mappings differ (nested mappings,
+    such as an hf model's config, by their own keys: the differing ones, not the whole mapping)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [d for k in sorted(set(saved) | set(current), key=str)
+                for d in _differences(f"{prefix}.{k}", saved.get(k), current.get(k))]
+    return [] if saved == current else [f"{prefix}={_short(saved)} there, {_short(current)} here"]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
 
 
 def load(path: str, state: dict) -> None:

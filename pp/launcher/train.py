@@ -145,7 +145,18 @@ class Trainer:
             changed = ", ".join(f"train.{k} {then.get(k)} -> {now[k]}" for k in now if then.get(k) != now[k])
             self.log(f"note: the learning-rate schedule changed since step {manifest['step']} was saved "
                      f"({changed}): the steps after it follow the new one, not the run that saved it")
+        then = manifest.get("data_order") or ({"seed": manifest["seed"]} if "seed" in manifest else {})
+        now = self._data_order()
+        changed = ", ".join(f"train.{k} {then[k]!r} -> {now[k]!r}" for k in then if k in now and then[k] != now[k])
+        if changed and manifest["step"] < self.cfg.train.steps:
+            self.log(f"note: {changed} since step {manifest['step']} was saved: the batches (and dropout) of the "
+                     f"steps after it are not those the run that saved it would have drawn")
         return int(manifest["step"])
+
+    def _data_order(self) -> dict:
+        """The keys that decide each step's batch and random draws (with the step: `step_seed`)."""
+        t = self.cfg.train
+        return {"seed": t.seed, "data": t.data, "batch_size": t.batch_size}
 
     def _lr_schedule(self) -> dict:
         """The keys that shape the learning rate of every step (`lr_at`)."""
@@ -338,7 +349,8 @@ class Trainer:
         t = time.perf_counter()
         meta = {"pp": self.job.layout.pp, "dp": self.cfg.parallel.dp, "tp": self.cfg.parallel.tp,
                 "schedule": self.job.layout.schedule,
-                "model": self.cfg.to_dict()["model"], "seed": self.cfg.train.seed, "lr_schedule": self._lr_schedule()}
+                "model": self.cfg.to_dict()["model"], "seed": self.cfg.train.seed, "lr_schedule": self._lr_schedule(),
+                "data_order": self._data_order()}
         path = ckpt.save(self.ckpt_root, step, self.rs.state(), meta, verify=self.cfg.checkpoint.verify,
                          keep=self.cfg.checkpoint.keep)
         self.log(f"saved checkpoint {path} in {time.perf_counter() - t:.1f}s")
