@@ -180,3 +180,34 @@ def test_bf16_mixed_keeps_float32_weights_where_autocast_does_not_cast_their_op(
     assert len(last["losses"]) == 2 and all(torch.isfinite(torch.tensor(last["losses"][1])))
     copied = [s for r in got for s in r["copied"]]
     assert copied and all(len(s) == 2 for s in copied)   # the matrices, not the experts' 3-D weights
+
+
+def _gpt_one_rank(rank: int, world: int) -> dict:
+    import pp
+
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    model = GPT(**MODEL)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 64, (8, 16), generator=g), torch.randint(0, 64, (8, 16), generator=g)
+    par = pp.parallelize(model, (x[:2],), n_microbatches=N_MB, loss_fn=lm_loss, pp=1, precision="bf16-mixed")
+    mb: list = []
+    par.step(x, target=y, losses=mb)
+    copied = {n for s in par.stages if s.bf16_weights for n, p in s.submod.named_parameters()
+              if any(p is m for m in s.bf16_weights.masters)}
+    return {"losses": [v.item() for v in mb], "copied": copied}
+
+
+def test_bf16_mixed_keeps_the_embedding_table_float32_as_autocast_does():
+    """Autocast does not cast `embedding`: the unsplit model's residual stream starts float32. A bfloat16
+    copy of the table made it bfloat16 from the first layer on (losses 4e-4 off the unsplit model under
+    autocast, without a word); the table now stays float32 and the losses are the unsplit model's."""
+    got = run_ranks(_gpt_one_rank, 1, timeout_s=200)[0]
+    torch.manual_seed(0)
+    model = GPT(**MODEL)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 64, (8, 16), generator=g), torch.randint(0, 64, (8, 16), generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = [lm_loss(model(a), b).item() for a, b in zip(x.chunk(N_MB), y.chunk(N_MB))]
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    assert got["copied"] and not any("emb" in n for n in got["copied"]), got["copied"]

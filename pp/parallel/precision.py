@@ -2,8 +2,8 @@
 runtime stages of `pp.parallelize`.
 
 `bf16-mixed` keeps parameters, gradients and AdamW state in float32. Each matrix parameter (a floating
-parameter of two or more dimensions: linear, embedding and convolution weights) of a traced stage that
-only ops autocast casts read gets a bfloat16 copy that the stage's graph reads instead (`Bf16Weights`;
+parameter of two or more dimensions: linear and convolution weights; not embedding tables, which autocast
+leaves float32) of a traced stage that only ops autocast casts read gets a bfloat16 copy that the stage's graph reads instead (`Bf16Weights`;
 a weight another op reads, such as Mixtral's grouped expert matmul, stays float32 and is cast per op): the copies are refreshed in place
 from the float32 masters once per step (the stage's first forward after a step), not cast again for
 every microbatch. Each microbatch's bfloat16 weight gradient is added into the float32 master's `.grad`
@@ -103,7 +103,8 @@ class Bf16Weights:
         reads = [(node, _attr(gm, node.target)) for node in gm.graph.nodes if node.op == "get_attr"]
         # a parameter any of whose reads meets an op autocast does not cast (Mixtral's grouped expert
         # matmul with its input cast to float32 when traced; a weight scaled before use) stays float32
-        fp32_only = {id(p) for node, p in reads if not _autocast_reads(node)}
+        fp32_only = {id(p) for node, p in reads
+                     if isinstance(p, torch.Tensor) and not _autocast_reads(node, p.device.type)}
         for node, p in reads:
             if not (isinstance(p, nn.Parameter) and p.requires_grad and p.dtype == torch.float32 and p.dim() >= 2):
                 continue
@@ -152,22 +153,27 @@ class Bf16Weights:
 
 
 # What takes a bfloat16 copy in a float32 parameter's place with the same result under autocast: the ops
-# autocast runs in bfloat16 (it casts every input to it; `embedding` takes indices), reached through views.
+# autocast runs in bfloat16 on CPU and CUDA alike (it casts every input to it; einsum through its bmm),
+# reached through views. Not `embedding`: autocast leaves it float32 (a float32 table gives a float32
+# residual stream; a bfloat16 copy would round it), nor ops only CUDA's autocast casts (`_CUDA_ONLY`).
 _AUTOCAST_OPS = frozenset({
-    "linear", "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "mv", "addmv", "addr", "einsum",
+    "linear", "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "einsum",
     "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
-    "conv_transpose3d", "conv_tbc", "prelu", "embedding", "chain_matmul", "linalg_multi_dot",
+    "conv_transpose3d", "conv_tbc", "prelu",
     "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention"})
+_CUDA_ONLY = frozenset({"mv", "addmv", "addr", "chain_matmul", "linalg_multi_dot"})
 _VIEW_OPS = frozenset({
     "t", "transpose", "permute", "view", "_unsafe_view", "reshape", "expand", "unsqueeze", "squeeze",
     "slice", "select", "alias", "detach", "split", "split_with_sizes", "chunk", "unbind", "narrow",
     "contiguous", "numpy_T", "mT"})
 
 
-def _autocast_reads(node: fx.Node) -> bool:
-    """Whether every use of `node`'s value (through views) is an op in `_AUTOCAST_OPS`."""
+def _autocast_reads(node: fx.Node, device_type: str) -> bool:
+    """Whether every use of `node`'s value (through views) is an op autocast runs in bfloat16 on
+    `device_type` (`_AUTOCAST_OPS`, and `_CUDA_ONLY` on cuda)."""
+    ops = _AUTOCAST_OPS | _CUDA_ONLY if device_type == "cuda" else _AUTOCAST_OPS
     stack, seen = list(node.users), set()
     while stack:
         use = stack.pop()
@@ -179,7 +185,7 @@ def _autocast_reads(node: fx.Node) -> bool:
         name = "getitem" if use.target is operator.getitem else getattr(use.target, "_opname", None)
         if name in _VIEW_OPS or name == "getitem":
             stack.extend(use.users)
-        elif name not in _AUTOCAST_OPS:
+        elif name not in ops:
             return False
     return True
 
