@@ -147,3 +147,31 @@ def test_state_dict_entries_that_fill_nothing_are_refused():
         with pytest.raises(ValueError, match=message):
             pp.parallelize(model, (x,), n_microbatches=1, loss_fn=lm_loss, pp=1, state_dict=bad,
                            init_fn=init_fn(CFG, 7))
+
+
+def _bad_state_dict(rank: int, world: int, case: str) -> str:
+    import pp
+
+    warnings.simplefilter("ignore")
+    whole = build_model(CFG, seed=7).state_dict()
+    if case == "shape":     # the last stage's head only: once refused by that stage's rank alone
+        whole["lm_head.weight"] = torch.zeros(5, 5)
+    else:
+        del whole["blocks.3.mlp.fc.weight"]
+    try:
+        pp.parallelize(build_model(CFG, seed=1), (_batch()[0][:1],), n_microbatches=2, loss_fn=lm_loss, pp=2,
+                       state_dict=whole)
+    except ValueError as e:
+        return str(e)
+    return "built"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("shape", "state_dict['lm_head.weight'] has shape (5, 5), the model (64, 16)"),
+    ("missing", "state_dict lacks 1 of the model's tensors: 'blocks.3.mlp.fc.weight'"),
+])
+def test_a_state_dict_one_stage_cannot_take_is_refused_by_every_rank(case, message):
+    """A mis-shaped or missing entry was found only by the rank whose stage holds it: the other rank built
+    its stages and waited in its first step (a hang under run_ranks, gloo's raw error under torchrun)."""
+    got = run_ranks(_bad_state_dict, 2, case, timeout_s=120)
+    assert all(message in r for r in got), got

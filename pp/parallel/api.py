@@ -156,7 +156,10 @@ def parallelize(
     if state_dict is not None and not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must map parameter names to tensors, got {type(state_dict).__name__}")
     if state_dict is not None and isinstance(module, nn.Module) and not isinstance(module, Pipe):
-        check_keys(module, state_dict)   # before any work: entries that fill nothing are a wrong checkpoint
+        # before any work, on every rank alike: entries that fill nothing, of another shape, or missing
+        meta_model = is_meta(module)
+        check_keys(module, state_dict, complete=init_fn is None or not meta_model,
+                   kept=real_tensors(module) if meta_model else None)
     on_meta = is_meta(module)
     if on_meta and init_fn is None and state_dict is None:
         raise ValueError("the model is on the meta device: pass init_fn=(name, tensor) -> None or a state_dict "

@@ -67,11 +67,16 @@ def real_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t, _ in _tensors(module) if not t.is_meta}
 
 
-def check_keys(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+def check_keys(module: nn.Module, state_dict: Mapping[str, torch.Tensor], complete: bool = False,
+               kept: Mapping[str, torch.Tensor] | None = None) -> None:
     """ValueError naming the entries of `state_dict` that are none of `module`'s parameter or buffer
     names (aliases of tied weights included): they would fill nothing, silently (a checkpoint saved with
-    a `module.` prefix by DDP, another model's)."""
-    known = {name for name, _, _ in _tensors(module)}
+    a `module.` prefix by DDP, another model's); then those of another shape than the model's; then, with
+    `complete` (no init function for the rest), the persistent tensors that neither it nor `kept` holds.
+    On the whole model, so that every rank refuses alike before any stage is built (a stage's own check
+    would stop its rank alone, the others waiting for it)."""
+    named = list(_tensors(module))
+    known = {name for name, _, _ in named}
     extra = sorted(k for k in state_dict if k not in known)
     if extra:
         shown = ", ".join(map(repr, extra[:5])) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
@@ -80,6 +85,22 @@ def check_keys(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Non
                 if len(prefix) == 1 and len(extra) == len(state_dict) else "")
         raise ValueError(f"state_dict has {len(extra)} entr{'y' if len(extra) == 1 else 'ies'} that the model does "
                          f"not have: {shown}{hint}")
+    shapes = {name: tuple(t.shape) for name, t, _ in named}
+    wrong = [f"state_dict[{k!r}] has shape {tuple(v.shape)}, the model {shapes[k]}" for k, v in state_dict.items()
+             if isinstance(v, torch.Tensor) and tuple(v.shape) != shapes[k]]
+    if wrong:
+        raise ValueError("; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
+    if complete:
+        names: dict[int, list[str]] = {}
+        for name, t, persistent in named:
+            if persistent:
+                names.setdefault(id(t), []).append(name)
+        have = set(state_dict) | set(kept or ())
+        missing = [n[0] for n in names.values() if not any(a in have for a in n)]
+        if missing:
+            shown = ", ".join(map(repr, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(f"state_dict lacks {len(missing)} of the model's tensors: {shown} (pass init_fn to "
+                             f"initialise what it lacks)")
 
 
 def fill(module: nn.Module, init_fn: InitFn | None = None, state_dict: Mapping[str, torch.Tensor] | None = None,
