@@ -217,6 +217,8 @@ def test_dp_sync_starts_per_stage_when_its_last_backward_is_done(ranks_seen):
     (dict(dp=0), "dp must be a positive integer, got 0"),
     (dict(pp=1, tp=2), "tp=2 needs a tp_plan"),
     (dict(tp_plan=["blocks.0.mlp.fc"]), "tp_plan must map module names to pp.tp styles, got list"),
+    pytest.param(dict(device="cuda"), "device='cuda', but this torch sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is there")),
 ])
 def test_bad_arguments_fail_before_any_communication(kwargs, message):
     import pp

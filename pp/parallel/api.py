@@ -165,6 +165,9 @@ def parallelize(
         raise ValueError("the model is on the meta device: pass init_fn=(name, tensor) -> None or a state_dict "
                          "to fill each rank's stages")
     device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but this torch sees no CUDA device "
+                         f"(torch {torch.__version__}); pass device='cpu' or leave device out")
     spec = get_spec(schedule)
     n_stages = spec.n_stages(pp, stages_per_rank)
     if mesh is None:
