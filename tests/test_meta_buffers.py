@@ -171,3 +171,25 @@ def test_real_buffers_used_with_activations_trace_with_meta_parameters():
             torch.testing.assert_close(t, want[name], msg=name)
         for name, g in part["grads"].items():
             torch.testing.assert_close(g, ref.get_parameter(name).grad, msg=name)
+
+
+def _whole_model_on_meta(rank: int, world: int) -> str:
+    import pp
+
+    warnings.simplefilter("ignore")
+    whole = _reference().state_dict()
+    with torch.device("meta"):   # buffers too: the rotary table has no values anywhere
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG))
+    x = torch.randint(0, CFG["vocab_size"], (4, 8), generator=torch.Generator().manual_seed(1))
+    try:
+        pp.parallelize(model, (x[:2],), n_microbatches=2, loss_fn=lambda out, t: out["logits"].sum(), pp=world,
+                       state_dict=whole)
+    except ValueError as e:
+        return str(e)
+    return "built"
+
+
+def test_a_whole_meta_model_whose_constructor_computed_buffer_no_state_dict_holds_is_refused_by_every_rank():
+    """Found only by the rank whose stage holds the rotary table: the other rank waited for it forever."""
+    got = run_ranks(_whole_model_on_meta, 2, timeout_s=120)
+    assert all("'model.rotary_emb.inv_freq' is a non-persistent buffer" in r for r in got), got

@@ -67,6 +67,12 @@ def real_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t, _ in _tensors(module) if not t.is_meta}
 
 
+_NON_PERSISTENT = ("{name!r} is a non-persistent buffer (computed by the model's constructor, so no state dict holds "
+                   "it) and was built on the meta device: build the model with its buffers on a real device "
+                   "(parameters alone on meta, e.g. under accelerate.init_empty_weights()), or pass init_fn to "
+                   "compute it")
+
+
 def check_keys(module: nn.Module, state_dict: Mapping[str, torch.Tensor], complete: bool = False,
                kept: Mapping[str, torch.Tensor] | None = None) -> None:
     """ValueError naming the entries of `state_dict` that are none of `module`'s parameter or buffer
@@ -96,6 +102,10 @@ def check_keys(module: nn.Module, state_dict: Mapping[str, torch.Tensor], comple
             if persistent:
                 names.setdefault(id(t), []).append(name)
         have = set(state_dict) | set(kept or ())
+        if kept is not None:   # a meta-device model: a constructor-computed buffer no state dict holds
+            guessed = [name for name, t, persistent in named if not persistent and t.is_meta and name not in have]
+            if guessed:
+                raise ValueError(_NON_PERSISTENT.format(name=guessed[0]))
         missing = [n[0] for n in names.values() if not any(a in have for a in n)]
         if missing:
             shown = ", ".join(map(repr, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -152,10 +162,7 @@ def fill(module: nn.Module, init_fn: InitFn | None = None, state_dict: Mapping[s
                 if not persistent:
                     guessed.append(name)
             else:
-                raise ValueError(f"{name!r} is a non-persistent buffer (computed by the model's constructor, "
-                                 f"so no state dict holds it) and was built on the meta device: build the model "
-                                 f"with its buffers on a real device (parameters alone on meta, e.g. under "
-                                 f"accelerate.init_empty_weights()), or pass init_fn to compute it")
+                raise ValueError(_NON_PERSISTENT.format(name=name))
     if guessed:
         warnings.warn(f"init_fn filled the non-persistent buffer(s) {', '.join(map(repr, guessed))} of a "
                       f"meta-device model: the model's constructor computes such buffers (rotary frequencies, "
