@@ -73,3 +73,18 @@ def test_unevenly_ignored_labels_of_a_models_own_loss_are_named():
     want = dict(model.named_parameters())
     diffs = [(first["grads"][n] - want[n].grad).abs().max().item() for n in first["grads"]]
     assert max(diffs) > 1e-3, diffs
+
+
+def test_labels_ignored_where_the_shift_drops_them_anyway_are_not_named():
+    """-100 in the first column only: a causal LM's shift drops that column, so every microbatch counts
+    the same labels (the warning was false); uneven after the shift still warns."""
+    from pp.schedules.loss_weights import warn_labels_mean
+
+    y = torch.arange(32).view(4, 8)
+    y[0, 0] = y[1, 0] = -100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_labels_mean([{"labels": r} for r in y.chunk(4)]) is False
+    y[0, 5:] = -100
+    with pytest.warns(UserWarning, match="fall unevenly"):
+        assert warn_labels_mean([{"labels": r} for r in y.chunk(4)]) is True

@@ -83,9 +83,9 @@ def test_resuming_into_another_model_config_is_refused_by_name():
     llama = dict(hf, config={**{f"k{i}": i for i in range(40)}, "model_type": "llama", "hidden_size": 64})
     with pytest.raises(ckpt.CheckpointError) as e:
         ckpt.check_same_model("ck", qwen, llama)
-    assert str(e.value) == ("checkpoint ck was saved for another model (model.config.model_type='qwen2' there, "
-                            "'llama' here; model.config.use_sliding_window=False there, None here; "
-                            "model.name='hf:Qwen2ForCausalLM' there, 'hf:LlamaForCausalLM' here): resume it with "
+    assert str(e.value) == ("checkpoint ck was saved for another model (model.name='hf:Qwen2ForCausalLM' there, "
+                            "'hf:LlamaForCausalLM' here; model.config.model_type='qwen2' there, 'llama' here; "
+                            "model.config.use_sliding_window=False there, None here): resume it with "
                             "the model it was saved for")
 
 

@@ -3,6 +3,7 @@ allocates and fills only its own stages, from an init function (per (seed, name)
 depend on the layout) or a state dict; at pp 4 each rank's peak host memory stays well under one copy."""
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -175,3 +176,14 @@ def test_a_state_dict_one_stage_cannot_take_is_refused_by_every_rank(case, messa
     its stages and waited in its first step (a hang under run_ranks, gloo's raw error under torchrun)."""
     got = run_ranks(_bad_state_dict, 2, case, timeout_s=120)
     assert all(message in r for r in got), got
+
+
+def test_state_dict_values_without_data_are_refused_by_name():
+    from pp.parallel.meta import check_keys
+
+    model = build_model(CFG, seed=1)
+    whole = model.state_dict()
+    for value, said in (([1.0], "state_dict['lm_head.weight'] is list"),
+                        (whole["lm_head.weight"].to("meta"), "state_dict['lm_head.weight'] is a meta tensor")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            check_keys(model, {**whole, "lm_head.weight": value})

@@ -171,13 +171,14 @@ def _dict_loss_raising(rank: int, world: int) -> None:
     par.step(x, target=y)
 
 
-def _detached_loss(rank: int, world: int) -> str:
+def _detached_loss(rank: int, world: int, leaf: bool = False) -> str:
     import pp
 
     warnings.simplefilter("ignore")
     x, y = _batch()
-    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=2, schedule="GPipe",
-                         loss_fn=lambda out, t: torch.tensor(lm_loss(out, t).item()))   # the graph cut
+    cut = ((lambda out, t: lm_loss(out, t).detach().requires_grad_()) if leaf else   # a leaf: no grad_fn
+           (lambda out, t: torch.tensor(lm_loss(out, t).item())))   # the graph cut
+    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=2, schedule="GPipe", loss_fn=cut)
     try:
         par.step(x, target=y)
     except RuntimeError as e:
@@ -185,8 +186,9 @@ def _detached_loss(rank: int, world: int) -> str:
     return "trained"
 
 
-def test_a_loss_fn_that_cuts_the_graph_is_named_not_torchs_bare_backward_error():
-    got = run_ranks(_detached_loss, 1, timeout_s=120)[0]
+@pytest.mark.parametrize("leaf", [False, True], ids=["no-grad", "detached-leaf"])
+def test_a_loss_fn_that_cuts_the_graph_is_named_not_torchs_bare_backward_error(leaf):
+    got = run_ranks(_detached_loss, 1, leaf, timeout_s=120)[0]   # a leaf trained nothing without a word
     assert "loss_fn returned a loss that does not require grad" in got, got
 
 

@@ -345,7 +345,7 @@ def _differences(prefix: str, saved: Any, current: Any) -> list[str]:
     """'key=saved there, current here' for each leaf where two config mappings differ (nested mappings,
     such as an hf model's config, by their own keys: the differing ones, not the whole mapping)."""
     if isinstance(saved, dict) and isinstance(current, dict):
-        return [d for k in sorted(set(saved) | set(current), key=str)
+        return [d for k in sorted(set(saved) | set(current), key=lambda k: (k != "name", str(k)))
                 for d in _differences(f"{prefix}.{k}", saved.get(k), current.get(k))]
     return [] if saved == current else [f"{prefix}={_short(saved)} there, {_short(current)} here"]
 

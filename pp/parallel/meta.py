@@ -91,6 +91,10 @@ def check_keys(module: nn.Module, state_dict: Mapping[str, torch.Tensor], comple
                 if len(prefix) == 1 and len(extra) == len(state_dict) else "")
         raise ValueError(f"state_dict has {len(extra)} entr{'y' if len(extra) == 1 else 'ies'} that the model does "
                          f"not have: {shown}{hint}")
+    odd = [f"state_dict[{k!r}] is {'a meta tensor (no values)' if isinstance(v, torch.Tensor) else type(v).__name__}"
+           for k, v in state_dict.items() if not isinstance(v, torch.Tensor) or v.is_meta]
+    if odd:
+        raise ValueError("; ".join(odd[:3]) + ": expected a tensor with values")
     shapes = {name: tuple(t.shape) for name, t, _ in named}
     wrong = [f"state_dict[{k!r}] has shape {tuple(v.shape)}, the model {shapes[k]}" for k, v in state_dict.items()
              if isinstance(v, torch.Tensor) and tuple(v.shape) != shapes[k]]

@@ -422,9 +422,9 @@ def _call_loss(stage: PipelineStage, loss_fn: Callable, output: Any, target: Any
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"loss_fn must return a single-element tensor (the loss to backpropagate), got "
                         f"{type(loss).__name__}; return one tensor, e.g. the weighted sum of the parts")
-    if not loss.requires_grad and torch.is_grad_enabled() and any(
+    if (not loss.requires_grad or loss.grad_fn is None) and torch.is_grad_enabled() and any(
             t.requires_grad for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)):
-        raise RuntimeError("loss_fn returned a loss that does not require grad although the stage's output "
-                           "does, so backward would train nothing: it cut the graph (.detach(), .item(), "
+        raise RuntimeError("loss_fn returned a loss that does not require grad (or is a leaf) although the stage's "
+                           "output does, so backward would train nothing: it cut the graph (.detach(), .item(), "
                            "torch.no_grad(), a numpy round trip, or a new tensor built from values)")
     return loss
