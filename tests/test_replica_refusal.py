@@ -26,7 +26,7 @@ def _batches() -> list[torch.Tensor]:
     return [torch.randint(0, 32, (8, 8), generator=g) for _ in range(2)]
 
 
-def _train(rank: int, world: int, dp: int, tp: int, bad_replica: int) -> dict:
+def _train(rank: int, world: int, dp: int, tp: int, bad_replica: int, bad: str = "input") -> dict:
     import pp
 
     warnings.simplefilter("ignore")
@@ -38,23 +38,32 @@ def _train(rank: int, world: int, dp: int, tp: int, bad_replica: int) -> dict:
     rows = slice(par.dp_rank * 8 // dp, (par.dp_rank + 1) * 8 // dp)
     said = []
     for step, x in enumerate(xs):
-        x = x[rows]
+        x = t = x[rows]
         if step == 0 and (par.dp_rank if dp > 1 else par.tp_rank) == bad_replica:
-            x = x.float()   # this replica's loader went wrong: the caller skips the batch
+            # this replica's loader went wrong: the caller skips the batch
+            x, t = {"input": (x.float(), t), "target-float": (x, t.float()), "target-rows": (x, t[:-2])}[bad]
         try:
-            par.step(x, target=x)
+            par.step(x, target=t)
         except (ValueError, RuntimeError) as e:
             said.append(str(e))
     grads = {n: par.full_tensor(n, p.grad) for n, p in par.named_parameters()}   # collective over tp
     return {"said": said, "grads": grads if par.dp_rank == 0 and par.tp_rank == 0 else {}}
 
 
-@pytest.mark.parametrize("dp, tp, world", [(2, 1, 4), (1, 2, 2)])
-def test_a_replica_refusing_its_batch_stops_every_replica_and_the_next_step_is_right(dp, tp, world):
-    got = run_ranks(_train, world, dp, tp, 1, timeout_s=240)
+@pytest.mark.parametrize("dp, tp, world, bad", [(2, 1, 4, "input"), (1, 2, 2, "input"), (2, 1, 2, "target-float"),
+                                                (2, 1, 2, "target-rows")])
+def test_a_replica_refusing_its_batch_stops_every_replica_and_the_next_step_is_right(dp, tp, world, bad):
+    """A float or short target on one replica crashed gloo (sizes of different collectives met) or hung."""
+    got = run_ranks(_train, world, dp, tp, 1, bad, timeout_s=240)
     assert all(len(r["said"]) == 1 for r in got), [r["said"] for r in got]   # step 0, on every rank
-    assert any("expected an int64 tensor" in r["said"][0] for r in got)
-    assert all("rejected its inputs" in r["said"][0] for r in got if "expected an int64" not in r["said"][0])
+    said = [r["said"][0] for r in got]
+    if bad == "input":
+        assert any("expected an int64 tensor" in m for m in said)
+        assert all("rejected its inputs" in m for m in said if "expected an int64" not in m)
+    elif bad == "target-float":
+        assert all("the replicas' targets disagree" in m for m in said), said
+    else:
+        assert all("the target's 2 rows do not follow the batch's 4" in m for m in said), said
     torch.manual_seed(0)
     model = GPT(**MODEL)
     x = _batches()[1]

@@ -15,8 +15,8 @@ import torch.distributed as dist
 from ..comms import p2p
 from ..comms.backend import close_at_exit, transfers_may_be_pending
 from ..comms.abort import AbortChannel, PipelineAborted
-from ..microbatch import (check_merge_spec, check_rows_follow, loss_reduction, loss_scales, merge_chunks,
-                          split_args_kwargs_into_chunks, split_rows, split_target_like)
+from ..microbatch import (check_merge_spec, check_rows_follow, class_id_tensors, loss_reduction, loss_scales,
+                          merge_chunks, split_args_kwargs_into_chunks, split_rows, split_target_like)
 from ..parallel.wrapped import StepSync
 from ..stage.graphs import StageGraphs
 from ..stage.runtime import PipelineStage
@@ -369,12 +369,20 @@ class _PipelineSchedule:
         broken = 0 if not self._broken else me + 1 + (world if self._broken_own else 0)
         plan = 2 * self._plan_hash + int(training)
         rows = prepared[4] if prepared is not None else [0, 0]
+        others: list = []   # the other pipelines' (rows, target rows): each must follow as this one's
+        kinds = None
         if agree:   # shared fields, then each pipeline's own (changed, rows): one collective over every rank
             group, slot, slots = agree
             own = [0] * (3 * slots)
             own[3 * slot:3 * slot + 3] = [int(changed), *rows]
-            got = p2p.max_all_reduce([me + 1 if error else 0, broken, plan, -plan, *own], group)
+            # what the last stages' targets are: class ids on one replica and not on another would make the
+            # replicas disagree on the token-count all-reduce (a collective one of them skips)
+            ids = target is not None and (self.n_stages - 1) in self._stages and bool(class_id_tensors(target))
+            other = target is not None and (self.n_stages - 1) in self._stages and not ids
+            got = p2p.max_all_reduce([me + 1 if error else 0, broken, plan, -plan, int(ids), int(other), *own], group)
+            kinds, got = (got[4], got[5]), got[:4] + got[6:]
             status = [got[0], got[4 + 3 * slot], got[1], got[2], got[3], *got[5 + 3 * slot:7 + 3 * slot]]
+            others = [(got[5 + 3 * k], got[6 + 3 * k]) for k in range(slots) if k != slot]
         elif self.n_ranks > 1:
             status = p2p.max_all_reduce([me + 1 if error else 0, int(changed), broken, plan, -plan,
                                          *rows], self.group)
@@ -397,6 +405,16 @@ class _PipelineSchedule:
             raise RuntimeError(f"pipeline step aborted: rank {status[0] - 1} rejected its inputs (its own "
                                f"error says why); no rank started the step"
                                + (" (every data- and tensor-parallel replica stops with it)" if agree else ""))
+        for rows_k, target_k in others:   # another replica's batch that its pipeline refuses: every replica stops
+            try:
+                check_rows_follow(int(rows_k), int(target_k), self.n_microbatches)
+            except ValueError as e:
+                raise RuntimeError(f"pipeline step aborted: another data- or tensor-parallel replica's batch was "
+                                   f"refused ({e}); no rank started the step") from None
+        if kinds is not None and all(kinds):
+            raise ValueError("the replicas' targets disagree: on some the target holds class ids (integer "
+                             "tensors), on others not (floats): every replica must pass the same kind of target, "
+                             "or their token counts would not meet; no rank started the step")
         self._grad_flags[mode] = grad_flags
         self._abort.begin_step()
         mb_args, mb_kwargs, targets, signature, _, caller_graph = prepared
