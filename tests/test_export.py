@@ -85,6 +85,8 @@ def test_built_in_model_exports_a_state_dict_that_load_state_dict_takes(tmp_path
 
     under_file = str(tmp_path / "out" / "model.safetensors" / "again")
     assert main([str(run), "-o", under_file]) == 2
+    with pytest.raises(ckpt.CheckpointError, match=r"step-3x does not exist \(there: step-3"):   # a mistyped step
+        export(str(run / "checkpoints" / "step-3x"), str(tmp_path / "out2"))
     fresh = build_model(load_config(str(tmp_path / "cfg.yaml")).model, seed=1)
     fresh.load_state_dict(safetensors_torch.load_file(str(tmp_path / "out" / "model.safetensors")))
     for k, v in net.state_dict().items():

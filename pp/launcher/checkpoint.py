@@ -254,15 +254,20 @@ def find_latest(root: str, log: Callable[[str], None] = print) -> str | None:
     return None
 
 
+def _missing(path: str) -> str:
+    """The message for a checkpoint `path` that does not exist, naming the step directories beside it."""
+    there = [f"step-{s}" for s in list_steps(os.path.dirname(os.path.normpath(path)))]
+    return f"checkpoint path {path} does not exist" + (
+        f" (there: {', '.join(there[:5])}{', ...' if len(there) > 5 else ''})" if there else "")
+
+
 def resolve(path: str, log: Callable[[str], None] | None = None) -> str:
     """A checked checkpoint directory from `path`: itself, or the newest undamaged one under path or
     path/checkpoints (each newer damaged one named through `log`, if given, as resume names them);
     CheckpointError saying why otherwise."""
     if _STEP_DIR.match(os.path.basename(os.path.normpath(path))) or os.path.isfile(os.path.join(path, MANIFEST)):
         if not os.path.exists(path):
-            there = [f"step-{s}" for s in list_steps(os.path.dirname(os.path.normpath(path)))]
-            raise CheckpointError(f"checkpoint path {path} does not exist" + (
-                f" (there: {', '.join(there[:5])}{', ...' if len(there) > 5 else ''})" if there else ""))
+            raise CheckpointError(_missing(path))
         why = problem(path)
         if why is not None:
             raise CheckpointError(f"checkpoint {path} is damaged: {why}")
@@ -275,7 +280,7 @@ def resolve(path: str, log: Callable[[str], None] | None = None) -> str:
             if log is not None:
                 log(f"checkpoint {step_dir(root, step)} is damaged ({why}); skipping it")
     if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint path {path} does not exist")
+        raise CheckpointError(_missing(path))
     raise CheckpointError(f"no complete checkpoint at {path} (expected step-<N>/{MANIFEST} there or under checkpoints/)")
 
 
@@ -353,7 +358,6 @@ def _differences(prefix: str, saved: Any, current: Any) -> list[str]:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
 
 
 def load(path: str, state: dict) -> None:
