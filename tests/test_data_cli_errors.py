@@ -2,11 +2,13 @@
 and nothing written, changed or left behind (found by a tester: an output that overwrote the corpus or the
 tokenizer, tracebacks for a directory or a file as output and for corrupt, empty or float token files).
 
-The command lines run at once, each in its own directory, so the file stays fast.
+Each case runs through `main(argv)` in its own directory; one per subcommand also runs as its own process.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import os
 import subprocess
@@ -115,23 +117,42 @@ def _snapshot(d: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
 
 
+# the cases run in a process of their own too (end to end, as a user's shell runs them): one per subcommand
+IN_SUBPROCESS = ("out-is-input", "inspect-corrupt-npy")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Run]:
+    """Every case's run, in its own directory: in this process through `main(argv)` (an exception out of it is
+    a traceback), and for IN_SUBPROCESS as `python -m pp.data` too, those processes started at once."""
+    from pp.data.__main__ import main
+
     root = tmp_path_factory.mktemp("cli")
     _tokenizer(root / "tokenizer.json")
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    started = {}
+    out, started, here = {}, {}, os.getcwd()
     for name, (make, argv, expected) in CASES.items():
-        d = root / name.replace("/", "-slash")
-        d.mkdir()
-        (d / "tokenizer.json").write_bytes((root / "tokenizer.json").read_bytes())
-        (d / "in.jsonl").write_text("".join(json.dumps({"text": f"stage {i} sends"}) + "\n" for i in range(3)))
-        if make is not None:
-            make(d)
-        proc = subprocess.Popen([sys.executable, "-m", "pp.data", *argv], cwd=d, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        started[name] = (d, expected.format(d=d), _snapshot(d), proc)
-    out = {}
+        for where in ("process", "main") if name in IN_SUBPROCESS else ("main",):
+            d = root / (name.replace("/", "-slash") + ("-process" if where == "process" else ""))
+            d.mkdir()
+            (d / "tokenizer.json").write_bytes((root / "tokenizer.json").read_bytes())
+            (d / "in.jsonl").write_text("".join(json.dumps({"text": f"stage {i} sends"}) + "\n" for i in range(3)))
+            if make is not None:
+                make(d)
+            before = _snapshot(d)
+            if where == "process":
+                proc = subprocess.Popen([sys.executable, "-m", "pp.data", *argv], cwd=d, env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                started[name + " (process)"] = (d, expected.format(d=d), before, proc)
+                continue
+            err = io.StringIO()
+            try:
+                os.chdir(d)
+                with contextlib.redirect_stderr(err):
+                    code = main(argv)
+            finally:
+                os.chdir(here)
+            out[name] = Run(code, err.getvalue(), expected.format(d=d), before, _snapshot(d))
     for name, (d, expected, before, proc) in started.items():
         _, stderr = proc.communicate(timeout=120)
         out[name] = Run(proc.returncode, stderr, expected, before, _snapshot(d))
@@ -165,6 +186,11 @@ def test_prepare_refuses_an_input_without_documents_or_not_utf8(runs, case):
 @pytest.mark.parametrize("case", [c for c in CASES if c.startswith("inspect-")])
 def test_inspect_refuses_a_bad_token_file_or_sample_in_one_line(runs, case):
     _check(runs[case])
+
+
+@pytest.mark.parametrize("case", IN_SUBPROCESS)
+def test_the_command_line_itself_is_one_line_exit_code_2_and_no_traceback(runs, case):
+    _check(runs[case + " (process)"])
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any directory")
