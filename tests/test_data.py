@@ -17,7 +17,7 @@ from pp.data import DataError, TokenBatches, open_stream
 from pp.launcher.data import ByteBatches, load_corpus
 from pp.launcher.metrics import read_metrics
 
-from test_launcher_run import REPO, losses, torchrun
+from test_launcher_run import REPO, losses, main_in_process, torchrun
 
 VOCAB = 1000
 
@@ -267,12 +267,17 @@ def test_a_fresh_run_into_the_same_dir_replaces_the_earlier_runs_tensorboard_cur
 
 
 # ------------------------------------------------------------------------------------------ bad input
-def _run_one(tmp_path, data, *args, vocab=VOCAB, extra=""):
+def _run_one(tmp_path, data, *args, vocab=VOCAB, extra="", capsys=None):
+    """`python -m pp.run` on one rank; with `capsys`, pp.run's main in this process (for a config refused
+    before training: no interpreter start), as a CompletedProcess either way."""
     cfg = _config(tmp_path / "bad.yaml", tmp_path / "out", data, steps=2, every=0, vocab=vocab, extra=extra)
     text = open(cfg).read().replace("pp: 2", "pp: 1")
     open(cfg, "w").write(text)
+    if capsys is not None:
+        code, out, err = main_in_process(capsys, cfg, *args)
+        return subprocess.CompletedProcess([cfg, *args], code, out, err)
     return subprocess.run([sys.executable, "-m", "pp.run", cfg, *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": REPO}, timeout=180)
+                          env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}, timeout=180)
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -283,7 +288,7 @@ def _run_one(tmp_path, data, *args, vocab=VOCAB, extra=""):
     ("vocab", "pp.run: bad data: {d}/big.bin: token id "),
     ("recorded-vocab", "pp.run: bad config: train.data='{d}/big.bin' was tokenized with a vocabulary of 900"),
 ])
-def test_bad_data_input_is_one_line(tmp_path, case, expected):
+def test_bad_data_input_is_one_line(tmp_path, case, expected, capsys):
     d = str(tmp_path)
     _markov_tokens(4000).tofile(tmp_path / "ok.bin")
     (tmp_path / "odd.bin").write_bytes(b"\x01" * 5)
@@ -293,7 +298,9 @@ def test_bad_data_input_is_one_line(tmp_path, case, expected):
                          "vocab": (f"{d}/big.bin", [], 500), "recorded-vocab": (f"{d}/big.bin", [], 500)}[case]
     if case == "recorded-vocab":   # what pp.data prepare writes beside its shards: refused before training
         (tmp_path / "big.bin.json").write_text('{"dtype": "uint16", "vocab_size": 900}')
-    proc = _run_one(tmp_path, data, *args, vocab=vocab)
+    # refused before training: pp.run's main in this process; bad ids are found by the ranks in step 1,
+    # which pp.run then ends by os._exit: a process of its own
+    proc = _run_one(tmp_path, data, *args, vocab=vocab, capsys=None if case == "vocab" else capsys)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(expected.format(d=d)), proc.stderr[-3000:]

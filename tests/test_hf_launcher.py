@@ -17,7 +17,7 @@ from pp.launcher.data import ByteBatches, load_corpus
 from pp.launcher.job import prepare
 from pp.launcher.models import build_model
 from pp.launcher.train import lm_loss, lr_at
-from test_launcher_run import REPO, check_ok, losses, torchrun
+from test_launcher_run import REPO, check_ok, losses, main_in_process, torchrun
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -132,16 +132,16 @@ def test_mixtral_with_router_logits_trains_on_the_load_balancing_loss_too(tmp_pa
     assert got[1] == pytest.approx(sum(parts) / 2, rel=2e-4), (got[1], parts)
 
 
-def test_init_from_a_save_pretrained_directory_with_lr_0_keeps_the_weights_and_resume_ignores_it(tmp_path):
+def test_init_from_a_save_pretrained_directory_with_lr_0_keeps_the_weights_and_resume_ignores_it(tmp_path, capsys):
     torch.manual_seed(3)
     saved = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
     saved.save_pretrained(tmp_path / "pretrained")
     out = tmp_path / "out"
     cfg = write(tmp_path / "cfg.yaml", out, {"name": "hf:LlamaForCausalLM",
                                              "init_from": str(tmp_path / "pretrained")}, pp=1, steps=1, lr=0.0)
-    proc = run_single(cfg)
-    check_ok(proc)
-    assert f"initialised the weights from safetensors in {tmp_path / 'pretrained'}" in proc.stdout
+    code, out_text, err = main_in_process(capsys, cfg)   # pp.run's main, one rank, in this process
+    assert code == 0, out_text + err
+    assert f"initialised the weights from safetensors in {tmp_path / 'pretrained'}" in out_text
     model = build_model(load_config(cfg).model, 1)
     load_unsplit(model, str(out))
     for k, v in saved.state_dict().items():
@@ -149,16 +149,16 @@ def test_init_from_a_save_pretrained_directory_with_lr_0_keeps_the_weights_and_r
     # resumed from its own checkpoint: init_from (now naming other weights) is not read again
     torch.manual_seed(4)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).save_pretrained(tmp_path / "other")
-    proc = run_single(cfg, "--train.steps", "2", "--checkpoint.resume", "true", "--checkpoint.every", "1",
-                      "--model.init_from", str(tmp_path / "other"))
-    check_ok(proc)
-    assert "resumed from" in proc.stdout and "initialised the weights" not in proc.stdout
+    code, out_text, err = main_in_process(capsys, cfg, "--train.steps", "2", "--checkpoint.resume", "true",
+                                          "--checkpoint.every", "1", "--model.init_from", str(tmp_path / "other"))
+    assert code == 0, out_text + err
+    assert "resumed from" in out_text and "initialised the weights" not in out_text
     load_unsplit(model, str(out))
     for k, v in saved.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
 
 
-def test_init_from_a_mixtral_directory_in_transformers_saved_layout(tmp_path):
+def test_init_from_a_mixtral_directory_in_transformers_saved_layout(tmp_path, capsys):
     """transformers' save_pretrained writes Mixtral's experts as per-expert w1/w2/w3 tensors, which its
     class holds fused and converts as it loads; init_from refused such a directory ("does not fit the
     model"; found by a fresh-user check). It now loads as from_pretrained converts it."""
@@ -170,9 +170,9 @@ def test_init_from_a_mixtral_directory_in_transformers_saved_layout(tmp_path):
     out = tmp_path / "out"
     cfg = write(tmp_path / "cfg.yaml", out, {"name": "hf:MixtralForCausalLM",
                                              "init_from": str(tmp_path / "pretrained")}, pp=1, steps=1, lr=0.0)
-    proc = run_single(cfg)
-    check_ok(proc)
-    assert "(as transformers' from_pretrained converts it)" in proc.stdout, proc.stdout
+    code, out_text, err = main_in_process(capsys, cfg)   # pp.run's main, one rank, in this process
+    assert code == 0, out_text + err
+    assert "(as transformers' from_pretrained converts it)" in out_text, out_text
     model = build_model(load_config(cfg).model, 1)
     load_unsplit(model, str(out))
     for k, v in saved.state_dict().items():
@@ -276,15 +276,15 @@ def test_init_from_inside_the_runs_own_output_dir_is_refused(tmp_path):
         prepare(load_config(cfg), 1)
 
 
-def test_pure_bf16_llama_trains_with_the_unsplit_bf16_models_loss(tmp_path):
+def test_pure_bf16_llama_trains_with_the_unsplit_bf16_models_loss(tmp_path, capsys):
     """`train.precision: bf16` traces the model in bf16, as `model.to(torch.bfloat16)` runs unsplit: traced
     in float32, the rotary table's `.to(x.dtype)` stayed float32 and attention got float32 queries and
     bfloat16 values (a crash at step 1)."""
     out = tmp_path / "out"
     cfg = write(tmp_path / "cfg.yaml", out, {"name": "hf:LlamaForCausalLM", "config": LLAMA}, pp=1, steps=1,
                 extra="")
-    proc = run_single(cfg, "--train.precision", "bf16")
-    assert proc.returncode == 0, proc.log[-2000:]
+    code, out_text, err = main_in_process(capsys, cfg, "--train.precision", "bf16")   # one rank, in this process
+    assert code == 0, (out_text + err)[-2000:]
     c = load_config(cfg)
     model = build_model(c.model, c.train.seed).to(torch.bfloat16)
     data = ByteBatches(load_corpus(c.train.data), c.train.batch_size, c.model.seq_len, c.train.seed)

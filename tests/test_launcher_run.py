@@ -50,6 +50,53 @@ def torchrun(nproc: int, cfg: str, *overrides: str, timeout: float = 200) -> sub
     return proc
 
 
+def pp_run(cfg: str, *overrides: str, cwd: str = REPO, pythonpath: str = REPO,
+           timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m pp.run` in one process, with one CPU thread as torchrun gives each rank (left to its
+    default, a loaded 2-core machine spent seconds per step of a tiny model on thread contention)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
+    return subprocess.run([sys.executable, "-m", "pp.run", cfg, *overrides], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def main_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of pp.run's `main(args)` run in this process as a one-rank job: what
+    `python -m pp.run` runs, less the interpreter start (seconds of CPU each). Only for runs that end by
+    returning: pp.run leaves by os._exit on bad data and when a rank fails. The environment, signal
+    handlers, warnings hook, thread count, RNG and pp.run's undo list are put back on return."""
+    import signal
+    import warnings
+
+    import pp.run
+    from pp.testing import _free_port
+
+    signals = [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT]
+    handlers = {sig: signal.getsignal(sig) for sig in signals}
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())}.items():
+            mp.setenv(key, value)
+        mp.setattr(pp.run, "_ON_FAIL", [])
+
+        def no_exit(code: int) -> None:   # a run that failed here must fail its test, not end pytest
+            raise AssertionError(f"pp.run ended its process with os._exit({code}): run it as a process instead")
+
+        mp.setattr(os, "_exit", no_exit)
+        mp.setattr(warnings, "showwarning", warnings.showwarning)
+        torch.set_num_threads(1)   # as torchrun gives each rank
+        capsys.readouterr()
+        try:
+            code = pp.run.main(list(args))
+        finally:
+            torch.set_num_threads(threads)
+            torch.random.set_rng_state(rng)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def losses(out_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(os.path.join(out_dir, "metrics.jsonl"))}
 
@@ -153,7 +200,10 @@ def test_pp4_checkpoint_loads_at_pp2_and_into_the_unsplit_model(straight, tmp_pa
 
 
 @pytest.mark.parametrize("schedule, model, extra", [
-    ("GPipe", {"name": "pp.launcher.models:ResidualMLP", "d_model": 32, "n_layers": 4, "seq_len": 32}, ""),
+    # slow: GPipe on 2 ranks trains (step for step like 1F1B) in test_pp4_checkpoint_loads_at_pp2..., and a
+    # model.name of module:Class (ResidualMLP subclasses) trains on 2 ranks in test_reliability/test_preemption
+    pytest.param("GPipe", {"name": "pp.launcher.models:ResidualMLP", "d_model": 32, "n_layers": 4, "seq_len": 32}, "",
+                 marks=pytest.mark.slow),
     ("Interleaved1F1B", {}, "split: {points: [blocks.1, blocks.2, blocks.3]}\n"),
     ("ZBVZeroBubble", {"tie_weights": True}, ""),
 ], ids=["GPipe-custom-model", "Interleaved1F1B-split-points", "ZBVZeroBubble-tied-weights"])
@@ -184,17 +234,16 @@ def test_bad_config_under_torchrun_is_one_line_from_rank_0(tmp_path):
     assert f'{os.sep}pp{os.sep}' not in "".join(l for l in proc.log.splitlines() if l.lstrip().startswith("File "))
 
 
-def test_resume_with_another_schedule_length_says_the_learning_rate_schedule_changed(tmp_path):
+def test_resume_with_another_schedule_length_says_the_learning_rate_schedule_changed(tmp_path, capsys):
     """The LR of every step depends on train.steps (cosine decay over it): resuming a 4-step run's
     checkpoint with train.steps 6 changes the steps after 4, and the resume says so (that a resume with
     the same length says nothing is checked by the resume test above)."""
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "out", pp=1, steps=4, every=2, model={"n_layers": 2})
 
-    def run(*overrides):
-        proc = subprocess.run([sys.executable, "-m", "pp.run", cfg, *overrides], cwd=REPO, timeout=120,
-                              env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return proc.stdout
+    def run(*overrides):   # pp.run's main in this process: the notes are what is checked here
+        code, out, err = main_in_process(capsys, cfg, *overrides)
+        assert code == 0, out + err
+        return out
 
     run()
     longer = run("--checkpoint.resume", "true", "--train.steps", "6")
@@ -210,16 +259,14 @@ def test_resume_with_another_schedule_length_says_the_learning_rate_schedule_cha
 def test_plain_python_runs_one_rank_and_stops_on_a_non_finite_loss(tmp_path):
     """`python -m pp.run` is a one-rank job; train.nan_check names the step and microbatch, exit code 3."""
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "out", pp=1, steps=6, every=0, model={"n_layers": 2})
-    proc = subprocess.run([sys.executable, "-m", "pp.run", cfg, "--train.lr", "1e30", "--train.grad_clip", "0"],
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
-                          timeout=120)
+    proc = pp_run(cfg, "--train.lr", "1e30", "--train.grad_clip", "0")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pp.run: step ") and "microbatch 0 is not finite" in err[0], err
     assert "1 stage on 1 rank" in proc.stdout and "Traceback" not in proc.stderr
 
 
-def test_a_fresh_run_that_fails_in_its_first_step_leaves_the_earlier_runs_output(tmp_path):
+def test_a_fresh_run_that_fails_in_its_first_step_leaves_the_earlier_runs_output(tmp_path, capsys):
     """Token ids past the vocabulary surface in the first batch; the earlier run's checkpoint and metrics
     in the same output.dir must still be there afterwards (a fresh run takes the directory over only once
     its first step is done)."""
@@ -227,14 +274,11 @@ def test_a_fresh_run_that_fails_in_its_first_step_leaves_the_earlier_runs_output
 
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "cfg.yaml", out, pp=1, steps=2, every=2, model={"n_layers": 2})
-    env = {**os.environ, "PYTHONPATH": REPO}
-    first = subprocess.run([sys.executable, "-m", "pp.run", cfg], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=120)
-    assert first.returncode == 0, first.stdout + first.stderr
+    code, out_text, err_text = main_in_process(capsys, cfg)   # the earlier run, in this process
+    assert code == 0, out_text + err_text
     bad = tmp_path / "bad.bin"
     np.arange(100_000, dtype=np.uint16).tofile(bad)   # ids up to 65535 against a vocabulary of 256
-    second = subprocess.run([sys.executable, "-m", "pp.run", cfg, "--train.data", str(bad)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
+    second = pp_run(cfg, "--train.data", str(bad))   # a process of its own: pp.run ends it by os._exit
     assert second.returncode != 0 and "outside the model's vocabulary" in second.stderr, second.stderr
     assert "Traceback" not in second.stderr and "removed" not in second.stdout, second.stdout
     assert (out / "checkpoints" / "step-2").is_dir()
@@ -243,10 +287,9 @@ def test_a_fresh_run_that_fails_in_its_first_step_leaves_the_earlier_runs_output
     # them once, after its first step)
     data = next((out / "checkpoints" / "step-2").glob("*.distcp"))
     data.write_bytes(data.read_bytes()[:100])
-    third = subprocess.run([sys.executable, "-m", "pp.run", cfg, "--checkpoint.resume", "true"], cwd=REPO,
-                           env=env, capture_output=True, text=True, timeout=120)
-    assert third.returncode == 0, third.stdout + third.stderr
-    assert "every one is damaged): starting fresh; kept them as damaged-step-2" in third.stdout, third.stdout
+    code, third, err_text = main_in_process(capsys, cfg, "--checkpoint.resume", "true")
+    assert code == 0, third + err_text
+    assert "every one is damaged): starting fresh; kept them as damaged-step-2" in third, third
     kept = out / "checkpoints" / "damaged-step-2" / data.name
     assert kept.is_file() and len(kept.read_bytes()) == 100
     assert (out / "checkpoints" / "step-2").is_dir() and sorted(losses(out)) == [1, 2]   # the new run's
@@ -374,26 +417,29 @@ def test_a_user_model_that_fails_is_one_line_and_leaves_no_output_dir(tmp_path, 
         assert len(err) == 1 and expected in err[0], err   # one line, no traceback
         assert not (tmp_path / "runs").exists()
         return
-    proc = subprocess.run([sys.executable, "-m", "pp.run", str(cfg)], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}, timeout=120)
-    assert proc.returncode == code, proc.stdout + proc.stderr
-    if code == 0:
+    if code == 0:   # trains: pp.run's main in this process too
+        monkeypatch.syspath_prepend(str(tmp_path))
+        got, stdout, stderr = main_in_process(capsys, str(cfg))
+        assert got == 0, stdout + stderr
         assert sorted(losses(out)) == [1, 2]
         return
+    # fails in step 1: a process of its own (pp.run ends a failed rank by os._exit)
+    proc = pp_run(str(cfg), cwd=str(tmp_path), pythonpath=f"{tmp_path}{os.pathsep}{REPO}")
+    assert proc.returncode == code, proc.stdout + proc.stderr
     assert expected in proc.stderr.strip().splitlines()[-1], proc.stderr
-    assert not (tmp_path / "runs").exists()   # the directories this run created are gone again   # the directories this run created are gone again
+    assert not (tmp_path / "runs").exists()   # the directories this run created are gone again
 
 
-def test_a_one_step_run_reports_the_steps_own_throughput_not_the_wall_time(tmp_path):
+def test_a_one_step_run_reports_the_steps_own_throughput_not_the_wall_time(tmp_path, capsys):
     """With no step after the first, throughput fell back to the whole run's wall time (evaluation and
     checkpoint saves included) while still labelled "steps after the first": now it is the step's own
     time, and says it is the first step alone."""
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "cfg.yaml", out, pp=1, steps=1, every=1, extra="eval: {every: 1, steps: 20}\n")
-    proc = torchrun(1, cfg)
-    check_ok(proc)
+    code, stdout, stderr = main_in_process(capsys, cfg)   # a one-rank job, in this process
+    assert code == 0, stdout + stderr
     (rec,) = read_metrics(str(out / "metrics.jsonl"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["throughput_over"].startswith("the first step alone")
     assert summary["tokens_per_s"] == pytest.approx(BATCH * MODEL["seq_len"] / rec["step_time_s"], rel=1e-6)
-    assert "(the first step alone, warm-up included: no later step ran)" in proc.stdout
+    assert "(the first step alone, warm-up included: no later step ran)" in stdout

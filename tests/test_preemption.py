@@ -20,7 +20,7 @@ import pytest
 from pp.launcher.metrics import read_metrics
 from pp.launcher.outdir import LOCK_FILE, OutputDirError, OutputLock, check_usable
 
-from test_launcher_run import REPO, losses, write_config
+from test_launcher_run import REPO, losses, main_in_process, write_config
 from test_reliability import Job
 
 STEPS = 20
@@ -155,7 +155,7 @@ time.sleep(600)
 '''
 
 
-def test_lock_of_a_sigkilled_job_is_taken_over_with_a_line(tmp_path):
+def test_lock_of_a_sigkilled_job_is_taken_over_with_a_line(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
@@ -165,9 +165,11 @@ def test_lock_of_a_sigkilled_job_is_taken_over_with_a_line(tmp_path):
         OutputLock(str(out)).acquire()
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    job, _ = _slow_job(tmp_path, "run", slow_s=0, steps=3, out=str(out))
-    assert job.wait() == 0, job.log[-3000:]
-    _, line = job.first("pp.run: output.dir")
+    # a one-rank job, pp.run's main in this process: the takeover is rank 0's, before any process-group work
+    cfg = write_config(tmp_path / "run.yaml", str(out), pp=1, steps=3, every=0, model={"n_layers": 2})
+    code, stdout, stderr = main_in_process(capsys, cfg)
+    assert code == 0, stdout + stderr
+    line = next((line for line in stdout.splitlines() if line.startswith("pp.run: output.dir")), stdout)
     assert line.startswith(f"pp.run: output.dir {str(out)!r}: took over the lock of a job that is gone "
                            f"(host {socket.gethostname()}, pid {holder.pid}, started "), line
 
@@ -184,25 +186,23 @@ def test_lock_from_another_host_is_live_while_its_heartbeat_is_fresh(tmp_path):
     assert not path.exists()
 
 
-def test_unusable_output_dir_is_one_line_and_exit_code_2(tmp_path):
+def test_unusable_output_dir_is_one_line_and_exit_code_2(tmp_path, capsys):
     cfg = write_config(tmp_path / "cfg.yaml", "/etc/passwd/run", pp=1, steps=2, every=0)
-    proc = subprocess.run([sys.executable, "-m", "pp.run", cfg], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == "pp.run: output.dir '/etc/passwd/run' cannot be used: '/etc/passwd' is a file, " \
-                                  "not a directory", proc.stderr
+    code, _, stderr = main_in_process(capsys, cfg)   # refused before training: pp.run's main in this process
+    assert code == 2, stderr
+    assert stderr.strip() == "pp.run: output.dir '/etc/passwd/run' cannot be used: '/etc/passwd' is a file, " \
+                             "not a directory", stderr
     with pytest.raises(OutputDirError, match="is a file, not a directory"):
         check_usable(str(tmp_path / "cfg.yaml" / "sub"))
 
 
-def test_bad_on_signal_is_one_line(tmp_path):
+def test_bad_on_signal_is_one_line(tmp_path, capsys):
     cfg = write_config(tmp_path / "cfg.yaml", str(tmp_path / "out"), pp=1, steps=2, every=0,
                        extra="")
-    proc = subprocess.run([sys.executable, "-m", "pp.run", cfg, "--checkpoint.on_signal", "SIGKILL"], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == ("pp.run: bad config: checkpoint.on_signal: SIGKILL cannot be caught; use e.g. "
-                                   "SIGTERM or SIGUSR1"), proc.stderr
+    code, _, stderr = main_in_process(capsys, cfg, "--checkpoint.on_signal", "SIGKILL")   # in this process
+    assert code == 2
+    assert stderr.strip() == ("pp.run: bad config: checkpoint.on_signal: SIGKILL cannot be caught; use e.g. "
+                              "SIGTERM or SIGUSR1"), stderr
 
 
 SETTING_UP = '''

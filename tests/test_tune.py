@@ -40,6 +40,16 @@ def torchrun(module: str, *args: str, timeout: float = 200) -> subprocess.Comple
     return proc
 
 
+@pytest.fixture
+def one_thread():
+    """Measuring in this process with one CPU thread, as torchrun gives each rank (the default thread
+    count spent most of the time on contention on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_pp_tune_prints_a_ranking_and_writes_a_config_that_pp_run_trains(tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run")
     out = tmp_path / "tuned.yaml"
@@ -68,7 +78,7 @@ def test_auto_schedule_logs_its_choice_and_records_predicted_and_measured_step_t
     assert summary["tuned"]["schedule"] in proc.stdout and "measured / predicted" in proc.stdout
 
 
-def test_tuning_with_a_budget_nothing_fits_is_one_config_error(tmp_path):
+def test_tuning_with_a_budget_nothing_fits_is_one_config_error(tmp_path, one_thread):
     cfg = load_config(write_config(tmp_path / "cfg.yaml", tmp_path / "run", extra=", memory_budget_gib: 0.000001"))
     with pytest.raises(ConfigError, match=r"memory_budget_gib=1e-06: the smallest estimate is [0-9.e-]+ GiB per rank"):
         tune(cfg, torch.device("cpu"), 2, iters=1)
@@ -125,7 +135,7 @@ def _auto_config(tmp_path, n_layers: int = 4, batch: int = 6, schedule: str = "{
     return str(path)
 
 
-def test_auto_chooses_the_microbatches_when_none_are_given(tmp_path):
+def test_auto_chooses_the_microbatches_when_none_are_given(tmp_path, one_thread):
     """The default schedule.microbatches (4) was checked against the batch before auto chose its own:
     batch 6 was refused, though auto would pick 1, 2, 3 or 6."""
     cfg = load_config(_auto_config(tmp_path))
@@ -135,7 +145,7 @@ def test_auto_chooses_the_microbatches_when_none_are_given(tmp_path):
     assert len({p.microbatches for p in result.plans}) > 1
 
 
-def test_auto_keeps_the_microbatches_given(tmp_path):
+def test_auto_keeps_the_microbatches_given(tmp_path, one_thread):
     """A given schedule.microbatches was silently replaced by auto's choice; now auto chooses the rest."""
     cfg = load_config(_auto_config(tmp_path), ["--schedule.microbatches", "3"])
     result = tune(cfg, torch.device("cpu"), 2, iters=1)
@@ -144,7 +154,7 @@ def test_auto_keeps_the_microbatches_given(tmp_path):
         validate(placeholder(load_config(_auto_config(tmp_path), ["--schedule.microbatches", "4"])), 2)
 
 
-def test_every_plan_tuning_ranks_is_one_pp_run_takes(tmp_path):
+def test_every_plan_tuning_ranks_is_one_pp_run_takes(tmp_path, one_thread):
     """With one layer, tuning ranked and could choose plans pp.run then refused (DualPipeV's 4 stages on 2
     ranks, stages with nothing to train): every ranked plan now passes pp.run's checks."""
     from pp.tune.auto import with_plan
