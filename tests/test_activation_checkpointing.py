@@ -50,6 +50,7 @@ def _every_schedule(rank: int, world: int) -> dict:
             out[(mode, name)] = {"losses": [l.item() for l in losses],
                                  "grads": {n: p.grad.clone() for n, p in par.named_parameters()},
                                  "runs": runs, "split": spec.split_backward}
+    out["tp"] = _tp_cases(rank, world)   # in the same run: a run costs a fork
     return out
 
 
@@ -132,10 +133,9 @@ def _tp_cases(rank: int, world: int) -> dict:
     out = {}
     for mode, precision in (("none", "fp32"), ("selective", "fp32"), ("full", "fp32"), ("none", "bf16-mixed"),
                             ("full", "bf16-mixed")):
-        torch.manual_seed(0)
-        model = GPT(**MODEL)
-        par = pp.parallelize(model, (x[:2],), n_microbatches=N_MB, loss_fn=lm_loss, pp=1, tp=2,
-                             tp_plan=model.tp_plan(), activation_checkpointing=mode, precision=precision)
+        par = pp.parallelize(fresh_pipe("gpt", _model, (x[:2],), 1), (x[:2],), n_microbatches=N_MB,
+                             loss_fn=lm_loss, pp=1, tp=2, tp_plan=_model().tp_plan(),
+                             activation_checkpointing=mode, precision=precision)
         losses: list = []
         par.step(x, target=y, losses=losses)
         out[(mode, precision)] = {"losses": [l.item() for l in losses],
@@ -143,8 +143,8 @@ def _tp_cases(rank: int, world: int) -> dict:
     return out
 
 
-def test_checkpointing_with_tensor_parallel_blocks_and_bf16_mixed_equals_none():
-    for r in run_ranks(_tp_cases, 2, timeout_s=300):
+def test_checkpointing_with_tensor_parallel_blocks_and_bf16_mixed_equals_none(results):
+    for r in (rank_out["tp"] for rank_out in results):
         for mode, precision in (("selective", "fp32"), ("full", "fp32"), ("full", "bf16-mixed")):
             want, got = r[("none", precision)], r[(mode, precision)]
             assert got["losses"] == want["losses"], (mode, precision)

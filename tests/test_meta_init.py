@@ -41,12 +41,17 @@ def _meta_cases(rank: int, world: int) -> dict:
                      ("init_fn-zbv", dict(init_fn=init_fn(CFG, 7), schedule="ZBVZeroBubble"))):
         model = build_model(CFG, seed=7, device="meta")
         tp_plan = model.tp_plan() if "tp" in kw else None
-        par = pp.parallelize(model, (x[:1],), n_microbatches=4, loss_fn=lm_loss, tp_plan=tp_plan, **kw)
+        # the cut named: without it parallelize traces twice (once for pipe_split() calls, then by cost)
+        cut = None if "tp" in kw else pp.split_by_cost(4 if "zbv" in name else 2)
+        par = pp.parallelize(model, (x[:1],), n_microbatches=4, loss_fn=lm_loss, tp_plan=tp_plan,
+                             split_policy=cut, **kw)
         losses: list = []
         par.step(x, target=y, losses=losses)
         out[name] = {"state": par.state_dict(), "losses": [l.item() for l in losses] if par.owns_loss else [],
                      "meta_left": any(p.is_meta for p in par.parameters()),
                      "grads": {n: par.full_tensor(n, p.grad) for n, p in par.named_parameters()}}
+    for case in ("shape", "missing"):   # refused before any work, on every rank: nothing to pair up
+        out["bad", case] = _bad_state_dict(rank, world, case)
     return out
 
 
@@ -116,8 +121,10 @@ def _peak_while_building(rank: int, world: int) -> dict:
     with torch.device("meta"):
         model = GPT(**BIG)
     n_bytes = sum(p.numel() * 4 for p in model.parameters())
+    # the cut named: without it parallelize traces twice (once for pipe_split() calls, then by cost)
     par = pp.parallelize(model, (torch.zeros(1, BIG["seq_len"], dtype=torch.long),), n_microbatches=4,
-                         loss_fn=lm_loss, init_fn=init_fn(ModelConfig(name="gpt", **BIG), 0))
+                         loss_fn=lm_loss, init_fn=init_fn(ModelConfig(name="gpt", **BIG), 0),
+                         split_policy=pp.split_by_cost(4))
     mine = sum(p.numel() * 4 for p in par.parameters())
     return {"peak": (_rss_kib("VmHWM") - before) * 1024, "model": n_bytes, "mine": mine}
 
@@ -171,10 +178,10 @@ def _bad_state_dict(rank: int, world: int, case: str) -> str:
     ("shape", "state_dict['lm_head.weight'] has shape (5, 5), the model (64, 16)"),
     ("missing", "state_dict lacks 1 of the model's tensors: 'blocks.3.mlp.fc.weight'"),
 ])
-def test_a_state_dict_one_stage_cannot_take_is_refused_by_every_rank(case, message):
+def test_a_state_dict_one_stage_cannot_take_is_refused_by_every_rank(results, case, message):
     """A mis-shaped or missing entry was found only by the rank whose stage holds it: the other rank built
     its stages and waited in its first step (a hang under run_ranks, gloo's raw error under torchrun)."""
-    got = run_ranks(_bad_state_dict, 2, case, timeout_s=120)
+    got = [r["bad", case] for r in results]
     assert all(message in r for r in got), got
 
 

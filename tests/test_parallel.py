@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -56,7 +57,10 @@ def _run_cases(rank: int, world: int) -> dict:
     for name, kw in CASES.items():
         n_stages = 4 if "zbv" in name else 2
         source = pipes.get(n_stages, model)  # the ZBV case cuts the model itself, into 4 stages
-        par = pp.parallelize(source, mb, loss_fn=lm_loss, tp_plan=model.tp_plan() if "tp" in kw else None, **kw)
+        # a cut named for it (as pp.run names one): without, parallelize traces twice (pipe_split(), then cost)
+        cut = dict(split_policy=pp.split_by_cost(n_stages)) if source is model else {}
+        par = pp.parallelize(source, mb, loss_fn=lm_loss, tp_plan=model.tp_plan() if "tp" in kw else None,
+                             **cut, **kw)
         losses: list = []
         par.step(par.local_share(x), target=par.local_share(y), losses=losses)
         grads = {n: par.full_tensor(n, p.grad) for n, p in par.named_parameters()}
@@ -83,8 +87,9 @@ def _run_cases(rank: int, world: int) -> dict:
                       "order": par.grad_sync.last_order if par.grad_sync else None,
                       "stages": [s.stage_index for s in par.stages]}
         par.zero_grad()  # the cases share the untouched parameters of `model`
-    seen["frozen"] = _frozen_first_stage(x, y, zero=0)
-    seen["frozen-zero3"] = _frozen_first_stage(x, y, zero=3)
+    frozen = _frozen_pipe()   # traced once, for both zero levels
+    seen["frozen"] = _frozen_first_stage(frozen, x, y, zero=0)
+    seen["frozen-zero3"] = _frozen_first_stage(frozen, x, y, zero=3)
     seen["example"] = _run_example("--tp", "2", "--steps", "4")  # last: it destroys the process group
     return seen
 
@@ -100,14 +105,24 @@ def _frozen_model() -> GPT:
     return model
 
 
-def _frozen_first_stage(x: torch.Tensor, y: torch.Tensor, zero: int) -> dict:
-    """pp 2 x dp 2 with stage 0 wholly frozen, clipped: once failed in the clip (no gradient to scale),
-    and at zero 2/3 in the norm (a frozen parameter has no master shard)."""
+def _frozen_pipe():
+    """The frozen model cut before blocks.1: stage 0 is all frozen."""
     import pp
 
     torch.manual_seed(0)
-    par = pp.parallelize(_frozen_model(), (torch.zeros(2, MODEL["seq_len"], dtype=torch.long),), loss_fn=lm_loss,
-                         pp=2, dp=2, n_microbatches=2, split_spec={"blocks.1": pp.SplitPoint.BEGINNING}, zero=zero)
+    return pp.pipeline(_frozen_model(), (torch.zeros(2, MODEL["seq_len"], dtype=torch.long),),
+                       split_spec={"blocks.1": pp.SplitPoint.BEGINNING})
+
+
+def _frozen_first_stage(pipe, x: torch.Tensor, y: torch.Tensor, zero: int) -> dict:
+    """pp 2 x dp 2 with stage 0 wholly frozen, clipped: once failed in the clip (no gradient to scale),
+    and at zero 2/3 in the norm (a frozen parameter has no master shard)."""
+    import copy
+
+    import pp
+
+    par = pp.parallelize(copy.deepcopy(pipe), (torch.zeros(2, MODEL["seq_len"], dtype=torch.long),),
+                         loss_fn=lm_loss, pp=2, dp=2, n_microbatches=2, zero=zero)
     par.build_optimizer()
     par.step(par.local_share(x), target=par.local_share(y))
     norm = par.clip_grad_norm_(CLIP).item()
@@ -258,8 +273,10 @@ def launched(tmp_path_factory) -> dict:
     cfg = root / "cfg.yaml"
     cfg.write_text(LAUNCH)
     out = {name: root / name for name in ("ref", "tp", "dp")}
-    procs = {"ref": torchrun(2, str(cfg), "--output.dir", str(out["ref"])),
-             "dp": torchrun(4, str(cfg), "--parallel.dp", "2", "--output.dir", str(out["dp"]))}
+    with ThreadPoolExecutor() as pool:   # the two independent jobs at once: each idles in start-up and rendezvous
+        ref = pool.submit(torchrun, 2, str(cfg), "--output.dir", str(out["ref"]))
+        dp = pool.submit(torchrun, 4, str(cfg), "--parallel.dp", "2", "--output.dir", str(out["dp"]))
+        procs = {"ref": ref.result(), "dp": dp.result()}
     check_ok(procs["dp"])
     shutil.copytree(out["dp"] / "checkpoints" / "step-3", out["tp"] / "checkpoints" / "step-3")
     procs["tp"] = torchrun(4, str(cfg), "--parallel.tp", "2", "--output.dir", str(out["tp"]),

@@ -12,6 +12,7 @@ from pp.launcher.models import GPT
 from pp.launcher.train import lm_loss
 from pp.parallel.precision import check_precision
 from pp.testing import run_ranks
+from pipes import fresh_pipe
 
 MODEL = dict(vocab_size=64, d_model=32, n_layers=4, n_heads=4, seq_len=16)
 STEPS = 30
@@ -23,17 +24,21 @@ def _data(step: int):
     return tokens[:, :-1], tokens[:, 1:]
 
 
+def _model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(**MODEL)
+
+
 def _train(rank: int, world: int) -> dict:
     import pp
 
     warnings.simplefilter("ignore")
     out = {}
     for precision, schedule in (("fp32", "1F1B"), ("bf16-mixed", "1F1B"), ("bf16-mixed", "ZBVZeroBubble")):
-        torch.manual_seed(0)
-        model = GPT(**MODEL)
         x0, _ = _data(0)
-        par = pp.parallelize(model, (x0[:2],), n_microbatches=4, loss_fn=lm_loss, schedule=schedule,
-                             precision=precision)
+        n_stages = 2 if schedule == "1F1B" else 4   # the two 1F1B runs share one trace
+        par = pp.parallelize(fresh_pipe("gpt", _model, (x0[:2],), n_stages), (x0[:2],), n_microbatches=4,
+                             loss_fn=lm_loss, schedule=schedule, precision=precision)
         opt = par.build_optimizer(torch.optim.AdamW, lr=3e-3)
         seen_dtypes = set()
         if par.has_last_stage and not par.has_first_stage:

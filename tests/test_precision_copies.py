@@ -4,6 +4,7 @@ cast-per-microbatch implementation within bfloat16 tolerance (1F1B and the zero-
 and the masters' gradient hooks still run once per microbatch."""
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import pytest
@@ -13,9 +14,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pp.launcher.models import GPT
 from pp.launcher.train import lm_loss
 from pp.testing import run_ranks
+from pipes import fresh_pipe
 
 MODEL = dict(vocab_size=64, d_model=32, n_layers=4, n_heads=4, seq_len=16)
 N_MB = 4
+
+
+def _model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(**MODEL)
 
 
 class _WeightCasts(TorchDispatchMode):
@@ -44,10 +51,10 @@ def _run(rank: int, world: int, schedule: str) -> dict:
     out = {}
     for copies in (False, True):
         precision.WEIGHT_COPIES = copies
-        try:
-            torch.manual_seed(0)
-            par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=N_MB, loss_fn=lm_loss,
-                                 schedule=schedule, precision="bf16-mixed")
+        try:   # traced once per stage count in this rank
+            n_stages = 2 if schedule == "1F1B" else 4
+            par = pp.parallelize(fresh_pipe("gpt", _model, (x[:2],), n_stages), (x[:2],), n_microbatches=N_MB,
+                                 loss_fn=lm_loss, schedule=schedule, precision="bf16-mixed")
         finally:
             precision.WEIGHT_COPIES = True
         opt = par.build_optimizer(torch.optim.AdamW, lr=1e-2)
@@ -85,9 +92,22 @@ def _run(rank: int, world: int, schedule: str) -> dict:
     return out
 
 
+def _two_rank_cases(rank: int, world: int) -> dict:
+    """Every 2-rank case of this file in one run (a run costs a fork and the traces)."""
+    out = {schedule: _run(rank, world, schedule) for schedule in ("1F1B", "ZBVZeroBubble")}
+    out["reuse"] = _reuse(rank, world)
+    out["mixtral"] = _mixtral(rank, world) if importlib.util.find_spec("transformers") else None  # else it skips
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    return run_ranks(_two_rank_cases, 2, timeout_s=600)
+
+
 @pytest.mark.parametrize("schedule", ["1F1B", "ZBVZeroBubble"])
-def test_bf16_mixed_casts_weights_once_per_step_and_matches_per_microbatch_casts(schedule):
-    for rank in run_ranks(_run, 2, schedule, timeout_s=600):
+def test_bf16_mixed_casts_weights_once_per_step_and_matches_per_microbatch_casts(two_ranks, schedule):
+    for rank in (r[schedule] for r in two_ranks):
         old, new = rank[False], rank[True]
         # before: each rank's two blocks cast their 4 matrices each to bfloat16 in every microbatch's forward;
         # now: never (the copies are refreshed in place)
@@ -113,7 +133,7 @@ def _reuse(rank: int, world: int) -> list:
     torch.manual_seed(0)
     tokens = torch.randint(0, MODEL["vocab_size"], (8, MODEL["seq_len"] + 1))
     x, y = tokens[:, :-1], tokens[:, 1:]
-    pipe = pp.pipeline(GPT(**MODEL), (x[:2],), split_policy=pp.split_by_cost(2))
+    pipe = fresh_pipe("gpt", _model, (x[:2],), 2)   # one Pipe, parallelized four times below
     out = []
     for precision in ("fp32", "bf16-mixed", "bf16-mixed", "fp32"):
         par = pp.parallelize(pipe, (x[:2],), n_microbatches=N_MB, loss_fn=lm_loss, precision=precision)
@@ -123,8 +143,8 @@ def _reuse(rank: int, world: int) -> list:
     return out
 
 
-def test_a_pipe_reused_after_bf16_mixed_computes_with_its_float32_weights_again():
-    for losses in run_ranks(_reuse, 2, timeout_s=300):
+def test_a_pipe_reused_after_bf16_mixed_computes_with_its_float32_weights_again(two_ranks):
+    for losses in (r["reuse"] for r in two_ranks):
         fp32, mixed, mixed_again, fp32_again = losses
         assert fp32_again == fp32 and mixed_again == mixed
         if fp32:
@@ -153,7 +173,9 @@ def _mixtral(rank: int, world: int) -> dict:
 
     warnings.simplefilter("ignore")
     model, x, y = _mixtral_and_batch()
-    par = pp.parallelize(model, (x[:2],), n_microbatches=2, loss_fn=lm_loss, pp=2, precision="bf16-mixed")
+    # the cut named: without one, parallelize traces twice (once for pipe_split() calls, then by cost)
+    par = pp.parallelize(model, (x[:2],), n_microbatches=2, loss_fn=lm_loss, pp=2, precision="bf16-mixed",
+                         split_policy=pp.split_by_cost(2))
     opt = par.build_optimizer(torch.optim.SGD, lr=0.1)
     losses = []
     for _ in range(2):
@@ -166,12 +188,12 @@ def _mixtral(rank: int, world: int) -> dict:
     return {"losses": losses, "copied": copied, "last": par.has_last_stage}
 
 
-def test_bf16_mixed_keeps_float32_weights_where_autocast_does_not_cast_their_op():
+def test_bf16_mixed_keeps_float32_weights_where_autocast_does_not_cast_their_op(two_ranks):
     """A bfloat16 copy of a weight whose op autocast does not cover (Mixtral's experts) met a float32
     input there: "expected m1 and m2 to have the same dtype" on the first forward, at any pp. Such
     weights stay float32 (autocast casts per op as before); matmul weights still get copies."""
     pytest.importorskip("transformers")
-    got = run_ranks(_mixtral, 2, timeout_s=300)
+    got = [r["mixtral"] for r in two_ranks]
     last = next(r for r in got if r["last"])
     model, x, y = _mixtral_and_batch()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):   # the unsplit model, first step

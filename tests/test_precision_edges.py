@@ -4,6 +4,7 @@ tied weights under pure bfloat16 on three ranks train as one; a loss_fn that ret
 refused in one sentence. Right values come from the unsplit model."""
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import pytest
@@ -14,8 +15,17 @@ import torch.nn.functional as F
 from pp.launcher.models import GPT
 from pp.launcher.train import lm_loss
 from pp.testing import RankError, run_ranks
+from pipes import fresh_pipe
 
 MODEL = dict(vocab_size=64, d_model=32, n_layers=4, n_heads=4, seq_len=16)
+
+
+def _cut(n_stages: int):
+    """The cut named, as pp.run names it: without one, parallelize traces twice (once for pipe_split()
+    calls, then by cost), and tracing dominates these tests."""
+    import pp
+
+    return pp.split_by_cost(n_stages)
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +60,7 @@ def _frozen_stage(rank: int, world: int) -> dict:
     x, y = _batch()
     torch.manual_seed(0)
     par = pp.parallelize(_frozen_front(GPT(**MODEL)), (x[:2],), n_microbatches=4, loss_fn=lm_loss,
-                         schedule="1F1B", precision="bf16-mixed")
+                         schedule="1F1B", precision="bf16-mixed", split_policy=_cut(2))
     mb: list = []
     par.step(x, target=y, losses=mb)
     return {"losses": [l.item() for l in mb],
@@ -58,10 +68,39 @@ def _frozen_stage(rank: int, world: int) -> dict:
             "frozen_grads": [n for n, p in par.named_parameters() if not p.requires_grad and p.grad is not None]}
 
 
-def test_bf16_mixed_trains_a_stage_whose_parameters_are_all_frozen():
+def _two_rank_cases(rank: int, world: int) -> dict:
+    """The 2-rank cases that complete, in one run (each run costs a fork)."""
+    return {"frozen": _frozen_stage(rank, world), "autocast": _loss_under_autocast(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    return run_ranks(_two_rank_cases, 2, timeout_s=300)
+
+
+def _model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(**MODEL)
+
+
+def _one_rank_cases(rank: int, world: int) -> dict:
+    """The 1-rank cases in one run; the GPT cases share one trace (tracing dominates them)."""
+    out = {"dict": _dict_loss(rank, world), **{("detached", leaf): _detached_loss(rank, world, leaf)
+                                               for leaf in (False, True)}}
+    if importlib.util.find_spec("transformers") is not None:   # else its test skips
+        out["llama"] = _meta_llama_in_bf16(rank, world)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank() -> dict:
+    return run_ranks(_one_rank_cases, 1, timeout_s=200)[0]
+
+
+def test_bf16_mixed_trains_a_stage_whose_parameters_are_all_frozen(two_ranks):
     """bf16-mixed crashed in its weight-copy set-up ("Tensor list must have at least one tensor") on a
     stage with no trainable matrix: frozen layers in fine-tuning, a stage of norms only."""
-    got = run_ranks(_frozen_stage, 2, timeout_s=300)
+    got = [r["frozen"] for r in two_ranks]
     x, y = _batch()
     torch.manual_seed(0)
     want_losses, want_grads = _unsplit_bf16_mixed(_frozen_front(GPT(**MODEL)), x, y, 4)
@@ -86,16 +125,16 @@ def _loss_under_autocast(rank: int, world: int) -> list[float]:
     x, y = _batch()
     torch.manual_seed(0)
     par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=4, loss_fn=plain_ce, schedule="GPipe",
-                         precision="bf16-mixed")
+                         precision="bf16-mixed", split_policy=_cut(2))
     mb: list = []
     par.step(x, target=y, losses=mb)
     return [l.item() for l in mb]
 
 
-def test_bf16_mixed_loss_runs_under_the_forwards_autocast_as_in_the_unsplit_loop():
+def test_bf16_mixed_loss_runs_under_the_forwards_autocast_as_in_the_unsplit_loop(two_ranks):
     """The loss ran outside autocast: a loss_fn that autocast would run in float32 met bfloat16 logits
     and computed in bfloat16, about 1% off the unsplit `with autocast: loss = loss_fn(model(x), y)`."""
-    got = next(r for r in run_ranks(_loss_under_autocast, 2, timeout_s=300) if r)
+    got = next(r["autocast"] for r in two_ranks if r["autocast"])
     x, y = _batch()
     torch.manual_seed(0)
     want, _ = _unsplit_bf16_mixed(GPT(**MODEL), x, y, 4, plain_ce)
@@ -112,7 +151,7 @@ def _tied_bf16(rank: int, world: int) -> dict:
     with torch.device("meta"):   # as pp.run builds it: traced in float32 on meta, each stage cast after
         model = GPT(**MODEL, tie_weights=True)
     par = pp.parallelize(model, (x[:2],), n_microbatches=4, loss_fn=lm_loss, schedule="1F1B", precision="bf16",
-                         state_dict=weights)
+                         state_dict=weights, split_policy=_cut(3))
     mb: list = []
     par.step(x, target=y, losses=mb)
     grads = {n: p.grad.float() for n, p in par.named_parameters() if p.grad is not None}
@@ -142,7 +181,7 @@ def _dict_loss(rank: int, world: int) -> str:
 
     warnings.simplefilter("ignore")
     x, y = _batch()
-    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=2, schedule="GPipe",
+    par = pp.parallelize(fresh_pipe("gpt", _model, (x[:2],), 1), (x[:2],), n_microbatches=2, schedule="GPipe",
                          loss_fn=lambda out, t: {"lm": lm_loss(out, t), "z": out.float().logsumexp(-1).mean()})
     try:
         par.step(x, target=y)
@@ -151,8 +190,8 @@ def _dict_loss(rank: int, world: int) -> str:
     return "" if par.has_last_stage else "not last"
 
 
-def test_a_loss_fn_returning_several_losses_is_refused_in_one_sentence():
-    got = run_ranks(_dict_loss, 1, timeout_s=120)[0]
+def test_a_loss_fn_returning_several_losses_is_refused_in_one_sentence(one_rank):
+    got = one_rank["dict"]
     assert "loss_fn must return a single-element tensor" in got and "dict" in got
 
 
@@ -166,7 +205,7 @@ def _dict_loss_raising(rank: int, world: int) -> None:
 
     warnings.simplefilter("ignore")
     x, y = _batch()
-    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=2, schedule="1F1B",
+    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=2, schedule="1F1B", split_policy=_cut(2),
                          loss_fn=lambda out, t: (lm_loss(out, t), F.mse_loss(out, out)))
     par.step(x, target=y)
 
@@ -178,7 +217,8 @@ def _detached_loss(rank: int, world: int, leaf: bool = False) -> str:
     x, y = _batch()
     cut = ((lambda out, t: lm_loss(out, t).detach().requires_grad_()) if leaf else   # a leaf: no grad_fn
            (lambda out, t: torch.tensor(lm_loss(out, t).item())))   # the graph cut
-    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=2, schedule="GPipe", loss_fn=cut)
+    par = pp.parallelize(fresh_pipe("gpt", _model, (x[:2],), 1), (x[:2],), n_microbatches=2, schedule="GPipe",
+                         loss_fn=cut)
     try:
         par.step(x, target=y)
     except RuntimeError as e:
@@ -187,8 +227,8 @@ def _detached_loss(rank: int, world: int, leaf: bool = False) -> str:
 
 
 @pytest.mark.parametrize("leaf", [False, True], ids=["no-grad", "detached-leaf"])
-def test_a_loss_fn_that_cuts_the_graph_is_named_not_torchs_bare_backward_error(leaf):
-    got = run_ranks(_detached_loss, 1, leaf, timeout_s=120)[0]   # a leaf trained nothing without a word
+def test_a_loss_fn_that_cuts_the_graph_is_named_not_torchs_bare_backward_error(one_rank, leaf):
+    got = one_rank["detached", leaf]   # a leaf trained nothing without a word
     assert "loss_fn returned a loss that does not require grad" in got, got
 
 
@@ -224,9 +264,9 @@ def _meta_llama_in_bf16(rank: int, world: int) -> tuple[list, list]:
     return [v.item() for v in losses], [_logits_loss(unsplit(c).logits, c).item() for c in x.chunk(2)]
 
 
-def test_a_meta_device_hf_llama_in_pure_bf16_is_traced_in_bf16_and_matches_the_unsplit_bf16_model():
+def test_a_meta_device_hf_llama_in_pure_bf16_is_traced_in_bf16_and_matches_the_unsplit_bf16_model(one_rank):
     """Traced in float32 and cast after, the rotary table's `.to(x.dtype)` stayed float32 in the graph:
     attention got float32 queries and bfloat16 values (a crash at the first forward)."""
     pytest.importorskip("transformers")
-    got, want = run_ranks(_meta_llama_in_bf16, 1, timeout_s=120)[0]
+    got, want = one_rank["llama"]
     assert got == want

@@ -125,10 +125,30 @@ def _step_and_compare(rank, model, stages, sched, n_stages, x, y, autocast=False
 SHAPES = [(8, 6), (8, 9), (8, 4), (6, 9), (8, 6)]
 
 
-def _other_shapes(rank, world):
+def _view_model_and_pipes():
     torch.manual_seed(0)
     model = ViewModel()
-    pipes = _pipes(model, torch.randn(3, 6, 8))
+    return model, _pipes(model, torch.randn(3, 6, 8))
+
+
+def _all_cases(rank, world):
+    """Every 2-rank case of this file in one run: the ViewModel cases share one trace per stage count
+    (tracing dominates them; no case trains the weights, and each zeroes its stages' gradients).
+    `_eval_and_step` goes last of them: it ends by handing the 2-stage pipe to pp.parallelize."""
+    model, pipes = _view_model_and_pipes()
+    return {"other shapes": _other_shapes(rank, world, model, pipes),
+            "autocast": _autocast(rank, world, model, pipes),
+            "eval and step": _eval_and_step(rank, world, model, pipes),
+            "length": _refused(rank, world, 3, (9, 9)),
+            "one row": _refused(rank, world, 1, (6, 6))}
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return run_ranks(_all_cases, 2, timeout_s=300)
+
+
+def _other_shapes(rank, world, model, pipes):
     for name in ALL:
         stages, sched, n_stages = _stages(pipes, name, world, rank)
         for b, t in SHAPES:
@@ -141,10 +161,10 @@ def _other_shapes(rank, world):
     return ALL
 
 
-def test_traced_stages_take_other_batch_sizes_and_lengths_on_every_schedule():
+def test_traced_stages_take_other_batch_sizes_and_lengths_on_every_schedule(ranks):
     """Traced on a 3 x 6 microbatch, then batches of 8 (chunks 3, 3, 2) at lengths 6, 9, 4, and 6 x 9
     (chunks of 2 x 9 = 18 = 3 x 6 rows: a view frozen to the example's sizes would fit, silently wrong)."""
-    assert run_ranks(_other_shapes, 2, timeout_s=300)[0] == ALL
+    assert ranks[0]["other shapes"] == ALL
 
 
 # --- shapes the traced model cannot take: a ValueError on stage 0 before anything is sent ----------------
@@ -185,15 +205,15 @@ def _refused(rank, world, example_rows, bad_batch):
     return error
 
 
-def test_a_length_the_model_fixes_is_refused_before_any_transfer():
-    rank0, rank1 = run_ranks(_refused, 2, 3, (9, 9), timeout_s=120)
+def test_a_length_the_model_fixes_is_refused_before_any_transfer(ranks):
+    rank0, rank1 = (r["length"] for r in ranks)
     assert rank0 == ("ValueError", "stage 0 input 0 ('x'): expected a float32 tensor of shape (*, 6, 8), got a "
                      "float32 tensor of shape (3, 9, 8): dimension 1 must be 6; the traced model fixes this size")
     assert rank1[0] == "RuntimeError" and "rank 0 rejected its inputs" in rank1[1]
 
 
-def test_a_batch_dimension_traced_at_one_row_is_refused_with_the_reason():
-    rank0, _ = run_ranks(_refused, 2, 1, (6, 6), timeout_s=120)
+def test_a_batch_dimension_traced_at_one_row_is_refused_with_the_reason(ranks):
+    rank0 = ranks[0]["one row"]
     assert rank0[0] == "ValueError" and rank0[1].startswith(
         "stage 0 input 0 ('x'): expected a float32 tensor of shape (1, 6, 8), got a float32 tensor of shape "
         "(2, 6, 8): dimension 0 must be 1; torch.export fixes every dimension of size 0 or 1")
@@ -257,10 +277,7 @@ def test_a_size_of_one_that_the_trace_cannot_cover_says_what_to_send():
 
 # --- eval() and step() in any order on one schedule ------------------------------------------------------
 
-def _eval_and_step(rank, world):
-    torch.manual_seed(0)
-    model = ViewModel()
-    pipes = _pipes(model, torch.randn(3, 6, 8))
+def _eval_and_step(rank, world, model, pipes):
     runs = []
     for name in ("1F1B", "Interleaved1F1B", "parallelize"):
         if name == "parallelize":
@@ -285,17 +302,14 @@ def _eval_and_step(rank, world):
     return runs
 
 
-def test_eval_and_step_in_any_order_match_the_unsplit_model():
-    runs = run_ranks(_eval_and_step, 2, timeout_s=300)[0]
+def test_eval_and_step_in_any_order_match_the_unsplit_model(ranks):
+    runs = ranks[0]["eval and step"]
     assert len(runs) == 21
 
 
 # --- step() under torch.autocast ---------------------------------------------------------------------------
 
-def _autocast(rank, world):
-    torch.manual_seed(0)
-    model = ViewModel()
-    pipes = _pipes(model, torch.randn(3, 6, 8))
+def _autocast(rank, world, model, pipes):
     for name in ("1F1B", "Interleaved1F1B", "ZBVZeroBubble"):
         stages, sched, n_stages = _stages(pipes, name, world, rank)
         for b, t in [(8, 6), (8, 9)]:
@@ -305,9 +319,9 @@ def _autocast(rank, world):
     return True
 
 
-def test_step_under_autocast_matches_the_unsplit_model_under_autocast():
+def test_step_under_autocast_matches_the_unsplit_model_under_autocast(ranks):
     """Activations cross the cut in bfloat16; the ops are the unsplit model's, so the numbers are too."""
-    assert all(run_ranks(_autocast, 2, timeout_s=300))
+    assert all(r["autocast"] for r in ranks)
 
 
 def test_pipeline_dynamic_false_fixes_the_example_s_sizes_and_gives_the_same_results():

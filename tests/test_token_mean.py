@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from pp.launcher.models import GPT
 from pp.microbatch import loss_class_weights, loss_ignore_index, target_counts
+from pp.schedules.registry import get_spec
 from pp.testing import run_ranks
+from pipes import fresh_pipe
 
 MODEL = dict(vocab_size=32, d_model=16, n_layers=4, n_heads=2, seq_len=8)
 PAD = 0
@@ -48,9 +50,18 @@ def row_mean_ce(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 row_mean_ce.ignore_index = None
 
 
-def _unsplit(loss_fn, x, y) -> tuple[float, dict]:
+def _model() -> GPT:
     torch.manual_seed(0)
-    model = GPT(**MODEL)
+    return GPT(**MODEL)
+
+
+def _pipe(x: torch.Tensor, n_stages: int = 2):
+    """The model cut into `n_stages`, traced once per stage count in a rank (tracing dominates these runs)."""
+    return fresh_pipe("gpt", _model, (x[:2],), n_stages)
+
+
+def _unsplit(loss_fn, x, y) -> tuple[float, dict]:
+    model = _model()
     loss = loss_fn(model(x), y)
     loss.backward()
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}
@@ -68,17 +79,41 @@ def _train(rank: int, world: int, schedule: str, loss: str, dp: int, rows: int) 
         def loss_fn(out, t, _f=loss_fn):   # the module / partial on the flattened logits
             return _f(out.flatten(0, 1), t.flatten())
         loss_fn.ignore_index = ignore
-    torch.manual_seed(0)
-    par = pp.parallelize(GPT(**MODEL), (x[:rows // dp // 4],), n_microbatches=4, loss_fn=loss_fn,
+    n_stages = get_spec(schedule).n_stages(world // dp)
+    par = pp.parallelize(_pipe(x, n_stages), (x[:rows // dp // 4],), n_microbatches=4, loss_fn=loss_fn,
                          schedule=schedule, dp=dp)
     share = slice(par.dp_rank * rows // dp, (par.dp_rank + 1) * rows // dp)
     par.step(x[share], target=y[share])
     return {n: p.grad for n, p in par.named_parameters() if par.dp_rank == 0}
 
 
-@pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV"])
-def test_ignored_targets_spread_unevenly_give_the_unsplit_gradient(schedule):
-    got = {k: v for r in run_ranks(_train, 2, schedule, "plain", 1, 8, timeout_s=300) for k, v in r.items()}
+SCHEDULES = ["1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV"]
+
+
+def _two_rank_cases(rank: int, world: int) -> dict:
+    """Every 2-rank case of this file in one run (a run costs a fork and a trace per stage count)."""
+    out = {("plain", s): _train(rank, world, s, "plain", 1, 8) for s in SCHEDULES}
+    out["rows"] = _train(rank, world, "1F1B", "rows", 1, 8)
+    out["class weights"] = _class_weighted(rank, world)
+    out["dict", "bool"] = _dict_target(rank, world, "bool")
+    out["dict", "int64"] = _dict_target(rank, world, "int64")
+    out["all ignored"] = _all_ignored(rank, world)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    return run_ranks(_two_rank_cases, 2, timeout_s=300)
+
+
+def _merged(two_ranks: list[dict], case) -> dict:
+    """A case's gradients, each from the rank holding it."""
+    return {k: v for r in two_ranks for k, v in r[case].items()}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_ignored_targets_spread_unevenly_give_the_unsplit_gradient(two_ranks, schedule):
+    got = _merged(two_ranks, ("plain", schedule))
     x, y = _batch()
     _, want = _unsplit(mean_ce, x, y)
     for name, g in want.items():
@@ -95,8 +130,8 @@ def test_a_stated_ignore_index_and_data_parallel_replicas_count_the_global_batch
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_a_loss_stating_ignore_index_none_is_weighted_by_rows():
-    got = {k: v for r in run_ranks(_train, 2, "1F1B", "rows", 1, 8, timeout_s=300) for k, v in r.items()}
+def test_a_loss_stating_ignore_index_none_is_weighted_by_rows(two_ranks):
+    got = _merged(two_ranks, "rows")
     x, y = _batch()
     _, want = _unsplit(row_mean_ce, x, y)
     for name, g in want.items():
@@ -114,16 +149,15 @@ def _class_weighted(rank: int, world: int) -> dict:
     def loss_fn(out, t):
         return ce(out.flatten(0, 1), t.flatten())
     loss_fn.weight = weight    # stated, as the module inside cannot be seen
-    torch.manual_seed(0)
-    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=4, loss_fn=loss_fn, schedule="1F1B")
+    par = pp.parallelize(_pipe(x), (x[:2],), n_microbatches=4, loss_fn=loss_fn, schedule="1F1B")
     par.step(x, target=y)
     return {n: p.grad for n, p in par.named_parameters()}
 
 
-def test_a_class_weighted_mean_is_counted_by_its_weights():
+def test_a_class_weighted_mean_is_counted_by_its_weights(two_ranks):
     """nn.CrossEntropyLoss(weight=w) divides by the summed weights of the counted targets: each microbatch
     is weighted by its share of those (by counts alone its gradient was off even on an even split)."""
-    got = {k: v for r in run_ranks(_class_weighted, 2, timeout_s=300) for k, v in r.items()}
+    got = _merged(two_ranks, "class weights")
     x, y = _batch()
     weight = torch.linspace(0.2, 3.0, MODEL["vocab_size"])
     _, want = _unsplit(lambda out, t: F.cross_entropy(out.flatten(0, 1), t.flatten(), weight=weight), x, y)
@@ -139,8 +173,7 @@ def _dict_target(rank: int, world: int, mask_dtype: str) -> dict:
 
     def loss_fn(out, t):   # the class ids under "labels"; the mask rides along (first, in the dict)
         return F.cross_entropy(out.flatten(0, 1), t["labels"].flatten())
-    torch.manual_seed(0)
-    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=4, loss_fn=loss_fn, schedule="1F1B")
+    par = pp.parallelize(_pipe(x), (x[:2],), n_microbatches=4, loss_fn=loss_fn, schedule="1F1B")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         par.step(x, target={"mask": mask, "labels": y})
@@ -148,19 +181,19 @@ def _dict_target(rank: int, world: int, mask_dtype: str) -> dict:
             "warned": [str(w.message) for w in caught if "several integer tensors" in str(w.message)]}
 
 
-def test_a_dict_target_counts_its_one_integer_tensor_and_warns_where_it_has_several():
+def test_a_dict_target_counts_its_one_integer_tensor_and_warns_where_it_has_several(two_ranks):
     """{"mask": m, "labels": y}: the first tensor used to be counted, so a bool mask fell back to rows and
     an int mask counted every entry (wrong gradients, no word). The class ids are the one integer tensor
     (exact with a bool mask); with two integer tensors which one the loss reads cannot be told: rows, and
     a warning naming both."""
     x, y = _batch()
     _, want = _unsplit(mean_ce, x, y)
-    got = run_ranks(_dict_target, 2, "bool", timeout_s=300)
+    got = [r["dict", "bool"] for r in two_ranks]
     grads = {k: v for r in got for k, v in r["grads"].items()}
     for name, g in want.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
     assert all(r["warned"] == [] for r in got)
-    got = run_ranks(_dict_target, 2, "int64", timeout_s=300)
+    got = [r["dict", "int64"] for r in two_ranks]
     last = got[-1]["warned"]
     assert len(last) == 1 and "target['mask'], target['labels']" in last[0], last
 
@@ -198,10 +231,10 @@ def test_counts_follow_the_loss_and_skip_targets_that_are_not_class_ids():
     assert loss_class_weights(Learned()) is None
 
 
-def test_a_microbatch_whose_targets_are_all_ignored_adds_nothing_and_no_nan():
+def test_a_microbatch_whose_targets_are_all_ignored_adds_nothing_and_no_nan(two_ranks):
     """A microbatch of padding only: its own mean is 0/0 (a NaN loss, no gradient), its share 0; the
     step's gradient is the unsplit model's, finite (1 / n weighting gave the other three a quarter each)."""
-    got = {k: v for r in run_ranks(_all_ignored, 2, timeout_s=300) for k, v in r.items()}
+    got = _merged(two_ranks, "all ignored")
     x, y = _batch()
     y[:2] = -100
     _, want = _unsplit(mean_ce, x, y)
@@ -216,7 +249,6 @@ def _all_ignored(rank: int, world: int) -> dict:
     warnings.simplefilter("ignore")
     x, y = _batch()
     y[:2] = -100
-    torch.manual_seed(0)
-    par = pp.parallelize(GPT(**MODEL), (x[:2],), n_microbatches=4, loss_fn=mean_ce, schedule="1F1B")
+    par = pp.parallelize(_pipe(x), (x[:2],), n_microbatches=4, loss_fn=mean_ce, schedule="1F1B")
     par.step(x, target=y)
     return {n: p.grad for n, p in par.named_parameters()}

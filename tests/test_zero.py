@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -206,11 +207,16 @@ def test_checkpoint_saved_at_zero_3_resumes_at_zero_0_and_loads_unsplit(tmp_path
     check_ok(torchrun(4, TINY, *CFG, "--parallel.pp", "2", "--parallel.dp", "2", "--parallel.zero", "3",
                       "--output.dir", str(a)))
     straight = losses(a)
-    for nproc, pp_degree in ((2, "2"), (1, "1")):
-        b = tmp_path / f"zero0-pp{pp_degree}"
-        _resume_from(a, b, 2)
-        proc = torchrun(nproc, TINY, *CFG, "--parallel.pp", pp_degree, "--parallel.zero", "0",
-                        "--checkpoint.resume", "true", "--output.dir", str(b))
+    resumes = {}
+    with ThreadPoolExecutor() as pool:   # the two resumes at once: each idles in start-up and rendezvous
+        for nproc, pp_degree in ((2, "2"), (1, "1")):
+            b = tmp_path / f"zero0-pp{pp_degree}"
+            _resume_from(a, b, 2)
+            resumes[pp_degree, b] = pool.submit(torchrun, nproc, TINY, *CFG, "--parallel.pp", pp_degree,
+                                                "--parallel.zero", "0", "--checkpoint.resume", "true",
+                                                "--output.dir", str(b))
+    for (pp_degree, b), job in resumes.items():
+        proc = job.result()
         check_ok(proc)
         assert "resumed from" in proc.log
         resumed = losses(b)
@@ -263,11 +269,21 @@ def _read_between_steps(rank: int, world: int) -> dict:
     return out
 
 
-def test_reading_a_whole_parameter_between_steps_at_zero_3_says_where_the_values_are():
+def _two_rank_cases(rank: int, world: int) -> dict:
+    """The 2-rank cases in one run: they share one trace (fresh_pipe) and the fork."""
+    return {"read": _read_between_steps(rank, world), "gaps": _whole_after_optimizer_step(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    return run_ranks(_two_rank_cases, 2, timeout_s=240)
+
+
+def test_reading_a_whole_parameter_between_steps_at_zero_3_says_where_the_values_are(two_ranks):
     """The whole parameters' storage is freed between steps: reading one read freed memory (a segfault,
     or garbage through numpy). It raises one sentence naming the parameter and where its values are;
     metadata stays readable, and the steps after it train as before."""
-    got = run_ranks(_read_between_steps, 2, timeout_s=240)
+    got = [r["read"] for r in two_ranks]
     for r in got:
         name = r["meta"][5]
         assert r["meta"][:5] == (tuple(_model().get_parameter(name).shape), torch.float32, True,
@@ -302,10 +318,10 @@ def _whole_after_optimizer_step(rank: int, world: int) -> list:
     return gaps
 
 
-def test_zero_2_whole_parameters_follow_the_optimizer_step():
+def test_zero_2_whole_parameters_follow_the_optimizer_step(two_ranks):
     """The optimizer updates only the master shards; the whole parameters (the module's, what
     `parameters()` and a `save_pretrained` of the module read) were gathered only at the next `step()`,
     so between steps they silently held the values from before the update. They are gathered right
     after each optimizer step now, as DeepSpeed does at stage 2."""
-    for gaps in run_ranks(_whole_after_optimizer_step, 2, timeout_s=240):
+    for gaps in (r["gaps"] for r in two_ranks):
         assert gaps == [0.0, 0.0], gaps
