@@ -153,3 +153,29 @@ def test_a_process_with_another_hash_seed_gets_identical_stages():
     here = _describe_split()
     assert "def forward" in here
     assert done.stdout.strip() == here
+
+
+def test_parallelize_cuts_by_the_models_pipe_split_calls_or_by_cost_in_one_trace(monkeypatch):
+    """Without split_spec or split_policy, parallelize cuts at the model's pipe_split() calls, else by cost:
+    decided on one trace (it traced a model without calls twice: seconds to minutes of start-up)."""
+    import pp.stage.split as split
+    from pp.launcher.models import GPT
+    from pp.parallel.api import _split
+
+    traces = []
+    export = split.export_model
+    monkeypatch.setattr(split, "export_model", lambda *a, **k: traces.append(1) or export(*a, **k))
+
+    class Marked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            x = self.a(x)
+            pp.pipe_split()
+            return self.b(x)
+
+    gpt = GPT(vocab_size=32, d_model=16, n_layers=4, n_heads=2, seq_len=8)
+    assert _split(gpt, (torch.randint(0, 32, (2, 8)),), None, 4, None, None).num_stages == 4 and len(traces) == 1
+    assert _split(Marked(), (torch.randn(2, 4),), None, 2, None, None).num_stages == 2 and len(traces) == 2

@@ -23,7 +23,7 @@ from pp.stage.marker import SplitPoint
 from pp.stage.modes import meta_copy
 from pp.stage.pipe import Pipe
 from pp.stage.policies import SplitPolicy, split_by_cost
-from pp.stage.split import pipeline
+from pp.stage.split import UnlessMarked, pipeline
 from pp.parallel.model import ParallelModel
 
 __all__ = ["ParallelModel", "parallelize"]
@@ -271,10 +271,7 @@ def _split(module: nn.Module, mb_args: tuple, mb_kwargs: dict | None, n_stages: 
         raise TypeError(f"module must be an nn.Module or a pp.Pipe, got {type(module).__name__}")
     if split_spec is not None or split_policy is not None or n_stages == 1:
         return pipeline(module, mb_args, mb_kwargs, split_spec=split_spec, split_policy=split_policy)
-    pipe = pipeline(module, mb_args, mb_kwargs)
-    if pipe.num_stages == 1:
-        pipe = pipeline(module, mb_args, mb_kwargs, split_policy=split_by_cost(n_stages))
-    return pipe
+    return pipeline(module, mb_args, mb_kwargs, split_policy=UnlessMarked(split_by_cost(n_stages)))
 
 
 def _check_plan(pipe: Pipe, tp_plan: Mapping[str, Any]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -20,7 +20,7 @@ from .contract import expr_of, is_symbolic, shape_guards
 from .marker import SplitPoint
 from .modes import ModeTraces, graph_code
 from .pipe import MODEL_INPUT, InputBinder, Pipe, PipeInfo, StageIO
-from .policies import SplitPolicy
+from .policies import Segment, SplitPolicy
 from .segments import insert_cuts as _insert_cuts
 from .segments import is_split as _is_split
 from .segments import model_segments
@@ -117,6 +117,17 @@ def pipeline(
     return pipe
 
 
+class UnlessMarked:
+    """A split policy that cuts only a model calling no pipe_split(): one that calls it is cut there
+    instead (pp.parallelize's default, decided on the one trace rather than tracing twice)."""
+
+    def __init__(self, policy: SplitPolicy):
+        self.policy = policy
+
+    def __call__(self, segments: Sequence[Segment]) -> list[int]:
+        return self.policy(segments)
+
+
 def _same_cuts(first: tuple[int, list], training: bool) -> SplitPolicy:
     n_segments, starts = first
 
@@ -146,6 +157,8 @@ def _trace_and_cut(module: nn.Module, mb_args: tuple, mb_kwargs: dict, split_spe
     for spec in ep.graph_signature.input_specs:
         if spec.kind == InputKind.PARAMETER:
             placeholders[spec.arg.name].meta["pp_param"] = spec.target
+    if isinstance(split_policy, UnlessMarked) and any(_is_split(n) for n in graph.nodes):
+        split_policy = None   # the model's own pipe_split() calls cut it
     if split_policy is not None:
         if any(_is_split(n) for n in graph.nodes):
             raise ValueError("the model already calls pipe_split(); a split_policy would add more cuts. "
