@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pp
-from pp.export import export
+from pp.export import ExportError, export
 from pp.launcher import checkpoint as ckpt
 from pp.launcher.config import load_config
 from pp.launcher.models import build_model
@@ -79,6 +79,7 @@ def test_tied_gpt2_export_sharded_from_the_command_line_stores_the_embedding_onc
 def test_built_in_model_exports_a_state_dict_that_load_state_dict_takes(tmp_path):
     run, net = saved_run(tmp_path, {"name": "gpt", "vocab_size": 256, "d_model": 16, "n_layers": 2,
                                     "n_heads": 2, "seq_len": 8})
+    before = sorted(os.listdir(run / "checkpoints" / "step-3"))
     export(str(run / "checkpoints" / "step-3"), str(tmp_path / "out"))
     assert sorted(os.listdir(tmp_path / "out")) == ["model.safetensors"]
     from pp.export import main   # an output under a file: one line, exit 2 (was a NotADirectoryError traceback)
@@ -87,6 +88,10 @@ def test_built_in_model_exports_a_state_dict_that_load_state_dict_takes(tmp_path
     assert main([str(run), "-o", under_file]) == 2
     with pytest.raises(ckpt.CheckpointError, match=r"step-3x does not exist \(there: step-3"):   # a mistyped step
         export(str(run / "checkpoints" / "step-3x"), str(tmp_path / "out2"))
+    for inside in (run / "checkpoints" / "step-3", run / "checkpoints"):   # was written into the checkpoint
+        with pytest.raises(ExportError, match="lies in the checkpoints directory"):
+            export(str(run), str(inside))
+    assert sorted(os.listdir(run / "checkpoints" / "step-3")) == before
     fresh = build_model(load_config(str(tmp_path / "cfg.yaml")).model, seed=1)
     fresh.load_state_dict(safetensors_torch.load_file(str(tmp_path / "out" / "model.safetensors")))
     for k, v in net.state_dict().items():

@@ -243,6 +243,14 @@ def test_bad_arguments_fail_before_any_communication(kwargs, message):
         pp.parallelize(_model(), (torch.zeros(2, 8, dtype=torch.long),), **args)
 
 
+def test_a_module_that_is_no_nn_module_is_named():
+    """A function in place of the model was a bare AttributeError ('function' has no 'parameters')."""
+    import pp
+
+    with pytest.raises(TypeError, match="module must be an nn.Module or a pp.Pipe, got function"):
+        pp.parallelize(lambda t: t * 2, (torch.zeros(2, 8),), n_microbatches=2, loss_fn=lm_loss)
+
+
 def test_docs_example_trains_with_pp2_tp2(ranks_seen):
     printed = [r["example"] for r in ranks_seen]
     assert [bool(p) for p in printed] == [False, False, True, False]  # last stage, tp rank 0

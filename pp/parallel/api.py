@@ -103,6 +103,8 @@ def parallelize(
     from pp.stage.runtime import build_stage
     from pp.tp.stage import shard_stage_module
 
+    if not isinstance(module, (nn.Module, Pipe)):
+        raise TypeError(f"module must be an nn.Module or a pp.Pipe, got {type(module).__name__}")
     if not isinstance(n_microbatches, int) or isinstance(n_microbatches, bool) or n_microbatches < 1:
         raise ValueError(f"n_microbatches must be a positive integer, got {n_microbatches!r}")
     if not callable(loss_fn):
