@@ -111,9 +111,11 @@ def export(source: str, out_dir: str, max_shard_size: int | str = DEFAULT_SHARD,
         for name in _tied_duplicates(section):
             tensors.pop(name, None)
     sizes = {k: m.properties.dtype.itemsize * int(torch.Size(m.size).numel()) for k, m in tensors.items()}
-    root = os.path.realpath(os.path.dirname(os.path.normpath(path)))   # the run's checkpoints directory
+    root = os.path.realpath(path)   # the checkpoint, or the run's checkpoints/ directory holding it
+    if os.path.basename(os.path.dirname(root)) == "checkpoints":
+        root = os.path.dirname(root)
     if os.path.commonpath([root, os.path.realpath(out_dir)]) == root:
-        raise ExportError(f"output {out_dir!r} lies in the checkpoints directory {root} (pp.run's checkpoints "
+        raise ExportError(f"output {out_dir!r} lies in the checkpoint {root} (pp.run's checkpoints "
                           f"and their rotation); choose a directory outside it")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ExportError(f"output {out_dir!r} exists and is not a directory")

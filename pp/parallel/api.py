@@ -269,8 +269,6 @@ def _split(module: nn.Module, mb_args: tuple, mb_kwargs: dict | None, n_stages: 
            split_spec: Mapping[str, SplitPoint] | None, split_policy: SplitPolicy | None) -> Pipe:
     """Cut `module` as asked; without split_spec or split_policy, at its pipe_split() calls if it
     makes exactly the stages needed, else balanced by cost."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module or a pp.Pipe, got {type(module).__name__}")
     if split_spec is not None or split_policy is not None or n_stages == 1:
         return pipeline(module, mb_args, mb_kwargs, split_spec=split_spec, split_policy=split_policy)
     return pipeline(module, mb_args, mb_kwargs, split_policy=UnlessMarked(split_by_cost(n_stages)))
