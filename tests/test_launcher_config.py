@@ -193,6 +193,11 @@ def test_bad_yaml_and_missing_config_file(tmp_path, monkeypatch, capsys):
     merged.write_text("train: {<<: {steps: 3, lr: 0.5}, lr: 0.1}\n")
     cfg = load_config(str(merged))
     assert cfg.train.steps == 3 and cfg.train.lr == pytest.approx(0.1)
+    capsys.readouterr()
+    empty = tmp_path / "empty.yaml"   # no settings at all (comments only): the defaults, with a note
+    empty.write_text("# train: {steps: 3}\n")
+    assert load_config(str(empty)) == load_config(None)
+    assert f"pp.run: note: config file {empty} holds no settings" in capsys.readouterr().out
 
 
 def test_config_error_is_a_value_error():

@@ -225,13 +225,16 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> JobConf
         try:
             with open(path, encoding="utf-8") as f:
                 raw, twice = _read_yaml(f)
-                raw = raw or {}
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {e.start}): expected a YAML file") from None
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             at = f" at line {where.line + 1}" if where is not None else ""
             raise ConfigError(f"config file {path!r} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        if raw is None:   # an empty file, or comments only: say so, a mistyped path to an empty file trains the defaults
+            raw = {}
+            if int(os.environ.get("RANK", "0") or 0) == 0:
+                print(f"pp.run: note: config file {path} holds no settings: every key takes its default", flush=True)
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(raw).__name__}")
         if twice and int(os.environ.get("RANK", "0") or 0) == 0:

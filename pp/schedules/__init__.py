@@ -10,9 +10,19 @@ _FROM_CLASSES = ("_PipelineScheduleRuntime", "PipelineScheduleSingle", "Pipeline
                  "schedule_from_actions", "get_schedule_class")
 
 
+# torch's names for schedule actions, for schedules written as torch's test zoo writes them
+_FROM_TORCH_ACTIONS = ("_Action", "_ComputationType", "FORWARD", "BACKWARD_INPUT", "BACKWARD_WEIGHT", "UNSHARD",
+                       "RESHARD", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "FULL_BACKWARD", "OVERLAP_F_B",
+                       "REDUCE_GRAD", "F", "I", "W", "B")
+
+
 def __getattr__(name: str):
     if name in _FROM_CLASSES:
         from . import classes
 
         return getattr(classes, name)
+    if name in _FROM_TORCH_ACTIONS:
+        from . import torch_actions
+
+        return getattr(torch_actions, name)
     raise AttributeError(f"module 'pp.schedules' has no attribute {name!r}")

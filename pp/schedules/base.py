@@ -84,7 +84,8 @@ class _PipelineSchedule:
         edges = info.edges if info is not None else {s: [s + 1] for s in range(self.n_stages - 1)}
 
         if actions is None and not self._name:   # a base class, as torch's: actions come from _load_csv
-            self._awaiting_actions = True
+            self._awaiting_actions = True        # or from assigning pipeline_order (torch's test zoo)
+            self._pipeline_order, self._pipeline_order_with_comms = {}, {}
             return
         self._awaiting_actions = False
         if actions is None:
@@ -119,7 +120,8 @@ class _PipelineSchedule:
             s.stage_to_rank = self.stage_to_rank
         has_comm = actions is not None and any(a.is_comm for acts in actions.values() for a in acts)
         self._train_actions = self._prepare(compute, edges, actions if has_comm else None)
-        self.pipeline_order = pipeline_order(compute, rows, self.stage_to_rank, edges)
+        self._pipeline_order = pipeline_order(compute, rows, self.stage_to_rank, edges)
+        self._check_given_placement()
         fwd = {r: [a for a in acts if a.kind == Kind.F] for r, acts in compute.items()}
         self._eval_actions = self._prepare(fwd, edges, None, forward_only=True)
         # What every rank must agree on, as one number checked at each step (ranks built with other
@@ -158,7 +160,7 @@ class _PipelineSchedule:
             validate(lists, self.stage_to_rank, self.n_microbatches, edges)
             check_groups(lists, graph)
             # rank -> the list it runs, sends and receives included (torch's name for it)
-            self.pipeline_order_with_comms = {r: list(acts) for r, acts in sorted(lists.items())}
+            self._pipeline_order_with_comms = {r: list(acts) for r, acts in sorted(lists.items())}
         return RankActions(lists.get(self.rank, []), peer_batches(lists, graph, self.rank))
 
     # ------------------------------------------------------------------------------- public
@@ -341,10 +343,59 @@ class _PipelineSchedule:
         before the first step. Raises ValueError for an unknown `format` or a bad file (naming the cell)."""
         if format not in ("compute_only", "compute_comms"):
             raise ValueError(f"format must be 'compute_only' or 'compute_comms', got {format!r}")
-        from .csvio import flatten, read_rows
+        from .csvio import read_rows
 
-        rows = read_rows(filename)
+        self._load_rows(read_rows(filename))
+
+    def _load_rows(self, rows: Mapping[int, Sequence[Any]]) -> None:
+        """Run these rows (rank -> cells as `pp.schedules.csvio.read_rows` gives them) from now on."""
+        from .csvio import flatten
+
         _PipelineSchedule.__init__(self, *self._init_args, actions=flatten(rows), rows=rows, **self._init_kwargs)
+
+    @property
+    def pipeline_order(self) -> dict[int, list[Any]]:
+        """torch's `pipeline_order`: rank -> its compute actions in order, None where it idles (a bubble).
+
+        Assigning it (every rank, before the first step, as torch's test zoo does in a subclass's
+        constructor: `{rank: [_Action(0, F, 0), None, ...]}`, or action strings such as "0F0") makes the
+        schedule run those lists, pp adding the sends and receives; ValueError naming the cell for one it
+        cannot read or a list that does not make a valid schedule."""
+        return self._pipeline_order
+
+    @pipeline_order.setter
+    def pipeline_order(self, lists: Mapping[int, Sequence[Any]]) -> None:
+        self._assign_lists(lists, "pipeline_order")
+
+    @property
+    def pipeline_order_with_comms(self) -> dict[int, list[Action]]:
+        """rank -> the list it runs, sends and receives included (torch's name). Assigning it, as torch's
+        `_PipelineScheduleRuntime` subclasses do, runs those lists as written (see `pipeline_order`)."""
+        return self._pipeline_order_with_comms
+
+    @pipeline_order_with_comms.setter
+    def pipeline_order_with_comms(self, lists: Mapping[int, Sequence[Any]]) -> None:
+        self._assign_lists(lists, "pipeline_order_with_comms")
+
+    def _assign_lists(self, lists: Any, name: str) -> None:
+        from .csvio import read_rows
+        from .torch_actions import cells_as_rows
+
+        try:
+            rows = read_rows(cells_as_rows(lists, name))
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}.{name}: {e}") from None
+        self._load_rows(rows)
+
+    def _check_given_placement(self) -> None:
+        """torch's `stage_index_to_group_rank` where the caller gave one: it must be the lists' placement."""
+        given = getattr(self, "_given_placement", None)
+        if given is None:
+            return
+        wrong = {s: r for s, r in given.items() if not (0 <= s < self.n_stages) or self.stage_to_rank[s] != r}
+        if wrong or len(given) != self.n_stages:
+            raise ValueError(f"stage_index_to_group_rank={dict(given)} does not match the schedule, which places "
+                             f"stage s on rank stage_to_rank[s] = {self.stage_to_rank}")
 
     def _run(self, args, kwargs, target, losses, training, return_outputs=True, loss_kwargs=None):
         if self._awaiting_actions:

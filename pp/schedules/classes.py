@@ -27,16 +27,25 @@ class PipelineScheduleSingle(_PipelineSchedule):
 
 class PipelineScheduleMulti(_PipelineSchedule):
     """A schedule with several stages per rank (a list of this rank's stages). The base class takes its
-    action lists from `_load_csv`; its parameters are torch's, `use_full_backward` included (ignored
-    with a warning, as there)."""
+    action lists from `_load_csv` or from assigning `pipeline_order` (a subclass's constructor, as in
+    torch's test zoo); its parameters are torch's, `use_full_backward` included (ignored with a warning,
+    as there), and `stage_index_to_group_rank` of earlier torch releases: {stage: rank}, checked against
+    the placement the action lists give (ValueError where they differ)."""
 
     def __init__(self, stages: Sequence[PipelineStage], n_microbatches: int, loss_fn: Callable | None = None,
                  args_chunk_spec: Any = None, kwargs_chunk_spec: Any = None, output_merge_spec: Any = None,
                  use_full_backward: bool | None = None, scale_grads: bool = True,
-                 backward_requires_autograd: bool = True, defer_pp_recv: bool = False):
+                 backward_requires_autograd: bool = True, defer_pp_recv: bool = False, *,
+                 stage_index_to_group_rank: dict[int, int] | None = None):
         if use_full_backward is not None:
             warnings.warn("use_full_backward is no longer supported (nor in torch.distributed.pipelining): "
                           "stop passing it", FutureWarning, stacklevel=2)
+        if stage_index_to_group_rank is not None:
+            if not isinstance(stage_index_to_group_rank, dict) or not all(
+                    isinstance(k, int) and isinstance(v, int) for k, v in stage_index_to_group_rank.items()):
+                raise TypeError(f"stage_index_to_group_rank must be a dict of stage index -> rank (ints), got "
+                                f"{stage_index_to_group_rank!r}")
+            self._given_placement = dict(stage_index_to_group_rank)
         self._multi_init(stages, n_microbatches, loss_fn, args_chunk_spec, kwargs_chunk_spec, output_merge_spec,
                          scale_grads, backward_requires_autograd, defer_pp_recv)
 
