@@ -27,6 +27,7 @@ _LAZY = {
     "ScheduleZBVMin": "pp.schedules.classes",
     "PipelineScheduleSingle": "pp.schedules.classes",
     "PipelineScheduleMulti": "pp.schedules.classes",
+    "_ScheduleForwardOnly": "pp.schedules.classes",
     "schedule_from_actions": "pp.schedules.classes",
     "load_unsplit": "pp.checkpoint_api",
     "parallelize": "pp.parallel.api",
@@ -35,7 +36,7 @@ _LAZY = {
 
 __all__ = [
     "Pipe", "PipeInfo", "PipelineTraceError", "Segment", "SplitPoint", "pipe_split", "pipeline",
-    "split_by_cost", "split_into_equal_size", *_LAZY,
+    "split_by_cost", "split_into_equal_size", *(n for n in _LAZY if not n.startswith("_")),
 ]
 
 

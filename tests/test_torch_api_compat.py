@@ -420,3 +420,35 @@ def _flattened_uneven(rank: int, world: int) -> bool:
 
 def test_a_target_flattened_per_token_follows_uneven_microbatches():
     assert run_ranks(_flattened_uneven, 2) == [True, True]
+
+
+def _forward_only_loop(rank: int, world: int) -> bool:
+    """torch's forward-only test: the output goes back to the first rank by the caller's own send/recv
+    between steps, twenty times; it must equal the unsplit model applied twenty times."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(world)])
+    x = torch.randn(8, 6)
+    stage = pp.PipelineStage(copy.deepcopy(model[rank]), rank, world, "cpu")
+    sched = pp._ScheduleForwardOnly(stage, 4, scale_grads=False)
+    out = None
+    for _ in range(20):
+        if rank == 0:
+            assert sched.step(x) is None
+            dist.recv(x, src=world - 1)
+        else:
+            out = sched.step()
+            dist.send(out, dst=0)
+    if rank != world - 1:
+        return all(p.grad is None for p in stage.submod.parameters())
+    want = x.clone()   # rank 1's x is the seeded batch as rank 0 began with it
+    with torch.no_grad():
+        for _ in range(20):
+            want = model(want)
+    torch.testing.assert_close(out.detach(), want)
+    return all(p.grad is None for p in stage.submod.parameters())
+
+
+def test_forward_only_schedule_between_the_callers_own_transfers_as_torch_tests_it():
+    assert run_ranks(_forward_only_loop, 2, timeout_s=90) == [True, True]

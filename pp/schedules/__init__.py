@@ -7,7 +7,7 @@ from __future__ import annotations
 _FROM_CLASSES = ("_PipelineScheduleRuntime", "PipelineScheduleSingle", "PipelineScheduleMulti", "ScheduleGPipe",
                  "Schedule1F1B", "ScheduleInterleaved1F1B", "ScheduleLoopedBFS", "ScheduleInterleavedZeroBubble",
                  "ScheduleZBVZeroBubble", "ScheduleDualPipeV", "ScheduleZBVHalf", "ScheduleZBVMin",
-                 "schedule_from_actions", "get_schedule_class")
+                 "schedule_from_actions", "get_schedule_class", "_ScheduleForwardOnly")
 
 
 # torch's names for schedule actions, for schedules written as torch's test zoo writes them

@@ -64,6 +64,17 @@ class _PipelineScheduleRuntime(PipelineScheduleMulti):
     `PipelineScheduleMulti` followed by `_load_csv`."""
 
 
+class _ScheduleForwardOnly(PipelineScheduleSingle):
+    """torch's forward-only schedule (private there too; its tests import it): every `step` runs the
+    forwards of all microbatches, GPipe's order, without a backward, gradients enabled as the caller has
+    them; the last stage's rank gets the merged output (and losses, given a `loss_fn` and `target`)."""
+    _name = "GPipe"
+
+    def step(self, *args, target=None, losses: list | None = None, return_outputs: bool = True,
+             loss_kwargs: dict | None = None, **kwargs) -> Any:
+        return self._run(args, kwargs, target, losses, False, return_outputs, loss_kwargs)
+
+
 class _NamedMulti(PipelineScheduleMulti):
     """A multi-stage schedule that generates its own action lists; torch's parameters, in its order."""
 
