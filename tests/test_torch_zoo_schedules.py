@@ -164,12 +164,30 @@ def _refusals(rank: int, world: int) -> list[str]:
         with pytest.raises(ValueError) as e:
             sched.pipeline_order = lists
         errors.append(str(e.value))
+    # a valid assignment, then one that is no schedule (a forward never run backward): refused, and the
+    # schedule still runs the valid lists, as before
+    torch.manual_seed(0)
+    model = DeepMLP(n_layers=2)
+    x, y = torch.randn(4, 4), torch.randn(4, 3)
+    want_losses, _ = reference(model, x, y, 2)
+    stage = pp.PipelineStage(manual_stage_module(copy.deepcopy(model), rank, 2), rank, 2, "cpu")
+    sched = PipelineScheduleMulti([stage], 2, loss_fn=F_.mse_loss)
+    sched.pipeline_order = {0: ["0F0", "0F1", None, None, "0B0", "0B1"], 1: [None, "1F0", "1F1", "1B0", "1B1"]}
+    with pytest.raises(ValueError) as e:
+        sched.pipeline_order = {0: ["0F0", "0F1", "0B0"], 1: ["1F0", "1F1", "1B0", "1B1"]}
+    errors.append(str(e.value))
+    assert [str(c) for c in sched.pipeline_order[0] if c is not None] == ["0F0", "0F1", "0B0", "0B1"]
+    losses: list = []
+    sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None, losses=losses)
+    if rank == 1:
+        torch.testing.assert_close(torch.stack(losses), want_losses)
     return errors
 
 
 def test_bad_lists_and_a_placement_they_contradict_are_refused_naming_the_cell():
     errors = run_ranks(_refusals, 2, timeout_s=60)[0]
-    assert "stage_index_to_group_rank={0: 1, 1: 0} does not match" in errors[0], errors[0]
+    assert "pipeline_order: stage_index_to_group_rank={0: 1, 1: 0} does not match" in errors[0], errors[0]
     assert "pipeline_order: rank 0 (row 1), column 2: cannot read '0X0'" in errors[1], errors[1]
     assert "column 2" in errors[2] and "3.5" in errors[2], errors[2]
-    assert "must be a dict of rank" in errors[3], errors[3]
+    assert "pipeline_order: expected a dict of rank" in errors[3], errors[3]
+    assert "0B1" in errors[4] or "microbatch 1" in errors[4], errors[4]

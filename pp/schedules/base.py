@@ -348,10 +348,21 @@ class _PipelineSchedule:
         self._load_rows(read_rows(filename))
 
     def _load_rows(self, rows: Mapping[int, Sequence[Any]]) -> None:
-        """Run these rows (rank -> cells as `pp.schedules.csvio.read_rows` gives them) from now on."""
+        """Run these rows (rank -> cells as `pp.schedules.csvio.read_rows` gives them) from now on. Lists
+        that do not make a valid schedule raise (ValueError) and leave the schedule as it was."""
         from .csvio import flatten
 
-        _PipelineSchedule.__init__(self, *self._init_args, actions=flatten(rows), rows=rows, **self._init_kwargs)
+        before = dict(self.__dict__)
+        placed = {i: getattr(s, "stage_to_rank", None) for i, s in self._stages.items()}
+        try:
+            _PipelineSchedule.__init__(self, *self._init_args, actions=flatten(rows), rows=rows,
+                                       **self._init_kwargs)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            for i, s in self._stages.items():
+                s.stage_to_rank = placed[i]
+            raise
 
     @property
     def pipeline_order(self) -> dict[int, list[Any]]:
@@ -382,10 +393,9 @@ class _PipelineSchedule:
         from .torch_actions import cells_as_rows
 
         try:
-            rows = read_rows(cells_as_rows(lists, name))
+            self._load_rows(read_rows(cells_as_rows(lists)))
         except ValueError as e:
-            raise ValueError(f"{type(self).__name__}.{name}: {e}") from None
-        self._load_rows(rows)
+            raise type(e)(f"{type(self).__name__}.{name}: {e}") from None   # ScheduleError stays one
 
     def _check_given_placement(self) -> None:
         """torch's `stage_index_to_group_rank` where the caller gave one: it must be the lists' placement."""

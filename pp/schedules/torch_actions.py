@@ -85,19 +85,19 @@ class _Action(NamedTuple):
         return _Action(a.stage, _ComputationType(a.kind.value), a.microbatch)
 
 
-def cells_as_rows(lists: Any, name: str) -> dict[int, list[Any]]:
+def cells_as_rows(lists: Any) -> dict[int, list[Any]]:
     """`{rank: [cell, ...]}` as assigned to `pipeline_order` / `pipeline_order_with_comms`, each cell as
     pp's csv reader takes it: None (a bubble), pp's own Action, or the compact text of anything else
-    torch-like (torch's `_Action` or this module's). ValueError naming `name` for anything else."""
+    torch-like (torch's `_Action` or this module's). ValueError for what is not such a dict."""
     from .actions import Action, Compound
 
     if not isinstance(lists, Mapping):
-        raise ValueError(f"{name} must be a dict of rank -> list of actions (None for a bubble), got "
+        raise ValueError(f"expected a dict of rank -> list of actions (None for a bubble), got "
                          f"{type(lists).__name__}")
     rows: dict[int, list[Any]] = {}
     for rank, cells in lists.items():
         if isinstance(cells, (str, bytes)) or not isinstance(cells, Sequence):
-            raise ValueError(f"{name}[{rank!r}] must be a list of actions (None for a bubble), got {cells!r}")
+            raise ValueError(f"rank {rank!r}: expected a list of actions (None for a bubble), got {cells!r}")
         rows[rank] = [c if c is None or isinstance(c, (Action, Compound, str)) else
                       repr(c) if hasattr(c, "computation_type") else c for c in cells]
     return rows
