@@ -181,6 +181,19 @@ def _refusals(rank: int, world: int) -> list[str]:
     sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None, losses=losses)
     if rank == 1:
         torch.testing.assert_close(torch.stack(losses), want_losses)
+    # edited in place, as torch reads the lists at each step: a row swapped is run from the next step on
+    sched.pipeline_order[0] = ["0F0", "0F1", None, None, "0B1", "0B0"]
+    sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None, losses=losses)
+    errors.append(" ".join(str(a) for a in sched.pipeline_order_with_comms[0] if a.is_compute))
+    # rows filled one by one (torch's own _load_csv does so) on a schedule with none yet
+    fresh = PipelineScheduleMulti([stage], 2, loss_fn=F_.mse_loss)
+    for r, cells in {0: ["0F0", "0F1", "0B0", "0B1"], 1: ["1F0", "1F1", "1B0", "1B1"]}.items():
+        fresh.pipeline_order[r] = cells
+    fresh.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None, losses=losses)
+    if rank == 1:
+        torch.testing.assert_close(torch.stack(losses), want_losses)
+    # torch's zoo calls this after assigning; it gives the placement
+    errors.append(str(fresh._validate_and_set_stage_mapping(fresh.pipeline_order)))
     return errors
 
 
@@ -191,3 +204,55 @@ def test_bad_lists_and_a_placement_they_contradict_are_refused_naming_the_cell()
     assert "column 2" in errors[2] and "3.5" in errors[2], errors[2]
     assert "pipeline_order: expected a dict of rank" in errors[3], errors[3]
     assert "0B1" in errors[4] or "microbatch 1" in errors[4], errors[4]
+    assert errors[5] == "0F0 0F1 0B1 0B0", errors[5]
+    assert errors[6] == "{0: 0, 1: 1}", errors[6]
+
+
+def _lifecycle(rank: int, world: int) -> list[str]:
+    """What a fresh user found: each refusal on every rank, never a hang."""
+    torch.manual_seed(0)
+    model = DeepMLP(n_layers=2)
+    x, y = torch.randn(4, 4), torch.randn(4, 3)
+    order = {0: ["0F0", "0F1", "0B0", "0B1"], 1: ["1F0", "1F1", "1B0", "1B1"]}
+    out = []
+
+    def step(sched, **kw):
+        sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None, **kw)
+
+    stage = pp.PipelineStage(manual_stage_module(copy.deepcopy(model), rank, 2), rank, 2, "cpu")
+    for bad in ({0: order[0], 2: order[1]},                                      # a rank outside the group
+                {0: order[0], 1: order[1] + ["0F0"]}):                           # stage 0 on two ranks
+        with pytest.raises(ValueError) as e:
+            PipelineScheduleMulti([stage], 2, loss_fn=F_.mse_loss).pipeline_order = bad
+        out.append(str(e.value))
+    only_one = PipelineScheduleMulti([stage], 2, loss_fn=F_.mse_loss)   # assigned on rank 0 only
+    if rank == 0:
+        only_one.pipeline_order = order
+    with pytest.raises(ValueError) as e:
+        step(only_one)
+    out.append(str(e.value))
+    calls = []
+
+    def failing(out_, target):   # the loss raises in its second call: the step fails mid-way
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("loss blew up")
+        return F_.mse_loss(out_, target)
+
+    sched = PipelineScheduleMulti([stage], 2, loss_fn=failing)
+    sched.pipeline_order = order
+    with pytest.raises(Exception):
+        step(sched)
+    sched.pipeline_order = order   # new lists do not make the pending transfers safe
+    with pytest.raises(RuntimeError) as e:
+        step(sched)
+    out.append(str(e.value))
+    return out
+
+
+def test_refusals_reach_every_rank_and_a_failed_step_stays_refused_after_new_lists():
+    for got in run_ranks(_lifecycle, 2, timeout_s=90):
+        assert "the lists name rank 2, but the pipeline's group has ranks 0..1" in got[0], got[0]
+        assert "stage 0 is computed on two ranks: rank 0 and rank 1 (its action 0F0)" in got[1], got[1]
+        assert "the ranks disagree on the pipeline" in got[2] and "with no action lists" in got[2], got[2]
+        assert "cannot run another step: an earlier step failed mid-way" in got[3], got[3]

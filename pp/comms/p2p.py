@@ -271,4 +271,12 @@ def warm_up(group: dist.ProcessGroup | None, device: torch.device) -> None:
     """One collective on the device before any batched P2P: NCCL needs every rank of the group in its
     first call, and a P2P batch between two ranks would otherwise be that first call."""
     if device.type != "cpu" and dist.get_world_size(group) > 1:
+        pg = group if group is not None else dist.group.WORLD
+        key = (id(pg), str(device))
+        if _WARMED.get(key) is pg:   # once per group and device: a schedule built again (lists reloaded) skips it
+            return
         dist.all_reduce(torch.zeros(1, device=device), group=group)
+        _WARMED[key] = pg   # held, so that its id is not taken by a later group
+
+
+_WARMED: dict[tuple[int, str], object] = {}

@@ -86,6 +86,10 @@ class _PipelineSchedule:
         if actions is None and not self._name:   # a base class, as torch's: actions come from _load_csv
             self._awaiting_actions = True        # or from assigning pipeline_order (torch's test zoo)
             self._pipeline_order, self._pipeline_order_with_comms = {}, {}
+            self._loaded_orders: tuple[dict, dict] = ({}, {})   # as loaded: edits in place are seen at a step
+            self._plan = (f"{type(self).__name__} with no action lists (neither pipeline_order assigned nor "
+                          f"_load_csv called)")
+            self._plan_hash = zlib.crc32(self._plan.encode())
             return
         self._awaiting_actions = False
         if actions is None:
@@ -101,16 +105,7 @@ class _PipelineSchedule:
             compute = spec.generate(self.n_stages, self.n_ranks, n_microbatches)
         else:
             compute = {r: [a for a in acts if a.is_compute] for r, acts in actions.items()}
-            placement = [None] * self.n_stages
-            for r, acts in actions.items():
-                for a in acts:
-                    if not 0 <= a.stage < self.n_stages:
-                        raise ValueError(f"rank {r}'s action {a} names stage {a.stage}, but the pipeline has "
-                                         f"stages 0..{self.n_stages - 1}")
-                    placement[a.stage] = r
-            if None in placement:
-                missing = [s for s, r in enumerate(placement) if r is None]
-                raise ValueError(f"the action lists never run stages {missing}")
+            placement = _placement_of(actions, self.n_stages, self.n_ranks)
         self.stage_to_rank = list(placement)
         mine = sorted(s for s, r in enumerate(placement) if r == self.rank)
         if sorted(self._stages) != mine:
@@ -126,10 +121,11 @@ class _PipelineSchedule:
         self._eval_actions = self._prepare(fwd, edges, None, forward_only=True)
         # What every rank must agree on, as one number checked at each step (ranks built with other
         # schedules, microbatch counts or stage counts would otherwise wait on each other forever)
-        self._plan = (f"{type(self).__name__} with {n_microbatches} microbatches over {self.n_stages} stages "
-                      f"placed {self.stage_to_rank}")
         self._plan_hash = zlib.crc32(repr((n_microbatches, self.n_stages, self.stage_to_rank, sorted(
             (r, [str(a) for a in acts]) for r, acts in compute.items()))).encode())
+        self._plan = (f"{type(self).__name__} with {n_microbatches} microbatches over {self.n_stages} stages "
+                      f"placed {self.stage_to_rank}, action lists #{self._plan_hash:08x}")
+        self._loaded_orders = (_copy_order(self._pipeline_order), _copy_order(self._pipeline_order_with_comms))
         self._graph = stage_graph(self.stage_to_rank, edges)
         self._executor = Executor(self._stages, self._graph, self.group, self.rank)
         self._executor.abort = self._abort = AbortChannel(self.group, self.rank, first.device)
@@ -363,6 +359,9 @@ class _PipelineSchedule:
             for i, s in self._stages.items():
                 s.stage_to_rank = placed[i]
             raise
+        # a step that failed mid-way may have left transfers pending: new lists do not make it safe
+        self._broken = before.get("_broken", "")
+        self._broken_own = before.get("_broken_own", False)
 
     @property
     def pipeline_order(self) -> dict[int, list[Any]]:
@@ -397,6 +396,46 @@ class _PipelineSchedule:
         except ValueError as e:
             raise type(e)(f"{type(self).__name__}.{name}: {e}") from None   # ScheduleError stays one
 
+    def _validate_and_set_stage_mapping(self, actions: Mapping[int, Sequence[Any]]) -> dict[int, int]:
+        """torch's step after assigning `pipeline_order` in a constructor: runs `actions` if they are not
+        the lists already loaded, and returns {stage: rank} (also `stage_index_to_group_rank`)."""
+        if _copy_order(actions) != self._loaded_orders[0]:
+            self._assign_lists(actions, "pipeline_order")
+        return self.stage_index_to_group_rank
+
+    def _prepare_schedule_with_comms(self, actions: Mapping[int, Sequence[Any]], format: str = "compute_only") -> None:
+        """torch's runtime step that adds sends and receives to compute-only lists: runs `actions` (pp adds
+        the transfers itself where the lists hold none; `format` is taken for torch's signature)."""
+        self._assign_lists(actions, "pipeline_order")
+
+    @property
+    def stage_index_to_group_rank(self) -> dict[int, int]:
+        """{stage index: the rank in the pipeline group that runs it} (torch's name for `stage_to_rank`)."""
+        return dict(enumerate(getattr(self, "stage_to_rank", ())))
+
+    def _reload_edited(self) -> None:
+        """The caller changed `pipeline_order` or `pipeline_order_with_comms` in place (a row assigned, a
+        cell replaced) since they were loaded: run the lists as they are now, as torch reads them at
+        each step."""
+        if self._pipeline_order_with_comms != self._loaded_orders[1]:
+            self._assign_lists(dict(self._pipeline_order_with_comms), "pipeline_order_with_comms")
+        else:
+            self._assign_lists(dict(self._pipeline_order), "pipeline_order")
+
+    def _refuse_without_lists(self, training: bool, error: BaseException | None) -> None:
+        """A schedule with no action lists takes part in the step's opening agreement before it raises, so
+        that ranks which do have lists stop too (rather than wait for it forever)."""
+        if self.n_ranks > 1:
+            plan = 2 * self._plan_hash + int(training)
+            status = p2p.max_all_reduce([self.rank + 1, 0, 0, plan, -plan, 0, 0], self.group)
+            if status[3] != -status[4]:
+                self._refuse_other_plans(training, self.group)
+        if error is not None:
+            raise error
+        raise RuntimeError(f"{type(self).__name__} has no schedule of its own: assign its pipeline_order "
+                           f"(or load a CSV file with _load_csv(path)) on every rank first, or use "
+                           f"pp.schedule_from_actions or a schedule class")
+
     def _check_given_placement(self) -> None:
         """torch's `stage_index_to_group_rank` where the caller gave one: it must be the lists' placement."""
         given = getattr(self, "_given_placement", None)
@@ -408,12 +447,17 @@ class _PipelineSchedule:
                              f"stage s on rank stage_to_rank[s] = {self.stage_to_rank}")
 
     def _run(self, args, kwargs, target, losses, training, return_outputs=True, loss_kwargs=None):
-        if self._awaiting_actions:
-            raise RuntimeError(f"{type(self).__name__} has no schedule of its own: load one with "
-                               f"_load_csv(path) first, or use pp.schedule_from_actions or a schedule class")
         error, prepared = None, None
+        if self._pipeline_order != self._loaded_orders[0] or self._pipeline_order_with_comms != self._loaded_orders[1]:
+            try:   # edited in place since loaded; a refusal is reported to every rank below, as a bad input
+                self._reload_edited()
+            except ValueError as e:
+                error = e
+        if self._awaiting_actions:
+            self._refuse_without_lists(training, error)
         try:
-            prepared = self._check_inputs(args, kwargs, target, losses, training, return_outputs, loss_kwargs)
+            if error is None:
+                prepared = self._check_inputs(args, kwargs, target, losses, training, return_outputs, loss_kwargs)
         except Exception as e:  # reported to every rank below, so that no peer waits for us
             error = e
         # Metadata is cached per mode (train / eval, grad on or off: what requires grad differs) and
@@ -579,3 +623,37 @@ class _PipelineSchedule:
                     hook(stage)
             self._after = (hook, {a: functools.partial(done, s) for a, s in self._last_backward.items()})
         return self._after[1]
+
+
+def _copy_order(order: Mapping[int, Sequence[Any]]) -> dict[int, list[Any]]:
+    """A copy of a pipeline_order-like dict, to tell later edits in place from the lists loaded."""
+    return {r: list(cells) for r, cells in order.items()}
+
+
+def _placement_of(actions: Mapping[int, Sequence[Action]], n_stages: int, n_ranks: int) -> list[int]:
+    """stage -> rank, from the compute actions of user-written lists. ValueError (naming the rank, the
+    action and the stage) for a rank outside the group, a stage outside the pipeline, a stage computed on
+    two ranks, a send or receive of a stage its rank does not run, or a stage no rank runs."""
+    placement: list[int | None] = [None] * n_stages
+    for r, acts in actions.items():
+        if not 0 <= r < n_ranks:
+            raise ValueError(f"the lists name rank {r}, but the pipeline's group has ranks 0..{n_ranks - 1}")
+        for a in acts:
+            if not 0 <= a.stage < n_stages:
+                raise ValueError(f"rank {r}'s action {a} names stage {a.stage}, but the pipeline has "
+                                 f"stages 0..{n_stages - 1}")
+            if a.is_compute:
+                if placement[a.stage] is not None and placement[a.stage] != r:
+                    raise ValueError(f"stage {a.stage} is computed on two ranks: rank {placement[a.stage]} and "
+                                     f"rank {r} (its action {a}); a stage runs on one rank")
+                placement[a.stage] = r
+    for r, acts in actions.items():
+        for a in acts:
+            if a.is_comm and placement[a.stage] != r:
+                where = "no rank" if placement[a.stage] is None else f"rank {placement[a.stage]}"
+                raise ValueError(f"rank {r}'s action {a} sends or receives for stage {a.stage}, which runs on "
+                                 f"{where}: a rank moves only its own stages' data")
+    if None in placement:
+        missing = [s for s, r in enumerate(placement) if r is None]
+        raise ValueError(f"the action lists never run stages {missing}")
+    return placement  # type: ignore[return-value]

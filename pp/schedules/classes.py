@@ -66,8 +66,9 @@ class _PipelineScheduleRuntime(PipelineScheduleMulti):
 
 class _ScheduleForwardOnly(PipelineScheduleSingle):
     """torch's forward-only schedule (private there too; its tests import it): every `step` runs the
-    forwards of all microbatches, GPipe's order, without a backward, gradients enabled as the caller has
-    them; the last stage's rank gets the merged output (and losses, given a `loss_fn` and `target`)."""
+    forwards of all microbatches, GPipe's order, without a backward; the last stage's rank gets the
+    merged output, detached (torch's keeps the last stage's graph), and the losses given a `loss_fn` and
+    `target` (torch raises)."""
     _name = "GPipe"
 
     def step(self, *args, target=None, losses: list | None = None, return_outputs: bool = True,

@@ -30,6 +30,15 @@ class _ComputationType(str, enum.Enum):
     def __str__(self) -> str:
         return f"_ComputationType.{self.name}"
 
+    @staticmethod
+    def from_str(action: str) -> "_ComputationType":
+        """The kind for its short form ("F", "B", "I", "W", "SEND_F", ...); ValueError naming it otherwise."""
+        try:
+            return _ComputationType(action)
+        except ValueError:
+            raise ValueError(f"invalid computation type {action!r}: expected one of "
+                             f"{', '.join(k.value for k in _ComputationType)}") from None
+
 
 FORWARD = _ComputationType.FORWARD
 BACKWARD_INPUT = _ComputationType.BACKWARD_INPUT
@@ -89,7 +98,6 @@ def cells_as_rows(lists: Any) -> dict[int, list[Any]]:
     """`{rank: [cell, ...]}` as assigned to `pipeline_order` / `pipeline_order_with_comms`, each cell as
     pp's csv reader takes it: None (a bubble), pp's own Action, or the compact text of anything else
     torch-like (torch's `_Action` or this module's). ValueError for what is not such a dict."""
-    from .actions import Action, Compound
 
     if not isinstance(lists, Mapping):
         raise ValueError(f"expected a dict of rank -> list of actions (None for a bubble), got "
@@ -98,6 +106,17 @@ def cells_as_rows(lists: Any) -> dict[int, list[Any]]:
     for rank, cells in lists.items():
         if isinstance(cells, (str, bytes)) or not isinstance(cells, Sequence):
             raise ValueError(f"rank {rank!r}: expected a list of actions (None for a bubble), got {cells!r}")
-        rows[rank] = [c if c is None or isinstance(c, (Action, Compound, str)) else
-                      repr(c) if hasattr(c, "computation_type") else c for c in cells]
+        rows[rank] = [_as_cell(c, rank, column) for column, c in enumerate(cells)]
     return rows
+
+
+def _as_cell(c: Any, rank: Any, column: int) -> Any:
+    from .actions import Action, Compound
+
+    if c is None or isinstance(c, (Action, Compound, str)) or not hasattr(c, "computation_type"):
+        return c   # read (or refused, naming the place) by pp's csv reader
+    try:
+        return repr(c)
+    except ValueError as e:   # a computation_type that is none (torch <= 2.4's argument order, a typo)
+        raise ValueError(f"rank {rank} (row {rank + 1 if isinstance(rank, int) else '?'}), column {column + 1}: "
+                         f"cannot read {tuple(c)!r} as an action: {e}") from None
