@@ -448,7 +448,10 @@ class _PipelineSchedule:
 
     def _run(self, args, kwargs, target, losses, training, return_outputs=True, loss_kwargs=None):
         error, prepared = None, None
-        if self._pipeline_order != self._loaded_orders[0] or self._pipeline_order_with_comms != self._loaded_orders[1]:
+        # lists the user wrote (a base class: torch re-reads them at each step) may have been edited in
+        # place; generated schedules are not re-read (nor are torch's), so they skip the comparison
+        if not self._name and (self._pipeline_order != self._loaded_orders[0]
+                               or self._pipeline_order_with_comms != self._loaded_orders[1]):
             try:   # edited in place since loaded; a refusal is reported to every rank below, as a bad input
                 self._reload_edited()
             except ValueError as e:

@@ -40,18 +40,8 @@ class _ComputationType(str, enum.Enum):
                              f"{', '.join(k.value for k in _ComputationType)}") from None
 
 
-FORWARD = _ComputationType.FORWARD
-BACKWARD_INPUT = _ComputationType.BACKWARD_INPUT
-BACKWARD_WEIGHT = _ComputationType.BACKWARD_WEIGHT
-UNSHARD = _ComputationType.UNSHARD
-RESHARD = _ComputationType.RESHARD
-SEND_F = _ComputationType.SEND_F
-RECV_F = _ComputationType.RECV_F
-SEND_B = _ComputationType.SEND_B
-RECV_B = _ComputationType.RECV_B
-FULL_BACKWARD = _ComputationType.FULL_BACKWARD
-OVERLAP_F_B = _ComputationType.OVERLAP_F_B
-REDUCE_GRAD = _ComputationType.REDUCE_GRAD
+(FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT, UNSHARD, RESHARD, SEND_F, RECV_F, SEND_B, RECV_B, FULL_BACKWARD,
+ OVERLAP_F_B, REDUCE_GRAD) = _ComputationType   # torch's module-level names, in the enum's order
 F, I, W, B = FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT, FULL_BACKWARD   # noqa: E741 - torch's short names
 
 
