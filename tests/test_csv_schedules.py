@@ -35,8 +35,27 @@ def test_compound_cells_run_their_actions_in_the_order_written():
     assert str(rows[0][1]) == "(0F7;7B3)OVERLAP_F_B" and rows[0][2] is None and len(rows[0]) == 3
     assert read_actions([["0F0", "(0F7;7B3)OVERLAP_F_B"]])[0] == [Action(0, Kind.F, 0), Action(0, Kind.F, 7),
                                                                   Action(7, Kind.B, 3)]
-    with pytest.raises(ValueError, match=r"rank 0 \(row 1\), column 1: cannot read '\(0F7;7SEND_F3\)OVERLAP_F_B'"):
+    with pytest.raises(ValueError, match=r"rank 0 \(row 1\), column 1: cannot read compound schedule cell '\(0F7;7SEND_F3\)OVERLAP_F_B'"):
         read_rows([["(0F7;7SEND_F3)OVERLAP_F_B"]])
+
+
+def test_a_bad_cell_is_named_once_by_rank_and_column():
+    """Each refusal says what is wrong once; a dict of lists has no rows to number, and a torch-style
+    action with a negative index is out of range (not unreadable)."""
+    from pp.schedules.torch_actions import F as FWD, UNSHARD, _Action, cells_as_rows
+
+    with pytest.raises(ValueError) as got:
+        read_rows({1: ["1F0", "1X0"]})
+    assert str(got.value).startswith("rank 1, column 2: cannot read schedule action '1X0': expected"), got.value
+    assert str(got.value).count("expected") == 1, got.value
+    with pytest.raises(ValueError, match=r"^rank 0, column 1: _Action\(0, FORWARD, -1\) has microbatch_index=-1: "
+                                         r"expected an integer >= 0$"):
+        cells_as_rows({0: [_Action(0, FWD, -1)]})
+    with pytest.raises(ValueError, match=r"^rank 0, column 2: _Action\(-2, FORWARD, 0\) has stage_index=-2"):
+        cells_as_rows({0: [None, _Action(-2, FWD, 0)]})
+    with pytest.raises(ValueError, match=r"has microbatch_index=None"):
+        cells_as_rows({0: [_Action(0, FWD, None)]})
+    assert read_rows(cells_as_rows({0: [_Action(0, UNSHARD, None), _Action(0, FWD, 0)]})) == {0: [Action(0, Kind.F, 0)]}
 
 
 def _cells(order: dict) -> list[list[str]]:

@@ -92,5 +92,5 @@ def test_a_merge_dim_the_output_lacks_is_refused_on_every_rank_before_anything_r
     last = got[-1]["error"]
     assert last == ("ValueError: output_merge_spec merges output along dim 7, but it has 2 dimensions "
                     "(shape (6, *))"), last
-    assert got[0]["error"].startswith("RuntimeError: pipeline step aborted: rank 1 rejected its inputs")
+    assert got[0]["error"].startswith("RuntimeError: pipeline step aborted: rank 1 refused the step")
     assert all(r["grads"] == [] for r in got)

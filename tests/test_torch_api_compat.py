@@ -100,7 +100,8 @@ def test_unknown_keywords_are_refused_on_every_rank_before_any_transfer(traced):
     if traced:
         assert messages[1].startswith("TypeError: step()/eval() got unknown keyword(s) ['retrun_outputs']")
     else:
-        assert messages[1].startswith("RuntimeError: pipeline step aborted: rank 0 rejected its inputs")
+        assert messages[1].startswith("RuntimeError: pipeline step aborted: rank 0 refused the step (TypeError: "
+                                      "step()/eval() got unknown keyword(s) ['retrun_outputs']")
 
 
 class WithExtra(nn.Module):
@@ -166,7 +167,7 @@ def _keyword_split(rank: int, world: int) -> bool:
                                              r"\(kwargs\['extra'\] has shape \(3, 2\)\)"):
             _pp_step_extra(model, rank, world, x, torch.randn(3, 2), y)
     else:
-        with pytest.raises(RuntimeError, match="rank 0 rejected its inputs"):
+        with pytest.raises(RuntimeError, match="rank 0 refused the step"):
             _pp_step_extra(model, rank, world, x, None, y)
     return True
 

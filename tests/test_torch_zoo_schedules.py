@@ -200,7 +200,7 @@ def _refusals(rank: int, world: int) -> list[str]:
 def test_bad_lists_and_a_placement_they_contradict_are_refused_naming_the_cell():
     errors = run_ranks(_refusals, 2, timeout_s=60)[0]
     assert "pipeline_order: stage_index_to_group_rank={0: 1, 1: 0} does not match" in errors[0], errors[0]
-    assert "pipeline_order: rank 0 (row 1), column 2: cannot read '0X0'" in errors[1], errors[1]
+    assert "pipeline_order: rank 0, column 2: cannot read schedule action '0X0'" in errors[1], errors[1]
     assert "column 2" in errors[2] and "3.5" in errors[2], errors[2]
     assert "pipeline_order: expected a dict of rank" in errors[3], errors[3]
     assert "0B1" in errors[4] or "microbatch 1" in errors[4], errors[4]
@@ -256,3 +256,34 @@ def test_refusals_reach_every_rank_and_a_failed_step_stays_refused_after_new_lis
         assert "stage 0 is computed on two ranks: rank 0 and rank 1 (its action 0F0)" in got[1], got[1]
         assert "the ranks disagree on the pipeline" in got[2] and "with no action lists" in got[2], got[2]
         assert "cannot run another step: an earlier step failed mid-way" in got[3], got[3]
+
+
+def _without_loss_fn(rank: int, world: int) -> list:
+    """Backward lists (or a target) given to a schedule with no loss_fn: forward only, said aloud once."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = DeepMLP(n_layers=2)
+    x, y = torch.randn(4, 4), torch.randn(4, 3)
+    stage = pp.PipelineStage(manual_stage_module(copy.deepcopy(model), rank, 2), rank, 2, "cpu")
+    out = []
+    for written in (True, False):   # lists the user wrote, then a generated schedule
+        sched = PipelineScheduleMulti([stage], 2) if written else pp.Schedule1F1B(stage, 2)
+        if written:
+            sched.pipeline_order = {0: ["0F0", "0F1", "0B0", "0B1"], 1: ["1F0", "1F1", "1B0", "1B1"]}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
+        out.append([str(w.message) for w in caught if "no loss_fn" in str(w.message)])
+        out.append(all(p.grad is None for p in stage.submod.parameters()))
+    return out
+
+
+def test_backward_lists_or_a_target_without_loss_fn_warn_that_no_gradients_are_computed():
+    r0, r1 = run_ranks(_without_loss_fn, 2, timeout_s=60)
+    for got in (r0, r1):   # the lists' warning on every rank, once for two steps; no gradients anywhere
+        assert len(got[0]) == 1 and got[0][0].startswith("the action lists hold backward actions (rank 0's 0B0), "
+                                                         "but the schedule has no loss_fn"), got[0]
+        assert got[1] and got[3]
+    assert r0[2] == [] and len(r1[2]) == 1 and "step() got a target on the rank holding the last stage" in r1[2][0]

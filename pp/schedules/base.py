@@ -24,7 +24,7 @@ from .actions import Action, Kind, in_flight_peak, last_backward_actions
 from .caller_graph import backward_into_caller, cut_caller_graph
 from .executor import Executor
 from .groups import RankActions, check_groups, peer_batches
-from .compat import check_model_keywords, pipeline_order
+from .compat import check_model_keywords, pipeline_order, warn_forward_only
 from .lower import lower
 from .loss_weights import token_shares, warn_ambiguous_class_ids, warn_labels_mean, warn_unstated_reduction
 from .simulate import DEFAULT_COSTS
@@ -71,6 +71,7 @@ class _PipelineSchedule:
         self._args_chunk_spec, self._kwargs_chunk_spec = args_chunk_spec, kwargs_chunk_spec
         self._output_merge_spec = output_merge_spec
         self.scale_grads = scale_grads
+        self._warned_forward_only = False   # step() without a loss_fn given backward lists or a target
         self._warned_reduction = False   # an uneven split met a loss_fn that states no reduction (warned once)
         self._warned_class_ids = False   # a target of several integer tensors: weighted by rows (warned once)
         self._labels_checks = 3   # steps left in which labels= passed to the model is checked (warn_labels_mean)
@@ -174,6 +175,9 @@ class _PipelineSchedule:
         too, before any transfer.
         """
         training = self._loss_fn is not None
+        if not training and not self._warned_forward_only:   # once per schedule: no gradients, said aloud
+            self._warned_forward_only = warn_forward_only(None if self._name else self._pipeline_order,
+                                                          target is not None and self.n_stages - 1 in self._stages)
         return self._run(args, kwargs, target, losses, training, return_outputs, loss_kwargs)
 
     def eval(self, *args, target=None, losses: list | None = None, return_outputs: bool = True,
@@ -331,6 +335,15 @@ class _PipelineSchedule:
                          + "; ".join(f"rank {r} calls {p}" for r, p in enumerate(plans))
                          + " (every rank must build the same schedule and call the same method)")
 
+    @staticmethod
+    def _refusal_reason(who: int, me: int, error: BaseException | None, group: Any) -> str:
+        """Every rank of `group` learns why rank `who` refused the step (its error's text): all call this,
+        as all saw the refusal in the step's opening agreement. A host round trip, on this path only."""
+        texts: list[Any] = [None] * dist.get_world_size(group)
+        mine = f"{type(error).__name__}: {error}" if error is not None and me == who else None
+        dist.all_gather_object(texts, (me, mine), group=group)
+        return next((t for r, t in texts if r == who and t), "its own error says why")
+
     def _load_csv(self, filename: str, format: str = "compute_only") -> None:
         """Replace this schedule's action lists by those of a torch.distributed.pipelining CSV file (one
         row per rank), as torch's private `_load_csv` does, for code moving over; `schedule_from_actions`
@@ -430,11 +443,13 @@ class _PipelineSchedule:
             status = p2p.max_all_reduce([self.rank + 1, 0, 0, plan, -plan, 0, 0], self.group)
             if status[3] != -status[4]:
                 self._refuse_other_plans(training, self.group)
-        if error is not None:
-            raise error
-        raise RuntimeError(f"{type(self).__name__} has no schedule of its own: assign its pipeline_order "
-                           f"(or load a CSV file with _load_csv(path)) on every rank first, or use "
-                           f"pp.schedule_from_actions or a schedule class")
+        if error is None:
+            error = RuntimeError(f"{type(self).__name__} has no schedule of its own: assign its pipeline_order "
+                                 f"(or load a CSV file with _load_csv(path)) on every rank first, or use "
+                                 f"pp.schedule_from_actions or a schedule class")
+        if self.n_ranks > 1 and not status[2]:   # the peers raise naming this reason (as _run orders its checks)
+            self._refusal_reason(status[0] - 1, self.rank, error, self.group)
+        raise error
 
     def _check_given_placement(self) -> None:
         """torch's `stage_index_to_group_rank` where the caller gave one: it must be the lists' placement."""
@@ -506,13 +521,15 @@ class _PipelineSchedule:
                                f"that step started may still be pending, so a new step's messages could be "
                                f"taken by them (a hang or wrong data); restart the processes (pp.run resumes "
                                f"from the newest checkpoint)")
+        if status[0] and (agree or self.n_ranks > 1):   # every rank: the refusing one tells the others why
+            why = self._refusal_reason(status[0] - 1, me, error, agree[0] if agree else self.group)
         if error is not None:
             raise error
         check_rows_follow(int(status[5]), int(status[6]), self.n_microbatches)   # every rank alike
         if status[0]:
-            raise RuntimeError(f"pipeline step aborted: rank {status[0] - 1} rejected its inputs (its own "
-                               f"error says why); no rank started the step"
-                               + (" (every data- and tensor-parallel replica stops with it)" if agree else ""))
+            raise RuntimeError(f"pipeline step aborted: rank {status[0] - 1} refused the step ({why}); no rank "
+                               f"started it" + (" (every data- and tensor-parallel replica stops with it)"
+                                                if agree else ""))
         for rows_k, target_k in others:   # another replica's batch that its pipeline refuses: every replica stops
             try:
                 check_rows_follow(int(rows_k), int(target_k), self.n_microbatches)

@@ -3,9 +3,10 @@ rule for which keywords step()/eval() accept."""
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .actions import Action
+from .actions import Action, Compound, Kind
 from .lower import compute_ticks
 
 if TYPE_CHECKING:
@@ -57,3 +58,23 @@ def check_model_keywords(stages: dict[int, PipelineStage], kwargs: dict) -> None
     if unknown:
         raise TypeError(f"step()/eval() got unknown keyword(s) {unknown}: they take target=, losses=, "
                         f"return_outputs=, loss_kwargs= and the model's forward parameters {names}")
+
+
+def warn_forward_only(order: Mapping[int, Sequence[Any]] | None, target_here: bool) -> bool:
+    """Warn (and return True) where step() without a loss_fn would silently compute no gradients: the
+    action lists the user wrote (`order`, None for a generated schedule) hold backward actions, or the
+    rank holding the last stage passed a target. step() runs forward only then, as torch's does."""
+    backward = None
+    for r, cells in sorted((order or {}).items()):
+        for c in cells:
+            for a in (c.sub_actions if isinstance(c, Compound) else (c,)):
+                if isinstance(a, Action) and a.kind in (Kind.B, Kind.I, Kind.W):
+                    backward = backward or f"rank {r}'s {a}"
+    if backward is None and not target_here:
+        return False
+    what = (f"the action lists hold backward actions ({backward})" if backward
+            else "step() got a target on the rank holding the last stage")
+    warnings.warn(f"{what}, but the schedule has no loss_fn: step() runs forward only and computes no "
+                  f"gradients (as torch's schedules do); pass loss_fn= to the schedule to train",
+                  stacklevel=3)
+    return True

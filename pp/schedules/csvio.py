@@ -18,35 +18,34 @@ _SKIP = object()
 _IGNORED = re.compile(r"^\s*\d*\s*(" + "|".join(sorted(IGNORED_CELLS)) + r")\s*\d*\s*$")
 
 
-def _at(row: int, column: int) -> str:
-    return f"rank {row} (row {row + 1}), column {column + 1}"
+def _at(row: int, column: int, numbered: bool) -> str:
+    """Where a cell is: its rank and column, and its row where the source has rows (a file or a list)."""
+    return f"rank {row}" + (f" (row {row + 1})" if numbered else "") + f", column {column + 1}"
 
 
-def _cell(text: Any, row: int, column: int, where: str) -> Any:
+def _cell(text: Any, row: int, column: int, where: str, numbered: bool) -> Any:
     """One cell as an Action or Compound; None for a blank cell (a bubble), _SKIP for a cell pp does not
     run. Errors name the row, the column and the text."""
     if isinstance(text, (Action, Compound)) or text is None:
         return text
     if not isinstance(text, str):
-        raise ValueError(f"{where}{_at(row, column)}: expected an action string such as '0F0', got {text!r}")
+        raise ValueError(f"{where}{_at(row, column, numbered)}: expected an action string such as '0F0', "
+                         f"got {text!r}")
     if not text.strip():
         return None
     if _IGNORED.match(text):
         return _SKIP
     try:
         return Compound.parse(text) if text.strip().startswith("(") else Action.parse(text)
-    except ValueError as err:
-        raise ValueError(
-            f"{where}{_at(row, column)}: cannot read {text.strip()!r} as an action "
-            "(expected <stage><kind><microbatch> such as '0F0', '1B3' or '2SEND_F1', or a compound cell "
-            f"such as '(0F7;7B3)OVERLAP_F_B'): {err}"
-        ) from None
+    except ValueError as err:   # the parser's message names the text and what it expected
+        raise ValueError(f"{where}{_at(row, column, numbered)}: {err}") from None
 
 
-def _row(rank: int, cells: Any, where: str) -> list[Cell]:
+def _row(rank: int, cells: Any, where: str, numbered: bool = True) -> list[Cell]:
     if isinstance(cells, (str, bytes)) or not isinstance(cells, Sequence):
-        raise ValueError(f"{where}rank {rank} (row {rank + 1}): expected a list of action strings, got {cells!r}")
-    return [a for c, text in enumerate(cells) if (a := _cell(text, rank, c, where)) is not _SKIP]
+        row = f" (row {rank + 1})" if numbered else ""
+        raise ValueError(f"{where}rank {rank}{row}: expected a list of action strings, got {cells!r}")
+    return [a for c, text in enumerate(cells) if (a := _cell(text, rank, c, where, numbered)) is not _SKIP]
 
 
 def read_rows(source: str | Path | Mapping[int, Sequence[Any]] | Sequence[Sequence[Any]]) -> dict[int, list[Cell]]:
@@ -64,7 +63,7 @@ def read_rows(source: str | Path | Mapping[int, Sequence[Any]] | Sequence[Sequen
         for rank in source:
             if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
                 raise ValueError(f"action lists are keyed by rank numbers >= 0, got key {rank!r}")
-        return {r: _row(r, source[r], "") for r in sorted(source)}
+        return {r: _row(r, source[r], "", numbered=False) for r in sorted(source)}
     if isinstance(source, Sequence):
         return {r: _row(r, cells, "") for r, cells in enumerate(source)}
     raise ValueError(f"cannot read action lists from {type(source).__name__}: "

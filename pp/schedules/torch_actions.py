@@ -105,8 +105,18 @@ def _as_cell(c: Any, rank: Any, column: int) -> Any:
 
     if c is None or isinstance(c, (Action, Compound, str)) or not hasattr(c, "computation_type"):
         return c   # read (or refused, naming the place) by pp's csv reader
+    where = f"rank {rank}, column {column + 1}"
+    kind = getattr(c.computation_type, "name", c.computation_type)
+    shown = f"{type(c).__name__}({getattr(c, 'stage_index', '?')!r}, {kind!s}, {getattr(c, 'microbatch_index', None)!r})"
+    whole_stage = str(getattr(c.computation_type, "value", c.computation_type)) in (
+        "UNSHARD", "RESHARD", "REDUCE_GRAD", "OVERLAP_F_B")   # the kinds that name no microbatch
+    for field, none_ok in (("stage_index", False), ("microbatch_index", whole_stage)):
+        value = getattr(c, field, None)
+        if (value is None and none_ok) or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            continue
+        raise ValueError(f"{where}: {shown} has {field}={value!r}: expected an integer >= 0")
     try:
         return repr(c)
-    except ValueError as e:   # a computation_type that is none (torch <= 2.4's argument order, a typo)
-        raise ValueError(f"rank {rank} (row {rank + 1 if isinstance(rank, int) else '?'}), column {column + 1}: "
-                         f"cannot read {tuple(c)!r} as an action: {e}") from None
+    except ValueError:   # a computation_type that is none (torch <= 2.4's argument order, a typo)
+        raise ValueError(f"{where}: {shown} has computation_type={c.computation_type!r}: expected one of "
+                         f"{', '.join(k.value for k in _ComputationType)}") from None
