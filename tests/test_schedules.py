@@ -361,9 +361,9 @@ def test_csv_ignores_blank_cells_and_takes_dicts_and_rows(tmp_path):
 def test_csv_bad_cell_names_row_column_and_text(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("0F0,0B0\n1F0,1B0,1X3\n")
-    with pytest.raises(ValueError, match=r"bad.csv: rank 1 \(row 2\), column 3: cannot read '1X3' as an action"):
+    with pytest.raises(ValueError, match=r"bad.csv: rank 1 \(row 2\), column 3: cannot read schedule action '1X3': expected"):
         read_actions(path)
-    with pytest.raises(ValueError, match=r"rank 0 \(row 1\), column 2: cannot read '0F' as an action"):
+    with pytest.raises(ValueError, match=r"rank 0 \(row 1\), column 2: cannot read schedule action '0F': expected"):
         read_actions([["0F0", "0F"]])
     with pytest.raises(ValueError, match="cannot read schedule CSV"):
         read_actions(tmp_path / "missing.csv")

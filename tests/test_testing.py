@@ -82,7 +82,7 @@ def test_a_rank_stopped_by_another_does_not_hide_the_cause() -> None:
     # Rank 1 reports first that it stopped because rank 0 failed; rank 0's own reason comes 0.3 s later.
     pipes = [multiprocessing.Pipe(duplex=False) for _ in range(2)]
     now = time.time()
-    pipes[1][1].send(("err", now, ("RuntimeError", "pipeline step aborted: rank 0 rejected its inputs", "tb1")))
+    pipes[1][1].send(("err", now, ("RuntimeError", "pipeline step aborted: rank 0 refused the step", "tb1")))
 
     def later() -> None:
         time.sleep(0.3)
