@@ -155,6 +155,8 @@ class Dies(nn.Module):
 model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), Dies(), nn.Linear(32, 4))
 x, y = torch.randn(8, 16), torch.randn(8, 4)
 sch = pp.Schedule1F1B(pp.PipelineStage(model[:2] if rank == 0 else model[2:], rank, 2, "cpu"), 4, F.mse_loss)
+if rank == 1 and {call} == 0:
+    os._exit(3)   # gone before its first step (a constructor error caught badly, a crash)
 try:
     for _ in range(2):
         sch.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
@@ -164,7 +166,7 @@ except Exception as e:
 """
 
 
-@pytest.mark.parametrize("call", [3, 6])   # in the first step (metadata) and in the second
+@pytest.mark.parametrize("call", [0, 3, 6])   # before any step, in the first step (metadata), in the second
 def test_a_peer_that_dies_without_a_word_is_named_as_such(tmp_path, call):
     """A rank whose process ends mid-step without reporting (killed, crashed) left its peers with gloo's
     raw "Connection reset by peer ... GLHF!" line; they now raise PipelineAborted saying a peer closed its
@@ -186,6 +188,7 @@ def test_a_peer_that_dies_without_a_word_is_named_as_such(tmp_path, call):
     assert ("rank 0: PipelineAborted: a peer rank closed its connection (its process ended or was killed without "
             "reporting an error) while rank 0 waited in ") in outs[0], outs[0]
     assert "GLHF" not in outs[0], outs[0]
+    assert ("waited in the step's opening agreement" in outs[0]) == (call == 0), outs[0]
 
 
 CAUGHT = """

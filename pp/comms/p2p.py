@@ -254,11 +254,20 @@ def _recv_object(peer: int, group: dist.ProcessGroup | None) -> Any:
     return box[0]
 
 
-def max_all_reduce(values: Sequence[int], group: dist.ProcessGroup | None) -> list[int]:
-    """Element-wise max of a few integers over the group, on the CPU when the group can (no device sync)."""
+def max_all_reduce(values: Sequence[int], group: dist.ProcessGroup | None,
+                   what: str = "an agreement all-reduce") -> list[int]:
+    """Element-wise max of a few integers over the group, on the CPU when the group can (no device sync).
+    A peer whose process ended (its connection closed) raises PipelineAborted naming `what` was waited in."""
     device = _object_device(group)
     t = torch.tensor(list(values), dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    except Exception as e:  # noqa: BLE001 - gloo's raw line for a peer gone becomes pp's
+        from .abort import peer_lost
+        lost = peer_lost(e, dist.get_rank(), lambda: what)
+        if lost is None:
+            raise
+        raise lost from None
     return t.tolist()
 
 

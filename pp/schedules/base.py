@@ -26,6 +26,8 @@ from .executor import Executor
 from .groups import RankActions, check_groups, peer_batches
 from .compat import check_model_keywords, pipeline_order, warn_forward_only
 from .lower import lower
+
+_OPENING = "the step's opening agreement (where every rank says whether it can run the step)"
 from .loss_weights import token_shares, warn_ambiguous_class_ids, warn_labels_mean, warn_unstated_reduction
 from .simulate import DEFAULT_COSTS
 from .registry import get_spec
@@ -440,7 +442,7 @@ class _PipelineSchedule:
         that ranks which do have lists stop too (rather than wait for it forever)."""
         if self.n_ranks > 1:
             plan = 2 * self._plan_hash + int(training)
-            status = p2p.max_all_reduce([self.rank + 1, 0, 0, plan, -plan, 0, 0], self.group)
+            status = p2p.max_all_reduce([self.rank + 1, 0, 0, plan, -plan, 0, 0], self.group, _OPENING)
             if status[3] != -status[4]:
                 self._refuse_other_plans(training, self.group)
         if error is None:
@@ -502,13 +504,14 @@ class _PipelineSchedule:
             # replicas disagree on the token-count all-reduce (a collective one of them skips)
             ids = target is not None and (self.n_stages - 1) in self._stages and bool(class_id_tensors(target))
             other = target is not None and (self.n_stages - 1) in self._stages and not ids
-            got = p2p.max_all_reduce([me + 1 if error else 0, broken, plan, -plan, int(ids), int(other), *own], group)
+            got = p2p.max_all_reduce([me + 1 if error else 0, broken, plan, -plan, int(ids), int(other), *own], group,
+                                     _OPENING)
             kinds, got = (got[4], got[5]), got[:4] + got[6:]
             status = [got[0], got[4 + 3 * slot], got[1], got[2], got[3], *got[5 + 3 * slot:7 + 3 * slot]]
             others = [(got[5 + 3 * k], got[6 + 3 * k]) for k in range(slots) if k != slot]
         elif self.n_ranks > 1:
             status = p2p.max_all_reduce([me + 1 if error else 0, int(changed), broken, plan, -plan,
-                                         *rows], self.group)
+                                         *rows], self.group, _OPENING)
         else:
             status = [1 if error else 0, int(changed), broken, plan, -plan, *rows]
         if status[3] != -status[4]:   # the same on every rank: all of them raise here
