@@ -26,6 +26,7 @@ from .executor import Executor
 from .groups import RankActions, check_groups, peer_batches
 from .compat import check_model_keywords, pipeline_order, warn_forward_only
 from .lower import lower
+from .user_lists import UserLists, copy_order, placement_of
 
 _OPENING = "the step's opening agreement (where every rank says whether it can run the step)"
 from .loss_weights import token_shares, warn_ambiguous_class_ids, warn_labels_mean, warn_unstated_reduction
@@ -36,7 +37,7 @@ from .shared_grads import keep_one_accumulated, sync_shared_grads
 from .validate import stage_graph, validate
 
 
-class _PipelineSchedule:
+class _PipelineSchedule(UserLists):
     """Common step logic: check inputs on every rank before any transfer, then run the action list."""
 
     _name: str = ""
@@ -108,7 +109,7 @@ class _PipelineSchedule:
             compute = spec.generate(self.n_stages, self.n_ranks, n_microbatches)
         else:
             compute = {r: [a for a in acts if a.is_compute] for r, acts in actions.items()}
-            placement = _placement_of(actions, self.n_stages, self.n_ranks)
+            placement = placement_of(actions, self.n_stages, self.n_ranks)
         self.stage_to_rank = list(placement)
         mine = sorted(s for s, r in enumerate(placement) if r == self.rank)
         if sorted(self._stages) != mine:
@@ -128,7 +129,7 @@ class _PipelineSchedule:
             (r, [str(a) for a in acts]) for r, acts in compute.items()))).encode())
         self._plan = (f"{type(self).__name__} with {n_microbatches} microbatches over {self.n_stages} stages "
                       f"placed {self.stage_to_rank}, action lists #{self._plan_hash:08x}")
-        self._loaded_orders = (_copy_order(self._pipeline_order), _copy_order(self._pipeline_order_with_comms))
+        self._loaded_orders = (copy_order(self._pipeline_order), copy_order(self._pipeline_order_with_comms))
         self._graph = stage_graph(self.stage_to_rank, edges)
         self._executor = Executor(self._stages, self._graph, self.group, self.rank)
         self._executor.abort = self._abort = AbortChannel(self.group, self.rank, first.device)
@@ -346,96 +347,9 @@ class _PipelineSchedule:
         dist.all_gather_object(texts, (me, mine), group=group)
         return next((t for r, t in texts if r == who and t), "its own error says why")
 
-    def _load_csv(self, filename: str, format: str = "compute_only") -> None:
-        """Replace this schedule's action lists by those of a torch.distributed.pipelining CSV file (one
-        row per rank), as torch's private `_load_csv` does, for code moving over; `schedule_from_actions`
-        is pp's public way. `format` is torch's word ("compute_only" or "compute_comms"): pp tells the
-        two apart itself (compute-only lists get their sends and receives added). Every rank calls it,
-        before the first step. Raises ValueError for an unknown `format` or a bad file (naming the cell)."""
-        if format not in ("compute_only", "compute_comms"):
-            raise ValueError(f"format must be 'compute_only' or 'compute_comms', got {format!r}")
-        from .csvio import read_rows
-
-        self._load_rows(read_rows(filename))
-
-    def _load_rows(self, rows: Mapping[int, Sequence[Any]]) -> None:
-        """Run these rows (rank -> cells as `pp.schedules.csvio.read_rows` gives them) from now on. Lists
-        that do not make a valid schedule raise (ValueError) and leave the schedule as it was."""
-        from .csvio import flatten
-
-        before = dict(self.__dict__)
-        placed = {i: getattr(s, "stage_to_rank", None) for i, s in self._stages.items()}
-        try:
-            _PipelineSchedule.__init__(self, *self._init_args, actions=flatten(rows), rows=rows,
-                                       **self._init_kwargs)
-        except BaseException:
-            self.__dict__.clear()
-            self.__dict__.update(before)
-            for i, s in self._stages.items():
-                s.stage_to_rank = placed[i]
-            raise
-        # a step that failed mid-way may have left transfers pending: new lists do not make it safe
-        self._broken = before.get("_broken", "")
-        self._broken_own = before.get("_broken_own", False)
-
-    @property
-    def pipeline_order(self) -> dict[int, list[Any]]:
-        """torch's `pipeline_order`: rank -> its compute actions in order, None where it idles (a bubble).
-
-        Assigning it (every rank, before the first step, as torch's test zoo does in a subclass's
-        constructor: `{rank: [_Action(0, F, 0), None, ...]}`, or action strings such as "0F0") makes the
-        schedule run those lists, pp adding the sends and receives; ValueError naming the cell for one it
-        cannot read or a list that does not make a valid schedule."""
-        return self._pipeline_order
-
-    @pipeline_order.setter
-    def pipeline_order(self, lists: Mapping[int, Sequence[Any]]) -> None:
-        self._assign_lists(lists, "pipeline_order")
-
-    @property
-    def pipeline_order_with_comms(self) -> dict[int, list[Action]]:
-        """rank -> the list it runs, sends and receives included (torch's name). Assigning it, as torch's
-        `_PipelineScheduleRuntime` subclasses do, runs those lists as written (see `pipeline_order`)."""
-        return self._pipeline_order_with_comms
-
-    @pipeline_order_with_comms.setter
-    def pipeline_order_with_comms(self, lists: Mapping[int, Sequence[Any]]) -> None:
-        self._assign_lists(lists, "pipeline_order_with_comms")
-
-    def _assign_lists(self, lists: Any, name: str) -> None:
-        from .csvio import read_rows
-        from .torch_actions import cells_as_rows
-
-        try:
-            self._load_rows(read_rows(cells_as_rows(lists)))
-        except ValueError as e:
-            raise type(e)(f"{type(self).__name__}.{name}: {e}") from None   # ScheduleError stays one
-
-    def _validate_and_set_stage_mapping(self, actions: Mapping[int, Sequence[Any]]) -> dict[int, int]:
-        """torch's step after assigning `pipeline_order` in a constructor: runs `actions` if they are not
-        the lists already loaded, and returns {stage: rank} (also `stage_index_to_group_rank`)."""
-        if _copy_order(actions) != self._loaded_orders[0]:
-            self._assign_lists(actions, "pipeline_order")
-        return self.stage_index_to_group_rank
-
-    def _prepare_schedule_with_comms(self, actions: Mapping[int, Sequence[Any]], format: str = "compute_only") -> None:
-        """torch's runtime step that adds sends and receives to compute-only lists: runs `actions` (pp adds
-        the transfers itself where the lists hold none; `format` is taken for torch's signature)."""
-        self._assign_lists(actions, "pipeline_order")
-
-    @property
-    def stage_index_to_group_rank(self) -> dict[int, int]:
-        """{stage index: the rank in the pipeline group that runs it} (torch's name for `stage_to_rank`)."""
-        return dict(enumerate(getattr(self, "stage_to_rank", ())))
-
-    def _reload_edited(self) -> None:
-        """The caller changed `pipeline_order` or `pipeline_order_with_comms` in place (a row assigned, a
-        cell replaced) since they were loaded: run the lists as they are now, as torch reads them at
-        each step."""
-        if self._pipeline_order_with_comms != self._loaded_orders[1]:
-            self._assign_lists(dict(self._pipeline_order_with_comms), "pipeline_order_with_comms")
-        else:
-            self._assign_lists(dict(self._pipeline_order), "pipeline_order")
+    def _rebuild(self, actions: Mapping[int, Sequence[Action]], rows: Mapping[int, Sequence[Any]]) -> None:
+        """Build this schedule again from user-written lists (the base constructor, not a subclass's)."""
+        _PipelineSchedule.__init__(self, *self._init_args, actions=actions, rows=rows, **self._init_kwargs)
 
     def _refuse_without_lists(self, training: bool, error: BaseException | None) -> None:
         """A schedule with no action lists takes part in the step's opening agreement before it raises, so
@@ -452,16 +366,6 @@ class _PipelineSchedule:
         if self.n_ranks > 1 and not status[2]:   # the peers raise naming this reason (as _run orders its checks)
             self._refusal_reason(status[0] - 1, self.rank, error, self.group)
         raise error
-
-    def _check_given_placement(self) -> None:
-        """torch's `stage_index_to_group_rank` where the caller gave one: it must be the lists' placement."""
-        given = getattr(self, "_given_placement", None)
-        if given is None:
-            return
-        wrong = {s: r for s, r in given.items() if not (0 <= s < self.n_stages) or self.stage_to_rank[s] != r}
-        if wrong or len(given) != self.n_stages:
-            raise ValueError(f"stage_index_to_group_rank={dict(given)} does not match the schedule, which places "
-                             f"stage s on rank stage_to_rank[s] = {self.stage_to_rank}")
 
     def _run(self, args, kwargs, target, losses, training, return_outputs=True, loss_kwargs=None):
         error, prepared = None, None
@@ -646,37 +550,3 @@ class _PipelineSchedule:
                     hook(stage)
             self._after = (hook, {a: functools.partial(done, s) for a, s in self._last_backward.items()})
         return self._after[1]
-
-
-def _copy_order(order: Mapping[int, Sequence[Any]]) -> dict[int, list[Any]]:
-    """A copy of a pipeline_order-like dict, to tell later edits in place from the lists loaded."""
-    return {r: list(cells) for r, cells in order.items()}
-
-
-def _placement_of(actions: Mapping[int, Sequence[Action]], n_stages: int, n_ranks: int) -> list[int]:
-    """stage -> rank, from the compute actions of user-written lists. ValueError (naming the rank, the
-    action and the stage) for a rank outside the group, a stage outside the pipeline, a stage computed on
-    two ranks, a send or receive of a stage its rank does not run, or a stage no rank runs."""
-    placement: list[int | None] = [None] * n_stages
-    for r, acts in actions.items():
-        if not 0 <= r < n_ranks:
-            raise ValueError(f"the lists name rank {r}, but the pipeline's group has ranks 0..{n_ranks - 1}")
-        for a in acts:
-            if not 0 <= a.stage < n_stages:
-                raise ValueError(f"rank {r}'s action {a} names stage {a.stage}, but the pipeline has "
-                                 f"stages 0..{n_stages - 1}")
-            if a.is_compute:
-                if placement[a.stage] is not None and placement[a.stage] != r:
-                    raise ValueError(f"stage {a.stage} is computed on two ranks: rank {placement[a.stage]} and "
-                                     f"rank {r} (its action {a}); a stage runs on one rank")
-                placement[a.stage] = r
-    for r, acts in actions.items():
-        for a in acts:
-            if a.is_comm and placement[a.stage] != r:
-                where = "no rank" if placement[a.stage] is None else f"rank {placement[a.stage]}"
-                raise ValueError(f"rank {r}'s action {a} sends or receives for stage {a.stage}, which runs on "
-                                 f"{where}: a rank moves only its own stages' data")
-    if None in placement:
-        missing = [s for s, r in enumerate(placement) if r is None]
-        raise ValueError(f"the action lists never run stages {missing}")
-    return placement  # type: ignore[return-value]
