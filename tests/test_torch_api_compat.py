@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import pp
 from pp.testing import run_ranks
-from runtime_models import DeepMLP, manual_stage_module, reference
+from runtime_models import DeepMLP, _manual_name, manual_stage_module, reference
 
 
 def _torch_schedule(model, rank, world, n_mb, loss_fn=F.mse_loss):
@@ -360,6 +360,35 @@ def _token_mean(rank: int, world: int) -> bool:
 
 def test_a_token_mean_with_ignored_tokens_as_the_docs_show():
     assert run_ranks(_token_mean, 2) == [True, True]
+
+
+def _manual_grad_scaling(rank: int, world: int) -> list:
+    """torch's pattern for scale_grads=False: the caller divides by the microbatch count with the stage's
+    `scale_grads(n)`; `has_backward` says whether the last step ran backwards."""
+    torch.manual_seed(0)
+    model = DeepMLP(n_layers=2)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    stage = pp.PipelineStage(manual_stage_module(copy.deepcopy(model), rank, world), rank, world, "cpu")
+    sched = pp.Schedule1F1B(stage, 4, loss_fn=F.mse_loss, scale_grads=False)
+    sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
+    flags = [stage.has_backward]
+    stage.scale_grads(4)
+    grads = {_manual_name(n, rank, 1): p.grad.clone() for n, p in stage.submod.named_parameters()}
+    sched.eval(*((x,) if rank == 0 else ()))
+    flags.append(stage.has_backward)
+    return [flags, grads]
+
+
+def test_scale_grads_false_then_the_stages_scale_grads_equals_the_unsplit_mean():
+    torch.manual_seed(0)
+    model = DeepMLP(n_layers=2)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    _, want = reference(model, x, y, 4)
+    got = run_ranks(_manual_grad_scaling, 2)
+    for rank, (flags, grads) in enumerate(got):
+        assert flags == [True, False], flags
+        for name, g in grads.items():
+            torch.testing.assert_close(g, want[name], msg=name)
 
 
 def _target_rows(rank: int, world: int) -> list:

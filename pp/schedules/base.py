@@ -448,6 +448,8 @@ class _PipelineSchedule(UserLists):
                              "tensors), on others not (floats): every replica must pass the same kind of target, "
                              "or their token counts would not meet; no rank started the step")
         self._grad_flags[mode] = grad_flags
+        for st in self._stages.values():   # torch's flag, for code that reads it
+            st.has_backward = training
         self._abort.begin_step()
         mb_args, mb_kwargs, targets, signature, _, caller_graph = prepared
         if targets is not None:   # a target of k rows per sample (flattened per token) follows the batch

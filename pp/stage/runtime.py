@@ -143,6 +143,7 @@ class PipelineStage(StageInputChecks):
         self.dp_wrapper = stage_wrapper(self.submod)
         self.is_first = stage_index == 0
         self.is_last = stage_index == num_stages - 1
+        self.has_backward = False   # torch's flag: whether the last step ran backwards (set by the schedule)
         self.stage_to_rank: list[int] | None = None
         if pipe_info is not None:
             io = pipe_info.stage_io[stage_index]
@@ -227,6 +228,14 @@ class PipelineStage(StageInputChecks):
         """Drop what the last step left on this stage, `output_chunks` included (torch's name)."""
         self.clear()
         self.output_chunks = []
+
+    def scale_grads(self, grad_scale_factor: int) -> None:
+        """Divide this stage's parameter gradients by `grad_scale_factor` (torch's method, for schedules
+        built with `scale_grads=False` whose caller scales by the microbatch count itself)."""
+        if grad_scale_factor != 1:
+            for p in self.submod.parameters():
+                if p.grad is not None:
+                    p.grad.div_(grad_scale_factor)
 
     def clear(self) -> None:
         self._mb.clear()
