@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["DEFAULT_CHUNK_DIM", "TensorChunkSpec", "merge_chunks", "split_args_kwargs_into_chunks"]
+__all__ = ["DEFAULT_CHUNK_DIM", "TensorChunkSpec", "merge_chunks", "split_args_kwargs_into_chunks", "sum_reducer"]
 
 DEFAULT_CHUNK_DIM = 0
 
@@ -53,8 +54,25 @@ class _Replicate:
     """Spec leaf meaning: give every microbatch this value unchanged (the class or an instance)."""
 
 
+class _CustomReducer:
+    """Merge spec leaf (torch's name): the merged value is `reduce_fn(...reduce_fn(init_value, v0)..., vN)`
+    over the microbatches' values, e.g. `sum_reducer` adds them (a summed loss). Merging only: a
+    reducer cannot split an input."""
+
+    def __init__(self, init_value: Any, reduce_fn: Any):
+        self.init_value = init_value
+        self.reduce_fn = reduce_fn
+
+
+class _LossReducer(_CustomReducer):
+    """A reducer of losses (torch's class for `sum_reducer`)."""
+
+
+sum_reducer = _LossReducer(torch.tensor(0.0), operator.add)
+
+
 def _is_spec_leaf(x: Any) -> bool:
-    return x is None or x is _Replicate or isinstance(x, (TensorChunkSpec, _Replicate))
+    return x is None or x is _Replicate or isinstance(x, (TensorChunkSpec, _Replicate, _CustomReducer))
 
 
 def split_args_kwargs_into_chunks(
@@ -99,7 +117,8 @@ def merge_chunks(chunks: list, chunk_spec: Any, *, spec_name: str = "chunk_spec"
     """Merge per-microbatch values into one: tensors are concatenated along their spec's dim (default 0).
 
     `chunk_spec` is a pytree matching (a prefix of) one chunk, or None for the default everywhere.
-    Non-tensor leaves, and leaves whose spec is `_Replicate`, take the first chunk's value.
+    Non-tensor leaves, and leaves whose spec is `_Replicate`, take the first chunk's value; a leaf whose
+    spec is a `_CustomReducer` (`sum_reducer`) is reduced over the chunks.
     0-dim tensors (a loss a model returns next to its logits, e.g. `ModelOutput(loss=, logits=)`) cannot
     be concatenated: floating-point ones are averaged over the chunks, each weighted by its chunk's rows
     (read off the chunk's first tensor that is split) where the chunks differ in rows, as `step()`
@@ -124,6 +143,9 @@ def merge_chunks(chunks: list, chunk_spec: Any, *, spec_name: str = "chunk_spec"
     for j, spec in enumerate(specs):
         values = [leaves[j] for leaves in per_chunk]
         first = values[0]
+        if isinstance(spec, _CustomReducer):
+            merged.append(functools.reduce(spec.reduce_fn, values, spec.init_value))
+            continue
         if not isinstance(first, torch.Tensor) or spec is _Replicate or isinstance(spec, _Replicate):
             merged.append(first)
             continue
@@ -166,7 +188,8 @@ def _broadcast_spec(spec: Any, treespec: pytree.TreeSpec, spec_name: str, tree_n
                          f"entry (None for the default), or one spec for all")
     for s in specs:
         if not _is_spec_leaf(s):
-            raise TypeError(f"{spec_name} leaves must be TensorChunkSpec, _Replicate or None, got {s!r}")
+            raise TypeError(f"{spec_name} leaves must be TensorChunkSpec, _Replicate, a _CustomReducer (merging "
+                            f"only) or None, got {s!r}")
     return specs
 
 
@@ -218,6 +241,9 @@ def _split_leaves(named_leaves: list, specs: list, chunks: int) -> list[list]:
     torch does), everything else replicated."""
     columns = []
     for (path, value), spec in zip(named_leaves, specs):
+        if isinstance(spec, _CustomReducer):
+            raise TypeError(f"{path}: a _CustomReducer (such as sum_reducer) merges outputs; it cannot split "
+                            f"an input (use TensorChunkSpec, _Replicate or None)")
         if type(value).__name__ == "BlockMask" and not (spec is _Replicate or isinstance(spec, _Replicate)):
             columns.append(split_block_mask(value, chunks, path))
             continue

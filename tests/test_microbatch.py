@@ -180,3 +180,21 @@ def test_a_block_mask_is_split_with_the_batch():
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match=r"batch of 5 cannot be split into 6 microbatches \(kwargs\['block_mask'\]"):
         split_args_kwargs_into_chunks((), {"block_mask": mask}, 6)
+
+
+def test_sum_reducer_merges_as_torchs_and_cannot_split():
+    """torch's `sum_reducer` (a `_CustomReducer`) as a merge spec leaf: the microbatches' values added."""
+    from torch.distributed.pipelining import microbatch as tmb
+
+    from pp.microbatch import _CustomReducer, sum_reducer
+
+    chunks = [{"loss": torch.tensor(float(i + 1)), "x": torch.randn(2 - i % 2, 3)} for i in range(3)]
+    got = merge_chunks(chunks, {"loss": sum_reducer, "x": None})
+    want = tmb.merge_chunks(chunks, {"loss": tmb.sum_reducer, "x": tmb.TensorChunkSpec(0)})
+    torch.testing.assert_close(got["loss"], torch.tensor(6.0))
+    torch.testing.assert_close(got["loss"], want["loss"])
+    torch.testing.assert_close(got["x"], want["x"])
+    longest = _CustomReducer(0, lambda acc, v: max(acc, v.shape[0]))
+    assert merge_chunks(chunks, {"loss": None, "x": longest})["x"] == 2
+    with pytest.raises(TypeError, match=r"args\[0\]: a _CustomReducer \(such as sum_reducer\) merges outputs"):
+        split_args_kwargs_into_chunks((torch.ones(4),), {}, 2, (sum_reducer,))

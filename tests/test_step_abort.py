@@ -231,3 +231,40 @@ def test_a_script_that_catches_a_failed_step_ends_with_its_own_exit_code(tmp_pat
     assert run.returncode == (1 if code else 0), out[-3000:]
     if code:
         assert f"exitcode  : {code}" in out, out[-3000:]
+
+
+def _alone(rank: int, world: int) -> list:
+    """torch's test pattern: rank 0 alone calls step() with a bad batch. pp's ranks agree on each step,
+    so rank 0 waits for rank 1; after AGREEMENT_NOTICE_S it says what it waits for (not a silent hang),
+    and once rank 1 comes both raise rank 0's refusal."""
+    import time
+    import warnings
+
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    import pp.schedules.base as base
+
+    base.AGREEMENT_NOTICE_S = 1.0
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    example = torch.randn(2, 16) if rank == 0 else torch.randn(2, 32)   # its inputs are checked before the step
+    sch = pp.Schedule1F1B(pp.PipelineStage(model[:2] if rank == 0 else model[2:], rank, 2, "cpu", input_args=example),
+                          2, F.mse_loss)
+    if rank == 1:
+        time.sleep(4)   # the peer comes late
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            sch.step(*((torch.randn(4, 17),) if rank == 0 else ()), target=torch.randn(4, 4) if rank == 1 else None)
+        except Exception as e:  # noqa: BLE001 - the refusal is what this test reads
+            error = f"{type(e).__name__}: {e}"
+    return [error, [str(w.message) for w in caught if "opening agreement" in str(w.message)]]
+
+
+def test_a_rank_calling_step_alone_says_what_it_waits_for():
+    (e0, w0), (e1, w1) = run_ranks(_alone, 2, timeout_s=90)
+    assert len(w0) == 1 and w0[0].startswith("rank 0 has waited 1 s in the step's opening agreement"), w0
+    assert "a rank that calls it alone waits here until they do" in w0[0] and w1 == [], w1
+    assert e0.startswith("ValueError: ") and "17" in e0, e0
+    assert e1.startswith("RuntimeError: pipeline step aborted: rank 0 refused the step"), e1

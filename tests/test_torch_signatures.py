@@ -156,6 +156,9 @@ def test_get_schedule_class_names_as_torch():
     assert pps.get_schedule_class("ZBVZeroBubble") is pp.ScheduleZBVZeroBubble
     assert pps.get_schedule_class("PipelineScheduleSingle") is pps.PipelineScheduleSingle
     assert pps.get_schedule_class("pipelineschedulemulti") is pps.PipelineScheduleMulti
+    for name in ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble",
+                 "DualPipeV"):   # torch's test_get_schedule_class checks the base class as torch names it
+        assert issubclass(pps.get_schedule_class(name), pps._PipelineSchedule), name
     with pytest.raises(ValueError, match=r"unknown schedule name 'Foo': expected one of GPipe, 1F1B"):
         pps.get_schedule_class("Foo")
 

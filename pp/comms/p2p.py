@@ -9,7 +9,9 @@ import pickle
 import sys
 import threading
 import time
+import warnings
 from collections import deque
+from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
@@ -255,13 +257,26 @@ def _recv_object(peer: int, group: dist.ProcessGroup | None) -> Any:
 
 
 def max_all_reduce(values: Sequence[int], group: dist.ProcessGroup | None,
-                   what: str = "an agreement all-reduce") -> list[int]:
+                   what: str = "an agreement all-reduce", notice_after_s: float | None = None) -> list[int]:
     """Element-wise max of a few integers over the group, on the CPU when the group can (no device sync).
-    A peer whose process ended (its connection closed) raises PipelineAborted naming `what` was waited in."""
+    A peer whose process ended (its connection closed) raises PipelineAborted naming `what` was waited in.
+    On gloo, `notice_after_s` seconds without the other ranks warns once per wait, naming `what`."""
     device = _object_device(group)
     t = torch.tensor(list(values), dtype=torch.int64, device=device)
     try:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        if notice_after_s is None or device.type != "cpu":
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        else:   # gloo: wait a while, then say what is being waited for, and wait on
+            work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True)
+            try:
+                work.wait(timeout=timedelta(seconds=notice_after_s))
+            except RuntimeError as e:
+                if "timed out" not in str(e):
+                    raise
+                warnings.warn(f"rank {dist.get_rank()} has waited {notice_after_s:g} s in {what} for the other "
+                              f"ranks of its group: every rank calls step() (or eval()) for each step, and a "
+                              f"rank that calls it alone waits here until they do", stacklevel=3)
+                work.wait()
     except Exception as e:  # noqa: BLE001 - gloo's raw line for a peer gone becomes pp's
         from .abort import peer_lost
         lost = peer_lost(e, dist.get_rank(), lambda: what)

@@ -29,6 +29,8 @@ from .lower import lower
 from .user_lists import UserLists, copy_order, placement_of
 
 _OPENING = "the step's opening agreement (where every rank says whether it can run the step)"
+# seconds a rank waits there for the others before it says so (gloo; a module attribute tests lower)
+AGREEMENT_NOTICE_S = 60.0
 from .loss_weights import token_shares, warn_ambiguous_class_ids, warn_labels_mean, warn_unstated_reduction
 from .simulate import DEFAULT_COSTS
 from .registry import get_spec
@@ -356,7 +358,8 @@ class _PipelineSchedule(UserLists):
         that ranks which do have lists stop too (rather than wait for it forever)."""
         if self.n_ranks > 1:
             plan = 2 * self._plan_hash + int(training)
-            status = p2p.max_all_reduce([self.rank + 1, 0, 0, plan, -plan, 0, 0], self.group, _OPENING)
+            status = p2p.max_all_reduce([self.rank + 1, 0, 0, plan, -plan, 0, 0], self.group, _OPENING,
+                                         AGREEMENT_NOTICE_S)
             if status[3] != -status[4]:
                 self._refuse_other_plans(training, self.group)
         if error is None:
@@ -409,13 +412,14 @@ class _PipelineSchedule(UserLists):
             ids = target is not None and (self.n_stages - 1) in self._stages and bool(class_id_tensors(target))
             other = target is not None and (self.n_stages - 1) in self._stages and not ids
             got = p2p.max_all_reduce([me + 1 if error else 0, broken, plan, -plan, int(ids), int(other), *own], group,
-                                     _OPENING)
+                                     _OPENING, AGREEMENT_NOTICE_S)
             kinds, got = (got[4], got[5]), got[:4] + got[6:]
             status = [got[0], got[4 + 3 * slot], got[1], got[2], got[3], *got[5 + 3 * slot:7 + 3 * slot]]
             others = [(got[5 + 3 * k], got[6 + 3 * k]) for k in range(slots) if k != slot]
         elif self.n_ranks > 1:
             status = p2p.max_all_reduce([me + 1 if error else 0, int(changed), broken, plan, -plan,
-                                         *rows], self.group, _OPENING)
+                                         *rows], self.group, _OPENING,
+                                         AGREEMENT_NOTICE_S)
         else:
             status = [1 if error else 0, int(changed), broken, plan, -plan, *rows]
         if status[3] != -status[4]:   # the same on every rank: all of them raise here
