@@ -204,6 +204,8 @@ try:
     sch.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
 except Exception as e:
     print(f"rank {{rank}} caught {{type(e).__name__}}", flush=True)
+    if rank == 1:   # torchrun stops the other ranks once one exits: rank 0 reports first (a loaded machine)
+        import time; time.sleep(2)
     {leave}
 """
 
