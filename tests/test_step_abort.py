@@ -191,6 +191,53 @@ def test_a_peer_that_dies_without_a_word_is_named_as_such(tmp_path, call):
     assert ("waited in the step's opening agreement" in outs[0]) == (call == 0), outs[0]
 
 
+DYING_REPLICA = """
+import os, torch, torch.nn as nn, torch.nn.functional as F, pp
+from pp.comms.backend import init_process_group_from_env
+init_process_group_from_env()
+rank = int(os.environ["RANK"])
+torch.manual_seed(0)
+calls = []
+
+def loss_fn(out, target):
+    calls.append(1)
+    if rank == 1 and len(calls) == 3:
+        os._exit(3)   # killed, crashed: no error is reported
+    return F.mse_loss(out, target)
+
+model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+x, y = torch.randn(8, 16), torch.randn(8, 4)
+par = pp.parallelize(model, (x[:2],), n_microbatches=2, loss_fn=loss_fn, pp=1, dp=2, device="cpu")
+try:
+    for _ in range(2):
+        par.step(par.local_share(x), target=par.local_share(y))
+except Exception as e:
+    print(f"rank {{rank}}: {{type(e).__name__}}: {{e}}", flush=True)
+    os._exit(1)
+"""
+
+
+def test_a_data_parallel_replica_that_dies_is_named_as_such(tmp_path):
+    """A replica whose process ends mid-step left the other replicas with gloo's raw line from their
+    gradient all-reduce; they now raise PipelineAborted saying a peer closed its connection there."""
+    import os
+    import subprocess
+    import sys
+
+    from pp.testing import _free_port
+
+    script = tmp_path / "dying_replica.py"
+    script.write_text(DYING_REPLICA.format())
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [1, 3], outs
+    assert ("rank 0: PipelineAborted: a peer rank closed its connection (its process ended or was killed without "
+            "reporting an error) while rank 0 waited in a data-parallel gradient all-reduce") in outs[0], outs[0]
+
+
 CAUGHT = """
 import os, sys, torch, torch.nn as nn, torch.nn.functional as F, pp
 from pp.comms.backend import init_process_group_from_env

@@ -170,6 +170,20 @@ def all_reduce_(tensors: list[Tensor], group: GroupLike = None, op: str = "sum",
     return handles
 
 
+def wait_all(handles: list, what: str = "a data-parallel gradient all-reduce") -> None:
+    """Wait for `all_reduce_`'s handles. A peer whose process ended (gloo: its connection closed) raises
+    pp's PipelineAborted naming `what` this rank waited in, not gloo's raw line."""
+    try:
+        for h in handles:
+            h.wait()
+    except Exception as e:  # noqa: BLE001 - only a lost peer is translated
+        from .abort import peer_lost
+        lost = peer_lost(e, dist.get_rank(), lambda: what)
+        if lost is None:
+            raise
+        raise lost from None
+
+
 def _buckets(tensors: list[Tensor], bucket_bytes: int) -> list[list[Tensor]]:
     """Group tensors by (device, dtype), in order, into lists of at most `bucket_bytes` each."""
     open_buckets: dict[tuple, list[Tensor]] = {}

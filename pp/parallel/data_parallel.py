@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from torch import nn
 
-from pp.comms.collectives import all_reduce_
+from pp.comms.collectives import all_reduce_, wait_all
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -62,8 +62,7 @@ class GradSync:
                 self._start(params)
         self._start(self._deferred)
         handles, self._handles = self._handles, []
-        for h in handles:
-            h.wait()
+        wait_all(handles)
         self.last_order, self._started = self._started, []
 
     def _start(self, params: list[nn.Parameter]) -> None:

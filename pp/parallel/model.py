@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from pp.comms.collectives import all_reduce
-from pp.comms.collectives import all_reduce_
+from pp.comms.collectives import all_reduce_, wait_all
 from pp.parallel.data_parallel import GradSync
 from pp.parallel.mesh import mesh_coords
 from pp.parallel.zero import ShardedParams, zero_optimizer
@@ -103,8 +103,8 @@ class ParallelModel:
             self.shards.reduce_grads()
             self._release_whole_weights()
         if self._replica_buffers:
-            for handle in all_reduce_(self._replica_buffers, self.mesh.get_group("dp"), op="avg"):
-                handle.wait()
+            wait_all(all_reduce_(self._replica_buffers, self.mesh.get_group("dp"), op="avg"),
+                     "the data-parallel all-reduce of the replicas' buffers")
 
     def _warn_eval_training(self) -> None:
         """Once: a training step ran a stage on its eval-mode graph (the model is in eval mode, as

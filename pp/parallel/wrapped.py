@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from pp.comms.collectives import all_reduce_
+from pp.comms.collectives import all_reduce_, wait_all
 from pp.comms.p2p import max_all_reduce
 
 __all__ = ["DDPStage", "FSDPStage", "StepSync", "stage_wrapper", "unwrap"]
@@ -84,8 +84,7 @@ class DDPStage:
         """After a step (`ok`: it completed): wait for the averages, give DDP its flag back."""
         handles, self._handles = self._handles, []
         if ok:
-            for h in handles:
-                h.wait()
+            wait_all(handles, "a wrapped stage's data-parallel gradient all-reduce")
         self.module.require_backward_grad_sync = self._sync_wanted
 
 
