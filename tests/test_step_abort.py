@@ -166,25 +166,30 @@ except Exception as e:
 """
 
 
-@pytest.mark.parametrize("call", [0, 3, 6])   # before any step, in the first step (metadata), in the second
-def test_a_peer_that_dies_without_a_word_is_named_as_such(tmp_path, call):
-    """A rank whose process ends mid-step without reporting (killed, crashed) left its peers with gloo's
-    raw "Connection reset by peer ... GLHF!" line; they now raise PipelineAborted saying a peer closed its
-    connection and where they waited."""
+def _two_processes(script, text: str) -> list[str]:
+    """Run `text` as two ranks (plain processes, gloo); rank 0 must exit 1 and rank 1 (which dies) 3."""
     import os
     import subprocess
     import sys
 
     from pp.testing import _free_port
 
-    script = tmp_path / "dying.py"
-    script.write_text(DYING.format(call=call))
+    script.write_text(text)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [1, 3], outs
+    return outs
+
+
+@pytest.mark.parametrize("call", [0, 3, 6])   # before any step, in the first step (metadata), in the second
+def test_a_peer_that_dies_without_a_word_is_named_as_such(tmp_path, call):
+    """A rank whose process ends mid-step without reporting (killed, crashed) left its peers with gloo's
+    raw "Connection reset by peer ... GLHF!" line; they now raise PipelineAborted saying a peer closed its
+    connection and where they waited."""
+    outs = _two_processes(tmp_path / "dying.py", DYING.format(call=call))
     assert ("rank 0: PipelineAborted: a peer rank closed its connection (its process ended or was killed without "
             "reporting an error) while rank 0 waited in ") in outs[0], outs[0]
     assert "GLHF" not in outs[0], outs[0]
@@ -220,20 +225,7 @@ except Exception as e:
 def test_a_data_parallel_replica_that_dies_is_named_as_such(tmp_path):
     """A replica whose process ends mid-step left the other replicas with gloo's raw line from their
     gradient all-reduce; they now raise PipelineAborted saying a peer closed its connection there."""
-    import os
-    import subprocess
-    import sys
-
-    from pp.testing import _free_port
-
-    script = tmp_path / "dying_replica.py"
-    script.write_text(DYING_REPLICA.format())
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [1, 3], outs
+    outs = _two_processes(tmp_path / "dying_replica.py", DYING_REPLICA.format())
     assert ("rank 0: PipelineAborted: a peer rank closed its connection (its process ended or was killed without "
             "reporting an error) while rank 0 waited in a data-parallel gradient all-reduce") in outs[0], outs[0]
 
