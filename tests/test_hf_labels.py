@@ -88,3 +88,38 @@ def test_labels_ignored_where_the_shift_drops_them_anyway_are_not_named():
     y[0, 5:] = -100
     with pytest.warns(UserWarning, match="fall unevenly"):
         assert warn_labels_mean([{"labels": r} for r in y.chunk(4)]) is True
+
+
+def _items_in_batch(rank: int, world: int) -> dict:
+    """docs/splitter.md's recipe for a model's own loss: `num_items_in_batch` (the batch's counted labels,
+    a 0-dim tensor given whole to every microbatch) with scale_grads=False makes each microbatch's loss its
+    sum over the batch's count, so the step's gradient is the unsplit model's token mean."""
+    import pp
+    from pp.microbatch import _Replicate
+
+    x, y = _batch(True)
+    n = (y[:, 1:] != -100).sum()
+    pipe = pp.pipeline(_model(), mb_args=(x[:1],), mb_kwargs={"labels": y[:1], "num_items_in_batch": n},
+                       split_spec={"model.layers.1": pp.SplitPoint.BEGINNING})
+    stage = pipe.build_stage(rank, torch.device("cpu"))
+    sched = pp.Schedule1F1B(stage, 4, loss_fn=_own_loss, scale_grads=False,
+                            kwargs_chunk_spec={"labels": None, "num_items_in_batch": _Replicate})
+    losses: list = []
+    if rank == 0:
+        sched.step(x, labels=y, num_items_in_batch=n)
+    else:
+        sched.step(target=y, losses=losses)
+    return {"losses": [float(v) for v in losses],
+            "grads": {k: p.grad.clone() for k, p in stage.submod.named_parameters()}}
+
+
+def test_num_items_in_batch_makes_a_models_own_loss_the_token_mean():
+    first, last = run_ranks(_items_in_batch, 2)
+    x, y = _batch(True)
+    model = _model()
+    ref = model(x, labels=y).loss
+    ref.backward()
+    assert abs(sum(last["losses"]) - ref.item()) < 1e-5, (last["losses"], ref.item())
+    want = dict(model.named_parameters())
+    for name, g in {**first["grads"], **last["grads"]}.items():
+        torch.testing.assert_close(g, want[name].grad, msg=name)

@@ -95,5 +95,6 @@ def warn_labels_mean(mb_kwargs: list[dict], ignore_index: int = -100) -> bool | 
                   "returns the model's own loss (out.loss: each microbatch's mean over its counted labels), "
                   "weighting the microbatches by rows differs from the unsplit model's token mean. Compute the "
                   "loss from the logits against target= (pp then weights by counted targets), or sum it and "
-                  "divide by the batch's count with scale_grads=False (docs/splitter.md)", stacklevel=4)
+                  "divide by the batch's count with scale_grads=False (a Hugging Face model does that given "
+                  "num_items_in_batch=; docs/splitter.md)", stacklevel=4)
     return True
