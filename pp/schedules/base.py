@@ -27,16 +27,16 @@ from .groups import RankActions, check_groups, peer_batches
 from .compat import check_model_keywords, pipeline_order, warn_forward_only
 from .lower import lower
 from .user_lists import UserLists, copy_order, placement_of
-
-_OPENING = "the step's opening agreement (where every rank says whether it can run the step)"
-# seconds a rank waits there for the others before it says so (gloo; a module attribute tests lower)
-AGREEMENT_NOTICE_S = 60.0
 from .loss_weights import token_shares, warn_ambiguous_class_ids, warn_labels_mean, warn_unstated_reduction
 from .simulate import DEFAULT_COSTS
 from .registry import get_spec
 from .rng import rank_streams
 from .shared_grads import keep_one_accumulated, sync_shared_grads
 from .validate import stage_graph, validate
+
+_OPENING = "the step's opening agreement (where every rank says whether it can run the step)"
+# seconds a rank waits there for the others before it says so (gloo; a module attribute tests lower)
+AGREEMENT_NOTICE_S = 60.0
 
 
 class _PipelineSchedule(UserLists):
