@@ -51,6 +51,8 @@ def test_a_bad_cell_is_named_once_by_rank_and_column():
     with pytest.raises(ValueError, match=r"^rank 0, column 1: _Action\(0, FORWARD, -1\) has microbatch_index=-1: "
                                          r"expected an integer >= 0$"):
         cells_as_rows({0: [_Action(0, FWD, -1)]})
+    with pytest.raises(ValueError, match=r"^rank 0, column 1: _Action\(0, FORWARD, -1\) has microbatch_index=-1"):
+        read_rows({0: [_Action(0, FWD, -1)]})   # schedule_from_actions' path reads torch actions alike
     with pytest.raises(ValueError, match=r"^rank 0, column 2: _Action\(-2, FORWARD, 0\) has stage_index=-2"):
         cells_as_rows({0: [None, _Action(-2, FWD, 0)]})
     with pytest.raises(ValueError, match=r"has microbatch_index=None"):

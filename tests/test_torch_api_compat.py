@@ -372,6 +372,9 @@ def _manual_grad_scaling(rank: int, world: int) -> list:
     sched = pp.Schedule1F1B(stage, 4, loss_fn=F.mse_loss, scale_grads=False)
     sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
     flags = [stage.has_backward]
+    for bad in (0, -2, "4", True):   # one sentence naming the value, gradients untouched
+        with pytest.raises(ValueError, match=f"scale_grads takes a positive number .* got {bad!r}"):
+            stage.scale_grads(bad)
     stage.scale_grads(4)
     grads = {_manual_name(n, rank, 1): p.grad.clone() for n, p in stage.submod.named_parameters()}
     sched.eval(*((x,) if rank == 0 else ()))

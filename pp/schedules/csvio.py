@@ -28,6 +28,9 @@ def _cell(text: Any, row: int, column: int, where: str, numbered: bool) -> Any:
     run. Errors name the row, the column and the text."""
     if isinstance(text, (Action, Compound)) or text is None:
         return text
+    if hasattr(text, "computation_type"):   # torch's _Action (or pp.schedules'): read as pipeline_order does
+        from .torch_actions import _as_cell
+        text = _as_cell(text, row, column)
     if not isinstance(text, str):
         raise ValueError(f"{where}{_at(row, column, numbered)}: expected an action string such as '0F0', "
                          f"got {text!r}")

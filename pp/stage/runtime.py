@@ -231,7 +231,12 @@ class PipelineStage(StageInputChecks):
 
     def scale_grads(self, grad_scale_factor: int) -> None:
         """Divide this stage's parameter gradients by `grad_scale_factor` (torch's method, for schedules
-        built with `scale_grads=False` whose caller scales by the microbatch count itself)."""
+        built with `scale_grads=False` whose caller scales by the microbatch count itself). ValueError for a
+        factor that is not a positive number."""
+        if isinstance(grad_scale_factor, bool) or not isinstance(grad_scale_factor, (int, float)) \
+                or not grad_scale_factor > 0:
+            raise ValueError(f"scale_grads takes a positive number to divide the gradients by (the microbatch "
+                             f"count), got {grad_scale_factor!r}")
         if grad_scale_factor != 1:
             for p in self.submod.parameters():
                 if p.grad is not None:
