@@ -78,6 +78,14 @@ class _WaitThread:
 _thread: _WaitThread | None = None
 
 
+def raise_named(error: BaseException, what: str) -> None:
+    """Raise `error`, or the PipelineAborted naming `what` where its peer's connection went away."""
+    lost = peer_lost(error, dist.get_rank(), lambda: what)
+    if lost is None:
+        raise error
+    raise lost from None
+
+
 def peer_lost(error: BaseException, rank: int, what: Callable[[], str]) -> PipelineAborted | None:
     """The PipelineAborted to raise for a transfer (posted or waited on) that failed because its peer's
     connection went away (gloo's words for it), None for another error."""

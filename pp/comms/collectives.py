@@ -177,11 +177,8 @@ def wait_all(handles: list, what: str = "a data-parallel gradient all-reduce") -
         for h in handles:
             h.wait()
     except Exception as e:  # noqa: BLE001 - only a lost peer is translated
-        from .abort import peer_lost
-        lost = peer_lost(e, dist.get_rank(), lambda: what)
-        if lost is None:
-            raise
-        raise lost from None
+        from .abort import raise_named
+        raise_named(e, what)
 
 
 def _buckets(tensors: list[Tensor], bucket_bytes: int) -> list[list[Tensor]]:

@@ -278,11 +278,8 @@ def max_all_reduce(values: Sequence[int], group: dist.ProcessGroup | None,
                               f"rank that calls it alone waits here until they do", stacklevel=3)
                 work.wait()
     except Exception as e:  # noqa: BLE001 - gloo's raw line for a peer gone becomes pp's
-        from .abort import peer_lost
-        lost = peer_lost(e, dist.get_rank(), lambda: what)
-        if lost is None:
-            raise
-        raise lost from None
+        from .abort import raise_named
+        raise_named(e, what)
     return t.tolist()
 
 

@@ -24,7 +24,7 @@ from .actions import Action, Kind, in_flight_peak, last_backward_actions
 from .caller_graph import backward_into_caller, cut_caller_graph
 from .executor import Executor
 from .groups import RankActions, check_groups, peer_batches
-from .compat import check_model_keywords, pipeline_order, warn_forward_only
+from .compat import check_model_keywords, first_backward, pipeline_order, warn_forward_only
 from .lower import lower
 from .user_lists import UserLists, copy_order, placement_of
 from .loss_weights import token_shares, warn_ambiguous_class_ids, warn_labels_mean, warn_unstated_reduction
@@ -132,6 +132,8 @@ class _PipelineSchedule(UserLists):
         self._plan = (f"{type(self).__name__} with {n_microbatches} microbatches over {self.n_stages} stages "
                       f"placed {self.stage_to_rank}, action lists #{self._plan_hash:08x}")
         self._loaded_orders = (copy_order(self._pipeline_order), copy_order(self._pipeline_order_with_comms))
+        # step() without a loss_fn warns where lists the user wrote hold a backward (found once per load)
+        self._backward_cell = None if self._name else first_backward(self._pipeline_order)
         self._graph = stage_graph(self.stage_to_rank, edges)
         self._executor = Executor(self._stages, self._graph, self.group, self.rank)
         self._executor.abort = self._abort = AbortChannel(self.group, self.rank, first.device)
@@ -181,7 +183,7 @@ class _PipelineSchedule(UserLists):
         """
         training = self._loss_fn is not None
         if not training and not self._warned_forward_only:   # once per schedule: no gradients, said aloud
-            self._warned_forward_only = warn_forward_only(None if self._name else self._pipeline_order,
+            self._warned_forward_only = warn_forward_only(self._backward_cell,
                                                           target is not None and self.n_stages - 1 in self._stages)
         return self._run(args, kwargs, target, losses, training, return_outputs, loss_kwargs)
 

@@ -60,16 +60,20 @@ def check_model_keywords(stages: dict[int, PipelineStage], kwargs: dict) -> None
                         f"return_outputs=, loss_kwargs= and the model's forward parameters {names}")
 
 
-def warn_forward_only(order: Mapping[int, Sequence[Any]] | None, target_here: bool) -> bool:
-    """Warn (and return True) where step() without a loss_fn would silently compute no gradients: the
-    action lists the user wrote (`order`, None for a generated schedule) hold backward actions, or the
-    rank holding the last stage passed a target. step() runs forward only then, as torch's does."""
-    backward = None
-    for r, cells in sorted((order or {}).items()):
+def first_backward(order: Mapping[int, Sequence[Any]]) -> str | None:
+    """The first backward cell (B, I or W) of lists the user wrote, as "rank r's 0B0"; None if none."""
+    for r, cells in sorted(order.items()):
         for c in cells:
             for a in (c.sub_actions if isinstance(c, Compound) else (c,)):
                 if isinstance(a, Action) and a.kind in (Kind.B, Kind.I, Kind.W):
-                    backward = backward or f"rank {r}'s {a}"
+                    return f"rank {r}'s {a}"
+    return None
+
+
+def warn_forward_only(backward: str | None, target_here: bool) -> bool:
+    """Warn (and return True) where step() without a loss_fn would silently compute no gradients: the
+    action lists the user wrote hold a backward cell (`backward`, from `first_backward`), or the rank
+    holding the last stage passed a target. step() runs forward only then, as torch's does."""
     if backward is None and not target_here:
         return False
     what = (f"the action lists hold backward actions ({backward})" if backward
