@@ -50,6 +50,25 @@ def test_pipeline_stage_takes_torchs_parameters():
     assert {p.name for p in _params(PipelineStage.__init__)} <= ours
 
 
+@pytest.mark.parametrize("method", ["forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk",
+                                    "get_fwd_recv_ops", "get_fwd_send_ops", "get_bwd_recv_ops", "get_bwd_send_ops"])
+def test_stage_chunk_methods_take_torchs_parameters_in_torchs_order(method):
+    from torch.distributed.pipelining.stage import _PipelineStageBase
+
+    theirs, ours = _params(getattr(_PipelineStageBase, method)), _params(getattr(pp.PipelineStage, method))
+    assert [p.name for p in ours[:len(theirs)]] == [p.name for p in theirs], method
+    for p, q in zip(theirs, ours):
+        if p.default is not p.empty:
+            assert q.default == p.default, (method, p.name)
+
+
+def test_register_custom_function_takes_torchs_parameters():
+    from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
+
+    theirs = _params(_PipelineScheduleRuntime.register_custom_function)
+    assert [p.name for p in _params(pps._PipelineScheduleRuntime.register_custom_function)] == [p.name for p in theirs]
+
+
 def _bfs_positional(rank: int, world: int) -> bool:
     """LoopedBFS with torch's 4th positional parameter (output_merge_spec), the multi-stage keywords,
     and the base class with use_full_backward and _load_csv: losses and gradients as the unsplit model."""

@@ -21,6 +21,10 @@ def __getattr__(name: str):
         from .base import _PipelineSchedule
 
         return _PipelineSchedule
+    if name == "_PipelineContext":   # what custom functions (register_custom_function) are given
+        from .custom_functions import _PipelineContext
+
+        return _PipelineContext
     if name in _FROM_CLASSES:
         from . import classes
 

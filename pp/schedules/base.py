@@ -24,6 +24,7 @@ from .actions import Action, Kind, in_flight_peak, last_backward_actions
 from .caller_graph import backward_into_caller, cut_caller_graph
 from .executor import Executor
 from .groups import RankActions, check_groups, peer_batches
+from .custom_functions import CustomFunctions, _PipelineContext
 from .compat import check_model_keywords, first_backward, pipeline_order, warn_forward_only
 from .lower import lower
 from .user_lists import UserLists, copy_order, placement_of
@@ -39,7 +40,7 @@ _OPENING = "the step's opening agreement (where every rank says whether it can r
 AGREEMENT_NOTICE_S = 60.0
 
 
-class _PipelineSchedule(UserLists):
+class _PipelineSchedule(CustomFunctions, UserLists):
     """Common step logic: check inputs on every rank before any transfer, then run the action list."""
 
     _name: str = ""
@@ -50,6 +51,12 @@ class _PipelineSchedule(UserLists):
                  actions: Mapping[int, Sequence[Action]] | None = None,
                  rows: Mapping[int, Sequence[Any]] | None = None, backward_requires_autograd: bool = True,
                  defer_pp_recv: bool = False):
+        if getattr(type(self), "_step_microbatches", None) is not None:   # pp's classes define none
+            raise NotImplementedError(
+                f"{type(self).__name__} overrides _step_microbatches, which pp never calls: pp runs every schedule "
+                f"from action lists. Write the order as lists (assign self.pipeline_order in __init__, or "
+                f"load_csv; docs/schedules.md), or subclass PipelineStage and override forward_one_chunk / "
+                f"backward_one_chunk to change what runs for each microbatch")
         stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
         self._init_args = (stages, n_microbatches, loss_fn, args_chunk_spec, kwargs_chunk_spec,
                            output_merge_spec, scale_grads)   # for _load_csv
@@ -494,15 +501,16 @@ class _PipelineSchedule(UserLists):
                 s.output_chunks = []   # the last step's outputs are not held through this one
             if training:   # shared parameters: this step's gradients are summed over their copies, once
                 keep_one_accumulated(self._stages.values())
-            if 0 in self._stages:
-                for m in range(self.n_microbatches):
-                    self._stages[0].set_model_inputs(m, mb_args[m], mb_kwargs[m])
             # stages on different ranks draw apart (not under CUDA-graph replay: its captured random
             # ops keep the generator state they were captured with)
             with rank_streams(self.rank, 1 if self._graphs else self.n_ranks, self._executor.device):
                 self._executor.run(actions, meta_mode=meta_mode, meta_key=mode, loss_fn=loss_fn,
                                    targets=targets, losses=losses, loss_scale=scale, outputs=outputs,
-                                   record=self.record_trace, after=after)
+                                   record=self.record_trace, after=after, model_inputs=(mb_args, mb_kwargs),
+                                   last_backward=self._last_backward if training else (),
+                                   context=_PipelineContext(self, mb_args or [()] * self.n_microbatches,
+                                                            mb_kwargs or [{}] * self.n_microbatches, targets,
+                                                            losses) if self._executor.custom_functions else None)
         except BaseException as e:
             self._abort.post(e)  # the other ranks stop waiting for this one (pp.comms.abort)
             if self.n_ranks > 1:   # transfers of this step may still be pending: no further step

@@ -8,7 +8,7 @@ shapes changed (`meta_mode`), as small objects in the same order as the data; ot
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Callable, Sequence
 
 import torch
@@ -19,6 +19,8 @@ from ..comms.abort import AbortChannel, peer_lost
 from ..stage.outputs import differentiable
 from ..stage.runtime import PipelineStage, _meta_of
 from .actions import Action, Kind
+from .custom_functions import TORCH_TYPE
+from .torch_actions import _Action
 from .groups import split_batch
 from .validate import Message, StageGraph
 
@@ -54,6 +56,11 @@ class Executor:
         self._groups: dict[tuple, list] = {}  # (batch, its list's peer_batch) -> split_batch's groups
         self.trace: list[tuple[str, float, float]] = []
         self.abort: AbortChannel | None = None  # set by the schedule
+        # {kind: fn(action, ctx)} run in place of pp's own F/B/I/W (pp.schedules.custom_functions)
+        self.custom_functions: dict[Kind, Callable[..., None]] = {}
+        self.backward_counter: Counter = Counter()   # torch's, for custom functions: cleared every step
+        self._context: Any = None
+        self._in_step = False
 
     def rank_of(self, stage: int) -> int:
         return self.graph.stage_to_rank[stage]
@@ -61,12 +68,17 @@ class Executor:
     # --------------------------------------------------------------------------------- step
     def run(self, actions: list[Action], *, meta_mode: bool, loss_fn: Callable | None, targets: list | None,
             losses: list | None, loss_scale: float | Sequence[float | torch.Tensor], outputs: list | None, record: bool,
-            after: dict[Action, Callable[[], None]] | None = None, meta_key: Any = None) -> None:
+            after: dict[Action, Callable[[], None]] | None = None, meta_key: Any = None,
+            model_inputs: tuple[Sequence[tuple], Sequence[dict]] = ((), ()),
+            last_backward: Any = (), context: Any = None) -> None:
         """Run `actions`; `after[a]()` is called right after compute action `a` (e.g. start a stage's
         data-parallel gradient sync once its last backward of the step is done). Metadata is cached
         per `meta_key` (e.g. train and eval, whose outputs differ in requiring grad); `meta_mode`
         exchanges it afresh for this key. `loss_scale` seeds each loss's backward: one factor for every
-        microbatch, or one per microbatch."""
+        microbatch, or one per microbatch. `model_inputs`: (args, kwargs) of each microbatch, for the
+        first stage's forwards; `last_backward`: the actions that are a stage's last backward of the
+        step (torch's `last_backward` flag of the stage's chunk methods); `context`: the
+        `_PipelineContext` custom functions are given."""
         if meta_mode:
             self._metas[meta_key] = {}
         self._meta = self._metas.setdefault(meta_key, {})
@@ -81,6 +93,21 @@ class Executor:
         self._losses = None if losses is None else []
         self._outputs = None if outputs is None else []
         self._loss_scale = loss_scale
+        self._model_args, self._model_kwargs = model_inputs
+        self._last_backward = last_backward
+        self._context = context
+        self.backward_counter.clear()
+        self._in_step = True
+        try:
+            self._run(actions, record, after)
+        finally:
+            self._in_step = False
+        # in microbatch order, whatever order the last stage ran them in (an action list of the caller's)
+        for got, out in ((self._losses, losses), (self._outputs, outputs)):
+            if out is not None:
+                out.extend(value for _, value in sorted(got, key=lambda pair: pair[0]))
+
+    def _run(self, actions: list[Action], record: bool, after: dict[Action, Callable[[], None]] | None) -> None:
         self._record = record
         self.trace = []
         events = []
@@ -102,10 +129,6 @@ class Executor:
         for work in self._send_works:
             work.wait()
         self._send_works, self._kept = [], []
-        # in microbatch order, whatever order the last stage ran them in (an action list of the caller's)
-        for got, out in ((self._losses, losses), (self._outputs, outputs)):
-            if out is not None:
-                out.extend(value for _, value in sorted(got, key=lambda pair: pair[0]))
         if record:
             self.trace = self._resolve(events)
 
@@ -143,17 +166,27 @@ class Executor:
             elif action.kind in (Kind.B, Kind.I):
                 self._wait((s, mb, "B"))
             start = self._mark() if events is not None else None
+            custom = self.custom_functions.get(action.kind) if self.custom_functions else None
             if action.kind == Kind.F:
-                self._forward(stage, mb)
+                self._forward(stage, mb, action if custom is not None else None)
             elif action.kind in (Kind.B, Kind.I):
                 self._take_grads(stage, mb)
-                if action.kind == Kind.B:
-                    stage.backward_one(mb, self._scale_of(mb))
-                else:
-                    stage.backward_input(mb, self._scale_of(mb))
+                if custom is not None:
+                    self._run_custom(action, stage)
+                else:   # through torch's chunk methods: a stage subclass overriding them runs (pp.stage.chunks)
+                    stage.backward_one_chunk(mb, loss=stage.state(mb).loss if stage.is_last else None,
+                                             full_backward=action.kind == Kind.B,
+                                             last_backward=action in self._last_backward)
+                    if self.custom_functions and action.kind == Kind.B:
+                        self.backward_counter[s] += 1
                 self._route_grads_locally(stage, mb)
             elif action.kind == Kind.W:
-                stage.backward_weight(mb)
+                if custom is not None:
+                    self._run_custom(action, stage)
+                else:
+                    stage.backward_weight_one_chunk(mb, last_backward=action in self._last_backward)
+                    if self.custom_functions:
+                        self.backward_counter[s] += 1
             if events is not None:
                 events.append((str(action), start, self._mark()))
         except Exception as e:
@@ -167,7 +200,39 @@ class Executor:
         scale = self._loss_scale
         return scale if isinstance(scale, float) else scale[mb]
 
-    def _forward(self, stage: PipelineStage, mb: int) -> None:
+    def _run_custom(self, action: Action, stage: PipelineStage) -> None:
+        """The user's custom function for `action` (torch's `_Action` and `_PipelineContext`); RuntimeError
+        where it returned without computing what the action stands for."""
+        mb = action.microbatch
+        self.custom_functions[action.kind](_Action(action.stage, TORCH_TYPE[action.kind], mb), self._context)
+        st = stage._mb.get(mb)
+        if action.kind == Kind.F:
+            undone = st is None or not st.outputs
+        elif action.kind == Kind.W:
+            undone = st is not None and st.pending_weight is not None
+        else:
+            undone = st is not None and bool(st.outputs)
+        if undone:
+            method = {Kind.F: "forward_one_chunk", Kind.B: "backward_one_chunk", Kind.I:
+                      "backward_one_chunk(..., full_backward=False)", Kind.W: "backward_weight_one_chunk"}[action.kind]
+            raise RuntimeError(f"the custom function registered for {TORCH_TYPE[action.kind].name} returned without "
+                               f"computing {action} (stage {action.stage}, microbatch {mb}): it must call "
+                               f"stage.{method} for the action's stage and microbatch")
+
+    def compute_loss(self, stage: PipelineStage, mb: int, output: Any) -> None:
+        """The last stage's loss of microbatch `mb` from its `output` with the step's loss_fn and target
+        (kept for its backward and the step's losses); nothing in a step without a loss. RuntimeError
+        outside a step."""
+        if not self._in_step:
+            raise RuntimeError("_maybe_compute_loss is for custom functions while step() runs them")
+        if self._loss_fn is None or self._targets is None:
+            return
+        st = stage.state(mb)
+        st.loss, st.scale = _call_loss(stage, self._loss_fn, output, self._targets[mb]), self._scale_of(mb)
+        if self._losses is not None:
+            self._losses.append((mb, st.loss.detach()))
+
+    def _forward(self, stage: PipelineStage, mb: int, custom: Action | None = None) -> None:
         st = stage.state(mb)
         for i, x in enumerate(st.inputs):
             flag = getattr(x, "_pp_requires_grad", None)
@@ -175,15 +240,18 @@ class Executor:
                 del x._pp_requires_grad
                 if flag and torch.is_grad_enabled():
                     x.requires_grad_(True)
-        outputs = stage.forward_one(mb)
-        if stage.is_last:
-            if self._loss_fn is not None and self._targets is not None:
-                loss = _call_loss(stage, self._loss_fn, st.final, self._targets[mb])
-                st.loss = loss
-                if self._losses is not None:
-                    self._losses.append((mb, loss.detach()))
+        if custom is not None:   # the user's function in place of the forward (it may compute the loss)
+            self._run_custom(custom, stage)
+            final = st.final
+        elif stage.is_first:
+            final = stage.forward_one_chunk(mb, self._model_args[mb], self._model_kwargs[mb])
+        else:
+            final = stage.forward_one_chunk(mb)
+        outputs = st.outputs
+        if stage.is_last:   # the loss and the output as forward_one_chunk returned them (torch's runtime)
+            if custom is None or st.loss is None:
+                self.compute_loss(stage, mb, final)
             if self._outputs is not None:
-                final = st.final
                 if torch.is_grad_enabled():  # kept for the caller only: no autograd graph held by it
                     final = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, final)
                 self._outputs.append((mb, final))

@@ -22,6 +22,7 @@ from .backward import input_grads, run_backward, weight_grads
 from .compiled import inner_module
 from .graphs import StageGraphs
 from .modes import call_with_forward, mode_forward, retarget_devices
+from .chunks import ChunkMethods
 from .input_checks import StageInputChecks
 from .outputs import differentiable, flat_outputs, positional
 
@@ -42,6 +43,7 @@ class _Microbatch:
     outputs: tuple = ()
     final: Any = None               # the model-shaped output (last stage)
     loss: torch.Tensor | None = None
+    scale: Any = 1.0                # the last stage's loss seed (the microbatch's share of the step's loss)
     out_grads: dict = field(default_factory=dict)   # output index -> summed gradient
     in_grads: list | None = None
     pending_weight: Any = None      # state kept from I for W
@@ -53,7 +55,7 @@ def _meta_of(value: Any) -> tuple:
     return ("v", value)
 
 
-class PipelineStage(StageInputChecks):
+class PipelineStage(ChunkMethods, StageInputChecks):
     """One pipeline stage on this rank.
 
     Manual form (the user cut the model): `PipelineStage(submodule, stage_index, num_stages, device)`;
@@ -271,7 +273,9 @@ class PipelineStage(StageInputChecks):
             st.inputs.extend([None] * (slot + 1 - len(st.inputs)))
         st.inputs[slot] = value
 
-    def forward_one(self, m: int) -> tuple:
+    def forward_one(self, m: int) -> Any:
+        """Forward of microbatch m on the inputs set for it; returns what the module returned (cast to the
+        activation dtype where activations cross stages in one), and keeps the flat outputs to send."""
         st = self.state(m)
         if self.bf16_weights is not None and self.bf16_weights.stale:
             self.bf16_weights.refresh()
@@ -291,7 +295,7 @@ class PipelineStage(StageInputChecks):
             st.outputs = flat_outputs(out)
         else:
             st.outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        return st.outputs
+        return out
 
     def _forward(self, m: int, st: _Microbatch) -> Any:
         out = self._replay(m, st) if self.graphs is not None else None

@@ -1,0 +1,98 @@
+"""torch.distributed.pipelining's per-microbatch stage methods on pp's `PipelineStage`.
+
+pp's executor runs every forward, backward (B or its input half I) and weight-gradient action (W) through
+`forward_one_chunk`, `backward_one_chunk` and `backward_weight_one_chunk`, as torch's runtime does, so
+a stage subclass that overrides one of them (to wrap it: prefetch, log, add a dependency, change the
+microbatch's inputs) runs under every pp schedule, and code calling them by hand keeps working.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class ChunkMethods:
+    """The chunk methods of `PipelineStage` (a mixin over its `forward_one`, `backward_one`,
+    `backward_input`, `backward_weight`, `set_model_inputs` and per-microbatch state)."""
+
+    stage_index: int
+    is_first: bool
+    is_last: bool
+    has_backward: bool
+
+    def forward_one_chunk(self, fwd_chunk_id: int, args: tuple = (), kwargs: dict | None = None,
+                          save_forward_output: bool = True) -> Any:
+        """Forward of microbatch `fwd_chunk_id` (torch's method and signature).
+
+        `args` / `kwargs`: the microbatch's model inputs, read by the first stage only; later stages
+        take what their producers sent (as in torch). `save_forward_output` is taken for torch's
+        signature: which outputs a step returns is `step(return_outputs=...)`'s business in pp.
+        Returns the stage's output: on the last stage the model's output for the microbatch (the value
+        the schedule's loss_fn reads), elsewhere what the stage's module returned.
+        """
+        if self.is_first:
+            if not isinstance(args, (tuple, list)):
+                args = (args,)
+            self.set_model_inputs(fwd_chunk_id, tuple(args), dict(kwargs or {}))
+        out = self.forward_one(fwd_chunk_id)
+        return self.state(fwd_chunk_id).final if self.is_last else out
+
+    def backward_one_chunk(self, bwd_chunk_id: int, loss: Any = None, full_backward: bool = True,
+                           last_backward: bool = False) -> None:
+        """Backward of microbatch `bwd_chunk_id` (torch's method and signature): the whole backward (B),
+        or with `full_backward=False` its input-gradient half (I), the weight gradients then left to
+        `backward_weight_one_chunk`.
+
+        `loss` (last stage only): the tensor to backpropagate, the schedule's loss of the microbatch
+        unless a subclass passes another; seeded with the microbatch's share of the step's loss (pp's
+        loss scaling). `last_backward` is taken for torch's signature: pp starts a data-parallel
+        gradient sync after each stage's last backward of the step itself (pp/parallel/wrapped.py).
+        Does nothing when the step runs no backward (`has_backward` False, as torch). Raises
+        RuntimeError for a microbatch whose forward has not run on this stage, ValueError for a loss
+        given to a stage other than the last.
+        """
+        if not self.has_backward:
+            return
+        st = self._mb.get(bwd_chunk_id)
+        if st is None or not (st.outputs or st.loss is not None):
+            raise RuntimeError(f"stage {self.stage_index}: backward_one_chunk({bwd_chunk_id}) without a pending "
+                               f"forward of microbatch {bwd_chunk_id} (forward_one_chunk runs first, and "
+                               f"backward once per forward)")
+        if loss is not None:
+            if not self.is_last:
+                raise ValueError(f"backward_one_chunk: stage {self.stage_index} is not the last stage; only the "
+                                 f"last stage backpropagates a loss (the others take their outputs' gradients)")
+            st.loss = loss
+        if full_backward:
+            self.backward_one(bwd_chunk_id, st.scale)
+        else:
+            self.backward_input(bwd_chunk_id, st.scale)
+
+    def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward: bool = False) -> None:
+        """Weight-gradient half (W) of microbatch `bwd_chunk_id`, after its
+        `backward_one_chunk(..., full_backward=False)` (torch's method and signature; `last_backward` as
+        in `backward_one_chunk`). Does nothing when the step runs no backward."""
+        if not self.has_backward:
+            return
+        self.backward_weight(bwd_chunk_id)
+
+    def _no_p2p_ops(self, name: str) -> list:
+        raise NotImplementedError(
+            f"PipelineStage.{name}: pp posts a stage's transfers itself, from the schedule's action lists, so it "
+            f"hands out no P2P ops for a loop of your own; write the order as lists (pipeline_order, load_csv: "
+            f"docs/schedules.md), or register custom functions for F/B/I/W (register_custom_function)")
+
+    def get_fwd_recv_ops(self, fwd_chunk_id: int) -> list:
+        """Not provided (NotImplementedError): see `_no_p2p_ops`."""
+        return self._no_p2p_ops("get_fwd_recv_ops")
+
+    def get_fwd_send_ops(self, fwd_chunk_id: int) -> list:
+        """Not provided (NotImplementedError): see `_no_p2p_ops`."""
+        return self._no_p2p_ops("get_fwd_send_ops")
+
+    def get_bwd_recv_ops(self, bwd_chunk_id: int) -> list:
+        """Not provided (NotImplementedError): see `_no_p2p_ops`."""
+        return self._no_p2p_ops("get_bwd_recv_ops")
+
+    def get_bwd_send_ops(self, bwd_chunk_id: int) -> list:
+        """Not provided (NotImplementedError): see `_no_p2p_ops`."""
+        return self._no_p2p_ops("get_bwd_send_ops")
