@@ -296,19 +296,23 @@ def split_rows(args: tuple, kwargs: dict, args_chunk_spec: Any = None, kwargs_ch
     return 0
 
 
-def check_rows_follow(batch_rows: int, target_rows: int, chunks: int) -> None:
+def check_rows_follow(batch_rows: int, target_rows: int, chunks: int, exact: bool = False) -> None:
     """ValueError unless the target holds a whole number k of rows per sample of the batch, so that each
     microbatch's target can hold the rows of its microbatch of the batch (`split_target_like` splits it
     so: k × each microbatch's batch rows). A target with one row per token of a row, flattened, passes;
-    7 or 4 target rows for 8 samples would pair rows of different samples. 0 rows: unknown, passes."""
+    7 or 4 target rows for 8 samples would pair rows of different samples. 0 rows: unknown, passes.
+    `exact` (a batch split along a dim other than 0, whose target is split along that dim or holds one
+    row per sample): k must be 1, since a flattened target interleaves the samples of every microbatch."""
     if not batch_rows or not target_rows or batch_rows < chunks or target_rows < chunks:
         return
-    if target_rows % batch_rows:
+    if target_rows % batch_rows or (exact and target_rows != batch_rows):
         b, t = split_sizes(batch_rows, chunks), split_sizes(target_rows, chunks)
         raise ValueError(f"the target's {target_rows} rows do not follow the batch's {batch_rows} into {chunks} "
                          f"microbatches ({', '.join(map(str, t))} target rows against {', '.join(map(str, b))} "
-                         f"batch rows): each microbatch's target must hold the same whole number of rows for "
-                         f"each of its samples")
+                         f"batch rows): " + ("with the batch split along a dim other than 0 (args_chunk_spec), "
+                                             "the target needs one row per sample along that dim or its first"
+                                             if exact else "each microbatch's target must hold the same whole "
+                                             "number of rows for each of its samples"))
 
 
 def split_target_like(target: Any, batch_rows: int, target_rows: int, chunks: int) -> list | None:
@@ -408,7 +412,8 @@ def loss_reduction(loss_fn: Any) -> str | None:
     return r if isinstance(r, str) else None
 
 
-def loss_scales(targets: list | None, n_microbatches: int, reduction: str | None = None) -> float | list[float]:
+def loss_scales(targets: list | None, n_microbatches: int, reduction: str | None = None,
+                dim: int = 0) -> float | list[float]:
     """The factor each microbatch's loss gradient is seeded with (a schedule's `scale_grads`).
 
     1 / n_microbatches when the microbatches are of one size, torch.distributed.pipelining's scaling.
@@ -418,7 +423,7 @@ def loss_scales(targets: list | None, n_microbatches: int, reduction: str | None
     the whole batch's mean, as the unsplit model does, not of the mean of unequal microbatch means.
     A loss that states `reduction="sum"` (see `loss_reduction`) keeps 1 / n_microbatches: the whole
     batch's summed gradient over n_microbatches, as torch gives for any split.
-    `targets`: the microbatches' targets, split along dim 0; the rows are read from each one's first
+    `targets`: the microbatches' targets, split along `dim`; the rows are read from each one's first
     tensor (a 0-dim or missing tensor falls back to 1 / n_microbatches).
     """
     if reduction == "sum":
@@ -428,7 +433,7 @@ def loss_scales(targets: list | None, n_microbatches: int, reduction: str | None
         leaf = next((x for x in pytree.tree_leaves(t) if isinstance(x, torch.Tensor)), None)
         if leaf is None or leaf.dim() == 0:
             return 1.0 / n_microbatches
-        rows.append(leaf.shape[0])
+        rows.append(leaf.shape[dim] if -leaf.dim() <= dim < leaf.dim() else leaf.shape[0])
     if len(set(rows)) > 1:
         total = sum(rows)
         return [r / total for r in rows]

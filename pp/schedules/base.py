@@ -16,13 +16,14 @@ from ..comms import p2p
 from ..comms.backend import close_at_exit, transfers_may_be_pending
 from ..comms.abort import AbortChannel, PipelineAborted
 from ..microbatch import (check_merge_spec, check_rows_follow, class_id_tensors, loss_reduction, loss_scales,
-                          merge_chunks, split_args_kwargs_into_chunks, split_rows, split_target_like)
+                          merge_chunks, split_target_like)
 from ..parallel.wrapped import StepSync
 from ..stage.graphs import StageGraphs
 from ..stage.runtime import PipelineStage
 from .actions import Action, Kind, in_flight_peak, last_backward_actions
 from .caller_graph import backward_into_caller, cut_caller_graph
 from .executor import Executor
+from .split_batch import batch_split_dim, own_versions, split_batch, split_target, target_split_dim
 from .groups import RankActions, check_groups, peer_batches
 from .custom_functions import CustomFunctions, _PipelineContext
 from .compat import check_model_keywords, first_backward, pipeline_order, warn_forward_only
@@ -81,6 +82,7 @@ class _PipelineSchedule(CustomFunctions, UserLists):
         self.n_microbatches = n_microbatches
         self._loss_fn = loss_fn
         self._args_chunk_spec, self._kwargs_chunk_spec = args_chunk_spec, kwargs_chunk_spec
+        self._batch_dim = batch_split_dim(args_chunk_spec, kwargs_chunk_spec)   # the target follows it
         self._output_merge_spec = output_merge_spec
         self.scale_grads = scale_grads
         self._warned_forward_only = False   # step() without a loss_fn given backward lists or a target
@@ -310,9 +312,8 @@ class _PipelineSchedule(CustomFunctions, UserLists):
                 args, kwargs, caller_graph = cut_caller_graph(args, kwargs)
             if stage0.pipe_info is not None:
                 args, kwargs = stage0.pipe_info.input_binder.normalise(args, kwargs)
-            mb_args, mb_kwargs = split_args_kwargs_into_chunks(
-                tuple(args), dict(kwargs), n, self._args_chunk_spec, self._kwargs_chunk_spec)
-            rows[0] = split_rows(args, kwargs, self._args_chunk_spec, self._kwargs_chunk_spec)
+            mb_args, mb_kwargs, rows[0] = split_batch(tuple(args), dict(kwargs), n, self._args_chunk_spec,
+                                                      self._kwargs_chunk_spec)
             # whether an input requires grad changes what the stages send on (a skip connection of it, a
             # frozen first stage): part of the signature, so a change exchanges metadata afresh
             signature = tuple((tuple(x.shape), x.dtype, x.requires_grad) if isinstance(x, torch.Tensor) else repr(x)
@@ -324,6 +325,15 @@ class _PipelineSchedule(CustomFunctions, UserLists):
             if stage0.pipe_info is not None and signature != self._signatures.get(self._mode_key(training)):
                 for a, k in zip(mb_args, mb_kwargs):  # before any rank sends: shapes the graph cannot take
                     stage0.check_model_inputs(stage0.pipe_info.input_binder.flatten(a, k))
+        elif kwargs and any(st.pipe_info is None for st in self._stages.values()):
+            # torch gives a rank's step() keywords to each of its stages: a later manual stage takes those its
+            # forward takes (their shapes are part of the signature, as the first stage's inputs are)
+            spec = self._kwargs_chunk_spec
+            if isinstance(spec, dict):
+                spec = {k: v for k, v in spec.items() if k in kwargs}
+            _, mb_kwargs, _ = split_batch((), dict(kwargs), n, None, spec)
+            signature = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x)
+                              for x in torch.utils._pytree.tree_leaves(mb_kwargs))
         last = self.n_stages - 1
         if last in self._stages and return_outputs and self._output_merge_spec is not None and not self._merge_checked:
             example = self._stages[last].output_example()   # before any rank sends: a spec that cannot merge
@@ -335,11 +345,7 @@ class _PipelineSchedule(CustomFunctions, UserLists):
                 raise ValueError(f"rank {self.rank} holds the last stage and the schedule has a loss_fn: "
                                  f"pass target= to {'step' if training else 'eval'}()")
             if target is not None:
-                try:
-                    targets = [t[0] for t in split_args_kwargs_into_chunks((target,), {}, n)[0]]
-                except ValueError as e:   # named as the caller passed it
-                    raise ValueError(str(e).replace("args[0]", "target")) from None
-                rows[1] = split_rows((target,), {})
+                targets, rows[1] = split_target(target, n, self._batch_dim)
         return mb_args, mb_kwargs, targets, signature, rows, caller_graph
 
     def _refuse_other_plans(self, training: bool, group: Any) -> None:
@@ -445,14 +451,15 @@ class _PipelineSchedule(CustomFunctions, UserLists):
             why = self._refusal_reason(status[0] - 1, me, error, agree[0] if agree else self.group)
         if error is not None:
             raise error
-        check_rows_follow(int(status[5]), int(status[6]), self.n_microbatches)   # every rank alike
+        check_rows_follow(int(status[5]), int(status[6]), self.n_microbatches,   # every rank alike
+                          exact=self._batch_dim != 0)
         if status[0]:
             raise RuntimeError(f"pipeline step aborted: rank {status[0] - 1} refused the step ({why}); no rank "
                                f"started it" + (" (every data- and tensor-parallel replica stops with it)"
                                                 if agree else ""))
         for rows_k, target_k in others:   # another replica's batch that its pipeline refuses: every replica stops
             try:
-                check_rows_follow(int(rows_k), int(target_k), self.n_microbatches)
+                check_rows_follow(int(rows_k), int(target_k), self.n_microbatches, exact=self._batch_dim != 0)
             except ValueError as e:
                 raise RuntimeError(f"pipeline step aborted: another data- or tensor-parallel replica's batch was "
                                    f"refused ({e}); no rank started the step") from None
@@ -465,8 +472,9 @@ class _PipelineSchedule(CustomFunctions, UserLists):
             st.has_backward = training
         self._abort.begin_step()
         mb_args, mb_kwargs, targets, signature, _, caller_graph = prepared
-        if targets is not None:   # a target of k rows per sample (flattened per token) follows the batch
-            targets = split_target_like(target, int(status[5]), int(status[6]), self.n_microbatches) or targets
+        if targets is not None and self._batch_dim == 0:   # k rows per sample (flattened per token) follow the batch
+            followed = split_target_like(target, int(status[5]), int(status[6]), self.n_microbatches)
+            targets = targets if followed is None else own_versions(followed)
         self._signatures[mode] = signature
         meta_mode = bool(status[1])
         is_last = (self.n_stages - 1) in self._stages
@@ -477,7 +485,8 @@ class _PipelineSchedule(CustomFunctions, UserLists):
             loss_fn = functools.partial(loss_fn, **loss_kwargs)
         outputs: list | None = [] if is_last and return_outputs else None
         reduction = loss_reduction(loss_fn)
-        scale = loss_scales(targets, self.n_microbatches, reduction) if self.scale_grads else 1.0
+        scale = loss_scales(targets, self.n_microbatches, reduction, target_split_dim(target, self._batch_dim)) \
+            if self.scale_grads else 1.0
         if isinstance(scale, list) and reduction is None and not self._warned_reduction:
             self._warned_reduction = True    # once per schedule (its loss_fn), not per step
             warn_unstated_reduction(loss_fn, scale)

@@ -6,6 +6,7 @@ import inspect
 import warnings
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from ..stage.compiled import inner_module
 from .actions import Action, Compound, Kind
 from .lower import compute_ticks
 
@@ -36,24 +37,29 @@ def check_model_keywords(stages: dict[int, PipelineStage], kwargs: dict) -> None
     """TypeError for a keyword of step()/eval() that is not a parameter of the model's forward.
 
     The rule: a traced pipeline knows the model's forward signature on every rank; manual stages know it
-    only on the first stage's rank (its module's forward), and other ranks leave the check to it (its
-    refusal reaches them through the step's opening all-reduce). A forward taking **kwargs accepts all.
+    only on the first stage's rank, where a keyword must be taken by the forward of one of the rank's
+    stages (torch gives a rank's step keywords to each of its stages); other ranks pass each stage the
+    keywords it takes and leave the check to the first (its refusal reaches them through the step's
+    opening all-reduce). A forward taking **kwargs accepts all.
     """
     if not kwargs:
         return
     stage = next(iter(stages.values()))
     if stage.pipe_info is not None:
-        sig = stage.pipe_info.input_binder.signature
+        sigs = [stage.pipe_info.input_binder.signature]
+        if sigs[0] is None:
+            return
     elif 0 in stages:
         try:
-            sig = inspect.signature(stages[0].submod.forward)
+            sigs = [inspect.signature(inner_module(s.submod).forward) for s in stages.values()]
         except (TypeError, ValueError):
-            sig = None
+            return
     else:
         return
-    if sig is None or any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+    if any(p.kind == p.VAR_KEYWORD for sig in sigs for p in sig.parameters.values()):
         return
-    names = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = [n for sig in sigs for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = list(dict.fromkeys(names))
     unknown = sorted(k for k in kwargs if k not in names)
     if unknown:
         raise TypeError(f"step()/eval() got unknown keyword(s) {unknown}: they take target=, losses=, "

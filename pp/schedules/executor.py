@@ -245,8 +245,8 @@ class Executor:
             final = st.final
         elif stage.is_first:
             final = stage.forward_one_chunk(mb, self._model_args[mb], self._model_kwargs[mb])
-        else:
-            final = stage.forward_one_chunk(mb)
+        else:   # a later stage: its rank's step keywords, as torch gives them (a manual stage takes them)
+            final = stage.forward_one_chunk(mb, (), self._model_kwargs[mb] if self._model_kwargs else None)
         outputs = st.outputs
         if stage.is_last:   # the loss and the output as forward_one_chunk returned them (torch's runtime)
             if custom is None or st.loss is None:

@@ -7,7 +7,20 @@ microbatch's inputs) runs under every pp schedule, and code calling them by hand
 """
 from __future__ import annotations
 
+import inspect
+import warnings
+
 from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from .compiled import inner_module
+from .outputs import positional
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, value)
 
 
 class ChunkMethods:
@@ -18,13 +31,17 @@ class ChunkMethods:
     is_first: bool
     is_last: bool
     has_backward: bool
+    _keyword_params: tuple | None = None   # (_forward_keywords), read once per stage
+    _warned_keywords = False
 
     def forward_one_chunk(self, fwd_chunk_id: int, args: tuple = (), kwargs: dict | None = None,
                           save_forward_output: bool = True) -> Any:
         """Forward of microbatch `fwd_chunk_id` (torch's method and signature).
 
-        `args` / `kwargs`: the microbatch's model inputs, read by the first stage only; later stages
-        take what their producers sent (as in torch). `save_forward_output` is taken for torch's
+        `args` / `kwargs`: the microbatch's model inputs. The first stage reads both; a later stage takes
+        what its producers sent as its positional inputs and, where it is a manual stage (a module of
+        yours), the keywords of `kwargs` its forward takes (torch gives a stage the keywords of the
+        step() call on its rank). `save_forward_output` is taken for torch's
         signature: which outputs a step returns is `step(return_outputs=...)`'s business in pp.
         Returns the stage's output: on the last stage the model's output for the microbatch (the value
         the schedule's loss_fn reads), elsewhere what the stage's module returned.
@@ -33,8 +50,42 @@ class ChunkMethods:
             if not isinstance(args, (tuple, list)):
                 args = (args,)
             self.set_model_inputs(fwd_chunk_id, tuple(args), dict(kwargs or {}))
+        elif self.pipe_info is None:
+            self.set_stage_keywords(fwd_chunk_id, kwargs or {})
         out = self.forward_one(fwd_chunk_id)
         return self.state(fwd_chunk_id).final if self.is_last else out
+
+    def set_stage_keywords(self, fwd_chunk_id: int, kwargs: dict) -> None:
+        """A later manual stage's keywords for microbatch `fwd_chunk_id`: those of `kwargs` (one
+        microbatch's share of its rank's step() keywords) that its module's forward takes, all of them
+        where it takes `**kwargs`. Warns once per stage where its forward has keyword parameters that
+        default to None and this rank's step() gave none of them (a mask the first rank was given and
+        this one not runs as None, without a word in torch)."""
+        taken, optional = self._forward_keywords()
+        st = self.state(fwd_chunk_id)
+        st.kwargs = {k: _to_device(v, self.device) for k, v in kwargs.items() if taken is None or k in taken}
+        if optional and not self._warned_keywords:
+            self._warned_keywords = True
+            filled = len(positional(st.inputs))   # taken positionally from what the stage received
+            missing = [n for i, (n, is_none) in enumerate(optional) if i >= filled and is_none and n not in kwargs]
+            if missing and not kwargs:
+                warnings.warn(f"pp: stage {self.stage_index}'s forward takes {missing} (default None), which "
+                              f"step() on this rank was not given: they are None for every microbatch. As in "
+                              f"torch, a stage gets the keywords of the step() call on its own rank: pass them "
+                              f"there too if the stage needs them", stacklevel=2)
+
+    def _forward_keywords(self) -> tuple[set | None, list[tuple[str, bool]]]:
+        """(the keywords the stage module's forward takes, None for all; (name, defaults to None) for
+        each of its parameters that may be given by name, in order), read once."""
+        if self._keyword_params is None:
+            try:
+                params = inspect.signature(inner_module(self.submod).forward).parameters.values()
+            except (TypeError, ValueError):
+                params = ()
+            named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            taken = None if not params or any(p.kind == p.VAR_KEYWORD for p in params) else {p.name for p in named}
+            self._keyword_params = (taken, [(p.name, p.default is None) for p in named])
+        return self._keyword_params
 
     def backward_one_chunk(self, bwd_chunk_id: int, loss: Any = None, full_backward: bool = True,
                            last_backward: bool = False) -> None:

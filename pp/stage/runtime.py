@@ -22,6 +22,7 @@ from .backward import input_grads, run_backward, weight_grads
 from .compiled import inner_module
 from .graphs import StageGraphs
 from .modes import call_with_forward, mode_forward, retarget_devices
+from .aliases import inplace_safe
 from .chunks import ChunkMethods
 from .input_checks import StageInputChecks
 from .outputs import differentiable, flat_outputs, positional
@@ -300,11 +301,13 @@ class PipelineStage(ChunkMethods, StageInputChecks):
     def _forward(self, m: int, st: _Microbatch) -> Any:
         out = self._replay(m, st) if self.graphs is not None else None
         if out is None and self.is_first and self.pipe_info is None:
-            out = self.submod(*st.args, **st.kwargs)
+            out = self.submod(*inplace_safe(st.args), **inplace_safe(st.kwargs))
         elif out is None and self._mode_graph is not None:
             out = call_with_forward(self.submod, inner_module(self.submod), self._mode_graph.forward, st.inputs)
-        elif out is None:
-            out = self.submod(*(st.inputs if self.pipe_info is not None else positional(st.inputs)))
+        elif out is None and self.pipe_info is not None:
+            out = self.submod(*st.inputs)
+        elif out is None:   # a manual stage: what it received, and its rank's step keywords it takes (torch)
+            out = self.submod(*inplace_safe(positional(st.inputs)), **st.kwargs)
         return out
 
     def sync_mode(self) -> None:
@@ -327,8 +330,10 @@ class PipelineStage(ChunkMethods, StageInputChecks):
         keyword inputs, shapes not captured yet)."""
         if not (self.submod.training and torch.is_grad_enabled()):
             return None
+        if st.kwargs:
+            return None
         if self.is_first and self.pipe_info is None:
-            return None if st.kwargs else self.graphs.forward(m, list(st.args))
+            return self.graphs.forward(m, list(st.args))
         return self.graphs.forward(m, st.inputs)
 
     def add_output_grad(self, m: int, out_idx: int, grad: torch.Tensor | None) -> None:

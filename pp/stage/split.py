@@ -204,6 +204,10 @@ def _build_pipe(module: nn.Module, ep: torch.export.ExportedProgram, mb_args: tu
             user_outputs.append(value)
         elif spec.kind == OutputKind.BUFFER_MUTATION:
             buffer_updates.append((spec.target, value))
+        elif spec.kind == OutputKind.USER_INPUT_MUTATION:   # the graph computes on the new value already
+            warnings.warn(f"the traced model modifies its input {spec.target!r} in place (an in-place op on it, "
+                          f"such as nn.ReLU(inplace=True) first): the stages compute with the modified value, "
+                          f"as the model does, but leave the tensor you pass unchanged", stacklevel=3)
         else:
             raise PipelineTraceError(f"the traced model mutates one of its inputs in place ({spec.kind.name}: "
                                      f"{spec.target}); return the new value instead")
