@@ -284,3 +284,39 @@ def test_a_keyword_of_k_rows_per_sample_follows_the_batch():
     assert rows == B
     for a, k in zip(mb_args, mb_kwargs):
         assert torch.equal(a[0].squeeze(1).long().repeat_interleave(T), k["pos"])
+
+
+def _one_rank_two_stages(rank: int, world: int, device: str) -> str:
+    """Both stages on one rank (interleaved 1F1B), on `device`: the activation handed from stage 0 to
+    stage 1 locally is rectified in place, the first stage's input too, the target masked in place and a
+    keyword given to both stages; against the unsplit model on the same device."""
+    torch.manual_seed(0)
+    mods = [Masked(), nn.Sequential(InplaceHead(), nn.Linear(D, 5))]
+    mods[0].lin = nn.Sequential(nn.ReLU(inplace=True), mods[0].lin)
+    mods = [m.to(device) for m in mods]
+    ref = copy.deepcopy(mods)
+    x, mask = torch.randn(8, D, device=device), (torch.rand(8, D, device=device) > 0.3).float()
+    y = torch.tensor([0, 1, 2, 0, 3, 4, 1, 0], device=device)
+
+    def loss_fn(out, t):
+        t[t == 0] = -100
+        return F.cross_entropy(out, t)
+    ref_losses = [loss_fn(ref[1](ref[0](xc.clone(), mask=mc)), yc.clone())
+                  for xc, mc, yc in zip(x.tensor_split(4), mask.tensor_split(4), y.tensor_split(4))]
+    (sum(ref_losses) / 4).backward()
+    stages = [pp.PipelineStage(m, s, 2, device) for s, m in enumerate(mods)]
+    sched = pp.ScheduleInterleaved1F1B(stages, 4, loss_fn=loss_fn, scale_grads=False)
+    losses: list = []
+    sched.step(x.clone(), mask=mask, target=y.clone(), losses=losses)
+    for m, r in zip(mods, ref):
+        for p in m.parameters():
+            p.grad /= 4
+        _check_grads(m, r)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses).detach())
+    return "ok"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_field_faults_with_two_stages_on_one_rank(device):
+    assert run_ranks(_one_rank_two_stages, 1, device) == ["ok"]

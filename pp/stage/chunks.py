@@ -57,17 +57,20 @@ class ChunkMethods:
 
     def set_stage_keywords(self, fwd_chunk_id: int, kwargs: dict) -> None:
         """A later manual stage's keywords for microbatch `fwd_chunk_id`: those of `kwargs` (one
-        microbatch's share of its rank's step() keywords) that its module's forward takes, all of them
-        where it takes `**kwargs`. Warns once per stage where its forward has keyword parameters that
-        default to None and this rank's step() gave none of them (a mask the first rank was given and
-        this one not runs as None, without a word in torch)."""
-        taken, optional = self._forward_keywords()
+        microbatch's share of its rank's step() keywords) that its module's forward takes by name, all of
+        them where it takes `**kwargs`, less those it is given positionally by what it received. Warns
+        once per stage where its forward has keyword parameters that default to None and this rank's
+        step() gave it no keyword (a mask the first rank was given and this one not runs as None, without
+        a word in torch)."""
+        taken, named = self._forward_keywords()
         st = self.state(fwd_chunk_id)
-        st.kwargs = {k: _to_device(v, self.device) for k, v in kwargs.items() if taken is None or k in taken}
-        if optional and not self._warned_keywords:
+        if kwargs or not self._warned_keywords:
+            filled = {n for n, _ in named[:len(positional(st.inputs))]}   # given by what the stage received
+        st.kwargs = {k: _to_device(v, self.device) for k, v in kwargs.items()
+                     if (taken is None or k in taken) and k not in filled} if kwargs else {}
+        if named and not self._warned_keywords:
             self._warned_keywords = True
-            filled = len(positional(st.inputs))   # taken positionally from what the stage received
-            missing = [n for i, (n, is_none) in enumerate(optional) if i >= filled and is_none and n not in kwargs]
+            missing = [n for n, is_none in named if is_none and n not in filled and n not in kwargs]
             if missing and not kwargs:
                 warnings.warn(f"pp: stage {self.stage_index}'s forward takes {missing} (default None), which "
                               f"step() on this rank was not given: they are None for every microbatch. As in "
