@@ -135,8 +135,10 @@ def _seq_first_run(rank: int, world: int, target_kind: str) -> str:
     (sum(ref_losses) / n_mb).backward()
     stage = pp.PipelineStage(mods[rank], rank, world, "cpu")
     sched = pp.Schedule1F1B(stage, n_mb, loss_fn=loss_fn, args_chunk_spec=(TensorChunkSpec(1),))
-    sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
+    out = sched.step(*((x,) if rank == 0 else ()), target=y if rank == 1 else None)
     _check_grads(mods[rank], ref[rank])
+    if rank == 1:   # the output merged along the batch's dim, as it was split: (T, B, D)
+        torch.testing.assert_close(out, ref(x))
     return "ok"
 
 

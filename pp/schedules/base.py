@@ -554,7 +554,8 @@ class _PipelineSchedule(CustomFunctions, UserLists):
             for g in self._graphs.values():
                 g.capture_pending()
         if outputs is not None:
-            return merge_chunks(outputs, self._output_merge_spec, spec_name="output_merge_spec")
+            return merge_chunks(outputs, self._output_merge_spec, spec_name="output_merge_spec",
+                                default_dim=self._batch_dim)   # a batch split along dim 1 merges so
         return None
 
     def _after_hooks(self) -> dict | None:
