@@ -114,7 +114,7 @@ def split_args_kwargs_into_chunks(
 
 
 def merge_chunks(chunks: list, chunk_spec: Any, *, spec_name: str = "chunk_spec",
-                 default_dim: int = DEFAULT_CHUNK_DIM) -> Any:
+                 default_dim: int = DEFAULT_CHUNK_DIM, chunk_rows: list[int] | None = None) -> Any:
     """Merge per-microbatch values into one: tensors are concatenated along their spec's dim (default 0).
 
     `chunk_spec` is a pytree matching (a prefix of) one chunk, or None for the default everywhere.
@@ -126,7 +126,9 @@ def merge_chunks(chunks: list, chunk_spec: Any, *, spec_name: str = "chunk_spec"
     weights the gradients: the batch's mean for a loss that is a mean over rows; others (counts, flags)
     are stacked into a 1-dim tensor with one value per chunk.
     `default_dim`: the dim a leaf without a spec is merged along where it has more than one dim (a
-    schedule whose batch is split along dim 1 merges its outputs so); dim 0 otherwise.
+    schedule whose batch is split along dim 1 merges its outputs so) and, given `chunk_rows` (each
+    chunk's samples), where its size there is the chunk's (a pooled (B, C) output merges along dim 0);
+    dim 0 otherwise.
     """
     if not isinstance(chunks, (list, tuple)) or len(chunks) == 0:
         raise ValueError(f"merge_chunks needs a non-empty list of chunks, got {chunks!r}")
@@ -141,9 +143,12 @@ def merge_chunks(chunks: list, chunk_spec: Any, *, spec_name: str = "chunk_spec"
         per_chunk.append(leaves)
 
     paths = _leaf_paths(chunks[0], "output")
-    if default_dim != DEFAULT_CHUNK_DIM:
-        specs = [TensorChunkSpec(default_dim) if s is None and isinstance(v, torch.Tensor) and v.dim() > 1
-                 and -v.dim() <= default_dim < v.dim() else s for s, v in zip(specs, first_leaves)]
+    if default_dim != DEFAULT_CHUNK_DIM:   # where a leaf's sizes there are the microbatches' (not pooled)
+        specs = [TensorChunkSpec(default_dim) if s is None and all(
+                     isinstance(c[j], torch.Tensor) and c[j].dim() > 1 and -c[j].dim() <= default_dim < c[j].dim()
+                     and (chunk_rows is None or c[j].size(default_dim) == r) for c, r in
+                     zip(per_chunk, chunk_rows or [None] * len(per_chunk))) else s
+                 for j, (s, v) in enumerate(zip(specs, first_leaves))]
     rows = _chunk_rows(per_chunk, specs)
     merged = []
     for j, spec in enumerate(specs):

@@ -322,3 +322,70 @@ def _one_rank_two_stages(rank: int, world: int, device: str) -> str:
     not torch.cuda.is_available(), reason="needs a GPU"))])
 def test_field_faults_with_two_stages_on_one_rank(device):
     assert run_ranks(_one_rank_two_stages, 1, device) == ["ok"]
+
+
+def test_a_pooled_output_of_a_batch_split_along_dim_1_merges_along_its_batch():
+    """Outputs (T, b_m, D) merge along dim 1; a pooled (b_m, C) output along dim 0, even or uneven."""
+    from pp.microbatch import merge_chunks, split_sizes
+
+    for B, n in ((4, 2), (7, 4)):
+        rows = split_sizes(B, n)
+        seq = [torch.randn(5, r, 3) for r in rows]
+        pooled = [torch.randn(r, 3) for r in rows]
+        out = merge_chunks([(s, p) for s, p in zip(seq, pooled)], None, default_dim=1, chunk_rows=rows)
+        assert out[0].shape == (5, B, 3) and out[1].shape == (B, 3)
+        torch.testing.assert_close(out[1], torch.cat(pooled))
+
+
+def test_a_keyword_longer_than_the_batch_is_refused_even_where_it_splits_evenly():
+    """cu_seqlens of B + 1 = 8 entries for 7 samples in 4 microbatches splits evenly, yet belongs to no
+    microbatch: refused (a smaller tensor that splits evenly is a batch of its own, as torch cuts it)."""
+    from pp.schedules.split_batch import split_batch
+
+    with pytest.raises(ValueError, match=r"kwargs\['cu_seqlens'\] has 8 rows along dim 0, but the batch has 7"):
+        split_batch((torch.randn(7, 2),), {"cu_seqlens": torch.arange(8)}, 4)
+    _, kw, _ = split_batch((torch.randn(16, 2),), {"extra": torch.randn(4, 2)}, 4)
+    assert [k["extra"].shape[0] for k in kw] == [1, 1, 1, 1]
+
+
+def test_inplace_op_on_inputs_that_carry_the_callers_graph():
+    """x = x0 * scale (requires grad, not a leaf) rectified in place by the first stage: each microbatch is
+    its own intermediate, as in the unsplit model (their shared version counter failed the backward)."""
+    assert run_ranks(_caller_graph_inplace, 2) == ["ok", "ok"]
+
+
+def _caller_graph_inplace(rank: int, world: int) -> str:
+    torch.manual_seed(0)
+    mods = [InplaceHead(), nn.Linear(D, D)]
+    ref = copy.deepcopy(mods)
+    x0, y = torch.randn(8, D), torch.randn(8, D)
+    scale, ref_scale = torch.tensor(1.5, requires_grad=True), torch.tensor(1.5, requires_grad=True)
+    F.mse_loss(ref[1](ref[0](x0 * ref_scale)), y).backward()   # the whole batch: the mean of 4 equal means
+    sched = pp.ScheduleGPipe(pp.PipelineStage(mods[rank], rank, world, "cpu"), 4, loss_fn=F.mse_loss)
+    sched.step(*((x0 * scale,) if rank == 0 else ()), target=y if rank == 1 else None)
+    _check_grads(mods[rank], ref[rank])
+    if rank == 0:
+        torch.testing.assert_close(scale.grad, ref_scale.grad)
+    return "ok"
+
+
+def _v_last_stage_keyword(rank: int, world: int) -> str:
+    """ZB-V: rank 0 holds the first stage (forward(x)) and the last (forward(x, mask=None)); mask= reaches
+    the last stage only (the first was given it too and failed mid-step)."""
+    torch.manual_seed(0)
+    mods = [nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D), Masked()]
+    ref = copy.deepcopy(mods)
+    x, y, mask = torch.randn(8, D), torch.randn(8, D), (torch.rand(8, D) > 0.5).float()
+    for xc, mc, yc in zip(x.tensor_split(4), mask.tensor_split(4), y.tensor_split(4)):
+        (F.mse_loss(ref[3](ref[2](ref[1](ref[0](xc))), mask=mc), yc) / 4).backward()
+    mine = [0, 3] if rank == 0 else [1, 2]
+    stages = [pp.PipelineStage(mods[s], s, 4, "cpu") for s in mine]
+    pp.ScheduleZBVZeroBubble(stages, 4, loss_fn=F.mse_loss).step(
+        *((x,) if rank == 0 else ()), mask=mask, target=y if rank == 0 else None)
+    for s in mine:
+        _check_grads(mods[s], ref[s])
+    return "ok"
+
+
+def test_a_keyword_for_the_last_stage_of_a_v_schedule_skips_the_first():
+    assert run_ranks(_v_last_stage_keyword, 2) == ["ok", "ok"]

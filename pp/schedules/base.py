@@ -16,7 +16,7 @@ from ..comms import p2p
 from ..comms.backend import close_at_exit, transfers_may_be_pending
 from ..comms.abort import AbortChannel, PipelineAborted
 from ..microbatch import (check_merge_spec, check_rows_follow, class_id_tensors, loss_reduction, loss_scales,
-                          merge_chunks, split_target_like)
+                          merge_chunks, split_sizes, split_target_like)
 from ..parallel.wrapped import StepSync
 from ..stage.graphs import StageGraphs
 from ..stage.runtime import PipelineStage
@@ -555,7 +555,8 @@ class _PipelineSchedule(CustomFunctions, UserLists):
                 g.capture_pending()
         if outputs is not None:
             return merge_chunks(outputs, self._output_merge_spec, spec_name="output_merge_spec",
-                                default_dim=self._batch_dim)   # a batch split along dim 1 merges so
+                                default_dim=self._batch_dim,   # a batch split along dim 1 merges so
+                                chunk_rows=split_sizes(int(status[5]), self.n_microbatches) if status[5] else None)
         return None
 
     def _after_hooks(self) -> dict | None:

@@ -33,8 +33,8 @@ def split_batch(args: tuple, kwargs: dict, chunks: int, args_chunk_spec: Any = N
 
     B is the size of the first split tensor (positional before keyword) along its split dim. Every
     other split tensor must hold B rows, or k × B (one row per token, flattened: then microbatch m gets
-    k × b_m rows, b_m its share of B as `torch.tensor_split` cuts it), or be a batch of its own that
-    splits evenly into the microbatches (torch splits each tensor on its own: 4 rows for 4 microbatches
+    k × b_m rows, b_m its share of B as `torch.tensor_split` cuts it), or be a smaller batch of its own
+    that splits evenly into the microbatches (torch splits each tensor on its own: 4 rows for 4 microbatches
     give one each). ValueError naming the tensor otherwise (such as `cu_seqlens` with B + 1 entries):
     give it whole to every microbatch with `_Replicate` in the schedule's args/kwargs_chunk_spec. Each
     microbatch's tensors have version counters of their own (`own_versions`).
@@ -56,7 +56,7 @@ def split_batch(args: tuple, kwargs: dict, chunks: int, args_chunk_spec: Any = N
         if size == rows:
             continue
         if size % rows:
-            if size % chunks == 0:   # a batch of its own, cut evenly as torch cuts it (one row per microbatch)
+            if size < rows and size % chunks == 0:   # a smaller batch of its own, cut evenly as torch cuts it
                 continue
             raise ValueError(f"{path} has {size} rows along dim {dim}, but the batch has {rows} ({split[0][1]}): "
                              f"neither one (or the same whole number of) rows per sample nor a batch of its own "

@@ -19,7 +19,8 @@ class _Alias(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.detach()
+        # its own version counter (a detach() would share the batch's with every microbatch's view)
+        return x.new_empty(0).set_(x.untyped_storage(), x.storage_offset(), x.size(), x.stride())
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,11 @@ class ChunkMethods:
         if self.is_first:
             if not isinstance(args, (tuple, list)):
                 args = (args,)
-            self.set_model_inputs(fwd_chunk_id, tuple(args), dict(kwargs or {}))
+            kwargs = dict(kwargs or {})
+            if kwargs and self.pipe_info is None:   # those of its rank's keywords it takes (another stage of
+                taken = self._forward_keywords()[0]   # the rank may take the others: step() checked so)
+                kwargs = {k: v for k, v in kwargs.items() if taken is None or k in taken}
+            self.set_model_inputs(fwd_chunk_id, tuple(args), kwargs)
         elif self.pipe_info is None:
             self.set_stage_keywords(fwd_chunk_id, kwargs or {})
         out = self.forward_one(fwd_chunk_id)
