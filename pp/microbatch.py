@@ -321,7 +321,9 @@ def check_rows_follow(batch_rows: int, target_rows: int, chunks: int, exact: boo
         raise ValueError(f"the target's {target_rows} rows do not follow the batch's {batch_rows} into {chunks} "
                          f"microbatches ({', '.join(map(str, t))} target rows against {', '.join(map(str, b))} "
                          f"batch rows): " + ("with the batch split along a dim other than 0 (args_chunk_spec), "
-                                             "the target needs one row per sample along that dim or its first"
+                                             "a target of 2 or more dims is cut along that dim too, so it must "
+                                             "hold one row per sample there (laid out as the batch); a 1-dim "
+                                             "target one row per sample"
                                              if exact else "each microbatch's target must hold the same whole "
                                              "number of rows for each of its samples"))
 

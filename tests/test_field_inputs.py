@@ -389,3 +389,12 @@ def _v_last_stage_keyword(rank: int, world: int) -> str:
 
 def test_a_keyword_for_the_last_stage_of_a_v_schedule_skips_the_first():
     assert run_ranks(_v_last_stage_keyword, 2) == ["ok", "ok"]
+
+
+def test_a_flattened_keyword_of_a_batch_split_along_dim_1_is_refused():
+    """(T*B, D) rows of a seq-first batch interleave the samples: no cut along dim 0 follows the batch."""
+    from pp.schedules.split_batch import split_batch
+
+    T, B = 3, 4
+    with pytest.raises(ValueError, match=r"kwargs\['tok'\] has 12 rows along dim 0, 3 per sample.*split along dim 1"):
+        split_batch((torch.randn(T, B, 2),), {"tok": torch.randn(T * B, 2)}, 2, (TensorChunkSpec(1),))

@@ -64,6 +64,12 @@ def split_batch(args: tuple, kwargs: dict, chunks: int, args_chunk_spec: Any = N
                              f"{', '.join(map(str, split_sizes(size, chunks)))} rows that belong to no microbatch; "
                              f"give it whole to every microbatch with _Replicate in the schedule's "
                              f"{path.split('[')[0]}_chunk_spec")
+        if dim == 0 and split[0][3] != 0:   # k rows per sample along dim 0 of a batch split along another dim:
+            raise ValueError(f"{path} has {size} rows along dim 0, {size // rows} per sample of the batch's {rows} "
+                             f"({split[0][1]} is split along dim {split[0][3]}): flattened in an order pp cannot "
+                             f"tell (seq-first rows interleave the samples), it has no cut that follows the "
+                             f"batch; lay it out as the batch and split it along dim {split[0][3]} "
+                             f"({path.split('[')[0]}_chunk_spec), or give it whole with _Replicate")
         sizes = [size // rows * b for b in split_sizes(rows, chunks)]
         if sizes != split_sizes(size, chunks):
             refollow[i] = (dim, sizes)
