@@ -251,6 +251,7 @@ def _cases():
     lin, ln = nn.Linear(4, 4), nn.LayerNorm(4)
     w, v = nn.Parameter(torch.randn(4, 4) / 2), nn.Parameter(torch.rand(4) + 0.5)
     conv = nn.Conv1d(4, 4, 1)
+    lstm, mha = nn.LSTM(4, 4, batch_first=True), nn.MultiheadAttention(4, 2, batch_first=True)
     return {
         "linear twice, 2-d": (lambda x: torch.tanh(lin(lin(x))), list(lin.parameters()), (3, 4)),
         "linear twice, 3-d": (lambda x: torch.tanh(lin(lin(x))), list(lin.parameters()), (2, 3, 4)),
@@ -262,6 +263,13 @@ def _cases():
         "conv twice": (lambda x: conv(torch.tanh(conv(x))), list(conv.parameters()), (2, 4, 5)),
         "python function twice": (lambda x: _Scale.apply(_Scale.apply(x, v), v), [v], (3, 4)),
         "python function once": (lambda x: _Scale.apply(x, v) @ w, [v, w], (3, 4)),
+        # nodes of several outputs on the input path (torch#170277: W summed their gradients into output 0)
+        "chunks of one shape, one weight": (lambda x: (lambda a, b: a * v + b * v * 3)(*x.chunk(2, 0)), [v], (4, 4)),
+        "python function, two outputs": (lambda x: (lambda a, b: a * 2 + b * 3)(*_TwoOut.apply(x, v)), [v], (3, 4)),
+        "lstm, every output": (lambda x: (lambda o, hc: o * 2 + hc[0].transpose(0, 1) + hc[1].transpose(0, 1))(
+            *lstm(x)), list(lstm.parameters()), (2, 1, 4)),
+        "attention and its weights": (lambda x: (lambda o, a: o.sum(-1, keepdim=True) * a.sum(-1, keepdim=True))(
+            *mha(x, x, x)), list(mha.parameters()), (2, 3, 4)),
     }
 
 
@@ -293,6 +301,20 @@ def test_input_then_weight_grads_count_each_use_once(case, direct, mode):
         torch.testing.assert_close(a, b)
     hooked = {"node-hooks": range(len(params)), "tensor-hooks": range(0, len(params), 2)}.get(mode, ())
     assert fired == Counter({i: 2 for i in hooked})  # once in the plain backward, once in I+W
+
+
+class _TwoOut(torch.autograd.Function):
+    """(x * w, x + w) as a Python autograd Function: one node with two outputs and a weight."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w, x + w
+
+    @staticmethod
+    def backward(ctx, ga, gb):
+        x, w = ctx.saved_tensors
+        return ga * w + gb, (ga * x).sum(0) + gb.sum(0)
 
 
 class _CastLinear(nn.Module):
