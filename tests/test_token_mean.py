@@ -252,3 +252,55 @@ def _all_ignored(rank: int, world: int) -> dict:
     par = pp.parallelize(_pipe(x), (x[:2],), n_microbatches=4, loss_fn=mean_ce, schedule="1F1B")
     par.step(x, target=y)
     return {n: p.grad for n, p in par.named_parameters()}
+
+
+def masking_ce(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Padding masked inside the loss, in place, as many training scripts do."""
+    t[t == PAD] = -100
+    return mean_ce(out, t)
+
+
+def noop_mask_ce(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """An in-place edit of the target that changes no count (no entry is 31 + 1)."""
+    t[t == 32] = -100
+    return mean_ce(out, t)
+
+
+def _masked_in_loss(rank: int, world: int) -> dict:
+    """{case: (warning texts of the last stage's rank, gradients)}: padding masked inside loss_fn (counted
+    before the loss: warned), masked before step() (the unsplit token mean), an edit changing no count."""
+    import pp
+
+    x, y = _batch(8, PAD)
+    masked = y.clone()
+    masked[masked == PAD] = -100
+    out = {}
+    cases = (("inside", masking_ce, y), ("before", mean_ce, masked), ("no count", noop_mask_ce, masked))
+    for case, loss_fn, target in cases:
+        par = pp.parallelize(_pipe(x), (x[:2],), n_microbatches=4, loss_fn=loss_fn, schedule="1F1B")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):   # warned once per schedule
+                par.zero_grad()
+                par.step(x, target=target.clone())
+        out[case] = ([str(w.message) for w in caught if "in place" in str(w.message)],
+                     {n: p.grad for n, p in par.named_parameters()})
+    return out
+
+
+def test_a_target_masked_in_place_inside_loss_fn_is_named_where_it_changes_the_token_count():
+    """The kind of transformers#34191 pp cannot weigh right: loss_fn decides what counts after pp counted.
+    Masked before step(), the gradient is the unsplit model's token mean; masked inside, a warning on the
+    last stage's rank names the loss, the microbatch and both counts."""
+    ranks = run_ranks(_masked_in_loss, 2, timeout_s=300)
+    x, y = _batch(8, PAD)
+    _, want = _unsplit(masking_ce, x, y.clone())
+    before = {k: v for r in ranks for k, v in r["before"][1].items()}
+    for name, g in want.items():
+        torch.testing.assert_close(before[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    inside = {k: v for r in ranks for k, v in r["inside"][1].items()}
+    assert any(not torch.allclose(inside[n], g, rtol=1e-3, atol=1e-5) for n, g in want.items())
+    assert ranks[0]["inside"][0] == [] and len(ranks[1]["inside"][0]) == 1, ranks[1]["inside"][0]
+    assert "loss_fn 'masking_ce' modified its target in place" in ranks[1]["inside"][0][0]
+    assert "microbatch 0: 16 before the loss, 4 after" in ranks[1]["inside"][0][0]
+    assert all(r[case][0] == [] for r in ranks for case in ("before", "no count"))

@@ -29,7 +29,7 @@ from .custom_functions import CustomFunctions, _PipelineContext
 from .compat import check_model_keywords, first_backward, pipeline_order, warn_forward_only
 from .lower import lower
 from .user_lists import UserLists, copy_order, placement_of
-from .loss_weights import token_shares, warn_ambiguous_class_ids, warn_labels_mean, warn_unstated_reduction
+from .loss_weights import MaskWatch, token_shares, warn_ambiguous_class_ids, warn_labels_mean, warn_unstated_reduction
 from .simulate import DEFAULT_COSTS
 from .registry import get_spec
 from .rng import rank_streams
@@ -89,6 +89,8 @@ class _PipelineSchedule(CustomFunctions, UserLists):
         self._warned_reduction = False   # an uneven split met a loss_fn that states no reduction (warned once)
         self._warned_class_ids = False   # a target of several integer tensors: weighted by rows (warned once)
         self._labels_checks = 3   # steps left in which labels= passed to the model is checked (warn_labels_mean)
+        # the first steps weighted by counted targets: does loss_fn change the count by masking in place?
+        self._mask_watch = MaskWatch()
         self._merge_checked = False   # output_merge_spec checked against the traced output (once)
         self._count_group = None   # pp.parallelize at dp > 1: the replicas whose counted targets a token mean spans
         # pp.parallelize at dp x tp > 1: (group of every rank, this pipeline's index, pipelines): all pipelines
@@ -490,8 +492,11 @@ class _PipelineSchedule(CustomFunctions, UserLists):
         if isinstance(scale, list) and reduction is None and not self._warned_reduction:
             self._warned_reduction = True    # once per schedule (its loss_fn), not per step
             warn_unstated_reduction(loss_fn, scale)
+        self._executor.mask_watch = None
         if is_last and training and self.scale_grads and reduction in (None, "mean") and loss_fn is not None:
-            scale = token_shares(targets, loss_fn, scale, self._executor.device, self._count_group, target)
+            rows, scale = scale, token_shares(targets, loss_fn, scale, self._executor.device, self._count_group, target)
+            if scale is not rows and self._mask_watch.steps:   # weighted by counted targets: watch the loss
+                self._executor.mask_watch = self._mask_watch.use(loss_fn)
             if not self._warned_class_ids:   # once per schedule, as the reduction warning
                 self._warned_class_ids = warn_ambiguous_class_ids(target, loss_fn)
         if training and self.scale_grads and self._labels_checks and 0 in self._stages \

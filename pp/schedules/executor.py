@@ -61,6 +61,8 @@ class Executor:
         self.backward_counter: Counter = Counter()   # torch's, for custom functions: cleared every step
         self._context: Any = None
         self._in_step = False
+        # set by the schedule on steps whose microbatches are weighted by counted targets (loss_weights)
+        self.mask_watch: Any = None
 
     def rank_of(self, stage: int) -> int:
         return self.graph.stage_to_rank[stage]
@@ -228,7 +230,11 @@ class Executor:
         if self._loss_fn is None or self._targets is None:
             return
         st = stage.state(mb)
-        st.loss, st.scale = _call_loss(stage, self._loss_fn, output, self._targets[mb]), self._scale_of(mb)
+        target, watch = self._targets[mb], self.mask_watch
+        seen = watch.before(target) if watch is not None else None
+        st.loss, st.scale = _call_loss(stage, self._loss_fn, output, target), self._scale_of(mb)
+        if seen is not None:
+            watch.after(seen, mb)
         if self._losses is not None:
             self._losses.append((mb, st.loss.detach()))
 

@@ -38,12 +38,17 @@ def token_shares(targets: list, loss_fn: Callable, scale: Any, device: torch.dev
     return list((counts / total.clamp_min(1)).unbind())
 
 
+def _loss_name(loss_fn: Callable) -> str:
+    """The loss function's own name (step's loss_kwargs wrap it in a partial)."""
+    while isinstance(loss_fn, functools.partial):
+        loss_fn = loss_fn.func
+    return getattr(loss_fn, "__name__", type(loss_fn).__name__)
+
+
 def warn_unstated_reduction(loss_fn: Callable, shares: list[float]) -> None:
     """An uneven split weights microbatches by their rows (or counted targets), right only for a loss that
     is a mean over them; a plain function does not say whether it is (once per schedule: its caller's)."""
-    while isinstance(loss_fn, functools.partial):   # step's loss_kwargs wrap it: name the function itself
-        loss_fn = loss_fn.func
-    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    name = _loss_name(loss_fn)
     warnings.warn(f"the batch splits into microbatches of unequal rows, so their gradients are weighted by rows "
                   f"({', '.join(f'{w:.3g}' for w in shares)}; by counted targets for class ids): right for a loss "
                   f"that is a mean over them, wrong "
@@ -98,3 +103,50 @@ def warn_labels_mean(mb_kwargs: list[dict], ignore_index: int = -100) -> bool | 
                   "divide by the batch's count with scale_grads=False (a Hugging Face model does that given "
                   "num_items_in_batch=; docs/splitter.md)", stacklevel=4)
     return True
+
+
+class MaskWatch:
+    """Catches a `loss_fn` that changes which targets count by masking the target in place
+    (`t[t == pad] = -100`) while microbatches are weighted by counted targets (`token_shares`): those
+    counts were taken before the loss ran, so the step's gradient weights microbatches by their pre-mask
+    counts, not the unsplit model's token mean over the batch. Per microbatch of the first `steps`
+    training steps: one count of its class ids before the loss (no host-device sync), and a host-side
+    look at their version counter after it; only where the counter moved, a recount and one host sync.
+    Warns once (then stops watching) where the count changed. A mask that builds a new tensor
+    (`torch.where`) leaves the target as it was and cannot be seen: mask before `step()`."""
+
+    __slots__ = ("loss_fn", "ignore_index", "weight", "steps", "warned")
+
+    def __init__(self, steps: int = 3):
+        self.loss_fn, self.ignore_index, self.weight, self.steps, self.warned = None, None, None, steps, False
+
+    def use(self, loss_fn: Callable) -> "MaskWatch":
+        """Watch this step's `loss_fn` (the schedule's, with the step's loss keywords); one step less."""
+        self.loss_fn, self.steps = loss_fn, self.steps - 1
+        self.ignore_index, self.weight = loss_ignore_index(loss_fn), loss_class_weights(loss_fn)
+        return self
+
+    def before(self, target: Any) -> tuple | None:
+        """What `after` compares with: the class ids, their version and their count (a device tensor)."""
+        ids = class_id_tensors(target)
+        if self.warned or len(ids) != 1 or ids[0].dim() == 0 or self.ignore_index is None:
+            return None
+        count = target_counts([target], self.ignore_index, ids[0].device, self.weight)
+        return None if count is None else (ids[0], ids[0]._version, count)
+
+    def after(self, seen: tuple | None, microbatch: int) -> None:
+        """Warn where the loss changed the count of the class ids `before` saw (once: then `steps` is 0)."""
+        if seen is None or seen[0]._version == seen[1]:   # not modified in place: nothing to check
+            return
+        ids, _, count = seen
+        now = target_counts([ids], self.ignore_index, ids.device, self.weight)
+        if now is None or bool(torch.equal(now, count)):   # the host sync: only where the target was modified
+            return
+        self.steps, self.warned = 0, True
+        warnings.warn(f"loss_fn {_loss_name(self.loss_fn)!r} modified its target in place and changed how many "
+                      f"targets count (microbatch {microbatch}: {float(count[0]):g} before the loss, "
+                      f"{float(now[0]):g} after; "
+                      f"ignored ones are {self.ignore_index}): pp weights each microbatch's gradient by the targets "
+                      f"it counts before the loss runs, so this step's gradient is not the unsplit model's token "
+                      f"mean over the batch. Mask the target before step() (e.g. y[y == pad] = -100), or return a "
+                      f"sum and divide by the batch's count yourself with scale_grads=False", stacklevel=2)
