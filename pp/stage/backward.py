@@ -27,15 +27,17 @@ norms, and elementwise `mul`/`add` by hand from their saved tensors (read during
 split node is such a node, I frees the rest of the graph at once and W makes no engine call but the
 accumulating one. Other split nodes go through the engine in W: one call that runs only that node where
 its weight-side children hear from nothing else, otherwise a direct call of the node (its input-side
-gradient is computed again and dropped). A Python-defined autograd Function in that last position
-cannot be called alone: that microbatch's I then runs the whole backward and its W does nothing; so
-does a graph holding a `torch.utils.checkpoint(use_reentrant=True)` region, whose backward torch runs
-only under a plain `backward()`.
+gradient is computed again and dropped). A node given tensor hooks in the stage's forward
+(`h.register_hook`, `pp.stage.tensor_hooks`) is always run by the engine in W, which runs its hooks on
+the gradient I captured before them. A graph holding a `torch.utils.checkpoint(use_reentrant=True)`
+region makes that microbatch's I run the whole backward (torch runs that region's backward only under a
+plain `backward()`), and its W does nothing.
 
-A region compiled by `torch.compile` (`pp.stage.compiled`) is one backward node whose fused code computes
-input and weight gradients together: I runs it once, takes its weight-side gradients at its edges in the
-same engine call and accumulates them at once, so its weights are neither computed twice nor deferred
-(W keeps only the eager split nodes around it).
+A Python-defined autograd Function, a region compiled by `torch.compile` (`pp.stage.compiled`) among
+them, is one backward node whose code computes input and weight gradients together: I runs it once,
+takes its weight-side gradients at its edges in the same engine call and accumulates them at once, so
+its weights are neither computed twice nor deferred, and a side effect of its backward (Megatron's
+`main_grad` accumulation) happens once (W keeps only the eager split nodes around it).
 """
 from __future__ import annotations
 
@@ -76,9 +78,11 @@ def run_backward(roots: Sequence, seeds: Sequence[torch.Tensor], inputs: Sequenc
 
 
 _ACCUMULATE = torch._C._functions.AccumulateGrad
-# Backward nodes of torch.compile'd regions (AOTAutograd): one fused kernel set for input and weight
-# gradients, which W cannot run for the weights alone without doing all of it again.
-_COMPILED = ("CompiledFunctionBackward",)
+# Backward nodes of Python autograd Functions, torch.compile'd regions (AOTAutograd's) among them: one
+# backward for input and weight gradients, which W cannot run for the weights alone without running all
+# of it again (twice the work, and twice any side effect: Megatron-style Functions add into
+# `param.main_grad` themselves).
+_PY_FUNCTION = torch.autograd.function.BackwardCFunction
 # torch.utils.checkpoint's use_reentrant=True region: its backward runs the recomputed forward's own
 # backward and refuses to run under torch.autograd.grad or backward(inputs=...), so I runs all of it.
 _REENTRANT = "CheckpointFunctionBackward"
@@ -131,14 +135,15 @@ class Pending:
 
 
 def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tensor], *,
-                node_hooks: bool | None = None) -> tuple[list, Pending | None]:
+                node_hooks: bool | None = None, hooked: set | None = None) -> tuple[list, Pending | None]:
     """Gradients of `roots` (seeded with `grads`, no None) for `inputs`; returns them and W's state.
     W accumulates the gradient of every other leaf the graph reaches: the stage's parameters and any
     other (a `loss_fn` module's own parameters, a tensor a closure uses).
 
     `node_hooks` (default: the module's `NODE_HOOKS`) False lets W write `.grad` itself where no tensor
     or post-accumulate hook asks otherwise (see the module docstring): for a caller that knows nothing
-    hooks the parameters' AccumulateGrad nodes.
+    hooks the parameters' AccumulateGrad nodes. `hooked`: the nodes the forward gave tensor hooks
+    (`pp.stage.tensor_hooks`); W lets the engine run those (which runs their hooks), never by hand.
 
     W's state keeps only split nodes with their captured gradients, and the roots that do not reach any
     input (with their seeds): the roots themselves and the other seeds are let go here. Where W can do
@@ -176,10 +181,12 @@ def input_grads(roots: list[torch.Tensor], grads: list, inputs: list[torch.Tenso
                 off.append(c)
         if off and _reaches_weights(off, kids):
             slots = tuple(i for i, (c, _) in enumerate(n.next_functions) if c is not None and not on_path[c])
-            if type(n).__name__ in _COMPILED:   # one fused backward: its weight side comes out in I
+            if isinstance(n, _PY_FUNCTION):   # one backward: it runs once, in I, its weight side too
+                if any(_tensor_hooked_leaf(n.next_functions[s][0]) for s in slots):
+                    return _whole_backward(roots, grads, inputs), None   # a capture there runs its hooks
                 compiled_edges.extend(n.next_functions[s] for s in slots)
                 continue
-            group = _classify(n, slots, indeg, plain)
+            group = _classify(n, slots, indeg, plain, bool(hooked) and n in hooked)
             if group is None:
                 return _whole_backward(roots, grads, inputs), None
             groups.append(group)
@@ -227,24 +234,34 @@ def _early_targets(groups: list, indeg: Counter) -> dict:
     return early
 
 
-def _classify(n, slots: tuple, indeg: Counter, plain) -> list | None:
+def _classify(n, slots: tuple, indeg: Counter, plain, tensor_hooked: bool = False) -> list | None:
     """[kind, node, plan, targets] for split node n whose children at `slots` lie off the input path:
     "plan" (by hand), "capture" (an engine call that runs only n), "call" (n called directly); None
-    where W cannot split n (a Python autograd Function whose weight side others reach too)."""
+    where W cannot split n (a Python autograd Function whose weight side others reach too).
+    `tensor_hooked`: n carries tensor hooks, which run on the gradient arriving at n only where the
+    engine runs n: I captured that gradient before them (the engine's edge capture), so W needs the
+    engine ("capture"); None where it cannot have it, or where I captures after them (pre-hooks)."""
     nf = n.next_functions
-    plan = direct_plan(n, slots, indeg, plain) if DIRECT else None
+    if tensor_hooked and not (CAPTURE_EDGES and hasattr(n, "_input_metadata")):
+        return None
+    plan = direct_plan(n, slots, indeg, plain) if DIRECT and not tensor_hooked else None
     if plan is not None:
         return ["plan", n, plan, [(e.node, 1) for _, e, _, p in plan[-1] if p is None and _settles(e.node, indeg)]]
     mine = Counter(nf[s][0] for s in slots)
     exclusive = all(indeg[c] == k for c, k in mine.items())
-    # Capturing at a parameter's node would run its tensor hooks, and accumulating would run them again.
-    hooked = any(type(c) is _ACCUMULATE and c.variable._backward_hooks for c in mine)
+    hooked = any(_tensor_hooked_leaf(c) for c in mine)
     targets = [(c, k) for c, k in mine.items() if _settles(c, indeg)]
     if exclusive and not hooked:
         return ["capture", n, tuple(dict.fromkeys(nf[s] for s in slots)), targets]
-    if callable(n):
+    if callable(n) and not tensor_hooked:
         return ["call", n, slots, targets]
     return None
+
+
+def _tensor_hooked_leaf(node) -> bool:
+    """Whether `node` accumulates into a leaf with tensor hooks (`p.register_hook`): capturing a gradient
+    there would run them, and accumulating it would run them again."""
+    return type(node) is _ACCUMULATE and bool(node.variable._backward_hooks)
 
 
 def _settles(node, indeg: Counter) -> bool:

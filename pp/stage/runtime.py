@@ -19,6 +19,7 @@ from ..comms.backend import is_initialized
 from ..comms.p2p import group_rank, group_size
 from .pipe import MODEL_INPUT, PipeInfo
 from .backward import input_grads, run_backward, weight_grads
+from .tensor_hooks import watch_tensor_hooks
 from .compiled import inner_module
 from .graphs import StageGraphs
 from .modes import call_with_forward, mode_forward, retarget_devices
@@ -48,6 +49,7 @@ class _Microbatch:
     out_grads: dict = field(default_factory=dict)   # output index -> summed gradient
     in_grads: list | None = None
     pending_weight: Any = None      # state kept from I for W
+    hooked: set | None = None       # backward nodes the forward gave tensor hooks (a manual stage's)
 
 
 def _meta_of(value: Any) -> tuple:
@@ -300,15 +302,18 @@ class PipelineStage(ChunkMethods, StageInputChecks):
 
     def _forward(self, m: int, st: _Microbatch) -> Any:
         out = self._replay(m, st) if self.graphs is not None else None
-        if out is None and self.is_first and self.pipe_info is None:
-            out = self.submod(*inplace_safe(st.args), **inplace_safe(st.kwargs))
-        elif out is None and self._mode_graph is not None:
-            out = call_with_forward(self.submod, inner_module(self.submod), self._mode_graph.forward, st.inputs)
-        elif out is None and self.pipe_info is not None:
-            out = self.submod(*st.inputs)
-        elif out is None:   # a manual stage: what it received, and its rank's step keywords it takes (torch)
-            out = self.submod(*inplace_safe(positional(st.inputs)), **st.kwargs)
-        return out
+        if out is not None:
+            return out
+        if self._mode_graph is not None:
+            return call_with_forward(self.submod, inner_module(self.submod), self._mode_graph.forward, st.inputs)
+        if self.pipe_info is not None:
+            return self.submod(*st.inputs)
+        st.hooked = set()   # a manual stage's own code may hook its activations (zero-bubble W must know)
+        with watch_tensor_hooks(st.hooked):
+            if self.is_first:
+                return self.submod(*inplace_safe(st.args), **inplace_safe(st.kwargs))
+            # what it received, and its rank's step keywords it takes (torch)
+            return self.submod(*inplace_safe(positional(st.inputs)), **st.kwargs)
 
     def sync_mode(self) -> None:
         """Pick the graph for the stage module's current train/eval mode, before a step: a traced graph
@@ -431,7 +436,7 @@ class PipelineStage(ChunkMethods, StageInputChecks):
             return
         roots, grads = self._roots(st, loss_scale)
         inputs = [] if self.is_first else self._grad_inputs(st)
-        got, st.pending_weight = input_grads(roots, grads, inputs, node_hooks=self.node_hooks)
+        got, st.pending_weight = input_grads(roots, grads, inputs, node_hooks=self.node_hooks, hooked=st.hooked)
         it = iter(got)
         self._keep_input_grads(st, [next(it) if isinstance(x, torch.Tensor) and x.requires_grad and not self.is_first
                                     else None for x in st.inputs])

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from .contract import dynamic_shapes
+from .export_guards import backward_hooks, custom_backward_message, custom_backward_watch
 from .hf_attention import eager_attention_for_export
 from .marker import SplitPoint, pipe_split
 from .traced import user_frame, way_out
@@ -81,7 +82,22 @@ def export_model(module: nn.Module, args: tuple, kwargs: dict, restart=lambda: N
     """Export with every input dimension symbolic where the model allows it (so the stages take other
     batch sizes and sequence lengths); a model that only exports with fixed sizes is exported so, and
     its stages then take exactly the example's shapes (the input checks say so). `dynamic=False`:
-    fixed sizes only."""
+    fixed sizes only. PipelineTraceError where it cannot trace, or where the model brings backward code
+    of its own that the trace would drop (`pp.stage.export_guards`)."""
+    hooks = backward_hooks(module)
+    if hooks:
+        raise PipelineTraceError(custom_backward_message(type(module).__name__,
+                                                         [f"backward hooks on {h}" for h in hooks]))
+    with custom_backward_watch() as found:
+        ep = _export_both_ways(module, args, kwargs, restart, dynamic)
+    if found:
+        raise PipelineTraceError(custom_backward_message(type(module).__name__, found))
+    return ep
+
+
+def _export_both_ways(module: nn.Module, args: tuple, kwargs: dict, restart,
+                      dynamic: bool) -> torch.export.ExportedProgram:
+    """`export_model` without its checks: with variable sizes where it can, else at the example's."""
     shapes = dynamic_shapes(module.forward, args, kwargs) if dynamic else None
     fixed_because = None
     if shapes is not None:

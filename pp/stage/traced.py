@@ -11,21 +11,21 @@ import torch
 import torch.fx as fx
 
 
-def model_frame(e: BaseException) -> traceback.FrameSummary | None:
-    """The innermost frame of `e`'s traceback in the model's own code: outside torch, pp and Python's
-    standard library and not generated (`<string>`, `<frozen ...>`), preferring the user's own files to
-    installed packages such as transformers; None when there is none."""
+def model_frame(e: BaseException | list) -> traceback.FrameSummary | None:
+    """The innermost frame of `e`'s traceback (or of a list of frames, innermost last) in the model's own
+    code: outside torch, pp and Python's standard library and not generated (`<string>`, `<frozen ...>`),
+    preferring the user's own files to installed packages such as transformers; None when there is none."""
     import sysconfig
 
     skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)),
             os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep)
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if not os.path.abspath(f.filename).startswith(skip)
-              and not f.filename.startswith("<")]
+    stack = e if isinstance(e, list) else traceback.extract_tb(e.__traceback__)
+    frames = [f for f in stack if not os.path.abspath(f.filename).startswith(skip) and not f.filename.startswith("<")]
     own = [f for f in frames if "site-packages" not in f.filename and "dist-packages" not in f.filename]
     return (own or frames or [None])[-1]
 
 
-def user_frame(e: BaseException) -> str:
+def user_frame(e: BaseException | list) -> str:
     """' at file.py:LINE (source)' of `model_frame(e)`, '' when there is none."""
     f = model_frame(e)
     return f" at {os.path.basename(f.filename)}:{f.lineno} ({(f.line or '').strip()})" if f is not None else ""
