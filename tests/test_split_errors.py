@@ -183,3 +183,25 @@ def test_calling_the_pipe_with_inputs_of_another_structure_is_an_error():
     pipe = pp.pipeline(build(MultiMLP, n=2), (example(BATCH, D),))
     with pytest.raises(TypeError, match=r"do not match the model's forward"):
         pipe(example(BATCH, D), example(BATCH, D))
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x, n=2, scale=1.0):
+        h = self.a(x) * scale * n
+        pipe_split()
+        return self.b(h)
+
+
+@pytest.mark.parametrize("args, kwargs, want", [
+    ((2,), {"scale": 3.0}, r"keyword 'scale' is 3\.0 but the model was traced with 1\.0"),
+    ((5,), {"scale": 1.0}, r"positional input 1 is 5 but the model was traced with 2"),
+])
+def test_a_non_tensor_input_other_than_traced_is_named_as_the_caller_wrote_it(args, kwargs, want):
+    x = torch.randn(2, D)
+    pipe = pp.pipeline(_Scaled(), (x, 2), {"scale": 1.0})
+    with pytest.raises(ValueError, match=want + "; non-tensor inputs are fixed at trace time"):
+        pipe(x, *args, **kwargs)

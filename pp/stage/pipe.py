@@ -117,14 +117,24 @@ class InputBinder:
         for i, value in self.traced_constants.items():
             if not _same_constant(flat[i], value):
                 raise ValueError(
-                    f"input {i} is {flat[i]!r} but the model was traced with {value!r}; non-tensor inputs "
-                    f"are fixed at trace time"
+                    f"{_input_name((pos, kw), i)} is {flat[i]!r} but the model was traced with {value!r}; "
+                    f"non-tensor inputs are fixed at trace time"
                 )
         return flat
 
     def normalise(self, args: tuple, kwargs: dict | None) -> tuple[tuple, dict]:
         """(args, kwargs) with defaults applied, in the layout of the traced example."""
         return self._normalise(tuple(args), dict(kwargs or {}))
+
+
+def _input_name(inputs: tuple, i: int) -> str:
+    """Leaf `i` of flattened (args, kwargs) as the caller wrote it: "keyword 'scale'", "positional input 1",
+    with the path inside a structure ("keyword 'cfg'['eps']")."""
+    path = pytree.tree_flatten_with_path(inputs)[0][i][0]
+    head, rest = path[1], pytree.keystr(path[2:])
+    if len(path) > 1 and isinstance(head, pytree.MappingKey) and path[0] == pytree.SequenceKey(1):
+        return f"keyword {head.key!r}{rest}"
+    return f"positional input {getattr(head, 'idx', head)}{rest}"
 
 
 def _same_constant(a: Any, b: Any) -> bool:
