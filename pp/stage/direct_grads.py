@@ -59,6 +59,12 @@ def direct_plan(node, slots: tuple, indeg: Counter, plain: Callable) -> tuple | 
     return None
 
 
+# dtypes whose `.grad` W adds a linear weight's gradient into inside the product (`addmm_`, one rounding);
+# in bfloat16 or float16 that differs visibly from autograd's product-then-add (two roundings), which
+# every other schedule gives, so there W adds the rounded product as autograd does.
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
 def by_hand(plan: tuple, g: torch.Tensor | None) -> list:
     """The weight-side gradients of one split node from its plan and the gradient that reached it: added
     to `.grad` where the plan says so, the others returned as (edge, gradient) pairs for autograd."""
@@ -77,12 +83,12 @@ def by_hand(plan: tuple, g: torch.Tensor | None) -> list:
                 a, b = (g, mat2.t()) if s == base else (mat1.t(), g)
                 if tr:
                     a, b = b.t(), a.t()
-                if p is not None and p.dtype == a.dtype:
+                if p is not None and p.dtype == a.dtype and (p.grad is None or a.dtype in _FUSED_DTYPES):
                     if p.grad is None:
                         p.grad = torch.mm(a, b) if alpha == 1 else torch.mm(a, b).mul_(alpha)
                     else:
                         p.grad.addmm_(a, b, alpha=alpha)
-                elif p is not None:   # a float32 master of a bfloat16 weight copy (bf16-mixed)
+                elif p is not None:   # a float32 master of a bfloat16 weight copy (bf16-mixed), or a bf16 .grad
                     _give(p, edge, torch.mm(a, b) if alpha == 1 else torch.mm(a, b).mul_(alpha), True, seeds)
                 else:
                     seeds.append((edge, torch.mm(a, b) if alpha == 1 else torch.mm(a, b).mul_(alpha)))
