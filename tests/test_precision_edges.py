@@ -294,3 +294,30 @@ def test_pure_bf16_gradients_are_the_unsplit_models_bit_for_bit_under_the_zero_b
     """The zero-bubble W added a linear weight's gradient into a bfloat16 `.grad` inside the product
     (one rounding) where autograd rounds the product and then adds: 2e-4 off under ZB schedules only."""
     assert run_ranks(_pure_bf16, 2, schedule, timeout_s=300) == [[], []]
+
+
+def _uncast_bf16_mixed(rank: int, world: int) -> list[str]:
+    """Parameters whose bf16-mixed gradient at pp 2 with `cast_activations = False` is not the unsplit
+    autocast model's bit for bit (the reference made in the rank's own process)."""
+    import pp
+
+    warnings.simplefilter("ignore")
+    x, y = _batch()
+    ref = _model()
+    for a, b in zip(x.chunk(2), y.chunk(2)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm_loss(ref(a), b) / 2
+        loss.backward()
+    want = {n: p.grad for n, p in ref.named_parameters()}
+    par = pp.parallelize(_model(), (x[:4],), n_microbatches=2, loss_fn=lm_loss, schedule="1F1B",
+                         precision="bf16-mixed", split_policy=_cut(2))
+    for s in par.stages:
+        s.cast_activations = False
+    par.step(x, target=y)
+    return [n for n, p in par.named_parameters() if not torch.equal(p.grad, want[n])]
+
+
+def test_bf16_mixed_stages_sending_activations_as_computed_equal_the_unsplit_autocast_model():
+    """By default activations cross in bfloat16, which rounds the float32 residual stream at the cut
+    (documented); sent as computed, the float32 gradients are the unsplit `with autocast:` model's."""
+    assert run_ranks(_uncast_bf16_mixed, 2, timeout_s=300) == [[], []]

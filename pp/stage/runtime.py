@@ -179,6 +179,9 @@ class PipelineStage(ChunkMethods, StageInputChecks):
         # them) in this dtype, and the forward run under torch.autocast to it (bf16-mixed).
         self.activation_dtype: torch.dtype | None = None
         self.autocast = False
+        # False: floating activations are sent in the dtype they were computed in (under bf16-mixed the
+        # float32 residual stream crosses in float32, as in the unsplit autocast model: exact, more traffic)
+        self.cast_activations = True
         # bf16-mixed: the bfloat16 weight copies the stage computes with (pp.parallel.precision.Bf16Weights),
         # refreshed from the float32 masters at the first forward of each step
         self.bf16_weights: Any = None
@@ -287,7 +290,7 @@ class PipelineStage(ChunkMethods, StageInputChecks):
         else:
             with torch.autocast(self.device.type, dtype=self.activation_dtype):
                 out = self._forward(m, st)
-        if self.activation_dtype is not None and not self.is_last:
+        if self.activation_dtype is not None and not self.is_last and self.cast_activations:
             out = _cast_floats(out, self.activation_dtype)
         if self.is_last:
             if self.pipe_info is not None:
