@@ -126,11 +126,8 @@ def _collect(procs: list, conns: list, deadline: float, timeout_s: float, fn: An
             try:
                 kind, when, body = conns[rank].recv()
             except (EOFError, OSError):
-                procs[rank].join(timeout=1.0)
-                code = procs[rank].exitcode
                 # A silent death (signal, os._exit) is the likelier cause of errors read with it.
-                errors[rank] = (0.0, RankError(
-                    rank, "ProcessExit", f"exited with code {code} without reporting a result", ""))
+                errors[rank] = _silent_exit(procs, rank)
                 continue
             if kind == "ok":
                 results[rank] = pickle.loads(body)
@@ -145,7 +142,8 @@ def _collect(procs: list, conns: list, deadline: float, timeout_s: float, fn: An
                     rank = conns.index(c)
                     try:
                         kind, when, body = c.recv()
-                    except (EOFError, OSError):
+                    except (EOFError, OSError):   # died silently: the likelier cause, as above
+                        errors[rank] = _silent_exit(procs, rank)
                         continue
                     if kind != "ok":
                         errors[rank] = (when, RankError(rank, *body))
@@ -154,9 +152,20 @@ def _collect(procs: list, conns: list, deadline: float, timeout_s: float, fn: An
     return [results[r] for r in range(world_size)]
 
 
+def _silent_exit(procs: list, rank: int) -> tuple:
+    """(failure time 0: first, RankError) for a rank whose process ended without reporting."""
+    procs[rank].join(timeout=1.0)
+    return 0.0, RankError(rank, "ProcessExit", f"exited with code {procs[rank].exitcode} without reporting a result",
+                          "")
+
+
 def _consequence(error: RankError) -> bool:
-    """Whether a rank's error only reports that another rank failed (pp's step agreement or abort)."""
-    return error.exc_type == "PipelineAborted" or error.exc_message.startswith("pipeline step aborted:")
+    """Whether a rank's error only reports that another rank failed (pp's step agreement or abort, or
+    gloo's word that a peer's connection went away: a rank that died may be seen to end only after the
+    others, whose processes hold its pipe too, have exited)."""
+    text = error.exc_message.lower()
+    return (error.exc_type == "PipelineAborted" or error.exc_message.startswith("pipeline step aborted:")
+            or "connection closed by peer" in text or "connection reset by peer" in text)
 
 
 def _join_all(procs: list, grace_s: float) -> None:
