@@ -8,14 +8,13 @@ inspect: size, token count, dtype, largest id and a decoded sample of a token fi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 
 from .prepare import prepare
-from .stream import DTYPES, DataError, load_npy, looks_like_uint32
+from .stream import DTYPES, DataError, check_count, load_npy, looks_like_uint32, read_sidecar
 from .tokenize import load_tokenizer
 
 
@@ -27,18 +26,18 @@ def inspect(path: str, tokenizer: str | None, dtype: str | None, sample: int) ->
         raise DataError(f"{path!r} is a directory; expected a .bin or .npy token file")
     if not os.path.isfile(path):
         raise DataError(f"{path!r}: no such file")
-    meta = _sidecar(path)
+    meta = read_sidecar(path)
     if path.endswith(".npy"):
         ids = load_npy(path)
         dtype = str(ids.dtype)
+        check_count(path, meta, ids.size, dtype)
     else:
-        if dtype is None and meta.get("dtype") is not None:
-            dtype = meta["dtype"]
-            if dtype not in DTYPES:
-                raise DataError(f"{path + '.json'!r} records dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-        dtype = dtype or "uint16"
+        dtype = dtype or meta.get("dtype") or "uint16"
         if dtype not in DTYPES:
             raise DataError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        recorded = meta.get("dtype") or dtype   # the count a description records is of its own dtype
+        held, stray = divmod(os.path.getsize(path), np.dtype(recorded).itemsize)
+        check_count(path, meta, held, recorded, stray)
         if os.path.getsize(path) % np.dtype(dtype).itemsize:
             raise DataError(f"{path!r} has {os.path.getsize(path)} bytes, not a whole number of {dtype} ids")
         ids = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r") if os.path.getsize(path) else None
@@ -49,8 +48,8 @@ def inspect(path: str, tokenizer: str | None, dtype: str | None, sample: int) ->
         lines.append("warning: every second id is 0-3, as uint32 ids read as uint16 look: try --dtype uint32")
     top = max(int(ids[i:i + (1 << 24)].max()) for i in range(0, ids.size, 1 << 24))
     vocab = meta.get("vocab_size")
-    lines.append(f"largest id: {top}" + (f" (vocabulary {vocab})" if isinstance(vocab, int) else ""))
-    if isinstance(meta.get("documents"), int):
+    lines.append(f"largest id: {top}" + (f" (vocabulary {vocab})" if vocab is not None else ""))
+    if meta.get("documents") is not None:
         lines.append(f"documents: {meta['documents']:,}")
     head = [int(i) for i in ids[:sample]]
     lines.append(f"first {len(head)} ids: {head}")
@@ -58,24 +57,6 @@ def inspect(path: str, tokenizer: str | None, dtype: str | None, sample: int) ->
         tok = load_tokenizer(tokenizer)
         lines.append("decoded: " + repr(tok.decode(head, skip_special_tokens=False)))
     return lines
-
-
-def _sidecar(path: str) -> dict:
-    """The JSON object `pp.data prepare` writes beside token file `path` (`<path>.json`), {} when there is
-    none; DataError naming it when it is not a JSON object."""
-    meta_path = path + ".json"
-    if not os.path.exists(meta_path):
-        return {}
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{meta_path!r} is not readable JSON ({e}); expected the description pp.data prepare "
-                        f"writes beside {path!r}") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{meta_path!r} holds a JSON {type(meta).__name__}; expected the object pp.data prepare "
-                        f"writes beside {path!r}")
-    return meta
 
 
 def _os_error(e: OSError) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .stream import DataError, TokenStream
+from .stream import DataError, TokenStream, bad_id
 
 
 class TokenBatches:
@@ -51,8 +51,13 @@ class TokenBatches:
         if bad.any():
             r, c = np.argwhere(bad)[0]
             pos = starts[r] + int(c)
-            raise DataError(f"{self.stream.file_of(pos)}: token id {int(rows[r, c])} (stream position {pos}) is "
-                            f"outside the model's vocabulary of {self.vocab_size} (model.vocab_size)")
+            raise DataError(bad_id(self.stream.file_of(pos), int(rows[r, c]), pos, self.vocab_size))
+
+    def check(self, steps: int) -> None:
+        """Read the windows of steps 0 .. steps - 1 now, so that a bad id among them raises DataError before
+        training (evaluation reads these same batches every time)."""
+        for step in range(steps):
+            self._windows(step)
 
     def tokens(self, step: int) -> torch.Tensor:
         return self._windows(step)[:, :-1].contiguous()

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from .stream import DataError
-from .tokenize import dtype_for, eot_id, load_tokenizer, tokenize_file, write_tokens, written_paths
+from .tokenize import dtype_for, eot_id, file_sha256, load_tokenizer, tokenize_file, write_tokens, written_paths
 
 _queue = None
 
@@ -86,6 +86,7 @@ def prepare(inputs: list[str], tokenizer: str, out: str, eot: str | None, worker
     try:
         write_tokens(out, ids, dtype, {"documents": docs, "vocab_size": tok.get_vocab_size(), "eot_id": eot_token,
                                        "tokenizer": os.path.abspath(tokenizer),
+                                       "tokenizer_sha256": file_sha256(tokenizer),
                                        "inputs": [os.path.abspath(p) for p in inputs]})
     except BaseException:
         for d in reversed(created):

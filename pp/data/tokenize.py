@@ -10,11 +10,12 @@ import fcntl
 import hashlib
 import json
 import os
+import warnings
 from typing import Iterator
 
 import numpy as np
 
-from .stream import DataError
+from .stream import DTYPES, STDLIB, TOKEN_SUFFIXES, DataError, _expand, count_fault, read_sidecar, sidecar_fault
 
 EOT_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eot_id|>", "<eot>", "[SEP]", "<|end_of_text|>")
 CHUNK_BYTES = 1 << 20
@@ -40,6 +41,31 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def check_tokenizer(source: str, tokenizer: str, key: str = "train.data") -> str | None:
+    """`tokenizer` (train.tokenizer) given with data `source`: DataError when a token file of `source` was
+    prepared with another tokenizer (compared by content: the sha256 its description records, or the file it
+    names); for token files that record none, the note that `tokenizer` goes unused; None otherwise."""
+    files = [] if source == STDLIB else [f for f in _expand(source, key) if f.endswith(TOKEN_SUFFIXES)]
+    if not files:
+        return None   # text: the tokenizer tokenizes it
+    sha, compared = file_sha256(tokenizer), False
+    for f in files:
+        meta = read_sidecar(f)
+        theirs, named = meta.get("tokenizer_sha256"), meta.get("tokenizer")
+        if theirs is None and named is not None and os.path.isfile(named):
+            theirs = file_sha256(named)
+        if theirs is None:
+            continue
+        if theirs != sha:
+            raise DataError(f"train.tokenizer={tokenizer!r} differs from the tokenizer {named or theirs[:12]!r} that "
+                            f"{f!r} was prepared with (see {f}.json): name that one, or leave train.tokenizer out")
+        compared = True
+    if compared:
+        return None
+    return (f"train.tokenizer={tokenizer!r} is unused: {key}={source!r} holds token ids already (pre-tokenized), "
+            f"and no tokenizer is recorded beside them")
 
 
 def eot_id(tok, name: str | None = None) -> int:
@@ -137,27 +163,32 @@ def tokenize_file(path: str, tokenizer_path: str, eot: int, progress=None) -> tu
     return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), docs
 
 
-def cached_tokens(path: str, tokenizer_path: str) -> np.ndarray:
-    """The ids of text/jsonl file `path` under `tokenizer_path`, tokenized once and cached next to it as
-    `<path>.<tokenizer sha256[:12]>.bin` (+ `.json`); concurrent ranks wait for the first to finish. The
-    cache is used while `path` has the size and modification time (ns) recorded with it: a file replaced
-    by another, even one with an older time (`cp -p`, `tar x`, `rsync -t`), is tokenized again."""
+def cached_tokens(path: str, tokenizer_path: str) -> tuple[np.ndarray, int]:
+    """The ids of text/jsonl file `path` under `tokenizer_path`, and the tokenizer's vocabulary size; the
+    ids are tokenized once and cached next to `path` as `<path>.<tokenizer sha256[:12]>.bin` (+ `.json`);
+    concurrent ranks wait for the first to finish. The cache is used while `path` has the size and
+    modification time (ns) recorded with it: a file replaced by another, even one with an older time
+    (`cp -p`, `tar x`, `rsync -t`), is tokenized again. A cache that disagrees with its description (a
+    truncated file, a damaged `.json`) is tokenized again too, with a warning: pp made it, pp remakes it."""
     tok = load_tokenizer(tokenizer_path)
     key = file_sha256(tokenizer_path)[:12]
     cache = f"{path}.{key}.bin"
-    dtype = dtype_for(tok.get_vocab_size())
+    vocab = tok.get_vocab_size()
+    dtype = dtype_for(vocab)
     with _locked(cache + ".lock"):
         st = os.stat(path)
         source = {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
-        if not (os.path.exists(cache) and _recorded(cache, source)):
+        fault = _cache_fault(cache, source, dtype)
+        if fault is not None:
+            if fault:
+                warnings.warn(f"the token cache {cache!r} is unusable ({fault}): tokenizing {path!r} again")
             ids, docs = tokenize_file(path, tokenizer_path, eot_id(tok))
             write_tokens(cache, ids, dtype, {"documents": docs, "tokenizer": os.path.abspath(tokenizer_path),
                                              "tokenizer_sha256": file_sha256(tokenizer_path),
-                                             "vocab_size": tok.get_vocab_size(), "source": os.path.abspath(path),
-                                             **source})
+                                             "vocab_size": vocab, "source": os.path.abspath(path), **source})
     if os.path.getsize(cache) == 0:
-        return np.zeros(0, dtype=np.dtype(dtype))
-    return np.memmap(cache, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
+        return np.zeros(0, dtype=np.dtype(dtype)), vocab
+    return np.memmap(cache, dtype=np.dtype(dtype).newbyteorder("<"), mode="r"), vocab
 
 
 @contextlib.contextmanager
@@ -183,14 +214,24 @@ def _locked(path: str) -> Iterator[None]:
         f.close()
 
 
-def _recorded(cache: str, source: dict) -> bool:
-    """Whether `cache`'s description records `source` (its text file's size and modification time)."""
-    try:
-        with open(cache + ".json") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return all(meta.get(k) == v for k, v in source.items())
+def _cache_fault(cache: str, source: dict, dtype: str) -> str | None:
+    """Whether token cache `cache` can be used for the text file described by `source` (its size and
+    modification time): None if so; '' if it was never made or the text file changed since; else what is
+    wrong with it (a damaged or missing description, a count or dtype other than it records)."""
+    if not os.path.exists(cache):
+        return ""
+    meta, fault = sidecar_fault(cache)
+    if fault:
+        return fault
+    if not meta:
+        return f"{cache + '.json'!r}, its description, is missing"
+    if any(meta.get(k) != v for k, v in source.items()):
+        return ""
+    if meta.get("dtype") != dtype or "tokens" not in meta:
+        return (f"{cache + '.json'!r} records dtype {meta.get('dtype')!r} and tokens {meta.get('tokens')!r}; "
+                f"expected {dtype} and a count")
+    held, stray = divmod(os.path.getsize(cache), np.dtype(DTYPES[dtype]).itemsize)
+    return count_fault(cache, meta, held, dtype, stray)
 
 
 def written_paths(path: str) -> list[str]:

@@ -347,10 +347,12 @@ def _token_files(source: str) -> bool:
 
 
 def check_data(cfg: JobConfig) -> None:
-    """train.data, train.data_dtype, train.tokenizer and the eval section: files exist, types fit, the
-    tokenizer's vocabulary fits the model's, and enough tokens remain for training and evaluation."""
+    """train.data, train.data_dtype, train.tokenizer and the eval section: files exist and agree with their
+    descriptions (`<file>.json`), types fit, the tokenizer's vocabulary fits the model's (and is the one token
+    files were prepared with), and enough tokens remain for training and evaluation."""
     from pp.data import DataError, open_stream
     from pp.data.stream import recorded_vocab
+    from pp.data.tokenize import check_tokenizer
 
     t, e = cfg.train, cfg.eval
     if t.data_dtype not in CHOICES["train.data_dtype"]:
@@ -371,12 +373,15 @@ def check_data(cfg: JobConfig) -> None:
         if vocab > cfg.model.vocab_size:
             raise ConfigError(f"train.tokenizer {t.tokenizer!r} has {vocab} tokens, more than model.vocab_size="
                               f"{cfg.model.vocab_size}")
-    for key, source in (("train.data", t.data), ("eval.data", e.data if e.every > 0 else None)):
-        recorded = recorded_vocab(source) if source else None
-        if recorded is not None and recorded[1] > cfg.model.vocab_size:
-            raise ConfigError(f"{key}={source!r} was tokenized with a vocabulary of {recorded[1]} (see "
-                              f"{recorded[0]}.json), more than model.vocab_size={cfg.model.vocab_size}")
     try:
+        for key, source in (("train.data", t.data), ("eval.data", e.data if e.every > 0 else None)):
+            recorded = recorded_vocab(source) if source else None
+            if recorded is not None and recorded[1] > cfg.model.vocab_size:
+                raise ConfigError(f"{key}={source!r} was tokenized with a vocabulary of {recorded[1]} (see "
+                                  f"{recorded[0]}.json), more than model.vocab_size={cfg.model.vocab_size}")
+            note = check_tokenizer(source, t.tokenizer, key) if source and t.tokenizer is not None else None
+            if note and int(os.environ.get("RANK", "0") or 0) == 0:
+                print(f"pp.run: note: {note}", flush=True)
         stream = open_stream(t.data, t.data_dtype, t.tokenizer, cfg.model.seq_len)
         if e.every > 0 and e.data is not None:
             open_stream(e.data, t.data_dtype, t.tokenizer, cfg.model.seq_len, key="eval.data")
