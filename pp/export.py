@@ -65,6 +65,21 @@ def _shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
     return groups
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux tells it (os.umask sets it to read it,
+    which a file another thread creates meanwhile would see)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _progress(total: int, enabled: bool) -> Iterator:
     """A tqdm bar over bytes when tqdm is installed and the export is large; else a stand-in."""
     class _Quiet:
@@ -138,6 +153,7 @@ def export(source: str, out_dir: str, max_shard_size: int | str = DEFAULT_SHARD,
             with ckpt._single_process_quiet():
                 dcp.load({"model": state}, storage_reader=dcp.FileSystemReader(path), no_dist=True)
             save_file(state, os.path.join(out_dir, fname), metadata={"format": "pt"})
+            os.chmod(os.path.join(out_dir, fname), 0o666 & ~_umask())   # safetensors writes via a 0600 temp file
             weight_map.update({k: fname for k in keys})
             bar.update(sum(sizes[k] for k in keys))
     finally:

@@ -3,15 +3,17 @@ or a pp checkpoint, loaded into a whole model or into this rank's stages of a `P
 
 A source is opened lazily (safetensors headers, DCP metadata, a memory-mapped torch file), so each rank
 reads only the tensors of its own stages. Everything is checked before anything is copied: missing,
-unexpected and mis-shaped keys become one `WeightsError` listing them, raised on every rank alike.
-A tensor the model ties under several names (an embedding shared with the LM head) is stored once and
-fills every alias.
+unexpected and mis-shaped keys, and tensors of another kind of dtype (integers for a floating parameter),
+become one `WeightsError` listing them, raised on every rank alike; the values are read once to check
+that every parameter is finite, and again to copy them in. A tensor the model ties under several names
+(an embedding shared with the LM head) is stored once and fills every alias.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import zipfile
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -20,7 +22,7 @@ import torch.nn as nn
 if TYPE_CHECKING:
     from pp.parallel.api import ParallelModel
 
-__all__ = ["WeightsError", "WeightSource", "open_weights", "load_weights"]
+__all__ = ["WeightsError", "WeightValuesError", "WeightSource", "open_weights", "load_weights"]
 
 INDEX = "model.safetensors.index.json"
 _READ_BATCH = 32
@@ -30,13 +32,32 @@ class WeightsError(ValueError):
     """Weights that do not fit the model or cannot be read; the message lists every offending key."""
 
 
+class WeightValuesError(WeightsError):
+    """Names and shapes fit, but a tensor holds the wrong kind of values: integers for a floating
+    parameter (or the reverse), or NaN/inf. Converting the layout (transformers' `from_pretrained`)
+    would not help, and would hide it. `detail` is the message without the source's name."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail or message
+
+
+# safetensors' dtype names (`get_slice(k).get_dtype()`), for the check before any data is read
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                       "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32",
+                       "U64": "uint64", "BOOL": "bool", "C64": "complex64", "C128": "complex128"}
+
+
 class WeightSource:
     """Named tensors read on demand: `shapes` (all keys, no data read) and `read(keys)`."""
 
     def __init__(self, what: str, shapes: Mapping[str, tuple[int, ...]],
-                 read: Callable[[list[str]], dict[str, torch.Tensor]], config_path: str | None = None):
+                 read: Callable[[list[str]], dict[str, torch.Tensor]], config_path: str | None = None,
+                 dtypes: Mapping[str, torch.dtype] | None = None):
         self.what = what                    # e.g. "safetensors file x.safetensors", for messages
         self.shapes = dict(shapes)
+        self.dtypes = dict(dtypes or {})    # the keys whose dtype the headers tell (checked before reading)
         self._read = read
         self.config_path = config_path      # the config.json beside the weights, if any
 
@@ -51,7 +72,8 @@ class WeightSource:
         if bad:
             raise WeightsError(f"{what} holds non-tensor values under {bad[:5]}; expected a flat mapping of "
                                f"names to tensors")
-        return cls(what, {k: tuple(v.shape) for k, v in state.items()}, lambda keys: {k: state[k] for k in keys})
+        return cls(what, {k: tuple(v.shape) for k, v in state.items()}, lambda keys: {k: state[k] for k in keys},
+                   dtypes={k: v.dtype for k, v in state.items()})
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -64,6 +86,7 @@ def _safetensors(files: dict[str, list[str]] | list[str], what: str, config_path
         raise WeightsError(f"reading {what} needs the safetensors package: pip install safetensors") from None
     where: dict[str, str] = {}
     shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
     for path in files:
         if not os.path.isfile(path):
             raise WeightsError(f"{what}: file {path} is missing")
@@ -71,7 +94,11 @@ def _safetensors(files: dict[str, list[str]] | list[str], what: str, config_path
             with safe_open(path, framework="pt") as f:
                 for k in f.keys():
                     where[k] = path
-                    shapes[k] = tuple(f.get_slice(k).get_shape())
+                    header = f.get_slice(k)
+                    shapes[k] = tuple(header.get_shape())
+                    dtype = getattr(torch, _SAFETENSORS_DTYPES.get(header.get_dtype(), ""), None)
+                    if isinstance(dtype, torch.dtype):
+                        dtypes[k] = dtype
         except WeightsError:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged header in any form
@@ -88,7 +115,7 @@ def _safetensors(files: dict[str, list[str]] | list[str], what: str, config_path
                     out[k] = f.get_tensor(k)
         return out
 
-    return WeightSource(what, shapes, read, config_path)
+    return WeightSource(what, shapes, read, config_path, dtypes)
 
 
 def _torch_file(path: str) -> WeightSource:
@@ -100,12 +127,41 @@ def _torch_file(path: str) -> WeightSource:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickled code, a damaged file, a non-torch file
+        damaged = _damaged_torch_file(path, e)
+        if damaged is not None:
+            raise WeightsError(damaged) from None
         raise WeightsError(f"{path} is neither a .safetensors file nor a state dict saved with torch.save "
                            f"(torch.load(weights_only=True) failed: {_load_reason(e)}; pp reads weights only "
                            f"this way, as a weights file must not run code)") from None
     if not isinstance(state, Mapping):
         raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict of named tensors")
     return WeightSource.from_state_dict(state, f"state dict {path}")
+
+
+# how a torch.save file begins: a zip archive (torch >= 1.6), or the legacy format's pickled magic number
+_ZIP_START = b"PK\x03\x04"
+_LEGACY_START = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _damaged_torch_file(path: str, e: Exception) -> str | None:
+    """The line for a file that torch.load could not read because it is empty, truncated or damaged (it
+    begins as a torch.save file but is not a whole one), or None when that is not the cause."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return f"{path} is empty (0 bytes): expected a .safetensors file or a state dict saved with torch.save"
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_START))
+    if head.startswith(_ZIP_START) and not zipfile.is_zipfile(path):
+        reason = "its zip archive has no end record: the file was cut short"
+    elif head.startswith(_ZIP_START) or head == _LEGACY_START:
+        text = _load_reason(e)
+        if not (isinstance(e, EOFError) or "EOF" in text or "corrupt" in text):
+            return None
+        reason = text.split(". ")[0].rstrip(".")
+    else:
+        return None
+    return (f"{path} is damaged or truncated: it begins as a torch.save file but is not a complete one "
+            f"({size} bytes; {reason}); save or copy it again")
 
 
 def _load_reason(e: Exception) -> str:
@@ -139,7 +195,8 @@ def _pp_checkpoint(path: str) -> WeightSource:
         return state
 
     note = f" ({'; '.join(skipped)})" if skipped else ""   # the newer damaged ones it passed over
-    return WeightSource(f"pp checkpoint {path}{note}", {k: tuple(m.size) for k, m in tensors.items()}, read)
+    return WeightSource(f"pp checkpoint {path}{note}", {k: tuple(m.size) for k, m in tensors.items()}, read,
+                        dtypes={k: m.properties.dtype for k, m in tensors.items()})
 
 
 def _is_pp_checkpoint(path: str) -> bool:
@@ -244,11 +301,12 @@ def _candidates(name: str, prefix: str | None) -> list[str]:
     return out
 
 
-def _plan(target: _Target, shapes: Mapping[str, tuple], prefix: str | None, ignore_missing: Sequence[str]
-          ) -> tuple[dict[str, str], list[str], list[str]]:
-    """({source key: group's first name} to read, missing names, mis-shaped descriptions)."""
+def _plan(target: _Target, source: WeightSource, prefix: str | None, ignore_missing: Sequence[str]
+          ) -> tuple[dict[str, str], list[str], list[str], list[str]]:
+    """({source key: group's first name} to read, missing names, mis-shaped and mis-typed descriptions)."""
     reads: dict[str, str] = {}
-    missing, misshaped = [], []
+    missing, misshaped, mistyped = [], [], []
+    shapes = source.shapes
     for group in target.groups:
         key = next((k for n in group for k in _candidates(n, prefix) if k in shapes), None)
         if key is None:
@@ -259,8 +317,48 @@ def _plan(target: _Target, shapes: Mapping[str, tuple], prefix: str | None, igno
         if tuple(shapes[key]) != tuple(want):
             misshaped.append(f"{key} is {tuple(shapes[key])} there but {tuple(want)} in the model")
             continue
+        wrong = _dtype_problem(key, source.dtypes.get(key), target.tensors[group[0]].dtype)
+        if wrong is not None:
+            mistyped.append(wrong)
+            continue
         reads[key] = group[0]
-    return reads, missing, misshaped
+    return reads, missing, misshaped, mistyped
+
+
+def _dtype_problem(key: str, stored: torch.dtype | None, want: torch.dtype) -> str | None:
+    """A description if a tensor of dtype `stored` cannot fill one of dtype `want` without losing what
+    its values mean (integers or booleans for a floating tensor, floats truncated into an integer one;
+    one floating dtype for another is a plain cast), else None."""
+    if stored is None or want.is_complex:
+        return None
+    if want.is_floating_point and not stored.is_floating_point:
+        kind = "a floating-point tensor"
+    elif not want.is_floating_point and (stored.is_floating_point or stored.is_complex):
+        kind = "an integer or boolean tensor"
+    else:
+        return None
+    return f"{key} is {_dtype_name(stored)} there but {_dtype_name(want)} ({kind}) in the model"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _value_problem(key: str, value: torch.Tensor, want: torch.Tensor) -> str | None:
+    """The line if `value` (read from the source for `key`) cannot fill `want`: another kind of dtype
+    (a source whose headers did not tell it), or a non-finite value in a parameter (buffers such as
+    attention masks may hold -inf on purpose); else None."""
+    wrong = _dtype_problem(key, value.dtype, want.dtype)
+    if wrong is not None:
+        return wrong
+    if not isinstance(want, nn.Parameter) or not (value.is_floating_point() or value.is_complex()):
+        return None
+    if bool(torch.isfinite(value).all()):
+        return None
+    nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+    counts = " and ".join(f"{n} {label}" for n, label in ((nan, "NaN"), (inf, "inf")) if n)
+    return (f"{key} holds {counts} of its {value.numel()} values; expected finite weights (saved from a run "
+            f"that diverged, or damaged)")
 
 
 def _tied_conflict(target: _Target, source: WeightSource, prefix: str | None) -> str | None:
@@ -278,9 +376,23 @@ def _tied_conflict(target: _Target, source: WeightSource, prefix: str | None) ->
     return None
 
 
-def _verdict(what: str, missing: list[str], unexpected: list[str], misshaped: list[str]) -> str | None:
+def _first_bad_value(target: _Target, source: WeightSource, keys: list[str], reads: dict[str, str]) -> str | None:
+    """The line naming the first of `keys` whose values cannot fill the model (`_value_problem`), or None."""
+    for i in range(0, len(keys), _READ_BATCH):
+        batch = keys[i:i + _READ_BATCH]
+        values = source.read(batch)
+        for key in batch:
+            problem = _value_problem(key, values[key], target.tensors[reads[key]])
+            if problem is not None:
+                return problem
+    return None
+
+
+def _verdict(what: str, missing: list[str], unexpected: list[str], misshaped: list[str], mistyped: list[str]
+             ) -> str | None:
     parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+                         ("mis-typed", mistyped)):
         if items:
             shown = ", ".join(items[:8]) + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
             parts.append(f"{len(items)} {label}: {shown}")
@@ -297,8 +409,11 @@ def load_weights(model: "nn.Module | ParallelModel", source: str | WeightSource 
     every rank checks before any copies, so a bad source raises the same WeightsError on every rank
     with no weight changed. A key may lack or carry `base_prefix` (a model's base-model prefix, e.g.
     'model' or 'transformer'); keys matching a regex of `ignore_unexpected` / `ignore_missing` are
-    allowed to be extra / absent. Raises WeightsError listing missing, unexpected and mis-shaped keys.
-    `check_only=True` checks (reading no tensor data) and copies nothing.
+    allowed to be extra / absent. Raises WeightsError listing missing, unexpected and mis-shaped keys,
+    and tensors of another kind of dtype (int64 for a float32 parameter); WeightValuesError (a
+    WeightsError) when only the last are wrong, or when a parameter's values are not all finite (the
+    tensors are read once to check that, in bounded batches, and again to copy them).
+    `check_only=True` checks (reading no tensor data: dtypes as the headers tell them) and copies nothing.
     """
     from pp.comms.backend import all_gather_object
 
@@ -320,18 +435,22 @@ def load_weights(model: "nn.Module | ParallelModel", source: str | WeightSource 
         raise WeightsError(errors[0])
     assert isinstance(source, WeightSource)
     known: set[str] = set().union(*(set(m) for m, _ in firsts))
-    reads, missing, misshaped = _plan(target, source.shapes, base_prefix, ignore_missing)
+    reads, missing, misshaped, mistyped = _plan(target, source, base_prefix, ignore_missing)
     unexpected = [k for k in source.shapes if k not in known and not any(re.search(p, k) for p in ignore_unexpected)]
-    problems = gather((missing, unexpected, misshaped))
-    message = _verdict(source.what, *(sorted({m for p in problems for m in p[i]}) for i in range(3)))
+    problems = [sorted({m for p in gather((missing, unexpected, misshaped, mistyped)) for m in p[i]}) for i in range(4)]
+    message = _verdict(source.what, *problems)
     if message is not None:
-        raise WeightsError(message)
+        raise (WeightValuesError if not any(problems[:3]) else WeightsError)(message)
     if check_only:
         return
     tied = gather(_tied_conflict(target, source, base_prefix))   # read both names: the values, not only shapes
     if any(tied):
         raise WeightsError(next(t for t in tied if t))
     keys = list(reads)
+    bad = gather(_first_bad_value(target, source, keys, reads))   # all read before any copy: nothing half-loaded
+    if any(bad):
+        detail = next(b for b in bad if b)
+        raise WeightValuesError(f"{source.what}: {detail}", detail)
     for i in range(0, len(keys), _READ_BATCH):   # a bounded number of tensors in host memory at a time
         loaded = source.read(keys[i:i + _READ_BATCH])
         with torch.no_grad():

@@ -346,6 +346,30 @@ def check_same_model(path: str, saved: dict | None, current: dict) -> None:
                               f"the model it was saved for")
 
 
+def check_same_tokenizer(path: str, saved: dict | str | None, current: dict | str | None) -> None:
+    """CheckpointError unless the data's token ids mean the same tokens as when checkpoint `path` was saved:
+    `saved` (its manifest's `tokenizer`) and `current` are {path, sha256} of a tokenizer.json, "bytes", or
+    None where not known (token files, an older manifest: nothing is checked). Tokenizers are compared by
+    content, so the same file moved is the same tokenizer."""
+    if saved is None or current is None or _ids_key(saved) == _ids_key(current):
+        return
+    raise CheckpointError(f"checkpoint {path} was trained on {_token_ids(saved)} but this run reads "
+                          f"{_token_ids(current)}: the token ids would mean other tokens to the model's "
+                          f"embedding; resume with the tokenizer it was saved with (or start a new run from "
+                          f"it with model.init_from)")
+
+
+def _ids_key(record: dict | str) -> str | None:
+    """What decides the meaning of the ids: a tokenizer's content hash, or "bytes"."""
+    return record.get("sha256") if isinstance(record, dict) else record
+
+
+def _token_ids(record: dict | str) -> str:
+    if isinstance(record, dict):
+        return f"the ids of train.tokenizer {record.get('path')!r} (sha256 {str(record.get('sha256'))[:12]})"
+    return "byte ids (no train.tokenizer)" if record == "bytes" else repr(record)
+
+
 def _differences(prefix: str, saved: Any, current: Any) -> list[str]:
     """'key=saved there, current here' for each leaf where two config mappings differ (nested mappings,
     such as an hf model's config, by their own keys: the differing ones, not the whole mapping)."""

@@ -104,7 +104,7 @@ def will_resume(cfg: JobConfig) -> bool:
 def check_init_from(model: nn.Module, cfg: JobConfig) -> None:
     """ConfigError listing what does not fit if model.init_from's keys and shapes (headers only, no
     tensor data) do not match the model: found here, before any process-group work."""
-    from pp.weights import WeightsError, load_weights
+    from pp.weights import WeightsError, WeightValuesError, load_weights
 
     from .models import init_options
 
@@ -114,6 +114,8 @@ def check_init_from(model: nn.Module, cfg: JobConfig) -> None:
                           f"checkpoints a fresh run removes: copy them elsewhere, or set checkpoint.resume: true")
     try:
         load_weights(model, cfg.model.init_from, check_only=True, **init_options(cfg.model))
+    except WeightValuesError as e:   # names fit: another layout would not mend the values (transformers casts them)
+        raise ConfigError(f"model.init_from={cfg.model.init_from!r}: {e}") from None
     except WeightsError as e:
         converted = converted_init_from(cfg.model)
         if converted is not None:   # a layout transformers converts as it loads (Mixtral's experts)

@@ -3,6 +3,7 @@ one schedule step per optimizer step, metrics, checkpoints and the end-of-run su
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from . import checkpoint as ckpt
 from . import collectives as coll
 from .config import JobConfig
 from pp.data import TokenBatches, open_stream
+from pp.weights import WeightValuesError
 from .job import Job
 from .rank import build_rank, lm_loss, next_token_loss  # noqa: F401 - lm_loss is public here too
 from .metrics import BubbleMeter, MetricsWriter, chrome_trace, peak_memory_gib, summary_lines
@@ -39,6 +41,19 @@ def lr_at(step: int, cfg: JobConfig) -> float:
         return t.lr * step / max(1, warmup)
     progress = (step - warmup) / max(1, t.steps - warmup)
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def precision_change(then: str, now: str) -> str:
+    """What resuming a checkpoint saved at train.precision `then` at precision `now` changes."""
+    if then == "bf16":
+        weights = "the weights and AdamW state were saved in bfloat16 and go on from those values in float32"
+    elif now == "bf16":
+        weights = "the float32 weights and AdamW state are rounded to bfloat16 as they load"
+    else:   # fp32 <-> bf16-mixed: bf16-mixed keeps float32 masters, so the checkpoint is the same kind
+        weights = "the float32 weights and AdamW state load exactly (bf16-mixed keeps float32 masters)"
+    compute = {"fp32": "float32", "bf16-mixed": "bfloat16 under autocast", "bf16": "bfloat16"}.get(now, now)
+    return (f"{weights}, and the steps after it compute in {compute}, so their losses are not those the run "
+            f"that saved it would have had")
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -67,7 +82,10 @@ class Trainer:
 
     def _data(self) -> tuple[TokenBatches, TokenBatches | None]:
         """Training batches, and evaluation batches when eval.every > 0 (eval.data, or a held-out tail
-        of the training data that training then never reads)."""
+        of the training data that training then never reads). Their ids are checked now, before this run
+        writes or removes anything (an earlier run's checkpoints go after the first step): every
+        evaluation batch, and the whole training data where no recorded vocabulary bounds it (the
+        batches check what they read in any case)."""
         t, e, seq, vocab = self.cfg.train, self.cfg.eval, self.cfg.model.seq_len, self.cfg.model.vocab_size
         stream = open_stream(t.data, t.data_dtype, t.tokenizer, seq)
         hi, held_out = len(stream), None
@@ -77,6 +95,9 @@ class Trainer:
         elif e.every > 0:
             held_out = TokenBatches(open_stream(e.data, t.data_dtype, t.tokenizer, seq, key="eval.data"), t.batch_size, seq, t.seed,
                                     vocab_size=vocab, salt=1)
+        if held_out is not None:
+            held_out.check(e.steps)
+        stream.check_ids(vocab)
         return TokenBatches(stream, t.batch_size, seq, t.seed, hi=hi, vocab_size=vocab), held_out
 
     def evaluate(self) -> dict:
@@ -134,7 +155,11 @@ class Trainer:
         if kept:
             self.log(f"kept the damaged checkpoint(s) as {', '.join(kept)}")
         ckpt.check_same_model(path, manifest.get("model"), self.cfg.to_dict()["model"])  # same on every rank
-        self.rs.load(path)
+        ckpt.check_same_tokenizer(path, manifest.get("tokenizer"), self.token_ids)
+        try:
+            self.rs.load(path)
+        except WeightValuesError as e:   # non-finite weights (saved with train.nan_check off): no step could use them
+            raise ckpt.CheckpointError(f"checkpoint {path} cannot be resumed: {e.detail}") from None
         saved = ", ".join(f"{k}={manifest[k]}" for k in ("pp", "dp", "tp") if k in manifest)
         self.log(f"resumed from {path} (step {manifest['step']}, saved with {saved or 'pp=?'})")
         then, now = manifest.get("lr_schedule"), self._lr_schedule()
@@ -151,7 +176,28 @@ class Trainer:
         if changed and manifest["step"] < self.cfg.train.steps:
             self.log(f"note: {changed} since step {manifest['step']} was saved: the batches (and dropout) of the "
                      f"steps after it are not those the run that saved it would have drawn")
+        then, now = manifest.get("precision"), self.cfg.train.precision
+        if then is not None and then != now and manifest["step"] < self.cfg.train.steps:
+            self.log(f"note: train.precision {then} -> {now} since step {manifest['step']} was saved: "
+                     f"{precision_change(then, now)}")
         return int(manifest["step"])
+
+    @functools.cached_property
+    def token_ids(self) -> dict | str | None:
+        """What the data's token ids mean, for the manifest's `tokenizer`: {path, sha256} of the
+        train.tokenizer that tokenizes text data, "bytes" for text read as bytes, None for token files (pp
+        does not tokenize them: their ids are as `pp.data prepare` made them). Hashed once per run."""
+        from pp.data.tokenize import file_sha256
+
+        from .data import STDLIB
+        from .validate import _token_files
+
+        t = self.cfg.train
+        if t.data != STDLIB and _token_files(t.data):
+            return None
+        if t.tokenizer is None or t.data == STDLIB:
+            return "bytes"
+        return {"path": os.path.abspath(t.tokenizer), "sha256": file_sha256(t.tokenizer)}
 
     def _data_order(self) -> dict:
         """The keys that decide each step's batch and random draws (with the step: `step_seed`)."""
@@ -175,6 +221,8 @@ class Trainer:
             source = open_weights(path)
             what = source.what
             load_weights(self.rs.model, source, **init_options(self.cfg.model))
+        except WeightValuesError as e:   # names fit: another layout would not mend the values
+            raise WeightsError(f"model.init_from={path!r}: {e}") from None
         except WeightsError as e:
             converted = converted_init_from(self.cfg.model)   # checked by prepare (job.check_init_from)
             if converted is None:
@@ -350,7 +398,8 @@ class Trainer:
         meta = {"pp": self.job.layout.pp, "dp": self.cfg.parallel.dp, "tp": self.cfg.parallel.tp,
                 "schedule": self.job.layout.schedule,
                 "model": self.cfg.to_dict()["model"], "seed": self.cfg.train.seed, "lr_schedule": self._lr_schedule(),
-                "data_order": self._data_order()}
+                "data_order": self._data_order(), "tokenizer": self.token_ids,
+                "precision": self.cfg.train.precision}
         path = ckpt.save(self.ckpt_root, step, self.rs.state(), meta, verify=self.cfg.checkpoint.verify,
                          keep=self.cfg.checkpoint.keep)
         self.log(f"saved checkpoint {path} in {time.perf_counter() - t:.1f}s")
