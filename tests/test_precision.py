@@ -98,6 +98,14 @@ def test_bad_precision_is_one_line_naming_it():
         check_precision("fp8")
 
 
+def test_the_api_takes_precision_and_checkpointing_words_in_any_case_as_the_config_does():
+    from pp.parallel.checkpointing import check_mode
+
+    assert check_precision("BF16-Mixed") == "bf16-mixed" and check_mode("Full") == "full"
+    with pytest.raises(ValueError, match=r"^activation_checkpointing='yes' .*none, selective, full$"):
+        check_mode("yes")
+
+
 # ------------------------------------------------------------------------------- launcher keys
 @pytest.mark.parametrize("overrides, expected", [
     (["--train.precision", "fp8"], "train.precision='fp8': expected one of fp32, bf16-mixed, bf16"),

@@ -42,7 +42,10 @@ _SAVE |= {getattr(_C10D, n).default for n in ("all_reduce", "all_gather_into_ten
 
 
 def check_mode(mode: object, key: str = "activation_checkpointing") -> str:
-    """`mode` itself if it is one of `MODES`, else ValueError naming `key` and the value."""
+    """`mode` if it is one of `MODES` (in any case, as the config takes it: "Full" is "full"), else
+    ValueError naming `key` and the value."""
+    if isinstance(mode, str) and mode not in MODES and mode.lower() in MODES:
+        return mode.lower()
     if mode not in MODES:
         raise ValueError(f"{key}={mode!r} is not a checkpointing mode pp knows; expected one of {', '.join(MODES)}")
     return mode  # type: ignore[return-value]
@@ -208,7 +211,8 @@ def apply_checkpointing(module: nn.Module, mode: str, once: bool = False) -> lis
     A traced stage (fx.GraphModule) gets one region per block; a manual stage wraps the forward of each
     child of its largest ModuleList/Sequential (or the whole module when it has none). `once`: recompute
     once per microbatch for schedules that split the backward into I and W."""
-    if check_mode(mode) == "none":
+    mode = check_mode(mode)
+    if mode == "none":
         return []
     if regions(module):
         raise ValueError("the stage module is checkpointed already (apply_checkpointing ran on it before); "

@@ -41,7 +41,10 @@ _HOLDER = "_pp_bf16"   # the submodule of a traced stage whose (plain) attribute
 
 
 def check_precision(precision: object, key: str = "precision") -> str:
-    """`precision` itself if it is one of `PRECISIONS`, else ValueError naming `key` and the value."""
+    """`precision` if it is one of `PRECISIONS` (in any case, as the config takes it: "BF16-Mixed" is
+    "bf16-mixed"), else ValueError naming `key` and the value."""
+    if isinstance(precision, str) and precision not in PRECISIONS and precision.lower() in PRECISIONS:
+        return precision.lower()
     if precision not in PRECISIONS:
         raise ValueError(f"{key}={precision!r} is not a precision pp knows; expected one of "
                          f"{', '.join(PRECISIONS)}")
@@ -65,7 +68,7 @@ def apply_precision(stage: PipelineStage, precision: str) -> None:
     """Make `stage` compute in `precision`: bf16-mixed turns autocast on around its forward and, for a
     traced stage, gives its matrix parameters bfloat16 copies (`Bf16Weights`, `stage.bf16_weights`); both
     bf16 settings make it send (and accept) bfloat16 activations where it was traced with float32 ones."""
-    check_precision(precision)
+    precision = check_precision(precision)
     if isinstance(stage.submod, fx.GraphModule):
         _drop_copies(stage.submod)   # from an earlier parallelize of the same Pipe: read the masters again
     if precision == "fp32":
