@@ -141,3 +141,23 @@ def test_train_dtype_still_works_and_names_the_precision_to_use(monkeypatch, cap
     out = capsys.readouterr().out
     assert "write train.precision: bf16 instead of train.dtype: bfloat16" in out
     assert "parallel.zero=3 with parallel.dp=1 is a no-op" in out
+
+
+def test_bf16_mixed_activations_sent_as_computed_give_pp_2_the_losses_of_pp_1(tmp_path, capsys):
+    """train.activations_in_bf16: false at pp 2 gives the one-rank run's losses bit for bit (by default the
+    cut rounds the float32 residual stream: documented)."""
+    from test_launcher_run import check_ok, losses, main_in_process, torchrun, write_config
+
+    runs = {}
+    for name, nproc in (("pp1", 1), ("pp2", 2)):
+        out = tmp_path / name
+        cfg = write_config(tmp_path / f"{name}.yaml", out, pp=nproc, steps=3, every=0,
+                           extra="split: {points: [blocks.2]}\n" if nproc == 2 else "")
+        args = ("--train.precision", "bf16-mixed", "--train.activations_in_bf16", "false", "--train.grad_clip", "0")
+        if nproc == 1:
+            code, _, err = main_in_process(capsys, cfg, *args)
+            assert code == 0, err[-2000:]
+        else:
+            check_ok(torchrun(2, cfg, *args))
+        runs[name] = losses(out)
+    assert runs["pp1"] == runs["pp2"] and len(runs["pp1"]) == 3, runs

@@ -112,6 +112,9 @@ class TrainConfig:
     nan_check: bool = _opt(True, "stop with the step and microbatch named when a loss is not finite")
     precision: str = _opt("fp32", "fp32; bf16-mixed (float32 master weights, gradients and AdamW state, "
                                   "bfloat16 compute and activations); or bf16 (everything bfloat16)")
+    activations_in_bf16: bool = _opt(True, "bf16-mixed: send activations and their gradients between stages in "
+                                           "bfloat16 (half the traffic; rounds the float32 residual stream at "
+                                           "each cut); false: as computed (the unsplit autocast model's values)")
     activation_checkpointing: str = _opt("none", "recompute activations in backward: none; selective (keep "
                                                  "matmul and attention outputs); full (keep only each block's input)")
     dtype: typing.Optional[str] = _opt(None, "deprecated: use train.precision (float32 is fp32, bfloat16 is bf16)")

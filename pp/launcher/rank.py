@@ -146,6 +146,8 @@ def make_model(job: Job, device: torch.device) -> ParallelModel:
                            precision=t.precision, activation_checkpointing=t.activation_checkpointing,
                            zero=cfg.parallel.zero if cfg.parallel.dp > 1 else 0,
                            init_fn=init_fn(cfg.model, t.seed))
+    for stage in model.stages:   # bf16-mixed: activations cross in bfloat16 unless asked to go as computed
+        stage.cast_activations = t.activations_in_bf16
     model.schedule.record_trace = True  # per-action timings for the bubble fraction and trace.json
     if cfg.schedule.cuda_graphs and device.type != "cuda" and mesh.get_rank() == 0:
         print("pp.run: schedule.cuda_graphs=true has no effect on cpu: the stages run eagerly", flush=True)
