@@ -142,19 +142,19 @@ def test_a_traced_model_whose_backward_torch_export_would_drop_is_refused(kind):
 
 
 class Checkpointed(nn.Module):
-    """torch's own autograd Function (reentrant checkpointing): its backward is the forward's autograd."""
+    """A block checkpointing itself with torch.utils.checkpoint."""
 
-    def __init__(self):
+    def __init__(self, reentrant: bool):
         super().__init__()
-        self.l = nn.Linear(D, D)
+        self.l, self.reentrant = nn.Linear(D, D), reentrant
 
     def forward(self, x):
-        return torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.l(t)), x, use_reentrant=True)
+        return torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.l(t)), x, use_reentrant=self.reentrant)
 
 
-def test_torchs_own_autograd_functions_trace_and_match_the_unsplit_model():
+def test_non_reentrant_checkpointing_traces_and_matches_the_unsplit_model():
     torch.manual_seed(0)
-    model = nn.Sequential(Checkpointed(), Checkpointed(), nn.Linear(D, 3))
+    model = nn.Sequential(Checkpointed(False), Checkpointed(False), nn.Linear(D, 3))
     x = torch.randn(2, D)
     pipe = pp.pipeline(model, (x,), split_spec={"1": pp.SplitPoint.BEGINNING})
     out = pipe(x)
@@ -165,3 +165,13 @@ def test_torchs_own_autograd_functions_trace_and_match_the_unsplit_model():
     got = {k: v for s in range(2) for k, v in pipe.get_stage_module(s).named_parameters()}
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[name].grad, p.grad, msg=name)
+
+
+def test_reentrant_checkpointing_in_a_traced_model_is_refused_naming_the_fix():
+    """torch runs a reentrant region's forward without gradients and torch.export keeps it so: the layers
+    in and before it got no gradient at all on a pipeline's ranks, silently (found by a fresh user)."""
+    model = nn.Sequential(Checkpointed(True), Checkpointed(True), nn.Linear(D, 3))
+    with pytest.raises(pp.PipelineTraceError, match=r"torch\.utils\.checkpoint\(use_reentrant=True\) at "
+                       r"test_custom_backward\.py:\d+, whose region the trace runs without gradients \(use "
+                       r"use_reentrant=False"):
+        pp.pipeline(model, (torch.randn(2, D),), split_spec={"1": pp.SplitPoint.BEGINNING})

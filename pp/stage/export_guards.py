@@ -3,7 +3,8 @@ forward's operations, so a traced stage's backward is the autograd of those. Whe
 backward differs (a straight-through estimator, gradient reversal, a gradient-scaling hook), the
 stages' gradients would silently be other than the unsplit model's; `pp.pipeline` refuses such a model
 instead, naming what it found and where. Found: Python autograd Functions other than torch's own
-(their forward is inlined), `Tensor.register_hook` called in forward, and module backward hooks
+(their forward is inlined) and torch's reentrant checkpointing (its region is traced without gradients),
+`Tensor.register_hook` called in forward, and module backward hooks
 (`register_full_backward_hook`, `register_full_backward_pre_hook`, old-style `register_backward_hook`,
 and their global forms)."""
 from __future__ import annotations
@@ -28,7 +29,8 @@ def backward_hooks(module: nn.Module) -> list[str]:
     found = [f"module {name or type(module).__name__!r} ({type(m).__name__})" for name, m in module.named_modules()
              if m._backward_hooks or m._backward_pre_hooks]
     if _module._global_backward_hooks or _module._global_backward_pre_hooks:
-        found.append("every module (torch.nn.modules.module.register_module_full_backward_hook)")
+        found.append("every module (torch.nn.modules.module.register_module_full_backward_hook or "
+                     "register_module_full_backward_pre_hook)")
     return found
 
 
@@ -40,13 +42,18 @@ def _where() -> str:
 @contextlib.contextmanager
 def custom_backward_watch() -> Iterator[list[str]]:
     """Within the block (one export), records each Python autograd Function applied (not torch's own,
-    whose backward is the autograd of their forward: checkpointing) and each `Tensor.register_hook`
+    whose backward is the autograd of their forward, except reentrant checkpointing) and each `Tensor.register_hook`
     call, with the model's line; yields the list. Patches both for the block only."""
     found: list[str] = []
     apply, register_hook = _FUNCTION.__dict__["apply"], torch.Tensor.register_hook
 
     def watched_apply(cls, *args, **kwargs):
-        if not cls.__module__.startswith("torch."):
+        if cls.__qualname__ == "CheckpointFunction" and cls.__module__ == "torch.utils.checkpoint":
+            found.append(f"torch.utils.checkpoint(use_reentrant=True){_where()}, whose region the trace runs "
+                         f"without gradients (use use_reentrant=False, or train.activation_checkpointing / "
+                         f"pp.parallelize(activation_checkpointing=...); a transformers model: "
+                         f"gradient_checkpointing_enable(gradient_checkpointing_kwargs={{'use_reentrant': False}}))")
+        elif not cls.__module__.startswith("torch."):
             found.append(f"autograd Function {cls.__qualname__}{_where()}")
         return apply.__func__(cls, *args, **kwargs)
 
