@@ -242,3 +242,46 @@ def test_dropout_inside_checkpointed_blocks_stays_eager_with_one_warning():
     replays, said = run_ranks(_dropout_in_checkpointed_blocks, 1, backend="nccl")[0]
     assert replays == 0
     assert len(said) == 1 and "draws random numbers" in said[0], said
+
+
+class _Hooked(torch.nn.Module):
+    """Halves the gradient reaching its hidden activation with a tensor hook registered in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.requires_grad:
+            h.register_hook(lambda g: g * 0.5)
+        return self.b(h)
+
+
+def _hooked_forward(rank, world):
+    import warnings
+
+    torch.manual_seed(0)
+    model = _Hooked().cuda()
+    sched = schedule_class("1F1B")(pp.PipelineStage(model, 0, 1, "cuda"), 2, loss_fn=F.mse_loss)
+    sched.enable_cuda_graphs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model.zero_grad()
+            x, y = torch.randn(4, 4, device="cuda"), torch.randn(4, 3, device="cuda")
+            sched.step(x, target=y)
+            ref = _Hooked().cuda()
+            ref.load_state_dict(model.state_dict())
+            sum(F.mse_loss(ref(a), b) for a, b in zip(x.tensor_split(2), y.tensor_split(2))).div(2).backward()
+            for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, msg=n)
+    return [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_forward_registering_tensor_hooks_stays_eager_under_cuda_graphs():
+    """A replay runs no Python, so a hook registered in forward would be lost from every replayed
+    microbatch (the hooked weights' gradients silently unhooked): such a stage runs eagerly, warned."""
+    said = run_ranks(_hooked_forward, 1, backend="nccl")[0]
+    assert len(said) == 1 and "registers tensor hooks" in said[0], said

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules import module as _module
 
+from .tensor_hooks import hooks_seen
 from .traced import model_frame
 
 _FUNCTION = torch.autograd.Function
@@ -45,7 +46,7 @@ def custom_backward_watch() -> Iterator[list[str]]:
     whose backward is the autograd of their forward, except reentrant checkpointing) and each `Tensor.register_hook`
     call, with the model's line; yields the list. Patches both for the block only."""
     found: list[str] = []
-    apply, register_hook = _FUNCTION.__dict__["apply"], torch.Tensor.register_hook
+    apply = _FUNCTION.__dict__["apply"]
 
     def watched_apply(cls, *args, **kwargs):
         if cls.__qualname__ == "CheckpointFunction" and cls.__module__ == "torch.utils.checkpoint":
@@ -57,17 +58,12 @@ def custom_backward_watch() -> Iterator[list[str]]:
             found.append(f"autograd Function {cls.__qualname__}{_where()}")
         return apply.__func__(cls, *args, **kwargs)
 
-    def watched_register_hook(self, hook):
-        found.append(f"a gradient hook (Tensor.register_hook){_where()}")
-        return register_hook(self, hook)
-
     _FUNCTION.apply = classmethod(watched_apply)
-    torch.Tensor.register_hook = watched_register_hook
     try:
-        yield found
+        with hooks_seen(lambda t: found.append(f"a gradient hook (Tensor.register_hook){_where()}")):
+            yield found
     finally:
         _FUNCTION.apply = apply
-        torch.Tensor.register_hook = register_hook
 
 
 def custom_backward_message(model: str, found: list[str]) -> str:
@@ -79,3 +75,17 @@ def custom_backward_message(model: str, found: list[str]) -> str:
             f"computes the autograd of the forward's operations instead, so its gradients would silently differ "
             f"from the model's. Cut the model by hand and wrap each piece in pp.PipelineStage(submodule, "
             f"stage_index, num_stages, device): such stages run the model's own code, its backward included.")
+
+
+@contextlib.contextmanager
+def refusing_custom_backward(module: nn.Module, error: type[Exception]) -> Iterator[None]:
+    """Around one torch.export of `module`: raises `error` (one message: what, where, the way out) where
+    `module` holds module backward hooks (before the export runs) or its forward applied backward code of
+    its own (after; an error of the export itself goes through as it is)."""
+    hooks = backward_hooks(module)
+    if hooks:
+        raise error(custom_backward_message(type(module).__name__, [f"backward hooks on {h}" for h in hooks]))
+    with custom_backward_watch() as found:
+        yield
+    if found:
+        raise error(custom_backward_message(type(module).__name__, found))

@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 
 from ..parallel.checkpointing import capturing, regions
 from .backward import input_grads, weight_grads
+from .tensor_hooks import hooks_seen
 
 Signature = tuple  # ((shape, dtype, requires_grad), ...) of one microbatch's stage inputs
 
@@ -401,8 +402,12 @@ class StageGraphs:
                               f"({self.disabled_reason}); it runs eagerly", stacklevel=2)
 
     def _capture(self, sig: Signature, sample: list[torch.Tensor]) -> None:
-        with capturing():
+        hooked: list = []
+        with capturing(), hooks_seen(hooked.append):
             self._capture_checkpointed(sig, sample)
+        if hooked:   # a replay runs no Python: the hooks would be gone from every replayed microbatch
+            raise _WarmUpFailed("its forward registers tensor hooks (Tensor.register_hook), which a replayed "
+                                "graph would not run")
 
     def _capture_checkpointed(self, sig: Signature, sample: list[torch.Tensor]) -> None:
         for x in sample:

@@ -19,7 +19,7 @@ from ..comms.backend import is_initialized
 from ..comms.p2p import group_rank, group_size
 from .pipe import MODEL_INPUT, PipeInfo
 from .backward import input_grads, run_backward, weight_grads
-from .tensor_hooks import watch_tensor_hooks
+from .tensor_hooks import hooks_seen
 from .compiled import inner_module
 from .graphs import StageGraphs
 from .modes import call_with_forward, mode_forward, retarget_devices
@@ -50,6 +50,13 @@ class _Microbatch:
     in_grads: list | None = None
     pending_weight: Any = None      # state kept from I for W
     hooked: set | None = None       # backward nodes the forward gave tensor hooks (a manual stage's)
+
+    def hook_seen(self, tensor: torch.Tensor) -> None:
+        """The forward registered a tensor hook on `tensor`: its node goes into `hooked` (made on demand)."""
+        if tensor.grad_fn is not None:
+            if self.hooked is None:
+                self.hooked = set()
+            self.hooked.add(tensor.grad_fn)
 
 
 def _meta_of(value: Any) -> tuple:
@@ -311,8 +318,7 @@ class PipelineStage(ChunkMethods, StageInputChecks):
             return call_with_forward(self.submod, inner_module(self.submod), self._mode_graph.forward, st.inputs)
         if self.pipe_info is not None:
             return self.submod(*st.inputs)
-        st.hooked = set()   # a manual stage's own code may hook its activations (zero-bubble W must know)
-        with watch_tensor_hooks(st.hooked):
+        with hooks_seen(st.hook_seen):   # a manual stage's own code may hook its activations (W must know)
             if self.is_first:
                 return self.submod(*inplace_safe(st.args), **inplace_safe(st.kwargs))
             # what it received, and its rank's step keywords it takes (torch)

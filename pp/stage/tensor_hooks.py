@@ -1,32 +1,37 @@
-"""Which backward nodes a manual stage's forward gave tensor hooks (`h.register_hook(fn)` on an
-activation, `torch.autograd.graph.register_multi_grad_hook`, a gradient-reversal layer written as a
-hook). Autograd keeps such a hook on the node that made the tensor, where Python cannot see it, and runs
-it on the gradient arriving there before the node runs. The zero-bubble backward (`pp.stage.backward`)
-captures that gradient in I as it arrives (before the hook) and computes the node's weight side in W
-from it; at a hooked node it must let the engine run the node instead, so it needs to know the nodes."""
+"""Tensor hooks registered while a model's forward runs (`h.register_hook(fn)` on an activation,
+`torch.autograd.graph.register_multi_grad_hook`, a gradient-reversal layer written as a hook). Autograd
+keeps a hook on an activation at the node that made it, where Python cannot see it, and runs it on the
+gradient arriving there before the node runs. Three places need to know of them: the zero-bubble backward
+(`pp.stage.backward`) captures that gradient in I before the hook and must let the engine run a hooked
+node in W; a CUDA-graph replay would not run a hook registered in forward at all; a trace
+(torch.export) drops it. `hooks_seen(sink)` calls `sink(tensor)` for each one registered within it."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
-_register_hook = torch.Tensor.register_hook
+_REGISTER_HOOK = torch.Tensor.register_hook
+_sinks: list[Callable[[torch.Tensor], None]] = []
+
+
+def _register_hook(self: torch.Tensor, hook):
+    for sink in _sinks:
+        sink(self)
+    return _REGISTER_HOOK(self, hook)
 
 
 @contextmanager
-def watch_tensor_hooks(hooked: set) -> Iterator[set]:
-    """Within the block, `Tensor.register_hook` on a tensor with a `grad_fn` adds that node to `hooked`
-    (the hook is registered as always). Costs two attribute writes; not for concurrent threads' forwards."""
-    def register_hook(self: torch.Tensor, hook):
-        node = self.grad_fn
-        if node is not None:
-            hooked.add(node)
-        return _register_hook(self, hook)
-
-    saved = torch.Tensor.register_hook
-    torch.Tensor.register_hook = register_hook
+def hooks_seen(sink: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Within the block, each `Tensor.register_hook` call (the hook registered as always) first calls
+    `sink(tensor)`; blocks nest. Patches `torch.Tensor.register_hook` while any is open (two attribute
+    writes); not for forwards running concurrently in other threads."""
+    _sinks.append(sink)
+    torch.Tensor.register_hook = _register_hook
     try:
-        yield hooked
+        yield
     finally:
-        torch.Tensor.register_hook = saved
+        _sinks.remove(sink)
+        if not _sinks:
+            torch.Tensor.register_hook = _REGISTER_HOOK

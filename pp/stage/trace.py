@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from .contract import dynamic_shapes
-from .export_guards import backward_hooks, custom_backward_message, custom_backward_watch
+from .export_guards import refusing_custom_backward
 from .hf_attention import eager_attention_for_export
 from .marker import SplitPoint, pipe_split
 from .traced import user_frame, way_out
@@ -84,14 +84,8 @@ def export_model(module: nn.Module, args: tuple, kwargs: dict, restart=lambda: N
     its stages then take exactly the example's shapes (the input checks say so). `dynamic=False`:
     fixed sizes only. PipelineTraceError where it cannot trace, or where the model brings backward code
     of its own that the trace would drop (`pp.stage.export_guards`)."""
-    hooks = backward_hooks(module)
-    if hooks:
-        raise PipelineTraceError(custom_backward_message(type(module).__name__,
-                                                         [f"backward hooks on {h}" for h in hooks]))
-    with custom_backward_watch() as found:
+    with refusing_custom_backward(module, PipelineTraceError):
         ep = _export_both_ways(module, args, kwargs, restart, dynamic)
-    if found:
-        raise PipelineTraceError(custom_backward_message(type(module).__name__, found))
     return ep
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from pp.comms.collectives import GroupLike, group_name
-from pp.stage.export_guards import backward_hooks, custom_backward_message, custom_backward_watch
+from pp.stage.export_guards import refusing_custom_backward
 from pp.stage.trace import PipelineTraceError
 from pp.tp.emit import AutogradEmitter
 from pp.tp.rewrite import find_planned_params, rewrite_graph
@@ -58,12 +58,8 @@ def shard_stage_module(
         if example_args is None:
             raise ValueError(f"example_args are needed to export {type(module).__name__}; pass one "
                              f"microbatch of inputs")
-        hooks = backward_hooks(module)
-        with custom_backward_watch() as found:
+        with refusing_custom_backward(module, PipelineTraceError):
             gm = torch.export.export(module, example_args, strict=False).module()
-        found = [f"backward hooks on {h}" for h in hooks] + found
-        if found:
-            raise PipelineTraceError(custom_backward_message(type(module).__name__, found))
 
     param_names = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
     params = find_planned_params(
