@@ -138,8 +138,6 @@ class _HostSync(torch.nn.Module):
 
 
 def _shapes_eval_and_fallback(rank, world):
-    import warnings
-
     from runtime_models import reference
 
     torch.manual_seed(0)
@@ -166,22 +164,31 @@ def _shapes_eval_and_fallback(rank, world):
                 torch.testing.assert_close(p.grad, want_grads[n], msg=lambda m: f"rows {rows} {n}: {m}")
         replays.append(sum(s.graphs.replays for s in stages))
 
-    host = _HostSync().cuda()
-    stage = pp.PipelineStage(host, 0, 1, "cuda")
+    return (replays, *_uncapturable(_HostSync))
+
+
+def _uncapturable(module_cls) -> tuple[list[str], str | None]:
+    """Three 1F1B steps of a one-stage `module_cls` under CUDA graphs, each checked against the module run
+    by hand: (the CUDA-graph warnings, the stage's disabled_reason)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = module_cls().cuda()
+    stage = pp.PipelineStage(model, 0, 1, "cuda")
     one = schedule_class("1F1B")(stage, 2, loss_fn=F.mse_loss)
     one.enable_cuda_graphs()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            host.zero_grad()
+            model.zero_grad()
             x, y = torch.randn(4, 4, device="cuda"), torch.randn(4, 3, device="cuda")
             one.step(x, target=y)
-            ref = _HostSync().cuda()
-            ref.load_state_dict(host.state_dict())
+            ref = module_cls().cuda()
+            ref.load_state_dict(model.state_dict())
             sum(F.mse_loss(ref(a), b) for a, b in zip(x.tensor_split(2), y.tensor_split(2))).div(2).backward()
-            torch.testing.assert_close(host.lin.weight.grad, ref.lin.weight.grad)
-    said = [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
-    return replays, said, stage.graphs.disabled_reason
+            for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, msg=n)
+    return [str(w.message) for w in caught if "CUDA graph" in str(w.message)], stage.graphs.disabled_reason
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -259,24 +266,7 @@ class _Hooked(torch.nn.Module):
 
 
 def _hooked_forward(rank, world):
-    import warnings
-
-    torch.manual_seed(0)
-    model = _Hooked().cuda()
-    sched = schedule_class("1F1B")(pp.PipelineStage(model, 0, 1, "cuda"), 2, loss_fn=F.mse_loss)
-    sched.enable_cuda_graphs()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(3):
-            model.zero_grad()
-            x, y = torch.randn(4, 4, device="cuda"), torch.randn(4, 3, device="cuda")
-            sched.step(x, target=y)
-            ref = _Hooked().cuda()
-            ref.load_state_dict(model.state_dict())
-            sum(F.mse_loss(ref(a), b) for a, b in zip(x.tensor_split(2), y.tensor_split(2))).div(2).backward()
-            for (n, p), q in zip(model.named_parameters(), ref.parameters()):
-                torch.testing.assert_close(p.grad, q.grad, msg=n)
-    return [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
+    return _uncapturable(_Hooked)[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

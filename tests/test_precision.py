@@ -161,3 +161,12 @@ def test_bf16_mixed_activations_sent_as_computed_give_pp_2_the_losses_of_pp_1(tm
             check_ok(torchrun(2, cfg, *args))
         runs[name] = losses(out)
     assert runs["pp1"] == runs["pp2"] and len(runs["pp1"]) == 3, runs
+
+
+def test_activations_in_bf16_false_without_bf16_mixed_says_it_has_no_effect(monkeypatch, capsys):
+    from pp.launcher.config import load_config
+    from pp.launcher.validate import validate
+
+    monkeypatch.setenv("RANK", "0")
+    validate(load_config(None, ["--parallel.pp", "2", "--train.activations_in_bf16", "false"]), 2)
+    assert "train.activations_in_bf16=false has no effect with train.precision=fp32" in capsys.readouterr().out

@@ -75,9 +75,13 @@ def test_resume_refuses_another_tokenizer_naming_both_and_takes_a_moved_copy_wit
     moved.parent.mkdir()
     shutil.copy(tok_a, moved)
     code, out, err = _run(capsys, cfg, *data, "--train.tokenizer", str(moved), "--checkpoint.resume", "true",
-                          "--train.steps", "6", "--train.precision", "bf16-mixed")
+                          "--train.steps", "6", "--train.precision", "bf16-mixed", "--train.activations_in_bf16",
+                          "false")
     assert code == 0, out + err
     assert f"resumed from {step4}" in out
+    assert "note: train.activations_in_bf16 true -> false since step 4 was saved: activations now cross stages " \
+           "as computed" in out, out
+    assert ckpt.read_manifest(str(tmp_path / "out" / "checkpoints" / "step-6"))["activations_in_bf16"] is False
     assert ("note: train.precision fp32 -> bf16-mixed since step 4 was saved: the float32 weights and AdamW state "
             "load exactly (bf16-mixed keeps float32 masters), and the steps after it compute in bfloat16 under "
             "autocast") in out, out

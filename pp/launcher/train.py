@@ -180,6 +180,13 @@ class Trainer:
         if then is not None and then != now and manifest["step"] < self.cfg.train.steps:
             self.log(f"note: train.precision {then} -> {now} since step {manifest['step']} was saved: "
                      f"{precision_change(then, now)}")
+        then, now = manifest.get("activations_in_bf16"), self.cfg.train.activations_in_bf16
+        if then is not None and then != now and self.cfg.train.precision == "bf16-mixed" \
+                and manifest["step"] < self.cfg.train.steps:
+            self.log(f"note: train.activations_in_bf16 {str(then).lower()} -> {str(now).lower()} since step "
+                     f"{manifest['step']} was saved: activations now cross stages "
+                     f"{'in bfloat16' if now else 'as computed'}, so the losses after it differ by rounding "
+                     f"from those the run that saved it would have had")
         return int(manifest["step"])
 
     @functools.cached_property
@@ -399,7 +406,7 @@ class Trainer:
                 "schedule": self.job.layout.schedule,
                 "model": self.cfg.to_dict()["model"], "seed": self.cfg.train.seed, "lr_schedule": self._lr_schedule(),
                 "data_order": self._data_order(), "tokenizer": self.token_ids,
-                "precision": self.cfg.train.precision}
+                "precision": self.cfg.train.precision, "activations_in_bf16": self.cfg.train.activations_in_bf16}
         path = ckpt.save(self.ckpt_root, step, self.rs.state(), meta, verify=self.cfg.checkpoint.verify,
                          keep=self.cfg.checkpoint.keep)
         self.log(f"saved checkpoint {path} in {time.perf_counter() - t:.1f}s")

@@ -223,6 +223,9 @@ def _check_precision(cfg: JobConfig) -> None:
     if t.activation_checkpointing not in MODES:
         raise ConfigError(f"train.activation_checkpointing={t.activation_checkpointing!r}: expected one of "
                           f"{', '.join(MODES)}")
+    if not t.activations_in_bf16 and t.precision != "bf16-mixed" and int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"pp.run: note: train.activations_in_bf16=false has no effect with train.precision={t.precision} "
+              f"(only bf16-mixed sends activations in bfloat16)", flush=True)
 
 
 def _check_parallel(cfg: JobConfig, world_size: int) -> Layout:
